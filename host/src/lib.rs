@@ -1,0 +1,26 @@
+//! The codex-ml host: everything behind the `codex-ml` binary.
+//!
+//! The host owns the tensor engine (candle), the registry of components, the experiment and
+//! manifest files, the run directory and the data. Components — built-in or plugin — reach
+//! it only through `codex-plugin-api`.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod diagnostics;
+pub mod logging;
+pub mod manifest;
+pub mod metrics;
+pub mod registry;
+pub mod rundir;
+pub mod session;
+pub mod tensor;
+
+// Built-in component crates register through `inventory`; a crate the binary never
+// references is silently dropped by the linker, so each one is named here.
+use codex_kernels as _;
+use codex_models as _;
+use codex_optim as _;
+use codex_sinks as _;
+use codex_tokenizers as _;
+use codex_trainer as _;

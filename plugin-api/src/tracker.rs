@@ -1,0 +1,113 @@
+//! Experiment trackers: follow a run's lifecycle — parameters, metrics, artifacts, status.
+//!
+//! Where a sink is a stream of numbers, a tracker is a record of a whole run in some external
+//! system (an MLflow store, say). Like sinks they run off the training thread, and an error
+//! disables the tracker for the rest of the run with a warning.
+
+use abi_stable::sabi_trait;
+use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, Tuple2};
+use abi_stable::StableAbi;
+
+use crate::component::{decl, ComponentDecl, Describe, Factory};
+use crate::error::{guard, PluginError, Result};
+use crate::sink::Record;
+
+/// The run being tracked.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct RunInfo {
+    /// Experiment name (from the config).
+    pub experiment: RString,
+    /// Run id (the run directory's name).
+    pub run_id: RString,
+    /// The run directory.
+    pub run_dir: RString,
+}
+
+/// How a run ended.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Reached its last step.
+    Finished,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped by the user (Ctrl-C); resumable.
+    Killed,
+}
+
+/// The ABI face of a tracker.
+#[sabi_trait]
+pub trait TrackerAbi: Send {
+    /// The run started (or resumed).
+    fn start(&mut self, run: RunInfo) -> RResult<(), PluginError>;
+    /// Flattened configuration values, `("optimizer.lr", "0.0003")`.
+    fn log_params(&mut self, params: RSlice<'_, Tuple2<RString, RString>>) -> RResult<(), PluginError>;
+    /// A batch of metric records.
+    fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError>;
+    /// A file produced by the run (path inside the run directory).
+    fn log_artifact(&mut self, path: RStr<'_>) -> RResult<(), PluginError>;
+    /// The run ended.
+    #[sabi(last_prefix_field)]
+    fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
+}
+
+/// An owned tracker object.
+pub type TrackerBox = TrackerAbi_TO<'static, RBox<()>>;
+
+/// A tracker constructor: `(params as JSON)`.
+pub type TrackerFactory = extern "C" fn(RStr<'_>) -> RResult<TrackerBox, PluginError>;
+
+/// What tracker authors implement.
+pub trait Tracker: Describe + Send + Sized + 'static {
+    /// Parse `params` (JSON, strictly).
+    fn create(params: &str) -> Result<Self>;
+    /// The run started.
+    fn start(&mut self, run: &RunInfo) -> Result<()>;
+    /// Configuration values.
+    fn log_params(&mut self, params: &[(String, String)]) -> Result<()>;
+    /// Metric records.
+    fn log_metrics(&mut self, records: &[Record]) -> Result<()>;
+    /// An artifact.
+    fn log_artifact(&mut self, path: &str) -> Result<()>;
+    /// The run ended.
+    fn finish(&mut self, status: RunStatus) -> Result<()>;
+}
+
+struct Adapter<T>(T);
+
+impl<T: Tracker> TrackerAbi for Adapter<T> {
+    fn start(&mut self, run: RunInfo) -> RResult<(), PluginError> {
+        guard(T::NAME, "start", || self.0.start(&run))
+    }
+    fn log_params(&mut self, params: RSlice<'_, Tuple2<RString, RString>>) -> RResult<(), PluginError> {
+        guard(T::NAME, "log_params", || {
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|t| (t.0.to_string(), t.1.to_string()))
+                .collect();
+            self.0.log_params(&params)
+        })
+    }
+    fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError> {
+        guard(T::NAME, "log_metrics", || self.0.log_metrics(records.as_slice()))
+    }
+    fn log_artifact(&mut self, path: RStr<'_>) -> RResult<(), PluginError> {
+        guard(T::NAME, "log_artifact", || self.0.log_artifact(path.as_str()))
+    }
+    fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
+        guard(T::NAME, "finish", || self.0.finish(status))
+    }
+}
+
+extern "C" fn factory<T: Tracker>(params: RStr<'_>) -> RResult<TrackerBox, PluginError> {
+    guard(T::NAME, "create", || {
+        let t = T::create(params.as_str())?;
+        Ok(TrackerAbi_TO::from_value(Adapter(t), abi_stable::sabi_trait::TD_Opaque))
+    })
+}
+
+/// The declaration of tracker type `T`.
+pub fn declare<T: Tracker>() -> ComponentDecl {
+    decl::<T>(Factory::Tracker(factory::<T>))
+}
