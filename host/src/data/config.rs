@@ -1,0 +1,52 @@
+//! The `data` section of an experiment config, as written on disk.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the documents come from and how validation data is chosen.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training sources; at least one. Paths are relative to the config file.
+    pub train: Vec<Source>,
+    /// Validation sources. Default: none, and `val_fraction` of the training documents
+    /// (chosen by content, deterministically) is held out instead.
+    #[serde(default)]
+    pub val: Vec<Source>,
+    /// Fraction of training documents held out for validation when `val` is empty.
+    /// Default: 0.1.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Directory of the token cache, relative to the config file. Default: `.cache/tokens`
+    /// under the runs directory.
+    #[serde(default)]
+    pub cache_dir: Option<String>,
+}
+
+fn default_val_fraction() -> f64 {
+    0.1
+}
+
+/// One source of documents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub enum Source {
+    /// Text files, one document per file. Each entry is a path or a glob (`src/**/*.rs`).
+    Text {
+        /// Paths or globs.
+        paths: Vec<String>,
+    },
+    /// JSON Lines: one document per line, the text in `field`.
+    Jsonl {
+        /// The file.
+        path: String,
+        /// The field holding the text.
+        field: String,
+    },
+    /// CSV with a header row: one document per row, the text in `column`.
+    Csv {
+        /// The file.
+        path: String,
+        /// The column holding the text.
+        column: String,
+    },
+}
