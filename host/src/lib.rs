@@ -4,6 +4,7 @@
 //! manifest files, the run directory and the data. Components — built-in or plugin — reach
 //! it only through `codex-plugin-api`.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
