@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod registry;
 pub mod rundir;
+pub mod sampling;
 pub mod session;
 pub mod tensor;
 
