@@ -140,7 +140,11 @@ impl Writer {
         if dest.exists() {
             return Err(CheckpointError::Exists { path: dest });
         }
-        let tmp = root.join(format!("{TMP_PREFIX}{}-{}", dir_name(step), std::process::id()));
+        let tmp = root.join(format!(
+            "{TMP_PREFIX}{}-{}",
+            dir_name(step),
+            std::process::id()
+        ));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
@@ -164,7 +168,8 @@ impl Writer {
         let mut f = File::create(&path).map_err(io_err(&path))?;
         f.write_all(bytes).map_err(io_err(&path))?;
         f.sync_all().map_err(io_err(&path))?;
-        self.sums.push((name.to_string(), hex::encode(Sha256::digest(bytes))));
+        self.sums
+            .push((name.to_string(), hex::encode(Sha256::digest(bytes))));
         Ok(())
     }
 
@@ -341,13 +346,22 @@ mod tests {
         let dir = write_ckpt(tmp.path(), 1, &[("a.bin", b"hello")]);
         fs::write(dir.join("a.bin"), b"hellO").unwrap();
         let e = verify(&dir, &[]).unwrap_err().to_string();
-        assert!(e.contains("a.bin") && e.contains("expected 2cf24dba"), "{e}");
+        assert!(
+            e.contains("a.bin") && e.contains("expected 2cf24dba"),
+            "{e}"
+        );
 
         fs::remove_file(dir.join("a.bin")).unwrap();
-        assert!(matches!(verify(&dir, &[]), Err(CheckpointError::MissingFile { .. })));
+        assert!(matches!(
+            verify(&dir, &[]),
+            Err(CheckpointError::MissingFile { .. })
+        ));
 
         fs::remove_file(dir.join(SUMS)).unwrap();
-        assert!(matches!(verify(&dir, &[]), Err(CheckpointError::MissingSums { .. })));
+        assert!(matches!(
+            verify(&dir, &[]),
+            Err(CheckpointError::MissingSums { .. })
+        ));
     }
 
     #[test]
@@ -364,7 +378,10 @@ mod tests {
             Err(CheckpointError::MalformedSums { line: 1, .. })
         ));
         fs::write(dir.join(SUMS), format!("{}  ../escape\n", "0".repeat(64))).unwrap();
-        assert!(matches!(verify(&dir, &[]), Err(CheckpointError::MalformedSums { .. })));
+        assert!(matches!(
+            verify(&dir, &[]),
+            Err(CheckpointError::MalformedSums { .. })
+        ));
     }
 
     #[test]

@@ -21,7 +21,10 @@ impl Sampling {
     /// Check the settings, naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top-p must be in (0, 1], got {}", self.top_p));
@@ -45,7 +48,9 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
         return argmax();
     }
     // Candidates sorted by logit, most likely first; ties broken by id for determinism.
-    let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+    let mut idx: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
     if idx.is_empty() {
         return argmax();
     }
@@ -128,7 +133,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_setting() {
-        assert!(s(-1.0, 0, 1.0).validate().unwrap_err().contains("temperature"));
+        assert!(s(-1.0, 0, 1.0)
+            .validate()
+            .unwrap_err()
+            .contains("temperature"));
         assert!(s(1.0, 0, 0.0).validate().unwrap_err().contains("top-p"));
         assert!(s(0.7, 40, 0.9).validate().is_ok());
     }

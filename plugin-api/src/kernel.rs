@@ -86,7 +86,13 @@ pub trait Kernel: Describe + Send + Sync + Sized + 'static {
     /// Op names implemented.
     fn ops(&self) -> Vec<String>;
     /// Run one op.
-    fn run(&self, op: &str, inputs: &[BufferView<'_>], attrs: &[f64], outputs: &mut [BufferMut<'_>]) -> Result<()>;
+    fn run(
+        &self,
+        op: &str,
+        inputs: &[BufferView<'_>],
+        attrs: &[f64],
+        outputs: &mut [BufferMut<'_>],
+    ) -> Result<()>;
 }
 
 struct Adapter<K>(K);
@@ -106,7 +112,12 @@ impl<K: Kernel> KernelAbi for Adapter<K> {
         mut outputs: RSliceMut<'_, BufferMut<'_>>,
     ) -> RResult<(), PluginError> {
         guard(K::NAME, op.as_str(), || {
-            self.0.run(op.as_str(), inputs.as_slice(), attrs.as_slice(), outputs.as_mut_slice())
+            self.0.run(
+                op.as_str(),
+                inputs.as_slice(),
+                attrs.as_slice(),
+                outputs.as_mut_slice(),
+            )
         })
     }
 }
@@ -114,7 +125,10 @@ impl<K: Kernel> KernelAbi for Adapter<K> {
 extern "C" fn factory<K: Kernel>(params: RStr<'_>) -> RResult<KernelBox, PluginError> {
     guard(K::NAME, "create", || {
         let k = K::create(params.as_str())?;
-        Ok(KernelAbi_TO::from_value(Adapter(k), abi_stable::sabi_trait::TD_Opaque))
+        Ok(KernelAbi_TO::from_value(
+            Adapter(k),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

@@ -52,8 +52,7 @@ pub trait ModelAbi: Send + Sync {
 pub type ModelBox = ModelAbi_TO<'static, RBox<()>>;
 
 /// A model constructor: `(params as JSON, env)`.
-pub type ModelFactory =
-    extern "C" fn(RStr<'_>, ModelEnv<'_>) -> RResult<ModelBox, PluginError>;
+pub type ModelFactory = extern "C" fn(RStr<'_>, ModelEnv<'_>) -> RResult<ModelBox, PluginError>;
 
 /// What model authors implement.
 pub trait Model: Describe + Send + Sync + Sized + 'static {
@@ -84,11 +83,17 @@ impl<M: Model> ModelAbi for Adapter<M> {
     }
 }
 
-extern "C" fn factory<M: Model>(params: RStr<'_>, mut env: ModelEnv<'_>) -> RResult<ModelBox, PluginError> {
+extern "C" fn factory<M: Model>(
+    params: RStr<'_>,
+    mut env: ModelEnv<'_>,
+) -> RResult<ModelBox, PluginError> {
     guard(M::NAME, "create", || {
         let mut store = Store::new(&mut env.store);
         let m = M::create(params.as_str(), env.vocab_size, &mut store)?;
-        Ok(ModelAbi_TO::from_value(Adapter(m), abi_stable::sabi_trait::TD_Opaque))
+        Ok(ModelAbi_TO::from_value(
+            Adapter(m),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

@@ -67,7 +67,12 @@ pub struct Grad {
 /// What optimizer authors implement.
 pub trait Optimizer: Describe + Send + Sized + 'static {
     /// Parse `params` (JSON, strictly); declare state for `params` in `store`.
-    fn create(params: &str, lr: f64, infos: &[ParamInfo], store: &mut Store<'_, '_>) -> Result<Self>;
+    fn create(
+        params: &str,
+        lr: f64,
+        infos: &[ParamInfo],
+        store: &mut Store<'_, '_>,
+    ) -> Result<Self>;
     /// Apply one update.
     fn step(&mut self, grads: &[Grad], step: OptimStep) -> Result<()>;
     /// Resolved configuration as JSON.
@@ -104,7 +109,10 @@ extern "C" fn factory<O: Optimizer>(
         let infos = store.params().into_vec();
         let mut store = Store::new(&mut store);
         let o = O::create(params.as_str(), lr, &infos, &mut store)?;
-        Ok(OptimizerAbi_TO::from_value(Adapter(o), abi_stable::sabi_trait::TD_Opaque))
+        Ok(OptimizerAbi_TO::from_value(
+            Adapter(o),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

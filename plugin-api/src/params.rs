@@ -144,7 +144,13 @@ impl<'a, 'b> Store<'a, 'b> {
     }
 
     /// Declare a trainable parameter.
-    pub fn param(&mut self, name: &str, shape: &[usize], role: ParamRole, init: Init) -> Result<Tensor> {
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        role: ParamRole,
+        init: Init,
+    ) -> Result<Tensor> {
         let full = self.full_name(name);
         from_abi(self.inner.declare_param(
             RStr::from(full.as_str()),
@@ -156,7 +162,13 @@ impl<'a, 'b> Store<'a, 'b> {
     }
 
     /// Declare a state tensor saved in checkpoints.
-    pub fn state(&mut self, name: &str, shape: &[usize], dtype: DType, init: Init) -> Result<Tensor> {
+    pub fn state(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        init: Init,
+    ) -> Result<Tensor> {
         let full = self.full_name(name);
         from_abi(self.inner.declare_state(
             RStr::from(full.as_str()),

@@ -85,10 +85,20 @@ impl<S: Sink> SinkAbi for Adapter<S> {
     }
 }
 
-extern "C" fn factory<S: Sink>(params: RStr<'_>, env: SinkEnv<'_>) -> RResult<SinkBox, PluginError> {
+extern "C" fn factory<S: Sink>(
+    params: RStr<'_>,
+    env: SinkEnv<'_>,
+) -> RResult<SinkBox, PluginError> {
     guard(S::NAME, "create", || {
-        let s = S::create(params.as_str(), env.run_dir.as_str(), env.resume_step.into_option())?;
-        Ok(SinkAbi_TO::from_value(Adapter(s), abi_stable::sabi_trait::TD_Opaque))
+        let s = S::create(
+            params.as_str(),
+            env.run_dir.as_str(),
+            env.resume_step.into_option(),
+        )?;
+        Ok(SinkAbi_TO::from_value(
+            Adapter(s),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

@@ -186,7 +186,12 @@ impl Tensor {
 
     /// A tensor filled with `value`, on the device of `like`.
     pub fn full(shape: &[usize], value: f64, dtype: DType, like: &Tensor) -> Result<Tensor> {
-        wrap((ops().full())(RSlice::from_slice(shape), value, dtype, like.id))
+        wrap((ops().full())(
+            RSlice::from_slice(shape),
+            value,
+            dtype,
+            like.id,
+        ))
     }
 
     /// `[start, start+1, ..., end-1]` as u32, on the device of `like`.

@@ -74,10 +74,14 @@ struct Adapter<T>(T);
 
 impl<T: Tokenizer> TokenizerAbi for Adapter<T> {
     fn encode(&self, text: RStr<'_>) -> RResult<RVec<u32>, PluginError> {
-        guard(T::NAME, "encode", || self.0.encode(text.as_str()).map(RVec::from))
+        guard(T::NAME, "encode", || {
+            self.0.encode(text.as_str()).map(RVec::from)
+        })
     }
     fn decode(&self, ids: RSlice<'_, u32>) -> RResult<RString, PluginError> {
-        guard(T::NAME, "decode", || self.0.decode(ids.as_slice()).map(RString::from))
+        guard(T::NAME, "decode", || {
+            self.0.decode(ids.as_slice()).map(RString::from)
+        })
     }
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()
@@ -95,10 +99,20 @@ impl<T: Tokenizer> TokenizerAbi for Adapter<T> {
     }
 }
 
-extern "C" fn factory<T: Tokenizer>(params: RStr<'_>, env: TokenizerEnv<'_>) -> RResult<TokenizerBox, PluginError> {
+extern "C" fn factory<T: Tokenizer>(
+    params: RStr<'_>,
+    env: TokenizerEnv<'_>,
+) -> RResult<TokenizerBox, PluginError> {
     guard(T::NAME, "create", || {
-        let t = T::create(params.as_str(), env.base_dir.as_str(), env.corpus.as_slice())?;
-        Ok(TokenizerAbi_TO::from_value(Adapter(t), abi_stable::sabi_trait::TD_Opaque))
+        let t = T::create(
+            params.as_str(),
+            env.base_dir.as_str(),
+            env.corpus.as_slice(),
+        )?;
+        Ok(TokenizerAbi_TO::from_value(
+            Adapter(t),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

@@ -42,7 +42,10 @@ pub trait TrackerAbi: Send {
     /// The run started (or resumed).
     fn start(&mut self, run: RunInfo) -> RResult<(), PluginError>;
     /// Flattened configuration values, `("optimizer.lr", "0.0003")`.
-    fn log_params(&mut self, params: RSlice<'_, Tuple2<RString, RString>>) -> RResult<(), PluginError>;
+    fn log_params(
+        &mut self,
+        params: RSlice<'_, Tuple2<RString, RString>>,
+    ) -> RResult<(), PluginError>;
     /// A batch of metric records.
     fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError>;
     /// A file produced by the run (path inside the run directory).
@@ -80,7 +83,10 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
     fn start(&mut self, run: RunInfo) -> RResult<(), PluginError> {
         guard(T::NAME, "start", || self.0.start(&run))
     }
-    fn log_params(&mut self, params: RSlice<'_, Tuple2<RString, RString>>) -> RResult<(), PluginError> {
+    fn log_params(
+        &mut self,
+        params: RSlice<'_, Tuple2<RString, RString>>,
+    ) -> RResult<(), PluginError> {
         guard(T::NAME, "log_params", || {
             let params: Vec<(String, String)> = params
                 .iter()
@@ -90,10 +96,14 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
         })
     }
     fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError> {
-        guard(T::NAME, "log_metrics", || self.0.log_metrics(records.as_slice()))
+        guard(T::NAME, "log_metrics", || {
+            self.0.log_metrics(records.as_slice())
+        })
     }
     fn log_artifact(&mut self, path: RStr<'_>) -> RResult<(), PluginError> {
-        guard(T::NAME, "log_artifact", || self.0.log_artifact(path.as_str()))
+        guard(T::NAME, "log_artifact", || {
+            self.0.log_artifact(path.as_str())
+        })
     }
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
         guard(T::NAME, "finish", || self.0.finish(status))
@@ -103,7 +113,10 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
 extern "C" fn factory<T: Tracker>(params: RStr<'_>) -> RResult<TrackerBox, PluginError> {
     guard(T::NAME, "create", || {
         let t = T::create(params.as_str())?;
-        Ok(TrackerAbi_TO::from_value(Adapter(t), abi_stable::sabi_trait::TD_Opaque))
+        Ok(TrackerAbi_TO::from_value(
+            Adapter(t),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

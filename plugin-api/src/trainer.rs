@@ -102,7 +102,11 @@ pub trait TrainSession {
     /// Run the model: inputs → logits (owned).
     fn forward(&mut self, inputs: TensorId, ctx: ForwardCtx) -> RResult<TensorId, PluginError>;
     /// Apply one optimizer step.
-    fn optimizer_step(&mut self, grads: RSlice<'_, ParamGrad>, step: OptimStep) -> RResult<(), PluginError>;
+    fn optimizer_step(
+        &mut self,
+        grads: RSlice<'_, ParamGrad>,
+        step: OptimStep,
+    ) -> RResult<(), PluginError>;
     /// Emit a metric record.
     fn record(&mut self, step: u64, split: RStr<'_>, name: RStr<'_>, value: f64);
     /// Report progress for the progress bar (after each optimizer step).
@@ -194,7 +198,11 @@ impl Session<'_, '_> {
         from_abi(self.inner.forward(inputs.id(), ctx)).map(Tensor::from_id)
     }
     /// Apply one optimizer step; `grads` pairs a parameter index with its gradient.
-    pub fn optimizer_step(&mut self, grads: &[(usize, &Tensor, &Tensor)], step: OptimStep) -> Result<()> {
+    pub fn optimizer_step(
+        &mut self,
+        grads: &[(usize, &Tensor, &Tensor)],
+        step: OptimStep,
+    ) -> Result<()> {
         let grads: Vec<ParamGrad> = grads
             .iter()
             .map(|(index, param, grad)| ParamGrad {
@@ -219,7 +227,10 @@ impl Session<'_, '_> {
     }
     /// The trainer state being resumed from.
     pub fn resume_state(&self) -> Option<String> {
-        self.inner.resume_state().into_option().map(RString::into_string)
+        self.inner
+            .resume_state()
+            .into_option()
+            .map(RString::into_string)
     }
     /// True once the user asked to stop.
     pub fn should_stop(&self) -> bool {
@@ -240,7 +251,9 @@ struct Adapter<T>(T);
 impl<T: Trainer> TrainerAbi for Adapter<T> {
     fn train(&mut self, mut session: TrainSessionRef<'_>) -> RResult<TrainOutcome, PluginError> {
         guard(T::NAME, "train", || {
-            let mut s = Session { inner: &mut session };
+            let mut s = Session {
+                inner: &mut session,
+            };
             self.0.train(&mut s)
         })
     }
@@ -249,7 +262,10 @@ impl<T: Trainer> TrainerAbi for Adapter<T> {
 extern "C" fn factory<T: Trainer>(params: RStr<'_>) -> RResult<TrainerBox, PluginError> {
     guard(T::NAME, "create", || {
         let t = T::create(params.as_str())?;
-        Ok(TrainerAbi_TO::from_value(Adapter(t), abi_stable::sabi_trait::TD_Opaque))
+        Ok(TrainerAbi_TO::from_value(
+            Adapter(t),
+            abi_stable::sabi_trait::TD_Opaque,
+        ))
     })
 }
 

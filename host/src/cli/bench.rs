@@ -1,0 +1,317 @@
+//! `codex-ml bench`: training throughput on the fixed GPT configurations of the PyTorch
+//! reference, in the reference's protocol and output format, so the two can be compared as a
+//! ratio measured in one sitting.
+//!
+//! Same model (nanoGPT-style GPT = our `gpt2` with exact-erf GELU, no dropout, tied head),
+//! same shapes, same optimizer (AdamW lr 6e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on
+//! every parameter), random tokens from a fixed seed, warm-up steps then timed windows.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor as CTensor};
+use codex_plugin_api::{ForwardCtx, OptimStep, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::BenchArgs;
+use crate::components;
+use crate::registry::Registry;
+use crate::tensor::{self, ParamStore};
+
+/// One benchmark configuration (the reference's `CFGS`).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    vocab: usize,
+    d: usize,
+    layers: usize,
+    heads: usize,
+    seq: usize,
+    batch: usize,
+    /// Reference defaults: warm-up steps, windows, steps per window.
+    protocol: (usize, usize, usize),
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "tiny",
+        vocab: 4096,
+        d: 128,
+        layers: 4,
+        heads: 4,
+        seq: 128,
+        batch: 16,
+        protocol: (5, 7, 10),
+    },
+    Shape {
+        name: "small",
+        vocab: 8192,
+        d: 384,
+        layers: 6,
+        heads: 6,
+        seq: 256,
+        batch: 8,
+        protocol: (2, 5, 3),
+    },
+];
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`; 0 where unavailable).
+pub(crate) fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Everything one configuration's training step needs.
+struct Bench {
+    shape: Shape,
+    store: ParamStore,
+    model: codex_plugin_api::model::ModelBox,
+    optimizer: codex_plugin_api::optimizer::OptimizerBox,
+    batches: Vec<(Tensor, Tensor)>,
+    next: usize,
+    step: u64,
+}
+
+impl Bench {
+    fn new(registry: &Registry, shape: Shape) -> Result<Bench> {
+        let device = Device::Cpu;
+        let mut store = ParamStore::new(device.clone(), 1337);
+        let model_params = json!({
+            "n_layer": shape.layers,
+            "n_head": shape.heads,
+            "n_embd": shape.d,
+            "n_positions": shape.seq,
+            "vocab_size": shape.vocab,
+            "activation_function": "gelu",
+        });
+        let model = components::model(registry, "gpt2", &model_params, shape.vocab, store.as_tensor_store())?;
+        let opt_params = json!({
+            "betas": [0.9, 0.95],
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "no_decay": [],
+        });
+        let optimizer = components::optimizer(registry, "adamw", &opt_params, 6e-4, store.as_tensor_store())?;
+
+        // Eight fixed batches of random windows, as the reference does.
+        let mut rng = ChaCha8Rng::seed_from_u64(1337);
+        let mut batches = Vec::new();
+        for _ in 0..8 {
+            let (b, t) = (shape.batch, shape.seq);
+            let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..shape.vocab as u32)).collect();
+            let mut x = Vec::with_capacity(b * t);
+            let mut y = Vec::with_capacity(b * t);
+            for row in data.chunks(t + 1) {
+                x.extend_from_slice(&row[..t]);
+                y.extend_from_slice(&row[1..]);
+            }
+            let x = Tensor::from_id(tensor::insert(CTensor::from_vec(x, (b, t), &device)?));
+            let y = Tensor::from_id(tensor::insert(CTensor::from_vec(y, b * t, &device)?));
+            batches.push((x, y));
+        }
+        Ok(Bench {
+            shape,
+            store,
+            model,
+            optimizer,
+            batches,
+            next: 0,
+            step: 0,
+        })
+    }
+
+    /// One optimizer step; adds forward/backward/optimizer seconds into `split`.
+    fn step(&mut self, split: &mut [f64; 3]) -> Result<f64> {
+        let (x, y) = &self.batches[self.next % self.batches.len()];
+        self.next += 1;
+        self.step += 1;
+        let tokens = (self.shape.batch * self.shape.seq) as f64;
+
+        let t0 = Instant::now();
+        let ctx = ForwardCtx { train: true, seed: self.step };
+        let logits = Tensor::from_id(
+            self.model
+                .forward(x.id(), ctx)
+                .into_result()
+                .map_err(|e| anyhow::anyhow!("model forward: {e}"))?,
+        );
+        let logits = logits.reshape(&[self.shape.batch * self.shape.seq, self.shape.vocab])?;
+        let ce = logits.cross_entropy(y, u32::MAX)?;
+        let loss = ce.loss_sum.affine(1.0 / tokens, 0.0)?;
+        let loss_value = loss.to_scalar()?;
+        let t1 = Instant::now();
+        loss.backward()?;
+        let t2 = Instant::now();
+
+        let infos = self.store.param_infos();
+        let mut held = Vec::with_capacity(infos.len());
+        for (index, info) in infos.iter().enumerate() {
+            let param = Tensor::retain(info.id);
+            if let Some(grad) = param.grad()? {
+                held.push((index, param, grad));
+            }
+        }
+        let grads: Vec<codex_plugin_api::optimizer::ParamGrad> = held
+            .iter()
+            .map(|(index, p, g)| codex_plugin_api::optimizer::ParamGrad {
+                index: *index,
+                param: p.id(),
+                grad: g.id(),
+            })
+            .collect();
+        self.optimizer
+            .step(
+                grads.as_slice().into(),
+                OptimStep {
+                    lr: 6e-4,
+                    step: self.step,
+                },
+            )
+            .into_result()
+            .map_err(|e| anyhow::anyhow!("optimizer step: {e}"))?;
+        drop(held);
+        self.store.zero_grads();
+        let t3 = Instant::now();
+        split[0] += (t1 - t0).as_secs_f64();
+        split[1] += (t2 - t1).as_secs_f64();
+        split[2] += (t3 - t2).as_secs_f64();
+        Ok(loss_value)
+    }
+}
+
+fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> {
+    let (warmup, windows, steps) = (
+        args.warmup.unwrap_or(shape.protocol.0),
+        args.windows.unwrap_or(shape.protocol.1),
+        args.steps.unwrap_or(shape.protocol.2),
+    );
+    if windows == 0 || steps == 0 {
+        bail!("--windows and --steps must be at least 1");
+    }
+    let mut bench = Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
+    let params: usize = bench.store.param_infos().iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    eprintln!(
+        "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={}",
+        env!("CARGO_PKG_VERSION"),
+        shape.name,
+        shape.vocab,
+        shape.d,
+        shape.layers,
+        shape.heads,
+        shape.seq,
+        shape.batch,
+        rayon::current_num_threads(),
+        params
+    );
+    let mut scratch = [0.0; 3];
+    let first = Instant::now();
+    for i in 0..warmup {
+        let l = bench.step(&mut scratch)?;
+        if i == 0 {
+            eprintln!(
+                "step0 loss = {l:.4} (ln V = {:.4}); first step {:.1}s",
+                (shape.vocab as f64).ln(),
+                first.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let tokens = (shape.batch * shape.seq * steps) as f64;
+    let (mut rates, mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut last = 0.0;
+    for w in 0..windows {
+        let mut split = [0.0; 3];
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            last = bench.step(&mut split)?;
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let ms = |s: f64| s / steps as f64 * 1e3;
+        rates.push(tokens / dt);
+        fw.push(ms(split[0]));
+        bw.push(ms(split[1]));
+        op.push(ms(split[2]));
+        eprintln!(
+            "window {w}: {:9.1} tok/s  step {:.1} ms (fwd {:.1} / bwd {:.1} / opt {:.1} ms)",
+            tokens / dt,
+            dt / steps as f64 * 1e3,
+            fw[w],
+            bw[w],
+            op[w]
+        );
+    }
+    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    println!(
+        "RESULT framework=codex-ml cfg={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4}",
+        shape.name,
+        median(&rates),
+        min,
+        max,
+        median(&fw),
+        median(&bw),
+        median(&op),
+        peak_rss_mib(),
+        last
+    );
+    Ok(())
+}
+
+/// Run the benchmark for the chosen configurations.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // Both rayon and candle's matmul read this before their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    tensor::install();
+    let registry = Registry::with_builtins()?;
+    let chosen: Vec<Shape> = match args.config.as_str() {
+        "all" => SHAPES.to_vec(),
+        name => match SHAPES.iter().find(|s| s.name == name) {
+            Some(s) => vec![*s],
+            None => bail!("unknown benchmark configuration `{name}`: choose tiny, small or all"),
+        },
+    };
+    for shape in chosen {
+        run_shape(&registry, shape, &args)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}

@@ -1,0 +1,157 @@
+//! Building components from registry entries: one place that calls factories.
+//!
+//! Each function looks the name up in the registry (so an unknown name lists the known ones),
+//! hands the component its parameters as JSON, and turns a factory error into a host error
+//! that names the component and its origin. The caller owns what comes back.
+
+use abi_stable::std_types::{RStr, RString};
+use anyhow::{anyhow, Context, Result};
+use codex_plugin_api::kernel::KernelBox;
+use codex_plugin_api::model::{ModelBox, ModelEnv};
+use codex_plugin_api::optimizer::OptimizerBox;
+use codex_plugin_api::params::TensorStoreRef;
+use codex_plugin_api::sink::{SinkBox, SinkEnv};
+use codex_plugin_api::tokenizer::{TokenizerBox, TokenizerEnv};
+use codex_plugin_api::trainer::TrainerBox;
+use codex_plugin_api::{ComponentKind, Factory, PluginError};
+
+use crate::registry::{Entry, Registry};
+
+/// The JSON text handed to a factory; `null` parameters mean "no parameters".
+fn params_text(params: &serde_json::Value) -> String {
+    match params {
+        serde_json::Value::Null => "{}".to_string(),
+        v => v.to_string(),
+    }
+}
+
+fn failed(entry: &Entry, e: PluginError) -> anyhow::Error {
+    anyhow!(
+        "{} `{}` ({}) could not be created: {}",
+        entry.kind.as_str(),
+        entry.name,
+        entry.origin,
+        e.message
+    )
+}
+
+fn lookup<'r>(registry: &'r Registry, kind: ComponentKind, name: &str) -> Result<&'r Entry> {
+    registry
+        .get(kind, name)
+        .map_err(|e| anyhow::Error::new(e).context(format!("in the config's {}", kind.as_str())))
+}
+
+fn mismatch(entry: &Entry, kind: ComponentKind) -> anyhow::Error {
+    anyhow!(
+        "`{}` ({}) is registered as a {} but its factory builds a {}",
+        entry.name,
+        entry.origin,
+        kind.as_str(),
+        entry.decl.kind().as_str()
+    )
+}
+
+/// Build a tokenizer; `corpus` is used by tokenizers that learn a vocabulary.
+pub fn tokenizer(
+    registry: &Registry,
+    name: &str,
+    params: &serde_json::Value,
+    base_dir: &str,
+    corpus: &[RString],
+) -> Result<TokenizerBox> {
+    let entry = lookup(registry, ComponentKind::Tokenizer, name)?;
+    let Factory::Tokenizer(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Tokenizer));
+    };
+    let text = params_text(params);
+    let env = TokenizerEnv {
+        base_dir: RStr::from(base_dir),
+        corpus: corpus.into(),
+    };
+    f(RStr::from(text.as_str()), env)
+        .into_result()
+        .map_err(|e| failed(entry, e))
+}
+
+/// Build a model, declaring its parameters in `store`.
+pub fn model(
+    registry: &Registry,
+    name: &str,
+    params: &serde_json::Value,
+    vocab_size: usize,
+    store: TensorStoreRef<'_>,
+) -> Result<ModelBox> {
+    let entry = lookup(registry, ComponentKind::Model, name)?;
+    let Factory::Model(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Model));
+    };
+    let text = params_text(params);
+    f(RStr::from(text.as_str()), ModelEnv { vocab_size, store })
+        .into_result()
+        .map_err(|e| failed(entry, e))
+}
+
+/// Build an optimizer over the parameters already declared in `store`.
+pub fn optimizer(
+    registry: &Registry,
+    name: &str,
+    params: &serde_json::Value,
+    lr: f64,
+    store: TensorStoreRef<'_>,
+) -> Result<OptimizerBox> {
+    let entry = lookup(registry, ComponentKind::Optimizer, name)?;
+    let Factory::Optimizer(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Optimizer));
+    };
+    let text = params_text(params);
+    f(RStr::from(text.as_str()), lr, store)
+        .into_result()
+        .map_err(|e| failed(entry, e))
+}
+
+/// Build a sink writing into `run_dir`.
+pub fn sink(
+    registry: &Registry,
+    name: &str,
+    params: &serde_json::Value,
+    run_dir: &str,
+    resume_step: Option<u64>,
+) -> Result<SinkBox> {
+    let entry = lookup(registry, ComponentKind::Sink, name)?;
+    let Factory::Sink(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Sink));
+    };
+    let text = params_text(params);
+    let env = SinkEnv {
+        run_dir: RStr::from(run_dir),
+        resume_step: resume_step.into(),
+    };
+    f(RStr::from(text.as_str()), env)
+        .into_result()
+        .map_err(|e| failed(entry, e))
+}
+
+/// Build a trainer.
+pub fn trainer(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<TrainerBox> {
+    let entry = lookup(registry, ComponentKind::Trainer, name)?;
+    let Factory::Trainer(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Trainer));
+    };
+    let text = params_text(params);
+    f(RStr::from(text.as_str()))
+        .into_result()
+        .map_err(|e| failed(entry, e))
+}
+
+/// Build a kernel.
+pub fn kernel(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<KernelBox> {
+    let entry = lookup(registry, ComponentKind::Kernel, name)?;
+    let Factory::Kernel(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Kernel));
+    };
+    let text = params_text(params);
+    f(RStr::from(text.as_str()))
+        .into_result()
+        .map_err(|e| failed(entry, e))
+        .with_context(|| format!("kernel `{name}`"))
+}
