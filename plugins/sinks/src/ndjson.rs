@@ -1,0 +1,205 @@
+//! `ndjson`: one JSON object per record, the run's canonical metric stream.
+//!
+//! Each line is exactly
+//! `{"step":120,"split":"train","name":"loss","value":2.31,"time":1764000000.123}`: keys in
+//! that order, numbers in their shortest round-trip form. JSON has no NaN or infinity, so a
+//! non-finite `value` (or `time`) is written as `null`: the line stays valid JSON and readers
+//! see "no number" rather than a parse error. The host always runs this sink, so
+//! `metrics.ndjson` is complete even when other sinks fail.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use codex_plugin_api::{Describe, Error, Record, Result, Sink};
+use serde::{Deserialize, Serialize};
+
+use crate::params;
+use crate::resume::{self, LineFormat};
+
+/// Parameters of the `ndjson` sink.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct NdjsonParams {
+    /// File name inside the run directory. Default: `metrics.ndjson`.
+    file: Option<String>,
+}
+
+/// Writes `<run_dir>/metrics.ndjson`.
+pub struct NdjsonSink {
+    path: PathBuf,
+    out: BufWriter<File>,
+    line: Vec<u8>,
+}
+
+impl Describe for NdjsonSink {
+    const NAME: &'static str = "ndjson";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "metric records as JSON lines in the run directory (metrics.ndjson)";
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    step: u64,
+    split: &'a str,
+    name: &'a str,
+    value: Option<f64>,
+    time: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct StepOnly {
+    step: u64,
+}
+
+struct Format;
+
+impl LineFormat for Format {
+    fn header(&self) -> Option<&str> {
+        None
+    }
+    fn step_of(&self, line: &str) -> Option<u64> {
+        serde_json::from_str::<StepOnly>(line).ok().map(|s| s.step)
+    }
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// Append `record` to `buf` as one JSON line.
+pub(crate) fn encode(record: &Record, buf: &mut Vec<u8>) -> Result<()> {
+    let line = Line {
+        step: record.step,
+        split: record.split.as_str(),
+        name: record.name.as_str(),
+        value: finite(record.value),
+        time: finite(record.time),
+    };
+    serde_json::to_writer(&mut *buf, &line)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// Open `path` for appending records: fresh runs must not find an earlier file there, resumed
+/// runs first drop the records their resume supersedes.
+pub(crate) fn open_for_append(
+    sink: &str,
+    path: &Path,
+    resume_step: Option<u64>,
+    format: &dyn LineFormat,
+) -> Result<File> {
+    match resume_step {
+        Some(step) => resume::truncate_after(path, step, format)?,
+        None if path.exists() => {
+            return Err(Error::msg(format!(
+                "sink `{sink}`: {} already exists in a run that is not resumed; resume that run or start a new run directory",
+                path.display()
+            )))
+        }
+        None => {}
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            Error::msg(format!(
+                "sink `{sink}`: cannot open {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+impl Sink for NdjsonSink {
+    fn create(params: &str, run_dir: &str, resume_step: Option<u64>) -> Result<Self> {
+        let p: NdjsonParams = params::parse(Self::NAME, params)?;
+        let file = p.file.unwrap_or_else(|| "metrics.ndjson".to_string());
+        params::check_file_name(Self::NAME, &file)?;
+        let path = Path::new(run_dir).join(file);
+        let out = open_for_append(Self::NAME, &path, resume_step, &Format)?;
+        Ok(NdjsonSink {
+            path,
+            out: BufWriter::new(out),
+            line: Vec::with_capacity(128),
+        })
+    }
+
+    fn write(&mut self, records: &[Record]) -> Result<()> {
+        for r in records {
+            self.line.clear();
+            encode(r, &mut self.line)?;
+            self.out
+                .write_all(&self.line)
+                .map_err(|e| Error::msg(format!("cannot write {}: {e}", self.path.display())))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.out
+            .flush()
+            .map_err(|e| Error::msg(format!("cannot write {}: {e}", self.path.display())))
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::msg(format!("cannot sync {}: {e}", self.path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64, value: f64) -> Record {
+        Record {
+            step,
+            split: "train".into(),
+            name: "loss".into(),
+            value,
+            time: 1764000000.123,
+        }
+    }
+
+    fn check(r: Record, expect: &str) {
+        let mut buf = Vec::new();
+        encode(&r, &mut buf).map_err(|e| e.to_string()).unwrap();
+        assert_eq!(String::from_utf8_lossy(&buf), expect);
+    }
+
+    #[test]
+    fn encodes_the_documented_line() {
+        check(
+            record(120, 2.31),
+            "{\"step\":120,\"split\":\"train\",\"name\":\"loss\",\"value\":2.31,\"time\":1764000000.123}\n",
+        );
+        check(
+            record(1, 1.0),
+            "{\"step\":1,\"split\":\"train\",\"name\":\"loss\",\"value\":1.0,\"time\":1764000000.123}\n",
+        );
+    }
+
+    #[test]
+    fn non_finite_values_become_null() {
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            check(
+                record(3, v),
+                "{\"step\":3,\"split\":\"train\",\"name\":\"loss\",\"value\":null,\"time\":1764000000.123}\n",
+            );
+        }
+    }
+
+    #[test]
+    fn reads_the_step_back() {
+        assert_eq!(
+            Format.step_of(r#"{"step":7,"split":"val","name":"x","value":null,"time":1.0}"#),
+            Some(7)
+        );
+        assert_eq!(Format.step_of("{\"step\":"), None);
+    }
+}

@@ -1,0 +1,75 @@
+//! Strict parsing of a sink's parameters, shared by every built-in sink.
+//!
+//! The host hands parameters over as JSON; a sink configured without any arrives as an empty
+//! string, `null` or `{}`, all of which mean "the defaults".
+
+use codex_plugin_api::{Error, Result};
+use serde::de::DeserializeOwned;
+
+/// Parse `params` into `T` (which denies unknown fields), naming the sink on failure.
+pub(crate) fn parse<T: DeserializeOwned + Default>(sink: &str, params: &str) -> Result<T> {
+    let trimmed = params.trim();
+    if trimmed.is_empty() || trimmed == "null" {
+        return Ok(T::default());
+    }
+    serde_json::from_str(trimmed).map_err(|e| {
+        Error::msg(format!(
+            "invalid parameters for sink `{sink}`: {e}; see the sink reference for the accepted fields"
+        ))
+    })
+}
+
+/// Check that a file name stays inside the run directory.
+pub(crate) fn check_file_name(sink: &str, file: &str) -> Result<()> {
+    let path = std::path::Path::new(file);
+    let plain = path.components().count() == 1
+        && matches!(
+            path.components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "invalid `file` for sink `{sink}`: `{file}` must be a plain file name inside the run directory"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Default, Debug, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct P {
+        file: Option<String>,
+    }
+
+    #[test]
+    fn empty_forms_mean_defaults() {
+        for s in ["", "  ", "null", "{}"] {
+            assert_eq!(
+                parse::<P>("x", s).map_err(|e| e.to_string()),
+                Ok(P::default()),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_the_sink_name() {
+        let e = parse::<P>("ndjson", r#"{"fiel": "a"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink `ndjson`") && e.contains("fiel"), "{e}");
+    }
+
+    #[test]
+    fn file_names_must_stay_inside() {
+        assert!(check_file_name("x", "metrics.ndjson").is_ok());
+        for bad in ["", "../m.ndjson", "/tmp/m", "a/b", "."] {
+            assert!(check_file_name("x", bad).is_err(), "{bad:?}");
+        }
+    }
+}
