@@ -1288,3 +1288,33 @@ fn handles_do_not_leak() {
         "every handle created here was released"
     );
 }
+
+/// bf16 and f16 inputs are computed in f32 and cast back, so they agree with the f32 result
+/// to the 16-bit type's precision; parameters stay f32 and mix in.
+#[test]
+fn half_precision_inputs_compute_in_f32() {
+    let x32 = ct(inp(&[3, 8]), 0.5, CD::F32);
+    let w = handle(&ct(inp(&[8]), 1.0, CD::F32));
+    let b = handle(&ct(inp(&[8]), 2.0, CD::F32));
+    for (dtype, cd) in [(DType::BF16, CD::BF16), (DType::F16, CD::F16)] {
+        let full = handle(&x32);
+        let half = full.to_dtype(dtype).unwrap();
+        let pairs: [(&str, Box<dyn Fn(&Tensor) -> ApiResult<Tensor>>); 4] = [
+            ("softmax", Box::new(|x| x.softmax(1))),
+            ("log_softmax", Box::new(|x| x.log_softmax(1))),
+            ("layer_norm", Box::new(|x| x.layer_norm(&w, &b, 1e-5))),
+            ("rms_norm", Box::new(|x| x.rms_norm(&w, 1e-6))),
+        ];
+        for (name, f) in pairs {
+            let got = candle(&f(&half).unwrap());
+            assert_eq!(got.dtype(), cd, "{name} keeps the input's dtype");
+            let want = candle(&f(&full).unwrap());
+            assert_close(&format!("{name} in {dtype:?}"), &got, &want, 1e-2);
+        }
+        let targets = u32_handle(&[1, 7, 3], &[3]);
+        let got = half.cross_entropy(&targets, IGNORE).unwrap().loss_sum;
+        let want = full.cross_entropy(&targets, IGNORE).unwrap().loss_sum;
+        assert_eq!(got.dtype().unwrap(), DType::F32);
+        assert!((got.to_scalar().unwrap() - want.to_scalar().unwrap()).abs() < 2e-2);
+    }
+}
