@@ -1289,6 +1289,8 @@ fn handles_do_not_leak() {
     );
 }
 
+type UnaryOp<'a> = dyn Fn(&Tensor) -> ApiResult<Tensor> + 'a;
+
 /// bf16 and f16 inputs are computed in f32 and cast back, so they agree with the f32 result
 /// to the 16-bit type's precision; parameters stay f32 and mix in.
 #[test]
@@ -1299,7 +1301,7 @@ fn half_precision_inputs_compute_in_f32() {
     for (dtype, cd) in [(DType::BF16, CD::BF16), (DType::F16, CD::F16)] {
         let full = handle(&x32);
         let half = full.to_dtype(dtype).unwrap();
-        let pairs: [(&str, Box<dyn Fn(&Tensor) -> ApiResult<Tensor>>); 4] = [
+        let pairs: [(&str, Box<UnaryOp<'_>>); 4] = [
             ("softmax", Box::new(|x| x.softmax(1))),
             ("log_softmax", Box::new(|x| x.log_softmax(1))),
             ("layer_norm", Box::new(|x| x.layer_norm(&w, &b, 1e-5))),
