@@ -1,1 +1,193 @@
-//! (to be written)
+//! The host's tensor engine: candle behind the plugin API's op table, and the parameter store.
+//!
+//! Components never see a candle `Tensor`. They hold [`TensorId`] handles into one global,
+//! thread-safe table ([`handles`]) and call the entries of the op table ([`table`]), each of
+//! which is a thin `extern "C"` shell: it catches panics, resolves handles, calls one plain Rust
+//! function on candle tensors, and registers the result. Those functions live in [`ops`]
+//! (primitives, layout, creation) and [`nn`] (neural-network ops). The ops a fused kernel can
+//! replace — softmax, log-softmax, layer norm, RMS norm, GELU and cross-entropy — are each a
+//! single function in [`nn`], so a dispatch layer keyed by op name and device can intercept them
+//! without touching the table.
+//!
+//! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] ([`store`]) and
+//! reachable through handles like any tensor; only parameters have gradient slots, filled by
+//! [`autograd`] the way PyTorch fills `.grad`.
+
+pub(crate) mod autograd;
+pub(crate) mod handles;
+pub(crate) mod nn;
+pub(crate) mod ops;
+pub(crate) mod store;
+pub(crate) mod table;
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use codex_plugin_api::TensorId;
+
+pub use store::{ExportedTensor, ParamStore, TensorGroup};
+
+/// Everything that can go wrong in the tensor engine and the parameter store.
+///
+/// Op-table entries prefix the message with the op's name (`matmul: ...`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TensorError {
+    /// A handle that was released or never issued.
+    #[error("unknown tensor handle {0}: it was released or never created")]
+    UnknownHandle(u64),
+    /// A gradient was asked of something that is not a declared parameter.
+    #[error("tensor handle {0} is not a parameter: only tensors declared with declare_param have gradient slots")]
+    NotAParameter(u64),
+    /// `assign` on a tensor the store did not declare.
+    #[error("tensor handle {0} is not a declared parameter or state tensor: only those can be assigned in place")]
+    NotAssignable(u64),
+    /// `assign` with a value of another shape.
+    #[error("cannot assign a value of shape {value:?} to a tensor of shape {target:?}")]
+    AssignShape {
+        /// Shape of the declared tensor.
+        target: Vec<usize>,
+        /// Shape of the value.
+        value: Vec<usize>,
+    },
+    /// A bad argument (shape, dimension, probability, ...), described in full.
+    #[error("{0}")]
+    Invalid(String),
+    /// An element type the plugin API cannot name.
+    #[error("element type {0:?} is not supported by the plugin api")]
+    UnsupportedDType(candle_core::DType),
+    /// An error from candle, the engine.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A second declaration under a name already taken.
+    #[error("`{0}` is already declared: parameter and state names must be unique")]
+    DuplicateName(String),
+    /// A name the store does not know.
+    #[error("no parameter or state tensor is named `{0}`")]
+    UnknownName(String),
+    /// A safetensors file that does not match the store.
+    #[error("{path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What does not match, naming the tensors.
+        message: String,
+    },
+    /// A device string that cannot be used.
+    #[error("unknown device `{0}`: use `cpu`, `cuda`, `cuda:N` or `metal` (the last two only in builds with those features)")]
+    UnknownDevice(String),
+    /// A device this build cannot drive.
+    #[error("device `{0}` needs a codex-ml build with the `{1}` feature: rebuild with `--features {1}` or use `cpu`")]
+    DeviceNotBuilt(String, &'static str),
+}
+
+/// Results of the tensor engine.
+pub type Result<T, E = TensorError> = std::result::Result<T, E>;
+
+/// Install the host's op table so that `codex_plugin_api::ops()` works. Idempotent: the table
+/// is built once and every later call is a no-op.
+pub fn install() {
+    table::install();
+}
+
+/// The op table itself, for handing to native plugins at registration (built on first use;
+/// the same table every time).
+pub fn op_table() -> codex_plugin_api::OpTableRef {
+    table::table()
+}
+
+/// Register a candle tensor and return an owned handle to it (release it with the op table's
+/// `release`, or wrap it in `codex_plugin_api::Tensor::from_id`).
+pub fn insert(tensor: Tensor) -> TensorId {
+    handles::insert(tensor)
+}
+
+/// The candle tensor behind a handle. For a trainable parameter it is the variable itself, so
+/// a graph built from it back-propagates into the parameter; for state and frozen parameters it
+/// is a view of the same storage that autograd does not track.
+pub fn get(id: TensorId) -> Result<Tensor> {
+    handles::tensor(id)
+}
+
+/// How many handles are alive, over all threads (for leak checks).
+pub fn live_handles() -> usize {
+    handles::live()
+}
+
+/// How many handles created on `thread` are still alive. Leak tests use it because other
+/// threads of the same process create and release handles at the same time.
+pub fn live_handles_on_thread(thread: std::thread::ThreadId) -> usize {
+    handles::live_on_thread(thread)
+}
+
+/// Parse a device name: `cpu`; `cuda` or `cuda:N` in builds with the `cuda` feature; `metal`
+/// in builds with the `metal` feature.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let (family, ordinal) = match name.split_once(':') {
+        Some((f, n)) => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| TensorError::UnknownDevice(name.to_string()))?;
+            (f, n)
+        }
+        None => (name, 0),
+    };
+    match family {
+        "cuda" => cuda_device(name, ordinal),
+        "metal" => metal_device(name, ordinal),
+        _ => Err(TensorError::UnknownDevice(name.to_string())),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(_name: &str, ordinal: usize) -> Result<Device> {
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(name: &str, _ordinal: usize) -> Result<Device> {
+    Err(TensorError::DeviceNotBuilt(name.to_string(), "cuda"))
+}
+
+#[cfg(feature = "metal")]
+fn metal_device(_name: &str, ordinal: usize) -> Result<Device> {
+    Ok(Device::new_metal(ordinal)?)
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal_device(name: &str, _ordinal: usize) -> Result<Device> {
+    Err(TensorError::DeviceNotBuilt(name.to_string(), "metal"))
+}
+
+/// The candle element type for a plugin-API one.
+pub(crate) fn to_candle_dtype(dtype: codex_plugin_api::DType) -> candle_core::DType {
+    use codex_plugin_api::DType as P;
+    match dtype {
+        P::F32 => candle_core::DType::F32,
+        P::BF16 => candle_core::DType::BF16,
+        P::F16 => candle_core::DType::F16,
+        P::F64 => candle_core::DType::F64,
+        P::U32 => candle_core::DType::U32,
+        P::U8 => candle_core::DType::U8,
+        P::I64 => candle_core::DType::I64,
+    }
+}
+
+/// The plugin-API element type for a candle one, if the API has it.
+pub(crate) fn from_candle_dtype(dtype: candle_core::DType) -> Result<codex_plugin_api::DType> {
+    use codex_plugin_api::DType as P;
+    Ok(match dtype {
+        candle_core::DType::F32 => P::F32,
+        candle_core::DType::BF16 => P::BF16,
+        candle_core::DType::F16 => P::F16,
+        candle_core::DType::F64 => P::F64,
+        candle_core::DType::U32 => P::U32,
+        candle_core::DType::U8 => P::U8,
+        candle_core::DType::I64 => P::I64,
+        other => return Err(TensorError::UnsupportedDType(other)),
+    })
+}

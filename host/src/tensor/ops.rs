@@ -1,0 +1,307 @@
+//! Creation, read-back, arithmetic, reductions and layout on candle tensors.
+//!
+//! One function per op-table entry, taking and returning candle tensors, so the `extern "C"`
+//! shells in `table` stay one line each and a dispatch layer can wrap any of these by name.
+//! Arguments are checked here when candle would otherwise panic or give a message that does not
+//! say what to fix (reduction dimensions, data lengths, a non-scalar `to_scalar`).
+
+use candle_core::{DType, Device, Tensor, D};
+use half::{bf16, f16};
+
+use super::{Result, TensorError};
+
+fn invalid(message: impl Into<String>) -> TensorError {
+    TensorError::Invalid(message.into())
+}
+
+fn check_len(len: usize, shape: &[usize]) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if len != n {
+        return Err(invalid(format!(
+            "{len} values do not fill shape {shape:?} ({n} elements)"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn from_f32(
+    data: &[f32],
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    check_len(data.len(), shape)?;
+    Ok(Tensor::from_slice(data, shape, device)?.to_dtype(dtype)?)
+}
+
+pub(crate) fn from_u32(data: &[u32], shape: &[usize], device: &Device) -> Result<Tensor> {
+    check_len(data.len(), shape)?;
+    Ok(Tensor::from_slice(data, shape, device)?)
+}
+
+/// A tensor filled with `value`, converted to `dtype` the way `as` converts (integers truncate
+/// and saturate).
+pub(crate) fn full(shape: &[usize], value: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let shape = shape.to_vec();
+    Ok(match dtype {
+        DType::F32 => Tensor::full(value as f32, shape, device)?,
+        DType::F64 => Tensor::full(value, shape, device)?,
+        DType::BF16 => Tensor::full(bf16::from_f64(value), shape, device)?,
+        DType::F16 => Tensor::full(f16::from_f64(value), shape, device)?,
+        DType::U32 => Tensor::full(value as u32, shape, device)?,
+        DType::U8 => Tensor::full(value as u8, shape, device)?,
+        DType::I64 => Tensor::full(value as i64, shape, device)?,
+        other => return Err(TensorError::UnsupportedDType(other)),
+    })
+}
+
+pub(crate) fn arange(start: u32, end: u32, device: &Device) -> Result<Tensor> {
+    if start > end {
+        return Err(invalid(format!(
+            "start {start} is after end {end}; give start <= end"
+        )));
+    }
+    Ok(Tensor::arange(start, end, device)?)
+}
+
+pub(crate) fn to_vec_f32(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+pub(crate) fn to_vec_u32(x: &Tensor) -> Result<Vec<u32>> {
+    Ok(x.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+}
+
+pub(crate) fn to_scalar(x: &Tensor) -> Result<f64> {
+    if x.elem_count() != 1 {
+        return Err(invalid(format!(
+            "a tensor of shape {:?} has {} elements, not one; reduce it first",
+            x.dims(),
+            x.elem_count()
+        )));
+    }
+    Ok(x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+}
+
+/// Batched matmul over the last two dims with NumPy broadcasting of the batch dims. candle's
+/// CPU and CUDA kernels accept many strided layouts but not all (e.g. permuted batch dims), so
+/// a failure with a non-contiguous input is retried on contiguous copies.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(invalid(format!(
+            "both operands need at least two dimensions, found {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    match a.broadcast_matmul(b) {
+        Ok(c) => Ok(c),
+        Err(_) if !a.is_contiguous() || !b.is_contiguous() => {
+            Ok(a.contiguous()?.broadcast_matmul(&b.contiguous()?)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The binary element-wise ops, all broadcasting like NumPy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+    Eq,
+}
+
+pub(crate) fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(match op {
+        Binary::Add => a.broadcast_add(b)?,
+        Binary::Sub => a.broadcast_sub(b)?,
+        Binary::Mul => a.broadcast_mul(b)?,
+        Binary::Div => a.broadcast_div(b)?,
+        Binary::Maximum => a.broadcast_maximum(b)?,
+        Binary::Minimum => a.broadcast_minimum(b)?,
+        Binary::Eq => a.broadcast_eq(b)?,
+    })
+}
+
+/// The unary element-wise ops candle differentiates correctly as they are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Sqr,
+    Recip,
+    Abs,
+    Tanh,
+}
+
+pub(crate) fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
+    Ok(match op {
+        Unary::Neg => x.neg()?,
+        Unary::Exp => x.exp()?,
+        Unary::Log => x.log()?,
+        Unary::Sqrt => x.sqrt()?,
+        Unary::Sqr => x.sqr()?,
+        Unary::Recip => x.recip()?,
+        Unary::Abs => x.abs()?,
+        Unary::Tanh => x.tanh()?,
+    })
+}
+
+pub(crate) fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+    Ok(x.affine(mul, add)?)
+}
+
+pub(crate) fn powf(x: &Tensor, e: f64) -> Result<Tensor> {
+    Ok(x.powf(e)?)
+}
+
+/// The reductions over a set of dimensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reduce {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// The dimensions to reduce, sorted and checked. An empty list is refused on tensors with
+/// dimensions: NumPy reads it as "reduce nothing" and PyTorch as "reduce everything", and
+/// guessing either would silently give wrong losses.
+fn reduce_dims(x: &Tensor, dims: &[usize]) -> Result<Vec<usize>> {
+    let rank = x.rank();
+    if dims.is_empty() && rank > 0 {
+        return Err(invalid(format!(
+            "no dimensions given for a tensor of shape {:?}; list every dimension to reduce, \
+             e.g. {:?} for all",
+            x.dims(),
+            (0..rank).collect::<Vec<_>>()
+        )));
+    }
+    let mut sorted = dims.to_vec();
+    sorted.sort_unstable();
+    for w in sorted.windows(2) {
+        if w[0] == w[1] {
+            return Err(invalid(format!(
+                "dimension {} is listed twice in {dims:?}",
+                w[0]
+            )));
+        }
+    }
+    if let Some(&d) = sorted.iter().find(|&&d| d >= rank) {
+        return Err(invalid(format!(
+            "dimension {d} is out of range for a tensor of shape {:?}",
+            x.dims()
+        )));
+    }
+    Ok(sorted)
+}
+
+pub(crate) fn reduce(op: Reduce, x: &Tensor, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+    let dims = reduce_dims(x, dims)?;
+    if dims.is_empty() {
+        return Ok(x.clone());
+    }
+    let kept = match op {
+        Reduce::Sum => x.sum_keepdim(dims.as_slice())?,
+        Reduce::Mean => x.mean_keepdim(dims.as_slice())?,
+        // candle's max reduces one dimension at a time.
+        Reduce::Max => {
+            let mut acc = x.clone();
+            for &d in &dims {
+                acc = acc.max_keepdim(d)?;
+            }
+            acc
+        }
+    };
+    if keepdim {
+        return Ok(kept);
+    }
+    let shape: Vec<usize> = x
+        .dims()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !dims.contains(i))
+        .map(|(_, &n)| n)
+        .collect();
+    Ok(kept.reshape(shape)?)
+}
+
+pub(crate) fn argmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    check_dim(x, dim)?;
+    Ok(x.argmax(dim)?)
+}
+
+pub(crate) fn check_dim(x: &Tensor, dim: usize) -> Result<()> {
+    if dim >= x.rank() {
+        return Err(invalid(format!(
+            "dimension {dim} is out of range for a tensor of shape {:?}",
+            x.dims()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn reshape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    Ok(x.reshape(shape)?)
+}
+
+pub(crate) fn transpose(x: &Tensor, d1: usize, d2: usize) -> Result<Tensor> {
+    check_dim(x, d1)?;
+    check_dim(x, d2)?;
+    Ok(x.transpose(d1, d2)?)
+}
+
+pub(crate) fn permute(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let mut sorted = dims.to_vec();
+    sorted.sort_unstable();
+    if sorted != (0..x.rank()).collect::<Vec<_>>() {
+        return Err(invalid(format!(
+            "{dims:?} is not a permutation of the dimensions of a tensor of shape {:?}",
+            x.dims()
+        )));
+    }
+    Ok(x.permute(dims)?)
+}
+
+pub(crate) fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    check_dim(x, dim)?;
+    Ok(x.narrow(dim, start, len)?)
+}
+
+pub(crate) fn cat(xs: &[Tensor], dim: usize) -> Result<Tensor> {
+    if xs.is_empty() {
+        return Err(invalid("no tensors to concatenate"));
+    }
+    Ok(Tensor::cat(xs, dim)?)
+}
+
+/// A contiguous tensor. `copy` forces a fresh buffer even when `x` already is contiguous; the
+/// table asks for it when `x` is a declared tensor, whose storage `assign` overwrites.
+pub(crate) fn contiguous(x: &Tensor, copy: bool) -> Result<Tensor> {
+    if copy && x.is_contiguous() {
+        Ok(x.copy()?)
+    } else {
+        Ok(x.contiguous()?)
+    }
+}
+
+pub(crate) fn detach(x: &Tensor) -> Tensor {
+    x.detach()
+}
+
+pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(x.to_dtype(dtype)?)
+}
+
+/// The last dimension's index, for ops documented to work "over the last dim".
+pub(crate) fn last_dim(x: &Tensor) -> Result<usize> {
+    if x.rank() == 0 {
+        return Err(invalid("a scalar has no last dimension"));
+    }
+    Ok(x.dim(D::Minus1)?)
+}

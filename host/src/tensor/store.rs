@@ -1,0 +1,470 @@
+//! The parameter and state store: named, declared tensors, their initial values, checkpoints.
+//!
+//! Models and optimizers declare every tensor they keep by name through the plugin API's
+//! `TensorStore`; the host keeps them here as candle `Var`s so it can save, load, freeze and
+//! export them without knowing the model. Initial values come from a ChaCha8 generator seeded
+//! with SHA-256(run seed, name): the same name draws the same values on every machine and in any
+//! declaration order. Parameters are f32; state tensors have the dtype their owner asks for.
+//!
+//! Checkpoint files hold one group (parameters or state) by name, in the tensors' own dtypes and
+//! bytes, so a save and a load round-trip bit for bit. A load checks the whole file against the
+//! store before it changes anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RSlice, RStr, RVec};
+use candle_core::{DType as CDType, Device, Tensor, Var};
+use codex_plugin_api::params::{TensorStore, TensorStoreRef, TensorStore_TO};
+use codex_plugin_api::{DType, Init, ParamInfo, ParamRole, PluginError, TensorId};
+use half::{bf16, f16};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+
+use super::handles::{self, Leaf, LeafKind};
+use super::table::guarded;
+use super::{autograd, from_candle_dtype, to_candle_dtype, Result, TensorError};
+
+/// Which declared tensors a checkpoint file or an export covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorGroup {
+    /// The parameters (`model.safetensors`).
+    Params,
+    /// The state tensors (`optimizer.safetensors`).
+    State,
+}
+
+/// One tensor's exact value: its name, dtype, shape and little-endian bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedTensor {
+    /// Declared name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Row-major values, little-endian.
+    pub bytes: Vec<u8>,
+}
+
+struct Declared {
+    leaf: Arc<Leaf>,
+    /// The store's own handle, lent to optimizers and trainers through `ParamInfo`.
+    id: TensorId,
+}
+
+/// Every parameter and state tensor of a run, by name, in declaration order.
+///
+/// Implements the plugin API's `TensorStore`; hand it to components with
+/// [`ParamStore::as_tensor_store`]. Dropping the store releases its own handles; tensors that
+/// components still hold handles to stay alive until those are released.
+pub struct ParamStore {
+    device: Device,
+    seed: u64,
+    entries: Vec<Declared>,
+    by_name: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for ParamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamStore")
+            .field("device", &self.device)
+            .field("seed", &self.seed)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl Drop for ParamStore {
+    fn drop(&mut self) {
+        for e in &self.entries {
+            handles::release(e.id);
+        }
+    }
+}
+
+impl ParamStore {
+    /// An empty store whose tensors live on `device` and draw initial values from `seed`.
+    pub fn new(device: Device, seed: u64) -> ParamStore {
+        ParamStore {
+            device,
+            seed,
+            entries: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    /// The device every declared tensor lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The run seed initial values are drawn from.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The store as the plugin API's `TensorStore`, for component constructors.
+    pub fn as_tensor_store(&mut self) -> TensorStoreRef<'_> {
+        TensorStore_TO::from_ptr(self, TD_Opaque)
+    }
+
+    /// Declare a trainable f32 parameter and return an owned handle to it.
+    pub fn declare_param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        role: ParamRole,
+        init: Init,
+    ) -> Result<TensorId> {
+        self.declare(name, shape, LeafKind::Param(role), CDType::F32, init)
+    }
+
+    /// Declare a state tensor (saved, assignable, never differentiated); returns an owned handle.
+    pub fn declare_state(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        init: Init,
+    ) -> Result<TensorId> {
+        self.declare(name, shape, LeafKind::State, to_candle_dtype(dtype), init)
+    }
+
+    fn declare(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        kind: LeafKind,
+        dtype: CDType,
+        init: Init,
+    ) -> Result<TensorId> {
+        if name.is_empty() {
+            return Err(TensorError::Invalid(
+                "a declared tensor needs a non-empty name".into(),
+            ));
+        }
+        if self.by_name.contains_key(name) {
+            return Err(TensorError::DuplicateName(name.to_string()));
+        }
+        let values = initial_values(self.seed, name, shape, init, dtype, &self.device)?;
+        let leaf = Arc::new(Leaf::new(
+            name.to_string(),
+            kind,
+            Var::from_tensor(&values)?,
+        ));
+        if leaf.is_param() {
+            handles::index_param(&leaf);
+        }
+        let id = handles::insert_entry(handles::Entry::Leaf(leaf.clone()));
+        self.by_name.insert(name.to_string(), self.entries.len());
+        self.entries.push(Declared { leaf, id });
+        Ok(handles::retain(id))
+    }
+
+    /// Every parameter, in declaration order, as optimizers and trainers see them. The handles
+    /// are borrowed from the store and valid while it lives.
+    pub fn param_infos(&self) -> Vec<ParamInfo> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e.leaf.kind {
+                LeafKind::Param(role) => Some(ParamInfo {
+                    name: e.leaf.name.as_str().into(),
+                    id: e.id,
+                    shape: e.leaf.var.dims().to_vec().into(),
+                    role,
+                    trainable: e.leaf.trainable(),
+                }),
+                LeafKind::State => None,
+            })
+            .collect()
+    }
+
+    fn group(&self, group: TensorGroup) -> impl Iterator<Item = &Declared> {
+        self.entries.iter().filter(move |e| match group {
+            TensorGroup::Params => e.leaf.is_param(),
+            TensorGroup::State => !e.leaf.is_param(),
+        })
+    }
+
+    /// Name and current value of every tensor of a group, in declaration order. The values are
+    /// views of the live storage, untracked by autograd.
+    pub fn named(&self, group: TensorGroup) -> Vec<(String, Tensor)> {
+        self.group(group)
+            .map(|e| (e.leaf.name.clone(), e.leaf.var.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Name and value of every parameter, in declaration order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        self.named(TensorGroup::Params)
+    }
+
+    /// Name and value of every state tensor, in declaration order.
+    pub fn named_state(&self) -> Vec<(String, Tensor)> {
+        self.named(TensorGroup::State)
+    }
+
+    fn find(&self, name: &str) -> Result<&Declared> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.entries[i])
+            .ok_or_else(|| TensorError::UnknownName(name.to_string()))
+    }
+
+    /// The store's handle to a declared tensor (borrowed: valid while the store lives).
+    pub fn handle(&self, name: &str) -> Option<TensorId> {
+        self.find(name).ok().map(|e| e.id)
+    }
+
+    /// Freeze (`false`) or unfreeze a parameter. A frozen parameter is invisible to autograd:
+    /// no gradient is computed for it and its slot is cleared.
+    pub fn set_trainable(&mut self, name: &str, trainable: bool) -> Result<()> {
+        let leaf = &self.find(name)?.leaf;
+        if !leaf.is_param() {
+            return Err(TensorError::Invalid(format!(
+                "`{name}` is a state tensor, not a parameter: only parameters can be frozen or unfrozen"
+            )));
+        }
+        leaf.set_trainable(trainable);
+        if !trainable {
+            leaf.clear_grad();
+        }
+        Ok(())
+    }
+
+    /// Clear the gradient slot of every parameter.
+    pub fn zero_grads(&self) {
+        for e in self.group(TensorGroup::Params) {
+            e.leaf.clear_grad();
+        }
+    }
+
+    /// The exact bytes of every tensor of a group, in declaration order (for bitwise comparisons
+    /// and checksums).
+    pub fn export(&self, group: TensorGroup) -> Result<Vec<ExportedTensor>> {
+        self.group(group)
+            .map(|e| {
+                let t = e.leaf.var.as_tensor();
+                Ok(ExportedTensor {
+                    name: e.leaf.name.clone(),
+                    dtype: from_candle_dtype(t.dtype())?,
+                    shape: t.dims().to_vec(),
+                    bytes: tensor_bytes(t)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Write a group to a safetensors file, by name, in the tensors' own dtypes.
+    pub fn save_safetensors(&self, path: &Path, group: TensorGroup) -> Result<()> {
+        let exported = self.export(group)?;
+        let views = exported
+            .iter()
+            .map(|e| {
+                let view = TensorView::new(st_dtype(e.dtype), e.shape.clone(), &e.bytes)
+                    .map_err(|err| checkpoint_error(path, format!("`{}`: {err}", e.name)))?;
+                Ok((e.name.clone(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::tensor::serialize_to_file(views, None, path)
+            .map_err(|err| checkpoint_error(path, format!("cannot write: {err}")))
+    }
+
+    /// Overwrite a group from a safetensors file written by [`ParamStore::save_safetensors`].
+    /// The file must hold exactly the group's names, with the same shapes and dtypes; otherwise
+    /// nothing is changed and the error lists every difference.
+    pub fn load_safetensors(&mut self, path: &Path, group: TensorGroup) -> Result<()> {
+        let bytes = std::fs::read(path)
+            .map_err(|err| checkpoint_error(path, format!("cannot read: {err}")))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|err| {
+            checkpoint_error(path, format!("not a valid safetensors file: {err}"))
+        })?;
+        let in_file: BTreeMap<String, TensorView<'_>> = file.tensors().into_iter().collect();
+        let mut problems = Vec::new();
+        let mut updates = Vec::new();
+        for e in self.group(group) {
+            let name = &e.leaf.name;
+            let Some(view) = in_file.get(name) else {
+                problems.push(format!("missing tensor `{name}`"));
+                continue;
+            };
+            let var = &e.leaf.var;
+            let want = from_candle_dtype(var.dtype())?;
+            if view.shape() != var.dims() {
+                problems.push(format!(
+                    "`{name}` has shape {:?} in the file, {:?} in the model",
+                    view.shape(),
+                    var.dims()
+                ));
+            }
+            if st_dtype(want) != view.dtype() {
+                problems.push(format!(
+                    "`{name}` is {:?} in the file, {} in the model",
+                    view.dtype(),
+                    want.as_str()
+                ));
+            }
+            updates.push((e.leaf.clone(), view));
+        }
+        let known: Vec<&str> = self.group(group).map(|e| e.leaf.name.as_str()).collect();
+        for name in in_file.keys() {
+            if !known.contains(&name.as_str()) {
+                problems.push(format!("unexpected tensor `{name}`"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "does not match the declared tensors: {}",
+                    problems.join("; ")
+                ),
+            ));
+        }
+        for (leaf, view) in updates {
+            let value =
+                Tensor::from_raw_buffer(view.data(), leaf.var.dtype(), view.shape(), &Device::Cpu)?;
+            autograd::assign_leaf(&leaf, &value)?;
+        }
+        Ok(())
+    }
+}
+
+impl TensorStore for ParamStore {
+    fn declare_param(
+        &mut self,
+        name: RStr<'_>,
+        shape: RSlice<'_, usize>,
+        role: ParamRole,
+        init: Init,
+    ) -> RResult<TensorId, PluginError> {
+        guarded("declare_param", || {
+            ParamStore::declare_param(self, name.as_str(), &shape, role, init)
+        })
+    }
+
+    fn declare_state(
+        &mut self,
+        name: RStr<'_>,
+        shape: RSlice<'_, usize>,
+        dtype: DType,
+        init: Init,
+    ) -> RResult<TensorId, PluginError> {
+        guarded("declare_state", || {
+            ParamStore::declare_state(self, name.as_str(), &shape, dtype, init)
+        })
+    }
+
+    fn params(&self) -> RVec<ParamInfo> {
+        self.param_infos().into()
+    }
+}
+
+fn checkpoint_error(path: &Path, message: String) -> TensorError {
+    TensorError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// The generator for one declared tensor: keyed by the run seed and the name only, so values
+/// do not depend on declaration order or on what else is declared.
+fn init_rng(seed: u64, name: &str) -> ChaCha8Rng {
+    let mut hasher = Sha256::new();
+    hasher.update(seed.to_le_bytes());
+    hasher.update(name.as_bytes());
+    ChaCha8Rng::from_seed(hasher.finalize().into())
+}
+
+fn initial_values(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    init: Init,
+    dtype: CDType,
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let draw = |values: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+    };
+    match init {
+        Init::Zeros => Ok(Tensor::zeros(shape, dtype, device)?),
+        Init::Ones => Ok(Tensor::ones(shape, dtype, device)?),
+        Init::Normal { std } => {
+            let dist = Normal::new(0.0f32, std as f32).map_err(|_| {
+                TensorError::Invalid(format!(
+                    "`{name}`: normal initialisation needs a finite standard deviation >= 0, found {std}"
+                ))
+            })?;
+            let mut rng = init_rng(seed, name);
+            draw((0..n).map(|_| dist.sample(&mut rng)).collect())
+        }
+        Init::Uniform { bound } => {
+            let dist = Uniform::new_inclusive(-bound as f32, bound as f32).map_err(|_| {
+                TensorError::Invalid(format!(
+                    "`{name}`: uniform initialisation needs a finite bound >= 0, found {bound}"
+                ))
+            })?;
+            let mut rng = init_rng(seed, name);
+            draw((0..n).map(|_| dist.sample(&mut rng)).collect())
+        }
+    }
+}
+
+fn st_dtype(dtype: DType) -> StDtype {
+    match dtype {
+        DType::F32 => StDtype::F32,
+        DType::BF16 => StDtype::BF16,
+        DType::F16 => StDtype::F16,
+        DType::F64 => StDtype::F64,
+        DType::U32 => StDtype::U32,
+        DType::U8 => StDtype::U8,
+        DType::I64 => StDtype::I64,
+    }
+}
+
+/// Row-major little-endian bytes of a tensor, copied to the CPU.
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match flat.dtype() {
+        CDType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CDType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CDType::BF16 => flat
+            .to_vec1::<bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CDType::F16 => flat
+            .to_vec1::<f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CDType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        CDType::U8 => flat.to_vec1::<u8>()?,
+        CDType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => return Err(TensorError::UnsupportedDType(other)),
+    })
+}
