@@ -349,14 +349,6 @@ impl Gpt2 {
         }
     }
 
-    /// Split `[b*t, n_embd]` into heads: `[b, n_head, t, head_dim]`, contiguous.
-    fn heads(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let (h, d) = (self.config.n_head, self.config.n_embd / self.config.n_head);
-        x.reshape(&[b, t, h, d])?
-            .permute(&[0, 2, 1, 3])?
-            .contiguous()
-    }
-
     fn attention(
         &self,
         layer: usize,
@@ -367,22 +359,24 @@ impl Gpt2 {
         let Pass { ctx, mask, b, t } = *pass;
         let c = self.config.n_embd;
         let (h, d) = (self.config.n_head, c / self.config.n_head);
-        let qkv = block.c_attn.forward(x)?;
-        let q = self.heads(&qkv.narrow(1, 0, c)?, b, t)?;
-        // Keys go straight to `[b, h, d, t]`, the layout the score product wants.
-        let k_t = qkv
-            .narrow(1, c, c)?
-            .reshape(&[b, t, h, d])?
-            .permute(&[0, 2, 3, 1])?
+        // One copy puts q, k and v in head-major layout `[3, b, h, t, d]`; each is then a
+        // contiguous slice of it, and kᵀ a strided view the matrix product reads directly.
+        let qkv = block
+            .c_attn
+            .forward(x)?
+            .reshape(&[b, t, 3, h, d])?
+            .permute(&[2, 0, 3, 1, 4])?
             .contiguous()?;
-        let v = self.heads(&qkv.narrow(1, 2 * c, c)?, b, t)?;
-        let scores = q.matmul(&k_t)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let head = |i: usize| qkv.narrow(0, i, 1)?.reshape(&[b, h, t, d]);
+        // Scaling q rather than the scores touches t·d instead of t·t values per head.
+        let q = head(0)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let (k, v) = (head(1)?, head(2)?);
+        let scores = q.matmul(&k.transpose(2, 3)?)?;
         let probs = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax(3)?;
         let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
         let y = probs
             .matmul(&v)?
             .permute(&[0, 2, 1, 3])?
-            .contiguous()?
             .reshape(&[b * t, c])?;
         let y = block.attn_c_proj.forward(&y)?;
         self.dropout(
@@ -474,11 +468,12 @@ impl Model for Gpt2 {
         let c = self.config.n_embd;
         let eps = self.config.layer_norm_epsilon;
 
-        let positions = Tensor::arange(0, t as u32, input)?;
+        // Positions 0..t are the first t rows of wpe: a view, where a lookup by `arange`
+        // would gather (and scatter its gradient).
         let x = self
             .wte
             .embedding(input)?
-            .add(&self.wpe.embedding(&positions)?)?
+            .add(&self.wpe.narrow(0, 0, t)?)?
             .reshape(&[b * t, c])?;
         let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
         let mask = Tensor::causal_mask(t, &x)?;
