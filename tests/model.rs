@@ -444,6 +444,13 @@ fn gpt2_rejects_bad_input_with_errors() {
     let flat = Tensor::from_u32(&[1, 2, 3], &[3], &built.like()).expect("tensor");
     let err = built.forward_tensor(&flat, EVAL).expect_err("1-D input");
     assert!(err.contains("[batch, time]"), "{err}");
+    let err = built
+        .forward(&[1, 2, VOCAB as u32], 1, 3, EVAL)
+        .expect_err("id out of range");
+    assert!(
+        err.contains(&format!("id {VOCAB} is out of range")),
+        "{err}"
+    );
 }
 
 #[test]
