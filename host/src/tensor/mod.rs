@@ -1,17 +1,17 @@
 //! The host's tensor engine: candle behind the plugin API's op table, and the parameter store.
 //!
 //! Components never see a candle `Tensor`. They hold [`TensorId`] handles into one global,
-//! thread-safe table ([`handles`]) and call the entries of the op table ([`table`]), each of
+//! thread-safe table (`handles`) and call the entries of the op table (`table`), each of
 //! which is a thin `extern "C"` shell: it catches panics, resolves handles, calls one plain Rust
-//! function on candle tensors, and registers the result. Those functions live in [`ops`]
-//! (primitives, layout, creation) and [`nn`] (neural-network ops). The ops a fused kernel can
+//! function on candle tensors, and registers the result. Those functions live in `ops`
+//! (primitives, layout, creation) and `nn` (neural-network ops). The ops a fused kernel can
 //! replace — softmax, log-softmax, layer norm, RMS norm, GELU and cross-entropy — are each a
-//! single function in [`nn`], so a dispatch layer keyed by op name and device can intercept them
+//! single function in `nn`, so a dispatch layer keyed by op name and device can intercept them
 //! without touching the table.
 //!
-//! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] ([`store`]) and
+//! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] (`store`) and
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
-//! [`autograd`] the way PyTorch fills `.grad`.
+//! `autograd` the way PyTorch fills `.grad`.
 
 pub(crate) mod autograd;
 pub(crate) mod handles;

@@ -242,7 +242,7 @@ pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     Ok(x.mul(&mask)?)
 }
 
-/// Cross-entropy sums and counts, all f32 scalars.
+/// Cross-entropy sums and counts, all f32 scalars (computed in f32, or f64 for f64 logits).
 pub(crate) struct CrossEntropyOut {
     /// Σ −log softmax(logits)[target] over rows whose target is not ignored; differentiable.
     pub(crate) loss_sum: Tensor,
@@ -286,14 +286,14 @@ pub(crate) fn cross_entropy(
             )));
         }
     }
-    let logits32 = logits.to_dtype(DType::F32)?;
-    let logp = log_softmax(&logits32, 1)?;
+    let logits = logits.to_dtype(compute_dtype(logits))?;
+    let logp = log_softmax(&logits, 1)?;
     let picked = logp.gather(&safe_targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let nll = valid.where_cond(&picked.neg()?, &picked.zeros_like()?)?;
     let valid32 = valid.to_dtype(DType::F32)?;
-    let hits = logits32.argmax(1)?.eq(targets)?.to_dtype(DType::F32)?;
+    let hits = logits.argmax(1)?.eq(targets)?.to_dtype(DType::F32)?;
     Ok(CrossEntropyOut {
-        loss_sum: nll.sum_all()?,
+        loss_sum: nll.sum_all()?.to_dtype(DType::F32)?,
         tokens: valid32.sum_all()?,
         correct: hits.mul(&valid32)?.sum_all()?,
     })

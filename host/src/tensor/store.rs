@@ -398,20 +398,26 @@ fn initial_values(
         Init::Zeros => Ok(Tensor::zeros(shape, dtype, device)?),
         Init::Ones => Ok(Tensor::ones(shape, dtype, device)?),
         Init::Normal { std } => {
-            let dist = Normal::new(0.0f32, std as f32).map_err(|_| {
-                TensorError::Invalid(format!(
-                    "`{name}`: normal initialisation needs a finite standard deviation >= 0, found {std}"
-                ))
-            })?;
+            let dist = Normal::new(0.0f32, std as f32)
+                .ok()
+                .filter(|_| std.is_finite() && std >= 0.0)
+                .ok_or_else(|| {
+                    TensorError::Invalid(format!(
+                        "`{name}`: normal initialisation needs a finite standard deviation >= 0, found {std}"
+                    ))
+                })?;
             let mut rng = init_rng(seed, name);
             draw((0..n).map(|_| dist.sample(&mut rng)).collect())
         }
         Init::Uniform { bound } => {
-            let dist = Uniform::new_inclusive(-bound as f32, bound as f32).map_err(|_| {
-                TensorError::Invalid(format!(
-                    "`{name}`: uniform initialisation needs a finite bound >= 0, found {bound}"
-                ))
-            })?;
+            let dist = Uniform::new_inclusive(-bound as f32, bound as f32)
+                .ok()
+                .filter(|_| bound.is_finite() && bound >= 0.0)
+                .ok_or_else(|| {
+                    TensorError::Invalid(format!(
+                        "`{name}`: uniform initialisation needs a finite bound >= 0, found {bound}"
+                    ))
+                })?;
             let mut rng = init_rng(seed, name);
             draw((0..n).map(|_| dist.sample(&mut rng)).collect())
         }
