@@ -1,0 +1,584 @@
+//! GPT-2, written only against the plugin API's tensor handles.
+//!
+//! Parameter names, shapes and layouts are those of Hugging Face `GPT2LMHeadModel`, so a
+//! checkpoint exports to `transformers` with no renaming: linear weights are stored
+//! `[in, out]` as HF's `Conv1D` stores them (so `x · W` needs no transpose), and the LM head
+//! is tied to `transformer.wte.weight` (no parameter of its own). The parameters section of
+//! an experiment uses HF's `GPT2Config` field names and defaults (GPT-2 small), with one
+//! deliberate difference: the dropout probabilities default to 0.0, not 0.1, because short
+//! runs and small models train better without it and a run with dropout off is cheaper.
+//!
+//! Dropout is drawn by the host from explicit seeds: every dropout site gets its own seed,
+//! mixed from the call's [`ForwardCtx::seed`] and the site's index, so masks differ between
+//! sites yet a step replays exactly.
+
+use codex_plugin_api::{
+    Describe, ForwardCtx, GeluForm, Init, Model, ParamRole, Result, Store, Tensor,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_strict, ConfigError};
+
+/// The activation of the MLP, by its HF `activation_function` name.
+#[derive(Deserialize, Serialize, Copy, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+enum Activation {
+    /// GELU, tanh approximation (HF's default for GPT-2).
+    #[default]
+    GeluNew,
+    /// GELU, tanh approximation, under the name newer HF configs use.
+    GeluPytorchTanh,
+    /// GELU, exact (erf) form.
+    Gelu,
+}
+
+impl Activation {
+    fn form(self) -> GeluForm {
+        match self {
+            Activation::GeluNew | Activation::GeluPytorchTanh => GeluForm::Tanh,
+            Activation::Gelu => GeluForm::Erf,
+        }
+    }
+}
+
+/// The `model.params` of an experiment using `gpt2`, as written (HF `GPT2Config` names).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Number of transformer blocks. Default 12.
+    #[serde(default = "default_n_layer")]
+    n_layer: usize,
+    /// Attention heads per block; must divide `n_embd`. Default 12.
+    #[serde(default = "default_n_head")]
+    n_head: usize,
+    /// Width of the residual stream. Default 768.
+    #[serde(default = "default_n_embd")]
+    n_embd: usize,
+    /// Longest sequence (rows of `wpe`). Default 1024.
+    #[serde(default = "default_n_positions")]
+    n_positions: usize,
+    /// Rows of `wte`. Default: the tokenizer's vocabulary size; if given, at least that.
+    #[serde(default)]
+    vocab_size: Option<usize>,
+    /// Epsilon of every layer norm. Default 1e-5.
+    #[serde(default = "default_layer_norm_epsilon")]
+    layer_norm_epsilon: f64,
+    /// Dropout after the embeddings. Default 0.0 (HF: 0.1).
+    #[serde(default)]
+    embd_pdrop: f64,
+    /// Dropout on attention probabilities. Default 0.0 (HF: 0.1).
+    #[serde(default)]
+    attn_pdrop: f64,
+    /// Dropout on each block's two residual branches. Default 0.0 (HF: 0.1).
+    #[serde(default)]
+    resid_pdrop: f64,
+    /// `gelu_new` (tanh form, default), `gelu_pytorch_tanh` (the same) or `gelu` (erf form).
+    #[serde(default)]
+    activation_function: Activation,
+    /// Standard deviation of the normal initialisation. Default 0.02; `c_proj` weights use
+    /// it divided by `sqrt(2 * n_layer)`, as HF does.
+    #[serde(default = "default_initializer_range")]
+    initializer_range: f64,
+}
+
+fn default_n_layer() -> usize {
+    12
+}
+fn default_n_head() -> usize {
+    12
+}
+fn default_n_embd() -> usize {
+    768
+}
+fn default_n_positions() -> usize {
+    1024
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+/// The configuration after defaults and validation; the only form the model uses.
+#[derive(Debug, Clone)]
+struct Config {
+    n_layer: usize,
+    n_head: usize,
+    n_embd: usize,
+    n_positions: usize,
+    vocab_size: usize,
+    layer_norm_epsilon: f64,
+    embd_pdrop: f64,
+    attn_pdrop: f64,
+    resid_pdrop: f64,
+    activation_function: Activation,
+    initializer_range: f64,
+}
+
+impl RawConfig {
+    fn resolve(self, tokenizer_vocab: usize) -> Result<Config, ConfigError> {
+        for (field, value) in [
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+            ("n_positions", self.n_positions),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be at least 1, found 0"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(ConfigError::invalid(
+                "n_embd",
+                format!(
+                    "must be divisible by n_head ({}), found {}; pick a multiple of n_head",
+                    self.n_head, self.n_embd
+                ),
+            ));
+        }
+        let vocab_size = match self.vocab_size {
+            None => tokenizer_vocab,
+            Some(v) if v < tokenizer_vocab => {
+                return Err(ConfigError::invalid(
+                    "vocab_size",
+                    format!(
+                        "must be at least the tokenizer's vocabulary size ({tokenizer_vocab}), \
+                         found {v}; leave it out to use the tokenizer's"
+                    ),
+                ))
+            }
+            Some(v) => v,
+        };
+        if vocab_size == 0 {
+            return Err(ConfigError::invalid(
+                "vocab_size",
+                "must be at least 1, found 0 (the tokenizer has an empty vocabulary)",
+            ));
+        }
+        for (field, p) in [
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+            ("resid_pdrop", self.resid_pdrop),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be in [0, 1), found {p}"),
+                ));
+            }
+        }
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            return Err(ConfigError::invalid(
+                "layer_norm_epsilon",
+                format!("must be positive, found {}", self.layer_norm_epsilon),
+            ));
+        }
+        if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
+            return Err(ConfigError::invalid(
+                "initializer_range",
+                format!("must be zero or positive, found {}", self.initializer_range),
+            ));
+        }
+        Ok(Config {
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            n_positions: self.n_positions,
+            vocab_size,
+            layer_norm_epsilon: self.layer_norm_epsilon,
+            embd_pdrop: self.embd_pdrop,
+            attn_pdrop: self.attn_pdrop,
+            resid_pdrop: self.resid_pdrop,
+            activation_function: self.activation_function,
+            initializer_range: self.initializer_range,
+        })
+    }
+}
+
+/// What `config_json` writes: HF's `config.json` for `GPT2LMHeadModel`, so an export can
+/// copy it as is.
+#[derive(Serialize)]
+struct HfConfig<'a> {
+    model_type: &'a str,
+    architectures: [&'a str; 1],
+    vocab_size: usize,
+    n_positions: usize,
+    n_ctx: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    activation_function: Activation,
+    resid_pdrop: f64,
+    embd_pdrop: f64,
+    attn_pdrop: f64,
+    layer_norm_epsilon: f64,
+    initializer_range: f64,
+    scale_attn_weights: bool,
+    scale_attn_by_inverse_layer_idx: bool,
+    reorder_and_upcast_attn: bool,
+    tie_word_embeddings: bool,
+    use_cache: bool,
+}
+
+/// `y = x · W + b` with `W` stored `[in, out]` (HF `Conv1D`).
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn declare(
+        store: &mut Store<'_, '_>,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        std: f64,
+    ) -> Result<Self> {
+        let mut s = store.pp(name);
+        Ok(Linear {
+            weight: s.param(
+                "weight",
+                &[d_in, d_out],
+                ParamRole::Weight,
+                Init::Normal { std },
+            )?,
+            bias: s.param("bias", &[d_out], ParamRole::Bias, Init::Zeros)?,
+        })
+    }
+
+    /// `x` is `[n, in]`: one 2-D product rather than a batched one.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight)?.add(&self.bias)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn declare(store: &mut Store<'_, '_>, name: &str, dim: usize) -> Result<Self> {
+        let mut s = store.pp(name);
+        Ok(LayerNorm {
+            weight: s.param("weight", &[dim], ParamRole::Norm, Init::Ones)?,
+            bias: s.param("bias", &[dim], ParamRole::Norm, Init::Zeros)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        x.layer_norm(&self.weight, &self.bias, eps)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_c_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_c_proj: Linear,
+}
+
+/// GPT-2 with Hugging Face's parameter names (registry name `gpt2`).
+pub struct Gpt2 {
+    config: Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Describe for Gpt2 {
+    const NAME: &'static str = "gpt2";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "GPT-2 decoder with Hugging Face parameter names and layouts, LM head tied to wte";
+}
+
+/// A dropout site: its index is mixed into the call's seed (see [`site_seed`]).
+#[derive(Copy, Clone)]
+enum Site {
+    Embeddings,
+    Attention(usize),
+    AttentionOutput(usize),
+    MlpOutput(usize),
+}
+
+impl Site {
+    fn index(self) -> u64 {
+        match self {
+            Site::Embeddings => 0,
+            Site::Attention(layer) => 1 + 3 * layer as u64,
+            Site::AttentionOutput(layer) => 2 + 3 * layer as u64,
+            Site::MlpOutput(layer) => 3 + 3 * layer as u64,
+        }
+    }
+}
+
+/// SplitMix64's finaliser: a bijective 64-bit mix, so nearby inputs give unrelated outputs.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed of one dropout site for one forward call.
+fn site_seed(call_seed: u64, site: Site) -> u64 {
+    mix64(call_seed ^ mix64(site.index().wrapping_add(0x9e37_79b9_7f4a_7c15)))
+}
+
+/// What every block of one forward call shares.
+#[derive(Copy, Clone)]
+struct Pass<'a> {
+    ctx: ForwardCtx,
+    /// `[t, t]`, 1 above the diagonal.
+    mask: &'a Tensor,
+    b: usize,
+    t: usize,
+}
+
+impl Gpt2 {
+    fn dropout(&self, x: Tensor, p: f64, ctx: ForwardCtx, site: Site) -> Result<Tensor> {
+        if ctx.train && p > 0.0 {
+            x.dropout(p, site_seed(ctx.seed, site))
+        } else {
+            Ok(x)
+        }
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: &Tensor,
+        pass: &Pass<'_>,
+    ) -> Result<Tensor> {
+        let Pass { ctx, mask, b, t } = *pass;
+        let c = self.config.n_embd;
+        let (h, d) = (self.config.n_head, c / self.config.n_head);
+        // One copy puts q, k and v in head-major layout `[3, b, h, t, d]`; each is then a
+        // contiguous slice of it, and kᵀ a strided view the matrix product reads directly.
+        let qkv = block
+            .c_attn
+            .forward(x)?
+            .reshape(&[b, t, 3, h, d])?
+            .permute(&[2, 0, 3, 1, 4])?
+            .contiguous()?;
+        let head = |i: usize| qkv.narrow(0, i, 1)?.reshape(&[b, h, t, d]);
+        // Scaling q rather than the scores touches t·d instead of t·t values per head.
+        let q = head(0)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+        let (k, v) = (head(1)?, head(2)?);
+        let scores = q.matmul(&k.transpose(2, 3)?)?;
+        let probs = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax(3)?;
+        let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
+        let y = probs
+            .matmul(&v)?
+            .permute(&[0, 2, 1, 3])?
+            .reshape(&[b * t, c])?;
+        let y = block.attn_c_proj.forward(&y)?;
+        self.dropout(
+            y,
+            self.config.resid_pdrop,
+            ctx,
+            Site::AttentionOutput(layer),
+        )
+    }
+
+    fn mlp(&self, layer: usize, block: &Block, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
+        let h = block
+            .c_fc
+            .forward(x)?
+            .gelu(self.config.activation_function.form())?;
+        let y = block.mlp_c_proj.forward(&h)?;
+        self.dropout(y, self.config.resid_pdrop, ctx, Site::MlpOutput(layer))
+    }
+}
+
+impl Model for Gpt2 {
+    fn create(params: &str, vocab_size: usize, store: &mut Store<'_, '_>) -> Result<Self> {
+        let raw: RawConfig = parse_strict(params)?;
+        let config = raw.resolve(vocab_size)?;
+        let std = config.initializer_range;
+        // HF scales the residual projections so the residual stream's variance does not grow
+        // with depth.
+        let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
+        let c = config.n_embd;
+
+        let mut tr = store.pp("transformer");
+        let wte = tr.param(
+            "wte.weight",
+            &[config.vocab_size, c],
+            ParamRole::Embedding,
+            Init::Normal { std },
+        )?;
+        let wpe = tr.param(
+            "wpe.weight",
+            &[config.n_positions, c],
+            ParamRole::Embedding,
+            Init::Normal { std },
+        )?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let mut s = tr.pp(&format!("h.{i}"));
+            let ln_1 = LayerNorm::declare(&mut s, "ln_1", c)?;
+            let c_attn = Linear::declare(&mut s, "attn.c_attn", c, 3 * c, std)?;
+            let attn_c_proj = Linear::declare(&mut s, "attn.c_proj", c, c, proj_std)?;
+            let ln_2 = LayerNorm::declare(&mut s, "ln_2", c)?;
+            let c_fc = Linear::declare(&mut s, "mlp.c_fc", c, 4 * c, std)?;
+            let mlp_c_proj = Linear::declare(&mut s, "mlp.c_proj", 4 * c, c, proj_std)?;
+            blocks.push(Block {
+                ln_1,
+                c_attn,
+                attn_c_proj,
+                ln_2,
+                c_fc,
+                mlp_c_proj,
+            });
+        }
+        let ln_f = LayerNorm::declare(&mut tr, "ln_f", c)?;
+        Ok(Gpt2 {
+            config,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
+    }
+
+    fn forward(&self, input: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
+        let shape = input.shape()?;
+        let &[b, t] = shape.as_slice() else {
+            codex_plugin_api::bail!(
+                "input must be token ids of shape [batch, time], found shape {shape:?}"
+            );
+        };
+        if t == 0 || b == 0 {
+            codex_plugin_api::bail!("input must hold at least one token, found shape [{b}, {t}]");
+        }
+        if t > self.config.n_positions {
+            codex_plugin_api::bail!(
+                "input has {t} positions but the model takes at most n_positions = {}; \
+                 shorten the sequences or raise n_positions",
+                self.config.n_positions
+            );
+        }
+        let c = self.config.n_embd;
+        let eps = self.config.layer_norm_epsilon;
+
+        // Positions 0..t are the first t rows of wpe: a view, where a lookup by `arange`
+        // would gather (and scatter its gradient).
+        let x = self
+            .wte
+            .embedding(input)?
+            .add(&self.wpe.narrow(0, 0, t)?)?
+            .reshape(&[b * t, c])?;
+        let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
+        let mask = Tensor::causal_mask(t, &x)?;
+        let pass = Pass {
+            ctx,
+            mask: &mask,
+            b,
+            t,
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let a = self.attention(layer, block, &block.ln_1.forward(&x, eps)?, &pass)?;
+            x = x.add(&a)?;
+            let m = self.mlp(layer, block, &block.ln_2.forward(&x, eps)?, ctx)?;
+            x = x.add(&m)?;
+        }
+        let x = self.ln_f.forward(&x, eps)?;
+        // The LM head is tied to the token embedding: logits = x · wteᵀ.
+        x.matmul(&self.wte.transpose(0, 1)?)?
+            .reshape(&[b, t, self.config.vocab_size])
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn config_json(&self) -> String {
+        let c = &self.config;
+        let hf = HfConfig {
+            model_type: "gpt2",
+            architectures: ["GPT2LMHeadModel"],
+            vocab_size: c.vocab_size,
+            n_positions: c.n_positions,
+            n_ctx: c.n_positions,
+            n_embd: c.n_embd,
+            n_layer: c.n_layer,
+            n_head: c.n_head,
+            n_inner: None,
+            activation_function: c.activation_function,
+            resid_pdrop: c.resid_pdrop,
+            embd_pdrop: c.embd_pdrop,
+            attn_pdrop: c.attn_pdrop,
+            layer_norm_epsilon: c.layer_norm_epsilon,
+            initializer_range: c.initializer_range,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            reorder_and_upcast_attn: false,
+            tie_word_embeddings: true,
+            use_cache: true,
+        };
+        // Plain numbers, strings and booleans: serialisation cannot fail.
+        serde_json::to_string_pretty(&hf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_seeds_differ_between_sites_and_replay() {
+        let sites = [
+            Site::Embeddings,
+            Site::Attention(0),
+            Site::AttentionOutput(0),
+            Site::MlpOutput(0),
+            Site::Attention(1),
+        ];
+        let seeds: Vec<u64> = sites.iter().map(|&s| site_seed(7, s)).collect();
+        for i in 0..seeds.len() {
+            for j in i + 1..seeds.len() {
+                assert_ne!(seeds[i], seeds[j], "sites {i} and {j} share a seed");
+            }
+        }
+        assert_eq!(seeds[0], site_seed(7, Site::Embeddings));
+        assert_ne!(
+            site_seed(7, Site::Embeddings),
+            site_seed(8, Site::Embeddings)
+        );
+    }
+
+    #[test]
+    fn resolve_rejects_bad_fields() {
+        let check = |json: &str, field: &str| {
+            let raw: RawConfig = parse_strict(json).expect("parses");
+            let err = raw.resolve(100).expect_err("invalid").to_string();
+            assert!(err.starts_with(field), "{err:?} should name {field}");
+        };
+        check(r#"{"n_embd": 30, "n_head": 4}"#, "n_embd");
+        check(r#"{"n_layer": 0}"#, "n_layer");
+        check(r#"{"vocab_size": 99}"#, "vocab_size");
+        check(r#"{"attn_pdrop": 1.0}"#, "attn_pdrop");
+        check(r#"{"layer_norm_epsilon": 0.0}"#, "layer_norm_epsilon");
+    }
+
+    #[test]
+    fn resolve_defaults_follow_hf_except_dropout() {
+        let raw: RawConfig = parse_strict("{}").expect("parses");
+        let c = raw.resolve(50257).expect("valid");
+        assert_eq!(
+            (c.n_layer, c.n_head, c.n_embd, c.n_positions),
+            (12, 12, 768, 1024)
+        );
+        assert_eq!(c.vocab_size, 50257);
+        assert_eq!(c.activation_function, Activation::GeluNew);
+        assert!(c.embd_pdrop == 0.0 && c.attn_pdrop == 0.0 && c.resid_pdrop == 0.0);
+        assert!((c.layer_norm_epsilon - 1e-5).abs() < 1e-20);
+    }
+}

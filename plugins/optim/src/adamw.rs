@@ -1,0 +1,244 @@
+//! AdamW: Adam with decoupled weight decay, as `torch.optim.AdamW` computes it.
+//!
+//! Per parameter, with `t` the 1-based step and `lr` the step's learning rate:
+//! `p ← p·(1 − lr·λ)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+//! `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
+//! The moments are host tensors `optimizer.<parameter>.exp_avg` and `.exp_avg_sq` (f32,
+//! zeros), so checkpoints carry them. The update runs for every parameter at every step, so
+//! it is written with the fewest ops that keep torch's evaluation order (no folding of the
+//! step size into the denominator: that divides by zero when a warm-up starts at `lr = 0`).
+
+use codex_plugin_api::{
+    bail, DType, Describe, Grad, Init, OptimStep, Optimizer, ParamInfo, Result, Store, Tensor,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_strict, ConfigError};
+use crate::roles::Role;
+
+/// The `optimizer.params` of an experiment using `adamw`, as written.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// `[β₁, β₂]`, each in `[0, 1)`. Default `[0.9, 0.999]`.
+    #[serde(default = "default_betas")]
+    betas: [f64; 2],
+    /// Added to the denominator for stability. Default 1e-8.
+    #[serde(default = "default_eps")]
+    eps: f64,
+    /// Decoupled weight decay λ. Default 0.01 (torch's default).
+    #[serde(default = "default_weight_decay")]
+    weight_decay: f64,
+    /// Roles whose parameters are never decayed. Default `["bias", "norm", "embedding"]`;
+    /// `[]` decays everything, as `torch.optim.AdamW(model.parameters())` does.
+    #[serde(default = "default_no_decay")]
+    no_decay: Vec<Role>,
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_no_decay() -> Vec<Role> {
+    vec![Role::Bias, Role::Norm, Role::Embedding]
+}
+
+/// The resolved configuration, also what `config_json` writes.
+#[derive(Serialize, Debug, Clone)]
+struct Config {
+    lr: f64,
+    betas: [f64; 2],
+    eps: f64,
+    weight_decay: f64,
+    no_decay: Vec<Role>,
+}
+
+impl RawConfig {
+    fn resolve(self, lr: f64) -> Result<Config, ConfigError> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(ConfigError::invalid(
+                "lr",
+                format!("must be zero or positive, found {lr}"),
+            ));
+        }
+        for (i, b) in self.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                let field = if i == 0 { "betas[0]" } else { "betas[1]" };
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be in [0, 1), found {b}"),
+                ));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(ConfigError::invalid(
+                "eps",
+                format!("must be zero or positive, found {}", self.eps),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(ConfigError::invalid(
+                "weight_decay",
+                format!("must be zero or positive, found {}", self.weight_decay),
+            ));
+        }
+        Ok(Config {
+            lr,
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            no_decay: self.no_decay,
+        })
+    }
+}
+
+/// One trainable parameter's state.
+struct Slot {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    weight_decay: f64,
+}
+
+/// AdamW with decoupled weight decay (registry name `adamw`).
+pub struct AdamW {
+    config: Config,
+    /// Indexed like the parameter list; `None` for frozen parameters.
+    slots: Vec<Option<Slot>>,
+}
+
+impl Describe for AdamW {
+    const NAME: &'static str = "adamw";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "Adam with decoupled weight decay (torch.optim.AdamW), no decay on chosen roles";
+}
+
+impl Optimizer for AdamW {
+    fn create(
+        params: &str,
+        lr: f64,
+        infos: &[ParamInfo],
+        store: &mut Store<'_, '_>,
+    ) -> Result<Self> {
+        let raw: RawConfig = parse_strict(params)?;
+        let config = raw.resolve(lr)?;
+        let mut slots = Vec::with_capacity(infos.len());
+        for info in infos {
+            if !info.trainable {
+                slots.push(None);
+                continue;
+            }
+            let name = info.name.as_str();
+            let exp_avg = store.state(
+                &format!("optimizer.{name}.exp_avg"),
+                &info.shape,
+                DType::F32,
+                Init::Zeros,
+            )?;
+            let exp_avg_sq = store.state(
+                &format!("optimizer.{name}.exp_avg_sq"),
+                &info.shape,
+                DType::F32,
+                Init::Zeros,
+            )?;
+            let decayed = !config.no_decay.iter().any(|r| r.matches(info.role));
+            slots.push(Some(Slot {
+                exp_avg,
+                exp_avg_sq,
+                weight_decay: if decayed { config.weight_decay } else { 0.0 },
+            }));
+        }
+        Ok(AdamW { config, slots })
+    }
+
+    fn step(&mut self, grads: &[Grad], step: OptimStep) -> Result<()> {
+        let OptimStep { lr, step: t } = step;
+        if t == 0 {
+            bail!("optimizer steps are counted from 1, found step 0");
+        }
+        if !(lr.is_finite() && lr >= 0.0) {
+            bail!("learning rate must be zero or positive, found {lr}; check the schedule");
+        }
+        let [b1, b2] = self.config.betas;
+        let exponent = i32::try_from(t).unwrap_or(i32::MAX);
+        let step_size = lr / (1.0 - b1.powi(exponent));
+        let inv_sqrt_bc2 = 1.0 / (1.0 - b2.powi(exponent)).sqrt();
+        for g in grads {
+            let Some(slot) = self.slots.get(g.index) else {
+                bail!(
+                    "gradient for parameter {} but the optimizer was created with {} parameters",
+                    g.index,
+                    self.slots.len()
+                );
+            };
+            // Frozen parameters have no state and are never updated.
+            let Some(slot) = slot else { continue };
+            let grad = &g.grad;
+            let m = slot
+                .exp_avg
+                .affine(b1, 0.0)?
+                .add(&grad.affine(1.0 - b1, 0.0)?)?;
+            let v = slot
+                .exp_avg_sq
+                .affine(b2, 0.0)?
+                .add(&grad.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            let denom = v.sqrt()?.affine(inv_sqrt_bc2, self.config.eps)?;
+            let update = m.div(&denom)?.affine(step_size, 0.0)?;
+            let updated = if slot.weight_decay == 0.0 {
+                g.param.sub(&update)?
+            } else {
+                g.param
+                    .affine(1.0 - lr * slot.weight_decay, 0.0)?
+                    .sub(&update)?
+            };
+            g.param.assign(&updated)?;
+            slot.exp_avg.assign(&m)?;
+            slot.exp_avg_sq.assign(&v)?;
+        }
+        Ok(())
+    }
+
+    fn config_json(&self) -> String {
+        // Numbers and role names only: serialisation cannot fail.
+        serde_json::to_string(&self.config).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_torch_with_documented_no_decay() {
+        let c = parse_strict::<RawConfig>("")
+            .expect("parses")
+            .resolve(1e-3)
+            .expect("valid");
+        assert_eq!(c.betas, [0.9, 0.999]);
+        assert!((c.eps - 1e-8).abs() < 1e-20 && (c.weight_decay - 0.01).abs() < 1e-15);
+        assert_eq!(c.no_decay, vec![Role::Bias, Role::Norm, Role::Embedding]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let check = |json: &str, lr: f64, field: &str| {
+            let err = parse_strict::<RawConfig>(json)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.resolve(lr).map_err(|e| e.to_string()))
+                .expect_err("rejected");
+            assert!(err.contains(field), "{err:?} should name {field}");
+        };
+        check(r#"{"betas": [0.9, 1.0]}"#, 1e-3, "betas[1]");
+        check(r#"{"eps": -1}"#, 1e-3, "eps");
+        check(r#"{"weight_decay": -0.1}"#, 1e-3, "weight_decay");
+        check("{}", -1.0, "lr");
+        check(r#"{"no_decay": ["bias", "gain"]}"#, 1e-3, "no_decay[1]");
+        check(r#"{"lr": 0.1}"#, 1e-3, "unknown field `lr`");
+        check(r#"{"betas": [0.9]}"#, 1e-3, "betas");
+    }
+}
