@@ -1,1 +1,600 @@
-//! (to be written)
+//! One training run: build the components a resolved config names, hand the trainer a
+//! [`TrainSession`], and keep everything the trainer must not do itself — data, devices,
+//! checkpoints, metric plumbing, the progress display and Ctrl-C — on the host side.
+//!
+//! The order of construction matters and is deliberate: the tokenizer first (a `bpe`
+//! tokenizer learns from the training documents), then the model (so `seq_len` can be checked
+//! against its context before any expensive tokenization), then the data, the optimizer, the
+//! sinks, and finally the trainer.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor as CTensor};
+use codex_plugin_api::model::ModelBox;
+use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
+use codex_plugin_api::tokenizer::TokenizerBox;
+use codex_plugin_api::trainer::{BatchIds, TrainSession, TrainSession_TO};
+use codex_plugin_api::{ForwardCtx, OptimStep, ParamInfo, PluginError, TensorId, TrainSettings};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint;
+use crate::components;
+use crate::config::Config;
+use crate::data::{self, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches};
+use crate::inference;
+use crate::metrics::{HubOptions, MetricsHub, Recorder};
+use crate::registry::Registry;
+use crate::rundir::{Metadata, MetadataInput, PluginLock, RunDir};
+use crate::tensor::{self, ParamStore, TensorGroup};
+
+/// Files every checkpoint holds; `verify` insists they are covered by `SHA256SUMS`.
+pub const CHECKPOINT_FILES: [&str; 4] = [
+    "model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+    "config.ron",
+];
+
+/// The host's part of `trainer_state.json`: what the trainer cannot know.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostState {
+    /// Format version of this file.
+    pub version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the training data stands.
+    pub data: DataCursor,
+    /// The run seed.
+    pub seed: u64,
+    /// The trainer's own state (opaque JSON).
+    pub trainer: serde_json::Value,
+}
+
+/// Set by Ctrl-C: the trainer stops at the next step boundary.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Install the Ctrl-C handler once per process.
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let r = ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C while stopping: leave at once; the last checkpoint stands.
+                eprintln!("\ninterrupted again: exiting without waiting for the step to end");
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping at the end of this step (Ctrl-C again to abort)…");
+        });
+        if let Err(e) = r {
+            tracing::warn!("Ctrl-C will not stop training gracefully: {e}");
+        }
+    });
+}
+
+/// What a run needs besides its config.
+pub struct RunOptions {
+    /// Explicit run directory (`--run-dir`).
+    pub run_dir: Option<PathBuf>,
+    /// Where `runs/<experiment>/<run-id>` directories go.
+    pub runs_root: PathBuf,
+    /// Stop flag for tests; `None` uses the process-wide Ctrl-C flag.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Show a progress bar when stderr is a terminal.
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// True when stopped by the user.
+    pub interrupted: bool,
+    /// The newest checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// The last validation loss, if evaluated.
+    pub val_loss: Option<f64>,
+    /// The generated sample, if the config asked for one.
+    pub sample: Option<String>,
+}
+
+/// Run the experiment `config` to its end (or until stopped).
+pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result<RunSummary> {
+    tensor::install();
+    let device = tensor::parse_device(&config.device).context("in the config's `device`")?;
+    let started = SystemTime::now();
+
+    let run = match &options.run_dir {
+        Some(path) => RunDir::create_at(path, &config.experiment)?,
+        None => RunDir::create_new(&options.runs_root, &config.experiment, started)?,
+    };
+    crate::logging::attach_run_log(&run.log_path())
+        .with_context(|| format!("opening {}", run.log_path().display()))?;
+    tracing::info!("run directory: {}", run.path().display());
+    let result = run_in(config, registry, options, &run, device, started);
+    if let Err(e) = crate::logging::detach_run_log() {
+        tracing::warn!("closing the run log: {e}");
+    }
+    result
+}
+
+fn run_in(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    run: &RunDir,
+    device: Device,
+    started: SystemTime,
+) -> Result<RunSummary> {
+    let config_text = config.to_ron();
+    run.write_config(&config_text)?;
+
+    // Tokenizer, trained on the training documents when it learns a vocabulary.
+    let docs = data::load_documents(&config.data, &config.dir)?;
+    tracing::info!(
+        "data: {} training and {} validation documents",
+        docs.train.len(),
+        docs.val.len()
+    );
+    let dir_text = config.dir.to_string_lossy().into_owned();
+    let tokenizer = components::tokenizer(
+        registry,
+        &config.tokenizer.name,
+        &config.tokenizer.params,
+        &dir_text,
+        &docs.corpus(),
+    )?;
+    let tokenizer_json = tokenizer
+        .to_json()
+        .into_result()
+        .map_err(|e| anyhow!("tokenizer `{}`: {e}", config.tokenizer.name))?
+        .into_option()
+        .map(RString::into_string);
+    if let Some(json) = &tokenizer_json {
+        crate::rundir::write_atomic(&run.tokenizer_path(), json.as_bytes())
+            .with_context(|| format!("writing {}", run.tokenizer_path().display()))?;
+    }
+    let vocab_size = tokenizer.vocab_size();
+
+    // Model: declared into the store; its context length bounds seq_len.
+    let mut store = ParamStore::new(device.clone(), config.seed);
+    let model = components::model(
+        registry,
+        &config.model.name,
+        &config.model.params,
+        vocab_size,
+        store.as_tensor_store(),
+    )?;
+    let max_positions = model.max_positions();
+    if config.train.seq_len > max_positions {
+        bail!(
+            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's n_positions",
+            config.train.seq_len,
+            config.model.name,
+            max_positions
+        );
+    }
+
+    // Data: token streams through the content-addressed cache, then batches.
+    let fingerprint = data::TokenizerFingerprint::of(
+        &tokenizer,
+        &config.tokenizer.name,
+        &config.tokenizer.params_json(),
+    )?;
+    let cache = data::TokenCache::new(config.data.cache_dir(&config.dir, &runs_root_of(options)));
+    let streams = data::token_streams(&docs, &tokenizer, &fingerprint, &cache, &config.data.preprocess)?;
+    drop(docs);
+    let shape = BatchShape {
+        batch_size: config.train.batch_size,
+        seq_len: config.train.seq_len,
+    };
+    let train_batches = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
+    let val_batches = match streams.val {
+        Some(v) => Some(ValBatches::new(v.tokens, shape, data::pad_id(&tokenizer))?),
+        None => {
+            tracing::warn!("no validation documents: evaluation is skipped (set data.val_fraction or data.val)");
+            None
+        }
+    };
+    let total_steps = total_steps(config, &train_batches)?;
+    tracing::info!(
+        "training: {} steps of {} x {} tokens x {} micro-batches; {} batches per epoch",
+        total_steps,
+        config.train.batch_size,
+        config.train.seq_len,
+        config.train.grad_accum,
+        train_batches.batches_per_epoch()
+    );
+
+    let optimizer = components::optimizer(
+        registry,
+        &config.optimizer.name,
+        &config.optimizer.params,
+        config.optimizer.lr,
+        store.as_tensor_store(),
+    )?;
+
+    // Metric sinks on their own thread.
+    let mut sinks = Vec::new();
+    for spec in &config.sinks {
+        let entry = registry.get(codex_plugin_api::ComponentKind::Sink, &spec.name)?;
+        let sink = crate::metrics::open_sink(&spec.name, &entry.decl, &spec.params_json(), run.path(), None)?;
+        sinks.push((spec.name.clone(), sink));
+    }
+    let hub = MetricsHub::start(HubOptions::new(run.path(), None), sinks)?;
+
+    let metadata = Metadata::collect(
+        run,
+        MetadataInput {
+            started,
+            threads: rayon::current_num_threads(),
+            device: config.device.clone(),
+            seeds: [("run".to_string(), config.seed)].into_iter().collect(),
+            plugins: plugin_lock(registry, config),
+        },
+    );
+    run.write_metadata(&metadata)?;
+
+    let mut trainer = components::trainer(registry, &config.trainer.name, &config.trainer.params)?;
+    let settings = config
+        .train
+        .settings(config.seed, config.optimizer.lr, total_steps, data::IGNORE_INDEX);
+    let stop = options.stop.clone();
+    let progress = Progress::new(total_steps, options.progress, config.train.log_every);
+    let mut session = HostSession {
+        settings,
+        store: &mut store,
+        model: &model,
+        optimizer,
+        train: train_batches,
+        val: val_batches,
+        device: device.clone(),
+        recorder: hub.recorder(),
+        progress,
+        stop,
+        checkpoints: run.checkpoints_dir(),
+        config_text,
+        tokenizer_json: tokenizer_json.clone(),
+        resume_state: None,
+        last_checkpoint: None,
+        val_loss: None,
+    };
+    let outcome = {
+        let session_ref = TrainSession_TO::from_ptr(&mut session, TD_Opaque);
+        trainer.train(session_ref).into_result()
+    };
+    session.progress.finish();
+    let last_checkpoint = session.last_checkpoint.clone();
+    let val_loss = session.val_loss;
+    drop(session);
+    let report = hub.finish();
+    for s in &report.sinks {
+        if let Some(reason) = &s.disabled {
+            tracing::warn!("sink `{}` was disabled during the run: {reason}", s.name);
+        }
+    }
+    let outcome = outcome.map_err(|e| {
+        let where_ = match &last_checkpoint {
+            Some(p) => format!("the last checkpoint is {}", p.display()),
+            None => "no checkpoint was written".to_string(),
+        };
+        anyhow!("training failed: {e}; {where_}")
+    })?;
+
+    let sample = match (&config.generate, outcome.interrupted) {
+        (Some(g), false) => {
+            let text = inference::generate(
+                &model,
+                &tokenizer,
+                &device,
+                &g.prompt,
+                &inference::GenerateOptions {
+                    max_tokens: g.max_tokens,
+                    sampling: crate::sampling::Sampling {
+                        temperature: g.temperature,
+                        top_k: g.top_k.unwrap_or(0),
+                        top_p: g.top_p.unwrap_or(1.0),
+                    },
+                    seed: config.seed,
+                },
+            )?;
+            Some(text)
+        }
+        _ => None,
+    };
+    Ok(RunSummary {
+        run_dir: run.path().to_path_buf(),
+        steps: outcome.steps,
+        interrupted: outcome.interrupted,
+        last_checkpoint,
+        val_loss,
+        sample,
+    })
+}
+
+fn runs_root_of(options: &RunOptions) -> PathBuf {
+    options.runs_root.clone()
+}
+
+/// Optimizer steps the run takes: `max_steps`, or `epochs` worth of data, or the smaller.
+fn total_steps(config: &Config, batches: &TrainBatches) -> Result<u64> {
+    let per_epoch = (batches.batches_per_epoch() as u64).div_ceil(config.train.grad_accum as u64);
+    let by_epochs = config.train.epochs.map(|e| e * per_epoch.max(1));
+    let steps = match (config.train.max_steps, by_epochs) {
+        (Some(m), Some(e)) => m.min(e),
+        (Some(m), None) => m,
+        (None, Some(e)) => e,
+        (None, None) => bail!("train: set max_steps, epochs, or both"),
+    };
+    if steps == 0 {
+        bail!("train: the run would take 0 steps; raise train.max_steps or train.epochs");
+    }
+    Ok(steps)
+}
+
+fn plugin_lock(registry: &Registry, config: &Config) -> Vec<PluginLock> {
+    use codex_plugin_api::ComponentKind as K;
+    let mut named: Vec<(K, &str)> = vec![
+        (K::Tokenizer, config.tokenizer.name.as_str()),
+        (K::Model, config.model.name.as_str()),
+        (K::Optimizer, config.optimizer.name.as_str()),
+        (K::Trainer, config.trainer.name.as_str()),
+    ];
+    named.extend(config.sinks.iter().map(|s| (K::Sink, s.name.as_str())));
+    named.extend(config.trackers.iter().map(|s| (K::Tracker, s.name.as_str())));
+    if let Some(k) = &config.kernel {
+        named.push((K::Kernel, k.as_str()));
+    }
+    named
+        .into_iter()
+        .filter_map(|(kind, name)| registry.get(kind, name).ok())
+        .map(|e| PluginLock {
+            name: format!("{}/{}", e.kind.as_str(), e.name),
+            origin: match &e.origin {
+                crate::registry::Origin::Builtin { .. } => "builtin".to_string(),
+                other => other.to_string(),
+            },
+            sha256: None,
+        })
+        .collect()
+}
+
+/// The progress display: a bar on a terminal, plain log lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    every: u64,
+    started: Instant,
+    first_step: Option<u64>,
+}
+
+impl Progress {
+    fn new(total: u64, enabled: bool, every: u64) -> Progress {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            every: every.max(1),
+            started: Instant::now(),
+            first_step: None,
+        }
+    }
+
+    fn update(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
+        let first = *self.first_step.get_or_insert(step.saturating_sub(1));
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+            }
+            None if step % self.every == 0 || step == self.total => {
+                let done = step.saturating_sub(first).max(1) as f64;
+                let per_step = self.started.elapsed().as_secs_f64() / done;
+                let eta = per_step * self.total.saturating_sub(step) as f64;
+                tracing::info!(
+                    "step {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s eta {}",
+                    self.total,
+                    format_duration(eta)
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The host side of the trainer's session.
+struct HostSession<'r> {
+    settings: TrainSettings,
+    store: &'r mut ParamStore,
+    model: &'r ModelBox,
+    optimizer: OptimizerBox,
+    train: TrainBatches,
+    val: Option<ValBatches>,
+    device: Device,
+    recorder: Recorder,
+    progress: Progress,
+    stop: Option<Arc<AtomicBool>>,
+    checkpoints: PathBuf,
+    config_text: String,
+    tokenizer_json: Option<String>,
+    resume_state: Option<String>,
+    last_checkpoint: Option<PathBuf>,
+    val_loss: Option<f64>,
+}
+
+fn err(e: impl std::fmt::Display) -> PluginError {
+    PluginError::new(e.to_string())
+}
+
+fn batch_ids(batch: TokenBatch, device: &Device) -> Result<BatchIds> {
+    let (rows, t) = (batch.rows, batch.seq_len);
+    let inputs = CTensor::from_vec(batch.inputs, (rows, t), device)?;
+    let targets = CTensor::from_vec(batch.targets, (rows, t), device)?;
+    Ok(BatchIds {
+        inputs: tensor::insert(inputs),
+        targets: tensor::insert(targets),
+        tokens: batch.tokens,
+        epoch: batch.epoch,
+    })
+}
+
+impl HostSession<'_> {
+    fn write_checkpoint(&mut self, step: u64, trainer_state: &str) -> Result<PathBuf> {
+        // Records up to this step reach the files before the checkpoint exists, so a resume
+        // from it never loses metrics that a kill would otherwise have left in the queue.
+        if !self.recorder.sync(Duration::from_secs(10)) {
+            tracing::warn!("metric sinks are behind; checkpointing step {step} anyway");
+        }
+        let state = HostState {
+            version: 1,
+            step,
+            data: self.train.cursor(),
+            seed: self.settings.seed,
+            trainer: serde_json::from_str(trainer_state)
+                .with_context(|| format!("the trainer's state at step {step} is not JSON"))?,
+        };
+        let mut w = checkpoint::Writer::begin(&self.checkpoints, step)?;
+        self.store
+            .save_safetensors(&w.path_for("model.safetensors"), TensorGroup::Params)?;
+        w.add_written("model.safetensors")?;
+        self.store
+            .save_safetensors(&w.path_for("optimizer.safetensors"), TensorGroup::State)?;
+        w.add_written("optimizer.safetensors")?;
+        w.write("trainer_state.json", serde_json::to_string_pretty(&state)?.as_bytes())?;
+        w.write("config.ron", self.config_text.as_bytes())?;
+        if let Some(json) = &self.tokenizer_json {
+            w.write("tokenizer.json", json.as_bytes())?;
+        }
+        let path = w.commit()?;
+        tracing::info!("checkpoint: {}", path.display());
+        Ok(path)
+    }
+}
+
+impl TrainSession for HostSession<'_> {
+    fn settings(&self) -> TrainSettings {
+        self.settings
+    }
+
+    fn params(&self) -> RVec<ParamInfo> {
+        self.store.param_infos().into()
+    }
+
+    fn next_batch(&mut self) -> RResult<ROption<BatchIds>, PluginError> {
+        let batch = self.train.next_batch();
+        batch_ids(batch, &self.device)
+            .map(ROption::RSome)
+            .map_err(err)
+            .into()
+    }
+
+    fn val_batch(&mut self, index: u64) -> RResult<ROption<BatchIds>, PluginError> {
+        let Some(val) = &self.val else {
+            return RResult::ROk(ROption::RNone);
+        };
+        match val.batch(index as usize) {
+            Some(b) => batch_ids(b, &self.device).map(ROption::RSome).map_err(err).into(),
+            None => RResult::ROk(ROption::RNone),
+        }
+    }
+
+    fn forward(&mut self, inputs: TensorId, ctx: ForwardCtx) -> RResult<TensorId, PluginError> {
+        self.model.forward(inputs, ctx)
+    }
+
+    fn optimizer_step(&mut self, grads: RSlice<'_, ParamGrad>, step: OptimStep) -> RResult<(), PluginError> {
+        self.optimizer.step(grads, step)
+    }
+
+    fn record(&mut self, step: u64, split: RStr<'_>, name: RStr<'_>, value: f64) {
+        if split.as_str() == "val" && name.as_str() == "loss" {
+            self.val_loss = Some(value);
+        }
+        self.recorder.record(step, split.as_str(), name.as_str(), value);
+    }
+
+    fn progress(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
+        self.progress.update(step, loss, lr, tokens_per_s);
+    }
+
+    fn checkpoint(&mut self, step: u64, trainer_state: RStr<'_>) -> RResult<(), PluginError> {
+        match self.write_checkpoint(step, trainer_state.as_str()) {
+            Ok(path) => {
+                self.last_checkpoint = Some(path);
+                RResult::ROk(())
+            }
+            Err(e) => RResult::RErr(err(format!("writing the checkpoint at step {step}: {e:#}"))),
+        }
+    }
+
+    fn resume_state(&self) -> ROption<RString> {
+        self.resume_state.clone().map(RString::from).into()
+    }
+
+    fn should_stop(&self) -> bool {
+        match &self.stop {
+            Some(flag) => flag.load(Ordering::SeqCst),
+            None => STOP.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// The newest valid checkpoint of a run directory, or the checkpoint itself.
+pub fn resolve_checkpoint(target: &Path) -> Result<PathBuf> {
+    if target.join(checkpoint::SUMS).exists() || checkpoint::parse_step(&target.file_name().unwrap_or_default().to_string_lossy()).is_some() {
+        checkpoint::verify(target, &CHECKPOINT_FILES)
+            .with_context(|| format!("checkpoint {} is not usable", target.display()))?;
+        return Ok(target.to_path_buf());
+    }
+    let root = target.join("checkpoints");
+    if !target.is_dir() {
+        bail!("{}: no such run or checkpoint directory", target.display());
+    }
+    let (found, skipped) = checkpoint::latest_valid(&root, &CHECKPOINT_FILES)?;
+    for (dir, why) in &skipped {
+        tracing::warn!("skipping checkpoint {}: {why}", dir.display());
+    }
+    match found {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "{}: no valid checkpoint under {} (a run writes one at train.checkpoint_every and at its end)",
+            target.display(),
+            root.display()
+        ),
+    }
+}

@@ -1,0 +1,46 @@
+//! `codex-ml eval`: loss, perplexity and token accuracy of a checkpoint.
+
+use anyhow::{bail, Result};
+
+use super::EvalArgs;
+use crate::data::{self, BatchShape, Source, ValBatches};
+use crate::inference;
+
+/// Evaluate a run's newest valid checkpoint (or a named checkpoint).
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let registry = super::registry_for(None)?;
+    let loaded = inference::load(&args.target, &registry)?;
+    let config = &loaded.config;
+    let docs = if args.data.is_empty() {
+        let split = data::load_documents(&config.data, &config.dir)?;
+        if split.val.is_empty() {
+            bail!(
+                "the run has no validation documents; pass --data FILE_OR_GLOB to evaluate on other files"
+            );
+        }
+        split.val
+    } else {
+        let cwd = std::env::current_dir()?;
+        let sources = [Source::Text {
+            paths: args.data.clone(),
+        }];
+        data::preprocess(data::read_sources(&sources, &cwd)?, &config.data.preprocess)
+    };
+    let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
+    let shape = BatchShape {
+        batch_size: config.train.batch_size,
+        seq_len: config.train.seq_len,
+    };
+    let val = ValBatches::new(tokens.into(), shape, data::pad_id(&loaded.tokenizer))?;
+    let totals = inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)?;
+    eprintln!("checkpoint {}", loaded.checkpoint.display());
+    println!(
+        "loss {:.4}  perplexity {:.3}  accuracy {:.4}  tokens {}  batches {}",
+        totals.loss(),
+        totals.perplexity(),
+        totals.accuracy(),
+        totals.tokens as u64,
+        totals.batches
+    );
+    Ok(())
+}
