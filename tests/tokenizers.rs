@@ -103,8 +103,15 @@ fn reloaded(bpe: &TokenizerBox, dir: &Path) -> TokenizerBox {
 fn check_round_trips(label: &str, t: &TokenizerBox) {
     for text in SNIPPETS {
         let ids = encode(t, text);
-        assert!(!ids.contains(&t.eot_id()), "{label}: {text:?} encoded to the eot id");
-        assert_eq!(decode(t, &ids).as_deref(), Ok(*text), "{label}: round trip of {text:?}");
+        assert!(
+            !ids.contains(&t.eot_id()),
+            "{label}: {text:?} encoded to the eot id"
+        );
+        assert_eq!(
+            decode(t, &ids).as_deref(),
+            Ok(*text),
+            "{label}: round trip of {text:?}"
+        );
     }
 }
 
@@ -139,20 +146,35 @@ fn bpe_json_reloaded_with_hf_gives_identical_ids() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let bpe = trained_bpe(320);
     let hf = reloaded(&bpe, dir.path());
-    for text in SNIPPETS.iter().copied().chain(code_corpus().iter().map(String::as_str)) {
+    for text in SNIPPETS
+        .iter()
+        .copied()
+        .chain(code_corpus().iter().map(String::as_str))
+    {
         assert_eq!(encode(&bpe, text), encode(&hf, text), "ids of {text:?}");
     }
     assert_eq!(bpe.eot_id(), hf.eot_id());
-    assert_eq!(bpe.pad_id(), hf.pad_id(), "the pad token travels in tokenizer.json");
+    assert_eq!(
+        bpe.pad_id(),
+        hf.pad_id(),
+        "the pad token travels in tokenizer.json"
+    );
     assert_eq!(bpe.vocab_size(), hf.vocab_size());
-    assert_eq!(to_json(&bpe), to_json(&hf), "a reloaded tokenizer serialises identically");
+    assert_eq!(
+        to_json(&bpe),
+        to_json(&hf),
+        "a reloaded tokenizer serialises identically"
+    );
 }
 
 #[test]
 fn bytes_ids_specials_and_lossy_decode() {
     let t = tokenizer("bytes", "{}", Path::new(""), &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(encode(&t, "aé"), vec![0x61, 0xc3, 0xa9]);
-    assert_eq!((t.vocab_size(), t.eot_id(), t.pad_id().into_option()), (258, 256, Some(257)));
+    assert_eq!(
+        (t.vocab_size(), t.eot_id(), t.pad_id().into_option()),
+        (258, 256, Some(257))
+    );
     assert_eq!(to_json(&t), None);
     let cases: &[(&[u32], Result<&str, &str>)] = &[
         (&[0x61, 256, 0x62, 257], Ok("ab")),
@@ -172,13 +194,26 @@ fn bytes_ids_specials_and_lossy_decode() {
 #[test]
 fn hf_options_on_a_wordlevel_file() {
     let base = fixtures().join("tokenizers");
-    let make = |params: &str| tokenizer("hf", params, &base, &[]).unwrap_or_else(|e| panic!("{params}: {e}"));
+    let make = |params: &str| {
+        tokenizer("hf", params, &base, &[]).unwrap_or_else(|e| panic!("{params}: {e}"))
+    };
 
     let plain = make(r#"{"path": "wordlevel.json", "eot_token": "</s>"}"#);
     assert_eq!((plain.eot_id(), plain.pad_id().into_option()), (2, None));
-    assert_eq!(encode(&plain, "fn main () { return x }"), vec![4, 5, 10, 8, 11, 12, 9]);
-    assert_eq!(encode(&plain, "fn </s> x"), vec![4, 0, 0, 0, 12], "special text is not the eot id");
-    assert_eq!(decode(&plain, &[1, 4, 5, 2]).as_deref(), Ok("fn main"), "specials are skipped");
+    assert_eq!(
+        encode(&plain, "fn main () { return x }"),
+        vec![4, 5, 10, 8, 11, 12, 9]
+    );
+    assert_eq!(
+        encode(&plain, "fn </s> x"),
+        vec![4, 0, 0, 0, 12],
+        "special text is not the eot id"
+    );
+    assert_eq!(
+        decode(&plain, &[1, 4, 5, 2]).as_deref(),
+        Ok("fn main"),
+        "specials are skipped"
+    );
     assert!(decode(&plain, &[99]).is_err_and(|e| e.contains("id 99 is not in the vocabulary")));
 
     let padded = make(
@@ -186,9 +221,16 @@ fn hf_options_on_a_wordlevel_file() {
             "padding_side": "left", "truncation": {"max_length": 2}}"#,
     );
     assert_eq!(padded.pad_id().into_option(), Some(3));
-    assert_eq!(encode(&padded, "fn main x"), vec![4, 5], "truncated to max_length");
+    assert_eq!(
+        encode(&padded, "fn main x"),
+        vec![4, 5],
+        "truncated to max_length"
+    );
     let json = to_json(&padded).unwrap_or_default();
-    assert!(json.contains(r#""direction": "Left""#), "padding side saved: {json}");
+    assert!(
+        json.contains(r#""direction": "Left""#),
+        "padding side saved: {json}"
+    );
 
     let added = make(r#"{"path": "wordlevel.json", "add_special_tokens": ["<|endoftext|>"]}"#);
     assert_eq!(added.eot_id(), 13, "an added token takes the next id");
@@ -210,31 +252,109 @@ fn check_error(name: &str, params: &str, base_dir: &Path, corpus: &[&str], expec
 #[test]
 fn creation_errors_say_what_and_where() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(dir.path().join("broken.json"), "{\"model\": ").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("broken.json"), "{\"model\": ")
+        .unwrap_or_else(|e| panic!("{e}"));
     let words = fixtures().join("tokenizers");
     let tmp = dir.path();
     let corpus = ["fn main() {}"];
     let cases: &[(&str, &str, &Path, &[&str], &[&str])] = &[
-        ("hf", r#"{"path": "absent.json"}"#, tmp, &[], &["absent.json", "not found", "set `path`"]),
-        ("hf", r#"{"path": "broken.json"}"#, tmp, &[], &["broken.json", "not a valid tokenizer.json"]),
+        (
+            "hf",
+            r#"{"path": "absent.json"}"#,
+            tmp,
+            &[],
+            &["absent.json", "not found", "set `path`"],
+        ),
+        (
+            "hf",
+            r#"{"path": "broken.json"}"#,
+            tmp,
+            &[],
+            &["broken.json", "not a valid tokenizer.json"],
+        ),
         (
             "hf",
             r#"{"path": "wordlevel.json"}"#,
             &words,
             &[],
-            &["eot_token \"<|endoftext|>\" is not in the vocabulary", "wordlevel.json", "\"</s>\"", "add_special_tokens"],
+            &[
+                "eot_token \"<|endoftext|>\" is not in the vocabulary",
+                "wordlevel.json",
+                "\"</s>\"",
+                "add_special_tokens",
+            ],
         ),
-        ("hf", r#"{"path": "wordlevel.json", "eot_token": "</s>", "pad_token": "[PAD]"}"#, &words, &[], &["pad_token \"[PAD]\""]),
-        ("hf", r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "left"}"#, &words, &[], &["padding_side needs a padding token"]),
-        ("hf", r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "middle"}"#, &words, &[], &["padding_side", "unknown variant `middle`"]),
-        ("hf", r#"{"path": "wordlevel.json", "eot": "</s>"}"#, &words, &[], &["tokenizer `hf`", "unknown field `eot`"]),
-        ("hf", r#"{"path": "wordlevel.json", "eot_token": "</s>", "truncation": {"max_length": 0}}"#, &words, &[], &["max_length must be at least 1"]),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "pad_token": "[PAD]"}"#,
+            &words,
+            &[],
+            &["pad_token \"[PAD]\""],
+        ),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "left"}"#,
+            &words,
+            &[],
+            &["padding_side needs a padding token"],
+        ),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "middle"}"#,
+            &words,
+            &[],
+            &["padding_side", "unknown variant `middle`"],
+        ),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot": "</s>"}"#,
+            &words,
+            &[],
+            &["tokenizer `hf`", "unknown field `eot`"],
+        ),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "truncation": {"max_length": 0}}"#,
+            &words,
+            &[],
+            &["max_length must be at least 1"],
+        ),
         ("hf", "{}", tmp, &[], &["missing field `path`"]),
-        ("bpe", "{}", tmp, &corpus, &["tokenizer `bpe`", "missing field `vocab_size`"]),
-        ("bpe", r#"{"vocab_size": 100}"#, tmp, &corpus, &["vocab_size 100 is too small", "258"]),
-        ("bpe", r#"{"vocab_size": 300}"#, tmp, &[], &["no training text", "hf"]),
-        ("bpe", r#"{"vocab_size": 300}"#, tmp, &["", ""], &["2 documents, all empty"]),
-        ("bytes", r#"{"size": 3}"#, tmp, &[], &["tokenizer `bytes`", "unknown field `size`"]),
+        (
+            "bpe",
+            "{}",
+            tmp,
+            &corpus,
+            &["tokenizer `bpe`", "missing field `vocab_size`"],
+        ),
+        (
+            "bpe",
+            r#"{"vocab_size": 100}"#,
+            tmp,
+            &corpus,
+            &["vocab_size 100 is too small", "258"],
+        ),
+        (
+            "bpe",
+            r#"{"vocab_size": 300}"#,
+            tmp,
+            &[],
+            &["no training text", "hf"],
+        ),
+        (
+            "bpe",
+            r#"{"vocab_size": 300}"#,
+            tmp,
+            &["", ""],
+            &["2 documents, all empty"],
+        ),
+        (
+            "bytes",
+            r#"{"size": 3}"#,
+            tmp,
+            &[],
+            &["tokenizer `bytes`", "unknown field `size`"],
+        ),
     ];
     for (name, params, base, corpus, expected) in cases {
         check_error(name, params, base, corpus, expected);

@@ -100,7 +100,11 @@ pub struct CacheKey(String);
 
 impl CacheKey {
     /// The key of `docs` tokenized by `fingerprint` after `preprocess`.
-    pub fn new(docs: &[Document], fingerprint: &TokenizerFingerprint, preprocess: &Preprocess) -> Self {
+    pub fn new(
+        docs: &[Document],
+        fingerprint: &TokenizerFingerprint,
+        preprocess: &Preprocess,
+    ) -> Self {
         let mut h = Sha256::new();
         // Every field is length-prefixed so that no two different inputs hash alike
         // (["ab", "c"] and ["a", "bc"] differ).
@@ -197,7 +201,8 @@ impl TokenCache {
         let mut payload_hash = Sha256::new();
         let mut out = BufWriter::new(tmp.as_file());
         out.write_all(MAGIC).map_err(io)?;
-        out.write_all(&(tokens.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&(tokens.len() as u64).to_le_bytes())
+            .map_err(io)?;
         for chunk in tokens.chunks(1 << 16) {
             payload_hash.update(le_bytes(chunk));
         }
@@ -208,7 +213,8 @@ impl TokenCache {
         out.flush().map_err(io)?;
         drop(out);
         tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| DataError::io(path, e.error))?;
+        tmp.persist(path)
+            .map_err(|e| DataError::io(path, e.error))?;
         sync_dir(&self.dir);
         Ok(())
     }
@@ -233,9 +239,14 @@ fn open(path: &Path) -> Result<Option<Tokens>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot open: {e}")),
     };
-    let len = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
     if len < HEADER as u64 {
-        return Err(format!("{len} bytes, shorter than the {HEADER}-byte header"));
+        return Err(format!(
+            "{len} bytes, shorter than the {HEADER}-byte header"
+        ));
     }
     // SAFETY: cache files are written under a temporary name and renamed into place, and
     // never modified afterwards, so the mapped bytes do not change while mapped. (Another
@@ -248,7 +259,9 @@ fn open(path: &Path) -> Result<Option<Tokens>, String> {
     let mut count = [0u8; 8];
     count.copy_from_slice(&map[8..16]);
     let count = u64::from_le_bytes(count);
-    let expected = count.checked_mul(4).and_then(|n| n.checked_add(HEADER as u64));
+    let expected = count
+        .checked_mul(4)
+        .and_then(|n| n.checked_add(HEADER as u64));
     if expected != Some(map.len() as u64) {
         return Err(format!(
             "the header says {count} tokens but the file has {} bytes (truncated?)",

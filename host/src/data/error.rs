@@ -20,7 +20,9 @@ pub enum DataError {
         source: io::Error,
     },
     /// A plain path (no glob characters) names no file.
-    #[error("{path}: no such file: check the path (relative paths start at the config's directory)")]
+    #[error(
+        "{path}: no such file: check the path (relative paths start at the config's directory)"
+    )]
     MissingFile {
         /// The path, resolved against the base directory.
         path: PathBuf,
@@ -34,7 +36,9 @@ pub enum DataError {
         message: String,
     },
     /// A glob matches no file.
-    #[error("{pattern}: the glob matches no file: check the pattern, or remove it from the sources")]
+    #[error(
+        "{pattern}: the glob matches no file: check the pattern, or remove it from the sources"
+    )]
     NoMatch {
         /// The pattern, resolved against the base directory.
         pattern: String,

@@ -60,13 +60,20 @@ pub fn token_streams(
 
 /// The id that pads validation inputs: the tokenizer's pad id, else its end-of-text id.
 pub fn pad_id(tokenizer: &TokenizerBox) -> u32 {
-    tokenizer.pad_id().into_option().unwrap_or(tokenizer.eot_id())
+    tokenizer
+        .pad_id()
+        .into_option()
+        .unwrap_or(tokenizer.eot_id())
 }
 
 impl DataConfig {
     /// The token cache directory: `cache_dir` relative to `base_dir` when set, else
     /// `.cache/tokens` under `runs_dir`.
-    pub fn cache_dir(&self, base_dir: &std::path::Path, runs_dir: &std::path::Path) -> std::path::PathBuf {
+    pub fn resolve_cache_dir(
+        &self,
+        base_dir: &std::path::Path,
+        runs_dir: &std::path::Path,
+    ) -> std::path::PathBuf {
         match &self.cache_dir {
             Some(dir) => base_dir.join(dir),
             None => runs_dir.join(".cache").join("tokens"),

@@ -40,7 +40,11 @@ fn is_glob(entry: &str) -> bool {
     entry.contains(['*', '?', '['])
 }
 
-fn read_text(entries: &[String], base_dir: &Path, docs: &mut Vec<Document>) -> Result<(), DataError> {
+fn read_text(
+    entries: &[String],
+    base_dir: &Path,
+    docs: &mut Vec<Document>,
+) -> Result<(), DataError> {
     // A file named by two entries (a path and a glob that covers it) is still one document.
     let mut seen = HashSet::new();
     for entry in entries {

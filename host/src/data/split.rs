@@ -27,7 +27,10 @@ pub struct SplitDocuments {
 impl SplitDocuments {
     /// The training texts, as the `bpe` tokenizer receives them (`TokenizerEnv.corpus`).
     pub fn corpus(&self) -> Vec<RString> {
-        self.train.iter().map(|d| RString::from(d.text.as_str())).collect()
+        self.train
+            .iter()
+            .map(|d| RString::from(d.text.as_str()))
+            .collect()
     }
 }
 

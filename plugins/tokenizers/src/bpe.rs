@@ -112,9 +112,9 @@ fn train(p: &BpeParams, corpus: &[RString]) -> Result<Loaded> {
     tokenizer
         .train(&mut trainer, corpus.iter().map(|d| d.as_str()))
         .map_err(|e| Error::msg(format!("training failed: {e}")))?;
-    let pad_id = tokenizer.token_to_id(PAD_TOKEN).ok_or_else(|| {
-        Error::msg(format!("training produced no {PAD_TOKEN} token"))
-    })?;
+    let pad_id = tokenizer
+        .token_to_id(PAD_TOKEN)
+        .ok_or_else(|| Error::msg(format!("training produced no {PAD_TOKEN} token")))?;
     // Recorded in tokenizer.json so that `hf` finds the padding token when it reloads
     // the file; "longest in the batch" never pads a single encoding.
     tokenizer.with_padding(Some(PaddingParams {
@@ -122,5 +122,10 @@ fn train(p: &BpeParams, corpus: &[RString]) -> Result<Loaded> {
         pad_token: PAD_TOKEN.to_string(),
         ..PaddingParams::default()
     }));
-    Loaded::new(tokenizer, EOT_TOKEN, Some(PAD_TOKEN), "the trained bpe".to_string())
+    Loaded::new(
+        tokenizer,
+        EOT_TOKEN,
+        Some(PAD_TOKEN),
+        "the trained bpe".to_string(),
+    )
 }

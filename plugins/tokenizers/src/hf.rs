@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use codex_plugin_api::abi_stable::std_types::RString;
 use codex_plugin_api::{bail, Describe, Error, Result, Tokenizer};
 use serde::Deserialize;
-use tokenizers::{
-    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams,
-};
+use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams};
 
 use crate::{params, EOT_TOKEN};
 

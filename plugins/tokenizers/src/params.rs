@@ -18,7 +18,9 @@ pub(crate) fn parse<T: DeserializeOwned>(tokenizer: &str, params: &str) -> Resul
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." {
-            Error::msg(format!("invalid parameters for tokenizer `{tokenizer}`: {inner}"))
+            Error::msg(format!(
+                "invalid parameters for tokenizer `{tokenizer}`: {inner}"
+            ))
         } else {
             Error::msg(format!(
                 "invalid parameters for tokenizer `{tokenizer}`: {path}: {inner}"
