@@ -1,1 +1,713 @@
-//! (to be written)
+//! The data pipeline: reading sources (and their errors), the content-addressed token cache,
+//! the content-based validation split, and batches whose order depends only on
+//! (seed, epoch).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use codex_host::data::{
+    self, load_documents, BatchShape, CacheOutcome, DataConfig, DataCursor, DataError, Document,
+    Preprocess, Source, TokenCache, TokenizerFingerprint, Tokens, TrainBatches, ValBatches,
+    IGNORE_INDEX,
+};
+use codex_plugin_api::tokenizer::TokenizerBox;
+
+use crate::tokenizers::{code_corpus, fixtures, tokenizer};
+
+fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn text(paths: &[&str]) -> Source {
+    Source::Text {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+fn config(train: Vec<Source>) -> DataConfig {
+    DataConfig {
+        train,
+        val: Vec::new(),
+        val_fraction: 0.0,
+        cache_dir: None,
+        preprocess: Preprocess::default(),
+    }
+}
+
+fn bytes_tokenizer() -> TokenizerBox {
+    ok(tokenizer("bytes", "", Path::new(""), &[]))
+}
+
+// ---- sources ----
+
+#[test]
+fn sources_read_one_document_per_file_line_and_row() {
+    let base = fixtures().join("data");
+    let read = |s: Source| ok(data::read_sources(&[s], &base));
+
+    let code = read(text(&["code/*.rs", "code/stats.py", "code/greet.rs"]));
+    let names: Vec<&str> = code
+        .iter()
+        .map(|d| d.origin.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        names,
+        ["greet.rs", "window.rs", "stats.py"],
+        "glob order, duplicates once"
+    );
+    assert!(code[0].text.contains("こんにちは"));
+
+    let jsonl = read(Source::Jsonl {
+        path: "snippets.jsonl".into(),
+        field: "text".into(),
+    });
+    let lines: Vec<&str> = jsonl
+        .iter()
+        .map(|d| d.origin.rsplit(':').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        lines,
+        ["1", "2", "4"],
+        "blank lines skipped, line numbers kept"
+    );
+    assert_eq!(jsonl[1].text, "let café = \"naïve — 日本語 🚀\";\n");
+
+    let csv = read(Source::Csv {
+        path: "snippets.csv".into(),
+        column: "code".into(),
+    });
+    assert_eq!(csv.len(), 3);
+    assert_eq!(csv[1].text, "print(\"héllo, wörld\")");
+    assert!(
+        csv[1].origin.ends_with("snippets.csv:3"),
+        "{}",
+        csv[1].origin
+    );
+}
+
+/// Write `files` into a fresh directory, read `source` there, and expect an error whose
+/// message contains every part of `expected` (`{dir}` stands for the directory).
+fn check_source_error(files: &[(&str, &[u8])], source: Source, expected: &[&str]) {
+    let dir = ok(tempfile::tempdir());
+    for (name, content) in files {
+        ok(fs::write(dir.path().join(name), content));
+    }
+    let shown = dir.path().display().to_string();
+    match data::read_sources(std::slice::from_ref(&source), dir.path()) {
+        Ok(docs) => panic!(
+            "{source:?}: expected an error, read {} documents",
+            docs.len()
+        ),
+        Err(e) => {
+            let message = e.to_string();
+            for part in expected {
+                let part = part.replace("{dir}", &shown);
+                assert!(
+                    message.contains(&part),
+                    "{source:?}: {message:?} lacks {part:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn source_errors_name_the_file_and_line() {
+    let jsonl = |field: &str| Source::Jsonl {
+        path: "d.jsonl".into(),
+        field: field.into(),
+    };
+    let csv = |column: &str| Source::Csv {
+        path: "d.csv".into(),
+        column: column.into(),
+    };
+    let cases: Vec<(Vec<(&str, &[u8])>, Source, Vec<&str>)> = vec![
+        (
+            vec![],
+            text(&["absent.rs"]),
+            vec!["{dir}/absent.rs: no such file"],
+        ),
+        (
+            vec![("a.rs", b"x")],
+            text(&["a.rs", "src/**/*.py"]),
+            vec!["{dir}/src/**/*.py: the glob matches no file"],
+        ),
+        (vec![], text(&["[a.rs"]), vec!["invalid glob"]),
+        (
+            vec![("latin1.rs", b"caf\xe9")],
+            text(&["latin1.rs"]),
+            vec!["{dir}/latin1.rs: not valid UTF-8", "byte 3"],
+        ),
+        (vec![], jsonl("text"), vec!["{dir}/d.jsonl: no such file"]),
+        (
+            vec![("d.jsonl", b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n")],
+            jsonl("text"),
+            vec!["{dir}/d.jsonl:3: invalid JSON"],
+        ),
+        (
+            vec![(
+                "d.jsonl",
+                b"{\"text\": \"ok\"}\n{\"body\": \"x\", \"id\": 2}\n",
+            )],
+            jsonl("text"),
+            vec!["d.jsonl:2: no field `text`", "fields are: body, id"],
+        ),
+        (
+            vec![("d.jsonl", b"{\"text\": 3}\n")],
+            jsonl("text"),
+            vec!["d.jsonl:1: field `text` is a number, expected a string"],
+        ),
+        (
+            vec![("d.jsonl", b"[1, 2]\n")],
+            jsonl("text"),
+            vec!["d.jsonl:1: expected a JSON object, found an array"],
+        ),
+        (
+            vec![("d.jsonl", b"{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n")],
+            jsonl("text"),
+            vec!["d.jsonl:2: not valid UTF-8"],
+        ),
+        (
+            vec![("d.csv", b"lang,code\nrust,x\n")],
+            csv("text"),
+            vec!["d.csv: no column `text`; the columns are: lang, code"],
+        ),
+        (
+            vec![("d.csv", b"lang,code\nrust,x\nc,y,z\n")],
+            csv("code"),
+            vec!["d.csv:3: 3 fields, but the header has 2"],
+        ),
+        (
+            vec![("d.csv", b"lang,code\nrust,\"caf\xe9\"\n")],
+            csv("code"),
+            vec!["d.csv:2: not valid UTF-8"],
+        ),
+    ];
+    for (files, source, expected) in cases {
+        check_source_error(&files, source, &expected);
+    }
+}
+
+#[test]
+fn documents_errors_for_settings_and_empty_corpora() {
+    let dir = ok(tempfile::tempdir());
+    ok(fs::write(dir.path().join("empty.rs"), ""));
+    ok(fs::write(dir.path().join("a.rs"), "fn a() {}"));
+    let mut cases: Vec<(DataConfig, &str)> = vec![
+        (config(vec![]), "data.train: no sources"),
+        (
+            config(vec![text(&["empty.rs"])]),
+            "the train data is empty (1 documents read, none left",
+        ),
+    ];
+    let mut bad_fraction = config(vec![text(&["a.rs"])]);
+    bad_fraction.val_fraction = 1.0;
+    cases.push((
+        bad_fraction,
+        "data.val_fraction: must be at least 0 and below 1, found 1",
+    ));
+    let mut empty_val = config(vec![text(&["a.rs"])]);
+    empty_val.val = vec![text(&["empty.rs"])];
+    cases.push((empty_val, "the val data is empty"));
+    for (cfg, expected) in cases {
+        match load_documents(&cfg, dir.path()) {
+            Ok(_) => panic!("{cfg:?}: expected an error"),
+            Err(e) => assert!(e.to_string().contains(expected), "{e} lacks {expected:?}"),
+        }
+    }
+}
+
+#[test]
+fn preprocessing_normalises_newlines_and_drops_short_documents() {
+    let doc = |t: &str| Document {
+        origin: "x".into(),
+        text: t.into(),
+    };
+    let docs = vec![doc("a\r\nb\rc"), doc(""), doc("xy")];
+    let texts = |p: Preprocess| -> Vec<String> {
+        data::preprocess(docs.clone(), &p)
+            .into_iter()
+            .map(|d| d.text)
+            .collect()
+    };
+    assert_eq!(texts(Preprocess::default()), ["a\nb\nc", "xy"]);
+    assert_eq!(
+        texts(Preprocess {
+            normalize_newlines: false,
+            min_chars: 0
+        }),
+        ["a\r\nb\rc", "", "xy"]
+    );
+    assert_eq!(
+        texts(Preprocess {
+            normalize_newlines: true,
+            min_chars: 3
+        }),
+        ["a\nb\nc"]
+    );
+}
+
+// ---- validation split ----
+
+fn numbered_docs(n: usize, prefix: &str) -> Vec<Document> {
+    (0..n)
+        .map(|i| Document {
+            origin: format!("{prefix}{i}.rs"),
+            text: format!("fn f{i}() -> u32 {{ {i} }}"),
+        })
+        .collect()
+}
+
+fn val_texts(docs: Vec<Document>, fraction: f64) -> Vec<String> {
+    let (_, val) = data::hold_out(docs, fraction);
+    let mut texts: Vec<String> = val.into_iter().map(|d| d.text).collect();
+    texts.sort();
+    texts
+}
+
+#[test]
+fn validation_split_depends_on_content_only() {
+    let docs = numbered_docs(200, "src/");
+    let held = val_texts(docs.clone(), 0.1);
+    assert!(
+        (10..=30).contains(&held.len()),
+        "about 10% held out, got {}",
+        held.len()
+    );
+
+    let mut renamed_and_reordered = numbered_docs(200, "moved/renamed_");
+    renamed_and_reordered.reverse();
+    assert_eq!(val_texts(renamed_and_reordered, 0.1), held);
+
+    let (train, val) = data::hold_out(docs.clone(), 0.1);
+    assert_eq!(train.len() + val.len(), 200);
+    let index = |d: &Document| d.text.clone();
+    let in_order = |part: &[Document]| {
+        let positions: Vec<usize> = part
+            .iter()
+            .map(|d| {
+                docs.iter()
+                    .position(|x| index(x) == index(d))
+                    .unwrap_or(usize::MAX)
+            })
+            .collect();
+        positions.windows(2).all(|w| w[0] < w[1])
+    };
+    assert!(
+        in_order(&train) && in_order(&val),
+        "both sides keep source order"
+    );
+
+    // Tiny corpora still get one validation document, and keep one for training.
+    let two = numbered_docs(2, "");
+    assert_eq!(val_texts(two.clone(), 0.01).len(), 1);
+    assert_eq!(val_texts(two, 0.99).len(), 1);
+    assert!(val_texts(numbered_docs(5, ""), 0.0).is_empty());
+}
+
+// ---- token cache ----
+
+/// A scratch directory holding a copy of the code fixtures and a cache.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = ok(tempfile::tempdir());
+        ok(fs::create_dir(dir.path().join("code")));
+        for entry in ok(fs::read_dir(fixtures().join("data/code"))) {
+            let entry = ok(entry);
+            ok(fs::copy(
+                entry.path(),
+                dir.path().join("code").join(entry.file_name()),
+            ));
+        }
+        Scratch { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn cache(&self) -> TokenCache {
+        TokenCache::new(self.path("cache"))
+    }
+
+    /// Load the code documents with `preprocess`, tokenize through the cache.
+    fn load(
+        &self,
+        t: &TokenizerBox,
+        name: &str,
+        preprocess: Preprocess,
+    ) -> (CacheOutcome, Vec<u32>, PathBuf) {
+        let mut cfg = config(vec![text(&["code/*"])]);
+        cfg.preprocess = preprocess.clone();
+        let docs = ok(load_documents(&cfg, self.dir.path()));
+        let fp = ok(TokenizerFingerprint::of(t, name, ""));
+        let cached = ok(self.cache().load_or_build(&docs.train, t, &fp, &preprocess));
+        (cached.outcome, cached.tokens.to_vec(), cached.path)
+    }
+}
+
+#[test]
+fn token_cache_is_keyed_by_content_tokenizer_and_settings() {
+    let s = Scratch::new();
+    let bytes = bytes_tokenizer();
+    let corpus = code_corpus();
+    let corpus: Vec<&str> = corpus.iter().map(String::as_str).collect();
+    let bpe = ok(tokenizer(
+        "bpe",
+        r#"{"vocab_size": 300}"#,
+        Path::new(""),
+        &corpus,
+    ));
+    let default = Preprocess::default;
+
+    let (first, tokens, path) = s.load(&bytes, "bytes", default());
+    assert_eq!(first, CacheOutcome::Miss);
+    assert_eq!(
+        tokens.iter().filter(|&&t| t == 256).count(),
+        3,
+        "one eot after each document"
+    );
+    assert_eq!(
+        s.load(&bytes, "bytes", default()),
+        (CacheOutcome::Hit, tokens.clone(), path.clone())
+    );
+
+    // The same content under another name is the same data (the glob order is unchanged).
+    ok(fs::rename(
+        s.path("code/greet.rs"),
+        s.path("code/a_renamed_greet.rs"),
+    ));
+    assert_eq!(
+        s.load(&bytes, "bytes", default()),
+        (CacheOutcome::Hit, tokens.clone(), path)
+    );
+
+    // Any change in content, tokenizer or settings is a miss.
+    let window = s.path("code/window.rs");
+    let mut content = ok(fs::read(&window));
+    content[0] = b'#';
+    ok(fs::write(&window, &content));
+    assert_eq!(
+        s.load(&bytes, "bytes", default()).0,
+        CacheOutcome::Miss,
+        "one byte changed"
+    );
+    assert_eq!(
+        s.load(&bpe, "bpe", default()).0,
+        CacheOutcome::Miss,
+        "another tokenizer"
+    );
+    let changed = Preprocess {
+        min_chars: 2,
+        ..default()
+    };
+    assert_eq!(
+        s.load(&bytes, "bytes", changed.clone()).0,
+        CacheOutcome::Miss,
+        "another setting"
+    );
+    assert_eq!(s.load(&bytes, "bytes", changed).0, CacheOutcome::Hit);
+    assert_eq!(s.load(&bpe, "bpe", default()).0, CacheOutcome::Hit);
+}
+
+#[test]
+fn corrupt_or_truncated_cache_files_are_rebuilt() {
+    let s = Scratch::new();
+    let bytes = bytes_tokenizer();
+    let (_, tokens, path) = s.load(&bytes, "bytes", Preprocess::default());
+    let damages: &[(&str, fn(&mut Vec<u8>), &str)] = &[
+        (
+            "payload byte flipped",
+            |f| *f.last_mut().unwrap_or(&mut 0) ^= 1,
+            "checksum mismatch",
+        ),
+        ("truncated", |f| f.truncate(f.len() - 4), "truncated"),
+        (
+            "header cut",
+            |f| f.truncate(10),
+            "shorter than the 48-byte header",
+        ),
+        ("not a cache file", |f| f[0] = b'X', "bad magic"),
+        ("empty", Vec::clear, "0 bytes"),
+    ];
+    for (what, damage, reason) in damages {
+        let mut file = ok(fs::read(&path));
+        damage(&mut file);
+        ok(fs::write(&path, &file));
+        let (outcome, rebuilt, _) = s.load(&bytes, "bytes", Preprocess::default());
+        match outcome {
+            CacheOutcome::Rebuilt(r) => {
+                assert!(r.contains(reason), "{what}: {r:?} lacks {reason:?}")
+            }
+            other => panic!("{what}: expected a rebuild, got {other:?}"),
+        }
+        assert_eq!(
+            rebuilt, tokens,
+            "{what}: the rebuilt stream is the original"
+        );
+        assert_eq!(
+            s.load(&bytes, "bytes", Preprocess::default()).0,
+            CacheOutcome::Hit,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn tokenizer_fingerprint_uses_json_or_canonical_params() {
+    let bytes = bytes_tokenizer();
+    let fp = |params: &str| ok(TokenizerFingerprint::of(&bytes, "bytes", params));
+    assert_eq!(
+        fp(r#"{"a": 1, "b": 2}"#),
+        fp(r#"{ "b":2,"a":1 }"#),
+        "key order does not matter"
+    );
+    assert_ne!(fp(r#"{"a": 1}"#), fp(r#"{"a": 2}"#));
+    let corpus = code_corpus();
+    let corpus: Vec<&str> = corpus.iter().map(String::as_str).collect();
+    let bpe = ok(tokenizer(
+        "bpe",
+        r#"{"vocab_size": 300}"#,
+        Path::new(""),
+        &corpus,
+    ));
+    let by_json = |name: &str, params: &str| ok(TokenizerFingerprint::of(&bpe, name, params));
+    assert_eq!(
+        by_json("bpe", "{}"),
+        by_json("hf", r#"{"path": "x"}"#),
+        "same json, same tokenizer"
+    );
+}
+
+// ---- batches ----
+
+fn stream(n: u32) -> Tokens {
+    Tokens::from((0..n).collect::<Vec<u32>>())
+}
+
+fn shape(batch_size: usize, seq_len: usize) -> BatchShape {
+    BatchShape {
+        batch_size,
+        seq_len,
+    }
+}
+
+fn draw(b: &mut TrainBatches, n: usize) -> Vec<data::TokenBatch> {
+    (0..n).map(|_| b.next_batch()).collect()
+}
+
+/// The window index of every row of `batch` (token `w * seq_len` starts window `w`).
+fn rows(batch: &data::TokenBatch) -> Vec<u32> {
+    batch
+        .inputs
+        .chunks(batch.seq_len)
+        .map(|r| r[0] / batch.seq_len as u32)
+        .collect()
+}
+
+#[test]
+fn training_windows_are_shifted_pairs_covering_each_epoch_once() {
+    // 101 tokens, seq_len 10: windows start at 0, 10, ..., 90; 10 windows; 4 per batch.
+    let mut b = ok(TrainBatches::new(stream(101), shape(4, 10), 7));
+    assert_eq!(
+        (b.windows(), b.batches_per_epoch(), b.tokens_per_epoch()),
+        (10, 3, 100)
+    );
+    let epoch = draw(&mut b, 3);
+    assert_eq!(epoch.iter().map(|x| x.rows).collect::<Vec<_>>(), [4, 4, 2]);
+    for batch in &epoch {
+        assert_eq!(batch.epoch, 0);
+        assert_eq!(batch.tokens, (batch.rows * 10) as u64);
+        for (i, t) in batch.inputs.iter().zip(&batch.targets) {
+            assert_eq!(*t, i + 1, "targets are the inputs shifted by one");
+        }
+    }
+    let mut seen: Vec<u32> = epoch.iter().flat_map(rows).collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..10).collect::<Vec<_>>(),
+        "every window once per epoch"
+    );
+    assert_eq!(b.next_batch().epoch, 1);
+}
+
+#[test]
+fn data_order_is_a_pure_function_of_seed_and_epoch() {
+    let order = |seed, epoch| data::window_order(seed, epoch, 1000);
+    let first = order(42, 0);
+    // Other generators drawn in between (candle's CPU randn uses the thread RNG) change nothing.
+    for _ in 0..3 {
+        ok(candle_core::Tensor::randn(
+            0f32,
+            1.0,
+            64,
+            &candle_core::Device::Cpu,
+        ));
+    }
+    assert_eq!(order(42, 0), first);
+    assert_ne!(order(42, 1), first, "another epoch, another order");
+    assert_ne!(order(43, 0), first, "another seed, another order");
+    let mut sorted = first.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+    assert_ne!(first, sorted, "shuffled");
+
+    let mut a = ok(TrainBatches::new(stream(2001), shape(3, 8), 42));
+    let from_a = draw(&mut a, 200);
+    ok(candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        64,
+        &candle_core::Device::Cpu,
+    ));
+    let mut b = ok(TrainBatches::new(stream(2001), shape(3, 8), 42));
+    assert_eq!(
+        draw(&mut b, 200),
+        from_a,
+        "two independent batchers agree, across epochs"
+    );
+}
+
+#[test]
+fn a_saved_cursor_continues_identically() {
+    let make = || ok(TrainBatches::new(stream(501), shape(4, 10), 9));
+    // 50 windows, 13 batches per epoch: stop inside epoch 0, at its end, and inside epoch 2.
+    for stop in [5, 13, 30] {
+        let mut a = make();
+        draw(&mut a, stop);
+        let saved = ok(serde_json::to_string(&a.cursor()));
+        let expected = draw(&mut a, 20);
+
+        let mut b = make();
+        ok(b.seek(ok(serde_json::from_str::<DataCursor>(&saved))));
+        assert_eq!(draw(&mut b, 20), expected, "resumed after {stop} batches");
+    }
+    let mut b = make();
+    match b.seek(DataCursor {
+        epoch: 0,
+        position: 51,
+    }) {
+        Err(e) => assert!(e.to_string().contains("position 51 is past the 50 windows")),
+        Ok(()) => panic!("a cursor past the epoch must be refused"),
+    }
+}
+
+#[test]
+fn validation_padding_is_never_counted() {
+    // 23 tokens, seq_len 5: targets 1..=22 in windows of 5, 5, 5, 5, 2.
+    let v = ok(ValBatches::new(stream(23), shape(2, 5), 999));
+    assert_eq!((v.windows(), v.len(), v.target_tokens()), (5, 3, 22));
+    let batches: Vec<_> = (0..v.len())
+        .map(|i| v.batch(i).unwrap_or_else(|| panic!("batch {i}")))
+        .collect();
+    assert!(v.batch(3).is_none());
+    assert_eq!(
+        batches.iter().map(|b| b.tokens).collect::<Vec<_>>(),
+        [10, 10, 2]
+    );
+    let last = &batches[2];
+    assert_eq!(last.rows, 1);
+    assert_eq!(last.inputs, [20, 21, 999, 999, 999]);
+    assert_eq!(
+        last.targets,
+        [21, 22, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    );
+    for b in &batches {
+        let counted = b.targets.iter().filter(|&&t| t != IGNORE_INDEX).count() as u64;
+        assert_eq!(b.tokens, counted);
+    }
+    assert_eq!(
+        batches.iter().map(|b| b.tokens).sum::<u64>(),
+        v.target_tokens()
+    );
+    assert_eq!(
+        v.batch(0),
+        ValBatches::new(stream(23), shape(2, 5), 999)
+            .ok()
+            .and_then(|v| v.batch(0)),
+        "fixed order"
+    );
+}
+
+#[test]
+fn batch_errors_say_how_much_data_there_is() {
+    let cases: Vec<(Result<(), DataError>, &str)> = vec![
+        (TrainBatches::new(stream(0), shape(2, 8), 0).map(drop), "the train data is empty"),
+        (
+            TrainBatches::new(stream(8), shape(2, 8), 0).map(drop),
+            "the train data has 8 tokens, but one window of seq_len 8 needs 9: lower `train.seq_len`",
+        ),
+        (TrainBatches::new(stream(100), shape(0, 8), 0).map(drop), "train.batch_size: must be at least 1"),
+        (TrainBatches::new(stream(100), shape(2, 0), 0).map(drop), "train.seq_len: must be at least 1"),
+        (ValBatches::new(stream(1), shape(2, 8), 0).map(drop), "the val data is empty (1 tokens"),
+    ];
+    for (result, expected) in cases {
+        match result {
+            Err(e) => assert!(e.to_string().contains(expected), "{e} lacks {expected:?}"),
+            Ok(()) => panic!("expected an error containing {expected:?}"),
+        }
+    }
+    assert!(
+        TrainBatches::new(stream(9), shape(2, 8), 0).is_ok(),
+        "exactly one window is enough"
+    );
+}
+
+#[test]
+fn end_to_end_from_fixtures_to_batches() {
+    let base = fixtures().join("data");
+    let mut cfg = config(vec![
+        text(&["code/*"]),
+        Source::Jsonl {
+            path: "snippets.jsonl".into(),
+            field: "text".into(),
+        },
+        Source::Csv {
+            path: "snippets.csv".into(),
+            column: "code".into(),
+        },
+    ]);
+    cfg.val_fraction = 0.2;
+    let docs = ok(load_documents(&cfg, &base));
+    assert_eq!(docs.train.len() + docs.val.len(), 9);
+    assert!(!docs.val.is_empty() && !docs.train.is_empty());
+    let corpus: Vec<String> = docs.corpus().into_iter().map(|s| s.into_string()).collect();
+    let corpus: Vec<&str> = corpus.iter().map(String::as_str).collect();
+    let bpe = ok(tokenizer("bpe", r#"{"vocab_size": 300}"#, &base, &corpus));
+    let fp = ok(TokenizerFingerprint::of(
+        &bpe,
+        "bpe",
+        r#"{"vocab_size": 300}"#,
+    ));
+    let dir = ok(tempfile::tempdir());
+    let cache = TokenCache::new(dir.path());
+    let streams = ok(data::token_streams(
+        &docs,
+        &bpe,
+        &fp,
+        &cache,
+        &cfg.preprocess,
+    ));
+    let val = streams
+        .val
+        .unwrap_or_else(|| panic!("validation documents were held out"));
+    let mut train = ok(TrainBatches::new(streams.train.tokens, shape(2, 16), 1));
+    let val = ok(ValBatches::new(
+        val.tokens,
+        shape(2, 16),
+        data::pad_id(&bpe),
+    ));
+    let batch = train.next_batch();
+    assert_eq!(batch.inputs.len(), batch.rows * 16);
+    assert!(batch
+        .inputs
+        .iter()
+        .all(|&t| (t as usize) < bpe.vocab_size()));
+    assert!(val.batch(0).is_some_and(|b| b.tokens > 0));
+    assert_eq!(data::pad_id(&bpe), 1, "bpe pads with <|pad|>");
+}

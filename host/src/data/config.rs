@@ -20,6 +20,41 @@ pub struct DataConfig {
     /// under the runs directory.
     #[serde(default)]
     pub cache_dir: Option<String>,
+    /// How documents are cleaned before the tokenizer sees them. Part of the token cache
+    /// key: changing a setting re-tokenizes. Default: see [`Preprocess`].
+    #[serde(default)]
+    pub preprocess: Preprocess,
+}
+
+/// Document clean-up applied before splitting, tokenizer training and tokenization.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Turn `\r\n` and lone `\r` into `\n`, so the same code checked out on Windows and on
+    /// Unix gives the same tokens. Default: true.
+    #[serde(default = "default_true")]
+    pub normalize_newlines: bool,
+    /// Drop documents shorter than this many characters (after newline normalisation).
+    /// Default: 1, which drops empty documents only.
+    #[serde(default = "default_min_chars")]
+    pub min_chars: usize,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Preprocess {
+            normalize_newlines: true,
+            min_chars: default_min_chars(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_min_chars() -> usize {
+    1
 }
 
 fn default_val_fraction() -> f64 {

@@ -1,0 +1,311 @@
+//! Token streams → batches of windows.
+//!
+//! A window is `seq_len + 1` consecutive tokens: inputs are the first `seq_len`, targets the
+//! last `seq_len`. Training windows start at multiples of `seq_len` (consecutive windows
+//! share one token, so every token but the first is a target exactly once per epoch).
+//!
+//! The order of training windows in epoch `e` is a permutation drawn from a ChaCha8 stream
+//! seeded by a hash of `(seed, epoch)` and nothing else — no thread RNG, no global state,
+//! no dependence on what was drawn before — and shuffled by our own Fisher–Yates with
+//! Lemire's bounded draws, so a `rand` upgrade cannot change the order. Together with the
+//! serialisable [`DataCursor`], this makes a resumed run see exactly the batches an
+//! uninterrupted one would.
+//!
+//! Validation windows are in stream order; the stream's tail becomes one last, shorter
+//! window padded to `seq_len` with inputs = the pad id and targets = [`IGNORE_INDEX`], so
+//! every validation token is evaluated exactly once and padding is never counted.
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::cache::Tokens;
+use super::error::DataError;
+
+/// The target id of padding positions: never a real token, skipped by the loss.
+pub const IGNORE_INDEX: u32 = u32::MAX;
+
+const ORDER_DOMAIN: &[u8] = b"codex-ml window order v1";
+
+/// Rows per batch and tokens per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Windows per batch (the last batch of an epoch may have fewer).
+    pub batch_size: usize,
+    /// Input tokens per window.
+    pub seq_len: usize,
+}
+
+impl BatchShape {
+    fn check(self) -> Result<Self, DataError> {
+        if self.batch_size == 0 {
+            return Err(DataError::Setting {
+                field: "train.batch_size",
+                message: "must be at least 1, found 0".to_string(),
+            });
+        }
+        if self.seq_len == 0 {
+            return Err(DataError::Setting {
+                field: "train.seq_len",
+                message: "must be at least 1, found 0".to_string(),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// One batch, row-major `[rows, seq_len]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBatch {
+    /// Input ids, `rows * seq_len`.
+    pub inputs: Vec<u32>,
+    /// Target ids, `rows * seq_len`; padding is [`IGNORE_INDEX`].
+    pub targets: Vec<u32>,
+    /// Number of windows.
+    pub rows: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Targets that are not padding.
+    pub tokens: u64,
+    /// The epoch this batch belongs to (0 for validation).
+    pub epoch: u64,
+}
+
+/// Where the training stream stands: the next window to serve is `position` in the order of
+/// `epoch`. Saved in checkpoints; restoring it with [`TrainBatches::seek`] continues exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct DataCursor {
+    /// The epoch, from 0.
+    pub epoch: u64,
+    /// Windows of this epoch already served.
+    pub position: u64,
+}
+
+/// The order of `windows` training windows in `epoch`: a pure function of its arguments.
+pub fn window_order(seed: u64, epoch: u64, windows: usize) -> Vec<usize> {
+    let mut h = Sha256::new();
+    h.update(ORDER_DOMAIN);
+    h.update(seed.to_le_bytes());
+    h.update(epoch.to_le_bytes());
+    let mut rng = ChaCha8Rng::from_seed(h.finalize().into());
+    let mut order: Vec<usize> = (0..windows).collect();
+    for i in (1..windows).rev() {
+        let j = bounded(&mut rng, i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// A uniform draw in `0..bound` (Lemire's multiply-and-reject; `bound > 0`).
+fn bounded(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
+    let threshold = bound.wrapping_neg() % bound;
+    loop {
+        let m = u128::from(rng.next_u64()) * u128::from(bound);
+        if (m as u64) >= threshold {
+            return (m >> 64) as u64;
+        }
+    }
+}
+
+/// The training batches: shuffled windows, epoch after epoch, without end.
+#[derive(Debug)]
+pub struct TrainBatches {
+    tokens: Tokens,
+    shape: BatchShape,
+    seed: u64,
+    windows: usize,
+    cursor: DataCursor,
+    /// The window order of `cursor.epoch`.
+    order: Vec<usize>,
+}
+
+impl TrainBatches {
+    /// Batches over the training stream `tokens`, ordered by `seed`, starting at epoch 0.
+    pub fn new(tokens: Tokens, shape: BatchShape, seed: u64) -> Result<Self, DataError> {
+        let shape = shape.check()?;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(DataError::Empty {
+                split: "train",
+                what: "the documents give no tokens".to_string(),
+            });
+        }
+        if n < shape.seq_len + 1 {
+            return Err(DataError::TooFewTokens {
+                split: "train",
+                tokens: n,
+                seq_len: shape.seq_len,
+                needed: shape.seq_len + 1,
+            });
+        }
+        let windows = (n - 1) / shape.seq_len;
+        Ok(TrainBatches {
+            order: window_order(seed, 0, windows),
+            tokens,
+            shape,
+            seed,
+            windows,
+            cursor: DataCursor::default(),
+        })
+    }
+
+    /// Windows per epoch.
+    pub fn windows(&self) -> usize {
+        self.windows
+    }
+
+    /// Batches per epoch (the last one may be short).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.windows.div_ceil(self.shape.batch_size)
+    }
+
+    /// Training tokens (targets) per epoch.
+    pub fn tokens_per_epoch(&self) -> u64 {
+        (self.windows * self.shape.seq_len) as u64
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> BatchShape {
+        self.shape
+    }
+
+    /// Where the stream stands; save it with a checkpoint.
+    pub fn cursor(&self) -> DataCursor {
+        self.cursor
+    }
+
+    /// Continue from a saved cursor.
+    pub fn seek(&mut self, cursor: DataCursor) -> Result<(), DataError> {
+        if cursor.position > self.windows as u64 {
+            return Err(DataError::Setting {
+                field: "data cursor",
+                message: format!(
+                    "position {} is past the {} windows of an epoch: the checkpoint was made \
+                     with other data or another seq_len",
+                    cursor.position, self.windows
+                ),
+            });
+        }
+        if cursor.epoch != self.cursor.epoch {
+            self.order = window_order(self.seed, cursor.epoch, self.windows);
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    /// The next batch; after the last window of an epoch comes the next epoch's first.
+    pub fn next_batch(&mut self) -> TokenBatch {
+        if self.cursor.position as usize >= self.windows {
+            self.cursor = DataCursor {
+                epoch: self.cursor.epoch + 1,
+                position: 0,
+            };
+            self.order = window_order(self.seed, self.cursor.epoch, self.windows);
+        }
+        let start = self.cursor.position as usize;
+        let rows = self.shape.batch_size.min(self.windows - start);
+        let seq_len = self.shape.seq_len;
+        let mut inputs = Vec::with_capacity(rows * seq_len);
+        let mut targets = Vec::with_capacity(rows * seq_len);
+        for &w in &self.order[start..start + rows] {
+            let window = &self.tokens[w * seq_len..w * seq_len + seq_len + 1];
+            inputs.extend_from_slice(&window[..seq_len]);
+            targets.extend_from_slice(&window[1..]);
+        }
+        self.cursor.position += rows as u64;
+        TokenBatch {
+            inputs,
+            targets,
+            rows,
+            seq_len,
+            tokens: (rows * seq_len) as u64,
+            epoch: self.cursor.epoch,
+        }
+    }
+}
+
+/// The validation batches, in a fixed order, addressed by index.
+#[derive(Debug)]
+pub struct ValBatches {
+    tokens: Tokens,
+    shape: BatchShape,
+    pad_id: u32,
+    windows: usize,
+}
+
+impl ValBatches {
+    /// Batches over the validation stream `tokens`; padded inputs get `pad_id` (the
+    /// tokenizer's pad id, or its end-of-text id when it has none).
+    pub fn new(tokens: Tokens, shape: BatchShape, pad_id: u32) -> Result<Self, DataError> {
+        let shape = shape.check()?;
+        if tokens.len() < 2 {
+            return Err(DataError::Empty {
+                split: "val",
+                what: format!(
+                    "{} tokens, and at least 2 are needed for one prediction",
+                    tokens.len()
+                ),
+            });
+        }
+        let windows = (tokens.len() - 1).div_ceil(shape.seq_len);
+        Ok(ValBatches {
+            tokens,
+            shape,
+            pad_id,
+            windows,
+        })
+    }
+
+    /// Number of batches.
+    pub fn len(&self) -> usize {
+        self.windows.div_ceil(self.shape.batch_size)
+    }
+
+    /// Always false: construction refuses an empty stream.
+    pub fn is_empty(&self) -> bool {
+        self.windows == 0
+    }
+
+    /// Number of windows.
+    pub fn windows(&self) -> usize {
+        self.windows
+    }
+
+    /// Targets over all batches (every token but the first).
+    pub fn target_tokens(&self) -> u64 {
+        self.tokens.len() as u64 - 1
+    }
+
+    /// Batch `index`, or `None` past the end.
+    pub fn batch(&self, index: usize) -> Option<TokenBatch> {
+        let first = index.checked_mul(self.shape.batch_size)?;
+        if first >= self.windows {
+            return None;
+        }
+        let rows = self.shape.batch_size.min(self.windows - first);
+        let seq_len = self.shape.seq_len;
+        let mut inputs = Vec::with_capacity(rows * seq_len);
+        let mut targets = Vec::with_capacity(rows * seq_len);
+        let mut counted = 0u64;
+        for w in first..first + rows {
+            let start = w * seq_len;
+            let end = (start + seq_len + 1).min(self.tokens.len());
+            let window = &self.tokens[start..end];
+            let real = window.len() - 1;
+            inputs.extend_from_slice(&window[..real]);
+            inputs.extend(std::iter::repeat_n(self.pad_id, seq_len - real));
+            targets.extend_from_slice(&window[1..]);
+            targets.extend(std::iter::repeat_n(IGNORE_INDEX, seq_len - real));
+            counted += real as u64;
+        }
+        Some(TokenBatch {
+            inputs,
+            targets,
+            rows,
+            seq_len,
+            tokens: counted,
+            epoch: 0,
+        })
+    }
+}
