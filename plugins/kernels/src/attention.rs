@@ -31,7 +31,6 @@ const NR: usize = 32;
 
 multiversion! {
     /// `C[m×n] += A[m×k] · B[k×n]`, row-major with leading dimensions `lda`, `ldb`, `ldc`.
-    #[allow(clippy::too_many_arguments)]
     fn matmul_acc<M>(
         m: usize,
         n: usize,
@@ -212,14 +211,23 @@ fn head_fwd(
     }
 }
 
+/// One head's forward tensors and output gradient: `(q, k, v, out, lse, dout)`.
+type HeadInputs<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+);
+
 /// One head of the backward pass; `dk` and `dv` are accumulated from zero.
-#[allow(clippy::too_many_arguments)]
 fn head_bwd(
     level: Level,
     t: usize,
     d: usize,
     scale: f32,
-    (q, k, v, out, lse, dout): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
+    (q, k, v, out, lse, dout): HeadInputs<'_>,
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     sc: &mut Scratch,
 ) {

@@ -13,7 +13,7 @@ use crate::Ctx;
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π).
-const INV_SQRT_2PI: f32 = 0.398_942_28;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// √(2/π).
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const TANH_K: f32 = 0.044_715;

@@ -77,7 +77,7 @@ mod simd;
 mod softmax;
 
 #[cfg(test)]
-mod testutil;
+mod tests;
 
 use codex_plugin_api::{BufferMut, BufferView, Describe, DeviceKind, Kernel};
 use serde::Deserialize;

@@ -48,7 +48,7 @@ pub(crate) fn sum_rows(
         });
     }
     let c: usize = ys.iter().product();
-    let n = if c == 0 { 0 } else { x.data.len() / c };
+    let n = x.data.len().checked_div(c).unwrap_or(0);
     if n > 0 {
         let rows = rows_per_block(n, c);
         let mut partials = vec![0.0f32; n.div_ceil(rows) * c];

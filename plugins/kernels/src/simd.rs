@@ -91,17 +91,21 @@ impl Mode for Plain {
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<$m:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name(level: $crate::simd::Level, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn imp<$m: $crate::simd::Mode>($($arg: $ty),*) $(-> $ret)? $body
 
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 fn v4($($arg: $ty),*) $(-> $ret)? {
                     imp::<$crate::simd::Fused>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 fn v3($($arg: $ty),*) $(-> $ret)? {
                     imp::<$crate::simd::Fused>($($arg),*)
                 }
@@ -242,7 +246,7 @@ pub(crate) fn erf<M: Mode>(x: f32) -> f32 {
     let x = if x < -4.0 { -4.0 } else { x };
     let x = if x > 4.0 { 4.0 } else { x };
     let x2 = x * x;
-    let mut p = -2.726_142_2e-10;
+    let mut p = -2.726_142e-10;
     p = M::fma(p, x2, 2.770_681_4e-8);
     p = M::fma(p, x2, -2.101_024e-6);
     p = M::fma(p, x2, -5.692_506_4e-5);
