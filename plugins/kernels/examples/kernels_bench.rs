@@ -78,7 +78,9 @@ impl Buf {
         Buf {
             dtype: DType::U32,
             shape: shape.to_vec(),
-            words: (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761) % modulo).collect(),
+            words: (0..n as u32)
+                .map(|i| i.wrapping_mul(2_654_435_761) % modulo)
+                .collect(),
         }
     }
     fn bytes(&self) -> usize {
@@ -106,13 +108,22 @@ enum Work {
     Flops(f64),
 }
 
-/// Run `op` repeatedly for about `budget`, return the median time of one call.
-fn time(k: &CpuKernel, op: &str, ins: &[&Buf], attrs: &[f64], outs: &mut [Buf], budget: Duration) -> Result<Duration, String> {
+/// Run `op` repeatedly for about `budget`, return the fastest call: the machines are shared,
+/// and the minimum is the figure least disturbed by other processes.
+fn time(
+    k: &CpuKernel,
+    op: &str,
+    ins: &[&Buf],
+    attrs: &[f64],
+    outs: &mut [Buf],
+    budget: Duration,
+) -> Result<Duration, String> {
     let views: Vec<BufferView<'_>> = ins.iter().map(|b| b.view()).collect();
     let mut muts: Vec<BufferMut<'_>> = outs.iter_mut().map(|b| b.view_mut()).collect();
     let mut once = || -> Result<Duration, String> {
         let t = Instant::now();
-        k.call(op, &views, attrs, &mut muts).map_err(|e| e.to_string())?;
+        k.call(op, &views, attrs, &mut muts)
+            .map_err(|e| e.to_string())?;
         Ok(t.elapsed())
     };
     once()?;
@@ -121,8 +132,7 @@ fn time(k: &CpuKernel, op: &str, ins: &[&Buf], attrs: &[f64], outs: &mut [Buf], 
     while samples.len() < 5 || (start.elapsed() < budget && samples.len() < 1000) {
         samples.push(once()?);
     }
-    samples.sort();
-    Ok(samples[samples.len() / 2])
+    Ok(samples.into_iter().min().unwrap_or_default())
 }
 
 fn report(model: &str, op: &str, shape: &str, t: Duration, work: Work) {
@@ -131,33 +141,73 @@ fn report(model: &str, op: &str, shape: &str, t: Duration, work: Work) {
         Work::Bytes(b) => format!("{:8.1} GB/s", b as f64 / secs / 1e9),
         Work::Flops(f) => format!("{:8.1} GFLOP/s", f / secs / 1e9),
     };
-    println!("{model:<6} {op:<22} {shape:<22} {:>9.3} ms {rate}", secs * 1e3);
+    println!(
+        "{model:<6} {op:<22} {shape:<22} {:>9.3} ms {rate}",
+        secs * 1e3
+    );
 }
 
 fn bench(k: &CpuKernel, m: &Model, budget: Duration) -> Result<(), String> {
     let n = m.batch * m.seq;
     let (d, hd) = (m.d, m.d / m.heads);
     let nm = m.name;
-    let all = |ins: &[&Buf], outs: &[Buf]| ins.iter().map(|b| b.bytes()).sum::<usize>() + outs.iter().map(Buf::bytes).sum::<usize>();
+    let all = |ins: &[&Buf], outs: &[Buf]| {
+        ins.iter().map(|b| b.bytes()).sum::<usize>() + outs.iter().map(Buf::bytes).sum::<usize>()
+    };
 
     // Layer norm over the residual stream.
-    let (x, w, b) = (Buf::f32(&[n, d], 1, -2.0, 2.0), Buf::f32(&[d], 2, 0.5, 1.5), Buf::f32(&[d], 3, -0.1, 0.1));
+    let (x, w, b) = (
+        Buf::f32(&[n, d], 1, -2.0, 2.0),
+        Buf::f32(&[d], 2, 0.5, 1.5),
+        Buf::f32(&[d], 3, -0.1, 0.1),
+    );
     let mut outs = vec![Buf::zeros(&[n, d]), Buf::zeros(&[n]), Buf::zeros(&[n])];
-    let t = time(k, "layer_norm.fwd", &[&x, &w, &b], &[1e-5], &mut outs, budget)?;
-    report(nm, "layer_norm.fwd", &format!("[{n}, {d}]"), t, Work::Bytes(all(&[&x, &w, &b], &outs)));
+    let t = time(
+        k,
+        "layer_norm.fwd",
+        &[&x, &w, &b],
+        &[1e-5],
+        &mut outs,
+        budget,
+    )?;
+    report(
+        nm,
+        "layer_norm.fwd",
+        &format!("[{n}, {d}]"),
+        t,
+        Work::Bytes(all(&[&x, &w, &b], &outs)),
+    );
     let dy = Buf::f32(&[n, d], 4, -1.0, 1.0);
     let ins = [&dy, &x, &w, &outs[1], &outs[2]];
     let mut grads = vec![Buf::zeros(&[n, d]), Buf::zeros(&[d]), Buf::zeros(&[d])];
     let t = time(k, "layer_norm.bwd", &ins, &[], &mut grads, budget)?;
-    report(nm, "layer_norm.bwd", &format!("[{n}, {d}]"), t, Work::Bytes(all(&ins, &grads)));
+    report(
+        nm,
+        "layer_norm.bwd",
+        &format!("[{n}, {d}]"),
+        t,
+        Work::Bytes(all(&ins, &grads)),
+    );
 
     let mut outs = vec![Buf::zeros(&[n, d]), Buf::zeros(&[n])];
     let t = time(k, "rms_norm.fwd", &[&x, &w], &[1e-5], &mut outs, budget)?;
-    report(nm, "rms_norm.fwd", &format!("[{n}, {d}]"), t, Work::Bytes(all(&[&x, &w], &outs)));
+    report(
+        nm,
+        "rms_norm.fwd",
+        &format!("[{n}, {d}]"),
+        t,
+        Work::Bytes(all(&[&x, &w], &outs)),
+    );
     let ins = [&dy, &x, &w, &outs[1]];
     let mut grads = vec![Buf::zeros(&[n, d]), Buf::zeros(&[d])];
     let t = time(k, "rms_norm.bwd", &ins, &[], &mut grads, budget)?;
-    report(nm, "rms_norm.bwd", &format!("[{n}, {d}]"), t, Work::Bytes(all(&ins, &grads)));
+    report(
+        nm,
+        "rms_norm.bwd",
+        &format!("[{n}, {d}]"),
+        t,
+        Work::Bytes(all(&ins, &grads)),
+    );
 
     // GELU and the bias gradient of the MLP's hidden layer.
     let h = Buf::f32(&[n, 4 * d], 5, -4.0, 4.0);
@@ -165,57 +215,165 @@ fn bench(k: &CpuKernel, m: &Model, budget: Duration) -> Result<(), String> {
     for form in ["gelu_erf", "gelu_tanh"] {
         let mut y = vec![Buf::zeros(&[n, 4 * d])];
         let t = time(k, &format!("{form}.fwd"), &[&h], &[], &mut y, budget)?;
-        report(nm, &format!("{form}.fwd"), &format!("[{n}, {}]", 4 * d), t, Work::Bytes(all(&[&h], &y)));
+        report(
+            nm,
+            &format!("{form}.fwd"),
+            &format!("[{n}, {}]", 4 * d),
+            t,
+            Work::Bytes(all(&[&h], &y)),
+        );
         let t = time(k, &format!("{form}.bwd"), &[&h, &dh], &[], &mut y, budget)?;
-        report(nm, &format!("{form}.bwd"), &format!("[{n}, {}]", 4 * d), t, Work::Bytes(all(&[&h, &dh], &y)));
+        report(
+            nm,
+            &format!("{form}.bwd"),
+            &format!("[{n}, {}]", 4 * d),
+            t,
+            Work::Bytes(all(&[&h, &dh], &y)),
+        );
     }
     let mut y = vec![Buf::zeros(&[4 * d])];
     let t = time(k, "sum_rows", &[&dh], &[], &mut y, budget)?;
-    report(nm, "sum_rows", &format!("[{n}, {}]", 4 * d), t, Work::Bytes(all(&[&dh], &y)));
+    report(
+        nm,
+        "sum_rows",
+        &format!("[{n}, {}]", 4 * d),
+        t,
+        Work::Bytes(all(&[&dh], &y)),
+    );
 
     // Softmax over attention-score rows.
     let rows = m.batch * m.heads * m.seq;
     let s = Buf::f32(&[rows, m.seq], 7, -5.0, 5.0);
     let mut p = vec![Buf::zeros(&[rows, m.seq])];
     let t = time(k, "softmax_last_dim.fwd", &[&s], &[], &mut p, budget)?;
-    report(nm, "softmax_last_dim.fwd", &format!("[{rows}, {}]", m.seq), t, Work::Bytes(all(&[&s], &p)));
+    report(
+        nm,
+        "softmax_last_dim.fwd",
+        &format!("[{rows}, {}]", m.seq),
+        t,
+        Work::Bytes(all(&[&s], &p)),
+    );
     let mut ds = vec![Buf::zeros(&[rows, m.seq])];
-    let t = time(k, "softmax_last_dim.bwd", &[&p[0], &s], &[], &mut ds, budget)?;
-    report(nm, "softmax_last_dim.bwd", &format!("[{rows}, {}]", m.seq), t, Work::Bytes(all(&[&p[0], &s], &ds)));
+    let t = time(
+        k,
+        "softmax_last_dim.bwd",
+        &[&p[0], &s],
+        &[],
+        &mut ds,
+        budget,
+    )?;
+    report(
+        nm,
+        "softmax_last_dim.bwd",
+        &format!("[{rows}, {}]", m.seq),
+        t,
+        Work::Bytes(all(&[&p[0], &s], &ds)),
+    );
 
     // Causal attention.
     let shape = [m.batch, m.heads, m.seq, hd];
-    let (q, kk, v) = (Buf::f32(&shape, 8, -1.0, 1.0), Buf::f32(&shape, 9, -1.0, 1.0), Buf::f32(&shape, 10, -1.0, 1.0));
+    let (q, kk, v) = (
+        Buf::f32(&shape, 8, -1.0, 1.0),
+        Buf::f32(&shape, 9, -1.0, 1.0),
+        Buf::f32(&shape, 10, -1.0, 1.0),
+    );
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = vec![Buf::zeros(&shape), Buf::zeros(&shape[..3])];
     let pairs = (m.batch * m.heads) as f64 * (m.seq * (m.seq + 1) / 2) as f64 * hd as f64;
-    let t = time(k, "causal_attention.fwd", &[&q, &kk, &v], &[scale], &mut outs, budget)?;
+    let t = time(
+        k,
+        "causal_attention.fwd",
+        &[&q, &kk, &v],
+        &[scale],
+        &mut outs,
+        budget,
+    )?;
     let shape_s = format!("{shape:?}");
-    report(nm, "causal_attention.fwd", &shape_s, t, Work::Flops(2.0 * 2.0 * pairs));
+    report(
+        nm,
+        "causal_attention.fwd",
+        &shape_s,
+        t,
+        Work::Flops(2.0 * 2.0 * pairs),
+    );
     let dout = Buf::f32(&shape, 11, -1.0, 1.0);
     let ins = [&q, &kk, &v, &outs[0], &outs[1], &dout];
     let mut grads = vec![Buf::zeros(&shape), Buf::zeros(&shape), Buf::zeros(&shape)];
-    let t = time(k, "causal_attention.bwd", &ins, &[scale], &mut grads, budget)?;
-    report(nm, "causal_attention.bwd", &shape_s, t, Work::Flops(5.0 * 2.0 * pairs));
+    let t = time(
+        k,
+        "causal_attention.bwd",
+        &ins,
+        &[scale],
+        &mut grads,
+        budget,
+    )?;
+    report(
+        nm,
+        "causal_attention.bwd",
+        &shape_s,
+        t,
+        Work::Flops(5.0 * 2.0 * pairs),
+    );
 
     // Cross-entropy over the LM head's logits.
     let logits = Buf::f32(&[n, m.vocab], 12, -4.0, 4.0);
     let targets = Buf::u32s(&[n], m.vocab as u32);
-    let mut outs = vec![Buf::zeros(&[1]), Buf::zeros(&[1]), Buf::zeros(&[1]), Buf::zeros(&[n])];
-    let t = time(k, "cross_entropy.fwd", &[&logits, &targets], &[-100.0], &mut outs, budget)?;
-    report(nm, "cross_entropy.fwd", &format!("[{n}, {}]", m.vocab), t, Work::Bytes(all(&[&logits, &targets], &outs)));
+    let mut outs = vec![
+        Buf::zeros(&[1]),
+        Buf::zeros(&[1]),
+        Buf::zeros(&[1]),
+        Buf::zeros(&[n]),
+    ];
+    let t = time(
+        k,
+        "cross_entropy.fwd",
+        &[&logits, &targets],
+        &[-100.0],
+        &mut outs,
+        budget,
+    )?;
+    report(
+        nm,
+        "cross_entropy.fwd",
+        &format!("[{n}, {}]", m.vocab),
+        t,
+        Work::Bytes(all(&[&logits, &targets], &outs)),
+    );
     let ins = [&logits, &targets, &outs[3]];
     let mut dl = vec![Buf::zeros(&[n, m.vocab])];
-    let t = time(k, "cross_entropy.bwd", &ins, &[-100.0, 1.0 / n as f64], &mut dl, budget)?;
-    report(nm, "cross_entropy.bwd", &format!("[{n}, {}]", m.vocab), t, Work::Bytes(all(&ins, &dl)));
+    let t = time(
+        k,
+        "cross_entropy.bwd",
+        &ins,
+        &[-100.0, 1.0 / n as f64],
+        &mut dl,
+        budget,
+    )?;
+    report(
+        nm,
+        "cross_entropy.bwd",
+        &format!("[{n}, {}]", m.vocab),
+        t,
+        Work::Bytes(all(&ins, &dl)),
+    );
 
     // AdamW over every parameter at once.
     let g = Buf::f32(&[m.params], 13, -0.01, 0.01);
-    let mut state = vec![Buf::f32(&[m.params], 14, -0.1, 0.1), Buf::zeros(&[m.params]), Buf::zeros(&[m.params])];
+    let mut state = vec![
+        Buf::f32(&[m.params], 14, -0.1, 0.1),
+        Buf::zeros(&[m.params]),
+        Buf::zeros(&[m.params]),
+    ];
     let attrs = [6e-4, 0.9, 0.95, 1e-8, 0.1, 1.0];
     let t = time(k, "adamw.step", &[&g], &attrs, &mut state, budget)?;
     let bytes = g.bytes() + 2 * state.iter().map(Buf::bytes).sum::<usize>();
-    report(nm, "adamw.step", &format!("[{}]", m.params), t, Work::Bytes(bytes));
+    report(
+        nm,
+        "adamw.step",
+        &format!("[{}]", m.params),
+        t,
+        Work::Bytes(bytes),
+    );
     Ok(())
 }
 

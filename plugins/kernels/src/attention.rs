@@ -26,6 +26,8 @@ use crate::Ctx;
 const BLOCK: usize = 32;
 /// Register tile of [`matmul_acc`]: rows.
 const MR: usize = 4;
+// The register tile below names its four rows one by one.
+const _: () = assert!(MR == 4);
 /// Register tile of [`matmul_acc`]: columns.
 const NR: usize = 32;
 
@@ -49,23 +51,27 @@ multiversion! {
             while j0 < n {
                 let nr = NR.min(n - j0);
                 if mr == MR && nr == NR {
+                    // Row slices and zipped iterators leave the inner loop free of bounds
+                    // checks and of pointer reloads, so it is loads and FMAs only.
+                    let row = |r: usize| &a[(i0 + r) * lda..(i0 + r) * lda + k];
+                    let (a0, a1, a2, a3) = (row(0), row(1), row(2), row(3));
                     let mut acc = [[0.0f32; NR]; MR];
-                    for p in 0..k {
-                        let brow: &[f32; NR] = match b[p * ldb + j0..p * ldb + j0 + NR].try_into() {
-                            Ok(r) => r,
-                            Err(_) => return,
+                    let rows = a0.iter().zip(a1).zip(a2).zip(a3).zip(b.chunks(ldb));
+                    for ((((&x0, &x1), &x2), &x3), brow) in rows {
+                        let Some(brow) = brow.get(j0..j0 + NR).and_then(|s| <&[f32; NR]>::try_from(s).ok()) else {
+                            break;
                         };
-                        for r in 0..MR {
-                            let av = a[(i0 + r) * lda + p];
-                            for q in 0..NR {
-                                acc[r][q] = M::fma(av, brow[q], acc[r][q]);
-                            }
+                        for q in 0..NR {
+                            acc[0][q] = M::fma(x0, brow[q], acc[0][q]);
+                            acc[1][q] = M::fma(x1, brow[q], acc[1][q]);
+                            acc[2][q] = M::fma(x2, brow[q], acc[2][q]);
+                            acc[3][q] = M::fma(x3, brow[q], acc[3][q]);
                         }
                     }
-                    for r in 0..MR {
+                    for (r, acc) in acc.iter().enumerate() {
                         let crow = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
-                        for q in 0..NR {
-                            crow[q] += acc[r][q];
+                        for (cv, &av) in crow.iter_mut().zip(acc) {
+                            *cv += av;
                         }
                     }
                 } else {
