@@ -1,1 +1,259 @@
-//! placeholder
+//! The built-in `cpu` kernel: fused, multi-threaded CPU implementations of the ops that
+//! dominate training a GPT, forward and backward, on raw contiguous host buffers.
+//!
+//! Composed from tensor primitives, softmax, layer norm, GELU and cross-entropy each
+//! allocate and traverse several intermediates, and sums over leading dimensions take a
+//! single-threaded path; here each op is one or two passes over its rows, parallel across
+//! rows (or attention heads) with rayon, with inner loops that vectorise
+//! ([`simd`] compiles them for AVX-512, AVX2 and the baseline and picks one at run time).
+//!
+//! # Buffers
+//!
+//! Every buffer is contiguous, row-major, native-endian, with the byte length its shape and
+//! dtype imply. *float* means f32 or bf16 (converted to f32, computed in f32, rounded back
+//! to nearest-even); statistics (`mean`, `rstd`, `lse`), losses and optimizer state are
+//! always f32. `[.., c]` means any rank ≥ 1, the leading dimensions flattened into rows;
+//! `[..]` for a statistic means the input's leading dimensions (e.g. `x: [B, T, C]` →
+//! `mean: [B, T]`). Calls with a wrong count, dtype, shape, byte length or attribute are
+//! refused with a message naming the op and the buffer.
+//!
+//! # Ops
+//!
+//! | op | inputs | attrs | outputs |
+//! |---|---|---|---|
+//! | `softmax_last_dim.fwd` | x: float `[.., n]` | — | y: float like x |
+//! | `softmax_last_dim.bwd` | y, dy: float `[.., n]` | — | dx: float like y |
+//! | `causal_attention.fwd` | q, k, v: float `[.., t, d]` (e.g. `[b, h, t, d]`) | scale | out: float like q; lse: f32 `[.., t]` |
+//! | `causal_attention.bwd` | q, k, v, out: float `[.., t, d]`; lse: f32 `[.., t]`; dout: float like q | scale | dq, dk, dv: float like q |
+//! | `layer_norm.fwd` | x: float `[.., c]`; w, b: float `[c]` | eps | y: float like x; mean, rstd: f32 `[..]` |
+//! | `layer_norm.bwd` | dy, x: float `[.., c]`; w: float `[c]`; mean, rstd: f32 `[..]` | — | dx: float like x; dw, db: float `[c]` |
+//! | `rms_norm.fwd` | x: float `[.., c]`; w: float `[c]` | eps | y: float like x; rstd: f32 `[..]` |
+//! | `rms_norm.bwd` | dy, x: float `[.., c]`; w: float `[c]`; rstd: f32 `[..]` | — | dx: float like x; dw: float `[c]` |
+//! | `gelu_erf.fwd`, `gelu_tanh.fwd` | x: float, any shape | — | y: float like x |
+//! | `gelu_erf.bwd`, `gelu_tanh.bwd` | x, dy: float, same shape | — | dx: float like x |
+//! | `cross_entropy.fwd` | logits: float `[.., v]`; targets: u32 `[..]` | ignore_index | loss_sum, tokens, correct: f32 `[1]` (or `[]`); lse: f32 `[..]` |
+//! | `cross_entropy.bwd` | logits: float `[.., v]`; targets: u32 `[..]`; lse: f32 `[..]` | ignore_index, grad_scale | dlogits: float like logits |
+//! | `sum_rows` | x: float `[.., s..]` | — | y: float `[s..]`, any trailing dims of x |
+//! | `adamw.step` | grad: float | lr, beta1, beta2, eps, weight_decay, step | param, m, v: f32 like grad, updated in place |
+//!
+//! Semantics:
+//! - `causal_attention`: `out_i = Σ_{j≤i} softmax_j(scale·q_i·k_j) v_j`; `lse_i` is the
+//!   natural log-sum-exp of row i's scaled scores, saved for the backward pass.
+//! - `layer_norm`: `y = (x − mean)·rstd·w + b` with the biased variance,
+//!   `rstd = 1/√(var + eps)`. `rms_norm`: `y = x·rstd·w`, `rstd = 1/√(mean(x²) + eps)`.
+//! - `gelu_erf`: `x·Φ(x)`; `gelu_tanh`: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
+//! - `cross_entropy.fwd`: rows whose target equals `ignore_index` are not counted;
+//!   `loss_sum = Σ (lse_i − logit_{i,target_i})`, `tokens` the counted rows, `correct` the
+//!   counted rows whose first arg-max is the target. Other targets must be `< v`.
+//!   `cross_entropy.bwd`: `dlogits = grad_scale·(softmax − onehot)` on counted rows, 0 on
+//!   ignored rows.
+//! - `sum_rows`: sums over the leading dimensions of x that y does not have
+//!   (`[B, T, C] → [C]` for a bias gradient, `[B, T, C] → [T, C]` for position embeddings).
+//! - `adamw.step`: `torch.optim.AdamW` — `p ← p·(1 − lr·wd)`; `m ← β₁m + (1−β₁)g`;
+//!   `v ← β₂v + (1−β₂)g²`; `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + eps)`, with `t = step ≥ 1`.
+//!
+//! Reductions across rows (`dw`, `db`, `sum_rows`, the loss sums) are bit-identical for any
+//! thread count. Results depend on the instruction set chosen (FMA changes rounding); set
+//! `"simd": "portable"` for identical results on every x86-64.
+//!
+//! # Parameters
+//!
+//! JSON, every field optional: `{"threads": 2, "simd": "auto"}`. `threads` runs the ops on a
+//! dedicated pool of that many threads instead of rayon's global pool; `simd` is `"auto"`
+//! (the best the CPU has) or `"portable"`.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod adamw;
+mod attention;
+mod buffer;
+mod cross_entropy;
+mod error;
+mod gelu;
+mod norm;
+mod par;
+mod reduce;
+mod simd;
+mod softmax;
+
+#[cfg(test)]
+mod tests;
+
+use codex_plugin_api::{BufferMut, BufferView, Describe, DeviceKind, Kernel};
+use serde::Deserialize;
+
+pub use error::KernelError;
+
+/// Every op the kernel implements, in the order of the crate-level table.
+pub const OPS: &[&str] = &[
+    "softmax_last_dim.fwd",
+    "softmax_last_dim.bwd",
+    "causal_attention.fwd",
+    "causal_attention.bwd",
+    "layer_norm.fwd",
+    "layer_norm.bwd",
+    "rms_norm.fwd",
+    "rms_norm.bwd",
+    "gelu_erf.fwd",
+    "gelu_erf.bwd",
+    "gelu_tanh.fwd",
+    "gelu_tanh.bwd",
+    "cross_entropy.fwd",
+    "cross_entropy.bwd",
+    "sum_rows",
+    "adamw.step",
+];
+
+/// What every op needs besides its buffers.
+pub(crate) struct Ctx {
+    level: simd::Level,
+}
+
+/// The kernel's parameters as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// Size of a dedicated thread pool; default: rayon's global pool.
+    threads: Option<usize>,
+    /// `"auto"` (default) or `"portable"`.
+    simd: Option<String>,
+}
+
+/// The `cpu` kernel.
+pub struct CpuKernel {
+    ctx: Ctx,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for CpuKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuKernel")
+            .field("isa", &self.ctx.level.isa())
+            .field(
+                "threads",
+                &self.pool.as_ref().map(|p| p.current_num_threads()),
+            )
+            .finish()
+    }
+}
+
+impl CpuKernel {
+    /// Build from JSON parameters (an empty string means the defaults).
+    pub fn new(params: &str) -> Result<CpuKernel, KernelError> {
+        let p: Params = if params.trim().is_empty() {
+            Params::default()
+        } else {
+            serde_json::from_str(params).map_err(|e| KernelError::Params(e.to_string()))?
+        };
+        let level = match p.simd.as_deref() {
+            None | Some("auto") => simd::Level::detect(),
+            Some("portable") => simd::Level::portable(),
+            Some(other) => {
+                return Err(KernelError::Params(format!(
+                    "`simd` is \"{other}\", expected \"auto\" or \"portable\""
+                )))
+            }
+        };
+        let pool = match p.threads {
+            None => None,
+            Some(0) => {
+                return Err(KernelError::Params(
+                    "`threads` is 0, expected at least 1".into(),
+                ))
+            }
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("codex-cpu-kernel-{i}"))
+                    .build()
+                    .map_err(|e| KernelError::Pool {
+                        threads: n,
+                        reason: e.to_string(),
+                    })?,
+            ),
+        };
+        Ok(CpuKernel {
+            ctx: Ctx { level },
+            pool,
+        })
+    }
+
+    /// Run `op` (see the crate-level table).
+    pub fn call(
+        &self,
+        op: &str,
+        inputs: &[BufferView<'_>],
+        attrs: &[f64],
+        outputs: &mut [BufferMut<'_>],
+    ) -> Result<(), KernelError> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.dispatch(op, inputs, attrs, outputs)),
+            None => self.dispatch(op, inputs, attrs, outputs),
+        }
+    }
+
+    fn dispatch(
+        &self,
+        op: &str,
+        ins: &[BufferView<'_>],
+        attrs: &[f64],
+        outs: &mut [BufferMut<'_>],
+    ) -> Result<(), KernelError> {
+        let ctx = &self.ctx;
+        match op {
+            "softmax_last_dim.fwd" => softmax::fwd(ctx, ins, attrs, outs),
+            "softmax_last_dim.bwd" => softmax::bwd(ctx, ins, attrs, outs),
+            "causal_attention.fwd" => attention::fwd(ctx, ins, attrs, outs),
+            "causal_attention.bwd" => attention::bwd(ctx, ins, attrs, outs),
+            "layer_norm.fwd" => norm::layer_norm_fwd(ctx, ins, attrs, outs),
+            "layer_norm.bwd" => norm::layer_norm_bwd(ctx, ins, attrs, outs),
+            "rms_norm.fwd" => norm::rms_norm_fwd(ctx, ins, attrs, outs),
+            "rms_norm.bwd" => norm::rms_norm_bwd(ctx, ins, attrs, outs),
+            "gelu_erf.fwd" => gelu::fwd(gelu::Form::Erf, ctx, ins, attrs, outs),
+            "gelu_erf.bwd" => gelu::bwd(gelu::Form::Erf, ctx, ins, attrs, outs),
+            "gelu_tanh.fwd" => gelu::fwd(gelu::Form::Tanh, ctx, ins, attrs, outs),
+            "gelu_tanh.bwd" => gelu::bwd(gelu::Form::Tanh, ctx, ins, attrs, outs),
+            "cross_entropy.fwd" => cross_entropy::fwd(ctx, ins, attrs, outs),
+            "cross_entropy.bwd" => cross_entropy::bwd(ctx, ins, attrs, outs),
+            "sum_rows" => reduce::sum_rows(ctx, ins, attrs, outs),
+            "adamw.step" => adamw::step(ctx, ins, attrs, outs),
+            _ => Err(KernelError::UnknownOp {
+                op: op.to_string(),
+                known: OPS.join(", "),
+            }),
+        }
+    }
+}
+
+impl Describe for CpuKernel {
+    const NAME: &'static str = "cpu";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "fused multi-threaded CPU ops: attention, softmax, norms, GELU, cross-entropy, AdamW";
+}
+
+impl Kernel for CpuKernel {
+    fn create(params: &str) -> codex_plugin_api::Result<Self> {
+        Ok(CpuKernel::new(params)?)
+    }
+
+    fn device(&self) -> DeviceKind {
+        DeviceKind::Cpu
+    }
+
+    fn ops(&self) -> Vec<String> {
+        OPS.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(
+        &self,
+        op: &str,
+        inputs: &[BufferView<'_>],
+        attrs: &[f64],
+        outputs: &mut [BufferMut<'_>],
+    ) -> codex_plugin_api::Result<()> {
+        Ok(self.call(op, inputs, attrs, outputs)?)
+    }
+}
+
+codex_plugin_api::builtin!(codex_plugin_api::kernel::declare::<CpuKernel>);

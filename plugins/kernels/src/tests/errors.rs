@@ -1,0 +1,232 @@
+//! Malformed calls are refused with an error naming what is wrong, never a panic.
+
+use codex_plugin_api::{DType, Kernel};
+
+use super::*;
+
+fn f32s(shape: &[usize]) -> Buf {
+    Buf::zeros(DType::F32, shape)
+}
+
+/// Run `op` and expect an error containing `needle`.
+#[track_caller]
+fn check(op: &str, ins: &[&Buf], attrs: &[f64], outs: &mut [Buf], needle: &str) {
+    let k = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
+    match run(&k, op, ins, attrs, outs) {
+        Ok(()) => panic!("{op}: accepted a call that should fail with `{needle}`"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "{op}: error `{e}` does not mention `{needle}`"
+        ),
+    }
+}
+
+#[test]
+fn malformed_calls_are_errors() {
+    let x = f32s(&[2, 3]);
+    check(
+        "nope.fwd",
+        &[&x],
+        &[],
+        &mut [f32s(&[2, 3])],
+        "unknown op `nope.fwd`",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[],
+        &[],
+        &mut [f32s(&[2, 3])],
+        "expected 1 inputs, found 0",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&x],
+        &[],
+        &mut [],
+        "expected 1 outputs, found 0",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&x],
+        &[1.0],
+        &mut [f32s(&[2, 3])],
+        "expected 0 attrs, found 1",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&x],
+        &[],
+        &mut [f32s(&[3, 2])],
+        "`y` has shape [3, 2]",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&Buf::zeros(DType::F32, &[])],
+        &[],
+        &mut [f32s(&[])],
+        "at least one dimension",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&Buf::raw(DType::F64, &[2, 3], 48)],
+        &[],
+        &mut [f32s(&[2, 3])],
+        "dtype f64",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&Buf::raw(DType::F32, &[2, 3], 20)],
+        &[],
+        &mut [f32s(&[2, 3])],
+        "holds 20 bytes",
+    );
+    check(
+        "softmax_last_dim.fwd",
+        &[&Buf::raw(DType::F32, &[usize::MAX, 3], 0)],
+        &[],
+        &mut [f32s(&[2, 3])],
+        "holds 0 bytes",
+    );
+    check(
+        "layer_norm.fwd",
+        &[&x, &f32s(&[3]), &f32s(&[3])],
+        &[-1.0],
+        &mut [f32s(&[2, 3]), f32s(&[2]), f32s(&[2])],
+        "`eps` is -1",
+    );
+    check(
+        "layer_norm.fwd",
+        &[&x, &f32s(&[4]), &f32s(&[3])],
+        &[1e-5],
+        &mut [f32s(&[2, 3]), f32s(&[2]), f32s(&[2])],
+        "`w` has shape [4]",
+    );
+    check(
+        "layer_norm.fwd",
+        &[&x, &f32s(&[3]), &f32s(&[3])],
+        &[1e-5],
+        &mut [f32s(&[2, 3]), Buf::zeros(DType::BF16, &[2]), f32s(&[2])],
+        "`mean` has dtype bf16, expected f32",
+    );
+    let t = Buf::u32s(&[2], &[0, 3]);
+    let ce_outs = || [f32s(&[1]), f32s(&[1]), f32s(&[1]), f32s(&[2])];
+    check(
+        "cross_entropy.fwd",
+        &[&x, &t],
+        &[-100.0],
+        &mut ce_outs(),
+        "target 3 at row 1 is out of range for 3 classes",
+    );
+    check(
+        "cross_entropy.fwd",
+        &[&x, &x],
+        &[-100.0],
+        &mut ce_outs(),
+        "`targets` has dtype f32, expected u32",
+    );
+    check(
+        "cross_entropy.fwd",
+        &[&x, &Buf::u32s(&[2], &[0, 1])],
+        &[0.5],
+        &mut ce_outs(),
+        "`ignore_index` is 0.5",
+    );
+    check(
+        "cross_entropy.fwd",
+        &[&x, &Buf::u32s(&[2], &[0, 1])],
+        &[-100.0],
+        &mut [f32s(&[2]), f32s(&[1]), f32s(&[1]), f32s(&[2])],
+        "`loss_sum` has shape [2]",
+    );
+    check(
+        "cross_entropy.bwd",
+        &[&x, &t, &f32s(&[2])],
+        &[3.0, f64::NAN],
+        &mut [f32s(&[2, 3])],
+        "`grad_scale` is NaN",
+    );
+    let q = f32s(&[1, 2, 4, 3]);
+    check(
+        "causal_attention.fwd",
+        &[&q, &q, &f32s(&[1, 2, 4, 2])],
+        &[0.5],
+        &mut [f32s(&[1, 2, 4, 3]), f32s(&[1, 2, 4])],
+        "`v` has shape [1, 2, 4, 2]",
+    );
+    check(
+        "causal_attention.fwd",
+        &[&q, &q, &q],
+        &[0.5],
+        &mut [f32s(&[1, 2, 4, 3]), f32s(&[1, 2, 3])],
+        "`lse` has shape [1, 2, 3]",
+    );
+    check(
+        "sum_rows",
+        &[&x],
+        &[],
+        &mut [f32s(&[2])],
+        "trailing dimensions",
+    );
+    check(
+        "adamw.step",
+        &[&x],
+        &[1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0],
+        &mut [f32s(&[2, 3]), f32s(&[2, 3]), f32s(&[2, 3])],
+        "`step` is 0",
+    );
+    check(
+        "adamw.step",
+        &[&x],
+        &[1e-3, 1.0, 0.999, 1e-8, 0.0, 1.0],
+        &mut [f32s(&[2, 3]), f32s(&[2, 3]), f32s(&[2, 3])],
+        "`beta1` is 1",
+    );
+    check(
+        "adamw.step",
+        &[&x],
+        &[1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0],
+        &mut [
+            Buf::zeros(DType::BF16, &[2, 3]),
+            f32s(&[2, 3]),
+            f32s(&[2, 3]),
+        ],
+        "`param` has dtype bf16",
+    );
+}
+
+#[test]
+fn params_are_strict() {
+    for (params, needle) in [
+        (r#"{"threads": 0}"#, "`threads` is 0"),
+        (r#"{"thread": 2}"#, "unknown field `thread`"),
+        (r#"{"simd": "avx9"}"#, "`simd` is \"avx9\""),
+        ("[1]", "cpu kernel params"),
+    ] {
+        match CpuKernel::new(params) {
+            Ok(_) => panic!("accepted params {params}"),
+            Err(e) => assert!(
+                e.to_string().contains(needle),
+                "{params}: `{e}` does not mention `{needle}`"
+            ),
+        }
+    }
+    for params in ["", "{}", r#"{"threads": 2, "simd": "portable"}"#] {
+        if let Err(e) = CpuKernel::new(params) {
+            panic!("rejected params {params}: {e}");
+        }
+    }
+}
+
+#[test]
+fn every_listed_op_is_dispatched() {
+    let k = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
+    let ops = Kernel::ops(&k);
+    assert_eq!(ops.len(), crate::OPS.len());
+    for op in ops {
+        // No buffers: every implemented op refuses with a count error, not "unknown op".
+        match k.call(&op, &[], &[], &mut []) {
+            Ok(()) => panic!("{op}: accepted an empty call"),
+            Err(e) => assert!(!e.to_string().contains("unknown op"), "{op}: {e}"),
+        }
+    }
+}
