@@ -16,6 +16,7 @@
 //! are carried as a JSON object; in the file they are written as a RON struct
 //! (`(n_layer: 2)`) or map (`{"n_layer": 2}`).
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -25,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::data::{DataConfig, Source};
-use crate::diagnostics::{backticked, did_you_mean, field_path, join_field, parse_ron, ron_options, Diagnostic};
+use crate::diagnostics::{
+    backticked, did_you_mean, field_path, join_field, parse_ron, ron_options, Diagnostic,
+};
 use crate::registry::Registry;
 
 /// Seed used when the config gives none.
@@ -299,7 +302,13 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// The settings handed to the trainer, once the run knows how many optimizer steps the
     /// data allows (`total_steps`, from `max_steps` and/or `epochs`).
-    pub fn settings(&self, seed: u64, lr: f64, total_steps: u64, ignore_index: u32) -> TrainSettings {
+    pub fn settings(
+        &self,
+        seed: u64,
+        lr: f64,
+        total_steps: u64,
+        ignore_index: u32,
+    ) -> TrainSettings {
         TrainSettings {
             seed,
             total_steps,
@@ -418,7 +427,9 @@ fn related(field: &str, path: &str) -> bool {
     let inside = |outer: &str, inner: &str| {
         inner == outer
             || outer.is_empty()
-            || inner.strip_prefix(outer).is_some_and(|rest| rest.starts_with(['.', '[']))
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.starts_with(['.', '[']))
     };
     inside(path, field) || inside(field, path)
 }
@@ -467,7 +478,9 @@ fn parse_value(text: &str) -> Value {
     // ron reads a bare identifier as a unit value, which JSON would turn into null; here it is
     // the name of something (an enum variant, a component), so keep it as a string.
     let bare_identifier = trimmed.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && trimmed.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        && trimmed
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
     if bare_identifier && !matches!(trimmed, "true" | "false" | "None") {
         return Value::String(trimmed.to_owned());
     }
@@ -490,7 +503,7 @@ pub enum ConfigError {
     },
     /// A parse or validation error in the file.
     #[error("{0}")]
-    Invalid(Diagnostic),
+    Invalid(Box<Diagnostic>),
     /// An override that cannot be applied.
     #[error("--set {arg}: {message}")]
     Override {
@@ -523,44 +536,60 @@ impl Config {
 
     /// Like [`Config::load`], with the file's text already read (`path` names it in errors and
     /// anchors relative paths).
-    pub fn from_source(path: &Path, source: &str, overrides: &[Override]) -> Result<Config, ConfigError> {
+    pub fn from_source(
+        path: &Path,
+        source: &str,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
         let mut raw: RawConfig = parse_ron(path, source).map_err(ConfigError::Invalid)?;
         if !overrides.is_empty() {
             raw = apply_overrides(raw, overrides)?;
         }
         let dir = config_dir(path);
-        Resolver {
-            path,
-            overrides,
-        }
-        .resolve(raw, dir)
+        Resolver { path, overrides }.resolve(raw, dir)
     }
 
     /// Check that every component the config names is registered, so a typo fails before any
     /// work starts.
     pub fn check_components(&self, registry: &Registry) -> Result<(), ConfigError> {
         let mut wanted: Vec<(String, ComponentKind, &str)> = vec![
-            ("tokenizer.name".into(), ComponentKind::Tokenizer, &self.tokenizer.name),
+            (
+                "tokenizer.name".into(),
+                ComponentKind::Tokenizer,
+                &self.tokenizer.name,
+            ),
             ("model.name".into(), ComponentKind::Model, &self.model.name),
-            ("optimizer.name".into(), ComponentKind::Optimizer, &self.optimizer.name),
-            ("trainer.name".into(), ComponentKind::Trainer, &self.trainer.name),
+            (
+                "optimizer.name".into(),
+                ComponentKind::Optimizer,
+                &self.optimizer.name,
+            ),
+            (
+                "trainer.name".into(),
+                ComponentKind::Trainer,
+                &self.trainer.name,
+            ),
         ];
         for (i, sink) in self.sinks.iter().enumerate() {
             wanted.push((format!("sinks[{i}].name"), ComponentKind::Sink, &sink.name));
         }
         for (i, tracker) in self.trackers.iter().enumerate() {
-            wanted.push((format!("trackers[{i}].name"), ComponentKind::Tracker, &tracker.name));
+            wanted.push((
+                format!("trackers[{i}].name"),
+                ComponentKind::Tracker,
+                &tracker.name,
+            ));
         }
         if let Some(kernel) = &self.kernel {
             wanted.push(("kernel".into(), ComponentKind::Kernel, kernel));
         }
         for (field, kind, name) in wanted {
             if let Err(e) = registry.get(kind, name) {
-                return Err(ConfigError::Invalid(Diagnostic::new(
+                return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
                     &self.path,
                     Some(field),
                     e.to_string(),
-                )));
+                ))));
             }
         }
         Ok(())
@@ -615,8 +644,11 @@ fn apply_overrides(raw: RawConfig, overrides: &[Override]) -> Result<RawConfig, 
         arg: overrides.first().map(|o| o.arg.clone()).unwrap_or_default(),
         message: format!("the config cannot take overrides: {e}"),
     })?;
+    // Sections created by earlier overrides (absent from the file) take any key here; the
+    // typed pass below checks them.
+    let mut created = BTreeSet::new();
     for o in overrides {
-        set(&mut tree, o).map_err(|message| ConfigError::Override {
+        set(&mut tree, o, &mut created).map_err(|message| ConfigError::Override {
             arg: o.arg.clone(),
             message,
         })?;
@@ -629,11 +661,19 @@ fn apply_overrides(raw: RawConfig, overrides: &[Override]) -> Result<RawConfig, 
         match culprit {
             Some(o) => ConfigError::OverrideValue {
                 arg: o.arg.clone(),
-                field: if field.is_empty() { o.path.clone() } else { field },
+                field: if field.is_empty() {
+                    o.path.clone()
+                } else {
+                    field
+                },
                 message,
             },
             None => ConfigError::OverrideValue {
-                arg: overrides.iter().map(|o| o.arg.as_str()).collect::<Vec<_>>().join(" --set "),
+                arg: overrides
+                    .iter()
+                    .map(|o| o.arg.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" --set "),
                 field,
                 message,
             },
@@ -642,21 +682,21 @@ fn apply_overrides(raw: RawConfig, overrides: &[Override]) -> Result<RawConfig, 
 }
 
 /// Set one override in the JSON form of the raw config.
-fn set(tree: &mut Value, o: &Override) -> Result<(), String> {
+fn set(tree: &mut Value, o: &Override, created: &mut BTreeSet<String>) -> Result<(), String> {
     let mut node = tree;
     let mut walked = String::new();
     // Below `params` (and inside sections the file left out) keys are not known here; the
     // typed pass that follows, or the component itself, checks them.
     let mut free_form = false;
-    for (i, segment) in o.segments.iter().enumerate() {
-        let last = i + 1 == o.segments.len();
-        if node.is_null() && !last {
+    for segment in &o.segments {
+        if node.is_null() {
             *node = match segment {
                 Segment::Key(_) => Value::Object(Map::new()),
                 Segment::Index(_) => Value::Array(Vec::new()),
             };
-            free_form = true;
+            created.insert(walked.clone());
         }
+        free_form |= created.contains(&walked);
         node = match (node, segment) {
             (Value::Object(map), Segment::Key(key)) => {
                 if !free_form && !map.contains_key(key) {
@@ -671,7 +711,6 @@ fn set(tree: &mut Value, o: &Override) -> Result<(), String> {
                 if *index == items.len() {
                     // One past the end appends, so a list can grow: `sinks[2]=(name: "csv")`.
                     items.push(Value::Null);
-                    free_form = true;
                 }
                 let len = items.len();
                 items.get_mut(*index).ok_or_else(|| {
@@ -731,10 +770,19 @@ struct Resolver<'a> {
 impl Resolver<'_> {
     fn invalid(&self, field: &str, message: impl Into<String>) -> ConfigError {
         let mut message = message.into();
-        if let Some(o) = self.overrides.iter().rev().find(|o| related(field, &o.path)) {
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| related(field, &o.path))
+        {
             message.push_str(&format!(" (value from --set {})", o.arg));
         }
-        ConfigError::Invalid(Diagnostic::new(self.path, Some(field.to_owned()), message))
+        ConfigError::Invalid(Box::new(Diagnostic::new(
+            self.path,
+            Some(field.to_owned()),
+            message,
+        )))
     }
 
     fn resolve(&self, raw: RawConfig, dir: PathBuf) -> Result<Config, ConfigError> {
@@ -794,7 +842,9 @@ impl Resolver<'_> {
     fn experiment(&self, name: String) -> Result<String, ConfigError> {
         let valid = !name.is_empty()
             && !name.starts_with('.')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if valid {
             Ok(name)
         } else {
@@ -823,7 +873,9 @@ impl Resolver<'_> {
         } else {
             Err(self.invalid(
                 "device",
-                format!("unknown device `{device}`; use `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`"),
+                format!(
+                    "unknown device `{device}`; use `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`"
+                ),
             ))
         }
     }
@@ -855,7 +907,9 @@ impl Resolver<'_> {
                             *p = absolute(dir, p);
                         }
                     }
-                    Source::Jsonl { path, .. } | Source::Csv { path, .. } => *path = absolute(dir, path),
+                    Source::Jsonl { path, .. } | Source::Csv { path, .. } => {
+                        *path = absolute(dir, path)
+                    }
                 }
             }
         }
@@ -867,7 +921,10 @@ impl Resolver<'_> {
 
     fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
         if name.trim().is_empty() {
-            Err(self.invalid(field, "empty component name; see `codex-ml list` for the names"))
+            Err(self.invalid(
+                field,
+                "empty component name; see `codex-ml list` for the names",
+            ))
         } else {
             Ok(())
         }
@@ -897,7 +954,10 @@ impl Resolver<'_> {
         if !(raw.lr.is_finite() && raw.lr > 0.0) {
             return Err(self.invalid(
                 "optimizer.lr",
-                format!("learning rate {} must be positive and finite, e.g. 3e-4", raw.lr),
+                format!(
+                    "learning rate {} must be positive and finite, e.g. 3e-4",
+                    raw.lr
+                ),
             ));
         }
         Ok(OptimizerSpec {
@@ -907,7 +967,12 @@ impl Resolver<'_> {
         })
     }
 
-    fn at_least_one(&self, field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    fn at_least_one(
+        &self,
+        field: &str,
+        value: Option<usize>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
         match value.unwrap_or(default) {
             0 => Err(self.invalid(field, "must be at least 1")),
             n => Ok(n),
@@ -996,7 +1061,10 @@ impl Resolver<'_> {
             ));
         }
         if raw.top_k == Some(0) {
-            return Err(self.invalid("generate.top_k", "must be at least 1; leave it out to keep every token"));
+            return Err(self.invalid(
+                "generate.top_k",
+                "must be at least 1; leave it out to keep every token",
+            ));
         }
         if let Some(p) = raw.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -1114,13 +1182,22 @@ mod out {
             }
             Value::Object(map) if map.is_empty() => "{}".to_owned(),
             Value::Object(map) if map.keys().all(|k| is_identifier(k)) => {
-                let fields: Vec<String> = map.iter().map(|(k, v)| format!("{k}: {}", ron_literal(v))).collect();
+                let fields: Vec<String> = map
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}", ron_literal(v)))
+                    .collect();
                 format!("({})", fields.join(", "))
             }
             Value::Object(map) => {
                 let entries: Vec<String> = map
                     .iter()
-                    .map(|(k, v)| format!("{}: {}", ron_literal(&Value::String(k.clone())), ron_literal(v)))
+                    .map(|(k, v)| {
+                        format!(
+                            "{}: {}",
+                            ron_literal(&Value::String(k.clone())),
+                            ron_literal(v)
+                        )
+                    })
                     .collect();
                 format!("{{{}}}", entries.join(", "))
             }
@@ -1220,10 +1297,26 @@ mod tests {
         };
         let key = |k: &str| Segment::Key(k.to_owned());
         check("seed=1", vec![key("seed")], "1");
-        check("train.max_steps=5", vec![key("train"), key("max_steps")], "5");
-        check("sinks[1].name=csv", vec![key("sinks"), Segment::Index(1), key("name")], "csv");
-        check("sinks.1.name=csv", vec![key("sinks"), Segment::Index(1), key("name")], "csv");
-        check("a[0][2]=x=y", vec![key("a"), Segment::Index(0), Segment::Index(2)], "x=y");
+        check(
+            "train.max_steps=5",
+            vec![key("train"), key("max_steps")],
+            "5",
+        );
+        check(
+            "sinks[1].name=csv",
+            vec![key("sinks"), Segment::Index(1), key("name")],
+            "csv",
+        );
+        check(
+            "sinks.1.name=csv",
+            vec![key("sinks"), Segment::Index(1), key("name")],
+            "csv",
+        );
+        check(
+            "a[0][2]=x=y",
+            vec![key("a"), Segment::Index(0), Segment::Index(2)],
+            "x=y",
+        );
     }
 
     #[test]

@@ -51,7 +51,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// An error about `field` of `file` without a position (found during validation).
-    pub fn new(file: impl Into<PathBuf>, field: Option<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        file: impl Into<PathBuf>,
+        field: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Diagnostic {
             file: file.into(),
             start: None,
@@ -154,7 +158,10 @@ pub(crate) fn ron_options() -> ron::Options {
 
 /// Parse `source` (the text of `file`) strictly into `T`: any syntax error, unknown or
 /// missing field, wrong type or trailing text becomes a [`Diagnostic`] with position and field.
-pub(crate) fn parse_ron<T: DeserializeOwned>(file: &Path, source: &str) -> Result<T, Diagnostic> {
+pub(crate) fn parse_ron<T: DeserializeOwned>(
+    file: &Path,
+    source: &str,
+) -> Result<T, Box<Diagnostic>> {
     let options = ron_options();
     let mut de = ron::Deserializer::from_str_with_options(source, &options)
         .map_err(|e| spanned(file, source, &e, String::new()))?;
@@ -174,7 +181,12 @@ pub(crate) fn parse_ron<T: DeserializeOwned>(file: &Path, source: &str) -> Resul
     Ok(value)
 }
 
-fn spanned(file: &Path, source: &str, error: &ron::error::SpannedError, path: String) -> Diagnostic {
+fn spanned(
+    file: &Path,
+    source: &str,
+    error: &ron::error::SpannedError,
+    path: String,
+) -> Box<Diagnostic> {
     let (field, message) = describe(&error.code, path);
     let start = skip_blanks(
         source,
@@ -190,13 +202,24 @@ fn spanned(file: &Path, source: &str, error: &ron::error::SpannedError, path: St
     if end.line == start.line && end.col <= start.col {
         end.col = start.col + 1;
     }
-    Diagnostic::at(file, source, start, Some(end), field, message)
+    Box::new(Diagnostic::at(
+        file,
+        source,
+        start,
+        Some(end),
+        field,
+        message,
+    ))
 }
 
 /// ron's spans start before the whitespace that precedes the offending token; point at the
 /// token itself when it is on the same line.
 fn skip_blanks(source: &str, start: Position) -> Position {
-    let Some(line) = start.line.checked_sub(1).and_then(|i| source.lines().nth(i)) else {
+    let Some(line) = start
+        .line
+        .checked_sub(1)
+        .and_then(|i| source.lines().nth(i))
+    else {
         return start;
     };
     let skipped = line
@@ -249,7 +272,9 @@ fn describe(code: &ron::Error, path: String) -> (Option<String>, String) {
     use ron::Error as E;
     let non_empty = |p: String| if p.is_empty() { None } else { Some(p) };
     match code {
-        E::NoSuchStructField { expected, found, .. } => {
+        E::NoSuchStructField {
+            expected, found, ..
+        } => {
             let message = unknown_message("field", found, expected);
             // serde_path_to_error has usually recorded the unknown key already.
             let field = if path == *found || path.ends_with(&format!(".{found}")) {
@@ -267,12 +292,13 @@ fn describe(code: &ron::Error, path: String) -> (Option<String>, String) {
             Some(join_field(&path, field)),
             format!("field `{field}` is given twice; keep one"),
         ),
-        E::NoSuchEnumVariant { expected, found, .. } => {
-            (non_empty(path), unknown_message("variant", found, expected))
-        }
-        E::InvalidValueForType { expected, found } => {
-            (non_empty(path), format!("expected {expected}, found {found}"))
-        }
+        E::NoSuchEnumVariant {
+            expected, found, ..
+        } => (non_empty(path), unknown_message("variant", found, expected)),
+        E::InvalidValueForType { expected, found } => (
+            non_empty(path),
+            format!("expected {expected}, found {found}"),
+        ),
         E::ExpectedDifferentLength { expected, found } => (
             non_empty(path),
             format!("expected {expected}, found {found} element(s)"),
@@ -301,7 +327,10 @@ fn unknown_message(what: &str, found: &str, expected: &[&str]) -> String {
     if expected.is_empty() {
         message.push_str(&format!("; no {what}s are accepted here"));
     } else {
-        message.push_str(&format!("; expected one of {}", backticked(expected.iter().copied())));
+        message.push_str(&format!(
+            "; expected one of {}",
+            backticked(expected.iter().copied())
+        ));
     }
     message
 }
@@ -324,19 +353,32 @@ fn lowercase_first(s: &str) -> String {
 }
 
 /// The candidate closest to `found`, if it is close enough to be a likely typo: at most one
-/// edit per three characters (transpositions count once), ignoring case.
-pub fn did_you_mean<'a>(found: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+/// edit per three characters (transpositions count once), ignoring case; failing that, a
+/// candidate that `found` abbreviates or extends (`memory` for `memory_mib`).
+pub fn did_you_mean<'a>(
+    found: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let found_lower = found.to_lowercase();
     let budget = (found.chars().count() / 3).max(1);
-    candidates
-        .into_iter()
+    let candidates: Vec<&'a str> = candidates.into_iter().collect();
+    let closest = candidates
+        .iter()
         .map(|candidate| {
             let distance = strsim::damerau_levenshtein(&found_lower, &candidate.to_lowercase());
-            (distance, candidate)
+            (distance, *candidate)
         })
         .filter(|(distance, _)| *distance <= budget)
         .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| candidate)
+        .map(|(_, candidate)| candidate);
+    closest.or_else(|| {
+        let prefix_of =
+            |short: &str, long: &str| short.chars().count() >= 3 && long.starts_with(short);
+        candidates.into_iter().find(|candidate| {
+            let candidate = candidate.to_lowercase();
+            prefix_of(&found_lower, &candidate) || prefix_of(&candidate, &found_lower)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -370,7 +412,8 @@ mod tests {
 
     /// Parse `source` and compare the rendered error with `expect`.
     fn check(source: &str, expect: &str) {
-        let error = parse_ron::<Outer>(Path::new("x.ron"), source).expect_err("the source is invalid");
+        let error =
+            parse_ron::<Outer>(Path::new("x.ron"), source).expect_err("the source is invalid");
         assert_eq!(error.to_string(), expect, "for source {source:?}");
     }
 
@@ -408,14 +451,18 @@ mod tests {
 
     #[test]
     fn trailing_text_is_rejected() {
-        let error = parse_ron::<Outer>(Path::new("x.ron"), "(inner: (count: 1)) )").expect_err("trailing text");
+        let error = parse_ron::<Outer>(Path::new("x.ron"), "(inner: (count: 1)) )")
+            .expect_err("trailing text");
         assert!(error.message.contains("after the end"), "{error}");
         assert_eq!(error.start, Some(Position { line: 1, col: 21 }));
     }
 
     #[test]
     fn implicit_some_and_explicit_some_both_work() {
-        for source in ["(inner: (count: 1, limit: 5))", "(inner: (count: 1, limit: Some(5)))"] {
+        for source in [
+            "(inner: (count: 1, limit: 5))",
+            "(inner: (count: 1, limit: Some(5)))",
+        ] {
             let outer: Outer = parse_ron(Path::new("x.ron"), source).expect("valid");
             assert_eq!(outer.inner.limit, Some(5));
         }
@@ -431,7 +478,10 @@ mod tests {
             None,
             "bad",
         );
-        assert_eq!(d.to_string(), "t.ron:1:2: bad\n  |\n1 |     ab: 1\n  |     ^^");
+        assert_eq!(
+            d.to_string(),
+            "t.ron:1:2: bad\n  |\n1 |     ab: 1\n  |     ^^"
+        );
     }
 
     #[test]
@@ -442,6 +492,9 @@ mod tests {
             ("max_step", Some("max_steps")),
             ("Cosine", Some("cosine")),
             ("lama", Some("llama")),
+            ("max", Some("max_steps")),
+            ("cosine_decay", Some("cosine")),
+            ("ma", None),
             ("bert", None),
             ("x", None),
         ] {

@@ -15,7 +15,7 @@ use std::fmt;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -142,6 +142,24 @@ fn wasm_only<E: de::Error>(field: &str) -> E {
     ))
 }
 
+/// Reads `origin` and refuses `native` when WASM-only fields came earlier in the entry. The
+/// check runs inside the value's deserialisation so the error points at the value itself.
+struct OriginSeed {
+    wasm_field_seen: Option<&'static str>,
+}
+
+impl<'de> DeserializeSeed<'de> for OriginSeed {
+    type Value = PluginKind;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<PluginKind, D::Error> {
+        let kind = PluginKind::deserialize(deserializer)?;
+        match (kind, self.wasm_field_seen) {
+            (PluginKind::Native, Some(field)) => Err(wasm_only(field)),
+            _ => Ok(kind),
+        }
+    }
+}
+
 impl<'de> Visitor<'de> for PluginVisitor {
     type Value = RawPlugin;
 
@@ -168,15 +186,13 @@ impl<'de> Visitor<'de> for PluginVisitor {
             let duplicate = match field {
                 "name" => name.replace(map.next_value()?).is_some(),
                 "origin" => {
-                    let kind: PluginKind = map.next_value()?;
-                    if kind == PluginKind::Native {
-                        if let Some(f) = [("limits", limits.is_some()), ("capabilities", capabilities.is_some())]
-                            .into_iter()
-                            .find_map(|(f, seen)| seen.then_some(f))
-                        {
-                            return Err(wasm_only(f));
-                        }
-                    }
+                    let wasm_field_seen = [
+                        ("limits", limits.is_some()),
+                        ("capabilities", capabilities.is_some()),
+                    ]
+                    .into_iter()
+                    .find_map(|(f, seen)| seen.then_some(f));
+                    let kind = map.next_value_seed(OriginSeed { wasm_field_seen })?;
                     origin.replace(kind).is_some()
                 }
                 "path" => path.replace(map.next_value()?).is_some(),
@@ -251,8 +267,12 @@ impl PluginSpec {
     /// The registry origin of this plugin's components.
     pub fn registry_origin(&self) -> Origin {
         match self.origin {
-            PluginOrigin::Native => Origin::Native { path: self.path.clone() },
-            PluginOrigin::Wasm { .. } => Origin::Wasm { path: self.path.clone() },
+            PluginOrigin::Native => Origin::Native {
+                path: self.path.clone(),
+            },
+            PluginOrigin::Wasm { .. } => Origin::Wasm {
+                path: self.path.clone(),
+            },
         }
     }
 }
@@ -331,7 +351,7 @@ pub enum ManifestError {
     },
     /// A parse or validation error in the manifest.
     #[error("{0}")]
-    Invalid(Diagnostic),
+    Invalid(Box<Diagnostic>),
     /// A plugin file is missing or unreadable.
     #[error(
         "{}: plugin `{name}`: cannot read {}: {source}; build the plugin or fix its `path` \
@@ -390,7 +410,9 @@ impl Manifest {
             _ => PathBuf::from("."),
         };
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        let invalid = |field: String, message: String| ManifestError::Invalid(Diagnostic::new(path, Some(field), message));
+        let invalid = |field: String, message: String| {
+            ManifestError::Invalid(Box::new(Diagnostic::new(path, Some(field), message)))
+        };
         let mut plugins: Vec<PluginSpec> = Vec::with_capacity(raw.plugins.len());
         for (i, entry) in raw.plugins.into_iter().enumerate() {
             let field = |name: &str| format!("plugins[{i}].{name}");
@@ -414,13 +436,17 @@ impl Manifest {
             let origin = match entry.origin {
                 PluginKind::Native => PluginOrigin::Native,
                 PluginKind::Wasm => PluginOrigin::Wasm {
-                    limits: limits(entry.limits).map_err(|(f, m)| invalid(field(&format!("limits.{f}")), m))?,
+                    limits: limits(entry.limits)
+                        .map_err(|(f, m)| invalid(field(&format!("limits.{f}")), m))?,
                     capabilities: capabilities(entry.capabilities)
                         .map_err(|(f, m)| invalid(field(&format!("capabilities.{f}")), m))?,
                 },
             };
             if entry.path.trim().is_empty() {
-                return Err(invalid(field("path"), "the path is empty; name the plugin file".to_owned()));
+                return Err(invalid(
+                    field("path"),
+                    "the path is empty; name the plugin file".to_owned(),
+                ));
             }
             let file = dir.join(&entry.path);
             let sha256 = sha256_of(&file).map_err(|source| ManifestError::PluginFile {
@@ -494,7 +520,11 @@ fn sha256_of(path: &Path) -> io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-fn positive<T: PartialEq + Default + Copy>(field: &'static str, value: Option<T>, default: T) -> Result<T, (&'static str, String)> {
+fn positive<T: PartialEq + Default + Copy>(
+    field: &'static str,
+    value: Option<T>,
+    default: T,
+) -> Result<T, (&'static str, String)> {
     match value {
         Some(v) if v == T::default() => Err((field, "must be at least 1".to_owned())),
         Some(v) => Ok(v),
@@ -509,7 +539,12 @@ fn limits(raw: Option<RawLimits>) -> Result<WasmLimits, (&'static str, String)> 
         memory_mib: positive("memory_mib", raw.memory_mib, d.memory_mib)?,
         call_timeout_ms: positive("call_timeout_ms", raw.call_timeout_ms, d.call_timeout_ms)?,
         fuel: match raw.fuel {
-            Some(0) => return Err(("fuel", "must be at least 1; leave it out to meter time only".to_owned())),
+            Some(0) => {
+                return Err((
+                    "fuel",
+                    "must be at least 1; leave it out to meter time only".to_owned(),
+                ))
+            }
             fuel => fuel,
         },
         max_instances: positive("max_instances", raw.max_instances, d.max_instances)?,
@@ -541,12 +576,23 @@ fn capabilities(raw: Option<RawCapabilities>) -> Result<Capabilities, (&'static 
             }
             Some(OutputFile {
                 path: out.path,
-                quota_bytes: positive("output_file.quota_bytes", out.quota_bytes, DEFAULT_OUTPUT_QUOTA)?,
+                quota_bytes: positive(
+                    "output_file.quota_bytes",
+                    out.quota_bytes,
+                    DEFAULT_OUTPUT_QUOTA,
+                )?,
             })
         }
     };
-    if let Some(name) = raw.env.iter().find(|n| n.is_empty() || n.contains('=') || n.contains('\0')) {
-        return Err(("env", format!("`{name}` is not an environment variable name")));
+    if let Some(name) = raw
+        .env
+        .iter()
+        .find(|n| n.is_empty() || n.contains('=') || n.contains('\0'))
+    {
+        return Err((
+            "env",
+            format!("`{name}` is not an environment variable name"),
+        ));
     }
     Ok(Capabilities {
         output_file,
@@ -562,7 +608,14 @@ mod tests {
 
     #[test]
     fn plugin_names_are_checked() {
-        for (name, ok) in [("lion", true), ("my-sink_2", true), ("", false), ("Lion", false), ("a/b", false), ("2x", false)] {
+        for (name, ok) in [
+            ("lion", true),
+            ("my-sink_2", true),
+            ("", false),
+            ("Lion", false),
+            ("a/b", false),
+            ("2x", false),
+        ] {
             assert_eq!(check_name(name).is_ok(), ok, "{name:?}");
         }
     }
@@ -600,7 +653,13 @@ mod tests {
 
     #[test]
     fn output_file_must_stay_in_the_run_directory() {
-        for (path, ok) in [("out/x.txt", true), ("./x", true), ("../x", false), ("/tmp/x", false), ("", false)] {
+        for (path, ok) in [
+            ("out/x.txt", true),
+            ("./x", true),
+            ("../x", false),
+            ("/tmp/x", false),
+            ("", false),
+        ] {
             let raw = RawCapabilities {
                 output_file: Some(RawOutputFile {
                     path: path.to_owned(),

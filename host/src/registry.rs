@@ -133,7 +133,12 @@ pub enum RegistryError {
     },
 }
 
-fn unknown_message(kind: ComponentKind, name: &str, known: &[String], suggestion: Option<&str>) -> String {
+fn unknown_message(
+    kind: ComponentKind,
+    name: &str,
+    known: &[String],
+    suggestion: Option<&str>,
+) -> String {
     let mut message = format!("unknown {} `{name}`", kind.as_str());
     if let Some(s) = suggestion {
         message.push_str(&format!(", did you mean `{s}`?"));
@@ -182,7 +187,12 @@ impl Registry {
 
     /// Register one component from `origin`, built against `api_version`. The API-version
     /// check belongs to the loader of each origin, which knows what it can run.
-    pub fn add(&mut self, decl: ComponentDecl, origin: Origin, api_version: ApiVersion) -> Result<(), RegistryError> {
+    pub fn add(
+        &mut self,
+        decl: ComponentDecl,
+        origin: Origin,
+        api_version: ApiVersion,
+    ) -> Result<(), RegistryError> {
         let kind = decl.kind();
         let name = decl.name.as_str().to_owned();
         if name.is_empty() || name.chars().any(char::is_whitespace) {
@@ -289,7 +299,9 @@ mod tests {
     }
 
     fn builtin(source: &str) -> Origin {
-        Origin::Builtin { source: source.into() }
+        Origin::Builtin {
+            source: source.into(),
+        }
     }
 
     fn registry(decls: Vec<ComponentDecl>) -> Registry {
@@ -305,8 +317,14 @@ mod tests {
 
     #[test]
     fn entries_are_grouped_by_kind_then_sorted_by_name() {
-        let r = registry(vec![kernel("cpu"), trainer("zeta"), trainer("default"), kernel("avx")]);
-        let listed: Vec<(ComponentKind, &str)> = r.entries().map(|e| (e.kind, e.name.as_str())).collect();
+        let r = registry(vec![
+            kernel("cpu"),
+            trainer("zeta"),
+            trainer("default"),
+            kernel("avx"),
+        ]);
+        let listed: Vec<(ComponentKind, &str)> =
+            r.entries().map(|e| (e.kind, e.name.as_str())).collect();
         assert_eq!(
             listed,
             vec![
@@ -316,7 +334,10 @@ mod tests {
                 (ComponentKind::Kernel, "cpu"),
             ]
         );
-        let kernels: Vec<&str> = r.of_kind(ComponentKind::Kernel).map(|e| e.name.as_str()).collect();
+        let kernels: Vec<&str> = r
+            .of_kind(ComponentKind::Kernel)
+            .map(|e| e.name.as_str())
+            .collect();
         assert_eq!(kernels, ["avx", "cpu"]);
         assert_eq!(r.of_kind(ComponentKind::Model).count(), 0);
         assert_eq!(r.len(), 4);
@@ -345,7 +366,9 @@ mod tests {
         let second = Origin::Native {
             path: PathBuf::from("plugins/libfast.so"),
         };
-        let error = r.add(trainer("default"), second, API_VERSION).expect_err("duplicate");
+        let error = r
+            .add(trainer("default"), second, API_VERSION)
+            .expect_err("duplicate");
         assert_eq!(
             error.to_string(),
             "trainer `default` is registered twice: by built-in (tests) and by native plugin \
@@ -382,15 +405,23 @@ mod tests {
     fn invalid_names_are_refused() {
         let mut r = Registry::new();
         for name in ["", "two words"] {
-            let error = r.add(trainer(name), builtin("tests"), API_VERSION).expect_err("invalid");
-            assert!(matches!(error, RegistryError::InvalidName { .. }), "{error}");
+            let error = r
+                .add(trainer(name), builtin("tests"), API_VERSION)
+                .expect_err("invalid");
+            assert!(
+                matches!(error, RegistryError::InvalidName { .. }),
+                "{error}"
+            );
         }
         assert!(r.is_empty());
     }
 
     #[test]
     fn origins_render_with_their_location() {
-        assert_eq!(builtin("codex_optim::adamw").to_string(), "built-in (codex_optim::adamw)");
+        assert_eq!(
+            builtin("codex_optim::adamw").to_string(),
+            "built-in (codex_optim::adamw)"
+        );
         let wasm = Origin::Wasm {
             path: PathBuf::from("p/x.wasm"),
         };
