@@ -1,1 +1,361 @@
-//! (to be written)
+//! The `codex-ml` binary: help text, exit codes and `codex-ml list`.
+//!
+//! The binary belongs to `codex-host`, and cargo builds only the test target's own package's
+//! binaries, so the first test to need it builds it (once, with the same profile and target
+//! directory as this test binary). The registry linked into this test binary is the oracle
+//! for what `list` must show: both link the same built-in crates.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use assert_cmd::Command;
+use codex_host::registry::Registry;
+use codex_plugin_api::ComponentKind;
+use predicates::prelude::*;
+use serde_json::Value;
+
+/// The directory holding this test binary's profile outputs (`target/debug`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("the test binary lives in target/<profile>/deps")
+}
+
+fn build_codex_ml() -> Result<(), String> {
+    let profile_dir = profile_dir();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("unexpected target layout")?
+        .to_owned();
+    let target_dir = profile_dir.parent().ok_or("unexpected target layout")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--quiet",
+            "--offline",
+            "-p",
+            "codex-host",
+            "--bin",
+            "codex-ml",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("building codex-ml failed: {status}"))
+    }
+}
+
+/// A command running the `codex-ml` binary, built first if needed.
+pub(crate) fn codex_ml() -> Command {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(build_codex_ml) {
+        panic!("{e}");
+    }
+    let mut cmd =
+        Command::new(profile_dir().join(format!("codex-ml{}", std::env::consts::EXE_SUFFIX)));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let output = codex_ml()
+        .args(args)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(output).expect("utf-8 output")
+}
+
+fn json_of(args: &[&str]) -> Vec<Value> {
+    let text = stdout_of(args);
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Array(rows)) => rows,
+        other => panic!(
+            "`codex-ml {}` printed no JSON array: {other:?}\n{text}",
+            args.join(" ")
+        ),
+    }
+}
+
+fn builtins() -> Registry {
+    Registry::with_builtins().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `(kind, [names])` for each group of the human listing.
+fn groups(text: &str) -> Vec<(String, Vec<String>)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut lines = block.lines();
+            let header = lines.next().unwrap_or_default();
+            let kind = header
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let names = lines
+                .filter(|l| {
+                    l.starts_with("  ") && !l.starts_with("   ") && !l.trim_start().starts_with('(')
+                })
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                .collect();
+            (kind, names)
+        })
+        .collect()
+}
+
+#[test]
+fn list_groups_every_component_by_kind() {
+    let registry = builtins();
+    let listed = groups(&stdout_of(&["list"]));
+    let kinds: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    let all: Vec<&str> = ComponentKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(kinds, all, "one group per kind, in order");
+    for (kind, names) in &listed {
+        let kind = ComponentKind::parse(kind).expect("a component kind");
+        let expected: Vec<&str> = registry.of_kind(kind).map(|e| e.name.as_str()).collect();
+        assert_eq!(names, &expected, "{}", kind.as_str());
+    }
+}
+
+#[test]
+fn list_json_has_every_field() {
+    let rows = json_of(&["list", "--json"]);
+    let mut seen = BTreeSet::new();
+    for row in &rows {
+        for field in [
+            "kind",
+            "name",
+            "origin",
+            "source",
+            "path",
+            "version",
+            "api_version",
+            "description",
+            "status",
+        ] {
+            assert!(row.get(field).is_some(), "`{field}` missing from {row}");
+        }
+        assert_eq!(row["origin"], "built-in", "{row}");
+        assert_eq!(row["status"], "registered", "{row}");
+        assert!(
+            row["api_version"].is_string() && row["version"].is_string(),
+            "{row}"
+        );
+        let kind = row["kind"].as_str().unwrap_or_default().to_owned();
+        let name = row["name"].as_str().unwrap_or_default().to_owned();
+        seen.insert((kind, name));
+    }
+    let expected: BTreeSet<(String, String)> = builtins()
+        .entries()
+        .map(|e| (e.kind.as_str().to_owned(), e.name.clone()))
+        .collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn list_kind_filters() {
+    let listed = groups(&stdout_of(&["list", "--kind", "model"]));
+    let kinds: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["model"]);
+    for row in json_of(&["list", "--kind", "sink", "--json"]) {
+        assert_eq!(row["kind"], "sink", "{row}");
+    }
+}
+
+#[test]
+fn list_unknown_kind_is_a_usage_error() {
+    codex_ml()
+        .args(["list", "--kind", "modle"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(
+            predicate::str::contains("modle").and(predicate::str::contains(
+                "tokenizer, model, optimizer, sink, tracker, trainer, kernel, plugin",
+            )),
+        );
+}
+
+/// A manifest with one native and one wasm plugin, in a temporary directory.
+fn manifest_fixture() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("liblion.so"), b"native").expect("native");
+    std::fs::write(dir.path().join("sink.wasm"), b"wasm").expect("wasm");
+    let manifest = dir.path().join("plugins.ron");
+    std::fs::write(
+        &manifest,
+        r#"(plugins: [
+    (name: "lion", origin: native, path: "liblion.so"),
+    (name: "sink", origin: wasm, path: "sink.wasm", limits: (memory_mib: 16),
+     capabilities: (log_lines: 50, clock: true)),
+])"#,
+    )
+    .expect("manifest");
+    (dir, manifest)
+}
+
+#[test]
+fn list_shows_manifest_plugins_as_declared() {
+    let (_dir, manifest) = manifest_fixture();
+    let manifest = manifest.to_str().expect("utf-8 path");
+    let text = stdout_of(&["list", "--manifest", manifest, "--kind", "plugin"]);
+    assert!(text.starts_with("plugin (declared in"), "{text}");
+    assert!(text.contains("declared, not loaded"), "{text}");
+    assert!(text.contains("lion") && text.contains("native"), "{text}");
+    assert!(
+        text.contains("memory 16 MiB") && text.contains("50 log lines; clock"),
+        "{text}"
+    );
+
+    let rows = json_of(&["list", "--manifest", manifest, "--json"]);
+    let plugins: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "plugin").collect();
+    assert_eq!(plugins.len(), 2);
+    let (lion, sink) = (plugins[0], plugins[1]);
+    assert_eq!(
+        (&lion["name"], &lion["origin"]),
+        (&Value::from("lion"), &Value::from("native"))
+    );
+    assert_eq!(lion["status"], "declared, not loaded");
+    assert_eq!(lion["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(lion["sha256_pinned"], false);
+    assert!(
+        lion.get("limits").is_none(),
+        "native plugins have no limits: {lion}"
+    );
+    assert_eq!(sink["origin"], "wasm");
+    assert_eq!(sink["limits"]["memory_mib"], 16);
+    assert_eq!(sink["limits"]["call_timeout_ms"], 1000);
+    assert_eq!(sink["capabilities"]["clock"], true);
+    assert_eq!(sink["capabilities"]["env"], Value::Array(vec![]));
+}
+
+#[test]
+fn list_with_a_bad_manifest_exits_2_with_the_position() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let manifest = dir.path().join("plugins.ron");
+    std::fs::write(&manifest, "(plugins: [(name: \"x\", orign: native)])").expect("manifest");
+    codex_ml()
+        .args(["list", "--manifest"])
+        .arg(&manifest)
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(
+            predicate::str::starts_with("error: invalid plugin manifest")
+                .and(predicate::str::contains(format!(
+                    "{}:1:24: plugins[0].orign",
+                    manifest.display()
+                )))
+                .and(predicate::str::contains("did you mean `origin`?")),
+        );
+}
+
+#[test]
+fn help_for_each_command_mentions_its_arguments() {
+    for (command, mentions) in [
+        ("list", &["--kind", "--json", "--manifest"][..]),
+        (
+            "run",
+            &["CONFIG", "--set", "PATH=VALUE", "--run-dir", "--manifest"][..],
+        ),
+        (
+            "eval",
+            &["RUN_OR_CHECKPOINT", "--data", "FILE_OR_GLOB", "--batches"][..],
+        ),
+        (
+            "generate",
+            &[
+                "RUN_OR_CHECKPOINT",
+                "--prompt",
+                "--max-tokens",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+                "--seed",
+            ][..],
+        ),
+        (
+            "bench",
+            &[
+                "--config",
+                "tiny",
+                "small",
+                "all",
+                "--profile",
+                "--warmup",
+                "--windows",
+                "--steps",
+                "--threads",
+            ][..],
+        ),
+    ] {
+        let text = stdout_of(&[command, "--help"]);
+        for mention in mentions {
+            assert!(
+                text.contains(mention),
+                "`codex-ml {command} --help` does not mention {mention}:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("--verbose") && text.contains("--quiet"),
+            "{command}: global flags"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &[][..],
+        &["frobnicate"][..],
+        &["-v", "-q", "list"][..],
+        &["run"][..],
+        &["run", "c.ron", "--set", "no-equals-sign"][..],
+        &["generate", "run-dir"][..],
+        &["generate", "run-dir", "--prompt", "x", "--top-p", "2"][..],
+    ] {
+        codex_ml()
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::is_empty().not());
+    }
+}
+
+#[test]
+fn version_and_verbosity_flags_work() {
+    codex_ml()
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("codex-ml "));
+    codex_ml().args(["-vv", "list"]).assert().success();
+    codex_ml().args(["list", "-q"]).assert().success();
+}

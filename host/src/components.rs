@@ -155,3 +155,16 @@ pub fn kernel(registry: &Registry, name: &str, params: &serde_json::Value) -> Re
         .map_err(|e| failed(entry, e))
         .with_context(|| format!("kernel `{name}`"))
 }
+
+/// Host code computes with the plugin API's [`codex_plugin_api::Tensor`] too; its error type
+/// is not a `std::error::Error` (so that `?` converts any error into it), so convert here.
+pub trait ApiResultExt<T> {
+    /// Into an `anyhow` result.
+    fn anyhow(self) -> Result<T>;
+}
+
+impl<T> ApiResultExt<T> for codex_plugin_api::Result<T> {
+    fn anyhow(self) -> Result<T> {
+        self.map_err(|e| anyhow!("{e}"))
+    }
+}

@@ -1,1 +1,504 @@
-//! (to be written)
+//! One renderer for every error found in a file a user wrote (experiment config, plugin
+//! manifest), so they all read the same way:
+//!
+//! ```text
+//! configs/quickstart.ron:14:9: train.batch_size: expected integer
+//!    |
+//! 14 |         batch_size: "sixteen",
+//!    |                     ^^^^^^^^^
+//! ```
+//!
+//! `file:line:col: field: message` first (what editors and terminals turn into links), then the
+//! offending line with a caret under the span. ron 0.12 reports 1-based lines and 1-based
+//! columns counted in chars (see FACTS.md), which is exactly what we print, so no byte offsets
+//! are involved. Field paths come from `serde_path_to_error`; ron's own messages are rewritten
+//! here because they name our internal Rust types (`RawTrain`) rather than the user's keys.
+//!
+//! The same module holds the strict RON parser both files go through ([`parse_ron`]) and the
+//! "did you mean" helper shared with the registry and `--set` overrides.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ron::extensions::Extensions;
+use serde::de::DeserializeOwned;
+
+/// A 1-based position in a file: line, and column counted in chars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in chars, from 1.
+    pub col: usize,
+}
+
+/// An error in a user-written file: where, which field, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file, as the user named it.
+    pub file: PathBuf,
+    /// Start of the offending text; `None` for errors found after parsing (validation).
+    pub start: Option<Position>,
+    /// End of the offending text (exclusive), when ron reports one.
+    pub end: Option<Position>,
+    /// Dotted path of the field (`train.batch_size`, `plugins[1].sha256`), when known.
+    pub field: Option<String>,
+    /// What is wrong, lowercase, saying what to do where it can.
+    pub message: String,
+    /// The source line the error points into, kept so the error can be shown on its own.
+    snippet: Option<String>,
+}
+
+impl Diagnostic {
+    /// An error about `field` of `file` without a position (found during validation).
+    pub fn new(
+        file: impl Into<PathBuf>,
+        field: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            file: file.into(),
+            start: None,
+            end: None,
+            field,
+            message: message.into(),
+            snippet: None,
+        }
+    }
+
+    /// An error at a span of `source` (the text of `file`).
+    pub fn at(
+        file: impl Into<PathBuf>,
+        source: &str,
+        start: Position,
+        end: Option<Position>,
+        field: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        let snippet = start
+            .line
+            .checked_sub(1)
+            .and_then(|index| source.lines().nth(index))
+            .map(str::to_owned);
+        Diagnostic {
+            file: file.into(),
+            start: Some(start),
+            end,
+            field,
+            message: message.into(),
+            snippet,
+        }
+    }
+
+    /// `file:line:col`, or just the file when the position is unknown.
+    pub fn location(&self) -> String {
+        match self.start {
+            Some(p) => format!("{}:{}:{}", self.file.display(), p.line, p.col),
+            None => self.file.display().to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.location())?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)?;
+        if let (Some(start), Some(line)) = (self.start, &self.snippet) {
+            let number = start.line.to_string();
+            let gutter = " ".repeat(number.len());
+            let (text, caret_at, caret_len) = caret_line(line, start, self.end);
+            write!(
+                f,
+                "\n{gutter} |\n{number} | {text}\n{gutter} | {}{}",
+                " ".repeat(caret_at),
+                "^".repeat(caret_len)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostic {}
+
+/// The line with tabs expanded, and where (in display columns) the caret starts and how long
+/// it is. A span that runs onto later lines is underlined to the end of its first line.
+fn caret_line(line: &str, start: Position, end: Option<Position>) -> (String, usize, usize) {
+    const TAB: &str = "    ";
+    let mut text = String::with_capacity(line.len());
+    // Display column where each char starts, plus one entry for the end of the line.
+    let mut columns = Vec::with_capacity(line.len() + 1);
+    for c in line.chars() {
+        columns.push(text.chars().count());
+        if c == '\t' {
+            text.push_str(TAB);
+        } else {
+            text.push(c);
+        }
+    }
+    let width = text.chars().count();
+    columns.push(width);
+    let column_of = |char_col: usize| columns[(char_col.saturating_sub(1)).min(columns.len() - 1)];
+    let from = column_of(start.col);
+    let to = match end {
+        Some(end) if end.line == start.line && end.col > start.col => column_of(end.col),
+        Some(end) if end.line > start.line => width,
+        _ => from + 1,
+    };
+    (text, from, to.saturating_sub(from).max(1))
+}
+
+/// The ron options every user-written file is parsed with: `IMPLICIT_SOME`, so optional
+/// fields are written `max_steps: 200` rather than `max_steps: Some(200)` (both work).
+pub(crate) fn ron_options() -> ron::Options {
+    ron::Options::default().with_default_extension(Extensions::IMPLICIT_SOME)
+}
+
+/// Parse `source` (the text of `file`) strictly into `T`: any syntax error, unknown or
+/// missing field, wrong type or trailing text becomes a [`Diagnostic`] with position and field.
+pub(crate) fn parse_ron<T: DeserializeOwned>(
+    file: &Path,
+    source: &str,
+) -> Result<T, Box<Diagnostic>> {
+    let options = ron_options();
+    let mut de = ron::Deserializer::from_str_with_options(source, &options)
+        .map_err(|e| spanned(file, source, &e, String::new()))?;
+    let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(value) => value,
+        Err(e) => {
+            let path = field_path(e.path());
+            let code = e.into_inner();
+            let spanned_error = de.span_error(code);
+            return Err(spanned(file, source, &spanned_error, path));
+        }
+    };
+    if let Err(code) = de.end() {
+        let spanned_error = de.span_error(code);
+        return Err(spanned(file, source, &spanned_error, String::new()));
+    }
+    Ok(value)
+}
+
+fn spanned(
+    file: &Path,
+    source: &str,
+    error: &ron::error::SpannedError,
+    path: String,
+) -> Box<Diagnostic> {
+    let (field, message) = describe(&error.code, path);
+    let start = skip_blanks(
+        source,
+        Position {
+            line: error.span.start.line,
+            col: error.span.start.col,
+        },
+    );
+    let mut end = Position {
+        line: error.span.end.line,
+        col: error.span.end.col,
+    };
+    if end.line == start.line && end.col <= start.col {
+        end.col = start.col + 1;
+    }
+    Box::new(Diagnostic::at(
+        file,
+        source,
+        start,
+        Some(end),
+        field,
+        message,
+    ))
+}
+
+/// ron's spans start before the whitespace that precedes the offending token; point at the
+/// token itself when it is on the same line.
+fn skip_blanks(source: &str, start: Position) -> Position {
+    let Some(line) = start
+        .line
+        .checked_sub(1)
+        .and_then(|i| source.lines().nth(i))
+    else {
+        return start;
+    };
+    let skipped = line
+        .chars()
+        .skip(start.col.saturating_sub(1))
+        .take_while(|c| c.is_whitespace())
+        .count();
+    if start.col.saturating_sub(1) + skipped < line.chars().count() {
+        Position {
+            line: start.line,
+            col: start.col + skipped,
+        }
+    } else {
+        start
+    }
+}
+
+/// The dotted path of a `serde_path_to_error` path, without its unknown (`?`) segments.
+pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => push_key(&mut out, key),
+            Segment::Enum { variant } => push_key(&mut out, variant),
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// `path.key`, or `key` when `path` is empty.
+pub(crate) fn join_field(path: &str, key: &str) -> String {
+    let mut out = path.to_owned();
+    push_key(&mut out, key);
+    out
+}
+
+fn push_key(out: &mut String, key: &str) {
+    if !out.is_empty() {
+        out.push('.');
+    }
+    out.push_str(key);
+}
+
+/// The field a ron error is about and a message in the user's terms (ron's own `Display`
+/// names our Rust types and capitalises).
+fn describe(code: &ron::Error, path: String) -> (Option<String>, String) {
+    use ron::Error as E;
+    let non_empty = |p: String| if p.is_empty() { None } else { Some(p) };
+    match code {
+        E::NoSuchStructField {
+            expected, found, ..
+        } => {
+            let message = unknown_message("field", found, expected);
+            // serde_path_to_error has usually recorded the unknown key already.
+            let field = if path == *found || path.ends_with(&format!(".{found}")) {
+                path
+            } else {
+                join_field(&path, found)
+            };
+            (Some(field), message)
+        }
+        E::MissingStructField { field, .. } => (
+            Some(join_field(&path, field)),
+            format!("missing field `{field}`; add it, it has no default"),
+        ),
+        E::DuplicateStructField { field, .. } => (
+            Some(join_field(&path, field)),
+            format!("field `{field}` is given twice; keep one"),
+        ),
+        E::NoSuchEnumVariant {
+            expected, found, ..
+        } => (non_empty(path), unknown_message("variant", found, expected)),
+        E::InvalidValueForType { expected, found } => (
+            non_empty(path),
+            format!("expected {expected}, found {found}"),
+        ),
+        E::ExpectedDifferentLength { expected, found } => (
+            non_empty(path),
+            format!("expected {expected}, found {found} element(s)"),
+        ),
+        E::TrailingCharacters => (
+            None,
+            "unexpected text after the end of the document; remove it".to_owned(),
+        ),
+        E::Eof => (
+            non_empty(path),
+            "unexpected end of file; a bracket or parenthesis is probably not closed".to_owned(),
+        ),
+        E::IntegerOutOfBounds => (
+            non_empty(path),
+            "integer out of range for this field".to_owned(),
+        ),
+        other => (non_empty(path), lowercase_first(&other.to_string())),
+    }
+}
+
+fn unknown_message(what: &str, found: &str, expected: &[&str]) -> String {
+    let mut message = format!("unknown {what} `{found}`");
+    if let Some(suggestion) = did_you_mean(found, expected.iter().copied()) {
+        message.push_str(&format!(", did you mean `{suggestion}`?"));
+    }
+    if expected.is_empty() {
+        message.push_str(&format!("; no {what}s are accepted here"));
+    } else {
+        message.push_str(&format!(
+            "; expected one of {}",
+            backticked(expected.iter().copied())
+        ));
+    }
+    message
+}
+
+/// `` `a`, `b`, `c` `` for a list of names.
+pub(crate) fn backticked<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// The candidate closest to `found`, if it is close enough to be a likely typo: at most one
+/// edit per three characters (transpositions count once), ignoring case; failing that, a
+/// candidate that `found` abbreviates or extends (`memory` for `memory_mib`).
+pub fn did_you_mean<'a>(
+    found: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let found_lower = found.to_lowercase();
+    let budget = (found.chars().count() / 3).max(1);
+    let candidates: Vec<&'a str> = candidates.into_iter().collect();
+    let closest = candidates
+        .iter()
+        .map(|candidate| {
+            let distance = strsim::damerau_levenshtein(&found_lower, &candidate.to_lowercase());
+            (distance, *candidate)
+        })
+        .filter(|(distance, _)| *distance <= budget)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate);
+    closest.or_else(|| {
+        let prefix_of =
+            |short: &str, long: &str| short.chars().count() >= 3 && long.starts_with(short);
+        candidates.into_iter().find(|candidate| {
+            let candidate = candidate.to_lowercase();
+            prefix_of(&found_lower, &candidate) || prefix_of(&candidate, &found_lower)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        inner: Inner,
+        #[serde(default)]
+        kinds: Vec<Kind>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        count: usize,
+        limit: Option<u64>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Kind {
+        Cosine,
+        Linear,
+    }
+
+    /// Parse `source` and compare the rendered error with `expect`.
+    fn check(source: &str, expect: &str) {
+        let error =
+            parse_ron::<Outer>(Path::new("x.ron"), source).expect_err("the source is invalid");
+        assert_eq!(error.to_string(), expect, "for source {source:?}");
+    }
+
+    #[test]
+    fn unknown_field_names_path_position_and_suggestion() {
+        check(
+            "(\n  inner: (count: 1, limt: 2),\n)",
+            "x.ron:2:21: inner.limt: unknown field `limt`, did you mean `limit`?; expected one of `count`, `limit`\n  |\n2 |   inner: (count: 1, limt: 2),\n  |                     ^^^^",
+        );
+    }
+
+    #[test]
+    fn wrong_type_points_at_the_value() {
+        check(
+            "(inner: (count: \"x\"))",
+            "x.ron:1:17: inner.count: expected integer\n  |\n1 | (inner: (count: \"x\"))\n  |                 ^",
+        );
+    }
+
+    #[test]
+    fn missing_field_names_the_field() {
+        check(
+            "(inner: (limit: 3))",
+            "x.ron:1:18: inner.count: missing field `count`; add it, it has no default\n  |\n1 | (inner: (limit: 3))\n  |                  ^",
+        );
+    }
+
+    #[test]
+    fn unknown_variant_in_a_list() {
+        check(
+            "(inner: (count: 1), kinds: [linear, cosin])",
+            "x.ron:1:37: kinds[1]: unknown variant `cosin`, did you mean `cosine`?; expected one of `cosine`, `linear`\n  |\n1 | (inner: (count: 1), kinds: [linear, cosin])\n  |                                     ^^^^^",
+        );
+    }
+
+    #[test]
+    fn trailing_text_is_rejected() {
+        let error = parse_ron::<Outer>(Path::new("x.ron"), "(inner: (count: 1)) )")
+            .expect_err("trailing text");
+        assert!(error.message.contains("after the end"), "{error}");
+        assert_eq!(error.start, Some(Position { line: 1, col: 21 }));
+    }
+
+    #[test]
+    fn implicit_some_and_explicit_some_both_work() {
+        for source in [
+            "(inner: (count: 1, limit: 5))",
+            "(inner: (count: 1, limit: Some(5)))",
+        ] {
+            let outer: Outer = parse_ron(Path::new("x.ron"), source).expect("valid");
+            assert_eq!(outer.inner.limit, Some(5));
+        }
+    }
+
+    #[test]
+    fn tabs_are_expanded_under_the_caret() {
+        let d = Diagnostic::at(
+            "t.ron",
+            "\tab: 1",
+            Position { line: 1, col: 2 },
+            Some(Position { line: 1, col: 4 }),
+            None,
+            "bad",
+        );
+        assert_eq!(
+            d.to_string(),
+            "t.ron:1:2: bad\n  |\n1 |     ab: 1\n  |     ^^"
+        );
+    }
+
+    #[test]
+    fn suggestions_are_close_matches_only() {
+        let names = ["gpt2", "llama", "max_steps", "cosine"];
+        for (found, expect) in [
+            ("gtp2", Some("gpt2")),
+            ("max_step", Some("max_steps")),
+            ("Cosine", Some("cosine")),
+            ("lama", Some("llama")),
+            ("max", Some("max_steps")),
+            ("cosine_decay", Some("cosine")),
+            ("ma", None),
+            ("bert", None),
+            ("x", None),
+        ] {
+            assert_eq!(did_you_mean(found, names), expect, "for {found}");
+        }
+    }
+}

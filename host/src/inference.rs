@@ -15,7 +15,7 @@ use codex_plugin_api::{ForwardCtx, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::components;
+use crate::components::{self, ApiResultExt};
 use crate::config::Config;
 use crate::data::{ValBatches, IGNORE_INDEX};
 use crate::registry::Registry;
@@ -118,7 +118,7 @@ pub fn generate(
         let input = Tensor::from_id(tensor::insert(CTensor::from_vec(window.to_vec(), (1, t), device)?));
         let ctx = ForwardCtx { train: false, seed: 0 };
         let logits = Tensor::from_id(model.forward(input.id(), ctx).into_result().map_err(model_err)?);
-        let last = logits.narrow(1, t - 1, 1)?.to_vec_f32()?;
+        let last = logits.narrow(1, t - 1, 1).anyhow()?.to_vec_f32().anyhow()?;
         let next = sample(&last, &options.sampling, &mut rng);
         if next == eot {
             break;
@@ -173,12 +173,12 @@ pub fn evaluate(model: &ModelBox, val: &ValBatches, device: &Device, max_batches
         let targets = Tensor::from_id(tensor::insert(CTensor::from_vec(batch.targets, rows * t, device)?));
         let ctx = ForwardCtx { train: false, seed: 0 };
         let logits = Tensor::from_id(model.forward(inputs.id(), ctx).into_result().map_err(model_err)?);
-        let shape = logits.shape()?;
+        let shape = logits.shape().anyhow()?;
         let vocab = *shape.last().ok_or_else(|| anyhow!("model returned a scalar"))?;
-        let ce = logits.reshape(&[rows * t, vocab])?.cross_entropy(&targets, IGNORE_INDEX)?;
-        totals.nll += ce.loss_sum.to_scalar()?;
-        totals.tokens += ce.tokens.to_scalar()?;
-        totals.correct += ce.correct.to_scalar()?;
+        let ce = logits.reshape(&[rows * t, vocab]).anyhow()?.cross_entropy(&targets, IGNORE_INDEX).anyhow()?;
+        totals.nll += ce.loss_sum.to_scalar().anyhow()?;
+        totals.tokens += ce.tokens.to_scalar().anyhow()?;
+        totals.correct += ce.correct.to_scalar().anyhow()?;
         totals.batches += 1;
     }
     if totals.tokens == 0.0 {

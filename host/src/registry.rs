@@ -1,1 +1,431 @@
-//! (to be written)
+//! The one registry of components, keyed by (kind, name).
+//!
+//! Whatever its origin — compiled in, native plugin, WASM plugin — a component arrives as a
+//! [`ComponentDecl`] and is stored the same way; only [`Origin`] remembers where it came from,
+//! for `codex-ml list`, for error messages and for the run's plugin lock. The registry is a
+//! plain map with no loading logic: the loaders for each origin call [`Registry::add`].
+//!
+//! Two rules keep runs unambiguous: a (kind, name) is registered once (a duplicate is an error
+//! naming both origins, never a silent override), and an unknown name is an error listing the
+//! known names of that kind, with a suggestion when one is close.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, API_VERSION};
+
+use crate::diagnostics::{backticked, did_you_mean};
+
+/// Where a registered component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Compiled into the binary; `source` is the `module_path!()` of its registration.
+    Builtin {
+        /// The module that registered it.
+        source: String,
+    },
+    /// A native plugin (`cdylib`) at `path`.
+    Native {
+        /// The plugin file.
+        path: PathBuf,
+    },
+    /// A WASM plugin at `path`.
+    Wasm {
+        /// The plugin file.
+        path: PathBuf,
+    },
+}
+
+impl Origin {
+    /// `built-in`, `native` or `wasm`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Origin::Builtin { .. } => "built-in",
+            Origin::Native { .. } => "native",
+            Origin::Wasm { .. } => "wasm",
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Builtin { source } => write!(f, "built-in ({source})"),
+            Origin::Native { path } => write!(f, "native plugin {}", path.display()),
+            Origin::Wasm { path } => write!(f, "wasm plugin {}", path.display()),
+        }
+    }
+}
+
+/// One registered component.
+#[derive(Clone)]
+pub struct Entry {
+    /// Its kind.
+    pub kind: ComponentKind,
+    /// Its registry name.
+    pub name: String,
+    /// Its own version.
+    pub version: String,
+    /// One line for `codex-ml list`.
+    pub description: String,
+    /// Where it comes from.
+    pub origin: Origin,
+    /// The plugin-API version it was built against.
+    pub api_version: ApiVersion,
+    /// The declaration, with its factory.
+    pub decl: ComponentDecl,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("origin", &self.origin)
+            .field("api_version", &self.api_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Registration and lookup failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The same (kind, name) was registered twice.
+    #[error(
+        "{kind} `{name}` is registered twice: by {first} and by {second}; \
+         rename one of them or drop one plugin from the manifest",
+        kind = kind.as_str()
+    )]
+    Duplicate {
+        /// The kind.
+        kind: ComponentKind,
+        /// The name.
+        name: String,
+        /// The origin registered first.
+        first: Origin,
+        /// The origin that collided with it.
+        second: Origin,
+    },
+    /// No component of this kind has this name.
+    #[error("{}", unknown_message(*kind, name, known, suggestion.as_deref()))]
+    Unknown {
+        /// The kind looked up.
+        kind: ComponentKind,
+        /// The name asked for.
+        name: String,
+        /// Every name of that kind, sorted.
+        known: Vec<String>,
+        /// A close known name, if any.
+        suggestion: Option<String>,
+    },
+    /// A registration with an empty or malformed name.
+    #[error("{kind} from {origin} has an invalid name `{name}`: names are non-empty and contain no whitespace", kind = kind.as_str())]
+    InvalidName {
+        /// The kind.
+        kind: ComponentKind,
+        /// The offending name.
+        name: String,
+        /// Who registered it.
+        origin: Origin,
+    },
+}
+
+fn unknown_message(
+    kind: ComponentKind,
+    name: &str,
+    known: &[String],
+    suggestion: Option<&str>,
+) -> String {
+    let mut message = format!("unknown {} `{name}`", kind.as_str());
+    if let Some(s) = suggestion {
+        message.push_str(&format!(", did you mean `{s}`?"));
+    }
+    if known.is_empty() {
+        message.push_str(&format!(
+            "; no {} is registered in this build (see `codex-ml list`)",
+            kind.as_str()
+        ));
+    } else {
+        message.push_str(&format!(
+            "; known {}s: {}",
+            kind.as_str(),
+            backticked(known.iter().map(String::as_str))
+        ));
+    }
+    message
+}
+
+/// Every component this process knows, by (kind, name).
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    entries: BTreeMap<(ComponentKind, String), Entry>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// A registry holding every built-in component linked into this binary.
+    pub fn with_builtins() -> Result<Self, RegistryError> {
+        let mut registry = Registry::new();
+        for builtin in codex_plugin_api::component::builtins() {
+            registry.add(
+                (builtin.declare)(),
+                Origin::Builtin {
+                    source: builtin.source.to_owned(),
+                },
+                API_VERSION,
+            )?;
+        }
+        Ok(registry)
+    }
+
+    /// Register one component from `origin`, built against `api_version`. The API-version
+    /// check belongs to the loader of each origin, which knows what it can run.
+    pub fn add(
+        &mut self,
+        decl: ComponentDecl,
+        origin: Origin,
+        api_version: ApiVersion,
+    ) -> Result<(), RegistryError> {
+        let kind = decl.kind();
+        let name = decl.name.as_str().to_owned();
+        if name.is_empty() || name.chars().any(char::is_whitespace) {
+            return Err(RegistryError::InvalidName { kind, name, origin });
+        }
+        let key = (kind, name);
+        if let Some(existing) = self.entries.get(&key) {
+            return Err(RegistryError::Duplicate {
+                kind,
+                name: key.1,
+                first: existing.origin.clone(),
+                second: origin,
+            });
+        }
+        let entry = Entry {
+            kind,
+            name: key.1.clone(),
+            version: decl.version.as_str().to_owned(),
+            description: decl.description.as_str().to_owned(),
+            origin,
+            api_version,
+            decl,
+        };
+        self.entries.insert(key, entry);
+        Ok(())
+    }
+
+    /// The component of `kind` named `name`.
+    pub fn get(&self, kind: ComponentKind, name: &str) -> Result<&Entry, RegistryError> {
+        if let Some(entry) = self.entries.get(&(kind, name.to_owned())) {
+            return Ok(entry);
+        }
+        let known: Vec<String> = self.of_kind(kind).map(|e| e.name.clone()).collect();
+        let suggestion = did_you_mean(name, known.iter().map(String::as_str)).map(str::to_owned);
+        Err(RegistryError::Unknown {
+            kind,
+            name: name.to_owned(),
+            known,
+            suggestion,
+        })
+    }
+
+    /// Whether a component of `kind` named `name` is registered.
+    pub fn contains(&self, kind: ComponentKind, name: &str) -> bool {
+        self.entries.contains_key(&(kind, name.to_owned()))
+    }
+
+    /// Every entry, by kind (in [`ComponentKind::ALL`] order) then name.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// The entries of one kind, by name.
+    pub fn of_kind(&self, kind: ComponentKind) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .range((kind, String::new())..)
+            .take_while(move |((k, _), _)| *k == kind)
+            .map(|(_, entry)| entry)
+    }
+
+    /// How many components are registered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi_stable::std_types::{RErr, RResult, RStr};
+    use codex_plugin_api::kernel::KernelBox;
+    use codex_plugin_api::trainer::TrainerBox;
+    use codex_plugin_api::{Factory, PluginError};
+
+    extern "C" fn no_trainer(_: RStr<'_>) -> RResult<TrainerBox, PluginError> {
+        RErr(PluginError::new("fake trainer"))
+    }
+
+    extern "C" fn no_kernel(_: RStr<'_>) -> RResult<KernelBox, PluginError> {
+        RErr(PluginError::new("fake kernel"))
+    }
+
+    fn trainer(name: &str) -> ComponentDecl {
+        ComponentDecl {
+            name: name.into(),
+            version: "0.1.0".into(),
+            description: "a fake trainer".into(),
+            factory: Factory::Trainer(no_trainer),
+        }
+    }
+
+    fn kernel(name: &str) -> ComponentDecl {
+        ComponentDecl {
+            name: name.into(),
+            version: "0.2.0".into(),
+            description: "a fake kernel".into(),
+            factory: Factory::Kernel(no_kernel),
+        }
+    }
+
+    fn builtin(source: &str) -> Origin {
+        Origin::Builtin {
+            source: source.into(),
+        }
+    }
+
+    fn registry(decls: Vec<ComponentDecl>) -> Registry {
+        let mut registry = Registry::new();
+        for decl in decls {
+            let name = decl.name.to_string();
+            if let Err(e) = registry.add(decl, builtin("tests"), API_VERSION) {
+                panic!("adding {name}: {e}");
+            }
+        }
+        registry
+    }
+
+    #[test]
+    fn entries_are_grouped_by_kind_then_sorted_by_name() {
+        let r = registry(vec![
+            kernel("cpu"),
+            trainer("zeta"),
+            trainer("default"),
+            kernel("avx"),
+        ]);
+        let listed: Vec<(ComponentKind, &str)> =
+            r.entries().map(|e| (e.kind, e.name.as_str())).collect();
+        assert_eq!(
+            listed,
+            vec![
+                (ComponentKind::Trainer, "default"),
+                (ComponentKind::Trainer, "zeta"),
+                (ComponentKind::Kernel, "avx"),
+                (ComponentKind::Kernel, "cpu"),
+            ]
+        );
+        let kernels: Vec<&str> = r
+            .of_kind(ComponentKind::Kernel)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(kernels, ["avx", "cpu"]);
+        assert_eq!(r.of_kind(ComponentKind::Model).count(), 0);
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn lookup_returns_the_declaration() {
+        let r = registry(vec![kernel("cpu")]);
+        let entry = r.get(ComponentKind::Kernel, "cpu").expect("registered");
+        assert_eq!(entry.version, "0.2.0");
+        assert_eq!(entry.description, "a fake kernel");
+        assert_eq!(entry.decl.kind(), ComponentKind::Kernel);
+        assert_eq!(entry.api_version, API_VERSION);
+    }
+
+    #[test]
+    fn same_name_of_another_kind_is_not_a_duplicate() {
+        let r = registry(vec![kernel("default"), trainer("default")]);
+        assert!(r.contains(ComponentKind::Kernel, "default"));
+        assert!(r.contains(ComponentKind::Trainer, "default"));
+    }
+
+    #[test]
+    fn duplicate_names_both_origins() {
+        let mut r = registry(vec![trainer("default")]);
+        let second = Origin::Native {
+            path: PathBuf::from("plugins/libfast.so"),
+        };
+        let error = r
+            .add(trainer("default"), second, API_VERSION)
+            .expect_err("duplicate");
+        assert_eq!(
+            error.to_string(),
+            "trainer `default` is registered twice: by built-in (tests) and by native plugin \
+             plugins/libfast.so; rename one of them or drop one plugin from the manifest"
+        );
+        assert_eq!(r.len(), 1, "the first registration stays");
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let r = registry(vec![trainer("default"), trainer("fsdp"), kernel("cpu")]);
+        let check = |kind, name: &str, expect: &str| {
+            let error = r.get(kind, name).expect_err("unknown");
+            assert_eq!(error.to_string(), expect);
+        };
+        check(
+            ComponentKind::Trainer,
+            "defualt",
+            "unknown trainer `defualt`, did you mean `default`?; known trainers: `default`, `fsdp`",
+        );
+        check(
+            ComponentKind::Trainer,
+            "ddp",
+            "unknown trainer `ddp`; known trainers: `default`, `fsdp`",
+        );
+        check(
+            ComponentKind::Model,
+            "gpt2",
+            "unknown model `gpt2`; no model is registered in this build (see `codex-ml list`)",
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let mut r = Registry::new();
+        for name in ["", "two words"] {
+            let error = r
+                .add(trainer(name), builtin("tests"), API_VERSION)
+                .expect_err("invalid");
+            assert!(
+                matches!(error, RegistryError::InvalidName { .. }),
+                "{error}"
+            );
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn origins_render_with_their_location() {
+        assert_eq!(
+            builtin("codex_optim::adamw").to_string(),
+            "built-in (codex_optim::adamw)"
+        );
+        let wasm = Origin::Wasm {
+            path: PathBuf::from("p/x.wasm"),
+        };
+        assert_eq!(wasm.to_string(), "wasm plugin p/x.wasm");
+        assert_eq!(wasm.label(), "wasm");
+    }
+}

@@ -19,7 +19,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor as CTensor};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
-use codex_plugin_api::tokenizer::TokenizerBox;
 use codex_plugin_api::trainer::{BatchIds, TrainSession, TrainSession_TO};
 use codex_plugin_api::{ForwardCtx, OptimStep, ParamInfo, PluginError, TensorId, TrainSettings};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -191,7 +190,7 @@ fn run_in(
         &config.tokenizer.name,
         &config.tokenizer.params_json(),
     )?;
-    let cache = data::TokenCache::new(config.data.cache_dir(&config.dir, &runs_root_of(options)));
+    let cache = data::TokenCache::new(config.data.resolve_cache_dir(&config.dir, &options.runs_root));
     let streams = data::token_streams(&docs, &tokenizer, &fingerprint, &cache, &config.data.preprocess)?;
     drop(docs);
     let shape = BatchShape {
@@ -320,10 +319,6 @@ fn run_in(
         val_loss,
         sample,
     })
-}
-
-fn runs_root_of(options: &RunOptions) -> PathBuf {
-    options.runs_root.clone()
 }
 
 /// Optimizer steps the run takes: `max_steps`, or `epochs` worth of data, or the smaller.

@@ -15,8 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::BenchArgs;
-use crate::components;
+use super::{BenchArgs, BenchPreset};
+use crate::components::{self, ApiResultExt};
 use crate::registry::Registry;
 use crate::tensor::{self, ParamStore};
 
@@ -158,19 +158,19 @@ impl Bench {
                 .into_result()
                 .map_err(|e| anyhow::anyhow!("model forward: {e}"))?,
         );
-        let logits = logits.reshape(&[self.shape.batch * self.shape.seq, self.shape.vocab])?;
-        let ce = logits.cross_entropy(y, u32::MAX)?;
-        let loss = ce.loss_sum.affine(1.0 / tokens, 0.0)?;
-        let loss_value = loss.to_scalar()?;
+        let logits = logits.reshape(&[self.shape.batch * self.shape.seq, self.shape.vocab]).anyhow()?;
+        let ce = logits.cross_entropy(y, u32::MAX).anyhow()?;
+        let loss = ce.loss_sum.affine(1.0 / tokens, 0.0).anyhow()?;
+        let loss_value = loss.to_scalar().anyhow()?;
         let t1 = Instant::now();
-        loss.backward()?;
+        loss.backward().anyhow()?;
         let t2 = Instant::now();
 
         let infos = self.store.param_infos();
         let mut held = Vec::with_capacity(infos.len());
         for (index, info) in infos.iter().enumerate() {
             let param = Tensor::retain(info.id);
-            if let Some(grad) = param.grad()? {
+            if let Some(grad) = param.grad().anyhow()? {
                 held.push((index, param, grad));
             }
         }
@@ -291,12 +291,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     tensor::install();
     let registry = Registry::with_builtins()?;
-    let chosen: Vec<Shape> = match args.config.as_str() {
-        "all" => SHAPES.to_vec(),
-        name => match SHAPES.iter().find(|s| s.name == name) {
-            Some(s) => vec![*s],
-            None => bail!("unknown benchmark configuration `{name}`: choose tiny, small or all"),
-        },
+    let chosen: Vec<Shape> = match args.config {
+        BenchPreset::All => SHAPES.to_vec(),
+        BenchPreset::Tiny => vec![SHAPES[0]],
+        BenchPreset::Small => vec![SHAPES[1]],
     };
     for shape in chosen {
         run_shape(&registry, shape, &args)?;

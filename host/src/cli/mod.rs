@@ -1,4 +1,364 @@
-//! (to be written)
+//! The `codex-ml` command line: argument parsing, logging set-up, dispatch, and the mapping
+//! from failures to exit codes.
+//!
+//! Exit codes follow ripgrep: 0 success, 1 a runtime failure, 2 a problem with what the user
+//! asked for (arguments, config, manifest, component names) — something to fix before trying
+//! again. Errors print as `error: ...` followed by their cause chain on stderr; stdout carries
+//! only machine-readable output.
+//!
+//! Each subcommand lives in its own module with one entry point taking its argument struct;
+//! the argument structs are defined here so `--help` for the whole tool reads in one place.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ConfigError, Override};
+use crate::diagnostics::Diagnostic;
+use crate::manifest::ManifestError;
+use crate::registry::RegistryError;
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod list;
+pub mod run;
+
+pub use list::{KindFilter, ListArgs};
+
+/// Train and run causal language models from one binary, with pluggable components.
+#[derive(Debug, Parser)]
+#[command(
+    name = "codex-ml",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true,
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 bad arguments, config or manifest.\n\
+                  Logging: RUST_LOG (e.g. RUST_LOG=codex_host=debug) takes precedence over -v/-q."
+)]
+pub struct Cli {
+    /// More log output on stderr: -v debug, -vv trace
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every registered component (tokenizers, models, optimizers, sinks, trackers,
+    /// trainers, kernels) and the plugins a manifest declares
+    #[command(long_about = list::LONG_ABOUT)]
+    List(ListArgs),
+    /// Train a model as an experiment config describes
+    #[command(long_about = RUN_LONG_ABOUT)]
+    Run(RunArgs),
+    /// Evaluate a trained model: loss, perplexity and token accuracy
+    Eval(EvalArgs),
+    /// Generate text from a trained model
+    Generate(GenerateArgs),
+    /// Measure training throughput (tokens/s) on built-in model sizes
+    Bench(BenchArgs),
+}
+
+const RUN_LONG_ABOUT: &str = "Train a model as an experiment config describes.\n\n\
+    The config (RON) names the tokenizer, model, optimizer, trainer, sinks and trackers by \
+    registry name (see `codex-ml list`), the data and the training settings. The run directory \
+    receives the resolved config, metadata, metrics, the log and checkpoints.";
+
+/// `codex-ml run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Experiment config (RON), e.g. configs/quickstart.ron
+    #[arg(value_name = "CONFIG")]
+    pub config: PathBuf,
+    /// Override one config value, e.g. `--set optimizer.lr=3e-4` or `--set sinks[0].name=csv`;
+    /// repeatable, applied in order. VALUE is a RON literal (500, 3e-4, true, "text", [1, 2],
+    /// (a: 1), None) or else taken as a string
+    #[arg(long = "set", value_name = "PATH=VALUE", value_parser = parse_override)]
+    pub set: Vec<Override>,
+    /// Directory for this run [default: runs/<experiment>/<run-id>]
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Plugin manifest (RON) declaring external plugins the config may name
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+/// `codex-ml eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory (its newest valid checkpoint is used) or a checkpoint directory
+    #[arg(value_name = "RUN_OR_CHECKPOINT")]
+    pub target: PathBuf,
+    /// Evaluate on these files or globs instead of the run's validation split; repeatable
+    #[arg(long, value_name = "FILE_OR_GLOB")]
+    pub data: Vec<String>,
+    /// Evaluate at most N batches [default: all of them]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub batches: Option<usize>,
+}
+
+/// `codex-ml generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A run directory (its newest valid checkpoint is used) or a checkpoint directory
+    #[arg(value_name = "RUN_OR_CHECKPOINT")]
+    pub target: PathBuf,
+    /// Text to continue
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// Tokens to generate
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = parse_positive)]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 always picks the most likely token
+    #[arg(long, value_name = "T", default_value_t = 1.0, value_parser = parse_temperature)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens [default: all tokens]
+    #[arg(long, value_name = "K", value_parser = parse_positive)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P, in (0, 1]
+    /// [default: no cut-off]
+    #[arg(long, value_name = "P", value_parser = parse_top_p)]
+    pub top_p: Option<f64>,
+    /// Seed of the sampler [default: the run's seed]
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+/// `codex-ml bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model size to measure
+    #[arg(long, value_name = "SIZE", value_enum, default_value_t = BenchPreset::Tiny)]
+    pub config: BenchPreset,
+    /// Also report where a training step spends its time (forward, backward, optimizer)
+    #[arg(long)]
+    pub profile: bool,
+    /// Untimed steps before measuring [default: 5 for tiny, 2 for small, as the reference]
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+    /// Timed windows; the median window is reported [default: 7 for tiny, 5 for small]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub windows: Option<usize>,
+    /// Optimizer steps per window [default: 10 for tiny, 3 for small]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub steps: Option<usize>,
+    /// Worker threads [default: one per core]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub threads: Option<usize>,
+}
+
+/// The model sizes `codex-ml bench` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPreset {
+    /// A GPT-2 small enough for CI
+    Tiny,
+    /// A GPT-2 of a few million parameters
+    Small,
+    /// Every size, one after the other
+    All,
+}
+
+fn parse_override(arg: &str) -> Result<Override, String> {
+    arg.parse()
+}
+
+fn parse_positive(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
+fn parse_temperature(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(_) => Err("must be a finite number ≥ 0".to_owned()),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+fn parse_top_p(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        Ok(_) => Err("must be in (0, 1]".to_owned()),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// A problem with how codex-ml was invoked; exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Parse the command line, run the command, and return the process exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with code 0; usage errors to stderr with code 2.
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    crate::logging::init(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Command::List(args) => list::list(args),
+        Command::Run(args) => run::run(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Generate(args) => generate::generate(args),
+        Command::Bench(args) => bench::bench(args),
+    };
+    match result {
+        Ok(()) => 0,
+        // A closed pipe (`codex-ml list | head`) is the reader's choice, not a failure.
+        Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) => {
+            eprintln!("{}", report(&e));
+            exit_code(&e)
+        }
+    }
+}
+
+/// 2 when the failure is the user's input (arguments, config, manifest, component names),
+/// else 1.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    let usage = error.chain().any(|cause| {
+        cause.is::<UsageError>()
+            || cause.is::<ConfigError>()
+            || cause.is::<ManifestError>()
+            || cause.is::<RegistryError>()
+            || cause.is::<Diagnostic>()
+    });
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// `error: what failed` and one `caused by:` line per cause; multi-line causes (diagnostics
+/// with a source excerpt) keep their shape, indented under their line.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for (i, cause) in error.chain().enumerate() {
+        let label = if i == 0 { "error: " } else { "  caused by: " };
+        let text = cause.to_string();
+        let mut lines = text.lines();
+        let _ = write!(out, "{}{}", if i == 0 { "" } else { "\n" }, label);
+        out.push_str(lines.next().unwrap_or_default());
+        let indent = " ".repeat(label.len());
+        for line in lines {
+            let _ = write!(out, "\n{indent}{line}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_codes_separate_user_input_from_runtime_failures() {
+        let usage = anyhow::Error::new(UsageError("bad".into())).context("while listing");
+        assert_eq!(exit_code(&usage), 2);
+        let config = anyhow::Error::new(ConfigError::Override {
+            arg: "x=1".into(),
+            message: "unknown field".into(),
+        });
+        assert_eq!(exit_code(&config), 2);
+        let runtime =
+            anyhow::Error::new(io::Error::other("disk full")).context("writing a checkpoint");
+        assert_eq!(exit_code(&runtime), 1);
+    }
+
+    #[test]
+    fn reports_show_the_cause_chain() {
+        let error = anyhow::Error::new(io::Error::other("disk full\nsecond line"))
+            .context("writing a checkpoint");
+        assert_eq!(
+            report(&error),
+            "error: writing a checkpoint\n  caused by: disk full\n             second line"
+        );
+    }
+
+    #[test]
+    fn overrides_and_numbers_are_checked_while_parsing() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        assert!(parse(&["codex-ml", "run", "c.ron", "--set", "seed"]).is_err());
+        assert!(parse(&["codex-ml", "generate", "r", "--prompt", "x", "--top-p", "1.5"]).is_err());
+        assert!(parse(&[
+            "codex-ml",
+            "generate",
+            "r",
+            "--prompt",
+            "x",
+            "--temperature",
+            "-1"
+        ])
+        .is_err());
+        assert!(parse(&["codex-ml", "bench", "--windows", "0"]).is_err());
+        assert!(parse(&["codex-ml", "-v", "-q", "list"]).is_err());
+        let cli = parse(&[
+            "codex-ml",
+            "run",
+            "c.ron",
+            "--set",
+            "seed=4",
+            "--set",
+            "train.max_steps=9",
+            "-vv",
+        ])
+        .expect("valid");
+        assert_eq!(cli.verbose, 2);
+        match cli.command {
+            Command::Run(args) => {
+                let paths: Vec<&str> = args.set.iter().map(|o| o.path.as_str()).collect();
+                assert_eq!(paths, ["seed", "train.max_steps"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}
+
+/// The registry for a command: every built-in, plus the components of the plugins a manifest
+/// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
+pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result<crate::registry::Registry> {
+    let registry = crate::registry::Registry::with_builtins()?;
+    if let Some(path) = manifest {
+        let manifest = crate::manifest::Manifest::load(path)?;
+        if let Some(first) = manifest.plugins.first() {
+            return Err(UsageError(format!(
+                "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
+                path.display(),
+                first.name,
+                first.registry_origin().label()
+            ))
+            .into());
+        }
+    }
+    Ok(registry)
 }

@@ -1,0 +1,328 @@
+//! `codex-ml list`: what this binary can run, grouped by kind, and what a manifest declares.
+//!
+//! One row type feeds both outputs, so the table and `--json` never disagree. Plugins from a
+//! manifest are listed as a group of their own: a plugin's components (and so their kinds) are
+//! only known once it is loaded, and this command loads nothing — it checks the manifest
+//! (parse, files present, sha256 pins) and says so in each row's `status`.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use codex_plugin_api::ComponentKind;
+use serde::Serialize;
+
+use crate::manifest::{Capabilities, Manifest, PluginOrigin, PluginSpec, WasmLimits};
+use crate::registry::{Entry, Origin, Registry};
+
+pub(crate) const LONG_ABOUT: &str = "List every registered component, grouped by kind: name, \
+    version, plugin-API version, origin and a one-line description.\n\n\
+    With --manifest, also check the manifest (strict parse, plugin files present, sha256 pins) \
+    and list the plugins it declares, with their limits and capabilities. Plugins are declared, \
+    not loaded, by this command.";
+
+/// `codex-ml list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this kind
+    #[arg(long, value_name = "KIND", value_enum)]
+    pub kind: Option<KindFilter>,
+    /// Print a JSON array on stdout, one object per component or plugin, with the fields
+    /// kind, name, origin, source, path, version, api_version, description and status
+    /// (plugins add sha256, sha256_pinned, limits and capabilities)
+    #[arg(long)]
+    pub json: bool,
+    /// Plugin manifest (RON) to check and whose plugins to list
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+/// What `--kind` accepts: a component kind, or `plugin` for the manifest's plugins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindFilter {
+    /// Tokenizers
+    Tokenizer,
+    /// Models
+    Model,
+    /// Optimizers
+    Optimizer,
+    /// Metric sinks
+    Sink,
+    /// Run trackers
+    Tracker,
+    /// Training loops
+    Trainer,
+    /// Fused-op kernels
+    Kernel,
+    /// Plugins declared by --manifest
+    Plugin,
+}
+
+impl KindFilter {
+    fn component_kind(self) -> Option<ComponentKind> {
+        match self {
+            KindFilter::Tokenizer => Some(ComponentKind::Tokenizer),
+            KindFilter::Model => Some(ComponentKind::Model),
+            KindFilter::Optimizer => Some(ComponentKind::Optimizer),
+            KindFilter::Sink => Some(ComponentKind::Sink),
+            KindFilter::Tracker => Some(ComponentKind::Tracker),
+            KindFilter::Trainer => Some(ComponentKind::Trainer),
+            KindFilter::Kernel => Some(ComponentKind::Kernel),
+            KindFilter::Plugin => None,
+        }
+    }
+}
+
+const REGISTERED: &str = "registered";
+const DECLARED: &str = "declared, not loaded";
+
+/// One line of the listing; also its JSON object.
+#[derive(Debug, Serialize)]
+struct Row {
+    kind: &'static str,
+    name: String,
+    /// `built-in`, `native` or `wasm`.
+    origin: &'static str,
+    /// Module that registered a built-in.
+    source: Option<String>,
+    /// Plugin file.
+    path: Option<String>,
+    version: Option<String>,
+    api_version: Option<String>,
+    description: Option<String>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256_pinned: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<WasmLimits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capabilities: Option<Capabilities>,
+}
+
+impl Row {
+    fn component(entry: &Entry) -> Row {
+        let (source, path) = match &entry.origin {
+            Origin::Builtin { source } => (Some(source.clone()), None),
+            Origin::Native { path } | Origin::Wasm { path } => {
+                (None, Some(path.display().to_string()))
+            }
+        };
+        Row {
+            kind: entry.kind.as_str(),
+            name: entry.name.clone(),
+            origin: entry.origin.label(),
+            source,
+            path,
+            version: Some(entry.version.clone()),
+            api_version: Some(entry.api_version.to_string()),
+            description: Some(entry.description.clone()),
+            status: REGISTERED,
+            sha256: None,
+            sha256_pinned: None,
+            limits: None,
+            capabilities: None,
+        }
+    }
+
+    fn plugin(plugin: &PluginSpec) -> Row {
+        let (limits, capabilities) = match &plugin.origin {
+            PluginOrigin::Native => (None, None),
+            PluginOrigin::Wasm {
+                limits,
+                capabilities,
+            } => (Some(*limits), Some(capabilities.clone())),
+        };
+        Row {
+            kind: "plugin",
+            name: plugin.name.clone(),
+            origin: plugin.kind().as_str(),
+            source: None,
+            path: Some(plugin.path.display().to_string()),
+            version: None,
+            api_version: None,
+            description: None,
+            status: DECLARED,
+            sha256: Some(plugin.sha256.clone()),
+            sha256_pinned: Some(plugin.pinned),
+            limits,
+            capabilities,
+        }
+    }
+}
+
+/// Run `codex-ml list`.
+pub fn list(args: ListArgs) -> anyhow::Result<()> {
+    let registry =
+        Registry::with_builtins().context("cannot build the registry of built-in components")?;
+    let manifest = match &args.manifest {
+        Some(path) => Some(Manifest::load(path).context("invalid plugin manifest")?),
+        None => None,
+    };
+    let kinds: Vec<ComponentKind> = match args.kind {
+        Some(filter) => filter.component_kind().into_iter().collect(),
+        None => ComponentKind::ALL.to_vec(),
+    };
+    let show_plugins = matches!(args.kind, None | Some(KindFilter::Plugin));
+    let mut groups: Vec<(&'static str, Vec<Row>)> = kinds
+        .iter()
+        .map(|&kind| {
+            (
+                kind.as_str(),
+                registry.of_kind(kind).map(Row::component).collect(),
+            )
+        })
+        .collect();
+    if show_plugins {
+        if let Some(manifest) = &manifest {
+            groups.push(("plugin", manifest.plugins.iter().map(Row::plugin).collect()));
+        }
+    }
+
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        let rows: Vec<&Row> = groups.iter().flat_map(|(_, rows)| rows).collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+    } else {
+        write_table(
+            &mut out,
+            &groups,
+            manifest.as_ref(),
+            args.kind == Some(KindFilter::Plugin),
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn write_table(
+    out: &mut impl Write,
+    groups: &[(&'static str, Vec<Row>)],
+    manifest: Option<&Manifest>,
+    plugins_asked: bool,
+) -> io::Result<()> {
+    let components = groups
+        .iter()
+        .filter(|(kind, _)| *kind != "plugin")
+        .flat_map(|(_, rows)| rows);
+    let name_width = groups
+        .iter()
+        .flat_map(|(_, rows)| rows)
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0);
+    let version_width = components
+        .clone()
+        .map(|r| r.version.as_deref().unwrap_or("").len())
+        .max()
+        .unwrap_or(0);
+    let origin_width = components.map(|r| r.origin.len()).max().unwrap_or(0);
+    let mut first = true;
+    for (kind, rows) in groups {
+        if !first {
+            writeln!(out)?;
+        }
+        first = false;
+        if *kind == "plugin" {
+            write_plugins(out, rows, manifest, name_width)?;
+            continue;
+        }
+        writeln!(out, "{kind}")?;
+        if rows.is_empty() {
+            writeln!(out, "  (none registered)")?;
+        }
+        for row in rows {
+            writeln!(
+                out,
+                "  {:name_width$}  {:version_width$}  api {}  {:origin_width$}  {}",
+                row.name,
+                row.version.as_deref().unwrap_or(""),
+                row.api_version.as_deref().unwrap_or(""),
+                row.origin,
+                row.description.as_deref().unwrap_or(""),
+            )?;
+        }
+    }
+    if plugins_asked && manifest.is_none() {
+        writeln!(out, "plugin")?;
+        writeln!(out, "  (no manifest given; pass --manifest FILE)")?;
+    }
+    Ok(())
+}
+
+fn write_plugins(
+    out: &mut impl Write,
+    rows: &[Row],
+    manifest: Option<&Manifest>,
+    name_width: usize,
+) -> io::Result<()> {
+    match manifest {
+        Some(m) => writeln!(
+            out,
+            "plugin (declared in {}; {DECLARED}: this build has no plugin loader)",
+            m.path.display()
+        )?,
+        None => writeln!(out, "plugin")?,
+    }
+    if rows.is_empty() {
+        writeln!(out, "  (the manifest declares no plugins)")?;
+    }
+    let pad = " ".repeat(name_width + 4);
+    for row in rows {
+        let pin = match row.sha256_pinned {
+            Some(true) => "pinned",
+            _ => "not pinned",
+        };
+        writeln!(
+            out,
+            "  {:name_width$}  {:6}  {}  sha256 {} ({pin})",
+            row.name,
+            row.origin,
+            row.path.as_deref().unwrap_or(""),
+            row.sha256.as_deref().unwrap_or(""),
+        )?;
+        if let Some(l) = &row.limits {
+            let fuel = l
+                .fuel
+                .map_or_else(|| "unmetered".to_owned(), |f| f.to_string());
+            writeln!(
+                out,
+                "{pad}limits: memory {} MiB, {} ms per call, fuel {fuel}, {} instances, {} tables, \
+                 returns up to {} bytes, queue {}",
+                l.memory_mib, l.call_timeout_ms, l.max_instances, l.max_tables, l.max_return_bytes, l.queue_size
+            )?;
+        }
+        if let Some(c) = &row.capabilities {
+            writeln!(out, "{pad}capabilities: {}", describe_capabilities(c))?;
+        }
+    }
+    Ok(())
+}
+
+fn describe_capabilities(c: &Capabilities) -> String {
+    let mut granted = Vec::new();
+    if let Some(file) = &c.output_file {
+        granted.push(format!(
+            "output file {} in the run directory (up to {} bytes)",
+            file.path, file.quota_bytes
+        ));
+    }
+    if let Some(lines) = c.log_lines {
+        granted.push(format!("{lines} log lines"));
+    }
+    if !c.env.is_empty() {
+        granted.push(format!("env {}", c.env.join(", ")));
+    }
+    if c.clock {
+        granted.push("clock".to_owned());
+    }
+    if granted.is_empty() {
+        "none".to_owned()
+    } else {
+        granted.join("; ")
+    }
+}
