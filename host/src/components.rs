@@ -10,7 +10,7 @@ use codex_plugin_api::kernel::KernelBox;
 use codex_plugin_api::model::{ModelBox, ModelEnv};
 use codex_plugin_api::optimizer::OptimizerBox;
 use codex_plugin_api::params::TensorStoreRef;
-use codex_plugin_api::sink::{SinkBox, SinkEnv};
+use codex_plugin_api::sink::SinkBox;
 use codex_plugin_api::tokenizer::{TokenizerBox, TokenizerEnv};
 use codex_plugin_api::trainer::TrainerBox;
 use codex_plugin_api::{ComponentKind, Factory, PluginError};
@@ -114,21 +114,12 @@ pub fn sink(
     registry: &Registry,
     name: &str,
     params: &serde_json::Value,
-    run_dir: &str,
+    run_dir: &std::path::Path,
     resume_step: Option<u64>,
 ) -> Result<SinkBox> {
     let entry = lookup(registry, ComponentKind::Sink, name)?;
-    let Factory::Sink(f) = entry.decl.factory else {
-        return Err(mismatch(entry, ComponentKind::Sink));
-    };
-    let text = params_text(params);
-    let env = SinkEnv {
-        run_dir: RStr::from(run_dir),
-        resume_step: resume_step.into(),
-    };
-    f(RStr::from(text.as_str()), env)
-        .into_result()
-        .map_err(|e| failed(entry, e))
+    crate::metrics::open_sink(name, &entry.decl, &params_text(params), run_dir, resume_step)
+        .with_context(|| format!("sink `{name}` ({})", entry.origin))
 }
 
 /// Build a trainer.

@@ -226,8 +226,7 @@ fn run_in(
     // Metric sinks on their own thread.
     let mut sinks = Vec::new();
     for spec in &config.sinks {
-        let entry = registry.get(codex_plugin_api::ComponentKind::Sink, &spec.name)?;
-        let sink = crate::metrics::open_sink(&spec.name, &entry.decl, &spec.params_json(), run.path(), None)?;
+        let sink = components::sink(registry, &spec.name, &spec.params, run.path(), None)?;
         sinks.push((spec.name.clone(), sink));
     }
     let hub = MetricsHub::start(HubOptions::new(run.path(), None), sinks)?;
