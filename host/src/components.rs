@@ -118,8 +118,14 @@ pub fn sink(
     resume_step: Option<u64>,
 ) -> Result<SinkBox> {
     let entry = lookup(registry, ComponentKind::Sink, name)?;
-    crate::metrics::open_sink(name, &entry.decl, &params_text(params), run_dir, resume_step)
-        .with_context(|| format!("sink `{name}` ({})", entry.origin))
+    crate::metrics::open_sink(
+        name,
+        &entry.decl,
+        &params_text(params),
+        run_dir,
+        resume_step,
+    )
+    .with_context(|| format!("sink `{name}` ({})", entry.origin))
 }
 
 /// Build a trainer.

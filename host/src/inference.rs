@@ -53,7 +53,13 @@ pub fn load(target: &Path, registry: &Registry) -> Result<Loaded> {
     } else {
         // Tokenizers without a serialised form (e.g. `bytes`) are rebuilt from the config.
         let dir = config.dir.to_string_lossy().into_owned();
-        components::tokenizer(registry, &config.tokenizer.name, &config.tokenizer.params, &dir, &[])?
+        components::tokenizer(
+            registry,
+            &config.tokenizer.name,
+            &config.tokenizer.params,
+            &dir,
+            &[],
+        )?
     };
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = components::model(
@@ -115,9 +121,21 @@ pub fn generate(
     for _ in 0..options.max_tokens {
         let window = &ids[ids.len().saturating_sub(context)..];
         let t = window.len();
-        let input = Tensor::from_id(tensor::insert(CTensor::from_vec(window.to_vec(), (1, t), device)?));
-        let ctx = ForwardCtx { train: false, seed: 0 };
-        let logits = Tensor::from_id(model.forward(input.id(), ctx).into_result().map_err(model_err)?);
+        let input = Tensor::from_id(tensor::insert(CTensor::from_vec(
+            window.to_vec(),
+            (1, t),
+            device,
+        )?));
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
+        };
+        let logits = Tensor::from_id(
+            model
+                .forward(input.id(), ctx)
+                .into_result()
+                .map_err(model_err)?,
+        );
         let last = logits.narrow(1, t - 1, 1).anyhow()?.to_vec_f32().anyhow()?;
         let next = sample(&last, &options.sampling, &mut rng);
         if next == eot {
@@ -161,7 +179,12 @@ impl EvalTotals {
 }
 
 /// Evaluate `model` on up to `max_batches` batches of `val` (all when `None`).
-pub fn evaluate(model: &ModelBox, val: &ValBatches, device: &Device, max_batches: Option<usize>) -> Result<EvalTotals> {
+pub fn evaluate(
+    model: &ModelBox,
+    val: &ValBatches,
+    device: &Device,
+    max_batches: Option<usize>,
+) -> Result<EvalTotals> {
     let mut totals = EvalTotals::default();
     let limit = max_batches.unwrap_or(usize::MAX);
     let mut index = 0;
@@ -169,13 +192,35 @@ pub fn evaluate(model: &ModelBox, val: &ValBatches, device: &Device, max_batches
         let Some(batch) = val.batch(index) else { break };
         index += 1;
         let (rows, t) = (batch.rows, batch.seq_len);
-        let inputs = Tensor::from_id(tensor::insert(CTensor::from_vec(batch.inputs, (rows, t), device)?));
-        let targets = Tensor::from_id(tensor::insert(CTensor::from_vec(batch.targets, rows * t, device)?));
-        let ctx = ForwardCtx { train: false, seed: 0 };
-        let logits = Tensor::from_id(model.forward(inputs.id(), ctx).into_result().map_err(model_err)?);
+        let inputs = Tensor::from_id(tensor::insert(CTensor::from_vec(
+            batch.inputs,
+            (rows, t),
+            device,
+        )?));
+        let targets = Tensor::from_id(tensor::insert(CTensor::from_vec(
+            batch.targets,
+            rows * t,
+            device,
+        )?));
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
+        };
+        let logits = Tensor::from_id(
+            model
+                .forward(inputs.id(), ctx)
+                .into_result()
+                .map_err(model_err)?,
+        );
         let shape = logits.shape().anyhow()?;
-        let vocab = *shape.last().ok_or_else(|| anyhow!("model returned a scalar"))?;
-        let ce = logits.reshape(&[rows * t, vocab]).anyhow()?.cross_entropy(&targets, IGNORE_INDEX).anyhow()?;
+        let vocab = *shape
+            .last()
+            .ok_or_else(|| anyhow!("model returned a scalar"))?;
+        let ce = logits
+            .reshape(&[rows * t, vocab])
+            .anyhow()?
+            .cross_entropy(&targets, IGNORE_INDEX)
+            .anyhow()?;
         totals.nll += ce.loss_sum.to_scalar().anyhow()?;
         totals.tokens += ce.tokens.to_scalar().anyhow()?;
         totals.correct += ce.correct.to_scalar().anyhow()?;

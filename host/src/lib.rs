@@ -6,9 +6,9 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod components;
 pub mod config;
 pub mod data;
-pub mod components;
 pub mod diagnostics;
 pub mod inference;
 pub mod logging;

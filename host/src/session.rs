@@ -190,8 +190,18 @@ fn run_in(
         &config.tokenizer.name,
         &config.tokenizer.params_json(),
     )?;
-    let cache = data::TokenCache::new(config.data.resolve_cache_dir(&config.dir, &options.runs_root));
-    let streams = data::token_streams(&docs, &tokenizer, &fingerprint, &cache, &config.data.preprocess)?;
+    let cache = data::TokenCache::new(
+        config
+            .data
+            .resolve_cache_dir(&config.dir, &options.runs_root),
+    );
+    let streams = data::token_streams(
+        &docs,
+        &tokenizer,
+        &fingerprint,
+        &cache,
+        &config.data.preprocess,
+    )?;
     drop(docs);
     let shape = BatchShape {
         batch_size: config.train.batch_size,
@@ -244,9 +254,12 @@ fn run_in(
     run.write_metadata(&metadata)?;
 
     let mut trainer = components::trainer(registry, &config.trainer.name, &config.trainer.params)?;
-    let settings = config
-        .train
-        .settings(config.seed, config.optimizer.lr, total_steps, data::IGNORE_INDEX);
+    let settings = config.train.settings(
+        config.seed,
+        config.optimizer.lr,
+        total_steps,
+        data::IGNORE_INDEX,
+    );
     let stop = options.stop.clone();
     let progress = Progress::new(total_steps, options.progress, config.train.log_every);
     let mut session = HostSession {
@@ -345,7 +358,12 @@ fn plugin_lock(registry: &Registry, config: &Config) -> Vec<PluginLock> {
         (K::Trainer, config.trainer.name.as_str()),
     ];
     named.extend(config.sinks.iter().map(|s| (K::Sink, s.name.as_str())));
-    named.extend(config.trackers.iter().map(|s| (K::Tracker, s.name.as_str())));
+    named.extend(
+        config
+            .trackers
+            .iter()
+            .map(|s| (K::Tracker, s.name.as_str())),
+    );
     if let Some(k) = &config.kernel {
         named.push((K::Kernel, k.as_str()));
     }
@@ -397,7 +415,9 @@ impl Progress {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
-                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+                ));
             }
             None if step % self.every == 0 || step == self.total => {
                 let done = step.saturating_sub(first).max(1) as f64;
@@ -489,7 +509,10 @@ impl HostSession<'_> {
         self.store
             .save_safetensors(&w.path_for("optimizer.safetensors"), TensorGroup::State)?;
         w.add_written("optimizer.safetensors")?;
-        w.write("trainer_state.json", serde_json::to_string_pretty(&state)?.as_bytes())?;
+        w.write(
+            "trainer_state.json",
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
         w.write("config.ron", self.config_text.as_bytes())?;
         if let Some(json) = &self.tokenizer_json {
             w.write("tokenizer.json", json.as_bytes())?;
@@ -522,7 +545,10 @@ impl TrainSession for HostSession<'_> {
             return RResult::ROk(ROption::RNone);
         };
         match val.batch(index as usize) {
-            Some(b) => batch_ids(b, &self.device).map(ROption::RSome).map_err(err).into(),
+            Some(b) => batch_ids(b, &self.device)
+                .map(ROption::RSome)
+                .map_err(err)
+                .into(),
             None => RResult::ROk(ROption::RNone),
         }
     }
@@ -531,7 +557,11 @@ impl TrainSession for HostSession<'_> {
         self.model.forward(inputs, ctx)
     }
 
-    fn optimizer_step(&mut self, grads: RSlice<'_, ParamGrad>, step: OptimStep) -> RResult<(), PluginError> {
+    fn optimizer_step(
+        &mut self,
+        grads: RSlice<'_, ParamGrad>,
+        step: OptimStep,
+    ) -> RResult<(), PluginError> {
         self.optimizer.step(grads, step)
     }
 
@@ -539,7 +569,8 @@ impl TrainSession for HostSession<'_> {
         if split.as_str() == "val" && name.as_str() == "loss" {
             self.val_loss = Some(value);
         }
-        self.recorder.record(step, split.as_str(), name.as_str(), value);
+        self.recorder
+            .record(step, split.as_str(), name.as_str(), value);
     }
 
     fn progress(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
@@ -570,7 +601,10 @@ impl TrainSession for HostSession<'_> {
 
 /// The newest valid checkpoint of a run directory, or the checkpoint itself.
 pub fn resolve_checkpoint(target: &Path) -> Result<PathBuf> {
-    if target.join(checkpoint::SUMS).exists() || checkpoint::parse_step(&target.file_name().unwrap_or_default().to_string_lossy()).is_some() {
+    if target.join(checkpoint::SUMS).exists()
+        || checkpoint::parse_step(&target.file_name().unwrap_or_default().to_string_lossy())
+            .is_some()
+    {
         checkpoint::verify(target, &CHECKPOINT_FILES)
             .with_context(|| format!("checkpoint {} is not usable", target.display()))?;
         return Ok(target.to_path_buf());

@@ -107,21 +107,35 @@ impl Bench {
             "vocab_size": shape.vocab,
             "activation_function": "gelu",
         });
-        let model = components::model(registry, "gpt2", &model_params, shape.vocab, store.as_tensor_store())?;
+        let model = components::model(
+            registry,
+            "gpt2",
+            &model_params,
+            shape.vocab,
+            store.as_tensor_store(),
+        )?;
         let opt_params = json!({
             "betas": [0.9, 0.95],
             "eps": 1e-8,
             "weight_decay": 0.1,
             "no_decay": [],
         });
-        let optimizer = components::optimizer(registry, "adamw", &opt_params, 6e-4, store.as_tensor_store())?;
+        let optimizer = components::optimizer(
+            registry,
+            "adamw",
+            &opt_params,
+            6e-4,
+            store.as_tensor_store(),
+        )?;
 
         // Eight fixed batches of random windows, as the reference does.
         let mut rng = ChaCha8Rng::seed_from_u64(1337);
         let mut batches = Vec::new();
         for _ in 0..8 {
             let (b, t) = (shape.batch, shape.seq);
-            let data: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..shape.vocab as u32)).collect();
+            let data: Vec<u32> = (0..b * (t + 1))
+                .map(|_| rng.random_range(0..shape.vocab as u32))
+                .collect();
             let mut x = Vec::with_capacity(b * t);
             let mut y = Vec::with_capacity(b * t);
             for row in data.chunks(t + 1) {
@@ -151,14 +165,19 @@ impl Bench {
         let tokens = (self.shape.batch * self.shape.seq) as f64;
 
         let t0 = Instant::now();
-        let ctx = ForwardCtx { train: true, seed: self.step };
+        let ctx = ForwardCtx {
+            train: true,
+            seed: self.step,
+        };
         let logits = Tensor::from_id(
             self.model
                 .forward(x.id(), ctx)
                 .into_result()
                 .map_err(|e| anyhow::anyhow!("model forward: {e}"))?,
         );
-        let logits = logits.reshape(&[self.shape.batch * self.shape.seq, self.shape.vocab]).anyhow()?;
+        let logits = logits
+            .reshape(&[self.shape.batch * self.shape.seq, self.shape.vocab])
+            .anyhow()?;
         let ce = logits.cross_entropy(y, u32::MAX).anyhow()?;
         let loss = ce.loss_sum.affine(1.0 / tokens, 0.0).anyhow()?;
         let loss_value = loss.to_scalar().anyhow()?;
@@ -211,8 +230,14 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     if windows == 0 || steps == 0 {
         bail!("--windows and --steps must be at least 1");
     }
-    let mut bench = Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
-    let params: usize = bench.store.param_infos().iter().map(|p| p.shape.iter().product::<usize>()).sum();
+    let mut bench =
+        Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
+    let params: usize = bench
+        .store
+        .param_infos()
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
     eprintln!(
         "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={}",
         env!("CARGO_PKG_VERSION"),
@@ -287,7 +312,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         // Both rayon and candle's matmul read this before their pools start.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     tensor::install();
     let registry = Registry::with_builtins()?;

@@ -19,7 +19,13 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         },
         seed: args.seed.unwrap_or(loaded.config.seed),
     };
-    let text = inference::generate(&loaded.model, &loaded.tokenizer, &loaded.device, &args.prompt, &options)?;
+    let text = inference::generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &loaded.device,
+        &args.prompt,
+        &options,
+    )?;
     println!("{text}");
     Ok(())
 }

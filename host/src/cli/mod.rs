@@ -346,7 +346,9 @@ mod tests {
 
 /// The registry for a command: every built-in, plus the components of the plugins a manifest
 /// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
-pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result<crate::registry::Registry> {
+pub(crate) fn registry_for(
+    manifest: Option<&std::path::Path>,
+) -> anyhow::Result<crate::registry::Registry> {
     let registry = crate::registry::Registry::with_builtins()?;
     if let Some(path) = manifest {
         let manifest = crate::manifest::Manifest::load(path)?;

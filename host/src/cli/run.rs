@@ -29,7 +29,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("validation loss {loss:.4} (perplexity {:.2})", loss.exp());
     }
     if summary.interrupted {
-        eprintln!("stopped by request after step {}; results are in {dir}", summary.steps);
+        eprintln!(
+            "stopped by request after step {}; results are in {dir}",
+            summary.steps
+        );
         if let Some(ckpt) = &summary.last_checkpoint {
             eprintln!("last checkpoint: {}", ckpt.display());
         }
