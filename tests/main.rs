@@ -1,5 +1,8 @@
 //! All integration tests, in one binary so there is one link step.
 
+// Data-driven tests spell their case tables as tuples of slices; naming each is noise.
+#![allow(clippy::type_complexity)]
+
 mod cli;
 mod config;
 mod data;

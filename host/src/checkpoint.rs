@@ -296,15 +296,16 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
             }
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     Ok(out)
 }
 
+/// The result of [`latest_valid`]: the checkpoint found (step, directory), if any, and the
+/// newer ones skipped on the way, with why.
+pub type LatestValid = (Option<(u64, PathBuf)>, Vec<(PathBuf, CheckpointError)>);
+
 /// The newest checkpoint under `root` that verifies, and the ones skipped on the way (with why).
-pub fn latest_valid(
-    root: &Path,
-    required: &[&str],
-) -> Result<(Option<(u64, PathBuf)>, Vec<(PathBuf, CheckpointError)>), CheckpointError> {
+pub fn latest_valid(root: &Path, required: &[&str]) -> Result<LatestValid, CheckpointError> {
     let mut skipped = Vec::new();
     for (step, dir) in list(root)? {
         match verify(&dir, required) {

@@ -419,7 +419,7 @@ impl Progress {
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
                 ));
             }
-            None if step % self.every == 0 || step == self.total => {
+            None if step.is_multiple_of(self.every) || step == self.total => {
                 let done = step.saturating_sub(first).max(1) as f64;
                 let per_step = self.started.elapsed().as_secs_f64() / done;
                 let eta = per_step * self.total.saturating_sub(step) as f64;

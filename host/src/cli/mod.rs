@@ -271,6 +271,27 @@ pub fn report(error: &anyhow::Error) -> String {
     out
 }
 
+/// The registry for a command: every built-in, plus the components of the plugins a manifest
+/// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
+pub(crate) fn registry_for(
+    manifest: Option<&std::path::Path>,
+) -> anyhow::Result<crate::registry::Registry> {
+    let registry = crate::registry::Registry::with_builtins()?;
+    if let Some(path) = manifest {
+        let manifest = crate::manifest::Manifest::load(path)?;
+        if let Some(first) = manifest.plugins.first() {
+            return Err(UsageError(format!(
+                "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
+                path.display(),
+                first.name,
+                first.registry_origin().label()
+            ))
+            .into());
+        }
+    }
+    Ok(registry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,25 +363,4 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
     }
-}
-
-/// The registry for a command: every built-in, plus the components of the plugins a manifest
-/// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
-pub(crate) fn registry_for(
-    manifest: Option<&std::path::Path>,
-) -> anyhow::Result<crate::registry::Registry> {
-    let registry = crate::registry::Registry::with_builtins()?;
-    if let Some(path) = manifest {
-        let manifest = crate::manifest::Manifest::load(path)?;
-        if let Some(first) = manifest.plugins.first() {
-            return Err(UsageError(format!(
-                "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
-                path.display(),
-                first.name,
-                first.registry_origin().label()
-            ))
-            .into());
-        }
-    }
-    Ok(registry)
 }
