@@ -86,7 +86,7 @@ pub fn register_all(
 
 /// Define a native plugin's root module:
 ///
-/// ```ignore
+/// ```text
 /// codex_plugin_api::export_plugin! {
 ///     name: "lion",
 ///     version: env!("CARGO_PKG_VERSION"),
