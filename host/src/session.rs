@@ -165,6 +165,18 @@ fn run_in(
     }
     let vocab_size = tokenizer.vocab_size();
 
+    // Fused ops for this thread's tensor work while the run lasts; `None` keeps plain ops.
+    let kernel = match &config.kernel {
+        Some(name) => Some(components::kernel(
+            registry,
+            name,
+            &serde_json::Value::Null,
+        )?),
+        None => None,
+    };
+    let _kernel_scope =
+        tensor::scoped_kernel(&device, kernel).context("in the config's `kernel`")?;
+
     // Model: declared into the store; its context length bounds seq_len.
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = components::model(

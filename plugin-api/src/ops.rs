@@ -16,7 +16,7 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RVec};
 use abi_stable::StableAbi;
 
 use crate::error::PluginError;
-use crate::tensor::{CrossEntropyIds, DType, GeluForm, TensorId};
+use crate::tensor::{AdamWHyper, CrossEntropyIds, DType, GeluForm, TensorId};
 
 type R<T> = RResult<T, PluginError>;
 type T = TensorId;
@@ -146,6 +146,10 @@ pub struct OpTable {
     pub dropout: extern "C" fn(T, f64, u64) -> R<T>,
     /// `(logits [n,v], targets u32 [n], ignore_index)`: sums and counts.
     pub cross_entropy: extern "C" fn(T, T, u32) -> R<CrossEntropyIds>,
+    /// `(q, k, v, causal, scale)`: scaled dot-product attention over the last two dims,
+    /// `softmax(scale·q·kᵀ [+ causal mask])·v`; q `[.., t, d]`, k `[.., s, d]`, v `[.., s, e]`
+    /// (e.g. `[b, h, t, d]`); `causal` needs `t == s`.
+    pub attention: extern "C" fn(T, T, T, bool, f64) -> R<T>,
 
     // -- autograd and in-place updates -----------------------------------------------------------
     /// Back-propagate from a scalar, adding into parameters' gradient slots.
@@ -154,6 +158,9 @@ pub struct OpTable {
     pub grad: extern "C" fn(T) -> R<ROption<T>>,
     /// Clear a parameter's gradient slot.
     pub zero_grad: extern "C" fn(T) -> R<()>,
+    /// `(param, grad, exp_avg, exp_avg_sq, hyper)`: one `torch.optim.AdamW` step, updating the
+    /// parameter and both moment tensors (declared, f32) in place; not recorded by autograd.
+    pub adamw_update: extern "C" fn(T, T, T, T, AdamWHyper) -> R<()>,
     /// `(target, value)`: overwrite a parameter or state tensor in place.
     #[sabi(last_prefix_field)]
     pub assign: extern "C" fn(T, T) -> R<()>,

@@ -81,6 +81,25 @@ pub struct CrossEntropyIds {
     pub correct: TensorId,
 }
 
+/// The settings of one AdamW step ([`Tensor::adamw_update`]), as `torch.optim.AdamW` names
+/// them.
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq)]
+pub struct AdamWHyper {
+    /// Learning rate of this step (≥ 0).
+    pub lr: f64,
+    /// Decay of the first moment, in `[0, 1)`.
+    pub beta1: f64,
+    /// Decay of the second moment, in `[0, 1)`.
+    pub beta2: f64,
+    /// Added to the denominator after the square root (≥ 0).
+    pub eps: f64,
+    /// Decoupled weight decay λ (≥ 0); 0 for parameters that are not decayed.
+    pub weight_decay: f64,
+    /// The step being taken, counted from 1 (bias correction).
+    pub step: u64,
+}
+
 /// Owned results of [`Tensor::cross_entropy`].
 #[derive(Debug)]
 pub struct CrossEntropy {
@@ -394,6 +413,36 @@ impl Tensor {
             tokens: Tensor::from_id(r.tokens),
             correct: Tensor::from_id(r.correct),
         })
+    }
+
+    /// Scaled dot-product attention: `softmax(scale · self · kᵀ) · v` over the last two
+    /// dimensions, with the future masked out when `causal`. `self` (queries) is `[.., t, d]`,
+    /// `k` is `[.., s, d]` and `v` is `[.., s, e]`, e.g. `[batch, heads, positions, head_dim]`;
+    /// `causal` needs `t == s`. The host runs a fused kernel when one is active, else the
+    /// composition from matmul, masked fill and softmax.
+    pub fn attention(&self, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Tensor> {
+        wrap((ops().attention())(self.id, k.id, v.id, causal, scale))
+    }
+
+    /// One `torch.optim.AdamW` step on this parameter, in place:
+    /// `p ← p·(1 − lr·λ)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+    /// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`. `exp_avg` (m) and `exp_avg_sq` (v) are
+    /// declared state tensors of the parameter's shape, updated in place too. Not recorded by
+    /// autograd.
+    pub fn adamw_update(
+        &self,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        hyper: AdamWHyper,
+    ) -> Result<()> {
+        from_abi((ops().adamw_update())(
+            self.id,
+            grad.id,
+            exp_avg.id,
+            exp_avg_sq.id,
+            hyper,
+        ))
     }
 
     /// Back-propagate from this scalar. The gradients are added into every parameter's

@@ -5,6 +5,11 @@
 //! Same model (nanoGPT-style GPT = our `gpt2` with exact-erf GELU, no dropout, tied head),
 //! same shapes, same optimizer (AdamW lr 6e-4, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on
 //! every parameter), random tokens from a fixed seed, warm-up steps then timed windows.
+//!
+//! The built-in `cpu` kernel is active unless `--no-kernel`, so both engines can be measured
+//! from one binary. `--profile` times every op-table entry and kernel call during the timed
+//! windows and prints the costliest per step (kernel calls made inside `backward` are also
+//! part of `op backward`).
 
 use std::time::Instant;
 
@@ -18,7 +23,7 @@ use serde_json::json;
 use super::{BenchArgs, BenchPreset};
 use crate::components::{self, ApiResultExt};
 use crate::registry::Registry;
-use crate::tensor::{self, ParamStore};
+use crate::tensor::{self, profile, ParamStore};
 
 /// One benchmark configuration (the reference's `CFGS`).
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +235,17 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     if windows == 0 || steps == 0 {
         bail!("--windows and --steps must be at least 1");
     }
+    let kernel = if args.no_kernel {
+        None
+    } else {
+        Some(components::kernel(
+            registry,
+            "cpu",
+            &serde_json::Value::Null,
+        )?)
+    };
+    let kernel_name = if kernel.is_some() { "cpu" } else { "none" };
+    let _kernel_scope = tensor::scoped_kernel(&Device::Cpu, kernel)?;
     let mut bench =
         Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
     let params: usize = bench
@@ -239,7 +255,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
     eprintln!(
-        "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={}",
+        "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={} kernel={}",
         env!("CARGO_PKG_VERSION"),
         shape.name,
         shape.vocab,
@@ -249,7 +265,8 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         shape.seq,
         shape.batch,
         rayon::current_num_threads(),
-        params
+        params,
+        kernel_name
     );
     let mut scratch = [0.0; 3];
     let first = Instant::now();
@@ -264,6 +281,8 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         }
     }
     let tokens = (shape.batch * shape.seq * steps) as f64;
+    profile::take();
+    profile::set_enabled(args.profile);
     let (mut rates, mut fw, mut bw, mut op) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = 0.0;
     for w in 0..windows {
@@ -287,11 +306,20 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
             op[w]
         );
     }
+    profile::set_enabled(false);
+    if args.profile {
+        print_profile(
+            &profile::take(),
+            windows * steps,
+            median(&fw) + median(&bw) + median(&op),
+        );
+    }
     let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
     let max = rates.iter().copied().fold(0.0, f64::max);
     println!(
-        "RESULT framework=codex-ml cfg={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4}",
+        "RESULT framework=codex-ml cfg={} kernel={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4}",
         shape.name,
+        kernel_name,
         median(&rates),
         min,
         max,
@@ -302,6 +330,31 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         last
     );
     Ok(())
+}
+
+/// The costliest op-table entries and kernel calls, per step, against the median step time.
+fn print_profile(stats: &[profile::OpTime], steps: usize, step_ms: f64) {
+    let steps = steps.max(1) as f64;
+    eprintln!("profile (per step; `op backward` includes the kernel calls made by backward):");
+    eprintln!(
+        "  {:<7} {:<26} {:>8} {:>9} {:>7}",
+        "kind", "name", "calls", "ms", "% step"
+    );
+    for s in stats.iter().take(25) {
+        let ms = s.time.as_secs_f64() * 1e3 / steps;
+        eprintln!(
+            "  {:<7} {:<26} {:>8.1} {:>9.2} {:>6.1}%",
+            s.kind.as_str(),
+            s.name,
+            s.calls as f64 / steps,
+            ms,
+            if step_ms > 0.0 {
+                100.0 * ms / step_ms
+            } else {
+                0.0
+            }
+        );
+    }
 }
 
 /// Run the benchmark for the chosen configurations.

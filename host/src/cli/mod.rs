@@ -139,7 +139,8 @@ pub struct BenchArgs {
     /// Model size to measure
     #[arg(long, value_name = "SIZE", value_enum, default_value_t = BenchPreset::Tiny)]
     pub config: BenchPreset,
-    /// Also report where a training step spends its time (forward, backward, optimizer)
+    /// Also report where a training step spends its time: the op-table entries and kernel calls
+    /// that take the most of it
     #[arg(long)]
     pub profile: bool,
     /// Untimed steps before measuring [default: 5 for tiny, 2 for small, as the reference]
@@ -154,6 +155,9 @@ pub struct BenchArgs {
     /// Worker threads [default: one per core]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub threads: Option<usize>,
+    /// Compose every op from candle primitives instead of the built-in `cpu` kernel's fused ops
+    #[arg(long)]
+    pub no_kernel: bool,
 }
 
 /// The model sizes `codex-ml bench` knows.

@@ -5,12 +5,17 @@
 //! parameter has one slot, and [`backward`] adds candle's gradient into the slot of every
 //! trainable parameter it reaches. Only parameters have slots: gradients of intermediate tensors
 //! are dropped with candle's map.
+//!
+//! The optimizer update is here too because it is an in-place write to declared tensors:
+//! [`adamw_update`] runs the active kernel's fused step directly on their storage, or else the
+//! primitive composition followed by three assignments.
 
 use candle_core::Tensor;
+use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::TensorId;
 
 use super::handles::{self, Leaf};
-use super::{Result, TensorError};
+use super::{dispatch, Result, TensorError};
 
 pub(crate) fn backward(loss: &Tensor) -> Result<()> {
     if loss.elem_count() != 1 {
@@ -80,4 +85,84 @@ fn is_aliasing(e: &candle_core::Error) -> bool {
         candle_core::Error::WithBacktrace { inner, .. } => is_aliasing(inner),
         _ => false,
     }
+}
+
+/// One `torch.optim.AdamW` step on a declared parameter and its two declared moment tensors.
+pub(crate) fn adamw_update(
+    param: TensorId,
+    grad: &Tensor,
+    exp_avg: TensorId,
+    exp_avg_sq: TensorId,
+    h: AdamWHyper,
+) -> Result<()> {
+    let declared = |id: TensorId| handles::leaf(id)?.ok_or(TensorError::NotAssignable(id.0));
+    let (p, m, v) = (declared(param)?, declared(exp_avg)?, declared(exp_avg_sq)?);
+    for (what, leaf) in [("exp_avg", &m), ("exp_avg_sq", &v)] {
+        if leaf.var.dims() != p.var.dims() || grad.dims() != p.var.dims() {
+            return Err(TensorError::Invalid(format!(
+                "parameter {:?}, gradient {:?} and {what} {:?} must have one shape",
+                p.var.dims(),
+                grad.dims(),
+                leaf.var.dims()
+            )));
+        }
+    }
+    if h.step == 0 {
+        return Err(TensorError::Invalid(
+            "optimizer steps are counted from 1, found step 0".into(),
+        ));
+    }
+    for (name, x) in [
+        ("lr", h.lr),
+        ("eps", h.eps),
+        ("weight_decay", h.weight_decay),
+    ] {
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(TensorError::Invalid(format!(
+                "{name} must be zero or positive, found {x}"
+            )));
+        }
+    }
+    for (name, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(TensorError::Invalid(format!(
+                "{name} must be in [0, 1), found {b}"
+            )));
+        }
+    }
+    let fused = dispatch::adamw_update(
+        p.var.as_tensor(),
+        grad,
+        m.var.as_tensor(),
+        v.var.as_tensor(),
+        h,
+    )?;
+    if fused.is_some() {
+        return Ok(());
+    }
+    // torch's evaluation order; the step size is not folded into the denominator, which would
+    // divide by zero when a warm-up starts at lr = 0.
+    let exponent = i32::try_from(h.step).unwrap_or(i32::MAX);
+    let step_size = h.lr / (1.0 - h.beta1.powi(exponent));
+    let inv_sqrt_bc2 = 1.0 / (1.0 - h.beta2.powi(exponent)).sqrt();
+    let g = grad.to_dtype(candle_core::DType::F32)?;
+    let (pt, mt, vt) = (
+        p.var.as_tensor().detach(),
+        m.var.as_tensor().detach(),
+        v.var.as_tensor().detach(),
+    );
+    let m_new = (mt.affine(h.beta1, 0.0)? + g.affine(1.0 - h.beta1, 0.0)?)?;
+    let v_new = (vt.affine(h.beta2, 0.0)? + g.sqr()?.affine(1.0 - h.beta2, 0.0)?)?;
+    let denom = v_new.sqrt()?.affine(inv_sqrt_bc2, h.eps)?;
+    let update = m_new.div(&denom)?.affine(step_size, 0.0)?;
+    let decayed = if h.weight_decay == 0.0 {
+        pt
+    } else {
+        pt.affine(1.0 - h.lr * h.weight_decay, 0.0)?
+    };
+    let updated = decayed.to_dtype(candle_core::DType::F32)?.sub(&update)?;
+    assign_leaf(&p, &updated)?;
+    assign_leaf(&m, &m_new)?;
+    assign_leaf(&v, &v_new)?;
+    Ok(())
 }

@@ -5,18 +5,23 @@
 //! which is a thin `extern "C"` shell: it catches panics, resolves handles, calls one plain Rust
 //! function on candle tensors, and registers the result. Those functions live in `ops`
 //! (primitives, layout, creation) and `nn` (neural-network ops). The ops a fused kernel can
-//! replace — softmax, log-softmax, layer norm, RMS norm, GELU and cross-entropy — are each a
-//! single function in `nn`, so a dispatch layer keyed by op name and device can intercept them
-//! without touching the table.
+//! replace — softmax, layer norm, RMS norm, GELU, cross-entropy, attention, bias adds, sums over
+//! leading dimensions and the AdamW update — are each a single function in `nn`, `ops` or
+//! `autograd` that first offers the call to `dispatch`, which runs the active kernel (see
+//! [`set_kernel`], [`scoped_kernel`]) as candle custom ops, forward and backward, and otherwise
+//! lets the primitive composition run. `profile` times op-table entries and kernel calls for
+//! `codex-ml bench --profile`.
 //!
 //! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] (`store`) and
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
 //! `autograd` the way PyTorch fills `.grad`.
 
 pub(crate) mod autograd;
+pub(crate) mod dispatch;
 pub(crate) mod handles;
 pub(crate) mod nn;
 pub(crate) mod ops;
+pub mod profile;
 pub(crate) mod store;
 pub(crate) mod table;
 
@@ -25,6 +30,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use codex_plugin_api::TensorId;
 
+pub use dispatch::{kernel_active, scoped_kernel, set_kernel, KernelScope};
 pub use store::{ExportedTensor, ParamStore, TensorGroup};
 
 /// Everything that can go wrong in the tensor engine and the parameter store.

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ops::{check_dim, full, last_dim};
-use super::{Result, TensorError};
+use super::{dispatch, Result, TensorError};
 
 fn invalid(message: impl Into<String>) -> TensorError {
     TensorError::Invalid(message.into())
@@ -35,6 +35,9 @@ fn compute_dtype(x: &Tensor) -> DType {
 /// Dispatch point `softmax`.
 pub(crate) fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     check_dim(x, dim)?;
+    if let Some(y) = dispatch::softmax(x, dim)? {
+        return Ok(y);
+    }
     let xc = x.to_dtype(compute_dtype(x))?;
     let max = xc.max_keepdim(dim)?.detach();
     let e = xc.broadcast_sub(&max)?.exp()?;
@@ -42,7 +45,8 @@ pub(crate) fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(y.to_dtype(x.dtype())?)
 }
 
-/// Dispatch point `log_softmax`.
+/// Dispatch point `log_softmax`. No kernel takes it: the `cpu` kernel has no log-softmax op,
+/// and its one hot use, cross-entropy, is fused whole.
 pub(crate) fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     check_dim(x, dim)?;
     let xc = x.to_dtype(compute_dtype(x))?;
@@ -69,6 +73,9 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
     let d = last_dim(x)?;
     check_vector("weight", weight, d, x)?;
     check_vector("bias", bias, d, x)?;
+    if let Some(y) = dispatch::layer_norm(x, weight, bias, eps)? {
+        return Ok(y);
+    }
     let dt = compute_dtype(x);
     let xc = x.to_dtype(dt)?;
     let centered = xc.broadcast_sub(&xc.mean_keepdim(D::Minus1)?)?;
@@ -84,6 +91,9 @@ pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let d = last_dim(x)?;
     check_vector("weight", weight, d, x)?;
+    if let Some(y) = dispatch::rms_norm(x, weight, eps)? {
+        return Ok(y);
+    }
     let dt = compute_dtype(x);
     let xc = x.to_dtype(dt)?;
     let ms = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -102,6 +112,9 @@ const SQRT_TWO_OVER_PI: f64 = 0.797_884_560_802_865_4;
 /// visibly off in f64. So f64 inputs take the composition from `tanh`/`erf`, whose backward is
 /// exact, and every other dtype the single candle op.
 pub(crate) fn gelu(x: &Tensor, form: GeluForm) -> Result<Tensor> {
+    if let Some(y) = dispatch::gelu(x, form)? {
+        return Ok(y);
+    }
     if x.dtype() != DType::F64 {
         return Ok(match form {
             GeluForm::Erf => x.gelu_erf()?,
@@ -274,6 +287,15 @@ pub(crate) fn cross_entropy(
             targets.dims()
         )));
     }
+    if let Some((loss_sum, tokens, correct)) =
+        dispatch::cross_entropy(logits, targets, ignore_index)?
+    {
+        return Ok(CrossEntropyOut {
+            loss_sum,
+            tokens,
+            correct,
+        });
+    }
     let device = logits.device();
     let ignore = Tensor::full(ignore_index, n, device)?;
     let valid = targets.ne(&ignore)?;
@@ -297,4 +319,50 @@ pub(crate) fn cross_entropy(
         tokens: valid32.sum_all()?,
         correct: hits.mul(&valid32)?.sum_all()?,
     })
+}
+
+/// Dispatch point `attention`: `softmax(scale·q·kᵀ [masked]) · v` over the last two dims.
+/// The kernel takes causal attention with q, k and v of one shape; everything else (and
+/// every call without a kernel) is this composition, whose softmax may itself be fused.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    let r = q.rank();
+    let shapes_ok = r >= 2
+        && k.rank() == r
+        && v.rank() == r
+        && q.dim(r - 1)? == k.dim(r - 1)?
+        && k.dim(r - 2)? == v.dim(r - 2)?;
+    if !shapes_ok {
+        return Err(invalid(format!(
+            "q, k and v must be [.., t, d], [.., s, d] and [.., s, e], found {:?}, {:?} and {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let (t, s) = (q.dim(r - 2)?, k.dim(r - 2)?);
+    if causal && t != s {
+        return Err(invalid(format!(
+            "causal attention needs as many queries as keys, found {t} and {s}"
+        )));
+    }
+    if !scale.is_finite() {
+        return Err(invalid(format!("scale must be finite, found {scale}")));
+    }
+    if let Some(y) = dispatch::attention(q, k, v, causal, scale)? {
+        return Ok(y);
+    }
+    // Scaling q rather than the scores touches t·d instead of t·s values.
+    let scores = super::ops::matmul(&q.affine(scale, 0.0)?, &k.transpose(r - 2, r - 1)?)?;
+    let scores = if causal {
+        masked_fill(&scores, &causal_mask(t, q.device())?, f64::NEG_INFINITY)?
+    } else {
+        scores
+    };
+    super::ops::matmul(&softmax(&scores, r - 1)?, v)
 }

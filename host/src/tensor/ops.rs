@@ -3,7 +3,8 @@
 //! One function per op-table entry, taking and returning candle tensors, so the `extern "C"`
 //! shells in `table` stay one line each and a dispatch layer can wrap any of these by name.
 //! Arguments are checked here when candle would otherwise panic or give a message that does not
-//! say what to fix (reduction dimensions, data lengths, a non-scalar `to_scalar`).
+//! say what to fix (reduction dimensions, data lengths, a non-scalar `to_scalar`). Bias adds
+//! and sums over leading dimensions go to the active kernel when there is one (`dispatch`).
 
 use candle_core::{DType, Device, Tensor, D};
 use half::{bf16, f16};
@@ -116,6 +117,11 @@ pub(crate) enum Binary {
 }
 
 pub(crate) fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Binary::Add = op {
+        if let Some(y) = super::dispatch::bias_add(a, b)? {
+            return Ok(y);
+        }
+    }
     Ok(match op {
         Binary::Add => a.broadcast_add(b)?,
         Binary::Sub => a.broadcast_sub(b)?,
@@ -205,6 +211,23 @@ pub(crate) fn reduce(op: Reduce, x: &Tensor, dims: &[usize], keepdim: bool) -> R
     let dims = reduce_dims(x, dims)?;
     if dims.is_empty() {
         return Ok(x.clone());
+    }
+    let leading = dims.iter().enumerate().all(|(i, &d)| i == d);
+    let fused = match op {
+        Reduce::Sum if leading => super::dispatch::sum_leading(x, dims.len())?,
+        _ => None,
+    };
+    if let Some(y) = fused {
+        let shape: Vec<usize> = if keepdim {
+            x.dims()
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| if dims.contains(&i) { 1 } else { n })
+                .collect()
+        } else {
+            y.dims().to_vec()
+        };
+        return Ok(y.reshape(shape)?);
     }
     let kept = match op {
         Reduce::Sum => x.sum_keepdim(dims.as_slice())?,

@@ -14,16 +14,17 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RString, RVec};
 use candle_core::{Device, Tensor};
 use codex_plugin_api::{DType, GeluForm, OpTable, OpTableRef, PluginError, TensorId};
 
-use codex_plugin_api::tensor::CrossEntropyIds;
+use codex_plugin_api::tensor::{AdamWHyper, CrossEntropyIds};
 
 use super::ops::{self, Binary, Reduce, Unary};
+use super::profile::{self, Kind};
 use super::{autograd, from_candle_dtype, handles, nn, to_candle_dtype, Result};
 
 type R<T> = RResult<T, PluginError>;
 
 /// Run `f`, naming `op` in its error or panic.
-pub(crate) fn guarded<T>(op: &str, f: impl FnOnce() -> Result<T>) -> R<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+pub(crate) fn guarded<T>(op: &'static str, f: impl FnOnce() -> Result<T>) -> R<T> {
+    match profile::timed(Kind::Op, op, || catch_unwind(AssertUnwindSafe(f))) {
         Ok(Ok(v)) => RResult::ROk(v),
         Ok(Err(e)) => RResult::RErr(PluginError::new(format!("{op}: {e}"))),
         Err(payload) => {
@@ -43,7 +44,7 @@ pub(crate) fn guarded<T>(op: &str, f: impl FnOnce() -> Result<T>) -> R<T> {
 }
 
 /// Like [`guarded`] for ops that produce a tensor: registers it and returns the owned handle.
-fn produce(op: &str, f: impl FnOnce() -> Result<Tensor>) -> R<TensorId> {
+fn produce(op: &'static str, f: impl FnOnce() -> Result<Tensor>) -> R<TensorId> {
     guarded(op, || f().map(handles::insert))
 }
 
@@ -300,6 +301,18 @@ extern "C" fn cross_entropy(
     })
 }
 
+extern "C" fn attention(
+    q: TensorId,
+    k: TensorId,
+    v: TensorId,
+    causal: bool,
+    scale: f64,
+) -> R<TensorId> {
+    produce("attention", || {
+        nn::attention(&t(q)?, &t(k)?, &t(v)?, causal, scale)
+    })
+}
+
 // -- autograd and in-place updates ------------------------------------------------------------
 
 extern "C" fn backward(loss: TensorId) -> R<()> {
@@ -314,6 +327,18 @@ extern "C" fn grad(param: TensorId) -> R<ROption<TensorId>> {
 
 extern "C" fn zero_grad(param: TensorId) -> R<()> {
     guarded("zero_grad", || autograd::zero_grad(param))
+}
+
+extern "C" fn adamw_update(
+    param: TensorId,
+    grad: TensorId,
+    exp_avg: TensorId,
+    exp_avg_sq: TensorId,
+    hyper: AdamWHyper,
+) -> R<()> {
+    guarded("adamw_update", || {
+        autograd::adamw_update(param, &t(grad)?, exp_avg, exp_avg_sq, hyper)
+    })
 }
 
 extern "C" fn assign(target: TensorId, value: TensorId) -> R<()> {
@@ -376,9 +401,11 @@ fn build() -> OpTableRef {
         rotary,
         dropout,
         cross_entropy,
+        attention,
         backward,
         grad,
         zero_grad,
+        adamw_update,
         assign,
     }
     .leak_into_prefix()

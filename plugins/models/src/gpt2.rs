@@ -368,16 +368,20 @@ impl Gpt2 {
             .permute(&[2, 0, 3, 1, 4])?
             .contiguous()?;
         let head = |i: usize| qkv.narrow(0, i, 1)?.reshape(&[b, h, t, d]);
-        // Scaling q rather than the scores touches t·d instead of t·t values per head.
-        let q = head(0)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
-        let (k, v) = (head(1)?, head(2)?);
-        let scores = q.matmul(&k.transpose(2, 3)?)?;
-        let probs = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax(3)?;
-        let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
-        let y = probs
-            .matmul(&v)?
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[b * t, c])?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        let y = if ctx.train && self.config.attn_pdrop > 0.0 {
+            // Dropout acts on the attention probabilities, which a fused attention never
+            // materialises: compose it here. Scaling q rather than the scores touches t·d
+            // instead of t·t values per head.
+            let scores = q.affine(scale, 0.0)?.matmul(&k.transpose(2, 3)?)?;
+            let probs = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax(3)?;
+            let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
+            probs.matmul(&v)?
+        } else {
+            q.attention(&k, &v, true, scale)?
+        };
+        let y = y.permute(&[0, 2, 1, 3])?.reshape(&[b * t, c])?;
         let y = block.attn_c_proj.forward(&y)?;
         self.dropout(
             y,

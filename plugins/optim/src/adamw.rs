@@ -4,10 +4,10 @@
 //! `p ← p·(1 − lr·λ)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 //! `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
 //! The moments are host tensors `optimizer.<parameter>.exp_avg` and `.exp_avg_sq` (f32,
-//! zeros), so checkpoints carry them. The update runs for every parameter at every step, so
-//! it is written with the fewest ops that keep torch's evaluation order (no folding of the
-//! step size into the denominator: that divides by zero when a warm-up starts at `lr = 0`).
+//! zeros), so checkpoints carry them. The update itself is the host's `adamw_update`, which
+//! runs a fused kernel when one is active and keeps torch's evaluation order either way.
 
+use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::{
     bail, DType, Describe, Grad, Init, OptimStep, Optimizer, ParamInfo, Result, Store, Tensor,
 };
@@ -164,10 +164,7 @@ impl Optimizer for AdamW {
         if !(lr.is_finite() && lr >= 0.0) {
             bail!("learning rate must be zero or positive, found {lr}; check the schedule");
         }
-        let [b1, b2] = self.config.betas;
-        let exponent = i32::try_from(t).unwrap_or(i32::MAX);
-        let step_size = lr / (1.0 - b1.powi(exponent));
-        let inv_sqrt_bc2 = 1.0 / (1.0 - b2.powi(exponent)).sqrt();
+        let [beta1, beta2] = self.config.betas;
         for g in grads {
             let Some(slot) = self.slots.get(g.index) else {
                 bail!(
@@ -178,27 +175,19 @@ impl Optimizer for AdamW {
             };
             // Frozen parameters have no state and are never updated.
             let Some(slot) = slot else { continue };
-            let grad = &g.grad;
-            let m = slot
-                .exp_avg
-                .affine(b1, 0.0)?
-                .add(&grad.affine(1.0 - b1, 0.0)?)?;
-            let v = slot
-                .exp_avg_sq
-                .affine(b2, 0.0)?
-                .add(&grad.sqr()?.affine(1.0 - b2, 0.0)?)?;
-            let denom = v.sqrt()?.affine(inv_sqrt_bc2, self.config.eps)?;
-            let update = m.div(&denom)?.affine(step_size, 0.0)?;
-            let updated = if slot.weight_decay == 0.0 {
-                g.param.sub(&update)?
-            } else {
-                g.param
-                    .affine(1.0 - lr * slot.weight_decay, 0.0)?
-                    .sub(&update)?
-            };
-            g.param.assign(&updated)?;
-            slot.exp_avg.assign(&m)?;
-            slot.exp_avg_sq.assign(&v)?;
+            g.param.adamw_update(
+                &g.grad,
+                &slot.exp_avg,
+                &slot.exp_avg_sq,
+                AdamWHyper {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: self.config.eps,
+                    weight_decay: slot.weight_decay,
+                    step: t,
+                },
+            )?;
         }
         Ok(())
     }

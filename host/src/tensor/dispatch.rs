@@ -1,0 +1,1014 @@
+//! Dispatch of fusable ops to the active kernel, forward and backward.
+//!
+//! A kernel component works on raw host buffers (`codex_plugin_api::kernel`); candle knows
+//! nothing of it. Each fusable op is therefore a candle custom op whose `cpu_fwd` hands the
+//! input storage to the kernel's `<op>.fwd` and whose `bwd` calls `<op>.bwd` on the saved
+//! tensors, so the op takes part in candle's autograd like any primitive. Statistics the
+//! backward pass needs (layer-norm mean and rstd, attention and cross-entropy log-sum-exp)
+//! are kept in the op object itself, which candle keeps alive in the graph until backward.
+//!
+//! The entry points (`softmax`, `layer_norm`, ...) return `Ok(None)` whenever the kernel
+//! cannot take the call — no kernel active for the device, an op the kernel lacks, a dtype
+//! other than f32/bf16, a shape outside the kernel's signature — and the caller in `nn`/`ops`
+//! then composes the op from primitives. So a kernel never changes what a model may do, only
+//! how fast it runs; `tests/kernels.rs` checks values and gradients of both paths agree.
+//!
+//! Which kernel is active is per device family (only the CPU family can hold one: kernels take
+//! host buffers) and is set process-wide with [`set_kernel`] or for the calling thread only
+//! with [`scoped_kernel`]; the thread setting wins. A custom op holds the kernel it was built
+//! with, so a backward pass uses the same kernel as its forward pass whatever is active then.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use abi_stable::std_types::{RSlice, RSliceMut, RStr};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Shape, Storage,
+    Tensor,
+};
+use codex_plugin_api::kernel::KernelBox;
+use codex_plugin_api::tensor::AdamWHyper;
+use codex_plugin_api::{BufferMut, BufferView, DeviceKind, GeluForm};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::profile::{self, Kind};
+use super::{Result, TensorError};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// A kernel made active, with the op names it implements.
+pub(crate) struct ActiveKernel {
+    kernel: KernelBox,
+    ops: Vec<String>,
+}
+
+impl ActiveKernel {
+    fn has(&self, op: &str) -> bool {
+        self.ops.iter().any(|o| o == op)
+    }
+
+    /// Run one kernel op; errors become candle errors naming the op, so they surface through
+    /// candle's forward and backward like any other failure.
+    fn run(
+        &self,
+        op: &'static str,
+        inputs: &[BufferView<'_>],
+        attrs: &[f64],
+        outputs: &mut [BufferMut<'_>],
+    ) -> CResult<()> {
+        profile::timed(Kind::Kernel, op, || {
+            self.kernel
+                .run(
+                    RStr::from(op),
+                    RSlice::from_slice(inputs),
+                    RSlice::from_slice(attrs),
+                    RSliceMut::from_mut_slice(outputs),
+                )
+                .into_result()
+                .map_err(|e| candle_core::Error::Msg(format!("kernel op {op}: {e}")))
+        })
+    }
+}
+
+static GLOBAL_CPU: RwLock<Option<Arc<ActiveKernel>>> = RwLock::new(None);
+
+thread_local! {
+    /// `Some(setting)` while a [`KernelScope`] is alive on this thread.
+    static LOCAL_CPU: RefCell<Option<Option<Arc<ActiveKernel>>>> = const { RefCell::new(None) };
+}
+
+fn activate(device: &Device, kernel: Option<KernelBox>) -> Result<Option<Arc<ActiveKernel>>> {
+    let Some(kernel) = kernel else {
+        return Ok(None);
+    };
+    let family = kernel.device();
+    if family != DeviceKind::Cpu {
+        return Err(TensorError::Invalid(format!(
+            "the kernel runs on {family:?} devices, but the host can only dispatch to cpu \
+             kernels (they take host buffers); leave `kernel` unset for this device"
+        )));
+    }
+    if !device.is_cpu() {
+        return Err(TensorError::Invalid(format!(
+            "a cpu kernel cannot run ops on {device:?}; leave `kernel` unset or use device `cpu`"
+        )));
+    }
+    let ops = kernel.ops().into_iter().map(|s| s.into_string()).collect();
+    Ok(Some(Arc::new(ActiveKernel { kernel, ops })))
+}
+
+/// Make `kernel` the active kernel for `device`'s family in the whole process (`None`: plain
+/// ops). Threads inside a [`scoped_kernel`] keep their own setting.
+///
+/// Fails if the kernel is not for that device family, or the family is not the CPU.
+pub fn set_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<()> {
+    let active = activate(device, kernel)?;
+    *GLOBAL_CPU.write().unwrap_or_else(PoisonError::into_inner) = active;
+    Ok(())
+}
+
+/// Restores the calling thread's previous kernel setting when dropped.
+#[must_use = "the kernel is active only while the scope is alive"]
+pub struct KernelScope {
+    previous: Option<Option<Arc<ActiveKernel>>>,
+}
+
+impl std::fmt::Debug for KernelScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelScope").finish_non_exhaustive()
+    }
+}
+
+impl Drop for KernelScope {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        LOCAL_CPU.with(|l| *l.borrow_mut() = previous);
+    }
+}
+
+/// Make `kernel` (or plain ops, for `None`) active for `device`'s family on the calling thread
+/// only, until the returned scope is dropped. Training runs and tests use this so that runs
+/// sharing a process do not see each other's kernels.
+pub fn scoped_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<KernelScope> {
+    let active = activate(device, kernel)?;
+    let previous = LOCAL_CPU.with(|l| l.borrow_mut().replace(active));
+    Ok(KernelScope { previous })
+}
+
+/// The kernel that runs ops on `device` from the calling thread, if any.
+pub(crate) fn active(device: &Device) -> Option<Arc<ActiveKernel>> {
+    if !device.is_cpu() {
+        return None;
+    }
+    if let Some(local) = LOCAL_CPU.with(|l| l.borrow().clone()) {
+        return local;
+    }
+    GLOBAL_CPU
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+/// Whether a kernel runs ops on `device` from the calling thread.
+pub fn kernel_active(device: &Device) -> bool {
+    active(device).is_some()
+}
+
+/// The kernel for `op` on `x`'s device, if one is active, implements `op`, and takes `x`'s
+/// dtype.
+fn kernel_for(x: &Tensor, op: &str) -> Option<Arc<ActiveKernel>> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return None;
+    }
+    active(x.device()).filter(|k| k.has(op))
+}
+
+// -- buffers ----------------------------------------------------------------------------------
+
+fn api_dtype(d: DType) -> CResult<codex_plugin_api::DType> {
+    Ok(match d {
+        DType::F32 => codex_plugin_api::DType::F32,
+        DType::BF16 => codex_plugin_api::DType::BF16,
+        DType::U32 => codex_plugin_api::DType::U32,
+        other => candle_core::bail!("kernel buffers are f32, bf16 or u32, found {other:?}"),
+    })
+}
+
+/// The contiguous bytes of a storage, as a kernel input.
+fn view<'a>(s: &'a CpuStorage, l: &'a Layout) -> CResult<BufferView<'a>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!(
+            "kernel inputs must be contiguous, found strides {:?}",
+            l.stride()
+        );
+    };
+    let (dtype, data): (_, &[u8]) = match s {
+        CpuStorage::F32(v) => (DType::F32, bytemuck::cast_slice(&v[start..end])),
+        CpuStorage::BF16(v) => (DType::BF16, bytemuck::cast_slice(&v[start..end])),
+        CpuStorage::U32(v) => (DType::U32, bytemuck::cast_slice(&v[start..end])),
+        other => candle_core::bail!(
+            "kernel buffers are f32, bf16 or u32, found {:?}",
+            other.dtype()
+        ),
+    };
+    Ok(BufferView {
+        dtype: api_dtype(dtype)?,
+        shape: RSlice::from_slice(l.dims()),
+        data: RSlice::from_slice(data),
+    })
+}
+
+/// An output buffer the host allocates for a kernel.
+enum OutData {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+struct Out {
+    shape: Vec<usize>,
+    data: OutData,
+}
+
+impl Out {
+    fn new(dtype: DType, shape: &[usize]) -> CResult<Out> {
+        let n: usize = shape.iter().product();
+        let data = match dtype {
+            DType::F32 => OutData::F32(vec![0.0; n]),
+            DType::BF16 => OutData::Bf16(vec![bf16::ZERO; n]),
+            other => candle_core::bail!("kernel outputs are f32 or bf16, found {other:?}"),
+        };
+        Ok(Out {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    fn f32(shape: &[usize]) -> Out {
+        Out {
+            shape: shape.to_vec(),
+            data: OutData::F32(vec![0.0; shape.iter().product()]),
+        }
+    }
+
+    fn buffer(&mut self) -> BufferMut<'_> {
+        let (dtype, data): (_, &mut [u8]) = match &mut self.data {
+            OutData::F32(v) => (codex_plugin_api::DType::F32, bytemuck::cast_slice_mut(v)),
+            OutData::Bf16(v) => (codex_plugin_api::DType::BF16, bytemuck::cast_slice_mut(v)),
+        };
+        BufferMut {
+            dtype,
+            shape: RSlice::from_slice(&self.shape),
+            data: RSliceMut::from_mut_slice(data),
+        }
+    }
+
+    fn into_storage(self) -> (CpuStorage, Shape) {
+        let shape = Shape::from(self.shape);
+        match self.data {
+            OutData::F32(v) => (CpuStorage::F32(v), shape),
+            OutData::Bf16(v) => (CpuStorage::BF16(v), shape),
+        }
+    }
+
+    fn into_tensor(self) -> CResult<Tensor> {
+        let shape = self.shape;
+        match self.data {
+            OutData::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            OutData::Bf16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        }
+    }
+}
+
+/// Run `op` on whole tensors (made contiguous first), filling `outs`.
+fn run_on_tensors(
+    k: &ActiveKernel,
+    op: &'static str,
+    inputs: &[&Tensor],
+    attrs: &[f64],
+    outs: &mut [Out],
+) -> CResult<()> {
+    let owned = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<CResult<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(s) = &**storage else {
+            candle_core::bail!("{op}: a cpu kernel needs tensors on the cpu");
+        };
+        views.push(view(s, layout)?);
+    }
+    let mut bufs: Vec<BufferMut<'_>> = outs.iter_mut().map(Out::buffer).collect();
+    k.run(op, &views, attrs, &mut bufs)
+}
+
+fn lead(dims: &[usize]) -> &[usize] {
+    &dims[..dims.len().saturating_sub(1)]
+}
+
+fn saved(slot: &Mutex<Option<Tensor>>, op: &str) -> CResult<Tensor> {
+    slot.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: backward before forward")))
+}
+
+fn keep(slot: &Mutex<Option<Tensor>>, t: Tensor) {
+    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(t);
+}
+
+// -- softmax ----------------------------------------------------------------------------------
+
+struct Softmax(Arc<ActiveKernel>);
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax_last_dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let mut y = Out::new(s.dtype(), l.dims())?;
+        self.0.run(
+            "softmax_last_dim.fwd",
+            &[view(s, l)?],
+            &[],
+            &mut [y.buffer()],
+        )?;
+        Ok(y.into_storage())
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let mut dx = [Out::new(y.dtype(), y.dims())?];
+        run_on_tensors(&self.0, "softmax_last_dim.bwd", &[y, dy], &[], &mut dx)?;
+        let [dx] = dx;
+        Ok(Some(dx.into_tensor()?))
+    }
+}
+
+/// Softmax over `dim` through the kernel (over the last dimension; another `dim` is swapped
+/// to the end and back).
+pub(crate) fn softmax(x: &Tensor, dim: usize) -> Result<Option<Tensor>> {
+    let Some(k) = kernel_for(x, "softmax_last_dim.fwd") else {
+        return Ok(None);
+    };
+    if !k.has("softmax_last_dim.bwd") || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    let last = x.rank() - 1;
+    if dim == last {
+        return Ok(Some(x.contiguous()?.apply_op1(Softmax(k))?));
+    }
+    let moved = x.transpose(dim, last)?.contiguous()?;
+    Ok(Some(moved.apply_op1(Softmax(k))?.transpose(dim, last)?))
+}
+
+// -- GELU -------------------------------------------------------------------------------------
+
+struct Gelu {
+    k: Arc<ActiveKernel>,
+    form: GeluForm,
+}
+
+impl Gelu {
+    fn ops(form: GeluForm) -> (&'static str, &'static str) {
+        match form {
+            GeluForm::Erf => ("gelu_erf.fwd", "gelu_erf.bwd"),
+            GeluForm::Tanh => ("gelu_tanh.fwd", "gelu_tanh.bwd"),
+        }
+    }
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let mut y = Out::new(s.dtype(), l.dims())?;
+        self.k.run(
+            Gelu::ops(self.form).0,
+            &[view(s, l)?],
+            &[],
+            &mut [y.buffer()],
+        )?;
+        Ok(y.into_storage())
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        let mut dx = [Out::new(x.dtype(), x.dims())?];
+        run_on_tensors(&self.k, Gelu::ops(self.form).1, &[x, dy], &[], &mut dx)?;
+        let [dx] = dx;
+        Ok(Some(dx.into_tensor()?))
+    }
+}
+
+/// GELU through the kernel.
+pub(crate) fn gelu(x: &Tensor, form: GeluForm) -> Result<Option<Tensor>> {
+    let (fwd, bwd) = Gelu::ops(form);
+    let Some(k) = kernel_for(x, fwd) else {
+        return Ok(None);
+    };
+    if !k.has(bwd) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(Gelu { k, form })?))
+}
+
+// -- layer norm and RMS norm ------------------------------------------------------------------
+
+struct LayerNorm {
+    k: Arc<ActiveKernel>,
+    eps: f64,
+    mean: Mutex<Option<Tensor>>,
+    rstd: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let mut y = Out::new(xs.dtype(), xl.dims())?;
+        let mut mean = Out::f32(lead(xl.dims()));
+        let mut rstd = Out::f32(lead(xl.dims()));
+        self.k.run(
+            "layer_norm.fwd",
+            &[view(xs, xl)?, view(ws, wl)?, view(bs, bl)?],
+            &[self.eps],
+            &mut [y.buffer(), mean.buffer(), rstd.buffer()],
+        )?;
+        keep(&self.mean, mean.into_tensor()?);
+        keep(&self.rstd, rstd.into_tensor()?);
+        Ok(y.into_storage())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (mean, rstd) = (
+            saved(&self.mean, "layer_norm")?,
+            saved(&self.rstd, "layer_norm")?,
+        );
+        let mut outs = [
+            Out::new(x.dtype(), x.dims())?,
+            Out::new(w.dtype(), w.dims())?,
+            Out::new(b.dtype(), b.dims())?,
+        ];
+        run_on_tensors(
+            &self.k,
+            "layer_norm.bwd",
+            &[dy, x, w, &mean, &rstd],
+            &[],
+            &mut outs,
+        )?;
+        let [dx, dw, db] = outs;
+        Ok((
+            Some(dx.into_tensor()?),
+            Some(dw.into_tensor()?),
+            Some(db.into_tensor()?),
+        ))
+    }
+}
+
+fn norm_kernel(x: &Tensor, params: &[&Tensor], op: &str) -> Option<Arc<ActiveKernel>> {
+    if x.rank() == 0 || x.elem_count() == 0 {
+        return None;
+    }
+    if params
+        .iter()
+        .any(|p| !matches!(p.dtype(), DType::F32 | DType::BF16))
+    {
+        return None;
+    }
+    kernel_for(x, &format!("{op}.fwd")).filter(|k| k.has(&format!("{op}.bwd")))
+}
+
+/// Layer norm over the last dimension through the kernel (shapes already checked).
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let Some(k) = norm_kernel(x, &[w, b], "layer_norm") else {
+        return Ok(None);
+    };
+    let op = LayerNorm {
+        k,
+        eps,
+        mean: Mutex::new(None),
+        rstd: Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?))
+}
+
+struct RmsNorm {
+    k: Arc<ActiveKernel>,
+    eps: f64,
+    rstd: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let mut y = Out::new(xs.dtype(), xl.dims())?;
+        let mut rstd = Out::f32(lead(xl.dims()));
+        self.k.run(
+            "rms_norm.fwd",
+            &[view(xs, xl)?, view(ws, wl)?],
+            &[self.eps],
+            &mut [y.buffer(), rstd.buffer()],
+        )?;
+        keep(&self.rstd, rstd.into_tensor()?);
+        Ok(y.into_storage())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let rstd = saved(&self.rstd, "rms_norm")?;
+        let mut outs = [
+            Out::new(x.dtype(), x.dims())?,
+            Out::new(w.dtype(), w.dims())?,
+        ];
+        run_on_tensors(&self.k, "rms_norm.bwd", &[dy, x, w, &rstd], &[], &mut outs)?;
+        let [dx, dw] = outs;
+        Ok((Some(dx.into_tensor()?), Some(dw.into_tensor()?)))
+    }
+}
+
+/// RMS norm over the last dimension through the kernel (shapes already checked).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let Some(k) = norm_kernel(x, &[w], "rms_norm") else {
+        return Ok(None);
+    };
+    let op = RmsNorm {
+        k,
+        eps,
+        rstd: Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, op)?))
+}
+
+// -- cross-entropy ----------------------------------------------------------------------------
+
+/// What the cross-entropy forward pass leaves for its caller and its backward pass.
+#[derive(Default)]
+struct CeSaved {
+    lse: Option<Tensor>,
+    tokens: Option<Tensor>,
+    correct: Option<Tensor>,
+}
+
+struct CrossEntropy {
+    k: Arc<ActiveKernel>,
+    ignore_index: u32,
+    saved: Arc<Mutex<CeSaved>>,
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let rows = lead(ll.dims());
+        let mut loss = Out::f32(&[]);
+        let mut tokens = Out::f32(&[]);
+        let mut correct = Out::f32(&[]);
+        let mut lse = Out::f32(rows);
+        self.k.run(
+            "cross_entropy.fwd",
+            &[view(ls, ll)?, view(ts, tl)?],
+            &[f64::from(self.ignore_index)],
+            &mut [
+                loss.buffer(),
+                tokens.buffer(),
+                correct.buffer(),
+                lse.buffer(),
+            ],
+        )?;
+        let mut s = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        s.lse = Some(lse.into_tensor()?);
+        s.tokens = Some(tokens.into_tensor()?);
+        s.correct = Some(correct.into_tensor()?);
+        Ok(loss.into_storage())
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lse
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("cross_entropy: backward before forward".into())
+            })?;
+        let scale = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut dl = [Out::new(logits.dtype(), logits.dims())?];
+        run_on_tensors(
+            &self.k,
+            "cross_entropy.bwd",
+            &[logits, targets, &lse],
+            &[f64::from(self.ignore_index), scale],
+            &mut dl,
+        )?;
+        let [dl] = dl;
+        Ok((Some(dl.into_tensor()?), None))
+    }
+}
+
+/// Cross-entropy through the kernel: `(loss_sum, tokens, correct)`, f32 scalars. Shapes and
+/// dtypes already checked (`logits [n, v]`, u32 `targets [n]`).
+pub(crate) fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some(k) = kernel_for(logits, "cross_entropy.fwd") else {
+        return Ok(None);
+    };
+    if !k.has("cross_entropy.bwd") || logits.elem_count() == 0 {
+        return Ok(None);
+    }
+    let saved = Arc::new(Mutex::new(CeSaved::default()));
+    let op = CrossEntropy {
+        k,
+        ignore_index,
+        saved: saved.clone(),
+    };
+    let loss = logits.contiguous()?.apply_op2(&targets.contiguous()?, op)?;
+    let s = saved.lock().unwrap_or_else(PoisonError::into_inner);
+    match (&s.tokens, &s.correct) {
+        (Some(tokens), Some(correct)) => Ok(Some((loss, tokens.clone(), correct.clone()))),
+        _ => Err(TensorError::Invalid(
+            "cross_entropy: the kernel left no token counts".into(),
+        )),
+    }
+}
+
+// -- attention --------------------------------------------------------------------------------
+
+struct Attention {
+    k: Arc<ActiveKernel>,
+    scale: f64,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let mut out = Out::new(qs.dtype(), ql.dims())?;
+        let mut lse = Out::f32(lead(ql.dims()));
+        self.k.run(
+            "causal_attention.fwd",
+            &[view(qs, ql)?, view(ks, kl)?, view(vs, vl)?],
+            &[self.scale],
+            &mut [out.buffer(), lse.buffer()],
+        )?;
+        keep(&self.lse, lse.into_tensor()?);
+        Ok(out.into_storage())
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = saved(&self.lse, "causal_attention")?;
+        let mut outs = [
+            Out::new(q.dtype(), q.dims())?,
+            Out::new(k.dtype(), k.dims())?,
+            Out::new(v.dtype(), v.dims())?,
+        ];
+        run_on_tensors(
+            &self.k,
+            "causal_attention.bwd",
+            &[q, k, v, out, &lse, dout],
+            &[self.scale],
+            &mut outs,
+        )?;
+        let [dq, dk, dv] = outs;
+        Ok((
+            Some(dq.into_tensor()?),
+            Some(dk.into_tensor()?),
+            Some(dv.into_tensor()?),
+        ))
+    }
+}
+
+/// Causal attention through the kernel: q, k and v of one shape `[.., t, d]`, one dtype.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !causal || q.rank() < 2 || q.elem_count() == 0 {
+        return Ok(None);
+    }
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        return Ok(None);
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Ok(None);
+    }
+    let Some(kernel) = kernel_for(q, "causal_attention.fwd") else {
+        return Ok(None);
+    };
+    if !kernel.has("causal_attention.bwd") {
+        return Ok(None);
+    }
+    let op = Attention {
+        k: kernel,
+        scale,
+        lse: Mutex::new(None),
+    };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
+}
+
+// -- bias add and sums over leading dimensions --------------------------------------------------
+
+/// `a [.., s..] + b [s..]`: candle's own backward sums the gradient over the leading
+/// dimensions on a single thread; this one asks the kernel's `sum_rows`.
+struct BiasAdd(Arc<ActiveKernel>);
+
+fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(a: &[T], b: &[T]) -> Vec<T> {
+    let inner = b.len();
+    let mut out = a.to_vec();
+    // Rows per task: enough work per task to amortise rayon's scheduling.
+    let rows = (16_384 / inner.max(1)).max(1);
+    out.par_chunks_mut(rows * inner).for_each(|chunk| {
+        for row in chunk.chunks_exact_mut(inner) {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o = *o + bv;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias_add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("bias_add: inputs must be contiguous");
+        };
+        let out = match (as_, bs) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(add_rows(&a[a0..a1], &b[b0..b1]))
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16(add_rows(&a[a0..a1], &b[b0..b1]))
+            }
+            _ => candle_core::bail!("bias_add: both inputs must be f32 or both bf16"),
+        };
+        Ok((out, al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let mut db = [Out::new(b.dtype(), b.dims())?];
+        run_on_tensors(&self.0, "sum_rows", &[dy], &[], &mut db)?;
+        let [db] = db;
+        Ok((Some(dy.clone()), Some(db.into_tensor()?)))
+    }
+}
+
+/// `a + b` through [`BiasAdd`] when one operand's shape is a proper suffix of the other's
+/// (a bias, a position table), both f32 or both bf16, and the kernel has `sum_rows`.
+pub(crate) fn bias_add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let (big, small) = if a.rank() >= b.rank() { (a, b) } else { (b, a) };
+    if small.rank() == 0 || small.rank() >= big.rank() || big.elem_count() == 0 {
+        return Ok(None);
+    }
+    if big.dims()[big.rank() - small.rank()..] != *small.dims() || big.dtype() != small.dtype() {
+        return Ok(None);
+    }
+    let Some(k) = kernel_for(big, "sum_rows") else {
+        return Ok(None);
+    };
+    Ok(Some(
+        big.contiguous()?
+            .apply_op2(&small.contiguous()?, BiasAdd(k))?,
+    ))
+}
+
+struct SumRows {
+    k: Arc<ActiveKernel>,
+    keep: usize,
+}
+
+impl CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "sum_rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let mut y = Out::new(s.dtype(), &dims[dims.len() - self.keep..])?;
+        self.k
+            .run("sum_rows", &[view(s, l)?], &[], &mut [y.buffer()])?;
+        Ok(y.into_storage())
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(dy.broadcast_as(x.shape())?))
+    }
+}
+
+/// The sum over the leading dimensions `0..n` of `x` (`n < rank`), through the kernel; the
+/// result keeps the trailing dimensions.
+pub(crate) fn sum_leading(x: &Tensor, n: usize) -> Result<Option<Tensor>> {
+    if n == 0 || n >= x.rank() || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    let Some(k) = kernel_for(x, "sum_rows") else {
+        return Ok(None);
+    };
+    let keep = x.rank() - n;
+    Ok(Some(x.contiguous()?.apply_op1(SumRows { k, keep })?))
+}
+
+// -- AdamW ------------------------------------------------------------------------------------
+
+fn f32_slice<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> CResult<&'a mut [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("adamw.step: {what} is not contiguous");
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        other => candle_core::bail!("adamw.step: {what} must be f32, found {:?}", other.dtype()),
+    }
+}
+
+fn f32_buffer<'a>(shape: &'a [usize], data: &'a mut [f32]) -> BufferMut<'a> {
+    BufferMut {
+        dtype: codex_plugin_api::DType::F32,
+        shape: RSlice::from_slice(shape),
+        data: RSliceMut::from_mut_slice(bytemuck::cast_slice_mut(data)),
+    }
+}
+
+/// The three in-place updates nest: candle hands out one mutable storage per in-place op, so
+/// the parameter's op opens the first moment's, whose op opens the second moment's, whose op
+/// calls the kernel with all three.
+struct AdamWParam<'a> {
+    k: &'a ActiveKernel,
+    grad: &'a Tensor,
+    m: &'a Tensor,
+    v: &'a Tensor,
+    attrs: [f64; 6],
+}
+
+struct AdamWM<'a, 'p> {
+    outer: &'a AdamWParam<'a>,
+    param: RefCell<&'p mut [f32]>,
+    shape: &'p [usize],
+}
+
+struct AdamWV<'a, 'p, 'm> {
+    outer: &'a AdamWM<'a, 'p>,
+    m: RefCell<&'m mut [f32]>,
+}
+
+impl InplaceOp1 for AdamWParam<'_> {
+    fn name(&self) -> &'static str {
+        "adamw.step"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> CResult<()> {
+        let param = f32_slice(s, l, "the parameter")?;
+        let inner = AdamWM {
+            outer: self,
+            param: RefCell::new(param),
+            shape: l.dims(),
+        };
+        self.m.inplace_op1(&inner)
+    }
+}
+
+impl InplaceOp1 for AdamWM<'_, '_> {
+    fn name(&self) -> &'static str {
+        "adamw.step"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> CResult<()> {
+        let m = f32_slice(s, l, "exp_avg")?;
+        let inner = AdamWV {
+            outer: self,
+            m: RefCell::new(m),
+        };
+        self.outer.v.inplace_op1(&inner)
+    }
+}
+
+impl InplaceOp1 for AdamWV<'_, '_, '_> {
+    fn name(&self) -> &'static str {
+        "adamw.step"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> CResult<()> {
+        let v = f32_slice(s, l, "exp_avg_sq")?;
+        let top = self.outer.outer;
+        let mut param = self.outer.param.borrow_mut();
+        let mut m = self.m.borrow_mut();
+        let shape = self.outer.shape;
+        let (g, gl) = top.grad.storage_and_layout();
+        let Storage::Cpu(g) = &*g else {
+            candle_core::bail!("adamw.step: the gradient is not on the cpu");
+        };
+        let grad = view(g, gl)?;
+        let mut outs = [
+            f32_buffer(shape, &mut param),
+            f32_buffer(shape, &mut m),
+            f32_buffer(shape, v),
+        ];
+        top.k.run("adamw.step", &[grad], &top.attrs, &mut outs)
+    }
+}
+
+/// One AdamW step in place through the kernel: `param`, `m` and `v` are the declared f32
+/// tensors' storage (not copies), `grad` the gradient. `None` when the kernel cannot take it.
+pub(crate) fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    h: AdamWHyper,
+) -> Result<Option<()>> {
+    let Some(k) = kernel_for(grad, "adamw.step") else {
+        return Ok(None);
+    };
+    let all_f32 = [param, m, v].iter().all(|t| t.dtype() == DType::F32);
+    let contiguous = [param, m, v].iter().all(|t| t.is_contiguous());
+    if !all_f32 || !contiguous || !param.device().is_cpu() {
+        return Ok(None);
+    }
+    let grad = grad.contiguous()?;
+    let op = AdamWParam {
+        k: &k,
+        grad: &grad,
+        m,
+        v,
+        attrs: [h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step as f64],
+    };
+    param.inplace_op1(&op)?;
+    Ok(Some(()))
+}
