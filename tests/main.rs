@@ -6,6 +6,7 @@
 mod cli;
 mod config;
 mod data;
+mod docs;
 mod manifest;
 mod model;
 mod optim;
