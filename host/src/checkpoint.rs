@@ -366,6 +366,34 @@ pub fn remove_stale_writes(root: &Path) -> Result<Vec<PathBuf>, CheckpointError>
     Ok(removed)
 }
 
+/// Move every checkpoint directory of a step after `step` out of the way, to
+/// `step-N.superseded` (then `.superseded-2`, ...), which [`list`] does not see. A run resumed
+/// from `step` writes those steps again; the old directories are kept, not deleted, because
+/// they may be the only copy of something the user wants (a corrupt checkpoint to inspect, or
+/// a valid one when resuming from an older checkpoint on purpose). Returns (from, to) pairs.
+pub fn set_aside_after(root: &Path, step: u64) -> Result<Vec<(PathBuf, PathBuf)>, CheckpointError> {
+    let mut moved = Vec::new();
+    for (s, dir) in list(root)? {
+        if s <= step {
+            continue;
+        }
+        let base = format!("{}.superseded", dir_name(s));
+        let to = (1u32..)
+            .map(|n| match n {
+                1 => root.join(&base),
+                n => root.join(format!("{base}-{n}")),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| root.join(&base));
+        fs::rename(&dir, &to).map_err(io_err(&dir))?;
+        moved.push((dir, to));
+    }
+    if !moved.is_empty() {
+        fsync_dir(root)?;
+    }
+    Ok(moved)
+}
+
 /// Delete the checkpoint directory `dir`. It is first renamed to a temporary name, so a crash
 /// halfway through deleting leaves nothing that looks like a (corrupt) checkpoint.
 pub fn remove(dir: &Path) -> Result<(), CheckpointError> {
@@ -587,5 +615,21 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["step-00000002"]);
+    }
+
+    #[test]
+    fn newer_checkpoints_are_set_aside_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        for step in [3, 6, 9] {
+            write_ckpt(tmp.path(), step, &[("a", b"x")]);
+        }
+        let moved = set_aside_after(tmp.path(), 3).unwrap();
+        assert_eq!(moved.len(), 2);
+        let steps: Vec<u64> = list(tmp.path()).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(steps, [3]);
+        assert!(tmp.path().join("step-00000006.superseded/a").exists());
+        write_ckpt(tmp.path(), 6, &[("a", b"y")]);
+        set_aside_after(tmp.path(), 3).unwrap();
+        assert!(tmp.path().join("step-00000006.superseded-2/a").exists());
     }
 }

@@ -663,7 +663,11 @@ impl Config {
         let opt = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
         note("train.max_steps", opt(ta.max_steps), opt(tb.max_steps));
         note("train.epochs", opt(ta.epochs), opt(tb.epochs));
-        note("train.eval_every", ta.eval_every.to_string(), tb.eval_every.to_string());
+        note(
+            "train.eval_every",
+            ta.eval_every.to_string(),
+            tb.eval_every.to_string(),
+        );
         note(
             "train.eval_batches",
             ta.eval_batches.to_string(),
@@ -679,7 +683,11 @@ impl Config {
             ta.keep_checkpoints.to_string(),
             tb.keep_checkpoints.to_string(),
         );
-        note("train.log_every", ta.log_every.to_string(), tb.log_every.to_string());
+        note(
+            "train.log_every",
+            ta.log_every.to_string(),
+            tb.log_every.to_string(),
+        );
         note("device", a.device.clone(), b.device.clone());
         let names = |specs: &[ComponentSpec]| {
             specs
@@ -694,7 +702,11 @@ impl Config {
         if a.trackers != b.trackers {
             note("trackers", names(&a.trackers), names(&b.trackers));
         }
-        note("kernel", format!("{:?}", a.kernel), format!("{:?}", b.kernel));
+        note(
+            "kernel",
+            format!("{:?}", a.kernel),
+            format!("{:?}", b.kernel),
+        );
         if a.generate != b.generate {
             changed.push("generate: changed".to_string());
         }

@@ -305,11 +305,12 @@ impl RunDir {
     ) -> Result<PathBuf, RunDirError> {
         let path = self.metadata_path();
         let text = fs::read_to_string(&path).map_err(io_err("read", &path))?;
-        let mut doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| RunDirError::Io {
-            action: "parse",
-            path: path.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        })?;
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RunDirError::Io {
+                action: "parse",
+                path: path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
         let mut entry =
             serde_json::to_value(metadata).map_err(|source| RunDirError::Encode { source })?;
         if let Some(fields) = entry.as_object_mut() {
@@ -317,10 +318,7 @@ impl RunDir {
             fields.remove("run_id");
             fields.remove("resumed");
             fields.insert("from_step".into(), from_step.into());
-            fields.insert(
-                "checkpoint".into(),
-                checkpoint.display().to_string().into(),
-            );
+            fields.insert("checkpoint".into(), checkpoint.display().to_string().into());
         }
         let Some(fields) = doc.as_object_mut() else {
             return Err(RunDirError::NotARun {

@@ -279,18 +279,38 @@ pub fn resume(
         point.checkpoint.display(),
         point.step()
     );
-    let result = checkpoint::remove_stale_writes(&run.checkpoints_dir())
-        .map_err(anyhow::Error::from)
-        .and_then(|removed| {
-            for dir in removed {
-                tracing::warn!("removed an interrupted checkpoint write: {}", dir.display());
-            }
-            run_in(config, registry, options, &run, device, started, Some(point))
-        });
+    let result = prepare_checkpoints(&run.checkpoints_dir(), point.step()).and_then(|()| {
+        run_in(
+            config,
+            registry,
+            options,
+            &run,
+            device,
+            started,
+            Some(point),
+        )
+    });
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
     result
+}
+
+/// Clear the way for a resumed run's checkpoints: remove what interrupted writes left, and set
+/// aside checkpoints newer than the one resumed from (corrupt ones skipped by `latest`, or
+/// valid ones when an older checkpoint was named on purpose) so they can be written again.
+fn prepare_checkpoints(root: &Path, step: u64) -> Result<()> {
+    for dir in checkpoint::remove_stale_writes(root)? {
+        tracing::warn!("removed an interrupted checkpoint write: {}", dir.display());
+    }
+    for (from, to) in checkpoint::set_aside_after(root, step)? {
+        tracing::warn!(
+            "checkpoint {} is newer than the one resumed from: moved to {}",
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(())
 }
 
 /// Overwrite the freshly built state with the checkpoint's: parameters, optimizer state and
@@ -460,7 +480,12 @@ fn run_in(
         store.as_tensor_store(),
     )?;
     if let Some(point) = resume_from {
-        restore(point, &mut store, &mut train_batches, tokenizer_json.as_deref())?;
+        restore(
+            point,
+            &mut store,
+            &mut train_batches,
+            tokenizer_json.as_deref(),
+        )?;
     }
 
     // Metric sinks on their own thread; a resumed run's supersede the records after its step.
@@ -758,7 +783,9 @@ impl HostSession<'_> {
             },
             schedule: ScheduleState {
                 kind: match schedule.kind {
-                    codex_plugin_api::ScheduleKind::Constant => crate::config::ScheduleKind::Constant,
+                    codex_plugin_api::ScheduleKind::Constant => {
+                        crate::config::ScheduleKind::Constant
+                    }
                     codex_plugin_api::ScheduleKind::Linear => crate::config::ScheduleKind::Linear,
                     codex_plugin_api::ScheduleKind::Cosine => crate::config::ScheduleKind::Cosine,
                 },
