@@ -11,6 +11,7 @@ mod manifest;
 mod model;
 mod optim;
 mod registry;
+mod resume;
 mod sinks;
 mod tensor_ops;
 mod tokenizers;
