@@ -5,6 +5,7 @@
 //! crates.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use codex_host::registry::Registry;
 use codex_plugin_api::ComponentKind;
