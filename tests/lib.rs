@@ -1,1 +1,80 @@
 //! Helpers shared by the integration tests (the tests themselves are in `main.rs`'s modules).
+//!
+//! The `codex-ml` binary belongs to `codex-host`, and cargo builds only the test target's own
+//! package's binaries, so the first test to need it builds it (once, with the same profile and
+//! target directory as this test binary).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use assert_cmd::Command;
+
+/// The directory holding this test binary's profile outputs (`target/debug`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("the test binary lives in target/<profile>/deps")
+}
+
+fn build_codex_ml() -> Result<(), String> {
+    let profile_dir = profile_dir();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("unexpected target layout")?
+        .to_owned();
+    let target_dir = profile_dir.parent().ok_or("unexpected target layout")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--quiet",
+            "--offline",
+            "-p",
+            "codex-host",
+            "--bin",
+            "codex-ml",
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("building codex-ml failed: {status}"))
+    }
+}
+
+/// The `codex-ml` binary, built first if needed (for tests that spawn and kill it).
+pub fn codex_ml_path() -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(build_codex_ml) {
+        panic!("{e}");
+    }
+    profile_dir().join(format!("codex-ml{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// A command running the `codex-ml` binary, built first if needed.
+pub fn codex_ml() -> Command {
+    let mut cmd = Command::new(codex_ml_path());
+    cmd.env_remove("RUST_LOG");
+    cmd
+}

@@ -6,10 +6,12 @@
 mod cli;
 mod config;
 mod data;
+mod docs;
 mod manifest;
 mod model;
 mod optim;
 mod registry;
+mod resume;
 mod sinks;
 mod tensor_ops;
 mod tokenizers;

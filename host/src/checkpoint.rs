@@ -7,8 +7,14 @@
 //! or a whole one; a `step-*` directory whose sums do not match (a later disk error, a hand
 //! edit) is detected by [`verify`] and never loaded.
 //!
-//! This module is mechanism only: *what* goes into a checkpoint is the run's business
-//! (`session`), *which* checkpoints to keep is a separate policy.
+//! This module is mechanism plus one pure policy: *what* goes into a checkpoint is the run's
+//! business (`session`); *which* checkpoints to keep is [`retention`], a function from what is
+//! on disk to what to delete, which the session executes with [`remove`].
+//!
+//! For tests only, the environment variable `CODEX_ML_TEST_CHECKPOINT_PAUSE=<step>:<file>`
+//! makes the writer stop after writing `<file>` (or `SHA256SUMS`) of the checkpoint at
+//! `<step>`: it prints `checkpoint test hook: paused after <file>` on stderr and sleeps, so a
+//! test can `kill -9` the process in the middle of a checkpoint write.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -20,6 +26,8 @@ use sha2::{Digest, Sha256};
 pub const SUMS: &str = "SHA256SUMS";
 const PREFIX: &str = "step-";
 const TMP_PREFIX: &str = ".tmp-";
+/// See the module documentation; read by the writer only, never set outside tests.
+const PAUSE_HOOK: &str = "CODEX_ML_TEST_CHECKPOINT_PAUSE";
 
 /// What can go wrong with a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +137,7 @@ pub struct Writer {
     tmp: PathBuf,
     dest: PathBuf,
     root: PathBuf,
+    step: u64,
     sums: Vec<(String, String)>,
 }
 
@@ -153,8 +162,23 @@ impl Writer {
             tmp,
             dest,
             root: root.to_path_buf(),
+            step,
             sums: Vec::new(),
         })
+    }
+
+    /// The test hook of the module documentation: pause after `name` when asked to.
+    fn pause_hook(&self, name: &str) {
+        let Ok(spec) = std::env::var(PAUSE_HOOK) else {
+            return;
+        };
+        let wanted = spec
+            .split_once(':')
+            .and_then(|(step, file)| Some((step.parse::<u64>().ok()?, file)));
+        if wanted == Some((self.step, name)) {
+            eprintln!("checkpoint test hook: paused after {name}");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
     }
 
     /// The temporary directory, for writers that need a path (e.g. safetensors).
@@ -170,6 +194,7 @@ impl Writer {
         f.sync_all().map_err(io_err(&path))?;
         self.sums
             .push((name.to_string(), hex::encode(Sha256::digest(bytes))));
+        self.pause_hook(name);
         Ok(())
     }
 
@@ -181,6 +206,7 @@ impl Writer {
             .map_err(io_err(&path))?;
         let hash = sha256_file(&path)?;
         self.sums.push((name.to_string(), hash));
+        self.pause_hook(name);
         Ok(())
     }
 
@@ -197,6 +223,7 @@ impl Writer {
         f.write_all(text.as_bytes()).map_err(io_err(&sums_path))?;
         f.sync_all().map_err(io_err(&sums_path))?;
         fsync_dir(&self.tmp)?;
+        self.pause_hook(SUMS);
         fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         fsync_dir(&self.root)?;
         let dest = std::mem::take(&mut self.dest);
@@ -316,6 +343,111 @@ pub fn latest_valid(root: &Path, required: &[&str]) -> Result<LatestValid, Check
     Ok((None, skipped))
 }
 
+/// Remove temporary directories that writers killed mid-write left under `root`. Returns
+/// what was removed. Only call it when no other process writes checkpoints there.
+pub fn remove_stale_writes(root: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(root)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(root))?;
+        let is_tmp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TMP_PREFIX));
+        if is_tmp && entry.path().is_dir() {
+            fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+/// Move every checkpoint directory of a step after `step` out of the way, to
+/// `step-N.superseded` (then `.superseded-2`, ...), which [`list`] does not see. A run resumed
+/// from `step` writes those steps again; the old directories are kept, not deleted, because
+/// they may be the only copy of something the user wants (a corrupt checkpoint to inspect, or
+/// a valid one when resuming from an older checkpoint on purpose). Returns (from, to) pairs.
+pub fn set_aside_after(root: &Path, step: u64) -> Result<Vec<(PathBuf, PathBuf)>, CheckpointError> {
+    let mut moved = Vec::new();
+    for (s, dir) in list(root)? {
+        if s <= step {
+            continue;
+        }
+        let base = format!("{}.superseded", dir_name(s));
+        let to = (1u32..)
+            .map(|n| match n {
+                1 => root.join(&base),
+                n => root.join(format!("{base}-{n}")),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| root.join(&base));
+        fs::rename(&dir, &to).map_err(io_err(&dir))?;
+        moved.push((dir, to));
+    }
+    if !moved.is_empty() {
+        fsync_dir(root)?;
+    }
+    Ok(moved)
+}
+
+/// Delete the checkpoint directory `dir`. It is first renamed to a temporary name, so a crash
+/// halfway through deleting leaves nothing that looks like a (corrupt) checkpoint.
+pub fn remove(dir: &Path) -> Result<(), CheckpointError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let doomed = dir.with_file_name(format!("{TMP_PREFIX}delete-{name}"));
+    fs::rename(dir, &doomed).map_err(io_err(dir))?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    fs::remove_dir_all(&doomed).map_err(io_err(&doomed))
+}
+
+/// What the retention policy knows of one checkpoint on disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    /// Its step.
+    pub step: u64,
+    /// Whether every hash matched when it was last checked.
+    pub valid: bool,
+    /// The validation loss recorded at its step, if the run evaluated there.
+    pub val_loss: Option<f64>,
+}
+
+/// The retention policy: the steps of the checkpoints to delete so that the newest `keep_last`
+/// valid ones and the valid one with the lowest validation loss remain (`keep_last` 0 keeps
+/// everything). The newest valid checkpoint is always kept, whatever `keep_last` says, and a
+/// checkpoint that does not verify is never deleted here: it is evidence to inspect (`codex-ml
+/// verify`), and it may be newer than anything valid. The result is sorted by step.
+pub fn retention(checkpoints: &[Summary], keep_last: usize) -> Vec<u64> {
+    if keep_last == 0 {
+        return Vec::new();
+    }
+    let mut valid: Vec<&Summary> = checkpoints.iter().filter(|c| c.valid).collect();
+    valid.sort_by_key(|c| std::cmp::Reverse(c.step));
+    valid.dedup_by_key(|c| c.step);
+    let best = valid
+        .iter()
+        .filter_map(|c| Some((c.val_loss.filter(|l| l.is_finite())?, c.step)))
+        // Ties go to the newer checkpoint: `valid` is newest first and `min_by` keeps the first.
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| step);
+    let mut doomed: Vec<u64> = valid
+        .iter()
+        .skip(keep_last)
+        .map(|c| c.step)
+        .filter(|&step| Some(step) != best)
+        .collect();
+    doomed.sort_unstable();
+    doomed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,5 +542,94 @@ mod tests {
             Writer::begin(tmp.path(), 5),
             Err(CheckpointError::Exists { .. })
         ));
+    }
+
+    /// `spec`: one `(step, valid, val_loss)` per checkpoint on disk.
+    fn check_retention(spec: &[(u64, bool, Option<f64>)], keep_last: usize, expect: &[u64]) {
+        let summaries: Vec<Summary> = spec
+            .iter()
+            .map(|&(step, valid, val_loss)| Summary {
+                step,
+                valid,
+                val_loss,
+            })
+            .collect();
+        assert_eq!(
+            retention(&summaries, keep_last),
+            expect,
+            "{spec:?} keep {keep_last}"
+        );
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_the_best_and_the_unverifiable() {
+        let v = |step| (step, true, None);
+        check_retention(&[], 3, &[]);
+        check_retention(&[v(1), v(2), v(3)], 3, &[]);
+        check_retention(&[v(1), v(2), v(3), v(4), v(5)], 3, &[1, 2]);
+        check_retention(&[v(5), v(1), v(4), v(2), v(3)], 2, &[1, 2, 3]);
+        check_retention(&[v(1), v(2), v(3), v(4), v(5)], 0, &[]);
+        // keep_last 1 still keeps the newest valid one.
+        check_retention(&[v(1), v(2)], 1, &[1]);
+        // The best validation loss survives outside the window; ties go to the newer.
+        check_retention(
+            &[(1, true, Some(2.0)), (2, true, Some(1.0)), v(3), v(4), v(5)],
+            2,
+            &[1, 3],
+        );
+        check_retention(
+            &[(1, true, Some(1.0)), (2, true, Some(1.0)), v(3), v(4)],
+            1,
+            &[1, 3],
+        );
+        // A non-finite loss is never the best.
+        check_retention(&[(1, true, Some(f64::NAN)), v(2), v(3)], 1, &[1, 2]);
+        // Corrupt checkpoints are neither deleted nor counted: the newest valid one stays.
+        check_retention(
+            &[v(1), v(2), (3, false, Some(0.1)), (4, false, None)],
+            1,
+            &[1],
+        );
+        check_retention(&[(1, false, None), (2, false, None)], 1, &[]);
+        // A corrupt best does not protect anything, and a valid best is kept.
+        check_retention(
+            &[(1, true, Some(3.0)), (2, false, Some(1.0)), v(3), v(4)],
+            1,
+            &[3],
+        );
+    }
+
+    #[test]
+    fn removal_and_stale_writes_leave_no_checkpoint_shaped_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let one = write_ckpt(tmp.path(), 1, &[("a", b"1")]);
+        write_ckpt(tmp.path(), 2, &[("a", b"2")]);
+        remove(&one).unwrap();
+        assert_eq!(list(tmp.path()).unwrap().len(), 1);
+        let w = Writer::begin(tmp.path(), 3).unwrap();
+        std::mem::forget(w); // as a killed process would: no Drop runs
+        let removed = remove_stale_writes(tmp.path()).unwrap();
+        assert_eq!(removed.len(), 1);
+        let names: Vec<String> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["step-00000002"]);
+    }
+
+    #[test]
+    fn newer_checkpoints_are_set_aside_not_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        for step in [3, 6, 9] {
+            write_ckpt(tmp.path(), step, &[("a", b"x")]);
+        }
+        let moved = set_aside_after(tmp.path(), 3).unwrap();
+        assert_eq!(moved.len(), 2);
+        let steps: Vec<u64> = list(tmp.path()).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(steps, [3]);
+        assert!(tmp.path().join("step-00000006.superseded/a").exists());
+        write_ckpt(tmp.path(), 6, &[("a", b"y")]);
+        set_aside_after(tmp.path(), 3).unwrap();
+        assert!(tmp.path().join("step-00000006.superseded-2/a").exists());
     }
 }

@@ -126,6 +126,10 @@ pub(crate) struct RawTrain {
     /// Checkpoint every N optimizer steps; 0 checkpoints only at the end. Default: 0.
     #[serde(default)]
     checkpoint_every: Option<u64>,
+    /// Checkpoints to keep: the newest N valid ones, plus the one with the lowest validation
+    /// loss; 0 keeps every checkpoint. The newest valid checkpoint is never deleted. Default: 3.
+    #[serde(default)]
+    keep_checkpoints: Option<usize>,
     /// Emit training metrics every N optimizer steps. Default: 10.
     #[serde(default)]
     log_every: Option<u64>,
@@ -291,6 +295,8 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every N optimizer steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Newest valid checkpoints to keep besides the best one (0: keep all).
+    pub keep_checkpoints: usize,
     /// Emit training metrics every N optimizer steps, at least 1.
     pub log_every: u64,
     /// Global L2 norm to clip gradients to (0: no clipping).
@@ -606,6 +612,105 @@ impl Config {
             // params), which ron always accepts; fall back to the debug form rather than panic.
             Err(e) => format!("// cannot write this config as RON: {e}\n// {self:?}\n"),
         }
+    }
+
+    /// Check that this config may continue a run whose checkpoint was written under `saved`,
+    /// and list the settings that differ (`train.max_steps: 12 -> 20`, ...).
+    ///
+    /// Only settings that do not change the computation of the steps already taken may
+    /// differ: how long to train (`train.max_steps`, `train.epochs`), how often to evaluate,
+    /// checkpoint and log, retention, sinks, trackers, the kernel and the final sample.
+    /// Anything that shapes the model, the tokens, the data order or the update rule
+    /// (experiment, seed, data, tokenizer, model, optimizer, trainer, sequence and batch
+    /// shape, clipping, schedule) is refused, naming the first differing field. The device
+    /// may change, but bitwise-exact continuation holds only on the device that wrote it.
+    pub fn resume_differences(&self, saved: &Config) -> Result<Vec<String>, ConfigError> {
+        let (a, b) = (saved, self);
+        let (ta, tb) = (&a.train, &b.train);
+        let fixed: [(&str, bool); 12] = [
+            ("experiment", a.experiment == b.experiment),
+            ("seed", a.seed == b.seed),
+            ("data", a.data == b.data),
+            ("tokenizer", a.tokenizer == b.tokenizer),
+            ("model", a.model == b.model),
+            ("optimizer", a.optimizer == b.optimizer),
+            ("trainer", a.trainer == b.trainer),
+            ("train.seq_len", ta.seq_len == tb.seq_len),
+            ("train.batch_size", ta.batch_size == tb.batch_size),
+            ("train.grad_accum", ta.grad_accum == tb.grad_accum),
+            ("train.clip_norm", ta.clip_norm == tb.clip_norm),
+            ("train.schedule", ta.schedule == tb.schedule),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
+            return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
+                &self.path,
+                Some(field.to_string()),
+                format!(
+                    "differs from the config of the checkpoint being resumed; {field} cannot change \
+                     on resume because the steps already taken depend on it: resume with the run's \
+                     own config (codex-ml resume RUN_DIR) or start a new run"
+                ),
+            ))));
+        }
+        // A new length is allowed, but the schedule decays towards the last step, so it changes
+        // the learning rate of the steps still to come: the caller reports it.
+        let mut changed = Vec::new();
+        let mut note = |field: &str, old: String, new: String| {
+            if old != new {
+                changed.push(format!("{field}: {old} -> {new}"));
+            }
+        };
+        let opt = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
+        note("train.max_steps", opt(ta.max_steps), opt(tb.max_steps));
+        note("train.epochs", opt(ta.epochs), opt(tb.epochs));
+        note(
+            "train.eval_every",
+            ta.eval_every.to_string(),
+            tb.eval_every.to_string(),
+        );
+        note(
+            "train.eval_batches",
+            ta.eval_batches.to_string(),
+            tb.eval_batches.to_string(),
+        );
+        note(
+            "train.checkpoint_every",
+            ta.checkpoint_every.to_string(),
+            tb.checkpoint_every.to_string(),
+        );
+        note(
+            "train.keep_checkpoints",
+            ta.keep_checkpoints.to_string(),
+            tb.keep_checkpoints.to_string(),
+        );
+        note(
+            "train.log_every",
+            ta.log_every.to_string(),
+            tb.log_every.to_string(),
+        );
+        note("device", a.device.clone(), b.device.clone());
+        let names = |specs: &[ComponentSpec]| {
+            specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if a.sinks != b.sinks {
+            note("sinks", names(&a.sinks), names(&b.sinks));
+        }
+        if a.trackers != b.trackers {
+            note("trackers", names(&a.trackers), names(&b.trackers));
+        }
+        note(
+            "kernel",
+            format!("{:?}", a.kernel),
+            format!("{:?}", b.kernel),
+        );
+        if a.generate != b.generate {
+            changed.push("generate: changed".to_string());
+        }
+        Ok(changed)
     }
 }
 
@@ -1045,6 +1150,7 @@ impl Resolver<'_> {
             eval_every: raw.eval_every.unwrap_or(0),
             eval_batches: raw.eval_batches.unwrap_or(16),
             checkpoint_every: raw.checkpoint_every.unwrap_or(0),
+            keep_checkpoints: raw.keep_checkpoints.unwrap_or(3),
             log_every,
             clip_norm,
             schedule,
@@ -1131,6 +1237,7 @@ mod out {
         eval_every: u64,
         eval_batches: usize,
         checkpoint_every: u64,
+        keep_checkpoints: usize,
         log_every: u64,
         clip_norm: f64,
         schedule: Schedule,
@@ -1239,6 +1346,7 @@ mod out {
                     eval_every: t.eval_every,
                     eval_batches: t.eval_batches,
                     checkpoint_every: t.checkpoint_every,
+                    keep_checkpoints: t.keep_checkpoints,
                     log_every: t.log_every,
                     clip_norm: t.clip_norm,
                     schedule: Schedule {

@@ -14,8 +14,9 @@
 //!   empty. A non-empty directory is refused: if it holds an earlier run of the same
 //!   experiment the message says to resume it, otherwise to pick another path.
 //! - A resumed run reopens its directory ([`RunDir::open_existing`]), which must hold a run of
-//!   the same experiment. Its `config.ron` and `metadata.json` are kept; the resumed session's
-//!   own copies go next to them as `config.resume-1.ron`, `metadata.resume-1.json`, ...
+//!   the same experiment. Its `config.ron` is kept and the resumed session's config goes next
+//!   to it as `config.resume-1.ron`, ...; `metadata.json` keeps the first session's facts and
+//!   gains one entry per resumed session in its `resumes` list ([`RunDir::record_resume`]).
 //! - Files that matter are written to a temporary file, fsynced and renamed
 //!   ([`write_atomic`]): a crash leaves the old file or the new one, never half of one.
 //!
@@ -279,13 +280,61 @@ impl RunDir {
         Ok(path)
     }
 
-    /// Write the metadata, like [`RunDir::write_config`] (`metadata.resume-N.json` on resume).
+    /// Write the metadata of a new run; when `metadata.json` exists it is kept and this goes
+    /// to `metadata.resume-N.json`. Resumed sessions use [`RunDir::record_resume`] instead.
     pub fn write_metadata(&self, metadata: &Metadata) -> Result<PathBuf, RunDirError> {
         let mut text = serde_json::to_string_pretty(metadata)
             .map_err(|source| RunDirError::Encode { source })?;
         text.push('\n');
         let path = free_path(&self.path, "metadata", "json");
         write_atomic(&path, text.as_bytes()).map_err(io_err("write", &path))?;
+        Ok(path)
+    }
+}
+
+impl RunDir {
+    /// Add a resumed session to `metadata.json` without losing what is there: the first
+    /// session's facts stay as they are, and the `resumes` list gains this session's (when,
+    /// from which checkpoint and step, and its own tool, OS, CPU, threads, device, seeds and
+    /// plugins, which may differ from the first session's).
+    pub fn record_resume(
+        &self,
+        metadata: &Metadata,
+        from_step: u64,
+        checkpoint: &Path,
+    ) -> Result<PathBuf, RunDirError> {
+        let path = self.metadata_path();
+        let text = fs::read_to_string(&path).map_err(io_err("read", &path))?;
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RunDirError::Io {
+                action: "parse",
+                path: path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
+        let mut entry =
+            serde_json::to_value(metadata).map_err(|source| RunDirError::Encode { source })?;
+        if let Some(fields) = entry.as_object_mut() {
+            fields.remove("experiment");
+            fields.remove("run_id");
+            fields.remove("resumed");
+            fields.insert("from_step".into(), from_step.into());
+            fields.insert("checkpoint".into(), checkpoint.display().to_string().into());
+        }
+        let Some(fields) = doc.as_object_mut() else {
+            return Err(RunDirError::NotARun {
+                path: self.path.clone(),
+            });
+        };
+        match fields.get_mut("resumes").and_then(|r| r.as_array_mut()) {
+            Some(list) => list.push(entry),
+            None => {
+                fields.insert("resumes".into(), serde_json::Value::Array(vec![entry]));
+            }
+        }
+        let mut out =
+            serde_json::to_string_pretty(&doc).map_err(|source| RunDirError::Encode { source })?;
+        out.push('\n');
+        write_atomic(&path, out.as_bytes()).map_err(io_err("write", &path))?;
         Ok(path)
     }
 }

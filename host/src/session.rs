@@ -6,6 +6,13 @@
 //! tokenizer learns from the training documents), then the model (so `seq_len` can be checked
 //! against its context before any expensive tokenization), then the data, the optimizer, the
 //! sinks, and finally the trainer.
+//!
+//! A resumed run ([`resume`]) builds the same components the same way, then overwrites what
+//! the checkpoint holds — parameters, optimizer state, the data cursor, the trainer's state —
+//! before the trainer starts, and opens the metric sinks at the checkpoint's step so the
+//! records after it are superseded. Every random stream is a pure function of the run seed
+//! and a position (see [`RngStreams`]), so nothing else needs saving for the continuation
+//! to equal the uninterrupted run bit for bit.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -42,19 +49,78 @@ pub const CHECKPOINT_FILES: [&str; 4] = [
     "config.ron",
 ];
 
-/// The host's part of `trainer_state.json`: what the trainer cannot know.
+/// The version of `trainer_state.json` this build writes and reads.
+const HOST_STATE_VERSION: u32 = 2;
+
+/// `trainer_state.json`: the host's part of a checkpoint (what the trainer cannot know) around
+/// the trainer's own state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostState {
     /// Format version of this file.
     pub version: u32,
     /// Optimizer steps completed.
     pub step: u64,
+    /// Micro-batches of the next optimizer step already consumed. Always 0: checkpoints are
+    /// taken between optimizer steps, never inside gradient accumulation.
+    pub micro_step: u64,
     /// Where the training data stands.
     pub data: DataCursor,
     /// The run seed.
     pub seed: u64,
-    /// The trainer's own state (opaque JSON).
+    /// Every random stream and where it stands.
+    pub rng: RngStreams,
+    /// The learning-rate schedule the steps so far followed.
+    pub schedule: ScheduleState,
+    /// The validation loss recorded at this step, if the run evaluated here; retention keeps
+    /// the checkpoint with the lowest one.
+    pub val_loss: Option<f64>,
+    /// The directory of the config file the run was started from: relative paths in
+    /// component parameters resolve against it when the run is resumed from its own config.
+    pub config_dir: PathBuf,
+    /// The trainer's own state (opaque JSON; the built-in trainer keeps its step, tokens seen,
+    /// best validation loss and last evaluation step there).
     pub trainer: serde_json::Value,
+}
+
+/// The random streams of a run. None is a running generator: each value is a pure function
+/// of the run seed and a position that the checkpoint already holds, which is why resuming
+/// needs no generator state and replays nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngStreams {
+    /// Parameter initialisation: drawn from this seed when the model declares its
+    /// parameters. Used once; a resumed run overwrites the drawn values with the saved ones.
+    pub init_seed: u64,
+    /// Order of the training windows: `window_order(data_order_seed, epoch)`, a fresh
+    /// permutation per epoch; the position inside the epoch is `data.position`.
+    pub data_order_seed: u64,
+    /// The epoch whose permutation is being served.
+    pub data_order_epoch: u64,
+    /// Dropout masks: the trainer derives the seed of micro-step `m` of step `s` as a
+    /// function of (`dropout_seed`, `s`, `m`).
+    pub dropout_seed: u64,
+    /// The step whose dropout seeds come next.
+    pub dropout_next_step: u64,
+}
+
+/// The schedule as resolved for the run that wrote the checkpoint. The learning rate is a
+/// pure function of these and the step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleState {
+    /// `constant`, `linear` or `cosine`.
+    pub kind: crate::config::ScheduleKind,
+    /// Peak learning rate.
+    pub peak_lr: f64,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// The floor.
+    pub min_lr: f64,
+    /// The step the decay ends at.
+    pub total_steps: u64,
+    /// The learning rate of the last step taken, if any.
+    pub last_lr: Option<f64>,
 }
 
 /// Set by Ctrl-C: the trainer stops at the next step boundary.
@@ -120,11 +186,180 @@ pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result
     crate::logging::attach_run_log(&run.log_path())
         .with_context(|| format!("opening {}", run.log_path().display()))?;
     tracing::info!("run directory: {}", run.path().display());
-    let result = run_in(config, registry, options, &run, device, started);
+    let result = run_in(config, registry, options, &run, device, started, None);
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
     result
+}
+
+/// A verified checkpoint to continue from, and what it holds.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    /// The checkpoint directory (`<run>/checkpoints/step-…`).
+    pub checkpoint: PathBuf,
+    /// The run directory it belongs to.
+    pub run_dir: PathBuf,
+    /// Its `trainer_state.json`.
+    pub state: HostState,
+    /// Its `config.ron`.
+    pub config_text: String,
+}
+
+impl ResumePoint {
+    /// Verify every hash of the checkpoint at `dir`, then read its state and config. Nothing
+    /// is read before the whole checkpoint has verified.
+    pub fn open(dir: &Path) -> Result<ResumePoint> {
+        checkpoint::verify(dir, &CHECKPOINT_FILES)
+            .with_context(|| format!("checkpoint {} is not usable", dir.display()))?;
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let state: HostState = serde_json::from_str(&read("trainer_state.json")?)
+            .with_context(|| {
+                format!(
+                    "{}: not a trainer state this build reads (format version {HOST_STATE_VERSION}); resume with the codex-ml version that wrote it",
+                    dir.join("trainer_state.json").display()
+                )
+            })?;
+        if state.version != HOST_STATE_VERSION {
+            bail!(
+                "{}: trainer state format {} but this build reads format {HOST_STATE_VERSION}; resume with the codex-ml version that wrote it",
+                dir.join("trainer_state.json").display(),
+                state.version
+            );
+        }
+        let run_dir = dir
+            .parent()
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(ResumePoint {
+            checkpoint: dir.to_path_buf(),
+            run_dir,
+            state,
+            config_text: read("config.ron")?,
+        })
+    }
+
+    /// The config the checkpoint was written under, with `overrides` applied; relative
+    /// paths resolve against the directory of the config the run was started from.
+    pub fn saved_config(&self, overrides: &[crate::config::Override]) -> Result<Config> {
+        let path = self.checkpoint.join("config.ron");
+        let mut config = Config::from_source(&path, &self.config_text, overrides)?;
+        config.dir = self.state.config_dir.clone();
+        Ok(config)
+    }
+
+    /// The step it was written at.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+}
+
+/// Continue the run of `point` in its own directory, with `config` (already checked against
+/// the checkpoint's with [`Config::resume_differences`]).
+pub fn resume(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    point: &ResumePoint,
+) -> Result<RunSummary> {
+    tensor::install();
+    let device = tensor::parse_device(&config.device).context("in the config's `device`")?;
+    let started = SystemTime::now();
+    let run = RunDir::open_existing(&point.run_dir, &config.experiment)?;
+    crate::logging::attach_run_log(&run.log_path())
+        .with_context(|| format!("opening {}", run.log_path().display()))?;
+    tracing::info!(
+        "resuming {} from {} (step {})",
+        run.path().display(),
+        point.checkpoint.display(),
+        point.step()
+    );
+    let result = prepare_checkpoints(&run.checkpoints_dir(), point.step()).and_then(|()| {
+        run_in(
+            config,
+            registry,
+            options,
+            &run,
+            device,
+            started,
+            Some(point),
+        )
+    });
+    if let Err(e) = crate::logging::detach_run_log() {
+        tracing::warn!("closing the run log: {e}");
+    }
+    result
+}
+
+/// Clear the way for a resumed run's checkpoints: remove what interrupted writes left, and set
+/// aside checkpoints newer than the one resumed from (corrupt ones skipped by `latest`, or
+/// valid ones when an older checkpoint was named on purpose) so they can be written again.
+fn prepare_checkpoints(root: &Path, step: u64) -> Result<()> {
+    for dir in checkpoint::remove_stale_writes(root)? {
+        tracing::warn!("removed an interrupted checkpoint write: {}", dir.display());
+    }
+    for (from, to) in checkpoint::set_aside_after(root, step)? {
+        tracing::warn!(
+            "checkpoint {} is newer than the one resumed from: moved to {}",
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
+/// Overwrite the freshly built state with the checkpoint's: parameters, optimizer state and
+/// the data cursor. The trainer's own state travels through [`TrainSession::resume_state`].
+fn restore(
+    point: &ResumePoint,
+    store: &mut ParamStore,
+    train: &mut TrainBatches,
+    tokenizer_json: Option<&str>,
+) -> Result<()> {
+    let saved_tokenizer = point.checkpoint.join("tokenizer.json");
+    if let (Some(now), Ok(then)) = (tokenizer_json, std::fs::read_to_string(&saved_tokenizer)) {
+        if now != then {
+            bail!(
+                "the tokenizer built now differs from {}: the training data or the tokenizer changed since the checkpoint; resume with the same data",
+                saved_tokenizer.display()
+            );
+        }
+    }
+    store.load_safetensors(
+        &point.checkpoint.join("model.safetensors"),
+        TensorGroup::Params,
+    )?;
+    store.load_safetensors(
+        &point.checkpoint.join("optimizer.safetensors"),
+        TensorGroup::State,
+    )?;
+    train.seek(point.state.data)?;
+    Ok(())
+}
+
+/// What retention needs to know of the checkpoints already on disk: each one is verified once
+/// here, then trusted for the rest of the session.
+fn scan_checkpoints(root: &Path) -> Result<Vec<checkpoint::Summary>> {
+    let mut out = Vec::new();
+    for (step, dir) in checkpoint::list(root)? {
+        let valid = checkpoint::verify(&dir, &CHECKPOINT_FILES).is_ok();
+        let val_loss = valid
+            .then(|| std::fs::read_to_string(dir.join("trainer_state.json")).ok())
+            .flatten()
+            .and_then(|text| serde_json::from_str::<HostState>(&text).ok())
+            .and_then(|state| state.val_loss);
+        out.push(checkpoint::Summary {
+            step,
+            valid,
+            val_loss,
+        });
+    }
+    Ok(out)
 }
 
 fn run_in(
@@ -134,6 +369,7 @@ fn run_in(
     run: &RunDir,
     device: Device,
     started: SystemTime,
+    resume_from: Option<&ResumePoint>,
 ) -> Result<RunSummary> {
     let config_text = config.to_ron();
     run.write_config(&config_text)?;
@@ -219,7 +455,7 @@ fn run_in(
         batch_size: config.train.batch_size,
         seq_len: config.train.seq_len,
     };
-    let train_batches = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
+    let mut train_batches = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
     let val_batches = match streams.val {
         Some(v) => Some(ValBatches::new(v.tokens, shape, data::pad_id(&tokenizer))?),
         None => {
@@ -228,6 +464,17 @@ fn run_in(
         }
     };
     let total_steps = total_steps(config, &train_batches)?;
+    if let Some(point) = resume_from {
+        if point.step() >= total_steps {
+            return Err(crate::cli::UsageError(format!(
+                "the checkpoint {} is at step {} and this run has {total_steps} steps: nothing left to train; raise train.max_steps (e.g. --set train.max_steps={})",
+                point.checkpoint.display(),
+                point.step(),
+                point.step() + total_steps.max(1)
+            ))
+            .into());
+        }
+    }
     tracing::info!(
         "training: {} steps of {} x {} tokens x {} micro-batches; {} batches per epoch",
         total_steps,
@@ -244,14 +491,23 @@ fn run_in(
         config.optimizer.lr,
         store.as_tensor_store(),
     )?;
+    if let Some(point) = resume_from {
+        restore(
+            point,
+            &mut store,
+            &mut train_batches,
+            tokenizer_json.as_deref(),
+        )?;
+    }
 
-    // Metric sinks on their own thread.
+    // Metric sinks on their own thread; a resumed run's supersede the records after its step.
+    let resume_step = resume_from.map(ResumePoint::step);
     let mut sinks = Vec::new();
     for spec in &config.sinks {
-        let sink = components::sink(registry, &spec.name, &spec.params, run.path(), None)?;
+        let sink = components::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
         sinks.push((spec.name.clone(), sink));
     }
-    let hub = MetricsHub::start(HubOptions::new(run.path(), None), sinks)?;
+    let hub = MetricsHub::start(HubOptions::new(run.path(), resume_step), sinks)?;
 
     let metadata = Metadata::collect(
         run,
@@ -263,7 +519,10 @@ fn run_in(
             plugins: plugin_lock(registry, config),
         },
     );
-    run.write_metadata(&metadata)?;
+    match resume_from {
+        None => run.write_metadata(&metadata)?,
+        Some(point) => run.record_resume(&metadata, point.step(), &point.checkpoint)?,
+    };
 
     let mut trainer = components::trainer(registry, &config.trainer.name, &config.trainer.params)?;
     let settings = config.train.settings(
@@ -285,12 +544,17 @@ fn run_in(
         recorder: hub.recorder(),
         progress,
         stop,
+        known_checkpoints: scan_checkpoints(&run.checkpoints_dir())?,
+        keep_checkpoints: config.train.keep_checkpoints,
         checkpoints: run.checkpoints_dir(),
         config_text,
+        config_dir: config.dir.clone(),
         tokenizer_json: tokenizer_json.clone(),
-        resume_state: None,
+        resume_state: resume_from.map(|p| p.state.trainer.to_string()),
         last_checkpoint: None,
         val_loss: None,
+        val_loss_at: None,
+        last_lr: None,
     };
     let outcome = {
         let session_ref = TrainSession_TO::from_ptr(&mut session, TD_Opaque);
@@ -476,11 +740,18 @@ struct HostSession<'r> {
     progress: Progress,
     stop: Option<Arc<AtomicBool>>,
     checkpoints: PathBuf,
+    /// What retention knows of the checkpoints on disk, kept up to date as they are written.
+    known_checkpoints: Vec<checkpoint::Summary>,
+    keep_checkpoints: usize,
     config_text: String,
+    config_dir: PathBuf,
     tokenizer_json: Option<String>,
     resume_state: Option<String>,
     last_checkpoint: Option<PathBuf>,
     val_loss: Option<f64>,
+    /// The step `val_loss` was recorded at.
+    val_loss_at: Option<u64>,
+    last_lr: Option<f64>,
 }
 
 fn err(e: impl std::fmt::Display) -> PluginError {
@@ -506,11 +777,38 @@ impl HostSession<'_> {
         if !self.recorder.sync(Duration::from_secs(10)) {
             tracing::warn!("metric sinks are behind; checkpointing step {step} anyway");
         }
+        let data = self.train.cursor();
+        let seed = self.settings.seed;
+        let schedule = self.settings.schedule;
         let state = HostState {
-            version: 1,
+            version: HOST_STATE_VERSION,
             step,
-            data: self.train.cursor(),
-            seed: self.settings.seed,
+            micro_step: 0,
+            data,
+            seed,
+            rng: RngStreams {
+                init_seed: seed,
+                data_order_seed: seed,
+                data_order_epoch: data.epoch,
+                dropout_seed: seed,
+                dropout_next_step: step + 1,
+            },
+            schedule: ScheduleState {
+                kind: match schedule.kind {
+                    codex_plugin_api::ScheduleKind::Constant => {
+                        crate::config::ScheduleKind::Constant
+                    }
+                    codex_plugin_api::ScheduleKind::Linear => crate::config::ScheduleKind::Linear,
+                    codex_plugin_api::ScheduleKind::Cosine => crate::config::ScheduleKind::Cosine,
+                },
+                peak_lr: self.settings.lr,
+                warmup_steps: schedule.warmup_steps,
+                min_lr: schedule.min_lr,
+                total_steps: self.settings.total_steps,
+                last_lr: self.last_lr,
+            },
+            val_loss: self.val_loss.filter(|_| self.val_loss_at == Some(step)),
+            config_dir: self.config_dir.clone(),
             trainer: serde_json::from_str(trainer_state)
                 .with_context(|| format!("the trainer's state at step {step} is not JSON"))?,
         };
@@ -531,7 +829,29 @@ impl HostSession<'_> {
         }
         let path = w.commit()?;
         tracing::info!("checkpoint: {}", path.display());
+        self.known_checkpoints.retain(|c| c.step != step);
+        self.known_checkpoints.push(checkpoint::Summary {
+            step,
+            valid: true,
+            val_loss: state.val_loss,
+        });
+        self.apply_retention();
         Ok(path)
+    }
+
+    /// Delete what the retention policy says to. A failure to delete costs disk space, not
+    /// the run, so it is a warning.
+    fn apply_retention(&mut self) {
+        for step in checkpoint::retention(&self.known_checkpoints, self.keep_checkpoints) {
+            let dir = self.checkpoints.join(checkpoint::dir_name(step));
+            match checkpoint::remove(&dir) {
+                Ok(()) => {
+                    tracing::debug!("retention: removed {}", dir.display());
+                    self.known_checkpoints.retain(|c| c.step != step);
+                }
+                Err(e) => tracing::warn!("retention: cannot remove {}: {e}", dir.display()),
+            }
+        }
     }
 }
 
@@ -580,12 +900,14 @@ impl TrainSession for HostSession<'_> {
     fn record(&mut self, step: u64, split: RStr<'_>, name: RStr<'_>, value: f64) {
         if split.as_str() == "val" && name.as_str() == "loss" {
             self.val_loss = Some(value);
+            self.val_loss_at = Some(step);
         }
         self.recorder
             .record(step, split.as_str(), name.as_str(), value);
     }
 
     fn progress(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
+        self.last_lr = Some(lr);
         self.progress.update(step, loss, lr, tokens_per_s);
     }
 

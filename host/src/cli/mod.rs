@@ -24,7 +24,9 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod list;
+pub mod resume;
 pub mod run;
+pub mod verify;
 
 pub use list::{KindFilter, ListArgs};
 
@@ -62,6 +64,11 @@ pub enum Command {
     Run(RunArgs),
     /// Evaluate a trained model: loss, perplexity and token accuracy
     Eval(EvalArgs),
+    /// Continue an interrupted run from its newest valid checkpoint, with its own config
+    #[command(long_about = RESUME_LONG_ABOUT)]
+    Resume(ResumeArgs),
+    /// Check the SHA-256 sums of one checkpoint or of every checkpoint of a run
+    Verify(VerifyArgs),
     /// Generate text from a trained model
     Generate(GenerateArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
@@ -72,6 +79,36 @@ const RUN_LONG_ABOUT: &str = "Train a model as an experiment config describes.\n
     The config (RON) names the tokenizer, model, optimizer, trainer, sinks and trackers by \
     registry name (see `codex-ml list`), the data and the training settings. The run directory \
     receives the resolved config, metadata, metrics, the log and checkpoints.";
+
+const RESUME_LONG_ABOUT: &str = "Continue an interrupted run from its newest valid checkpoint.\n\n\
+    Every checkpoint's SHA-256 sums are verified before anything is loaded; corrupt or \
+    incomplete checkpoints are skipped with a warning. The run continues in its own directory \
+    with the config stored in the checkpoint; --set may change only what does not alter the \
+    steps already taken (train.max_steps, cadences, sinks, ...). On CPU the result is \
+    bitwise identical to an uninterrupted run. See docs/checkpoints.md.";
+
+/// `codex-ml resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The run directory to continue, e.g. runs/quickstart/20261124-201500
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Override one value of the run's config, e.g. `--set train.max_steps=800`; only
+    /// settings that leave the steps already taken unchanged may differ
+    #[arg(long = "set", value_name = "PATH=VALUE", value_parser = parse_override)]
+    pub set: Vec<Override>,
+    /// Plugin manifest (RON) declaring external plugins the config names
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+/// `codex-ml verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A checkpoint directory, or a run directory (every checkpoint in it is checked)
+    #[arg(value_name = "CHECKPOINT_OR_RUN")]
+    pub path: PathBuf,
+}
 
 /// `codex-ml run`.
 #[derive(Debug, Args)]
@@ -90,6 +127,10 @@ pub struct RunArgs {
     /// Plugin manifest (RON) declaring external plugins the config may name
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Continue an earlier run of this config: `latest` (the newest valid checkpoint of the
+    /// newest run, or of --run-dir), a run directory, or a checkpoint directory
+    #[arg(long, value_name = "latest|PATH")]
+    pub resume: Option<PathBuf>,
 }
 
 /// `codex-ml eval`.
@@ -218,6 +259,8 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::List(args) => list::list(args),
         Command::Run(args) => run::run(args),
+        Command::Resume(args) => resume::resume(args),
+        Command::Verify(args) => verify::verify(args),
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),

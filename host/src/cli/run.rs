@@ -1,4 +1,5 @@
-//! `codex-ml run`: load the config, build the registry, train, report where the results are.
+//! `codex-ml run`: load the config, build the registry, train (or, with `--resume`, continue
+//! an earlier run of the config), report where the results are.
 
 use std::path::PathBuf;
 
@@ -6,7 +7,7 @@ use anyhow::Result;
 
 use super::RunArgs;
 use crate::config::Config;
-use crate::session::{self, RunOptions};
+use crate::session::{self, RunOptions, RunSummary};
 
 /// Train as the config describes.
 pub fn run(args: RunArgs) -> Result<()> {
@@ -20,7 +21,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         stop: None,
         progress: true,
     };
-    let summary = session::run(&config, &registry, &options)?;
+    let summary = match &args.resume {
+        Some(target) => super::resume::continue_config(&config, &registry, &options, target)?,
+        None => session::run(&config, &registry, &options)?,
+    };
+    report(&summary);
+    Ok(())
+}
+
+/// Tell the user how the run ended and where its results are.
+pub(crate) fn report(summary: &RunSummary) {
     let dir = summary.run_dir.display();
     if let Some(sample) = &summary.sample {
         eprintln!("\n--- sample ---\n{sample}\n--------------");
@@ -30,7 +40,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if summary.interrupted {
         eprintln!(
-            "stopped by request after step {}; results are in {dir}",
+            "stopped by request after step {}; results are in {dir}; continue with `codex-ml resume {dir}`",
             summary.steps
         );
         if let Some(ckpt) = &summary.last_checkpoint {
@@ -39,5 +49,4 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         eprintln!("finished {} steps; results are in {dir}", summary.steps);
     }
-    Ok(())
 }

@@ -1,0 +1,538 @@
+//! Checkpoints you can trust and exact resume, end to end through the real binary.
+//!
+//! Every test trains a tiny GPT-2 (bytes tokenizer, one layer, n_embd 32, dropout on, two
+//! micro-batches per step, several epochs) for 12 steps, which takes well under a second, and
+//! compares the interrupted-and-resumed run with the uninterrupted one bit for bit: the bytes
+//! of `model.safetensors` and every metric record except the wall-clock throughput. Kills are
+//! real `kill -9`s; the checkpoint writer's test hook (`CODEX_ML_TEST_CHECKPOINT_PAUSE`) only
+//! holds the process still at a chosen file so the kill lands mid-write.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use codex_tests::{codex_ml, codex_ml_path};
+use serde_json::Value;
+
+const STEPS: u64 = 12;
+
+/// A temporary directory holding the tiny experiment config; runs go under it.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `schedule` is the schedule kind; `train_extra` more fields of the `train` section.
+    fn new(schedule: &str, train_extra: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
+        let config = format!(
+            r#"(
+    experiment: "tiny",
+    seed: 7,
+    data: (train: [Text(paths: ["{data}"])], val_fraction: 0.34),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32,
+        embd_pdrop: 0.1, resid_pdrop: 0.1)),
+    optimizer: (name: "adamw", lr: 1e-2),
+    train: (max_steps: {STEPS}, seq_len: 32, batch_size: 4, grad_accum: 2, checkpoint_every: 3,
+        eval_every: 3, log_every: 1, {train_extra}
+        schedule: (kind: {schedule}, warmup_steps: 2, min_lr: 1e-3)),
+    sinks: [(name: "csv")],
+)
+"#,
+            data = data.display()
+        );
+        std::fs::write(dir.path().join("tiny.ron"), config).expect("write config");
+        Fixture { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Run `codex-ml ARGS` in the fixture directory.
+    fn codex(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = codex_ml();
+        cmd.current_dir(self.dir.path()).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run codex-ml")
+    }
+
+    /// Run and insist on success.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.codex(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "codex-ml {} failed:\n{stderr}",
+            args.join(" ")
+        );
+        stderr
+    }
+
+    /// Run, insist on failure with `code`, return stderr.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.codex(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "codex-ml {} should fail with {code}:\n{stderr}",
+            args.join(" ")
+        );
+        stderr
+    }
+
+    /// A whole uninterrupted run into `run_dir`.
+    fn straight(&self, run_dir: &str) {
+        self.ok(&["run", "tiny.ron", "--run-dir", run_dir, "-q"]);
+    }
+
+    /// Start a run with the checkpoint hook at `hook` (`step:file`), wait until the writer
+    /// pauses there, and `kill -9` it.
+    fn kill_at(&self, run_dir: &str, hook: &str) {
+        let mut child = std::process::Command::new(codex_ml_path())
+            .current_dir(self.dir.path())
+            .args(["run", "tiny.ron", "--run-dir", run_dir, "-q"])
+            .env("CODEX_ML_TEST_CHECKPOINT_PAUSE", hook)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn codex-ml");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut paused = false;
+        let mut seen = Vec::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.starts_with("checkpoint test hook: paused after") {
+                paused = true;
+                break;
+            }
+            seen.push(line);
+        }
+        child.kill().expect("kill -9");
+        let status = child.wait().expect("wait");
+        assert!(
+            paused,
+            "the run never paused at {hook} ({status}):\n{}",
+            seen.join("\n")
+        );
+    }
+
+    fn model_bytes(&self, run_dir: &str, step: u64) -> Vec<u8> {
+        let path = self
+            .path(run_dir)
+            .join(format!("checkpoints/step-{step:08}/model.safetensors"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+}
+
+/// `(step, split, name, value bits)` of every record but the wall-clock ones, checking on the
+/// way that steps never go backwards and no record is repeated.
+fn records(run_dir: &Path) -> Vec<(u64, String, String, u64)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.ndjson")).expect("metrics.ndjson");
+    let mut out: Vec<(u64, String, String, u64)> = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let step = v["step"].as_u64().expect("step");
+        let split = v["split"].as_str().expect("split").to_string();
+        let name = v["name"].as_str().expect("name").to_string();
+        if let Some(last) = out.last() {
+            assert!(last.0 <= step, "step {step} after {}: {line}", last.0);
+        }
+        assert!(
+            !out.iter()
+                .any(|r| r.0 == step && r.1 == split && r.2 == name),
+            "duplicate record {line}"
+        );
+        if name != "tokens_per_s" {
+            let value = v["value"].as_f64().expect("value");
+            out.push((step, split, name, value.to_bits()));
+        }
+    }
+    out
+}
+
+/// `run_dir` ended where the uninterrupted `reference` did, bit for bit.
+fn assert_same_as(fx: &Fixture, reference: &str, run_dir: &str) {
+    assert!(
+        fx.model_bytes(reference, STEPS) == fx.model_bytes(run_dir, STEPS),
+        "{run_dir}: the final parameters differ from the uninterrupted run's"
+    );
+    let (a, b) = (records(&fx.path(reference)), records(&fx.path(run_dir)));
+    assert_eq!(a.len(), b.len(), "{run_dir}: record counts differ");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x, y, "{run_dir}: records differ");
+    }
+    let csv = std::fs::read_to_string(fx.path(run_dir).join("metrics.csv")).expect("csv");
+    let losses = csv.lines().filter(|l| l.contains(",train,loss,")).count();
+    assert_eq!(losses as u64, STEPS, "{run_dir}: metrics.csv\n{csv}");
+}
+
+fn sums_of(dir: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join("SHA256SUMS"))
+        .expect("SHA256SUMS")
+        .lines()
+        .map(|l| {
+            let (hash, name) = l.split_once("  ").expect("sha256sum line");
+            (name.to_string(), hash.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn half_then_resume_is_bitwise_identical_to_straight() {
+    // A constant schedule after warmup does not depend on the run's length, so stopping at
+    // half by max_steps and raising it on resume must change nothing.
+    let fx = Fixture::new("constant", "");
+    fx.straight("straight");
+    let half = (STEPS / 2).to_string();
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "halves",
+        "-q",
+        "--set",
+        &format!("train.max_steps={half}"),
+    ]);
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "halves",
+        "--resume",
+        "latest",
+    ]);
+    assert_same_as(&fx, "straight", "halves");
+
+    // The same through `codex-ml resume`, with the run's own stored config.
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "own",
+        "-q",
+        "--set",
+        &format!("train.max_steps={half}"),
+    ]);
+    fx.ok(&[
+        "resume",
+        "own",
+        "--set",
+        &format!("train.max_steps={STEPS}"),
+    ]);
+    assert_same_as(&fx, "straight", "own");
+
+    // metadata.json is updated, not clobbered: the first session's facts and one resume.
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fx.path("own/metadata.json")).expect("metadata"),
+    )
+    .expect("json");
+    assert_eq!(meta["experiment"], "tiny");
+    assert_eq!(meta["resumed"], false);
+    let resumes = meta["resumes"].as_array().expect("resumes list");
+    assert_eq!(resumes.len(), 1, "{meta}");
+    assert_eq!(resumes[0]["from_step"], STEPS / 2);
+    for key in [
+        "tool",
+        "os",
+        "cpu",
+        "threads",
+        "seeds",
+        "plugins",
+        "dependencies",
+    ] {
+        assert!(!resumes[0][key].is_null(), "{key} missing in {meta}");
+    }
+    assert!(!fx.path("own/metadata.resume-1.json").exists());
+    assert!(fx.path("own/config.resume-1.ron").exists());
+}
+
+#[test]
+fn kill_nine_anywhere_then_resume_latest_matches() {
+    let fx = Fixture::new("cosine", "keep_checkpoints: 2,");
+    fx.straight("straight");
+    for (i, hook) in [
+        "6:model.safetensors", // half written
+        "6:optimizer.safetensors",
+        "6:SHA256SUMS",         // complete but not yet renamed into place
+        "9:trainer_state.json", // steps 7 and 8 recorded after the last checkpoint
+        "12:config.ron",        // the final checkpoint
+    ]
+    .iter()
+    .enumerate()
+    {
+        let run = format!("killed-{i}");
+        fx.kill_at(&run, hook);
+        let stderr = fx.ok(&["run", "tiny.ron", "--run-dir", &run, "--resume", "latest"]);
+        assert!(
+            stderr.contains("removed an interrupted checkpoint write"),
+            "{hook}: {stderr}"
+        );
+        assert_same_as(&fx, "straight", &run);
+        let leftovers: Vec<String> = std::fs::read_dir(fx.path(&run).join("checkpoints"))
+            .expect("checkpoints")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{hook}: {leftovers:?}");
+    }
+}
+
+#[test]
+fn kill_before_any_checkpoint_leaves_nothing_to_resume() {
+    let fx = Fixture::new("cosine", "");
+    fx.kill_at("early", "3:model.safetensors");
+    let stderr = fx.fails(
+        &[
+            "run",
+            "tiny.ron",
+            "--run-dir",
+            "early",
+            "--resume",
+            "latest",
+        ],
+        1,
+    );
+    assert!(stderr.contains("no valid checkpoint"), "{stderr}");
+    let verify = fx.codex(&["verify", "early"], &[]);
+    assert_eq!(verify.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(stdout.contains("incomplete"), "{stdout}");
+}
+
+#[test]
+fn sha256sum_accepts_a_real_checkpoint() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("run");
+    let dir = fx.path("run/checkpoints/step-00000012");
+    let out = std::process::Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&dir)
+        .output()
+        .expect("coreutils sha256sum");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let names: Vec<String> = sums_of(&dir).into_iter().map(|(n, _)| n).collect();
+    for file in [
+        "config.ron",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(names.iter().any(|n| n == file), "{file} not in {names:?}");
+        assert!(stdout.contains(&format!("{file}: OK")), "{stdout}");
+    }
+    // The trainer state names every random stream, the cursor, the schedule and the best.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json")).expect("state"),
+    )
+    .expect("json");
+    assert_eq!(state["step"], STEPS);
+    assert_eq!(state["micro_step"], 0);
+    for key in [
+        "data_order_seed",
+        "data_order_epoch",
+        "dropout_seed",
+        "init_seed",
+    ] {
+        assert_eq!(state["rng"][key].is_u64(), true, "{key}: {state}");
+    }
+    assert!(
+        state["data"]["epoch"].as_u64().is_some_and(|e| e >= 1),
+        "{state}"
+    );
+    assert_eq!(state["schedule"]["total_steps"], STEPS);
+    assert!(state["trainer"]["best_val_loss"].is_f64(), "{state}");
+
+    let verify = fx.codex(&["verify", "run"], &[]);
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("valid")).count(), 3);
+}
+
+/// Each way a checkpoint can be damaged: an explicit resume fails naming the file, `latest`
+/// skips it with a warning and continues exactly from the checkpoint before.
+#[test]
+fn damaged_checkpoints_are_named_or_skipped() {
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage, &str); 6] = [
+        (
+            "flipped byte",
+            |d| flip_byte(&d.join("model.safetensors")),
+            "model.safetensors",
+        ),
+        (
+            "truncated file",
+            |d| truncate(&d.join("optimizer.safetensors")),
+            "optimizer.safetensors",
+        ),
+        (
+            "missing file",
+            |d| remove(&d.join("trainer_state.json")),
+            "trainer_state.json: listed in SHA256SUMS but missing",
+        ),
+        (
+            "missing sums",
+            |d| remove(&d.join("SHA256SUMS")),
+            "no SHA256SUMS",
+        ),
+        (
+            "edited sums",
+            |d| {
+                let path = d.join("SHA256SUMS");
+                let text = std::fs::read_to_string(&path).expect("sums");
+                let edited = text.replacen(&text[..4], "0000", 1);
+                std::fs::write(&path, edited).expect("write sums");
+            },
+            "config.ron: sha256 mismatch",
+        ),
+        (
+            "unlisted required file",
+            |d| {
+                let path = d.join("SHA256SUMS");
+                let text = std::fs::read_to_string(&path).expect("sums");
+                let kept: String = text
+                    .lines()
+                    .filter(|l| !l.ends_with("model.safetensors"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                std::fs::write(&path, kept).expect("write sums");
+            },
+            "required file model.safetensors is not listed",
+        ),
+    ];
+    let fx = Fixture::new("cosine", "keep_checkpoints: 0,");
+    fx.straight("straight");
+    for (i, (what, damage, message)) in cases.iter().enumerate() {
+        // Stop at step 9's checkpoint write, so steps 3, 6 are whole; damage step 6.
+        let run = format!("damaged-{i}");
+        fx.kill_at(&run, "9:model.safetensors");
+        let six = fx.path(&run).join("checkpoints/step-00000006");
+        let expected_hash = sums_of(&six)
+            .into_iter()
+            .find(|(n, _)| n == "model.safetensors")
+            .map(|(_, h)| h);
+        damage(&six);
+
+        let explicit = six.to_string_lossy().into_owned();
+        let stderr = fx.fails(&["run", "tiny.ron", "--resume", &explicit], 1);
+        assert!(stderr.contains(message), "{what}: {stderr}");
+        if *what == "flipped byte" {
+            let expected = expected_hash.expect("hash of model.safetensors");
+            assert!(
+                stderr.contains(&format!("expected {expected}, found ")),
+                "{what}: {stderr}"
+            );
+        }
+        let verify = fx.codex(&["verify", &run], &[]);
+        let stdout = String::from_utf8_lossy(&verify.stdout);
+        assert_eq!(verify.status.code(), Some(1), "{what}: {stdout}");
+        assert!(
+            stdout.contains("corrupt  ")
+                && stdout.contains("step-00000006")
+                && stdout.contains(message),
+            "{what}: {stdout}"
+        );
+        assert!(stdout.contains("valid    "), "{what}: {stdout}");
+
+        let stderr = fx.ok(&["run", "tiny.ron", "--run-dir", &run, "--resume", "latest"]);
+        assert!(
+            stderr.contains("skipping checkpoint") && stderr.contains("step-00000006"),
+            "{what}: {stderr}"
+        );
+        assert_same_as(&fx, "straight", &run);
+        // The damaged one is kept aside for inspection, never loaded nor deleted.
+        assert!(
+            fx.path(&run)
+                .join("checkpoints/step-00000006.superseded")
+                .is_dir(),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn config_changes_that_alter_past_steps_are_refused() {
+    let fx = Fixture::new("cosine", "");
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "run",
+        "-q",
+        "--set",
+        "train.max_steps=6",
+    ]);
+    for (set, field) in [
+        ("model.params.n_embd=64", "model"),
+        ("seed=8", "seed"),
+        ("train.batch_size=2", "train.batch_size"),
+        ("optimizer.lr=0.02", "optimizer"),
+    ] {
+        let stderr = fx.fails(
+            &[
+                "run",
+                "tiny.ron",
+                "--run-dir",
+                "run",
+                "--resume",
+                "latest",
+                "--set",
+                set,
+            ],
+            2,
+        );
+        assert!(
+            stderr.contains(field) && stderr.contains("cannot change on resume"),
+            "{set}: {stderr}"
+        );
+    }
+    let stderr = fx.fails(&["resume", "run"], 2);
+    assert!(stderr.contains("raise train.max_steps"), "{stderr}");
+    let stderr = fx.ok(&["resume", "run", "--set", "train.max_steps=9"]);
+    assert!(stderr.contains("train.max_steps: 6 -> 9"), "{stderr}");
+    assert!(fx.path("run/checkpoints/step-00000009").is_dir());
+}
+
+#[test]
+fn retention_keeps_the_newest_and_the_best() {
+    let fx = Fixture::new("cosine", "keep_checkpoints: 1,");
+    fx.straight("one");
+    let kept: Vec<String> = std::fs::read_dir(fx.path("one/checkpoints"))
+        .expect("checkpoints")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(kept.iter().any(|n| n == "step-00000012"), "{kept:?}");
+    assert!(!kept.is_empty() && kept.len() <= 2, "{kept:?}");
+    let verify = fx.codex(&["verify", "one"], &[]);
+    assert!(verify.status.success());
+
+    let fx = Fixture::new("cosine", "keep_checkpoints: 0,");
+    fx.straight("all");
+    let all = std::fs::read_dir(fx.path("all/checkpoints"))
+        .expect("checkpoints")
+        .count();
+    assert_eq!(all, 4);
+}
+
+fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(path, bytes).expect("write");
+}
+
+fn truncate(path: &Path) {
+    let bytes = std::fs::read(path).expect("read");
+    std::fs::write(path, &bytes[..bytes.len() / 3]).expect("write");
+}
+
+fn remove(path: &Path) {
+    std::fs::remove_file(path).expect("remove");
+}
