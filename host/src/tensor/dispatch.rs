@@ -575,12 +575,9 @@ struct CrossEntropy {
     saved: Arc<Mutex<CeSaved>>,
 }
 
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cross_entropy"
-    }
-
-    fn cpu_fwd(
+impl CrossEntropy {
+    /// The loss of `logits` (storage and layout) against `targets`; keeps what backward needs.
+    fn forward(
         &self,
         ls: &CpuStorage,
         ll: &Layout,
@@ -610,13 +607,8 @@ impl CustomOp2 for CrossEntropy {
         Ok(loss.into_storage())
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _loss: &Tensor,
-        dloss: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    /// The gradient of the loss with respect to the logits, scaled by `dloss`.
+    fn dlogits(&self, logits: &Tensor, targets: &Tensor, dloss: &Tensor) -> CResult<Tensor> {
         let lse = self
             .saved
             .lock()
@@ -636,16 +628,97 @@ impl CustomOp2 for CrossEntropy {
             &mut dl,
         )?;
         let [dl] = dl;
-        Ok((Some(dl.into_tensor()?), None))
+        dl.into_tensor()
     }
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.forward(ls, ll, ts, tl)
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.dlogits(logits, targets, dloss)?), None))
+    }
+}
+
+/// Cross-entropy of logits `x · w` taken over by one op on `x` and `w`: its backward turns the
+/// logits' gradient straight into theirs, so the `[rows, vocab]` matmul output never gets a
+/// gradient of its own (candle would zero-fill one and add into it).
+struct LinearCrossEntropy {
+    ce: CrossEntropy,
+    /// The logits the matmul already computed, detached.
+    logits: Tensor,
+}
+
+impl CustomOp3 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear_cross_entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _xs: &CpuStorage,
+        _xl: &Layout,
+        _ws: &CpuStorage,
+        _wl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (guard, ll) = self.logits.storage_and_layout();
+        let Storage::Cpu(ls) = &*guard else {
+            candle_core::bail!("cross_entropy: a cpu kernel needs logits on the cpu");
+        };
+        self.ce.forward(ls, ll, ts, tl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        dloss: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dl = self.ce.dlogits(&self.logits, targets, dloss)?;
+        let (dx, dw) = matmul_grads(x, w, &dl)?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
+/// The gradients of `x · w` for the output gradient `dy`.
+fn matmul_grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let dx = dy.matmul(&w.detach().t()?)?;
+    let dw = x.detach().t()?.matmul(dy)?;
+    Ok((dx, dw))
 }
 
 /// Cross-entropy through the kernel: `(loss_sum, tokens, correct)`, f32 scalars. Shapes and
 /// dtypes already checked (`logits [n, v]`, u32 `targets [n]`).
+///
+/// With `product = Some((x, w))`, `logits` is `x · w` and the op runs on `x` and `w` instead
+/// ([`LinearCrossEntropy`]).
 pub(crate) fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: u32,
+    product: Option<(&Tensor, &Tensor)>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(k) = kernel_for(logits, "cross_entropy.fwd") else {
         return Ok(None);
@@ -654,12 +727,22 @@ pub(crate) fn cross_entropy(
         return Ok(None);
     }
     let saved = Arc::new(Mutex::new(CeSaved::default()));
-    let op = CrossEntropy {
+    let ce = CrossEntropy {
         k,
         ignore_index,
         saved: saved.clone(),
     };
-    let loss = logits.contiguous()?.apply_op2(&targets.contiguous()?, op)?;
+    let targets = targets.contiguous()?;
+    let loss = match product {
+        Some((x, w)) if logits.is_contiguous() => {
+            let op = LinearCrossEntropy {
+                ce,
+                logits: logits.detach(),
+            };
+            x.apply_op3(w, &targets, op)?
+        }
+        _ => logits.contiguous()?.apply_op2(&targets, ce)?,
+    };
     let s = saved.lock().unwrap_or_else(PoisonError::into_inner);
     match (&s.tokens, &s.correct) {
         (Some(tokens), Some(correct)) => Ok(Some((loss, tokens.clone(), correct.clone()))),
@@ -829,6 +912,67 @@ impl CustomOp2 for BiasAdd {
         let [db] = db;
         Ok((Some(dy.clone()), Some(db.into_tensor()?)))
     }
+}
+
+/// `x · w + b` taken over by one op on `x`, `w` and `b`, for the same reason as
+/// [`LinearCrossEntropy`]: the matmul output `a` never gets a gradient of its own.
+struct LinearBias {
+    k: Arc<ActiveKernel>,
+    /// `x · w` as the matmul computed it, detached and contiguous.
+    a: Tensor,
+}
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "linear_bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _xs: &CpuStorage,
+        _xl: &Layout,
+        _ws: &CpuStorage,
+        _wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (guard, al) = self.a.storage_and_layout();
+        let Storage::Cpu(as_) = &*guard else {
+            candle_core::bail!("bias_add: a cpu kernel needs tensors on the cpu");
+        };
+        BiasAdd(self.k.clone()).cpu_fwd(as_, al, bs, bl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut db = [Out::new(b.dtype(), b.dims())?];
+        run_on_tensors(&self.k, "sum_rows", &[dy], &[], &mut db)?;
+        let [db] = db;
+        let (dx, dw) = matmul_grads(x, w, dy)?;
+        Ok((Some(dx), Some(dw), Some(db.into_tensor()?)))
+    }
+}
+
+/// `a + b` where `a = x · w` (2-D) and `b` is a bias over `a`'s columns, through
+/// [`LinearBias`]; `None` where [`bias_add`] or plain ops must take it.
+pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if a.rank() != 2 || b.dims() != [a.dims()[1]] || a.dtype() != b.dtype() {
+        return Ok(None);
+    }
+    if !a.is_contiguous() || a.elem_count() == 0 {
+        return Ok(None);
+    }
+    let Some(k) = kernel_for(a, "sum_rows") else {
+        return Ok(None);
+    };
+    let op = LinearBias { k, a: a.detach() };
+    Ok(Some(x.apply_op3(w, &b.contiguous()?, op)?))
 }
 
 /// `a + b` through [`BiasAdd`] when one operand's shape is a proper suffix of the other's

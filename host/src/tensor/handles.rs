@@ -20,6 +20,7 @@ use std::thread::ThreadId;
 use candle_core::{Tensor, Var};
 use codex_plugin_api::{ParamRole, TensorId};
 
+use super::fusion::Origin;
 use super::{Result, TensorError};
 
 /// What a declared tensor is.
@@ -100,14 +101,24 @@ impl Leaf {
 #[derive(Clone)]
 pub(crate) enum Entry {
     Plain(Tensor),
+    /// A result that remembers how it was made, so that a later op may fuse with its producer
+    /// (`fusion`).
+    Derived(Tensor, Arc<Origin>),
     Leaf(Arc<Leaf>),
 }
 
 impl Entry {
     pub(crate) fn tensor(&self) -> Tensor {
         match self {
-            Entry::Plain(t) => t.clone(),
+            Entry::Plain(t) | Entry::Derived(t, _) => t.clone(),
             Entry::Leaf(leaf) => leaf.tensor(),
+        }
+    }
+
+    pub(crate) fn origin(&self) -> Option<Arc<Origin>> {
+        match self {
+            Entry::Derived(_, o) => Some(o.clone()),
+            _ => None,
         }
     }
 }
@@ -148,11 +159,18 @@ pub(crate) fn tensor(id: TensorId) -> Result<Tensor> {
     entry(id).map(|e| e.tensor())
 }
 
+pub(crate) fn insert_derived(tensor: Tensor, origin: Option<Arc<Origin>>) -> TensorId {
+    insert_entry(match origin {
+        Some(o) => Entry::Derived(tensor, o),
+        None => Entry::Plain(tensor),
+    })
+}
+
 /// The declared tensor behind a handle, if it is one.
 pub(crate) fn leaf(id: TensorId) -> Result<Option<Arc<Leaf>>> {
     Ok(match entry(id)? {
         Entry::Leaf(leaf) => Some(leaf),
-        Entry::Plain(_) => None,
+        Entry::Plain(_) | Entry::Derived(..) => None,
     })
 }
 

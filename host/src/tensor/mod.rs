@@ -18,6 +18,7 @@
 
 pub(crate) mod autograd;
 pub(crate) mod dispatch;
+pub(crate) mod fusion;
 pub(crate) mod handles;
 pub(crate) mod nn;
 pub(crate) mod ops;

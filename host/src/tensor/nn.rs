@@ -268,10 +268,13 @@ pub(crate) struct CrossEntropyOut {
 /// Dispatch point `cross_entropy`. Ignored rows contribute nothing to the loss or its gradient,
 /// whatever their logits (a `where`, not a multiplication by zero, so `-inf` logits cannot turn
 /// into NaN).
+/// `product`: the operands of the matmul that made `logits`, if one did, which the kernel may
+/// fuse with.
 pub(crate) fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: u32,
+    product: Option<(&Tensor, &Tensor)>,
 ) -> Result<CrossEntropyOut> {
     let (n, vocab) = logits.dims2().map_err(|_| {
         invalid(format!(
@@ -288,7 +291,7 @@ pub(crate) fn cross_entropy(
         )));
     }
     if let Some((loss_sum, tokens, correct)) =
-        dispatch::cross_entropy(logits, targets, ignore_index)?
+        dispatch::cross_entropy(logits, targets, ignore_index, product)?
     {
         return Ok(CrossEntropyOut {
             loss_sum,

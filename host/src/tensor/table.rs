@@ -18,7 +18,7 @@ use codex_plugin_api::tensor::{AdamWHyper, CrossEntropyIds};
 
 use super::ops::{self, Binary, Reduce, Unary};
 use super::profile::{self, Kind};
-use super::{autograd, from_candle_dtype, handles, nn, to_candle_dtype, Result};
+use super::{autograd, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result};
 
 type R<T> = RResult<T, PluginError>;
 
@@ -127,7 +127,7 @@ extern "C" fn to_scalar(x: TensorId) -> R<f64> {
 // -- arithmetic -------------------------------------------------------------------------------
 
 extern "C" fn matmul(a: TensorId, b: TensorId) -> R<TensorId> {
-    produce("matmul", || ops::matmul(&t(a)?, &t(b)?))
+    guarded("matmul", || fusion::matmul(a, b))
 }
 
 macro_rules! binary_entries {
@@ -138,8 +138,11 @@ macro_rules! binary_entries {
     )*};
 }
 
+extern "C" fn add(a: TensorId, b: TensorId) -> R<TensorId> {
+    guarded("add", || fusion::add(a, b))
+}
+
 binary_entries!(
-    add => Add,
     sub => Sub,
     mul => Mul,
     div => Div,
@@ -208,7 +211,7 @@ extern "C" fn argmax(x: TensorId, dim: usize) -> R<TensorId> {
 // -- layout -----------------------------------------------------------------------------------
 
 extern "C" fn reshape(x: TensorId, shape: RSlice<'_, usize>) -> R<TensorId> {
-    produce("reshape", || ops::reshape(&t(x)?, &shape))
+    guarded("reshape", || fusion::reshape(x, &shape))
 }
 
 extern "C" fn transpose(x: TensorId, d1: usize, d2: usize) -> R<TensorId> {
@@ -292,7 +295,9 @@ extern "C" fn cross_entropy(
     ignore_index: u32,
 ) -> R<CrossEntropyIds> {
     guarded("cross_entropy", || {
-        let out = nn::cross_entropy(&t(logits)?, &t(targets)?, ignore_index)?;
+        let product = fusion::product(logits)?;
+        let product = product.as_ref().map(|(x, w)| (x, w));
+        let out = nn::cross_entropy(&t(logits)?, &t(targets)?, ignore_index, product)?;
         Ok(CrossEntropyIds {
             loss_sum: handles::insert(out.loss_sum),
             tokens: handles::insert(out.tokens),

@@ -359,15 +359,17 @@ impl Gpt2 {
         let Pass { ctx, mask, b, t } = *pass;
         let c = self.config.n_embd;
         let (h, d) = (self.config.n_head, c / self.config.n_head);
-        // One copy puts q, k and v in head-major layout `[3, b, h, t, d]`; each is then a
-        // contiguous slice of it, and kᵀ a strided view the matrix product reads directly.
-        let qkv = block
-            .c_attn
-            .forward(x)?
-            .reshape(&[b, t, 3, h, d])?
-            .permute(&[2, 0, 3, 1, 4])?
-            .contiguous()?;
-        let head = |i: usize| qkv.narrow(0, i, 1)?.reshape(&[b, h, t, d]);
+        // q, k and v each from its own slice of the fused `c_attn` weight and bias: slicing
+        // the parameters rather than the `[b·t, 3c]` activation keeps the backward pass from
+        // padding three activation-sized gradients back to full width.
+        let head = |i: usize| -> Result<Tensor> {
+            let w = block.c_attn.weight.narrow(1, i * c, c)?;
+            let bias = block.c_attn.bias.narrow(0, i * c, c)?;
+            x.matmul(&w)?
+                .add(&bias)?
+                .reshape(&[b, t, h, d])?
+                .transpose(1, 2)
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
         let y = if ctx.train && self.config.attn_pdrop > 0.0 {

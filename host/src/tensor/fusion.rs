@@ -1,0 +1,87 @@
+//! Fusion across op-table calls: the consumer of a matmul takes over the matmul's backward.
+//!
+//! candle's backward gives every graph node a gradient by zero-filling a tensor of the node's
+//! size and adding into it. For the `[rows, vocab]` logits of a language model that is the
+//! largest memory traffic of a training step, and for every linear layer it is one more pass
+//! over its output. Model code is a sequence of op-table calls (`matmul`, `add`, `reshape`,
+//! `cross_entropy`) that cannot be changed, so while a kernel is active the handle of a 2-D
+//! matmul's result remembers its operands ([`Origin`]), a reshape remembers its source, and:
+//!
+//! - a bias add on a matmul's result becomes one custom op over `x`, `w` and the bias;
+//! - a cross-entropy on a matmul's result (through reshapes that end at the product's own
+//!   shape) becomes one custom op over `x` and `w`;
+//! - a reshape back to its source's shape is the source itself, not one more node.
+//!
+//! The fused ops' backward computes `x`'s and `w`'s gradients directly (`dispatch`). The
+//! matmul output keeps its own graph node, so another consumer of it still back-propagates
+//! through candle's matmul: the gradients add up the same either way.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use codex_plugin_api::TensorId;
+
+use super::{dispatch, handles, ops, Result};
+
+/// How a tensor behind a handle was made, for fusions with later ops.
+pub(crate) enum Origin {
+    /// `a · b`, both 2-D.
+    Matmul { a: Tensor, b: Tensor },
+    /// A reshape of `src`, whose own origin follows.
+    Reshape {
+        src: Tensor,
+        origin: Option<Arc<Origin>>,
+    },
+}
+
+/// Op-table `matmul`: the product, remembering its operands while a kernel is active.
+pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<TensorId> {
+    let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
+    let y = ops::matmul(&ta, &tb)?;
+    let origin = (ta.rank() == 2 && tb.rank() == 2 && dispatch::kernel_active(y.device()))
+        .then(|| Arc::new(Origin::Matmul { a: ta, b: tb }));
+    Ok(handles::insert_derived(y, origin))
+}
+
+/// Op-table `reshape`: a reshape back to the source's shape returns the source.
+pub(crate) fn reshape(x: TensorId, shape: &[usize]) -> Result<TensorId> {
+    let entry = handles::entry(x)?;
+    let (tx, origin) = (entry.tensor(), entry.origin());
+    if let Some(Origin::Reshape { src, origin }) = origin.as_deref() {
+        if src.dims() == shape {
+            return Ok(handles::insert_derived(src.clone(), origin.clone()));
+        }
+    }
+    if tx.dims() == shape {
+        return Ok(handles::insert_entry(entry));
+    }
+    let y = ops::reshape(&tx, shape)?;
+    let origin = dispatch::kernel_active(y.device()).then(|| {
+        Arc::new(Origin::Reshape {
+            src: tx,
+            origin,
+        })
+    });
+    Ok(handles::insert_derived(y, origin))
+}
+
+/// The operands of the 2-D matmul that made `id`, if it was one.
+pub(crate) fn product(id: TensorId) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(match handles::entry(id)?.origin().as_deref() {
+        Some(Origin::Matmul { a, b }) => Some((a.clone(), b.clone())),
+        _ => None,
+    })
+}
+
+/// Op-table `add`: a bias add on a matmul's result fuses with the matmul.
+pub(crate) fn add(a: TensorId, b: TensorId) -> Result<TensorId> {
+    let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
+    for (m, bias, mid) in [(&ta, &tb, a), (&tb, &ta, b)] {
+        if let Some((x, w)) = product(mid)? {
+            if let Some(y) = dispatch::linear_bias(&x, &w, m, bias)? {
+                return Ok(handles::insert(y));
+            }
+        }
+    }
+    Ok(handles::insert(ops::binary(ops::Binary::Add, &ta, &tb)?))
+}
