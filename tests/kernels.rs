@@ -640,3 +640,76 @@ fn gpt2_trains_along_the_same_loss_curve_with_and_without_the_kernel() {
         );
     }
 }
+
+/// A short training run through the config, with `kernel: "cpu"` or without: the train and
+/// validation loss records.
+fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
+    use codex_host::session::{self, RunOptions};
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code");
+    let text = format!(
+        r#"(
+    experiment: "kernels",
+    seed: 11,
+    data: (train: [Text(paths: ["{data}/*"])], val_fraction: 0.34),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32,
+        embd_pdrop: 0.0, attn_pdrop: 0.0, resid_pdrop: 0.0)),
+    optimizer: (name: "adamw", lr: 3e-3),
+    train: (max_steps: 12, seq_len: 32, batch_size: 4, eval_every: 6, log_every: 2),
+    sinks: [],
+    {kernel}
+)"#,
+        data = data.display(),
+        kernel = if kernel { r#"kernel: "cpu","# } else { "" },
+    );
+    let name = if kernel { "fused" } else { "plain" };
+    let path = dir.join(format!("{name}.ron"));
+    std::fs::write(&path, text).expect("write the config");
+    let config = codex_host::config::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.kernel.as_deref(), kernel.then_some("cpu"));
+    let registry = codex_host::registry::Registry::with_builtins().expect("registry");
+    let options = RunOptions {
+        run_dir: Some(dir.join(name)),
+        runs_root: dir.join("runs"),
+        stop: None,
+        progress: false,
+    };
+    let summary = session::run(&config, &registry, &options).unwrap_or_else(|e| panic!("{e:#}"));
+    std::fs::read_to_string(summary.run_dir.join("metrics.ndjson"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a json record"))
+        .filter(|r| r["name"] == "loss")
+        .map(|r| {
+            (
+                r["split"].as_str().unwrap_or_default().to_string(),
+                r["step"].as_u64().expect("step"),
+                r["value"].as_f64().expect("value"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_config_switch_gives_the_same_loss_curve_with_kernels_on_and_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fused = run_losses(tmp.path(), true);
+    let plain = run_losses(tmp.path(), false);
+    assert_eq!(fused.len(), plain.len(), "{fused:?} vs {plain:?}");
+    assert!(
+        fused.iter().filter(|r| r.0 == "train").count() >= 6
+            && fused.iter().any(|r| r.0 == "val"),
+        "{fused:?}"
+    );
+    for (a, b) in fused.iter().zip(&plain) {
+        assert_eq!((&a.0, a.1), (&b.0, b.1), "records differ in order");
+        assert!(
+            (a.2 - b.2).abs() <= 2e-3 * b.2.abs().max(1.0),
+            "{} loss at step {}: {} with the kernel, {} without",
+            a.0,
+            a.1,
+            a.2,
+            b.2
+        );
+    }
+}
