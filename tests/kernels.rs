@@ -468,6 +468,25 @@ fn attention_matches_primitives_and_a_direct_reference() {
     compare("attention [2, 3, 17, 8]", CD::F32, &[&q, &k, &v], &|x| {
         x[0].attention(&x[1], &x[2], true, 0.3).expect("attention")
     });
+    // Heads split off `[b, t, h·d]` projections by a reshape and a transpose: strided inputs.
+    for dtype in DTYPES {
+        let (b, t, h, d) = (2, 9, 3, 5);
+        let q = input(&[b * t, h * d], 17, dtype);
+        let k = input(&[b * t, h * d], 18, dtype);
+        let v = input(&[b * t, h * d], 19, dtype);
+        compare("attention of strided heads", dtype, &[&q, &k, &v], &|x| {
+            let heads = |t_: &Tensor| {
+                t_.reshape(&[b, t, h, d])
+                    .and_then(|r| r.transpose(1, 2))
+                    .expect("heads")
+            };
+            heads(&x[0])
+                .attention(&heads(&x[1]), &heads(&x[2]), true, 0.4)
+                .and_then(|y| y.permute(&[0, 2, 1, 3]))
+                .and_then(|y| y.reshape(&[b * t, h * d]))
+                .expect("attention")
+        });
+    }
 }
 
 #[test]

@@ -18,11 +18,12 @@
 //! with [`scoped_kernel`]; the thread setting wins. A custom op holds the kernel it was built
 //! with, so a backward pass uses the same kernel as its forward pass whatever is active then.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use abi_stable::std_types::{RSlice, RSliceMut, RStr};
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Shape, Storage,
     Tensor,
@@ -198,6 +199,16 @@ fn view<'a>(s: &'a CpuStorage, l: &'a Layout) -> CResult<BufferView<'a>> {
         shape: RSlice::from_slice(l.dims()),
         data: RSlice::from_slice(data),
     })
+}
+
+/// Storage `s` laid out by `l`, made contiguous: borrowed when it already is, else copied.
+fn dense<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<(Cow<'a, CpuStorage>, Layout)> {
+    if l.is_contiguous() {
+        return Ok((Cow::Borrowed(s), l.clone()));
+    }
+    let mut dst = candle_core::cpu_backend::CpuDevice.zeros_impl(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok((Cow::Owned(dst), Layout::contiguous(l.shape())))
 }
 
 /// An output buffer the host allocates for a kernel.
@@ -774,11 +785,12 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let ((qs, ql), (ks, kl), (vs, vl)) = (dense(qs, ql)?, dense(ks, kl)?, dense(vs, vl)?);
         let mut out = Out::new(qs.dtype(), ql.dims())?;
         let mut lse = Out::f32(lead(ql.dims()));
         self.k.run(
             "causal_attention.fwd",
-            &[view(qs, ql)?, view(ks, kl)?, view(vs, vl)?],
+            &[view(&qs, &ql)?, view(&ks, &kl)?, view(&vs, &vl)?],
             &[self.scale],
             &mut [out.buffer(), lse.buffer()],
         )?;
@@ -844,11 +856,10 @@ pub(crate) fn attention(
         scale,
         lse: Mutex::new(None),
     };
-    Ok(Some(q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        op,
-    )?))
+    // Strided q, k and v (heads split off a projection by a reshape and a transpose) go in as
+    // they are: the op gathers them itself, where `contiguous` would add three copies to the
+    // graph, each with a gradient of its own in backward.
+    Ok(Some(q.apply_op3(k, v, op)?))
 }
 
 // -- bias add and sums over leading dimensions --------------------------------------------------
@@ -857,19 +868,31 @@ pub(crate) fn attention(
 /// dimensions on a single thread; this one asks the kernel's `sum_rows`.
 struct BiasAdd(Arc<ActiveKernel>);
 
-fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(a: &[T], b: &[T]) -> Vec<T> {
+fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(a: &[T], b: &[T]) -> CResult<Vec<T>> {
     let inner = b.len();
-    let mut out = a.to_vec();
+    if inner == 0 || a.len() % inner != 0 {
+        candle_core::bail!(
+            "bias_add: {} values are not rows of the bias's {inner}",
+            a.len()
+        );
+    }
+    let mut out: Vec<T> = Vec::with_capacity(a.len());
     // Rows per task: enough work per task to amortise rayon's scheduling.
-    let rows = (16_384 / inner.max(1)).max(1);
-    out.par_chunks_mut(rows * inner).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(inner) {
-            for (o, &bv) in row.iter_mut().zip(b) {
-                *o = *o + bv;
+    let rows = (16_384 / inner).max(1);
+    out.spare_capacity_mut()
+        .par_chunks_mut(rows * inner)
+        .zip(a.par_chunks(rows * inner))
+        .for_each(|(o, a)| {
+            for (o, a) in o.chunks_exact_mut(inner).zip(a.chunks_exact(inner)) {
+                for ((o, &av), &bv) in o.iter_mut().zip(a).zip(b) {
+                    o.write(av + bv);
+                }
             }
-        }
-    });
-    out
+        });
+    // SAFETY: `a.len()` is a whole number of rows of `inner` (checked above), and the loop
+    // wrote every element of every row.
+    unsafe { out.set_len(a.len()) };
+    Ok(out)
 }
 
 impl CustomOp2 for BiasAdd {
@@ -890,10 +913,10 @@ impl CustomOp2 for BiasAdd {
         };
         let out = match (as_, bs) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(add_rows(&a[a0..a1], &b[b0..b1]))
+                CpuStorage::F32(add_rows(&a[a0..a1], &b[b0..b1])?)
             }
             (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(add_rows(&a[a0..a1], &b[b0..b1]))
+                CpuStorage::BF16(add_rows(&a[a0..a1], &b[b0..b1])?)
             }
             _ => candle_core::bail!("bias_add: both inputs must be f32 or both bf16"),
         };
