@@ -66,8 +66,7 @@ struct Run {
 /// Run `f` on handles to `inputs` with the kernel on or off, then back-propagate `Σ y·w`.
 fn run(kernel: bool, inputs: &[&Var], f: &dyn Fn(&[Tensor]) -> Tensor) -> Run {
     host::install();
-    let _scope =
-        host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
+    let _scope = host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
     let handles: Vec<Tensor> = inputs
         .iter()
         .map(|v| Tensor::from_id(host::insert(v.as_tensor().clone())))
@@ -134,9 +133,12 @@ fn softmax_matches_primitives_on_every_dim() {
         for shape in SHAPES {
             let x = input(shape, 1, dtype);
             for dim in 0..shape.len() {
-                compare(&format!("softmax {shape:?} dim {dim}"), dtype, &[&x], &|t| {
-                    t[0].softmax(dim).expect("softmax")
-                });
+                compare(
+                    &format!("softmax {shape:?} dim {dim}"),
+                    dtype,
+                    &[&x],
+                    &|t| t[0].softmax(dim).expect("softmax"),
+                );
             }
         }
     }
@@ -150,9 +152,12 @@ fn layer_norm_and_rms_norm_match_primitives() {
             let x = input(shape, 2, dtype);
             let w = input(&[c], 3, dtype);
             let b = input(&[c], 4, dtype);
-            compare(&format!("layer_norm {shape:?}"), dtype, &[&x, &w, &b], &|t| {
-                t[0].layer_norm(&t[1], &t[2], 1e-5).expect("layer_norm")
-            });
+            compare(
+                &format!("layer_norm {shape:?}"),
+                dtype,
+                &[&x, &w, &b],
+                &|t| t[0].layer_norm(&t[1], &t[2], 1e-5).expect("layer_norm"),
+            );
             compare(&format!("rms_norm {shape:?}"), dtype, &[&x, &w], &|t| {
                 t[0].rms_norm(&t[1], 1e-6).expect("rms_norm")
             });
@@ -181,7 +186,13 @@ fn cross_entropy_matches_primitives_with_ignored_rows() {
             let logits = input(&[n, v], 6, dtype);
             // Every third row ignored.
             let targets: Vec<u32> = (0..n as u32)
-                .map(|i| if i % 3 == 2 { u32::MAX } else { (i * 7) % v as u32 })
+                .map(|i| {
+                    if i % 3 == 2 {
+                        u32::MAX
+                    } else {
+                        (i * 7) % v as u32
+                    }
+                })
                 .collect();
             let counted = targets.iter().filter(|&&t| t != u32::MAX).count() as f64;
             let sums = std::cell::RefCell::new(Vec::new());
@@ -256,20 +267,29 @@ fn matmul_then_bias_add_fuses_with_the_same_values_and_gradients() {
             let b = input(&[n], 23, dtype);
             let what = format!("x [{m}, {k}] · w [{k}, {n}] + b");
             compare(&what, dtype, &[&x, &w, &b], &|t| {
-                t[0].matmul(&t[1]).and_then(|a| a.add(&t[2])).expect("linear")
+                t[0].matmul(&t[1])
+                    .and_then(|a| a.add(&t[2]))
+                    .expect("linear")
             });
             compare(&format!("b + {what}"), dtype, &[&x, &w, &b], &|t| {
-                t[0].matmul(&t[1]).and_then(|a| t[2].add(&a)).expect("linear")
+                t[0].matmul(&t[1])
+                    .and_then(|a| t[2].add(&a))
+                    .expect("linear")
             });
             // A strided slice of a wider weight, as a fused q/k/v projection takes it, and a
             // product used twice: the second use back-propagates through the plain matmul.
             let wide = input(&[k, 3 * n], 24, dtype);
-            compare(&format!("{what}, w a slice"), dtype, &[&x, &wide, &b], &|t| {
-                let w = t[1].narrow(1, n, n).expect("narrow");
-                let a = t[0].matmul(&w).expect("matmul");
-                let y = a.add(&t[2]).expect("add");
-                y.mul(&a).expect("second use")
-            });
+            compare(
+                &format!("{what}, w a slice"),
+                dtype,
+                &[&x, &wide, &b],
+                &|t| {
+                    let w = t[1].narrow(1, n, n).expect("narrow");
+                    let a = t[0].matmul(&w).expect("matmul");
+                    let y = a.add(&t[2]).expect("add");
+                    y.mul(&a).expect("second use")
+                },
+            );
         }
     }
 }
@@ -281,7 +301,13 @@ fn matmul_then_cross_entropy_fuses_with_the_same_values_and_gradients() {
             let x = input(&[n, k], 31, dtype);
             let w = input(&[v, k], 32, dtype);
             let targets: Vec<u32> = (0..n as u32)
-                .map(|i| if i % 4 == 3 { u32::MAX } else { (i * 5) % v as u32 })
+                .map(|i| {
+                    if i % 4 == 3 {
+                        u32::MAX
+                    } else {
+                        (i * 5) % v as u32
+                    }
+                })
                 .collect();
             // As a language model does it: logits `x · wᵀ` reshaped to `[1, n, v]` by the
             // model and back to `[n, v]` for the loss.
@@ -341,7 +367,8 @@ fn finite_differences(what: &str, inputs: &[&Var], f: &dyn Fn(&[Tensor]) -> Tens
                     })
                     .collect()
             };
-            let numeric = (loss_at(&shifted(eps)) - loss_at(&shifted(-eps))) / (2.0 * f64::from(eps));
+            let numeric =
+                (loss_at(&shifted(eps)) - loss_at(&shifted(-eps))) / (2.0 * f64::from(eps));
             let exact = f64::from(analytic.grads[i][e]);
             assert!(
                 (numeric - exact).abs() <= 2e-2 * (1.0 + exact.abs()),
@@ -375,7 +402,9 @@ fn fused_gradients_match_finite_differences() {
         t[0].rms_norm(&t[1], 1e-6).expect("rms_norm")
     });
     finite_differences("bias add", &[&x, &b], &|t| t[0].add(&t[1]).expect("add"));
-    finite_differences("sum over rows", &[&x], &|t| t[0].sum(&[0], false).expect("sum"));
+    finite_differences("sum over rows", &[&x], &|t| {
+        t[0].sum(&[0], false).expect("sum")
+    });
     let (q, k, v) = (
         input(&[2, 5, 3], 44, f32_),
         input(&[2, 5, 3], 45, f32_),
@@ -387,7 +416,9 @@ fn fused_gradients_match_finite_differences() {
     let mw = input(&[7, 4], 47, f32_);
     let mb = input(&[4], 48, f32_);
     finite_differences("matmul + bias", &[&x, &mw, &mb], &|t| {
-        t[0].matmul(&t[1]).and_then(|a| a.add(&t[2])).expect("linear")
+        t[0].matmul(&t[1])
+            .and_then(|a| a.add(&t[2]))
+            .expect("linear")
     });
     let targets = [2u32, u32::MAX, 0];
     finite_differences("cross_entropy", &[&x], &|t| {
@@ -410,7 +441,12 @@ fn attention_reference(q: &CT, k: &CT, v: &CT, causal: bool, scale: f64) -> Vec<
     let r = q.rank();
     let (t, s) = (q.dim(r - 2).expect("t"), k.dim(r - 2).expect("s"));
     let mut scores = q
-        .matmul(&k.transpose(r - 2, r - 1).expect("kT").contiguous().expect("kT"))
+        .matmul(
+            &k.transpose(r - 2, r - 1)
+                .expect("kT")
+                .contiguous()
+                .expect("kT"),
+        )
         .and_then(|x| x.affine(scale, 0.0))
         .expect("scores")
         .to_vec3::<f32>()
@@ -418,7 +454,9 @@ fn attention_reference(q: &CT, k: &CT, v: &CT, causal: bool, scale: f64) -> Vec<
     for head in scores.iter_mut() {
         for (i, row) in head.iter_mut().enumerate() {
             if causal {
-                row.iter_mut().skip(i + 1).for_each(|x| *x = f32::NEG_INFINITY);
+                row.iter_mut()
+                    .skip(i + 1)
+                    .for_each(|x| *x = f32::NEG_INFINITY);
             }
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let sum: f32 = row.iter().map(|x| (x - m).exp()).sum();
@@ -445,7 +483,8 @@ fn attention_matches_primitives_and_a_direct_reference() {
                     x[0].attention(&x[1], &x[2], causal, scale)
                         .expect("attention")
                 });
-                let want = attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), causal, scale);
+                let want =
+                    attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), causal, scale);
                 for kernel in [true, false] {
                     let got = run(kernel, &[&q, &k, &v], &|x| {
                         x[0].attention(&x[1], &x[2], causal, scale)
@@ -492,14 +531,23 @@ fn attention_matches_primitives_and_a_direct_reference() {
 #[test]
 fn attention_rejects_mismatched_shapes() {
     host::install();
-    let q = Tensor::from_id(host::insert(input(&[2, 4, 8], 1, CD::F32).as_tensor().clone()));
-    let k = Tensor::from_id(host::insert(input(&[2, 5, 8], 2, CD::F32).as_tensor().clone()));
+    let q = Tensor::from_id(host::insert(
+        input(&[2, 4, 8], 1, CD::F32).as_tensor().clone(),
+    ));
+    let k = Tensor::from_id(host::insert(
+        input(&[2, 5, 8], 2, CD::F32).as_tensor().clone(),
+    ));
     let err = q
         .attention(&k, &k, true, 1.0)
         .expect_err("causal with 4 queries and 5 keys")
         .to_string();
-    assert!(err.contains("attention") && err.contains("4 and 5"), "{err}");
-    let bad = Tensor::from_id(host::insert(input(&[2, 5, 3], 3, CD::F32).as_tensor().clone()));
+    assert!(
+        err.contains("attention") && err.contains("4 and 5"),
+        "{err}"
+    );
+    let bad = Tensor::from_id(host::insert(
+        input(&[2, 5, 3], 3, CD::F32).as_tensor().clone(),
+    ));
     let err = q
         .attention(&bad, &bad, false, 1.0)
         .expect_err("head dims differ")
@@ -586,7 +634,10 @@ fn adamw_update_matches_torch_with_and_without_kernel() {
             )
             .expect_err("wrong gradient shape")
             .to_string();
-        assert!(err.contains("adamw_update") && err.contains("one shape"), "{err}");
+        assert!(
+            err.contains("adamw_update") && err.contains("one shape"),
+            "{err}"
+        );
     }
 }
 
@@ -620,7 +671,10 @@ fn gpt2_losses(kernel: bool) -> Vec<f64> {
             .enumerate()
             .map(|(i, info)| {
                 let p = Tensor::retain(info.id);
-                let g = p.grad().expect("grad").expect("every parameter has a gradient");
+                let g = p
+                    .grad()
+                    .expect("grad")
+                    .expect("every parameter has a gradient");
                 (i, p, g)
             })
             .collect();
@@ -716,8 +770,7 @@ fn the_config_switch_gives_the_same_loss_curve_with_kernels_on_and_off() {
     let plain = run_losses(tmp.path(), false);
     assert_eq!(fused.len(), plain.len(), "{fused:?} vs {plain:?}");
     assert!(
-        fused.iter().filter(|r| r.0 == "train").count() >= 6
-            && fused.iter().any(|r| r.0 == "val"),
+        fused.iter().filter(|r| r.0 == "train").count() >= 6 && fused.iter().any(|r| r.0 == "val"),
         "{fused:?}"
     );
     for (a, b) in fused.iter().zip(&plain) {

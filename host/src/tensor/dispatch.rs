@@ -868,9 +868,12 @@ pub(crate) fn attention(
 /// dimensions on a single thread; this one asks the kernel's `sum_rows`.
 struct BiasAdd(Arc<ActiveKernel>);
 
-fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(a: &[T], b: &[T]) -> CResult<Vec<T>> {
+fn add_rows<T: Copy + std::ops::Add<Output = T> + Send + Sync>(
+    a: &[T],
+    b: &[T],
+) -> CResult<Vec<T>> {
     let inner = b.len();
-    if inner == 0 || a.len() % inner != 0 {
+    if inner == 0 || !a.len().is_multiple_of(inner) {
         candle_core::bail!(
             "bias_add: {} values are not rows of the bias's {inner}",
             a.len()
@@ -984,7 +987,12 @@ impl CustomOp3 for LinearBias {
 
 /// `a + b` where `a = x · w` (2-D) and `b` is a bias over `a`'s columns, through
 /// [`LinearBias`]; `None` where [`bias_add`] or plain ops must take it.
-pub(crate) fn linear_bias(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+pub(crate) fn linear_bias(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<Option<Tensor>> {
     if a.rank() != 2 || b.dims() != [a.dims()[1]] || a.dtype() != b.dtype() {
         return Ok(None);
     }

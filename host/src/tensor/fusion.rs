@@ -56,12 +56,8 @@ pub(crate) fn reshape(x: TensorId, shape: &[usize]) -> Result<TensorId> {
         return Ok(handles::insert_entry(entry));
     }
     let y = ops::reshape(&tx, shape)?;
-    let origin = dispatch::kernel_active(y.device()).then(|| {
-        Arc::new(Origin::Reshape {
-            src: tx,
-            origin,
-        })
-    });
+    let origin =
+        dispatch::kernel_active(y.device()).then(|| Arc::new(Origin::Reshape { src: tx, origin }));
     Ok(handles::insert_derived(y, origin))
 }
 
