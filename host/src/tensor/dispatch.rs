@@ -862,6 +862,108 @@ pub(crate) fn attention(
     Ok(Some(q.apply_op3(k, v, op)?))
 }
 
+/// Causal attention on heads kept inside their `[b·t, h·d]` projections: the op gathers the
+/// `[b, h, t, d]` heads itself and scatters their gradients back into rows, so the reshape and
+/// transpose that split them off (`fusion`) get no gradients of their own.
+struct AttentionRows {
+    inner: Attention,
+    /// `[b, t, h, d]`.
+    dims: [usize; 4],
+}
+
+impl AttentionRows {
+    /// The `[b, h, t, d]` heads of rows laid out by `l`, as a strided layout over them.
+    fn heads(&self, l: &Layout) -> Layout {
+        let [b, t, h, d] = self.dims;
+        Layout::new(
+            Shape::from(vec![b, h, t, d]),
+            vec![t * h * d, d, h * d, 1],
+            l.start_offset(),
+        )
+    }
+
+    fn split(&self, rows: &Tensor) -> CResult<Tensor> {
+        let [b, t, h, d] = self.dims;
+        rows.detach().reshape((b, t, h, d))?.transpose(1, 2)
+    }
+
+    fn join(&self, g: Tensor) -> CResult<Tensor> {
+        let [b, t, h, d] = self.dims;
+        g.transpose(1, 2)?.reshape((b * t, h * d))
+    }
+}
+
+impl CustomOp3 for AttentionRows {
+    fn name(&self) -> &'static str {
+        "causal_attention_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (q, k, v) = (self.heads(ql), self.heads(kl), self.heads(vl));
+        self.inner.cpu_fwd(qs, &q, ks, &k, vs, &v)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (self.split(q)?, self.split(k)?, self.split(v)?);
+        let grads = self.inner.bwd(&q, &k, &v, out, dout)?;
+        let join = |g: Option<Tensor>| g.map(|g| self.join(g)).transpose();
+        Ok((join(grads.0)?, join(grads.1)?, join(grads.2)?))
+    }
+}
+
+/// Causal attention over the heads of `[b·t, h·d]` projections `q`, `k` and `v` (contiguous,
+/// one dtype), `dims = [b, t, h, d]`: the `[b, h, t, d]` result of the kernel, or `None`.
+pub(crate) fn attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: [usize; 4],
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let [b, t, h, d] = dims;
+    let rows = [b * t, h * d];
+    if [q, k, v]
+        .iter()
+        .any(|x| x.dims() != rows || !x.is_contiguous())
+        || q.elem_count() == 0
+    {
+        return Ok(None);
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Ok(None);
+    }
+    let Some(kernel) = kernel_for(q, "causal_attention.fwd") else {
+        return Ok(None);
+    };
+    if !kernel.has("causal_attention.bwd") {
+        return Ok(None);
+    }
+    let op = AttentionRows {
+        inner: Attention {
+            k: kernel,
+            scale,
+            lse: Mutex::new(None),
+        },
+        dims,
+    };
+    Ok(Some(q.apply_op3(k, v, op)?))
+}
+
 // -- bias add and sums over leading dimensions --------------------------------------------------
 
 /// `a [.., s..] + b [s..]`: candle's own backward sums the gradient over the leading

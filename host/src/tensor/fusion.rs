@@ -10,7 +10,10 @@
 //! - a bias add on a matmul's result becomes one custom op over `x`, `w` and the bias;
 //! - a cross-entropy on a matmul's result (through reshapes that end at the product's own
 //!   shape) becomes one custom op over `x` and `w`;
-//! - a reshape back to its source's shape is the source itself, not one more node.
+//! - a reshape back to its source's shape is the source itself, not one more node;
+//! - causal attention on heads split off `[b·t, h·d]` projections by a reshape to
+//!   `[b, t, h, d]` and a transpose becomes one custom op over the projections, so the reshape
+//!   and transpose nodes of q, k and v get no gradients either.
 //!
 //! The fused ops' backward computes `x`'s and `w`'s gradients directly (`dispatch`). The
 //! matmul output keeps its own graph node, so another consumer of it still back-propagates
@@ -30,6 +33,12 @@ pub(crate) enum Origin {
     /// A reshape of `src`, whose own origin follows.
     Reshape {
         src: Tensor,
+        origin: Option<Arc<Origin>>,
+    },
+    /// `src` with two dimensions swapped, whose own origin follows.
+    Transpose {
+        src: Tensor,
+        dims: (usize, usize),
         origin: Option<Arc<Origin>>,
     },
 }
@@ -80,4 +89,63 @@ pub(crate) fn add(a: TensorId, b: TensorId) -> Result<TensorId> {
         }
     }
     Ok(handles::insert(ops::binary(ops::Binary::Add, &ta, &tb)?))
+}
+
+/// Op-table `transpose`, remembering its source while a kernel is active.
+pub(crate) fn transpose(x: TensorId, d1: usize, d2: usize) -> Result<TensorId> {
+    let entry = handles::entry(x)?;
+    let tx = entry.tensor();
+    let y = ops::transpose(&tx, d1, d2)?;
+    let origin = dispatch::kernel_active(y.device()).then(|| {
+        Arc::new(Origin::Transpose {
+            src: tx,
+            dims: (d1.min(d2), d1.max(d2)),
+            origin: entry.origin(),
+        })
+    });
+    Ok(handles::insert_derived(y, origin))
+}
+
+/// The `[b·t, h·d]` projection that `id`'s `[b, h, t, d]` heads were split off by a reshape to
+/// `[b, t, h, d]` and a transpose of dimensions 1 and 2, with `[b, t, h, d]`.
+fn heads(id: TensorId) -> Result<Option<(Tensor, [usize; 4])>> {
+    let origin = handles::entry(id)?.origin();
+    let Some(Origin::Transpose {
+        src: split,
+        dims: (1, 2),
+        origin: Some(inner),
+    }) = origin.as_deref()
+    else {
+        return Ok(None);
+    };
+    let Origin::Reshape { src: rows, .. } = &**inner else {
+        return Ok(None);
+    };
+    let &[b, t, h, d] = split.dims() else {
+        return Ok(None);
+    };
+    let fits = rows.dims() == [b * t, h * d] && rows.is_contiguous();
+    Ok(fits.then(|| (rows.clone(), [b, t, h, d])))
+}
+
+/// Op-table `attention` for causal attention on heads split off projections (see the module
+/// documentation); `None` where the general path must take it.
+pub(crate) fn attention_on_rows(
+    q: TensorId,
+    k: TensorId,
+    v: TensorId,
+    causal: bool,
+    scale: f64,
+) -> Result<Option<TensorId>> {
+    if !causal || !scale.is_finite() {
+        return Ok(None);
+    }
+    let (Some((rq, dims)), Some((rk, dk)), Some((rv, dv))) = (heads(q)?, heads(k)?, heads(v)?)
+    else {
+        return Ok(None);
+    };
+    if dk != dims || dv != dims {
+        return Ok(None);
+    }
+    Ok(dispatch::attention_rows(&rq, &rk, &rv, dims, scale)?.map(handles::insert))
 }

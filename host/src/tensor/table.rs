@@ -215,7 +215,7 @@ extern "C" fn reshape(x: TensorId, shape: RSlice<'_, usize>) -> R<TensorId> {
 }
 
 extern "C" fn transpose(x: TensorId, d1: usize, d2: usize) -> R<TensorId> {
-    produce("transpose", || ops::transpose(&t(x)?, d1, d2))
+    guarded("transpose", || fusion::transpose(x, d1, d2))
 }
 
 extern "C" fn permute(x: TensorId, dims: RSlice<'_, usize>) -> R<TensorId> {
@@ -313,8 +313,11 @@ extern "C" fn attention(
     causal: bool,
     scale: f64,
 ) -> R<TensorId> {
-    produce("attention", || {
-        nn::attention(&t(q)?, &t(k)?, &t(v)?, causal, scale)
+    guarded("attention", || {
+        if let Some(y) = fusion::attention_on_rows(q, k, v, causal, scale)? {
+            return Ok(y);
+        }
+        nn::attention(&t(q)?, &t(k)?, &t(v)?, causal, scale).map(handles::insert)
     })
 }
 
