@@ -12,9 +12,9 @@ fn main() {
 /// candle runs element-wise ops on its own pool, whose workers spin up to 25 000 pause
 /// instructions (milliseconds) after each op before parking, while matrix products and the
 /// kernel run on rayon's pool. With one thread per core in each pool, a spinning candle worker
-/// takes a core from the matmul that follows every element-wise op: on two cores a training
-/// step of the `tiny` bench ran about 20% slower with the default (and far slower when other
-/// processes compete for the cores). A user's own `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins.
+/// competes with the matmul that follows every element-wise op for a core. On an idle machine
+/// the two settings measured the same; with other processes busy on the cores, the default
+/// made the `tiny` bench slower in most interleaved runs, by up to 40%. A user's own `CANDLE_BARRIER_POOL_SPIN_LIMIT` wins.
 fn tune_candle_pool() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {

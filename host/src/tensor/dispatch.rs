@@ -206,7 +206,10 @@ fn dense<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<(Cow<'a, CpuStorage>, Lay
     if l.is_contiguous() {
         return Ok((Cow::Borrowed(s), l.clone()));
     }
-    let mut dst = candle_core::cpu_backend::CpuDevice.zeros_impl(l.shape(), s.dtype())?;
+    // SAFETY: `copy_strided_src` writes every element of the layout's shape, which is all of
+    // `dst`, before anything reads it (candle's own `contiguous` allocates the same way).
+    let mut dst =
+        unsafe { candle_core::cpu_backend::CpuDevice.alloc_uninit(l.shape(), s.dtype())? };
     s.copy_strided_src(&mut dst, 0, l)?;
     Ok((Cow::Owned(dst), Layout::contiguous(l.shape())))
 }

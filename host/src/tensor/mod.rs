@@ -9,8 +9,10 @@
 //! leading dimensions and the AdamW update — are each a single function in `nn`, `ops` or
 //! `autograd` that first offers the call to `dispatch`, which runs the active kernel (see
 //! [`set_kernel`], [`scoped_kernel`]) as candle custom ops, forward and backward, and otherwise
-//! lets the primitive composition run. `profile` times op-table entries and kernel calls for
-//! `codex-ml bench --profile`.
+//! lets the primitive composition run. While a kernel is active, `fusion` also lets a matmul's
+//! consumer (a bias add, a cross-entropy) and causal attention on split heads take over the
+//! backward pass of the ops before them, so candle's autograd gives fewer large intermediates
+//! a gradient. `profile` times op-table entries and kernel calls for `codex-ml bench --profile`.
 //!
 //! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] (`store`) and
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
