@@ -785,3 +785,29 @@ fn the_config_switch_gives_the_same_loss_curve_with_kernels_on_and_off() {
         );
     }
 }
+
+#[test]
+fn reshapes_back_to_a_shape_are_plain_tensors_never_the_parameter() {
+    host::install();
+    for kernel in [true, false] {
+        let _scope =
+            host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
+        let mut store = ParamStore::new(Device::Cpu, 3);
+        let p = Tensor::from_id(
+            store
+                .declare_param("w", &[2, 3], ParamRole::Weight, Init::Zeros)
+                .expect("param"),
+        );
+        let same = p.reshape(&[2, 3]).expect("reshape");
+        let back = p
+            .reshape(&[3, 2])
+            .and_then(|r| r.reshape(&[2, 3]))
+            .expect("reshape");
+        let value = Tensor::from_f32(&[1.0; 6], &[2, 3], DType::F32, &p).expect("value");
+        for r in [&same, &back] {
+            let err = r.assign(&value).expect_err("a reshape is not assignable");
+            assert!(err.to_string().contains("not a declared"), "{err}");
+        }
+        assert_eq!(p.to_vec_f32().expect("read"), vec![0.0; 6]);
+    }
+}

@@ -62,7 +62,8 @@ pub(crate) fn reshape(x: TensorId, shape: &[usize]) -> Result<TensorId> {
         }
     }
     if tx.dims() == shape {
-        return Ok(handles::insert_entry(entry));
+        // A plain handle even to a declared tensor: a reshape's result is never assignable.
+        return Ok(handles::insert_derived(tx, origin));
     }
     let y = ops::reshape(&tx, shape)?;
     let origin =
