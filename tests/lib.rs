@@ -76,5 +76,8 @@ pub fn codex_ml_path() -> PathBuf {
 pub fn codex_ml() -> Command {
     let mut cmd = Command::new(codex_ml_path());
     cmd.env_remove("RUST_LOG");
+    // Keep token caches out of the source tree (the default is `runs/` under the working
+    // directory): they go beside the build outputs.
+    cmd.env("CODEX_ML_CACHE", profile_dir().join("token-cache"));
     cmd
 }
