@@ -110,12 +110,14 @@ pub enum RegistryError {
         second: Origin,
     },
     /// No component of this kind has this name.
-    #[error("{}", unknown_message(*kind, name, known, suggestion.as_deref()))]
+    #[error("{}", unknown_message(*kind, name, registered_as, known, suggestion.as_deref()))]
     Unknown {
         /// The kind looked up.
         kind: ComponentKind,
         /// The name asked for.
         name: String,
+        /// The kinds under which this name is registered (a component in the wrong slot).
+        registered_as: Vec<ComponentKind>,
         /// Every name of that kind, sorted.
         known: Vec<String>,
         /// A close known name, if any.
@@ -136,11 +138,19 @@ pub enum RegistryError {
 fn unknown_message(
     kind: ComponentKind,
     name: &str,
+    registered_as: &[ComponentKind],
     known: &[String],
     suggestion: Option<&str>,
 ) -> String {
     let mut message = format!("unknown {} `{name}`", kind.as_str());
-    if let Some(s) = suggestion {
+    if !registered_as.is_empty() {
+        let kinds: Vec<&str> = registered_as.iter().map(|k| k.as_str()).collect();
+        message.push_str(&format!(
+            ": `{name}` is registered as a {}, not as a {}",
+            kinds.join(" and as a "),
+            kind.as_str()
+        ));
+    } else if let Some(s) = suggestion {
         message.push_str(&format!(", did you mean `{s}`?"));
     }
     if known.is_empty() {
@@ -227,9 +237,14 @@ impl Registry {
         }
         let known: Vec<String> = self.of_kind(kind).map(|e| e.name.clone()).collect();
         let suggestion = did_you_mean(name, known.iter().map(String::as_str)).map(str::to_owned);
+        let registered_as = ComponentKind::ALL
+            .into_iter()
+            .filter(|&other| other != kind && self.contains(other, name))
+            .collect();
         Err(RegistryError::Unknown {
             kind,
             name: name.to_owned(),
+            registered_as,
             known,
             suggestion,
         })
@@ -398,6 +413,19 @@ mod tests {
             ComponentKind::Model,
             "gpt2",
             "unknown model `gpt2`; no model is registered in this build (see `codex-ml list`)",
+        );
+    }
+
+    #[test]
+    fn a_component_in_the_wrong_slot_says_what_it_is() {
+        let r = registry(vec![trainer("default"), kernel("cpu")]);
+        let error = r
+            .get(ComponentKind::Trainer, "cpu")
+            .expect_err("a kernel, not a trainer");
+        assert_eq!(
+            error.to_string(),
+            "unknown trainer `cpu`: `cpu` is registered as a kernel, not as a trainer; \
+             known trainers: `default`"
         );
     }
 
