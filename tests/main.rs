@@ -8,6 +8,7 @@ mod config;
 mod data;
 mod manifest;
 mod model;
+mod native;
 mod optim;
 mod registry;
 mod sinks;
