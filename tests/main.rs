@@ -9,6 +9,7 @@ mod data;
 mod docs;
 mod manifest;
 mod model;
+mod native;
 mod optim;
 mod registry;
 mod resume;

@@ -14,6 +14,7 @@ pub mod inference;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod native;
 pub mod registry;
 pub mod rundir;
 pub mod sampling;

@@ -110,12 +110,14 @@ pub enum RegistryError {
         second: Origin,
     },
     /// No component of this kind has this name.
-    #[error("{}", unknown_message(*kind, name, known, suggestion.as_deref()))]
+    #[error("{}", unknown_message(*kind, name, registered_as, known, suggestion.as_deref()))]
     Unknown {
         /// The kind looked up.
         kind: ComponentKind,
         /// The name asked for.
         name: String,
+        /// The kinds under which this name is registered (a component in the wrong slot).
+        registered_as: Vec<ComponentKind>,
         /// Every name of that kind, sorted.
         known: Vec<String>,
         /// A close known name, if any.
@@ -133,14 +135,35 @@ pub enum RegistryError {
     },
 }
 
+/// `a sink`, `an optimizer`: kind names read as nouns in messages.
+fn with_article(noun: &str) -> String {
+    let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {noun}")
+}
+
 fn unknown_message(
     kind: ComponentKind,
     name: &str,
+    registered_as: &[ComponentKind],
     known: &[String],
     suggestion: Option<&str>,
 ) -> String {
     let mut message = format!("unknown {} `{name}`", kind.as_str());
-    if let Some(s) = suggestion {
+    if !registered_as.is_empty() {
+        let kinds: Vec<String> = registered_as
+            .iter()
+            .map(|k| with_article(k.as_str()))
+            .collect();
+        message.push_str(&format!(
+            ": `{name}` is registered as {}, not as {}",
+            kinds.join(" and as "),
+            with_article(kind.as_str())
+        ));
+    } else if let Some(s) = suggestion {
         message.push_str(&format!(", did you mean `{s}`?"));
     }
     if known.is_empty() {
@@ -227,9 +250,14 @@ impl Registry {
         }
         let known: Vec<String> = self.of_kind(kind).map(|e| e.name.clone()).collect();
         let suggestion = did_you_mean(name, known.iter().map(String::as_str)).map(str::to_owned);
+        let registered_as = ComponentKind::ALL
+            .into_iter()
+            .filter(|&other| other != kind && self.contains(other, name))
+            .collect();
         Err(RegistryError::Unknown {
             kind,
             name: name.to_owned(),
+            registered_as,
             known,
             suggestion,
         })
@@ -398,6 +426,19 @@ mod tests {
             ComponentKind::Model,
             "gpt2",
             "unknown model `gpt2`; no model is registered in this build (see `codex-ml list`)",
+        );
+    }
+
+    #[test]
+    fn a_component_in_the_wrong_slot_says_what_it_is() {
+        let r = registry(vec![trainer("default"), kernel("cpu")]);
+        let error = r
+            .get(ComponentKind::Trainer, "cpu")
+            .expect_err("a kernel, not a trainer");
+        assert_eq!(
+            error.to_string(),
+            "unknown trainer `cpu`: `cpu` is registered as a kernel, not as a trainer; \
+             known trainers: `default`"
         );
     }
 

@@ -1,9 +1,10 @@
 //! `codex-ml list`: what this binary can run, grouped by kind, and what a manifest declares.
 //!
 //! One row type feeds both outputs, so the table and `--json` never disagree. Plugins from a
-//! manifest are listed as a group of their own: a plugin's components (and so their kinds) are
-//! only known once it is loaded, and this command loads nothing — it checks the manifest
-//! (parse, files present, sha256 pins) and says so in each row's `status`.
+//! manifest are listed as a group of their own, after the manifest is checked (parse, files
+//! present, sha256 pins): native plugins are loaded exactly as a run loads them, so their
+//! components appear under their kinds with the plugin file as origin, and a plugin that cannot
+//! load fails the command as it would fail the run. WASM plugins are listed as declared.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -14,13 +15,15 @@ use codex_plugin_api::ComponentKind;
 use serde::Serialize;
 
 use crate::manifest::{Capabilities, Manifest, PluginOrigin, PluginSpec, WasmLimits};
+use crate::native::PluginInfo;
 use crate::registry::{Entry, Origin, Registry};
 
 pub(crate) const LONG_ABOUT: &str = "List every registered component, grouped by kind: name, \
     version, plugin-API version, origin and a one-line description.\n\n\
-    With --manifest, also check the manifest (strict parse, plugin files present, sha256 pins) \
-    and list the plugins it declares, with their limits and capabilities. Plugins are declared, \
-    not loaded, by this command.";
+    With --manifest, also check the manifest (strict parse, plugin files present, sha256 pins), \
+    load its native plugins as a run would (their components are listed as PLUGIN/NAME with the \
+    plugin file as origin) and list the plugins it declares, with their limits and \
+    capabilities. WASM plugins are declared, not loaded, by this command.";
 
 /// `codex-ml list`.
 #[derive(Debug, Args)]
@@ -76,6 +79,7 @@ impl KindFilter {
 
 const REGISTERED: &str = "registered";
 const DECLARED: &str = "declared, not loaded";
+const LOADED: &str = "loaded";
 
 /// One line of the listing; also its JSON object.
 #[derive(Debug, Serialize)]
@@ -127,7 +131,7 @@ impl Row {
         }
     }
 
-    fn plugin(plugin: &PluginSpec) -> Row {
+    fn plugin(plugin: &PluginSpec, loaded: Option<&PluginInfo>) -> Row {
         let (limits, capabilities) = match &plugin.origin {
             PluginOrigin::Native => (None, None),
             PluginOrigin::Wasm {
@@ -141,10 +145,17 @@ impl Row {
             origin: plugin.kind().as_str(),
             source: None,
             path: Some(plugin.path.display().to_string()),
-            version: None,
-            api_version: None,
-            description: None,
-            status: DECLARED,
+            version: loaded.map(|i| i.version.clone()),
+            api_version: loaded.map(|i| i.api_version.to_string()),
+            description: loaded.map(|i| {
+                format!(
+                    "`{}` {}: {} components",
+                    i.name,
+                    i.version,
+                    i.components.len()
+                )
+            }),
+            status: if loaded.is_some() { LOADED } else { DECLARED },
             sha256: Some(plugin.sha256.clone()),
             sha256_pinned: Some(plugin.pinned),
             limits,
@@ -155,12 +166,23 @@ impl Row {
 
 /// Run `codex-ml list`.
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
-    let registry =
+    let mut registry =
         Registry::with_builtins().context("cannot build the registry of built-in components")?;
     let manifest = match &args.manifest {
         Some(path) => Some(Manifest::load(path).context("invalid plugin manifest")?),
         None => None,
     };
+    let mut loaded: Vec<Option<PluginInfo>> = Vec::new();
+    for plugin in manifest.iter().flat_map(|m| &m.plugins) {
+        loaded.push(match plugin.origin {
+            PluginOrigin::Native => Some(crate::native::load(
+                &plugin.name,
+                &plugin.path,
+                &mut registry,
+            )?),
+            PluginOrigin::Wasm { .. } => None,
+        });
+    }
     let kinds: Vec<ComponentKind> = match args.kind {
         Some(filter) => filter.component_kind().into_iter().collect(),
         None => ComponentKind::ALL.to_vec(),
@@ -177,7 +199,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         .collect();
     if show_plugins {
         if let Some(manifest) = &manifest {
-            groups.push(("plugin", manifest.plugins.iter().map(Row::plugin).collect()));
+            let rows = manifest
+                .plugins
+                .iter()
+                .zip(&loaded)
+                .map(|(p, info)| Row::plugin(p, info.as_ref()))
+                .collect();
+            groups.push(("plugin", rows));
         }
     }
 
@@ -261,11 +289,7 @@ fn write_plugins(
     name_width: usize,
 ) -> io::Result<()> {
     match manifest {
-        Some(m) => writeln!(
-            out,
-            "plugin (declared in {}; {DECLARED}: this build has no plugin loader)",
-            m.path.display()
-        )?,
+        Some(m) => writeln!(out, "plugin (declared in {})", m.path.display())?,
         None => writeln!(out, "plugin")?,
     }
     if rows.is_empty() {
@@ -279,12 +303,16 @@ fn write_plugins(
         };
         writeln!(
             out,
-            "  {:name_width$}  {:6}  {}  sha256 {} ({pin})",
+            "  {:name_width$}  {:6}  {}  {}  sha256 {} ({pin})",
             row.name,
             row.origin,
+            row.status,
             row.path.as_deref().unwrap_or(""),
             row.sha256.as_deref().unwrap_or(""),
         )?;
+        if let (Some(description), Some(api)) = (&row.description, &row.api_version) {
+            writeln!(out, "{pad}{description}, plugin API {api}")?;
+        }
         if let Some(l) = &row.limits {
             let fuel = l
                 .fuel

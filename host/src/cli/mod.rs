@@ -17,13 +17,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{ConfigError, Override};
 use crate::diagnostics::Diagnostic;
-use crate::manifest::ManifestError;
-use crate::registry::RegistryError;
+use crate::manifest::{Manifest, ManifestError, PluginOrigin, PluginSpec};
+use crate::native::{NativeError, PluginInfo};
+use crate::registry::{Registry, RegistryError};
 
 pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod list;
+pub mod plugin;
 pub mod resume;
 pub mod run;
 pub mod verify;
@@ -73,6 +75,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
     Bench(BenchArgs),
+    /// Work with plugin files: `plugin inspect FILE` shows what a native plugin declares
+    Plugin(plugin::PluginArgs),
 }
 
 const RUN_LONG_ABOUT: &str = "Train a model as an experiment config describes.\n\n\
@@ -260,6 +264,7 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Plugin(args) => plugin::plugin(args),
     };
     match result {
         Ok(()) => 0,
@@ -272,14 +277,15 @@ pub fn main() -> i32 {
     }
 }
 
-/// 2 when the failure is the user's input (arguments, config, manifest, component names),
-/// else 1.
+/// 2 when the failure is the user's input (arguments, config, manifest, component names, a
+/// plugin that cannot be loaded), else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     let usage = error.chain().any(|cause| {
         cause.is::<UsageError>()
             || cause.is::<ConfigError>()
             || cause.is::<ManifestError>()
             || cause.is::<RegistryError>()
+            || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
     });
     if usage {
@@ -315,24 +321,34 @@ pub fn report(error: &anyhow::Error) -> String {
 }
 
 /// The registry for a command: every built-in, plus the components of the plugins a manifest
-/// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
-pub(crate) fn registry_for(
-    manifest: Option<&std::path::Path>,
-) -> anyhow::Result<crate::registry::Registry> {
-    let registry = crate::registry::Registry::with_builtins()?;
+/// declares. The manifest is parsed and verified (paths, sha256 pins) before any plugin loads.
+pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result<Registry> {
+    let mut registry = Registry::with_builtins()?;
     if let Some(path) = manifest {
-        let manifest = crate::manifest::Manifest::load(path)?;
-        if let Some(first) = manifest.plugins.first() {
-            return Err(UsageError(format!(
-                "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
-                path.display(),
-                first.name,
-                first.registry_origin().label()
-            ))
-            .into());
+        let manifest = Manifest::load(path)?;
+        for plugin in &manifest.plugins {
+            load_plugin(&manifest, plugin, &mut registry)?;
         }
     }
     Ok(registry)
+}
+
+/// Load one manifest plugin into `registry`, by its origin.
+pub(crate) fn load_plugin(
+    manifest: &Manifest,
+    plugin: &PluginSpec,
+    registry: &mut Registry,
+) -> anyhow::Result<PluginInfo> {
+    match &plugin.origin {
+        PluginOrigin::Native => Ok(crate::native::load(&plugin.name, &plugin.path, registry)?),
+        PluginOrigin::Wasm { .. } => Err(UsageError(format!(
+            "{}: plugin `{}` is a wasm plugin, but this build of codex-ml cannot load wasm \
+             plugins yet; remove it from the manifest",
+            manifest.path.display(),
+            plugin.name
+        ))
+        .into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,486 @@
+//! Native plugins end to end, through the `codex-ml` binary: the example plugins
+//! (`plugins/examples/native-*`) and the failure fixtures (`tests/fixtures/plugins/*`) are
+//! built once with this test's profile and target directory, copied into each test's own
+//! directory (other builds sharing the target directory may rewrite the originals), pinned by
+//! sha256 in a manifest, listed, inspected and used in short training runs.
+//!
+//! Every failure must be an exit code of 1 or 2 with a message naming the plugin and the
+//! problem: an abort or a signal would show up here as a missing exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use codex_plugin_api::API_VERSION;
+use serde_json::Value;
+
+use codex_tests::{cargo_build, codex_ml, profile_dir};
+
+/// Every plugin crate these tests load, by package name.
+const PACKAGES: &[&str] = &[
+    "native-lion",
+    "native-tsv-sink",
+    "fixture-not-a-plugin",
+    "fixture-api-v2",
+    "fixture-layout",
+    "fixture-panic-register",
+    "fixture-twice",
+    "fixture-faulty",
+];
+
+/// Copy the built plugin of `package` into `dir`; returns the copy's path.
+fn plugin(dir: &Path, package: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(|| cargo_build(PACKAGES, None)) {
+        panic!("{e}");
+    }
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let copy = dir.join(&file);
+    std::fs::copy(profile_dir().join(&file), &copy)
+        .unwrap_or_else(|e| panic!("copying {file}: {e}"));
+    copy
+}
+
+fn sha256(path: &Path) -> String {
+    codex_host::checkpoint::sha256_file(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One manifest entry: the plugin's name and its file, pinned to its current digest.
+fn entry(name: &str, file: &Path) -> String {
+    format!(
+        "(name: \"{name}\", origin: native, path: \"{}\", sha256: \"{}\"),",
+        file.display(),
+        sha256(file)
+    )
+}
+
+fn write_manifest(dir: &Path, entries: &[String]) -> PathBuf {
+    let path = dir.join("plugins.ron");
+    std::fs::write(&path, format!("(plugins: [\n{}\n])\n", entries.join("\n"))).expect("manifest");
+    path
+}
+
+/// A short training run's config: a tiny gpt2 on the byte tokenizer and the test data.
+fn write_config(dir: &Path, optimizer: &str, sinks: &[&str], max_steps: u64) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
+    let sinks: Vec<String> = sinks.iter().map(|s| format!("(name: \"{s}\")")).collect();
+    let text = format!(
+        r#"(
+    experiment: "native",
+    seed: 3,
+    data: (train: [Text(paths: ["{}"])], val_fraction: 0.2),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
+    optimizer: {optimizer},
+    train: (max_steps: {max_steps}, seq_len: 32, batch_size: 8, log_every: 1, checkpoint_every: 5),
+    sinks: [{}],
+)
+"#,
+        data.display(),
+        sinks.join(", ")
+    );
+    let path = dir.join("experiment.ron");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn run(args: &[&std::ffi::OsStr]) -> Output {
+    codex_ml()
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("codex-ml runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `codex-ml list --manifest MANIFEST` must fail with code 2 and a message containing every
+/// one of `expect`; returns stderr.
+fn list_fails(manifest: &Path, expect: &[&str]) -> String {
+    let out = run(&["list".as_ref(), "--manifest".as_ref(), manifest.as_os_str()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+    stderr
+}
+
+/// `(step, name, value)` of every `train` record in a TSV sink's file.
+fn tsv_records(path: &Path) -> Vec<(u64, String, f64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step\tsplit\tname\tvalue\ttime"));
+    lines
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .filter(|f| f.get(1) == Some(&"train"))
+        .map(|f| {
+            (
+                f[0].parse().expect("step"),
+                f[2].to_owned(),
+                f[3].parse().expect("value"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_shows_what_a_plugin_declares_without_a_manifest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let out = run(&["plugin".as_ref(), "inspect".as_ref(), lion.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!("plugin lion 0.1.0 (plugin API {API_VERSION})")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&sha256(&lion)), "{stdout}");
+    assert!(stdout.contains("optimizer  lion  0.1.0  Lion: sign of interpolated momentum"));
+
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let out = run(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        tsv.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["name"], "tsv");
+    assert_eq!(report["api_version"], API_VERSION.to_string());
+    assert_eq!(report["sha256"], sha256(&tsv));
+    assert_eq!(report["components"][0]["kind"], "sink");
+    assert_eq!(report["components"][0]["name"], "tsv");
+    assert_eq!(report["components"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn list_shows_native_components_with_the_plugin_file_as_origin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("lion", &lion), entry("tsv", &tsv)]);
+    let out = run(&[
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json array");
+    let row = |kind: &str, name: &str| {
+        rows.iter()
+            .find(|r| r["kind"] == kind && r["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {rows:?}"))
+            .clone()
+    };
+    let optimizer = row("optimizer", "lion/lion");
+    assert_eq!(optimizer["origin"], "native");
+    assert_eq!(optimizer["path"], lion.display().to_string());
+    assert_eq!(optimizer["api_version"], API_VERSION.to_string());
+    assert_eq!(row("sink", "tsv/tsv")["path"], tsv.display().to_string());
+    let plugin_row = row("plugin", "lion");
+    assert_eq!(plugin_row["status"], "loaded");
+    assert_eq!(plugin_row["sha256_pinned"], true);
+    assert!(
+        row("optimizer", "adamw")["origin"] == "built-in",
+        "built-ins stay listed"
+    );
+
+    let out = run(&["list".as_ref(), "--manifest".as_ref(), manifest.as_os_str()]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(table.contains("lion/lion"), "{table}");
+    assert!(table.contains("loaded"), "{table}");
+}
+
+#[test]
+fn lion_trains_gpt2_and_the_tsv_sink_receives_every_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("lion", &lion), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        r#"(name: "lion/lion", lr: 3e-3, params: (weight_decay: 0.1))"#,
+        &["tsv/tsv"],
+        30,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let records = tsv_records(&run_dir.join("metrics.tsv"));
+    let losses: Vec<(u64, f64)> = records
+        .iter()
+        .filter(|(_, name, _)| name == "loss")
+        .map(|(step, _, v)| (*step, *v))
+        .collect();
+    let steps: Vec<u64> = losses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<u64>>(), "one loss per step");
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|(_, v)| v).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
+    assert!(
+        last < first - 0.3,
+        "the loss must fall under Lion: first steps {first:.3}, last steps {last:.3}"
+    );
+    assert!(records.iter().any(|(_, name, _)| name == "lr"));
+
+    // Lion's momentum is host state, so checkpoints carry it by name.
+    let checkpoint = run_dir.join("checkpoints");
+    let newest = std::fs::read_dir(&checkpoint)
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .max()
+        .expect("a checkpoint");
+    let state = std::fs::read(newest.join("optimizer.safetensors")).expect("optimizer state");
+    let header = String::from_utf8_lossy(&state[..state.len().min(64 * 1024)]);
+    assert!(
+        header.contains("optimizer.transformer.wte.weight.exp_avg"),
+        "Lion's momentum is not in the checkpoint"
+    );
+}
+
+#[test]
+fn a_failing_plugin_sink_is_disabled_and_training_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faulty = plugin(dir.path(), "fixture-faulty");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        r#"(name: "adamw", lr: 1e-3)"#,
+        &["faulty/failing", "tsv/tsv"],
+        6,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("faulty/failing") && stderr.contains("deliberate write failure"),
+        "the disabled sink is reported: {stderr}"
+    );
+    let losses = tsv_records(&run_dir.join("metrics.tsv"))
+        .into_iter()
+        .filter(|(_, name, _)| name == "loss")
+        .count();
+    assert_eq!(losses, 6, "the other sink got every step");
+}
+
+#[test]
+fn a_plugin_panicking_mid_training_ends_the_run_with_a_usable_checkpoint() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faulty = plugin(dir.path(), "fixture-faulty");
+    let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty)]);
+    let config = write_config(
+        dir.path(),
+        r#"(name: "faulty/panicky", lr: 1e-2, params: (panic_at: 7))"#,
+        &[],
+        10,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for expected in [
+        "training failed",
+        "plugin `faulty`",
+        "panic in step",
+        "deliberate panic at step 7",
+        "the last checkpoint is",
+        "step-00000005",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
+    }
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "1".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "the last checkpoint must evaluate: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn plugins_that_cannot_load_are_refused_with_the_plugin_and_the_problem() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let check = |name: &str, package: &str, expect: &[&str]| {
+        let manifest = write_manifest(d, &[entry(name, &plugin(d, package))]);
+        list_fails(&manifest, expect)
+    };
+    check(
+        "v2",
+        "fixture-api-v2",
+        &[
+            "plugin `v2`",
+            "libfixture_api_v2",
+            "built against plugin API 2.0",
+            &format!("loads plugin API {}.0 to {API_VERSION}", API_VERSION.major),
+        ],
+    );
+    check(
+        "nothing",
+        "fixture-not-a-plugin",
+        &[
+            "plugin `nothing`",
+            "not a codex-ml plugin",
+            "export_plugin!",
+        ],
+    );
+    check(
+        "boom",
+        "fixture-panic-register",
+        &[
+            "plugin `boom`: registration failed",
+            "panic in register: deliberate panic while declaring a component",
+        ],
+    );
+    check(
+        "twice",
+        "fixture-twice",
+        &["plugin `twice`", "declares sink `drop` twice"],
+    );
+}
+
+#[test]
+fn a_layout_mismatch_is_one_line_and_the_full_report_needs_verbose() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = plugin(dir.path(), "fixture-layout");
+    let manifest = write_manifest(dir.path(), &[entry("shifted", &layout)]);
+    let stderr = list_fails(
+        &manifest,
+        &[
+            "plugin `shifted`",
+            "does not match this codex-ml's ABI",
+            &format!("plugin API 1.0, host API {API_VERSION}"),
+            "expected codex-plugin-api, found fixture-layout",
+            "run with -v",
+        ],
+    );
+    assert!(stderr.len() < 1000, "{} bytes: {stderr}", stderr.len());
+    let out = run(&[
+        "-v".as_ref(),
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("Layout of expected type"));
+}
+
+#[test]
+fn missing_files_and_changed_pins_are_refused_before_loading() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let pinned = entry("lion", &lion);
+    let manifest = write_manifest(dir.path(), std::slice::from_ref(&pinned));
+    std::fs::write(&lion, b"a different file").expect("overwrite");
+    list_fails(&manifest, &["plugin `lion`", "sha256 mismatch", "expected"]);
+    std::fs::remove_file(&lion).expect("remove");
+    list_fails(
+        &manifest,
+        &["plugin `lion`", "cannot read", "libnative_lion"],
+    );
+}
+
+#[test]
+fn a_component_in_the_wrong_slot_says_what_it_is() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("tsv", &tsv)]);
+    let config = write_config(dir.path(), r#"(name: "tsv/tsv", lr: 1e-3)"#, &[], 2);
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        dir.path().join("run").as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "unknown optimizer `tsv/tsv`: `tsv/tsv` is registered as a sink, not as an optimizer"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn wasm_entries_are_refused_by_runs_and_listed_as_declared() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("sink.wasm"), b"wasm").expect("wasm file");
+    let manifest = dir.path().join("plugins.ron");
+    std::fs::write(
+        &manifest,
+        r#"(plugins: [(name: "jsonl", origin: wasm, path: "sink.wasm")])"#,
+    )
+    .expect("manifest");
+    let config = write_config(dir.path(), r#"(name: "adamw", lr: 1e-3)"#, &[], 2);
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        dir.path().join("run").as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("plugin `jsonl` is a wasm plugin") && stderr.contains("cannot load wasm"),
+        "{stderr}"
+    );
+    let out = run(&[
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let jsonl = rows
+        .iter()
+        .find(|r| r["name"] == "jsonl")
+        .expect("the wasm plugin is listed");
+    assert_eq!(jsonl["status"], "declared, not loaded");
+}
