@@ -276,10 +276,15 @@ pub fn report(error: &anyhow::Error) -> String {
 pub(crate) fn registry_for(
     manifest: Option<&std::path::Path>,
 ) -> anyhow::Result<crate::registry::Registry> {
-    let registry = crate::registry::Registry::with_builtins()?;
+    let mut registry = crate::registry::Registry::with_builtins()?;
     if let Some(path) = manifest {
         let manifest = crate::manifest::Manifest::load(path)?;
-        if let Some(first) = manifest.plugins.first() {
+        // WASM plugins are sandboxed sinks, registered under the plugin's name.
+        for plugin in &manifest.plugins {
+            crate::components::register_wasm_sink(&mut registry, plugin)?;
+        }
+        let native = |p: &&crate::manifest::PluginSpec| p.kind() == crate::manifest::PluginKind::Native;
+        if let Some(first) = manifest.plugins.iter().find(native) {
             return Err(UsageError(format!(
                 "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
                 path.display(),
