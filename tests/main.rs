@@ -14,3 +14,4 @@ mod sinks;
 mod tensor_ops;
 mod tokenizers;
 mod train;
+mod wasm;

@@ -100,6 +100,44 @@ struct Row {
     limits: Option<WasmLimits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     capabilities: Option<Capabilities>,
+    /// WASM plugins: what loading the component found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    component: Option<WasmCheck>,
+}
+
+/// A WASM plugin, compiled and asked for its name and version under its own limits.
+#[derive(Debug, Serialize)]
+struct WasmCheck {
+    /// Whether it is a sink of the `codex:sink` world this build runs.
+    loads: bool,
+    world: &'static str,
+    /// The sink's own name and version, when it loads.
+    sink_name: Option<String>,
+    sink_version: Option<String>,
+    /// Why it does not load; a run naming it warns and goes on without it.
+    error: Option<String>,
+}
+
+impl WasmCheck {
+    fn of(plugin: &PluginSpec, limits: &WasmLimits, capabilities: &Capabilities) -> WasmCheck {
+        let sandboxed = crate::components::wasm_sink_plugin(plugin, limits, capabilities);
+        match codex_wasm::PreparedSink::prepare(&sandboxed) {
+            Ok(p) => WasmCheck {
+                loads: true,
+                world: codex_wasm::WORLD,
+                sink_name: Some(p.described().name.clone()),
+                sink_version: Some(p.described().version.clone()),
+                error: None,
+            },
+            Err(e) => WasmCheck {
+                loads: false,
+                world: codex_wasm::WORLD,
+                sink_name: None,
+                sink_version: None,
+                error: Some(e.to_string()),
+            },
+        }
+    }
 }
 
 impl Row {
@@ -124,16 +162,21 @@ impl Row {
             sha256_pinned: None,
             limits: None,
             capabilities: None,
+            component: None,
         }
     }
 
     fn plugin(plugin: &PluginSpec) -> Row {
-        let (limits, capabilities) = match &plugin.origin {
-            PluginOrigin::Native => (None, None),
+        let (limits, capabilities, component) = match &plugin.origin {
+            PluginOrigin::Native => (None, None, None),
             PluginOrigin::Wasm {
                 limits,
                 capabilities,
-            } => (Some(*limits), Some(capabilities.clone())),
+            } => (
+                Some(*limits),
+                Some(capabilities.clone()),
+                Some(WasmCheck::of(plugin, limits, capabilities)),
+            ),
         };
         Row {
             kind: "plugin",
@@ -149,6 +192,7 @@ impl Row {
             sha256_pinned: Some(plugin.pinned),
             limits,
             capabilities,
+            component,
         }
     }
 }
@@ -263,7 +307,7 @@ fn write_plugins(
     match manifest {
         Some(m) => writeln!(
             out,
-            "plugin (declared in {}; {DECLARED}: this build has no plugin loader)",
+            "plugin (declared in {}; native plugins are {DECLARED}; wasm components are compiled and checked)",
             m.path.display()
         )?,
         None => writeln!(out, "plugin")?,
@@ -298,6 +342,20 @@ fn write_plugins(
         }
         if let Some(c) = &row.capabilities {
             writeln!(out, "{pad}capabilities: {}", describe_capabilities(c))?;
+        }
+        if let Some(w) = &row.component {
+            match (&w.sink_name, &w.sink_version, &w.error) {
+                (Some(name), Some(version), _) => writeln!(
+                    out,
+                    "{pad}component: sink `{name}` {version}, world {}; registered as sink `{}`",
+                    w.world, row.name
+                )?,
+                (_, _, error) => writeln!(
+                    out,
+                    "{pad}component: cannot be loaded ({}); a run naming it warns and goes on without it",
+                    error.as_deref().unwrap_or("unknown reason")
+                )?,
+            }
         }
     }
     Ok(())
