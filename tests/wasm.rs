@@ -61,14 +61,16 @@ fn guest(which: &str) -> PathBuf {
     static HOSTILE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = match which {
         "summary" => SUMMARY.get_or_init(|| {
-            build_guest("plugins/examples/wasm-summary-sink", "wasm_summary_sink.wasm")
+            build_guest(
+                "plugins/examples/wasm-summary-sink",
+                "wasm_summary_sink.wasm",
+            )
         }),
         "alert" => ALERT.get_or_init(|| {
             build_guest("plugins/examples/wasm-alert-sink", "wasm_alert_sink.wasm")
         }),
-        "hostile" => HOSTILE.get_or_init(|| {
-            build_guest("tests/fixtures/wasm/hostile", "wasm_hostile_sink.wasm")
-        }),
+        "hostile" => HOSTILE
+            .get_or_init(|| build_guest("tests/fixtures/wasm/hostile", "wasm_hostile_sink.wasm")),
         other => panic!("no guest `{other}`"),
     };
     built.clone().unwrap_or_else(|e| panic!("{e}"))
@@ -76,7 +78,9 @@ fn guest(which: &str) -> PathBuf {
 
 /// A WAT fixture assembled into `dir`.
 fn wat_fixture(dir: &Path, name: &str) -> PathBuf {
-    let source = repo().join("tests/fixtures/wasm").join(format!("{name}.wat"));
+    let source = repo()
+        .join("tests/fixtures/wasm")
+        .join(format!("{name}.wat"));
     let bytes = wat::parse_file(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
     let out = dir.join(format!("{name}.wasm"));
     std::fs::write(&out, bytes).expect("write fixture");
@@ -131,9 +135,18 @@ impl Run {
 /// `plugins`, plus `args`; the run must succeed whatever the plugins do.
 fn train(sinks: &str, plugins: &[Plugin<'_>], args: &[&str], env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
-    let words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"];
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog",
+    ];
     let text: String = (0..400)
-        .map(|i| format!("{} {} {}\n", words[i % 9], words[(i * 7) % 9], words[(i * 5) % 9]))
+        .map(|i| {
+            format!(
+                "{} {} {}\n",
+                words[i % 9],
+                words[(i * 7) % 9],
+                words[(i * 5) % 9]
+            )
+        })
         .collect();
     std::fs::write(dir.path().join("data.txt"), text).expect("data");
     let config = format!(
@@ -245,7 +258,10 @@ fn example_sinks_summarise_and_alert_in_a_real_run() {
 #[test]
 fn an_infinite_loop_is_stopped_by_the_call_time_limit() {
     let (_run, warning) = hostile(r#"(mode: "loop")"#, "limits: (call_timeout_ms: 100)");
-    assert_contains(&warning, "ran longer than its time limit of 100 ms per call");
+    assert_contains(
+        &warning,
+        "ran longer than its time limit of 100 ms per call",
+    );
     assert_contains(&warning, "limits.call_timeout_ms");
 }
 
@@ -275,7 +291,10 @@ fn a_host_file_cannot_be_opened() {
         r#"(mode: "open-file", when: "init", path: {:?})"#,
         secret.path().display().to_string()
     );
-    let (run, warning) = hostile(&params, r#"capabilities: (output_file: (path: "leak.txt"))"#);
+    let (run, warning) = hostile(
+        &params,
+        r#"capabilities: (output_file: (path: "leak.txt"))"#,
+    );
     assert_contains(&warning, "failed to start");
     assert_contains(&warning, "cannot open");
     assert!(!run.run_dir().join("leak.txt").exists());
@@ -285,7 +304,8 @@ fn a_host_file_cannot_be_opened() {
 #[test]
 fn environment_variables_are_hidden_unless_granted() {
     let env = [("CODEX_WASM_SECRET", "s3cret-value")];
-    let params = r#"(name: "hostile", params: (mode: "env", when: "init", var: "CODEX_WASM_SECRET"))"#;
+    let params =
+        r#"(name: "hostile", params: (mode: "env", when: "init", var: "CODEX_WASM_SECRET"))"#;
     let hidden = train(
         params,
         &[Plugin {
@@ -365,7 +385,10 @@ fn a_slow_sink_misses_records_instead_of_stalling_training() {
         &[],
     );
     assert!(!run.stderr.contains("disabled"), "{}", run.stderr);
-    assert_contains(&run.stderr, "wasm sink `hostile` fell 1 records behind and missed");
+    assert_contains(
+        &run.stderr,
+        "wasm sink `hostile` fell 1 records behind and missed",
+    );
 }
 
 fn wrong_kind(fixture: &str, expect: &str) {

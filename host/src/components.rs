@@ -119,8 +119,12 @@ pub fn sink(
 ) -> Result<SinkBox> {
     let entry = lookup(registry, ComponentKind::Sink, name)?;
     if let Some(factory) = &entry.host_sink {
-        return factory(&params_text(params), run_dir, resume_step)
-            .map_err(|message| anyhow!("sink `{name}` ({}) could not be created: {message}", entry.origin));
+        return factory(&params_text(params), run_dir, resume_step).map_err(|message| {
+            anyhow!(
+                "sink `{name}` ({}) could not be created: {message}",
+                entry.origin
+            )
+        });
     }
     crate::metrics::open_sink(
         name,
@@ -230,7 +234,13 @@ pub fn register_wasm_sink(
                         .open(params, run_dir, resume_step)
                         .unwrap_or_else(|e| codex_wasm::failed_sink(e.to_string())))
                 });
-            registry.add_host_sink(&spec.name, &d.version, &description, spec.registry_origin(), factory)
+            registry.add_host_sink(
+                &spec.name,
+                &d.version,
+                &description,
+                spec.registry_origin(),
+                factory,
+            )
         }
         Err(e) => {
             let reason = e.to_string();
@@ -238,7 +248,13 @@ pub fn register_wasm_sink(
             let description = format!("cannot be loaded: {reason}");
             let factory: crate::registry::HostSinkFactory =
                 std::sync::Arc::new(move |_, _, _| Ok(codex_wasm::failed_sink(reason.clone())));
-            registry.add_host_sink(&spec.name, "unknown", &description, spec.registry_origin(), factory)
+            registry.add_host_sink(
+                &spec.name,
+                "unknown",
+                &description,
+                spec.registry_origin(),
+                factory,
+            )
         }
     }
 }

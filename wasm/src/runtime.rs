@@ -177,7 +177,10 @@ fn violation(message: impl Into<String>) -> wasmtime::Error {
 }
 
 fn output_error(path: &Path, e: std::io::Error) -> wasmtime::Error {
-    violation(format!("cannot write its output file {}: {e}", path.display()))
+    violation(format!(
+        "cannot write its output file {}: {e}",
+        path.display()
+    ))
 }
 
 /// The clock a guest reads when `clock` is not granted: always the unix epoch.
@@ -247,11 +250,10 @@ impl Loaded {
             return Err(WasmError::CoreModule { path: path.clone() });
         }
         let engine = engine(plugin.limits.fuel.is_some())?;
-        let component =
-            Component::from_binary(engine, &bytes).map_err(|e| WasmError::Invalid {
-                path: path.clone(),
-                message: short(&e),
-            })?;
+        let component = Component::from_binary(engine, &bytes).map_err(|e| WasmError::Invalid {
+            path: path.clone(),
+            message: short(&e),
+        })?;
         let mut linker: Linker<State> = Linker::new(engine);
         let interface = |e: wasmtime::Error| WasmError::Interface {
             path: path.clone(),
@@ -285,12 +287,17 @@ impl Loaded {
                 .tables(limits.max_tables as usize)
                 .trap_on_grow_failure(true)
                 .build(),
-            output: plugin.grants.output_file.as_ref().zip(run_dir).map(|(o, dir)| Output {
-                path: dir.join(&o.path),
-                file: None,
-                written: 0,
-                quota: o.quota_bytes,
-            }),
+            output: plugin
+                .grants
+                .output_file
+                .as_ref()
+                .zip(run_dir)
+                .map(|(o, dir)| Output {
+                    path: dir.join(&o.path),
+                    file: None,
+                    written: 0,
+                    quota: o.quota_bytes,
+                }),
             log_left: plugin.grants.log_lines,
             max_return_bytes: limits.max_return_bytes,
         };
@@ -330,7 +337,12 @@ pub(crate) struct Guest {
 impl Guest {
     /// Re-arm the per-call limits: the epoch deadline and, when metered, the fuel.
     fn arm(&mut self) -> Result<(), String> {
-        let ticks = self.limits.call_timeout.as_millis().div_ceil(TICK.as_millis()) + 1;
+        let ticks = self
+            .limits
+            .call_timeout
+            .as_millis()
+            .div_ceil(TICK.as_millis())
+            + 1;
         self.store
             .set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
         if let Some(fuel) = self.limits.fuel {

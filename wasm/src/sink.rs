@@ -40,7 +40,10 @@ struct Shared {
 
 impl Shared {
     fn failure(&self) -> Option<String> {
-        self.failed.lock().map(|f| f.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.failed
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn fail(&self, reason: String) {
@@ -139,7 +142,11 @@ impl PreparedSink {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(self.loaded.start_error("its thread ended while starting".to_owned())),
+            Err(_) => {
+                return Err(self
+                    .loaded
+                    .start_error("its thread ended while starting".to_owned()))
+            }
         }
         let face = WasmSink {
             name: plugin.name.clone(),

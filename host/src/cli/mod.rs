@@ -283,7 +283,8 @@ pub(crate) fn registry_for(
         for plugin in &manifest.plugins {
             crate::components::register_wasm_sink(&mut registry, plugin)?;
         }
-        let native = |p: &&crate::manifest::PluginSpec| p.kind() == crate::manifest::PluginKind::Native;
+        let native =
+            |p: &&crate::manifest::PluginSpec| p.kind() == crate::manifest::PluginKind::Native;
         if let Some(first) = manifest.plugins.iter().find(native) {
             return Err(UsageError(format!(
                 "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
