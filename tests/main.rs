@@ -17,3 +17,4 @@ mod sinks;
 mod tensor_ops;
 mod tokenizers;
 mod train;
+mod wasm;

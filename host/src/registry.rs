@@ -11,9 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, API_VERSION};
+use abi_stable::std_types::{RResult, RStr};
+use codex_plugin_api::sink::{SinkBox, SinkEnv};
+use codex_plugin_api::{
+    ApiVersion, ComponentDecl, ComponentKind, Factory, PluginError, API_VERSION,
+};
 
 use crate::diagnostics::{backticked, did_you_mean};
 
@@ -75,6 +80,21 @@ pub struct Entry {
     pub api_version: ApiVersion,
     /// The declaration, with its factory.
     pub decl: ComponentDecl,
+    /// For sinks the host builds itself (WASM): the factory to use instead of `decl`'s.
+    pub host_sink: Option<HostSinkFactory>,
+}
+
+/// A sink factory the host builds itself, `(params as JSON, run directory, resume step)`. Unlike
+/// an `extern "C"` factory it can capture state — a WASM plugin's file, limits and grants.
+pub type HostSinkFactory =
+    Arc<dyn Fn(&str, &Path, Option<u64>) -> Result<SinkBox, String> + Send + Sync>;
+
+/// The `decl` factory of a host-built sink: never called, because `components::sink` uses
+/// [`Entry::host_sink`]; it fails plainly if some other path calls it.
+extern "C" fn host_built_sink(_: RStr<'_>, _: SinkEnv<'_>) -> RResult<SinkBox, PluginError> {
+    RResult::RErr(PluginError::new(
+        "this sink is built by the host; open it through the registry entry's host factory",
+    ))
 }
 
 impl fmt::Debug for Entry {
@@ -216,6 +236,35 @@ impl Registry {
         origin: Origin,
         api_version: ApiVersion,
     ) -> Result<(), RegistryError> {
+        self.insert(decl, origin, api_version, None)
+    }
+
+    /// Register a sink the host builds itself with `factory` (a WASM sink). It follows the same
+    /// rules as [`Registry::add`]: a valid, unique name.
+    pub fn add_host_sink(
+        &mut self,
+        name: &str,
+        version: &str,
+        description: &str,
+        origin: Origin,
+        factory: HostSinkFactory,
+    ) -> Result<(), RegistryError> {
+        let decl = ComponentDecl {
+            name: name.into(),
+            version: version.into(),
+            description: description.into(),
+            factory: Factory::Sink(host_built_sink),
+        };
+        self.insert(decl, origin, API_VERSION, Some(factory))
+    }
+
+    fn insert(
+        &mut self,
+        decl: ComponentDecl,
+        origin: Origin,
+        api_version: ApiVersion,
+        host_sink: Option<HostSinkFactory>,
+    ) -> Result<(), RegistryError> {
         let kind = decl.kind();
         let name = decl.name.as_str().to_owned();
         if name.is_empty() || name.chars().any(char::is_whitespace) {
@@ -238,6 +287,7 @@ impl Registry {
             origin,
             api_version,
             decl,
+            host_sink,
         };
         self.entries.insert(key, entry);
         Ok(())

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{ConfigError, Override};
 use crate::diagnostics::Diagnostic;
-use crate::manifest::{Manifest, ManifestError, PluginOrigin, PluginSpec};
+use crate::manifest::{Manifest, ManifestError, PluginOrigin};
 use crate::native::{NativeError, PluginInfo};
 use crate::registry::{Registry, RegistryError};
 
@@ -326,29 +326,43 @@ pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result
     let mut registry = Registry::with_builtins()?;
     if let Some(path) = manifest {
         let manifest = Manifest::load(path)?;
-        for plugin in &manifest.plugins {
-            load_plugin(&manifest, plugin, &mut registry)?;
-        }
+        load_plugins(&manifest, &mut registry)?;
     }
     Ok(registry)
 }
 
-/// Load one manifest plugin into `registry`, by its origin.
-pub(crate) fn load_plugin(
+/// What loading one manifest plugin found.
+pub(crate) enum Loaded {
+    /// A native plugin, loaded; its components are registered as `PLUGIN/NAME`.
+    Native(PluginInfo),
+    /// A wasm sink, registered under the plugin's name: its own name and version, or why it
+    /// cannot be loaded (a run naming it warns and trains on without it).
+    Wasm(Result<codex_wasm::Described, String>),
+}
+
+/// Load every plugin of `manifest` into `registry`, in manifest order, exactly as a run does.
+pub(crate) fn load_plugins(
     manifest: &Manifest,
-    plugin: &PluginSpec,
     registry: &mut Registry,
-) -> anyhow::Result<PluginInfo> {
-    match &plugin.origin {
-        PluginOrigin::Native => Ok(crate::native::load(&plugin.name, &plugin.path, registry)?),
-        PluginOrigin::Wasm { .. } => Err(UsageError(format!(
-            "{}: plugin `{}` is a wasm plugin, but this build of codex-ml cannot load wasm \
-             plugins yet; remove it from the manifest",
-            manifest.path.display(),
-            plugin.name
-        ))
-        .into()),
+) -> anyhow::Result<Vec<Loaded>> {
+    let mut loaded = Vec::with_capacity(manifest.plugins.len());
+    for plugin in &manifest.plugins {
+        loaded.push(match &plugin.origin {
+            PluginOrigin::Native => {
+                Loaded::Native(crate::native::load(&plugin.name, &plugin.path, registry)?)
+            }
+            PluginOrigin::Wasm {
+                limits,
+                capabilities,
+            } => Loaded::Wasm(crate::components::register_wasm_sink(
+                registry,
+                plugin,
+                limits,
+                capabilities,
+            )?),
+        });
     }
+    Ok(loaded)
 }
 
 #[cfg(test)]
