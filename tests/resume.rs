@@ -341,7 +341,7 @@ fn sha256sum_accepts_a_real_checkpoint() {
         "dropout_seed",
         "init_seed",
     ] {
-        assert_eq!(state["rng"][key].is_u64(), true, "{key}: {state}");
+        assert!(state["rng"][key].is_u64(), "{key}: {state}");
     }
     assert!(
         state["data"]["epoch"].as_u64().is_some_and(|e| e >= 1),

@@ -161,8 +161,8 @@ pub enum NativeError {
         plugin: String,
         /// The file.
         path: PathBuf,
-        /// The registry's refusal.
-        source: RegistryError,
+        /// The registry's refusal (boxed: it is large, and rare).
+        source: Box<RegistryError>,
     },
 }
 
@@ -208,7 +208,7 @@ pub fn load(plugin: &str, path: &Path, registry: &mut Registry) -> Result<Plugin
     let registry_error = |source| NativeError::Registry {
         plugin: plugin.to_owned(),
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     for (i, decl) in info.components.iter().enumerate() {
         let twice = info.components[..i]
