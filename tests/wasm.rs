@@ -253,6 +253,20 @@ fn example_sinks_summarise_and_alert_in_a_real_run() {
         .unwrap_or_else(|| panic!("no loss row:\n{summary}"));
     assert!(loss_row.ends_with(&format!("| {STEPS} |")), "{loss_row}");
     assert_contains(&run.stderr, "[alert] ALERT train/loss spiked to");
+
+    // The plugin lock in metadata.json names each guest file with its digest.
+    let metadata: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.run_dir().join("metadata.json")).expect("metadata.json"),
+    )
+    .expect("metadata is JSON");
+    let locked = metadata["plugins"]
+        .as_array()
+        .expect("a plugin lock")
+        .iter()
+        .find(|p| p["name"] == "sink/summary")
+        .unwrap_or_else(|| panic!("no sink/summary in {metadata}"));
+    let digest = codex_host::checkpoint::sha256_file(&guest("summary")).expect("digest");
+    assert_eq!(locked["sha256"], digest.as_str(), "{locked}");
 }
 
 #[test]

@@ -634,13 +634,22 @@ fn plugin_lock(registry: &Registry, config: &Config) -> Vec<PluginLock> {
     named
         .into_iter()
         .filter_map(|(kind, name)| registry.get(kind, name).ok())
-        .map(|e| PluginLock {
-            name: format!("{}/{}", e.kind.as_str(), e.name),
-            origin: match &e.origin {
-                crate::registry::Origin::Builtin { .. } => "builtin".to_string(),
-                other => other.to_string(),
-            },
-            sha256: None,
+        .map(|e| {
+            use crate::registry::Origin;
+            let (origin, sha256) = match &e.origin {
+                Origin::Builtin { .. } => ("builtin".to_string(), None),
+                // The file was checked against its manifest pin when it loaded; hashing it
+                // again records exactly which build this run used.
+                Origin::Native { path } | Origin::Wasm { path } => (
+                    e.origin.to_string(),
+                    crate::checkpoint::sha256_file(path).ok(),
+                ),
+            };
+            PluginLock {
+                name: format!("{}/{}", e.kind.as_str(), e.name),
+                origin,
+                sha256,
+            }
         })
         .collect()
 }
