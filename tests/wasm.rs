@@ -21,11 +21,10 @@ fn repo() -> PathBuf {
 
 /// `target/wasm-guests`, beside this test binary's profile directory.
 fn guests_target() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.ancestors()
-        .nth(3)
+    codex_tests::profile_dir()
+        .parent()
         .map(|target| target.join("wasm-guests"))
-        .expect("the test binary lives in target/<profile>/deps")
+        .expect("the profile directory lives in the target directory")
 }
 
 fn build_guest(crate_dir: &str, file: &str) -> Result<PathBuf, String> {
