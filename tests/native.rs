@@ -19,6 +19,7 @@ use codex_tests::{cargo_build, codex_ml, profile_dir};
 /// Every plugin crate these tests load, by package name.
 const PACKAGES: &[&str] = &[
     "native-lion",
+    "native-llama",
     "native-tsv-sink",
     "fixture-not-a-plugin",
     "fixture-api-v2",
@@ -65,8 +66,21 @@ fn write_manifest(dir: &Path, entries: &[String]) -> PathBuf {
     path
 }
 
-/// A short training run's config: a tiny gpt2 on the byte tokenizer and the test data.
-fn write_config(dir: &Path, optimizer: &str, sinks: &[&str], max_steps: u64) -> PathBuf {
+/// A tiny built-in model.
+const GPT2: &str =
+    r#"(name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32))"#;
+
+/// The LLaMA-style plugin model at the same size, under the manifest name `llama`.
+const LLAMA: &str = r#"(name: "llama/llama", params: (hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, max_position_embeddings: 32))"#;
+
+/// A short training run's config: a tiny `model` (RON) on the byte tokenizer and the test data.
+fn write_config(
+    dir: &Path,
+    model: &str,
+    optimizer: &str,
+    sinks: &[&str],
+    max_steps: u64,
+) -> PathBuf {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
     let sinks: Vec<String> = sinks.iter().map(|s| format!("(name: \"{s}\")")).collect();
     let text = format!(
@@ -75,7 +89,7 @@ fn write_config(dir: &Path, optimizer: &str, sinks: &[&str], max_steps: u64) -> 
     seed: 3,
     data: (train: [Text(paths: ["{}"])], val_fraction: 0.2),
     tokenizer: (name: "bytes"),
-    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
+    model: {model},
     optimizer: {optimizer},
     train: (max_steps: {max_steps}, seq_len: 32, batch_size: 8, log_every: 1, checkpoint_every: 5),
     sinks: [{}],
@@ -210,6 +224,7 @@ fn lion_trains_gpt2_and_the_tsv_sink_receives_every_record() {
     let manifest = write_manifest(dir.path(), &[entry("lion", &lion), entry("tsv", &tsv)]);
     let config = write_config(
         dir.path(),
+        GPT2,
         r#"(name: "lion/lion", lr: 3e-3, params: (weight_decay: 0.1))"#,
         &["tsv/tsv"],
         30,
@@ -264,6 +279,7 @@ fn a_failing_plugin_sink_is_disabled_and_training_goes_on() {
     let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty), entry("tsv", &tsv)]);
     let config = write_config(
         dir.path(),
+        GPT2,
         r#"(name: "adamw", lr: 1e-3)"#,
         &["faulty/failing", "tsv/tsv"],
         6,
@@ -297,6 +313,7 @@ fn a_plugin_panicking_mid_training_ends_the_run_with_a_usable_checkpoint() {
     let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty)]);
     let config = write_config(
         dir.path(),
+        GPT2,
         r#"(name: "faulty/panicky", lr: 1e-2, params: (panic_at: 7))"#,
         &[],
         10,
@@ -426,7 +443,7 @@ fn a_component_in_the_wrong_slot_says_what_it_is() {
     let dir = tempfile::tempdir().expect("temp dir");
     let tsv = plugin(dir.path(), "native-tsv-sink");
     let manifest = write_manifest(dir.path(), &[entry("tsv", &tsv)]);
-    let config = write_config(dir.path(), r#"(name: "tsv/tsv", lr: 1e-3)"#, &[], 2);
+    let config = write_config(dir.path(), GPT2, r#"(name: "tsv/tsv", lr: 1e-3)"#, &[], 2);
     let out = run(&[
         "run".as_ref(),
         config.as_os_str(),
@@ -442,5 +459,267 @@ fn a_component_in_the_wrong_slot_says_what_it_is() {
             "unknown optimizer `tsv/tsv`: `tsv/tsv` is registered as a sink, not as an optimizer"
         ),
         "{stderr}"
+    );
+}
+
+/// The tensor names and shapes in a safetensors file's header.
+fn safetensors_shapes(path: &Path) -> Vec<(String, Vec<u64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + len]).expect("json header");
+    let mut shapes: Vec<(String, Vec<u64>)> = header
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dim"))
+                .collect();
+            (name.clone(), shape)
+        })
+        .collect();
+    shapes.sort();
+    shapes
+}
+
+#[test]
+fn inspect_and_list_show_the_plugin_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let out = run(&["plugin".as_ref(), "inspect".as_ref(), llama.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!("plugin llama 0.1.0 (plugin API {API_VERSION})")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("model  llama  0.1.0  LLaMA-style decoder: RMSNorm, rotary positions"),
+        "{stdout}"
+    );
+
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama)]);
+    let out = run(&[
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json array");
+    let model = rows
+        .iter()
+        .find(|r| r["kind"] == "model" && r["name"] == "llama/llama")
+        .unwrap_or_else(|| panic!("no model llama/llama in {rows:?}"));
+    assert_eq!(model["origin"], "native");
+    assert_eq!(model["path"], llama.display().to_string());
+}
+
+#[test]
+fn the_plugin_llama_trains_with_adamw_and_its_checkpoint_evaluates_and_generates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        LLAMA,
+        r#"(name: "adamw", lr: 1e-2)"#,
+        &["tsv/tsv"],
+        30,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let losses: Vec<f64> = tsv_records(&run_dir.join("metrics.tsv"))
+        .into_iter()
+        .filter(|(_, name, _)| name == "loss")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(losses.len(), 30, "one loss per step");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
+    assert!(
+        last < first - 0.3,
+        "the loss must fall: first steps {first:.3}, last steps {last:.3}"
+    );
+
+    // Hugging Face LLaMA names and `[out, in]` layouts, no biases, an LM head of its own.
+    let newest = std::fs::read_dir(run_dir.join("checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .max()
+        .expect("a checkpoint");
+    let shapes = safetensors_shapes(&newest.join("model.safetensors"));
+    let shape = |name: &str| {
+        shapes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| panic!("no {name} in {shapes:?}"))
+    };
+    let vocab = shape("model.embed_tokens.weight")[0];
+    assert_eq!(shape("model.embed_tokens.weight"), [vocab, 32]);
+    assert_eq!(shape("lm_head.weight"), [vocab, 32]);
+    for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        assert_eq!(
+            shape(&format!("model.layers.0.self_attn.{proj}.weight")),
+            [32, 32]
+        );
+    }
+    assert_eq!(shape("model.layers.0.mlp.gate_proj.weight"), [64, 32]);
+    assert_eq!(shape("model.layers.0.mlp.up_proj.weight"), [64, 32]);
+    assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), [32, 64]);
+    assert_eq!(shape("model.layers.0.input_layernorm.weight"), [32]);
+    assert_eq!(
+        shape("model.layers.0.post_attention_layernorm.weight"),
+        [32]
+    );
+    assert_eq!(shape("model.norm.weight"), [32]);
+    assert_eq!(shapes.len(), 12, "{shapes:?}");
+
+    // Without the manifest the checkpoint's model cannot be built: the error says why.
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "1".as_ref(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "unknown model `llama/llama`: it comes from plugin `llama`, which is not loaded"
+        ) && stderr.contains("--manifest FILE"),
+        "{stderr}"
+    );
+
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "2".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let eval_loss: f64 = stdout
+        .strip_prefix("loss ")
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no loss in {stdout}"));
+    assert!(
+        eval_loss.is_finite() && eval_loss < first,
+        "the trained checkpoint evaluates below the first steps' loss: {eval_loss} vs {first}"
+    );
+
+    let generate = |seed: &str| {
+        let out = run(&[
+            "generate".as_ref(),
+            run_dir.as_os_str(),
+            "--prompt".as_ref(),
+            "fn ".as_ref(),
+            "--max-tokens".as_ref(),
+            "12".as_ref(),
+            "--seed".as_ref(),
+            seed.as_ref(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let first_text = generate("5");
+    assert!(first_text.starts_with("fn "), "{first_text}");
+    assert!(
+        first_text.len() > "fn \n".len(),
+        "nothing generated: {first_text:?}"
+    );
+    assert_eq!(
+        generate("5"),
+        first_text,
+        "the same seed gives the same text"
+    );
+
+    // Resuming needs the plugin too, and says so before touching the run.
+    let out = run(&["resume".as_ref(), run_dir.as_os_str()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("plugin `llama`, which is not loaded"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_plugin_llama_refuses_bad_params_naming_the_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama)]);
+    let attempt = std::cell::Cell::new(0);
+    let fails = |model: &str, expect: &[&str]| {
+        attempt.set(attempt.get() + 1);
+        let config = write_config(dir.path(), model, r#"(name: "adamw", lr: 1e-3)"#, &[], 1);
+        let out = run(&[
+            "run".as_ref(),
+            config.as_os_str(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+            "--run-dir".as_ref(),
+            dir.path()
+                .join(format!("run-{}", attempt.get()))
+                .as_os_str(),
+        ]);
+        let stderr = text(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "an error exit, not a crash: {:?}\n{stderr}",
+            out.status
+        );
+        for e in expect {
+            assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+        }
+    };
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, num_layers: 1))"#,
+        &[
+            "plugin `llama`",
+            "create",
+            "unknown field `num_layers`",
+            "num_hidden_layers",
+        ],
+    );
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 30, num_attention_heads: 4))"#,
+        &[
+            "plugin `llama`",
+            "hidden_size: must be divisible by num_attention_heads (4)",
+        ],
+    );
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, rope_theta: 0.5))"#,
+        &["rope_theta: must be greater than 1, found 0.5"],
+    );
+    // The test config trains on 32-token sequences.
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, num_hidden_layers: 1, max_position_embeddings: 16))"#,
+        &[
+            "train.seq_len is 32",
+            "`llama/llama` accepts at most 16 positions",
+            "max_position_embeddings",
+        ],
     );
 }
