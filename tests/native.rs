@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use codex_plugin_api::API_VERSION;
+use codex_plugin_api::{ApiVersion, API_VERSION};
 use serde_json::Value;
 
 use codex_tests::{cargo_build, codex_ml, profile_dir};
@@ -395,6 +395,73 @@ fn plugins_that_cannot_load_are_refused_with_the_plugin_and_the_problem() {
         "fixture-twice",
         &["plugin `twice`", "declares sink `drop` twice"],
     );
+
+    // A file that is no shared library at all, correctly pinned.
+    let junk = d.join("libjunk.so");
+    std::fs::write(&junk, b"not a library").expect("junk file");
+    list_fails(
+        &write_manifest(d, &[entry("junk", &junk)]),
+        &[
+            "plugin `junk`: cannot load",
+            "libjunk.so",
+            "shared library (cdylib) built for this platform",
+        ],
+    );
+
+    // Two manifest entries under one name, even for different files.
+    let lion = plugin(d, "native-lion");
+    let tsv = plugin(d, "native-tsv-sink");
+    list_fails(
+        &write_manifest(d, &[entry("dup", &lion), entry("dup", &tsv)]),
+        &[
+            "plugins[1].name",
+            "plugin `dup` is declared twice (plugins[0] and plugins[1]",
+            &lion.display().to_string(),
+            &tsv.display().to_string(),
+        ],
+    );
+}
+
+/// The manifest keeps plugin names unique, so two loads of one `PLUGIN/NAME` can only meet
+/// through the library API; there too the second is refused naming both files, and leaves the
+/// registry as it was.
+#[test]
+fn one_plugin_name_loaded_twice_names_both_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = plugin(dir.path(), "native-lion");
+    let copy_dir = dir.path().join("copy");
+    std::fs::create_dir(&copy_dir).expect("dir");
+    let second = plugin(&copy_dir, "native-lion");
+    let mut registry = codex_host::registry::Registry::with_builtins().expect("built-ins");
+    codex_host::native::load("lion", &first, &mut registry).expect("the first load");
+    let before = registry.len();
+    let error = codex_host::native::load("lion", &second, &mut registry).expect_err("duplicate");
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(&format!("\n{cause}"));
+        source = cause.source();
+    }
+    assert!(
+        chain.starts_with(&format!(
+            "plugin `lion` ({}): a component",
+            second.display()
+        )),
+        "{chain}"
+    );
+    assert!(
+        chain.contains(&format!(
+            "optimizer `lion/lion` is registered twice: by native plugin {} and by native plugin {}",
+            first.display(),
+            second.display()
+        )),
+        "{chain}"
+    );
+    assert_eq!(
+        registry.len(),
+        before,
+        "the refused plugin left nothing behind"
+    );
 }
 
 #[test]
@@ -721,5 +788,71 @@ fn the_plugin_llama_refuses_bad_params_naming_the_field() {
             "`llama/llama` accepts at most 16 positions",
             "max_position_embeddings",
         ],
+    );
+}
+
+/// `docs/plugins-native.md` states the current plugin-API version and a table of which host
+/// loads which plugin: both must say what the code does (`API_VERSION`, and
+/// `ApiVersion::can_load`, the check `codex_host::native` applies before registration).
+#[test]
+fn the_native_plugin_guide_states_the_current_version_and_the_loading_rule() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plugins-native.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let stated = text
+        .split_once("The current plugin API version is **")
+        .and_then(|(_, rest)| rest.split_once("**"))
+        .map(|(version, _)| version)
+        .expect("the guide states the current plugin API version");
+    assert_eq!(
+        stated,
+        API_VERSION.to_string(),
+        "docs/plugins-native.md states plugin API {stated}; update it"
+    );
+
+    let start = text.find("<!-- compat:start -->").expect("start marker");
+    let end = text.find("<!-- compat:end -->").expect("end marker");
+    let version = |cell: &str| -> ApiVersion {
+        let parsed = cell.split_once('.').and_then(|(major, minor)| {
+            Some(ApiVersion {
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+            })
+        });
+        parsed.unwrap_or_else(|| panic!("`{cell}` is not MAJOR.MINOR"))
+    };
+    let mut rows = 0;
+    let (mut loads, mut refused) = (0, 0);
+    for line in text[start..end].lines() {
+        let cells: Vec<&str> = line
+            .split('|')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        let [host, plugin, verdict] = cells.as_slice() else {
+            continue;
+        };
+        if !host.starts_with(|c: char| c.is_ascii_digit()) {
+            continue; // the header and its rule
+        }
+        let documented = match *verdict {
+            "yes" => true,
+            "no" => false,
+            other => panic!("`{other}` in `{line}`: write yes or no"),
+        };
+        assert_eq!(
+            version(host).can_load(version(plugin)),
+            documented,
+            "docs/plugins-native.md says `{line}`, the code disagrees"
+        );
+        rows += 1;
+        if documented {
+            loads += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(
+        rows >= 5 && loads >= 2 && refused >= 2,
+        "the compatibility table shows both outcomes ({loads} loads, {refused} refused)"
     );
 }
