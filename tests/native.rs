@@ -2,7 +2,9 @@
 //! (`plugins/examples/native-*`) and the failure fixtures (`tests/fixtures/plugins/*`) are
 //! built once with this test's profile and target directory, copied into each test's own
 //! directory (other builds sharing the target directory may rewrite the originals), pinned by
-//! sha256 in a manifest, listed, inspected and used in short training runs.
+//! sha256 in a manifest, listed, inspected and used in short training runs. The plugin model
+//! (`native-llama`) is also loaded into this process, through the same loader and factory a run
+//! uses, so that its causality and every gradient can be checked directly.
 //!
 //! Every failure must be an exit code of 1 or 2 with a message naming the plugin and the
 //! problem: an abort or a signal would show up here as a missing exit code.
@@ -855,4 +857,141 @@ fn the_native_plugin_guide_states_the_current_version_and_the_loading_rule() {
         rows >= 5 && loads >= 2 && refused >= 2,
         "the compatibility table shows both outcomes ({loads} loads, {refused} refused)"
     );
+}
+
+/// The plugin's model in this process, through the factory its registration declares — the
+/// path a run takes — on a fresh CPU store.
+fn build_llama(dir: &Path, params: &str, vocab_size: usize, seed: u64) -> crate::model::Built {
+    use codex_plugin_api::abi_stable::std_types::{RResult, RStr};
+    use codex_plugin_api::model::ModelEnv;
+    use codex_plugin_api::{ComponentKind, Factory};
+
+    codex_host::tensor::install();
+    let file = plugin(dir, "native-llama");
+    let mut registry = codex_host::registry::Registry::new();
+    codex_host::native::load("llama", &file, &mut registry).expect("the plugin loads");
+    let entry = registry
+        .get(ComponentKind::Model, "llama/llama")
+        .expect("registered as a model");
+    let Factory::Model(factory) = entry.decl.factory else {
+        panic!("llama/llama is registered with a factory of another kind");
+    };
+    let mut store = codex_host::tensor::ParamStore::new(candle_core::Device::Cpu, seed);
+    let env = ModelEnv {
+        vocab_size,
+        store: store.as_tensor_store(),
+    };
+    match factory(RStr::from(params), env) {
+        RResult::ROk(model) => crate::model::Built { store, model },
+        RResult::RErr(e) => panic!("creating the model: {e}"),
+    }
+}
+
+const SMALL_LLAMA: &str = r#"{"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "max_position_embeddings": 12}"#;
+
+fn values(t: &codex_plugin_api::Tensor) -> Vec<f32> {
+    t.to_vec_f32().expect("values")
+}
+
+#[test]
+fn the_plugin_llama_is_causal_and_starts_near_uniform() {
+    use crate::model::{batch, EVAL};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vocab = 23;
+    let built = build_llama(dir.path(), SMALL_LLAMA, vocab, 0);
+    assert_eq!(built.model.max_positions(), 12);
+    let a: Vec<u32> = vec![1, 2, 3, 4, 5, 6];
+    let mut b = a.clone();
+    b[4] = 20;
+    let la = values(&built.forward(&a, 1, 6, EVAL).expect("forward"));
+    let lb = values(&built.forward(&b, 1, 6, EVAL).expect("forward"));
+    assert_eq!(la.len(), 6 * vocab);
+    let before = 4 * vocab;
+    for (x, y) in la[..before].iter().zip(&lb[..before]) {
+        assert!(
+            (x - y).abs() < 1e-6,
+            "a later token changed an earlier position's logits"
+        );
+    }
+    assert!(la[before..]
+        .iter()
+        .zip(&lb[before..])
+        .any(|(x, y)| (x - y).abs() > 1e-4));
+
+    let too_long = batch(1, 13, vocab as u32);
+    let error = built
+        .forward(&too_long.input, 1, 13, EVAL)
+        .expect_err("13 positions");
+    assert!(
+        error.contains("at most max_position_embeddings = 12"),
+        "{error}"
+    );
+
+    let data = batch(4, 12, vocab as u32);
+    let loss = built.loss(&data, EVAL).to_scalar().expect("scalar");
+    let uniform = (vocab as f64).ln();
+    assert!(
+        (loss - uniform).abs() < 0.05,
+        "initial loss {loss}, ln(vocab) {uniform}"
+    );
+}
+
+/// Every parameter gets a gradient through the host's ops (RMSNorm, rotary, SiLU included),
+/// and it is the right one: the directional derivative along the gradient matches a central
+/// finite difference of the loss.
+#[test]
+fn the_plugin_llama_gives_every_parameter_its_true_gradient() {
+    use crate::model::{batch, EVAL};
+    use codex_plugin_api::{DType, Tensor};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vocab = 23;
+    let built = build_llama(dir.path(), SMALL_LLAMA, vocab, 11);
+    let data = batch(2, 8, vocab as u32);
+    built.loss(&data, EVAL).backward().expect("backward");
+    let params = built.params();
+    assert_eq!(
+        params.len(),
+        2 + 2 * 9 + 1,
+        "embedding, 9 per layer, norm, lm_head"
+    );
+    let mut grads = Vec::new();
+    for info in params {
+        let param = Tensor::retain(info.id);
+        let grad = param
+            .grad()
+            .expect("grad")
+            .unwrap_or_else(|| panic!("{} has no gradient", info.name));
+        let g = values(&grad);
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 1e-6, "{} has an all-zero gradient", info.name);
+        grads.push((info, g, norm));
+    }
+    let eval = || built.loss(&data, EVAL).to_scalar().expect("scalar");
+    for (info, g, norm) in grads {
+        let param = Tensor::retain(info.id);
+        let original = values(&param);
+        let set = |v: &[f32]| {
+            let t = Tensor::from_f32(v, &info.shape, DType::F32, &param).expect("tensor");
+            param.assign(&t).expect("assign");
+        };
+        let h = 1e-2 / norm;
+        let shifted = |sign: f64| {
+            let v: Vec<f32> = original
+                .iter()
+                .zip(&g)
+                .map(|(&p, &d)| (p as f64 + sign * h * d as f64) as f32)
+                .collect();
+            set(&v);
+            eval()
+        };
+        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h);
+        set(&original);
+        let analytic = norm * norm;
+        assert!(
+            (numeric - analytic).abs() <= 0.05 * analytic + 1e-4,
+            "{}: finite difference {numeric}, gradient says {analytic}",
+            info.name
+        );
+    }
 }
