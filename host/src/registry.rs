@@ -130,7 +130,7 @@ pub enum RegistryError {
         second: Origin,
     },
     /// No component of this kind has this name.
-    #[error("{}", unknown_message(*kind, name, registered_as, known, suggestion.as_deref()))]
+    #[error("{}", unknown_message(*kind, name, registered_as, known, suggestion.as_deref(), unloaded_plugin.as_deref()))]
     Unknown {
         /// The kind looked up.
         kind: ComponentKind,
@@ -142,6 +142,9 @@ pub enum RegistryError {
         known: Vec<String>,
         /// A close known name, if any.
         suggestion: Option<String>,
+        /// The `PLUGIN` of a `PLUGIN/NAME` when no component of that plugin is registered:
+        /// the plugin was not loaded (no manifest, or a manifest without it).
+        unloaded_plugin: Option<String>,
     },
     /// A registration with an empty or malformed name.
     #[error("{kind} from {origin} has an invalid name `{name}`: names are non-empty and contain no whitespace", kind = kind.as_str())]
@@ -171,8 +174,17 @@ fn unknown_message(
     registered_as: &[ComponentKind],
     known: &[String],
     suggestion: Option<&str>,
+    unloaded_plugin: Option<&str>,
 ) -> String {
     let mut message = format!("unknown {} `{name}`", kind.as_str());
+    if let Some(plugin) = unloaded_plugin {
+        // The list of known names would only distract: what is missing is the plugin.
+        message.push_str(&format!(
+            ": it comes from plugin `{plugin}`, which is not loaded; pass a plugin manifest \
+             declaring `{plugin}` with --manifest FILE (see docs/plugins-native.md)"
+        ));
+        return message;
+    }
     if !registered_as.is_empty() {
         let kinds: Vec<String> = registered_as
             .iter()
@@ -304,12 +316,18 @@ impl Registry {
             .into_iter()
             .filter(|&other| other != kind && self.contains(other, name))
             .collect();
+        let unloaded_plugin = name.split_once('/').and_then(|(plugin, _)| {
+            let prefix = format!("{plugin}/");
+            let loaded = self.entries.keys().any(|(_, n)| n.starts_with(&prefix));
+            (!loaded && !plugin.is_empty()).then(|| plugin.to_owned())
+        });
         Err(RegistryError::Unknown {
             kind,
             name: name.to_owned(),
             registered_as,
             known,
             suggestion,
+            unloaded_plugin,
         })
     }
 
@@ -476,6 +494,30 @@ mod tests {
             ComponentKind::Model,
             "gpt2",
             "unknown model `gpt2`; no model is registered in this build (see `codex-ml list`)",
+        );
+    }
+
+    #[test]
+    fn a_plugin_name_whose_plugin_is_not_loaded_says_so() {
+        let r = registry(vec![trainer("default"), trainer("fast/loop")]);
+        let error = r
+            .get(ComponentKind::Model, "llama/llama")
+            .expect_err("no such plugin");
+        assert_eq!(
+            error.to_string(),
+            "unknown model `llama/llama`: it comes from plugin `llama`, which is not loaded; \
+             pass a plugin manifest declaring `llama` with --manifest FILE (see \
+             docs/plugins-native.md)"
+        );
+        // The plugin is loaded but has no such component: the ordinary message.
+        let error = r
+            .get(ComponentKind::Trainer, "fast/lop")
+            .expect_err("misspelt");
+        assert!(
+            error.to_string().starts_with(
+                "unknown trainer `fast/lop`, did you mean `fast/loop`?; known trainers:"
+            ),
+            "{error}"
         );
     }
 

@@ -413,7 +413,7 @@ fn run_in(
     let max_positions = model.max_positions();
     if config.train.seq_len > max_positions {
         bail!(
-            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's n_positions",
+            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's position limit in model.params (n_positions for gpt2, max_position_embeddings for LLaMA-style models)",
             config.train.seq_len,
             config.model.name,
             max_positions

@@ -149,6 +149,10 @@ pub struct EvalArgs {
     /// Evaluate at most N batches [default: all of them]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub batches: Option<usize>,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
+    /// tokenizer comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 }
 
 /// `codex-ml generate`.
@@ -176,6 +180,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler [default: the run's seed]
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
+    /// tokenizer comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 }
 
 /// `codex-ml bench`.
