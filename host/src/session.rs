@@ -706,6 +706,19 @@ impl Progress {
         }
     }
 
+    /// Report an evaluation: above the bar on a terminal, a log line otherwise.
+    fn evaluated(&self, step: u64, loss: f64) {
+        let line = format!(
+            "step {step}/{} validation loss {loss:.4} (perplexity {:.2})",
+            self.total,
+            loss.exp()
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => tracing::info!("{line}"),
+        }
+    }
+
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
@@ -898,6 +911,7 @@ impl TrainSession for HostSession<'_> {
         if split.as_str() == "val" && name.as_str() == "loss" {
             self.val_loss = Some(value);
             self.val_loss_at = Some(step);
+            self.progress.evaluated(step, value);
         }
         self.recorder
             .record(step, split.as_str(), name.as_str(), value);
