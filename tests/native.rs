@@ -942,56 +942,13 @@ fn the_plugin_llama_is_causal_and_starts_near_uniform() {
 /// finite difference of the loss.
 #[test]
 fn the_plugin_llama_gives_every_parameter_its_true_gradient() {
-    use crate::model::{batch, EVAL};
-    use codex_plugin_api::{DType, Tensor};
     let dir = tempfile::tempdir().expect("temp dir");
     let vocab = 23;
     let built = build_llama(dir.path(), SMALL_LLAMA, vocab, 11);
-    let data = batch(2, 8, vocab as u32);
-    built.loss(&data, EVAL).backward().expect("backward");
-    let params = built.params();
     assert_eq!(
-        params.len(),
+        built.params().len(),
         2 + 2 * 9 + 1,
         "embedding, 9 per layer, norm, lm_head"
     );
-    let mut grads = Vec::new();
-    for info in params {
-        let param = Tensor::retain(info.id);
-        let grad = param
-            .grad()
-            .expect("grad")
-            .unwrap_or_else(|| panic!("{} has no gradient", info.name));
-        let g = values(&grad);
-        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-        assert!(norm > 1e-6, "{} has an all-zero gradient", info.name);
-        grads.push((info, g, norm));
-    }
-    let eval = || built.loss(&data, EVAL).to_scalar().expect("scalar");
-    for (info, g, norm) in grads {
-        let param = Tensor::retain(info.id);
-        let original = values(&param);
-        let set = |v: &[f32]| {
-            let t = Tensor::from_f32(v, &info.shape, DType::F32, &param).expect("tensor");
-            param.assign(&t).expect("assign");
-        };
-        let h = 1e-2 / norm;
-        let shifted = |sign: f64| {
-            let v: Vec<f32> = original
-                .iter()
-                .zip(&g)
-                .map(|(&p, &d)| (p as f64 + sign * h * d as f64) as f32)
-                .collect();
-            set(&v);
-            eval()
-        };
-        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h);
-        set(&original);
-        let analytic = norm * norm;
-        assert!(
-            (numeric - analytic).abs() <= 0.05 * analytic + 1e-4,
-            "{}: finite difference {numeric}, gradient says {analytic}",
-            info.name
-        );
-    }
+    crate::model::assert_true_gradients(&built, &crate::model::batch(2, 8, vocab as u32));
 }
