@@ -382,6 +382,14 @@ fn run_in(
     let config_text = config.to_ron();
     run.write_config(&config_text)?;
 
+    // Trackers are built (their parameters checked) before any expensive work, and told about
+    // the run only when the metrics hub starts.
+    let mut trackers = Vec::new();
+    for spec in &config.trackers {
+        let tracker = components::tracker(registry, &spec.name, &spec.params)?;
+        trackers.push((spec.name.clone(), tracker));
+    }
+
     // Tokenizer, trained on the training documents when it learns a vocabulary.
     let docs = data::load_documents(&config.data, &config.dir)?;
     tracing::info!(
@@ -502,11 +510,6 @@ fn run_in(
     for spec in &config.sinks {
         let sink = components::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
         sinks.push((spec.name.clone(), sink));
-    }
-    let mut trackers = Vec::new();
-    for spec in &config.trackers {
-        let tracker = components::tracker(registry, &spec.name, &spec.params)?;
-        trackers.push((spec.name.clone(), tracker));
     }
     let tracking = if trackers.is_empty() {
         None
@@ -634,11 +637,7 @@ fn run_in(
             tracing::warn!("sink `{}` was disabled during the run: {reason}", s.name);
         }
     }
-    for t in &report.trackers {
-        if let Some(reason) = &t.disabled {
-            tracing::warn!("tracker `{}` was disabled during the run: {reason}", t.name);
-        }
-    }
+    // A tracker is named in one warning when it is disabled or abandoned; none is repeated.
     result
 }
 
