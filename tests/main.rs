@@ -16,5 +16,6 @@ mod resume;
 mod sinks;
 mod tensor_ops;
 mod tokenizers;
+mod trackers;
 mod train;
 mod wasm;

@@ -32,7 +32,7 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// Copy the built plugin of `package` into `dir`; returns the copy's path.
-fn plugin(dir: &Path, package: &str) -> PathBuf {
+pub(crate) fn plugin(dir: &Path, package: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     if let Err(e) = BUILT.get_or_init(|| cargo_build(PACKAGES, None)) {
         panic!("{e}");
@@ -54,7 +54,7 @@ fn sha256(path: &Path) -> String {
 }
 
 /// One manifest entry: the plugin's name and its file, pinned to its current digest.
-fn entry(name: &str, file: &Path) -> String {
+pub(crate) fn entry(name: &str, file: &Path) -> String {
     format!(
         "(name: \"{name}\", origin: native, path: \"{}\", sha256: \"{}\"),",
         file.display(),
@@ -62,7 +62,7 @@ fn entry(name: &str, file: &Path) -> String {
     )
 }
 
-fn write_manifest(dir: &Path, entries: &[String]) -> PathBuf {
+pub(crate) fn write_manifest(dir: &Path, entries: &[String]) -> PathBuf {
     let path = dir.join("plugins.ron");
     std::fs::write(&path, format!("(plugins: [\n{}\n])\n", entries.join("\n"))).expect("manifest");
     path
@@ -105,7 +105,7 @@ fn write_config(
     path
 }
 
-fn run(args: &[&std::ffi::OsStr]) -> Output {
+pub(crate) fn run(args: &[&std::ffi::OsStr]) -> Output {
     codex_ml()
         .args(args)
         .env("NO_COLOR", "1")
@@ -113,7 +113,7 @@ fn run(args: &[&std::ffi::OsStr]) -> Output {
         .expect("codex-ml runs")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 

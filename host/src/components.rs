@@ -12,6 +12,7 @@ use codex_plugin_api::optimizer::OptimizerBox;
 use codex_plugin_api::params::TensorStoreRef;
 use codex_plugin_api::sink::SinkBox;
 use codex_plugin_api::tokenizer::{TokenizerBox, TokenizerEnv};
+use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::trainer::TrainerBox;
 use codex_plugin_api::{ComponentKind, Factory, PluginError};
 
@@ -134,6 +135,20 @@ pub fn sink(
         resume_step,
     )
     .with_context(|| format!("sink `{name}` ({})", entry.origin))
+}
+
+/// Build a tracker. It is told about the run later, from its own thread (see
+/// [`crate::metrics::MetricsHub::start_tracked`]); only its parameters are checked here, so a
+/// bad one stops the run before any work.
+pub fn tracker(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<TrackerBox> {
+    let entry = lookup(registry, ComponentKind::Tracker, name)?;
+    let Factory::Tracker(f) = entry.decl.factory else {
+        return Err(mismatch(entry, ComponentKind::Tracker));
+    };
+    let text = params_text(params);
+    f(RStr::from(text.as_str()))
+        .into_result()
+        .map_err(|e| failed(entry, e))
 }
 
 /// Build a trainer.

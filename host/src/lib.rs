@@ -28,4 +28,5 @@ use codex_models as _;
 use codex_optim as _;
 use codex_sinks as _;
 use codex_tokenizers as _;
+use codex_trackers as _;
 use codex_trainer as _;
