@@ -10,7 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The dependencies whose versions decide numerical results or the plugin ABI.
-const KEY_DEPENDENCIES: [&str; 4] = ["candle-core", "tokenizers", "safetensors", "abi_stable"];
+const KEY_DEPENDENCIES: [&str; 5] = [
+    "candle-core",
+    "tokenizers",
+    "safetensors",
+    "abi_stable",
+    "wasmtime",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use assert_cmd::Command;
 
 /// The directory holding this test binary's profile outputs (`target/debug`).
-fn profile_dir() -> PathBuf {
+pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test binary>
     exe.parent()
@@ -19,7 +19,9 @@ fn profile_dir() -> PathBuf {
         .expect("the test binary lives in target/<profile>/deps")
 }
 
-fn build_codex_ml() -> Result<(), String> {
+/// `cargo build --offline` of `packages` (and `bin`, when given) with this test binary's
+/// profile and target directory, so that what it builds lands in [`profile_dir`].
+pub fn cargo_build(packages: &[&str], bin: Option<&str>) -> Result<(), String> {
     let profile_dir = profile_dir();
     let profile = profile_dir
         .file_name()
@@ -30,16 +32,14 @@ fn build_codex_ml() -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "--offline"]);
+    for package in packages {
+        build.args(["-p", package]);
+    }
+    if let Some(bin) = bin {
+        build.args(["--bin", bin]);
+    }
     build
-        .args([
-            "build",
-            "--quiet",
-            "--offline",
-            "-p",
-            "codex-host",
-            "--bin",
-            "codex-ml",
-        ])
         .arg("--manifest-path")
         .arg(&manifest)
         .arg("--target-dir")
@@ -59,14 +59,14 @@ fn build_codex_ml() -> Result<(), String> {
     if status.success() {
         Ok(())
     } else {
-        Err(format!("building codex-ml failed: {status}"))
+        Err(format!("building {} failed: {status}", packages.join(", ")))
     }
 }
 
 /// The `codex-ml` binary, built first if needed (for tests that spawn and kill it).
 pub fn codex_ml_path() -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    if let Err(e) = BUILT.get_or_init(build_codex_ml) {
+    if let Err(e) = BUILT.get_or_init(|| cargo_build(&["codex-host"], Some("codex-ml"))) {
         panic!("{e}");
     }
     profile_dir().join(format!("codex-ml{}", std::env::consts::EXE_SUFFIX))
@@ -76,5 +76,8 @@ pub fn codex_ml_path() -> PathBuf {
 pub fn codex_ml() -> Command {
     let mut cmd = Command::new(codex_ml_path());
     cmd.env_remove("RUST_LOG");
+    // Keep token caches out of the source tree (the default is `runs/` under the working
+    // directory): they go beside the build outputs.
+    cmd.env("CODEX_ML_CACHE", profile_dir().join("token-cache"));
     cmd
 }

@@ -267,7 +267,11 @@ fn malformed_sha256_is_refused() {
 fn duplicate_names() {
     check_refused(
         "(plugins: [\n  (name: \"lion\", origin: native, path: \"plugins/liblion.so\"),\n  (name: \"lion\", origin: wasm, path: \"plugins/sink.wasm\"),\n])",
-        &["plugins[1].name", "`lion` is declared twice", "plugins[0] and plugins[1]"],
+        &[
+            "plugins[1].name",
+            "`lion` is declared twice",
+            "plugins[0] and plugins[1]: plugins/liblion.so and plugins/sink.wasm",
+        ],
     );
 }
 

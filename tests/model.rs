@@ -305,9 +305,14 @@ fn gpt2_initial_loss_is_near_uniform() {
 #[test]
 fn gpt2_every_parameter_gets_its_true_gradient() {
     let built = build_gpt2(SMALL, VOCAB, 11).expect("builds");
-    let data = batch(2, 8, VOCAB as u32);
-    let loss = built.loss(&data, EVAL);
-    loss.backward().expect("backward");
+    assert_true_gradients(&built, &batch(2, 8, VOCAB as u32));
+}
+
+/// Every parameter of `built` gets a non-zero gradient from the loss on `data`, and it is the
+/// right one: the directional derivative along the gradient (its squared norm) matches a
+/// central finite difference of the loss.
+pub(crate) fn assert_true_gradients(built: &Built, data: &Batch) {
+    built.loss(data, EVAL).backward().expect("backward");
     let mut grads = Vec::new();
     for info in built.params() {
         let param = Tensor::retain(info.id);
@@ -320,10 +325,15 @@ fn gpt2_every_parameter_gets_its_true_gradient() {
         assert!(norm > 1e-6, "{} has an all-zero gradient", info.name);
         grads.push((info, g, norm));
     }
-    let eval = || built.loss(&data, EVAL).to_scalar().expect("scalar");
+    let eval = || built.loss(data, EVAL).to_scalar().expect("scalar");
     for (info, g, norm) in grads {
         let param = Tensor::retain(info.id);
         let original = values(&param);
+        let set = |v: &[f32]| {
+            let t = Tensor::from_f32(v, &info.shape, codex_plugin_api::DType::F32, &param)
+                .expect("tensor");
+            param.assign(&t).expect("assign");
+        };
         let h = 1e-2 / norm;
         let shifted = |sign: f64| {
             let v: Vec<f32> = original
@@ -331,21 +341,11 @@ fn gpt2_every_parameter_gets_its_true_gradient() {
                 .zip(&g)
                 .map(|(&p, &d)| (p as f64 + sign * h * d as f64) as f32)
                 .collect();
-            param
-                .assign(
-                    &Tensor::from_f32(&v, &info.shape, codex_plugin_api::DType::F32, &param)
-                        .expect("tensor"),
-                )
-                .expect("assign");
+            set(&v);
             eval()
         };
         let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h);
-        param
-            .assign(
-                &Tensor::from_f32(&original, &info.shape, codex_plugin_api::DType::F32, &param)
-                    .expect("tensor"),
-            )
-            .expect("restore");
+        set(&original);
         let analytic = norm * norm;
         assert!(
             (numeric - analytic).abs() <= 0.05 * analytic + 1e-4,

@@ -16,6 +16,7 @@ const EXPECTED: &[(ComponentKind, &str)] = &[
     (ComponentKind::Sink, "ndjson"),
     (ComponentKind::Sink, "csv"),
     (ComponentKind::Sink, "console"),
+    (ComponentKind::Tracker, "mlflow"),
     (ComponentKind::Trainer, "default"),
     (ComponentKind::Kernel, "cpu"),
 ];

@@ -518,6 +518,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The resolved config has no JSON form (a bug: it is plain data).
+    #[error("the resolved config cannot be written as JSON: {0}")]
+    Json(String),
     /// A value given by overrides has the wrong type or shape.
     #[error("{field}: {message} (from --set {arg})")]
     OverrideValue {
@@ -612,6 +615,13 @@ impl Config {
             // params), which ron always accepts; fall back to the debug form rather than panic.
             Err(e) => format!("// cannot write this config as RON: {e}\n// {self:?}\n"),
         }
+    }
+
+    /// The config as a JSON tree, every default written out, enums externally tagged (the
+    /// lossless form overrides work on): what run trackers record as the run's parameters.
+    pub fn to_json(&self) -> Result<Value, ConfigError> {
+        let raw: RawConfig = parse_ron(&self.path, &self.to_ron()).map_err(ConfigError::Invalid)?;
+        serde_json::to_value(&raw).map_err(|e| ConfigError::Json(e.to_string()))
     }
 
     /// Check that this config may continue a run whose checkpoint was written under `saved`,

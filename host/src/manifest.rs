@@ -421,9 +421,9 @@ impl Manifest {
                 return Err(invalid(
                     field("name"),
                     format!(
-                        "plugin `{}` is declared twice (plugins[{first}] and plugins[{i}]); \
-                         names must be unique, rename or remove one",
-                        entry.name
+                        "plugin `{}` is declared twice (plugins[{first}] and plugins[{i}]: {} \
+                         and {}); names must be unique, rename or remove one",
+                        entry.name, plugins[first].declared_path, entry.path
                     ),
                 ));
             }

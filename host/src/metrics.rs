@@ -1,5 +1,5 @@
 //! The metrics hub: metric records leave the training thread through a queue and reach every
-//! sink from a thread of its own.
+//! sink and every tracker from a thread of its own.
 //!
 //! Why it is shaped this way:
 //! - **The training step never waits.** [`Recorder::record`] stamps the time, builds the
@@ -21,6 +21,16 @@
 //!
 //! Sinks are built from their registry declaration with [`open_sink`]; the hub takes them as
 //! `(name, SinkBox)` pairs, whatever their origin.
+//!
+//! **Trackers ride the same lanes.** A tracker is one more consumer of the record stream with
+//! a longer lifecycle: its thread first tells it the run started (or resumed) and hands it the
+//! run's parameters, then forwards records and the artifacts the run reports
+//! ([`Recorder::artifact`]), and at the end tells it how the run ended
+//! ([`MetricsHub::finish_as`]). Queueing, batching, overflow counting and disabling are the
+//! sinks' code, shared through one private `Endpoint` trait, so the two cannot drift apart.
+//! Two differences, both deliberate: [`Recorder::sync`] waits for sinks only (a checkpoint must
+//! not wait on a remote tracker; trackers supersede records after a resume step themselves),
+//! and artifacts go to trackers only.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +39,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr};
+use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
 use codex_plugin_api::sink::{SinkBox, SinkEnv};
-use codex_plugin_api::{ComponentDecl, Factory, PluginError, Record};
+use codex_plugin_api::tracker::TrackerBox;
+use codex_plugin_api::{ComponentDecl, Factory, PluginError, Record, RunInfo, RunStatus};
 
 /// Records each sink may fall behind before its records are dropped.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -130,14 +141,24 @@ impl HubOptions {
     }
 }
 
-/// What happened to one sink over the run.
+/// The trackers of a run and what to tell them when they start.
+pub struct Tracking {
+    /// The run being tracked.
+    pub run: RunInfo,
+    /// The run's parameters (the resolved config flattened to dotted keys).
+    pub params: Vec<(String, String)>,
+    /// The trackers, by registry name.
+    pub trackers: Vec<(String, TrackerBox)>,
+}
+
+/// What happened to one sink (or tracker) over the run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkReport {
     /// Registry name.
     pub name: String,
     /// Records the sink accepted.
     pub written: u64,
-    /// Records dropped because its queue was full.
+    /// Records (and, for trackers, artifacts) dropped because its queue was full.
     pub dropped: u64,
     /// Why it was disabled, if it was.
     pub disabled: Option<String>,
@@ -145,11 +166,14 @@ pub struct SinkReport {
     pub finished: bool,
 }
 
-/// The end-of-run summary of a hub, one entry per sink in the order they were started.
+/// The end-of-run summary of a hub, one entry per sink and per tracker in the order they were
+/// started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HubReport {
     /// Every sink, the built-in `ndjson` one included.
     pub sinks: Vec<SinkReport>,
+    /// Every tracker.
+    pub trackers: Vec<SinkReport>,
 }
 
 impl HubReport {
@@ -157,18 +181,33 @@ impl HubReport {
     pub fn sink(&self, name: &str) -> Option<&SinkReport> {
         self.sinks.iter().find(|s| s.name == name)
     }
+
+    /// The report of tracker `name`.
+    pub fn tracker(&self, name: &str) -> Option<&SinkReport> {
+        self.trackers.iter().find(|s| s.name == name)
+    }
 }
 
 enum Msg {
     Record(Record),
     /// Write and flush everything queued before this message, then acknowledge.
     Sync(SyncSender<()>),
-    Finish,
+    /// A file or directory the run produced (trackers only).
+    Artifact(String),
+    /// The run ended so.
+    Finish(RunStatus),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Sink,
+    Tracker,
 }
 
 struct Lane {
     tx: SyncSender<Msg>,
     dropped: AtomicU64,
+    role: Role,
 }
 
 /// The cheap, cloneable handle the training side records through.
@@ -200,19 +239,31 @@ impl Recorder {
             return;
         };
         for lane in rest {
-            lane.offer(record.clone());
+            lane.offer(Msg::Record(record.clone()));
         }
-        last.offer(record);
+        last.offer(Msg::Record(record));
+    }
+
+    /// Tell the trackers about `path`, a file or directory the run wrote (a checkpoint, the
+    /// run's config). Never blocks; sinks do not see it.
+    pub fn artifact(&self, path: &Path) {
+        // Trackers may place it relative to the (absolute) run directory they were given.
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let path = path.to_string_lossy();
+        for lane in self.lanes.iter().filter(|l| l.role == Role::Tracker) {
+            lane.offer(Msg::Artifact(path.to_string()));
+        }
     }
 
     /// Wait until every sink has written and flushed the records recorded so far, or until
     /// `timeout`; true when all did. Call it before committing a checkpoint, so that the
     /// records up to the checkpoint's step are on disk when it becomes resumable. A disabled
-    /// sink counts as done.
+    /// sink counts as done. Trackers are not waited for: one may be a remote service, and
+    /// each supersedes what it holds after a resume step itself.
     pub fn sync(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut acks = Vec::with_capacity(self.lanes.len());
-        for lane in self.lanes.iter() {
+        for lane in self.lanes.iter().filter(|l| l.role == Role::Sink) {
             let (ack_tx, ack_rx) = mpsc::sync_channel(1);
             match send_until(&lane.tx, Msg::Sync(ack_tx), deadline) {
                 Delivery::Sent => acks.push(ack_rx),
@@ -237,13 +288,13 @@ impl Recorder {
 }
 
 impl Lane {
-    fn offer(&self, record: Record) {
-        match self.tx.try_send(Msg::Record(record)) {
+    fn offer(&self, msg: Msg) {
+        match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            // The sink was disabled and its thread has ended: nothing to deliver to.
+            // The sink or tracker was disabled and its thread has ended: nothing to deliver to.
             Err(TrySendError::Disconnected(_)) => {}
         }
     }
@@ -275,6 +326,7 @@ fn send_until(tx: &SyncSender<Msg>, mut msg: Msg, deadline: Instant) -> Delivery
 
 struct Worker {
     name: String,
+    role: Role,
     done: Receiver<SinkReport>,
     handle: JoinHandle<()>,
 }
@@ -295,6 +347,17 @@ impl MetricsHub {
         options: HubOptions,
         sinks: Vec<(String, SinkBox)>,
     ) -> Result<MetricsHub, MetricsError> {
+        Self::start_tracked(options, sinks, None)
+    }
+
+    /// Like [`MetricsHub::start`], with trackers besides the sinks: each gets a thread of its
+    /// own that first starts it (or resumes it, when `options.resume_step` is set) and logs
+    /// the run's parameters, so that even a slow tracker start never holds up training.
+    pub fn start_tracked(
+        options: HubOptions,
+        sinks: Vec<(String, SinkBox)>,
+        tracking: Option<Tracking>,
+    ) -> Result<MetricsHub, MetricsError> {
         let mut all = Vec::with_capacity(sinks.len() + 1);
         if !sinks.iter().any(|(name, _)| name == NDJSON) {
             let decl = codex_plugin_api::sink::declare::<codex_sinks::NdjsonSink>();
@@ -307,26 +370,29 @@ impl MetricsHub {
         let mut lanes = Vec::with_capacity(all.len());
         let mut workers = Vec::with_capacity(all.len());
         for (name, sink) in all {
-            let (tx, rx) = mpsc::sync_channel(capacity);
-            let (done_tx, done) = mpsc::sync_channel(1);
-            let thread_name = format!("metrics-{name}");
-            let worker_name = name.clone();
-            let handle = thread::Builder::new()
-                .name(thread_name)
-                .spawn(move || {
-                    let report = run_sink(worker_name, sink, rx);
-                    // The hub may have stopped waiting; nobody to tell then.
-                    let _ = done_tx.send(report);
-                })
-                .map_err(|source| MetricsError::Spawn {
-                    name: name.clone(),
-                    source,
-                })?;
-            lanes.push(Lane {
-                tx,
-                dropped: AtomicU64::new(0),
-            });
-            workers.push(Worker { name, done, handle });
+            let (lane, worker) = spawn_lane(name, Role::Sink, sink, capacity)?;
+            lanes.push(lane);
+            workers.push(worker);
+        }
+        if let Some(tracking) = tracking {
+            let params: Arc<[Tuple2<RString, RString>]> = tracking
+                .params
+                .into_iter()
+                .map(|(k, v)| Tuple2(RString::from(k), RString::from(v)))
+                .collect();
+            for (name, tracker) in tracking.trackers {
+                let endpoint = TrackerEndpoint {
+                    tracker,
+                    opening: Some(Opening {
+                        run: tracking.run.clone(),
+                        resume_step: options.resume_step,
+                        params: params.clone(),
+                    }),
+                };
+                let (lane, worker) = spawn_lane(name, Role::Tracker, endpoint, capacity)?;
+                lanes.push(lane);
+                workers.push(worker);
+            }
         }
         Ok(MetricsHub {
             recorder: Recorder {
@@ -355,19 +421,30 @@ impl MetricsHub {
 
     /// Names of the running sinks, in order.
     pub fn sink_names(&self) -> Vec<&str> {
-        self.workers.iter().map(|w| w.name.as_str()).collect()
+        self.workers
+            .iter()
+            .filter(|w| w.role == Role::Sink)
+            .map(|w| w.name.as_str())
+            .collect()
     }
 
-    /// Deliver everything recorded so far, finish every sink and end its thread. Sinks still
-    /// busy after the finish timeout are abandoned with a warning. Records sent through a
-    /// [`Recorder`] after this call reach nobody.
+    /// [`MetricsHub::finish_as`] for a run that reached its end.
     pub fn finish(self) -> HubReport {
+        self.finish_as(RunStatus::Finished)
+    }
+
+    /// Deliver everything recorded so far, finish every sink and tracker (telling trackers
+    /// the run ended with `status`) and end their threads. Those still busy after the finish
+    /// timeout are abandoned with a warning. Records sent through a [`Recorder`] after this
+    /// call reach nobody. A hub dropped without this call tells its trackers the run failed.
+    pub fn finish_as(self, status: RunStatus) -> HubReport {
         let deadline = Instant::now() + self.finish_timeout;
         for lane in self.recorder.lanes.iter() {
             // A lane that is gone has a disabled sink; one that times out is reported below.
-            let _ = send_until(&lane.tx, Msg::Finish, deadline);
+            let _ = send_until(&lane.tx, Msg::Finish(status), deadline);
         }
-        let mut reports = Vec::with_capacity(self.workers.len());
+        let mut sinks = Vec::with_capacity(self.workers.len());
+        let mut trackers = Vec::new();
         for (worker, lane) in self.workers.into_iter().zip(self.recorder.lanes.iter()) {
             let left = deadline.saturating_duration_since(Instant::now());
             let mut report = match worker.done.recv_timeout(left) {
@@ -379,7 +456,8 @@ impl MetricsHub {
                 Err(RecvTimeoutError::Timeout) => {
                     tracing::warn!(
                         sink = %worker.name,
-                        "metric sink `{}` did not finish within {:?} and was abandoned; its output may be incomplete",
+                        "{} `{}` did not finish within {:?} and was abandoned; its output may be incomplete",
+                        noun(worker.role),
                         worker.name,
                         self.finish_timeout
                     );
@@ -404,27 +482,174 @@ impl MetricsHub {
                 tracing::warn!(
                     sink = %report.name,
                     dropped = report.dropped,
-                    "metric sink `{}` fell more than {} records behind and missed {} of them",
+                    "{} `{}` fell more than {} records behind and missed {} of them",
+                    noun(worker.role),
                     report.name,
                     self.capacity,
                     report.dropped
                 );
             }
-            reports.push(report);
+            match worker.role {
+                Role::Sink => sinks.push(report),
+                Role::Tracker => trackers.push(report),
+            }
         }
-        HubReport { sinks: reports }
+        HubReport { sinks, trackers }
     }
 }
 
-/// The body of one sink's thread.
-fn run_sink(name: String, mut sink: SinkBox, rx: Receiver<Msg>) -> SinkReport {
-    let mut state = SinkState {
+fn noun(role: Role) -> &'static str {
+    match role {
+        Role::Sink => "metric sink",
+        Role::Tracker => "tracker",
+    }
+}
+
+/// Start the thread of one sink or tracker.
+fn spawn_lane<E: Endpoint>(
+    name: String,
+    role: Role,
+    endpoint: E,
+    capacity: usize,
+) -> Result<(Lane, Worker), MetricsError> {
+    let (tx, rx) = mpsc::sync_channel(capacity);
+    let (done_tx, done) = mpsc::sync_channel(1);
+    let thread_name = match role {
+        Role::Sink => format!("metrics-{name}"),
+        Role::Tracker => format!("tracker-{name}"),
+    };
+    let worker_name = name.clone();
+    let handle = thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            let report = run_lane(worker_name, endpoint, rx);
+            // The hub may have stopped waiting; nobody to tell then.
+            let _ = done_tx.send(report);
+        })
+        .map_err(|source| MetricsError::Spawn {
+            name: name.clone(),
+            source,
+        })?;
+    let lane = Lane {
+        tx,
+        dropped: AtomicU64::new(0),
+        role,
+    };
+    Ok((
+        lane,
+        Worker {
+            name,
+            role,
+            done,
+            handle,
+        },
+    ))
+}
+
+/// One consumer of the record stream, as its thread drives it.
+trait Endpoint: Send + 'static {
+    /// How warnings call it.
+    const NOUN: &'static str;
+    /// The name of the call that takes records, for warnings.
+    const WRITE: &'static str;
+    /// What goes on once it is disabled, for warnings.
+    const OTHERS: &'static str;
+    /// What happens before the first record; on failure, the call that failed and why.
+    fn open(&mut self) -> Result<(), (&'static str, PluginError)>;
+    fn write(&mut self, records: &[Record]) -> RResult<(), PluginError>;
+    fn flush(&mut self) -> RResult<(), PluginError>;
+    fn artifact(&mut self, path: &str) -> RResult<(), PluginError>;
+    fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
+}
+
+impl Endpoint for SinkBox {
+    const NOUN: &'static str = "metric sink";
+    const WRITE: &'static str = "write";
+    const OTHERS: &'static str = "the other sinks continue";
+    fn open(&mut self) -> Result<(), (&'static str, PluginError)> {
+        Ok(())
+    }
+    fn write(&mut self, records: &[Record]) -> RResult<(), PluginError> {
+        SinkBox::write(self, RSlice::from_slice(records))
+    }
+    fn flush(&mut self) -> RResult<(), PluginError> {
+        SinkBox::flush(self)
+    }
+    fn artifact(&mut self, _: &str) -> RResult<(), PluginError> {
+        RResult::ROk(())
+    }
+    fn finish(&mut self, _: RunStatus) -> RResult<(), PluginError> {
+        SinkBox::finish(self)
+    }
+}
+
+/// What a tracker's thread tells it before the first record.
+struct Opening {
+    run: RunInfo,
+    resume_step: Option<u64>,
+    params: Arc<[Tuple2<RString, RString>]>,
+}
+
+struct TrackerEndpoint {
+    tracker: TrackerBox,
+    opening: Option<Opening>,
+}
+
+impl Endpoint for TrackerEndpoint {
+    const NOUN: &'static str = "tracker";
+    const WRITE: &'static str = "log_metrics";
+    const OTHERS: &'static str = "training goes on";
+    fn open(&mut self) -> Result<(), (&'static str, PluginError)> {
+        let Some(o) = self.opening.take() else {
+            return Ok(());
+        };
+        match o.resume_step {
+            None => self
+                .tracker
+                .start(o.run)
+                .into_result()
+                .map_err(|e| ("start", e))?,
+            Some(step) => self
+                .tracker
+                .resume(o.run, step)
+                .into_result()
+                .map_err(|e| ("resume", e))?,
+        }
+        self.tracker
+            .log_params(RSlice::from_slice(&o.params))
+            .into_result()
+            .map_err(|e| ("log_params", e))
+    }
+    fn write(&mut self, records: &[Record]) -> RResult<(), PluginError> {
+        self.tracker.log_metrics(RSlice::from_slice(records))
+    }
+    fn flush(&mut self) -> RResult<(), PluginError> {
+        // Trackers have no flush: each `log_metrics` call is theirs to make visible.
+        RResult::ROk(())
+    }
+    fn artifact(&mut self, path: &str) -> RResult<(), PluginError> {
+        self.tracker.log_artifact(RStr::from(path))
+    }
+    fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
+        self.tracker.finish(status)
+    }
+}
+
+/// The body of one sink's or tracker's thread.
+fn run_lane<E: Endpoint>(name: String, mut endpoint: E, rx: Receiver<Msg>) -> SinkReport {
+    let mut state = LaneState {
         name,
         written: 0,
         disabled: None,
     };
+    if let Err((what, e)) = endpoint.open() {
+        state.fail::<E>(what, e);
+        return state.report();
+    }
     let mut batch: Vec<Record> = Vec::with_capacity(MAX_BATCH);
-    // Ends when the hub asks it to finish, when every sender is gone, or when the sink fails.
+    // A hub dropped without `finish_as` means the run ended by an error.
+    let mut status = RunStatus::Failed;
+    // Ends when the hub asks it to finish, when every sender is gone, or when it fails.
     'run: while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -432,16 +657,24 @@ fn run_sink(name: String, mut sink: SinkBox, rx: Receiver<Msg>) -> SinkReport {
                 Msg::Record(r) => {
                     batch.push(r);
                     if batch.len() >= MAX_BATCH {
-                        state.deliver(&mut sink, &mut batch);
+                        state.deliver(&mut endpoint, &mut batch);
                     }
                 }
                 Msg::Sync(ack) => {
-                    state.deliver(&mut sink, &mut batch);
-                    state.call("flush", |s| s.flush(), &mut sink);
+                    state.deliver(&mut endpoint, &mut batch);
+                    state.call("flush", E::flush, &mut endpoint);
                     // The caller may have given up waiting.
                     let _ = ack.try_send(());
                 }
-                Msg::Finish => break 'run,
+                Msg::Artifact(path) => {
+                    // Records before the artifact reach the tracker before it.
+                    state.deliver(&mut endpoint, &mut batch);
+                    state.call("log_artifact", |e| e.artifact(&path), &mut endpoint);
+                }
+                Msg::Finish(s) => {
+                    status = s;
+                    break 'run;
+                }
             }
             if state.disabled.is_some() {
                 return state.report();
@@ -454,63 +687,70 @@ fn run_sink(name: String, mut sink: SinkBox, rx: Receiver<Msg>) -> SinkReport {
         }
         // The queue ran dry: make what was written visible.
         if !batch.is_empty() {
-            state.deliver(&mut sink, &mut batch);
-            state.call("flush", |s| s.flush(), &mut sink);
+            state.deliver(&mut endpoint, &mut batch);
+            state.call("flush", E::flush, &mut endpoint);
             if state.disabled.is_some() {
                 return state.report();
             }
         }
     }
-    state.deliver(&mut sink, &mut batch);
-    state.call("finish", |s| s.finish(), &mut sink);
+    state.deliver(&mut endpoint, &mut batch);
+    state.call("finish", |e| e.finish(status), &mut endpoint);
     state.report()
 }
 
-struct SinkState {
+struct LaneState {
     name: String,
     written: u64,
     disabled: Option<String>,
 }
 
-impl SinkState {
-    fn deliver(&mut self, sink: &mut SinkBox, batch: &mut Vec<Record>) {
+impl LaneState {
+    fn deliver<E: Endpoint>(&mut self, endpoint: &mut E, batch: &mut Vec<Record>) {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
-        if self.call("write", |s| s.write(RSlice::from_slice(batch)), sink) {
+        if self.call(E::WRITE, |e| e.write(batch), endpoint) {
             self.written += n;
         }
         batch.clear();
     }
 
-    /// Run one call into the sink unless it is disabled; disable it on failure. True on success.
-    fn call(
+    /// Run one call unless the endpoint is disabled; disable it on failure. True on success.
+    fn call<E: Endpoint>(
         &mut self,
-        what: &str,
-        f: impl FnOnce(&mut SinkBox) -> RResult<(), PluginError>,
-        sink: &mut SinkBox,
+        what: &'static str,
+        f: impl FnOnce(&mut E) -> RResult<(), PluginError>,
+        endpoint: &mut E,
     ) -> bool {
         if self.disabled.is_some() {
             return false;
         }
-        match f(sink) {
+        match f(endpoint) {
             RResult::ROk(()) => true,
             RResult::RErr(e) => {
-                let reason = if e.panicked {
-                    format!("panicked in {what}: {}", e.message)
-                } else {
-                    format!("{what} failed: {}", e.message)
-                };
-                tracing::warn!(
-                    sink = %self.name,
-                    "metric sink `{}` disabled for the rest of the run ({reason}); the other sinks continue",
-                    self.name
-                );
-                self.disabled = Some(reason);
+                self.fail::<E>(what, e);
                 false
             }
         }
+    }
+
+    /// Disable the endpoint for the rest of the run, with one warning naming it and the call.
+    fn fail<E: Endpoint>(&mut self, what: &str, e: PluginError) {
+        let reason = if e.panicked {
+            format!("panicked in {what}: {}", e.message)
+        } else {
+            format!("{what} failed: {}", e.message)
+        };
+        tracing::warn!(
+            sink = %self.name,
+            "{} `{}` disabled for the rest of the run ({reason}); {}",
+            E::NOUN,
+            self.name,
+            E::OTHERS
+        );
+        self.disabled = Some(reason);
     }
 
     fn report(self) -> SinkReport {

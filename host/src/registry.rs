@@ -11,9 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, API_VERSION};
+use abi_stable::std_types::{RResult, RStr};
+use codex_plugin_api::sink::{SinkBox, SinkEnv};
+use codex_plugin_api::{
+    ApiVersion, ComponentDecl, ComponentKind, Factory, PluginError, API_VERSION,
+};
 
 use crate::diagnostics::{backticked, did_you_mean};
 
@@ -75,6 +80,21 @@ pub struct Entry {
     pub api_version: ApiVersion,
     /// The declaration, with its factory.
     pub decl: ComponentDecl,
+    /// For sinks the host builds itself (WASM): the factory to use instead of `decl`'s.
+    pub host_sink: Option<HostSinkFactory>,
+}
+
+/// A sink factory the host builds itself, `(params as JSON, run directory, resume step)`. Unlike
+/// an `extern "C"` factory it can capture state — a WASM plugin's file, limits and grants.
+pub type HostSinkFactory =
+    Arc<dyn Fn(&str, &Path, Option<u64>) -> Result<SinkBox, String> + Send + Sync>;
+
+/// The `decl` factory of a host-built sink: never called, because `components::sink` uses
+/// [`Entry::host_sink`]; it fails plainly if some other path calls it.
+extern "C" fn host_built_sink(_: RStr<'_>, _: SinkEnv<'_>) -> RResult<SinkBox, PluginError> {
+    RResult::RErr(PluginError::new(
+        "this sink is built by the host; open it through the registry entry's host factory",
+    ))
 }
 
 impl fmt::Debug for Entry {
@@ -110,16 +130,21 @@ pub enum RegistryError {
         second: Origin,
     },
     /// No component of this kind has this name.
-    #[error("{}", unknown_message(*kind, name, known, suggestion.as_deref()))]
+    #[error("{}", unknown_message(*kind, name, registered_as, known, suggestion.as_deref(), unloaded_plugin.as_deref()))]
     Unknown {
         /// The kind looked up.
         kind: ComponentKind,
         /// The name asked for.
         name: String,
+        /// The kinds under which this name is registered (a component in the wrong slot).
+        registered_as: Vec<ComponentKind>,
         /// Every name of that kind, sorted.
         known: Vec<String>,
         /// A close known name, if any.
         suggestion: Option<String>,
+        /// The `PLUGIN` of a `PLUGIN/NAME` when no component of that plugin is registered:
+        /// the plugin was not loaded (no manifest, or a manifest without it).
+        unloaded_plugin: Option<String>,
     },
     /// A registration with an empty or malformed name.
     #[error("{kind} from {origin} has an invalid name `{name}`: names are non-empty and contain no whitespace", kind = kind.as_str())]
@@ -133,14 +158,44 @@ pub enum RegistryError {
     },
 }
 
+/// `a sink`, `an optimizer`: kind names read as nouns in messages.
+fn with_article(noun: &str) -> String {
+    let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {noun}")
+}
+
 fn unknown_message(
     kind: ComponentKind,
     name: &str,
+    registered_as: &[ComponentKind],
     known: &[String],
     suggestion: Option<&str>,
+    unloaded_plugin: Option<&str>,
 ) -> String {
     let mut message = format!("unknown {} `{name}`", kind.as_str());
-    if let Some(s) = suggestion {
+    if let Some(plugin) = unloaded_plugin {
+        // The list of known names would only distract: what is missing is the plugin.
+        message.push_str(&format!(
+            ": it comes from plugin `{plugin}`, which is not loaded; pass a plugin manifest \
+             declaring `{plugin}` with --manifest FILE (see docs/plugins-native.md)"
+        ));
+        return message;
+    }
+    if !registered_as.is_empty() {
+        let kinds: Vec<String> = registered_as
+            .iter()
+            .map(|k| with_article(k.as_str()))
+            .collect();
+        message.push_str(&format!(
+            ": `{name}` is registered as {}, not as {}",
+            kinds.join(" and as "),
+            with_article(kind.as_str())
+        ));
+    } else if let Some(s) = suggestion {
         message.push_str(&format!(", did you mean `{s}`?"));
     }
     if known.is_empty() {
@@ -193,6 +248,35 @@ impl Registry {
         origin: Origin,
         api_version: ApiVersion,
     ) -> Result<(), RegistryError> {
+        self.insert(decl, origin, api_version, None)
+    }
+
+    /// Register a sink the host builds itself with `factory` (a WASM sink). It follows the same
+    /// rules as [`Registry::add`]: a valid, unique name.
+    pub fn add_host_sink(
+        &mut self,
+        name: &str,
+        version: &str,
+        description: &str,
+        origin: Origin,
+        factory: HostSinkFactory,
+    ) -> Result<(), RegistryError> {
+        let decl = ComponentDecl {
+            name: name.into(),
+            version: version.into(),
+            description: description.into(),
+            factory: Factory::Sink(host_built_sink),
+        };
+        self.insert(decl, origin, API_VERSION, Some(factory))
+    }
+
+    fn insert(
+        &mut self,
+        decl: ComponentDecl,
+        origin: Origin,
+        api_version: ApiVersion,
+        host_sink: Option<HostSinkFactory>,
+    ) -> Result<(), RegistryError> {
         let kind = decl.kind();
         let name = decl.name.as_str().to_owned();
         if name.is_empty() || name.chars().any(char::is_whitespace) {
@@ -215,6 +299,7 @@ impl Registry {
             origin,
             api_version,
             decl,
+            host_sink,
         };
         self.entries.insert(key, entry);
         Ok(())
@@ -227,11 +312,22 @@ impl Registry {
         }
         let known: Vec<String> = self.of_kind(kind).map(|e| e.name.clone()).collect();
         let suggestion = did_you_mean(name, known.iter().map(String::as_str)).map(str::to_owned);
+        let registered_as = ComponentKind::ALL
+            .into_iter()
+            .filter(|&other| other != kind && self.contains(other, name))
+            .collect();
+        let unloaded_plugin = name.split_once('/').and_then(|(plugin, _)| {
+            let prefix = format!("{plugin}/");
+            let loaded = self.entries.keys().any(|(_, n)| n.starts_with(&prefix));
+            (!loaded && !plugin.is_empty()).then(|| plugin.to_owned())
+        });
         Err(RegistryError::Unknown {
             kind,
             name: name.to_owned(),
+            registered_as,
             known,
             suggestion,
+            unloaded_plugin,
         })
     }
 
@@ -398,6 +494,43 @@ mod tests {
             ComponentKind::Model,
             "gpt2",
             "unknown model `gpt2`; no model is registered in this build (see `codex-ml list`)",
+        );
+    }
+
+    #[test]
+    fn a_plugin_name_whose_plugin_is_not_loaded_says_so() {
+        let r = registry(vec![trainer("default"), trainer("fast/loop")]);
+        let error = r
+            .get(ComponentKind::Model, "llama/llama")
+            .expect_err("no such plugin");
+        assert_eq!(
+            error.to_string(),
+            "unknown model `llama/llama`: it comes from plugin `llama`, which is not loaded; \
+             pass a plugin manifest declaring `llama` with --manifest FILE (see \
+             docs/plugins-native.md)"
+        );
+        // The plugin is loaded but has no such component: the ordinary message.
+        let error = r
+            .get(ComponentKind::Trainer, "fast/lop")
+            .expect_err("misspelt");
+        assert!(
+            error.to_string().starts_with(
+                "unknown trainer `fast/lop`, did you mean `fast/loop`?; known trainers:"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_component_in_the_wrong_slot_says_what_it_is() {
+        let r = registry(vec![trainer("default"), kernel("cpu")]);
+        let error = r
+            .get(ComponentKind::Trainer, "cpu")
+            .expect_err("a kernel, not a trainer");
+        assert_eq!(
+            error.to_string(),
+            "unknown trainer `cpu`: `cpu` is registered as a kernel, not as a trainer; \
+             known trainers: `default`"
         );
     }
 

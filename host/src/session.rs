@@ -5,7 +5,13 @@
 //! The order of construction matters and is deliberate: the tokenizer first (a `bpe`
 //! tokenizer learns from the training documents), then the model (so `seq_len` can be checked
 //! against its context before any expensive tokenization), then the data, the optimizer, the
-//! sinks, and finally the trainer.
+//! sinks and trackers, and finally the trainer.
+//!
+//! Trackers follow the run's lifecycle from the metrics hub's threads: they are told the run
+//! started (or resumed) with its parameters (the resolved config flattened to dotted keys,
+//! [`run_params`]), get every metric record as sinks do, each checkpoint directory once it is
+//! committed and the run's own files at the end, and finally how the run ended: finished,
+//! failed (an error ended it) or killed (stopped by Ctrl-C, resumable).
 //!
 //! A resumed run ([`resume`]) builds the same components the same way, then overwrites what
 //! the checkpoint holds — parameters, optimizer state, the data cursor, the trainer's state —
@@ -27,7 +33,9 @@ use candle_core::{Device, Tensor as CTensor};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
 use codex_plugin_api::trainer::{BatchIds, TrainSession, TrainSession_TO};
-use codex_plugin_api::{ForwardCtx, OptimStep, ParamInfo, PluginError, TensorId, TrainSettings};
+use codex_plugin_api::{
+    ForwardCtx, OptimStep, ParamInfo, PluginError, RunInfo, RunStatus, TensorId, TrainSettings,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +44,7 @@ use crate::components;
 use crate::config::Config;
 use crate::data::{self, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches};
 use crate::inference;
-use crate::metrics::{HubOptions, MetricsHub, Recorder};
+use crate::metrics::{HubOptions, MetricsHub, Recorder, Tracking};
 use crate::registry::Registry;
 use crate::rundir::{Metadata, MetadataInput, PluginLock, RunDir};
 use crate::tensor::{self, ParamStore, TensorGroup};
@@ -374,6 +382,14 @@ fn run_in(
     let config_text = config.to_ron();
     run.write_config(&config_text)?;
 
+    // Trackers are built (their parameters checked) before any expensive work, and told about
+    // the run only when the metrics hub starts.
+    let mut trackers = Vec::new();
+    for spec in &config.trackers {
+        let tracker = components::tracker(registry, &spec.name, &spec.params)?;
+        trackers.push((spec.name.clone(), tracker));
+    }
+
     // Tokenizer, trained on the training documents when it learns a vocabulary.
     let docs = data::load_documents(&config.data, &config.dir)?;
     tracing::info!(
@@ -425,7 +441,7 @@ fn run_in(
     let max_positions = model.max_positions();
     if config.train.seq_len > max_positions {
         bail!(
-            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's n_positions",
+            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's position limit in model.params (n_positions for gpt2, max_position_embeddings for LLaMA-style models)",
             config.train.seq_len,
             config.model.name,
             max_positions
@@ -507,7 +523,22 @@ fn run_in(
         let sink = components::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
         sinks.push((spec.name.clone(), sink));
     }
-    let hub = MetricsHub::start(HubOptions::new(run.path(), resume_step), sinks)?;
+    let tracking = if trackers.is_empty() {
+        None
+    } else {
+        let run_dir = std::path::absolute(run.path()).unwrap_or_else(|_| run.path().to_path_buf());
+        Some(Tracking {
+            run: RunInfo {
+                experiment: config.experiment.as_str().into(),
+                run_id: run.run_id().into(),
+                run_dir: run_dir.to_string_lossy().as_ref().into(),
+            },
+            params: run_params(config)?,
+            trackers,
+        })
+    };
+    // Dropped on an error before `finish_as`, the hub tells the trackers the run failed.
+    let hub = MetricsHub::start_tracked(HubOptions::new(run.path(), resume_step), sinks, tracking)?;
 
     let metadata = Metadata::collect(
         run,
@@ -564,49 +595,99 @@ fn run_in(
     let last_checkpoint = session.last_checkpoint.clone();
     let val_loss = session.val_loss;
     drop(session);
-    let report = hub.finish();
+    let result = outcome
+        .map_err(|e| {
+            let where_ = match &last_checkpoint {
+                Some(p) => format!("the last checkpoint is {}", p.display()),
+                None => "no checkpoint was written".to_string(),
+            };
+            anyhow!("training failed: {e}; {where_}")
+        })
+        .and_then(|outcome| {
+            let sample = match (&config.generate, outcome.interrupted) {
+                (Some(g), false) => Some(inference::generate(
+                    &model,
+                    &tokenizer,
+                    &device,
+                    &g.prompt,
+                    &inference::GenerateOptions {
+                        max_tokens: g.max_tokens,
+                        sampling: crate::sampling::Sampling {
+                            temperature: g.temperature,
+                            top_k: g.top_k.unwrap_or(0),
+                            top_p: g.top_p.unwrap_or(1.0),
+                        },
+                        seed: config.seed,
+                    },
+                )?),
+                _ => None,
+            };
+            Ok(RunSummary {
+                run_dir: run.path().to_path_buf(),
+                steps: outcome.steps,
+                interrupted: outcome.interrupted,
+                last_checkpoint,
+                val_loss,
+                sample,
+            })
+        });
+
+    let status = match &result {
+        Err(_) => RunStatus::Failed,
+        Ok(summary) if summary.interrupted => RunStatus::Killed,
+        Ok(_) => RunStatus::Finished,
+    };
+    let recorder = hub.recorder();
+    for path in [run.config_path(), run.metadata_path(), run.tokenizer_path()] {
+        if path.is_file() {
+            recorder.artifact(&path);
+        }
+    }
+    let report = hub.finish_as(status);
     for s in &report.sinks {
         if let Some(reason) = &s.disabled {
             tracing::warn!("sink `{}` was disabled during the run: {reason}", s.name);
         }
     }
-    let outcome = outcome.map_err(|e| {
-        let where_ = match &last_checkpoint {
-            Some(p) => format!("the last checkpoint is {}", p.display()),
-            None => "no checkpoint was written".to_string(),
-        };
-        anyhow!("training failed: {e}; {where_}")
-    })?;
+    // A tracker is named in one warning when it is disabled or abandoned; none is repeated.
+    result
+}
 
-    let sample = match (&config.generate, outcome.interrupted) {
-        (Some(g), false) => {
-            let text = inference::generate(
-                &model,
-                &tokenizer,
-                &device,
-                &g.prompt,
-                &inference::GenerateOptions {
-                    max_tokens: g.max_tokens,
-                    sampling: crate::sampling::Sampling {
-                        temperature: g.temperature,
-                        top_k: g.top_k.unwrap_or(0),
-                        top_p: g.top_p.unwrap_or(1.0),
-                    },
-                    seed: config.seed,
-                },
-            )?;
-            Some(text)
+/// The run's parameters for trackers: the resolved config flattened to dotted keys
+/// (`optimizer.lr` = `0.0006`, `data.train.0.Text.paths.0` = `/data/a.txt`), list items by
+/// index, absent optional values left out, empty lists and maps written `[]` and `{}`.
+pub fn run_params(config: &Config) -> Result<Vec<(String, String)>> {
+    fn flatten(key: String, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        use serde_json::Value;
+        let join = |k: &str| {
+            if key.is_empty() {
+                k.to_string()
+            } else {
+                format!("{key}.{k}")
+            }
+        };
+        match value {
+            Value::Null => {}
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    flatten(join(k), v, out);
+                }
+            }
+            Value::Array(items) if !items.is_empty() => {
+                for (i, v) in items.iter().enumerate() {
+                    flatten(join(&i.to_string()), v, out);
+                }
+            }
+            Value::String(text) => out.push((key, text.clone())),
+            other => out.push((key, other.to_string())),
         }
-        _ => None,
-    };
-    Ok(RunSummary {
-        run_dir: run.path().to_path_buf(),
-        steps: outcome.steps,
-        interrupted: outcome.interrupted,
-        last_checkpoint,
-        val_loss,
-        sample,
-    })
+    }
+    let tree = config
+        .to_json()
+        .context("recording the run's parameters for its trackers")?;
+    let mut out = Vec::new();
+    flatten(String::new(), &tree, &mut out);
+    Ok(out)
 }
 
 /// Optimizer steps the run takes: `max_steps`, or `epochs` worth of data, or the smaller.
@@ -646,13 +727,22 @@ fn plugin_lock(registry: &Registry, config: &Config) -> Vec<PluginLock> {
     named
         .into_iter()
         .filter_map(|(kind, name)| registry.get(kind, name).ok())
-        .map(|e| PluginLock {
-            name: format!("{}/{}", e.kind.as_str(), e.name),
-            origin: match &e.origin {
-                crate::registry::Origin::Builtin { .. } => "builtin".to_string(),
-                other => other.to_string(),
-            },
-            sha256: None,
+        .map(|e| {
+            use crate::registry::Origin;
+            let (origin, sha256) = match &e.origin {
+                Origin::Builtin { .. } => ("builtin".to_string(), None),
+                // The file was checked against its manifest pin when it loaded; hashing it
+                // again records exactly which build this run used.
+                Origin::Native { path } | Origin::Wasm { path } => (
+                    e.origin.to_string(),
+                    crate::checkpoint::sha256_file(path).ok(),
+                ),
+            };
+            PluginLock {
+                name: format!("{}/{}", e.kind.as_str(), e.name),
+                origin,
+                sha256,
+            }
         })
         .collect()
 }
@@ -706,6 +796,19 @@ impl Progress {
                 );
             }
             None => {}
+        }
+    }
+
+    /// Report an evaluation: above the bar on a terminal, a log line otherwise.
+    fn evaluated(&self, step: u64, loss: f64) {
+        let line = format!(
+            "step {step}/{} validation loss {loss:.4} (perplexity {:.2})",
+            self.total,
+            loss.exp()
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => tracing::info!("{line}"),
         }
     }
 
@@ -829,6 +932,7 @@ impl HostSession<'_> {
         }
         let path = w.commit()?;
         tracing::info!("checkpoint: {}", path.display());
+        self.recorder.artifact(&path);
         self.known_checkpoints.retain(|c| c.step != step);
         self.known_checkpoints.push(checkpoint::Summary {
             step,
@@ -901,6 +1005,7 @@ impl TrainSession for HostSession<'_> {
         if split.as_str() == "val" && name.as_str() == "loss" {
             self.val_loss = Some(value);
             self.val_loss_at = Some(step);
+            self.progress.evaluated(step, value);
         }
         self.recorder
             .record(step, split.as_str(), name.as_str(), value);

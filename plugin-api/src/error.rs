@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
 
 use abi_stable::std_types::{RResult, RString};
 use abi_stable::StableAbi;
@@ -93,7 +94,26 @@ macro_rules! bail {
     };
 }
 
-/// Run `f`, turning a panic into a [`PluginError`] that names `component` and `call`.
+/// The name of the native plugin this copy of the crate is linked into. Every cdylib links its
+/// own copy, so the name set at registration is that plugin's; built-ins never set it.
+static PLUGIN_NAME: OnceLock<String> = OnceLock::new();
+
+/// Record the plugin's name so that every error [`guard`] reports from now on names it.
+pub(crate) fn name_plugin(name: &str) {
+    let _ = PLUGIN_NAME.set(name.to_owned());
+}
+
+/// `component`, prefixed with the plugin's name inside a native plugin.
+fn label(component: &str) -> String {
+    match PLUGIN_NAME.get() {
+        Some(plugin) if plugin == component => format!("plugin `{plugin}`"),
+        Some(plugin) => format!("plugin `{plugin}`: {component}"),
+        None => component.to_string(),
+    }
+}
+
+/// Run `f`, turning a panic into a [`PluginError`] that names `component` and `call` (and,
+/// inside a native plugin, the plugin).
 ///
 /// This is the plugin-side glue: the adapters call it around every component method.
 pub fn guard<T>(
@@ -103,7 +123,11 @@ pub fn guard<T>(
 ) -> RResult<T, PluginError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => RResult::ROk(v),
-        Ok(Err(e)) => RResult::RErr(PluginError::new(format!("{component}: {call}: {}", e.0))),
+        Ok(Err(e)) => RResult::RErr(PluginError::new(format!(
+            "{}: {call}: {}",
+            label(component),
+            e.0
+        ))),
         Err(payload) => {
             let what = if let Some(s) = payload.downcast_ref::<&str>() {
                 (*s).to_string()
@@ -113,7 +137,7 @@ pub fn guard<T>(
                 "unknown panic payload".to_string()
             };
             RResult::RErr(PluginError {
-                message: RString::from(format!("{component}: panic in {call}: {what}")),
+                message: RString::from(format!("{}: panic in {call}: {what}", label(component))),
                 panicked: true,
             })
         }

@@ -39,7 +39,7 @@ impl std::fmt::Display for ApiVersion {
 }
 
 /// The version of the plugin API this crate defines.
-pub const API_VERSION: ApiVersion = ApiVersion { major: 1, minor: 0 };
+pub const API_VERSION: ApiVersion = ApiVersion { major: 1, minor: 1 };
 
 /// The root module a native plugin exports.
 #[repr(C)]
@@ -66,7 +66,8 @@ impl RootModule for PluginModuleRef {
 }
 
 /// Plugin-side registration glue used by [`export_plugin!`](crate::export_plugin): installs
-/// the op table, then adds each declaration, catching panics.
+/// the op table, names the plugin in every later error, then adds each declaration, catching
+/// panics.
 #[doc(hidden)]
 pub fn register_all(
     plugin: &str,
@@ -75,6 +76,7 @@ pub fn register_all(
     declare: &[fn() -> crate::component::ComponentDecl],
 ) -> RResult<(), PluginError> {
     crate::ops::install_ops(ops);
+    crate::error::name_plugin(plugin);
     crate::error::guard(plugin, "register", || {
         for d in declare {
             let decl = d();
@@ -82,6 +84,17 @@ pub fn register_all(
         }
         Ok(())
     })
+}
+
+/// The symbol abi_stable looks a library's root module up by (`abi_stable::library::
+/// ROOT_MODULE_LOADER_NAME`). [`export_plugin!`](crate::export_plugin) spells it as a literal
+/// because `#[export_name]` takes nothing else; a test keeps the two equal.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __root_module_symbol {
+    () => {
+        "_1as_0lib_1header_0root_bmodule_bloader"
+    };
 }
 
 /// Define a native plugin's root module:
@@ -93,10 +106,13 @@ pub fn register_all(
 ///     components: [codex_plugin_api::optimizer::declare::<Lion>],
 /// }
 /// ```
+///
+/// The expansion is what `#[abi_stable::export_root_module]` generates, written with paths
+/// through this crate so that a plugin needs no dependency on `abi_stable` of its own.
 #[macro_export]
 macro_rules! export_plugin {
     (name: $name:expr, version: $version:expr, components: [$($declare:expr),* $(,)?] $(,)?) => {
-        #[$crate::abi_stable::export_root_module]
+        /// The plugin's root module, built once when the host first loads the library.
         pub fn codex_plugin_root_module() -> $crate::plugin::PluginModuleRef {
             use $crate::abi_stable::prefix_type::PrefixTypeTrait;
             extern "C" fn register(
@@ -113,5 +129,51 @@ macro_rules! export_plugin {
             }
             .leak_into_prefix()
         }
+
+        #[doc(hidden)]
+        #[export_name = $crate::__root_module_symbol!()]
+        pub static CODEX_PLUGIN_LIB_HEADER: $crate::abi_stable::library::LibHeader = {
+            extern "C" fn erased_root_module() -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(codex_plugin_root_module)
+            }
+            // SAFETY: this is the expansion of `#[export_root_module]`: the constructor
+            // returns the `PluginModuleRef` whose layout the header records.
+            unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<
+                    $crate::plugin::PluginModuleRef,
+                >(
+                    erased_root_module,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            }
+        };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exported_symbol_is_the_one_abi_stable_looks_up() {
+        assert_eq!(
+            __root_module_symbol!(),
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
+    }
+
+    #[test]
+    fn hosts_load_the_same_major_up_to_their_own_minor() {
+        let host = ApiVersion { major: 1, minor: 2 };
+        let v = |major, minor| ApiVersion { major, minor };
+        assert!(host.can_load(v(1, 0)));
+        assert!(host.can_load(v(1, 2)));
+        assert!(
+            !host.can_load(v(1, 3)),
+            "a newer minor may call missing ops"
+        );
+        assert!(!host.can_load(v(0, 2)));
+        assert!(!host.can_load(v(2, 0)));
+        assert!(API_VERSION.can_load(API_VERSION));
+    }
 }

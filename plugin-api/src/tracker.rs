@@ -3,6 +3,13 @@
 //! Where a sink is a stream of numbers, a tracker is a record of a whole run in some external
 //! system (an MLflow store, say). Like sinks they run off the training thread, and an error
 //! disables the tracker for the rest of the run with a warning.
+//!
+//! A resumed run is announced with [`TrackerAbi::resume`] instead of `start`, with the step of
+//! the checkpoint it continues from: a tracker then continues the run it recorded before (where
+//! its system allows) and drops what it holds after that step, since the resumed run records
+//! those steps again. `resume` came after the first release (plugin API 1.1), so it sits after
+//! the vtable's last prefix field with a default: a tracker built against 1.0 has no `resume`
+//! and is told `start`, as before.
 
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, Tuple2};
@@ -53,6 +60,12 @@ pub trait TrackerAbi: Send {
     /// The run ended.
     #[sabi(last_prefix_field)]
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
+    /// The run resumed from its checkpoint at `step` (instead of `start`); what was recorded
+    /// after `step` is superseded. Plugin API 1.1; trackers built against 1.0 get `start`.
+    fn resume(&mut self, run: RunInfo, step: u64) -> RResult<(), PluginError> {
+        let _ = step;
+        self.start(run)
+    }
 }
 
 /// An owned tracker object.
@@ -67,6 +80,13 @@ pub trait Tracker: Describe + Send + Sized + 'static {
     fn create(params: &str) -> Result<Self>;
     /// The run started.
     fn start(&mut self, run: &RunInfo) -> Result<()>;
+    /// The run resumed from its checkpoint at `step`: continue the run recorded before where
+    /// possible, and drop what was recorded after `step` (the resumed run records it again).
+    /// Default: treat it as a fresh start.
+    fn resume(&mut self, run: &RunInfo, step: u64) -> Result<()> {
+        let _ = step;
+        self.start(run)
+    }
     /// Configuration values.
     fn log_params(&mut self, params: &[(String, String)]) -> Result<()>;
     /// Metric records.
@@ -107,6 +127,9 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
     }
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
         guard(T::NAME, "finish", || self.0.finish(status))
+    }
+    fn resume(&mut self, run: RunInfo, step: u64) -> RResult<(), PluginError> {
+        guard(T::NAME, "resume", || self.0.resume(&run, step))
     }
 }
 

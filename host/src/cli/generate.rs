@@ -8,7 +8,7 @@ use crate::sampling::Sampling;
 
 /// Print a continuation of the prompt; the same seed gives the same text.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let registry = super::registry_for(None)?;
+    let registry = super::registry_for(args.manifest.as_deref())?;
     let loaded = inference::load(&args.target, &registry)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,

@@ -1,9 +1,12 @@
 //! `codex-ml list`: what this binary can run, grouped by kind, and what a manifest declares.
 //!
 //! One row type feeds both outputs, so the table and `--json` never disagree. Plugins from a
-//! manifest are listed as a group of their own: a plugin's components (and so their kinds) are
-//! only known once it is loaded, and this command loads nothing — it checks the manifest
-//! (parse, files present, sha256 pins) and says so in each row's `status`.
+//! manifest are listed as a group of their own, after the manifest is checked (parse, files
+//! present, sha256 pins): native plugins are loaded exactly as a run loads them, so their
+//! components appear under their kinds with the plugin file as origin, and a plugin that cannot
+//! load fails the command as it would fail the run. WASM plugins are compiled and checked the
+//! same way a run checks them; one that cannot be loaded is listed with the reason, since a run
+//! naming it would warn and train on without it.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -13,14 +16,17 @@ use clap::{Args, ValueEnum};
 use codex_plugin_api::ComponentKind;
 use serde::Serialize;
 
+use super::Loaded;
 use crate::manifest::{Capabilities, Manifest, PluginOrigin, PluginSpec, WasmLimits};
 use crate::registry::{Entry, Origin, Registry};
 
 pub(crate) const LONG_ABOUT: &str = "List every registered component, grouped by kind: name, \
     version, plugin-API version, origin and a one-line description.\n\n\
-    With --manifest, also check the manifest (strict parse, plugin files present, sha256 pins) \
-    and list the plugins it declares, with their limits and capabilities. Plugins are declared, \
-    not loaded, by this command.";
+    With --manifest, also check the manifest (strict parse, plugin files present, sha256 pins), \
+    load its plugins as a run would and list them with their limits and capabilities: a native \
+    plugin's components are listed as PLUGIN/NAME with the plugin file as origin; a WASM \
+    plugin is compiled and asked for its name and version inside its sandbox, and its sink is \
+    listed under the plugin's name.";
 
 /// `codex-ml list`.
 #[derive(Debug, Args)]
@@ -75,7 +81,9 @@ impl KindFilter {
 }
 
 const REGISTERED: &str = "registered";
-const DECLARED: &str = "declared, not loaded";
+const CHECKED: &str = "compiled and checked";
+const UNLOADABLE: &str = "cannot be loaded";
+const LOADED: &str = "loaded";
 
 /// One line of the listing; also its JSON object.
 #[derive(Debug, Serialize)]
@@ -100,6 +108,38 @@ struct Row {
     limits: Option<WasmLimits>,
     #[serde(skip_serializing_if = "Option::is_none")]
     capabilities: Option<Capabilities>,
+    /// WASM plugins: what loading the component found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    component: Option<WasmCheck>,
+}
+
+/// A WASM plugin, compiled and asked for its name and version under its own limits.
+#[derive(Debug, Serialize)]
+struct WasmCheck {
+    /// Whether it is a sink of the `codex:sink` world this build runs.
+    loads: bool,
+    world: &'static str,
+    /// The sink's own name and version, when it loads.
+    sink_name: Option<String>,
+    sink_version: Option<String>,
+    /// Why it does not load; a run naming it warns and goes on without it.
+    error: Option<String>,
+}
+
+impl WasmCheck {
+    fn of(found: &Result<codex_wasm::Described, String>) -> WasmCheck {
+        let (sink_name, sink_version, error) = match found {
+            Ok(d) => (Some(d.name.clone()), Some(d.version.clone()), None),
+            Err(e) => (None, None, Some(e.clone())),
+        };
+        WasmCheck {
+            loads: found.is_ok(),
+            world: codex_wasm::WORLD,
+            sink_name,
+            sink_version,
+            error,
+        }
+    }
 }
 
 impl Row {
@@ -124,10 +164,11 @@ impl Row {
             sha256_pinned: None,
             limits: None,
             capabilities: None,
+            component: None,
         }
     }
 
-    fn plugin(plugin: &PluginSpec) -> Row {
+    fn plugin(plugin: &PluginSpec, found: &Loaded) -> Row {
         let (limits, capabilities) = match &plugin.origin {
             PluginOrigin::Native => (None, None),
             PluginOrigin::Wasm {
@@ -135,31 +176,51 @@ impl Row {
                 capabilities,
             } => (Some(*limits), Some(capabilities.clone())),
         };
+        let (loaded, component) = match found {
+            Loaded::Native(info) => (Some(info), None),
+            Loaded::Wasm(result) => (None, Some(WasmCheck::of(result))),
+        };
         Row {
             kind: "plugin",
             name: plugin.name.clone(),
             origin: plugin.kind().as_str(),
             source: None,
             path: Some(plugin.path.display().to_string()),
-            version: None,
-            api_version: None,
-            description: None,
-            status: DECLARED,
+            version: loaded.map(|i| i.version.clone()),
+            api_version: loaded.map(|i| i.api_version.to_string()),
+            description: loaded.map(|i| {
+                format!(
+                    "`{}` {}: {} components",
+                    i.name,
+                    i.version,
+                    i.components.len()
+                )
+            }),
+            status: match found {
+                Loaded::Native(_) => LOADED,
+                Loaded::Wasm(Ok(_)) => CHECKED,
+                Loaded::Wasm(Err(_)) => UNLOADABLE,
+            },
             sha256: Some(plugin.sha256.clone()),
             sha256_pinned: Some(plugin.pinned),
             limits,
             capabilities,
+            component,
         }
     }
 }
 
 /// Run `codex-ml list`.
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
-    let registry =
+    let mut registry =
         Registry::with_builtins().context("cannot build the registry of built-in components")?;
     let manifest = match &args.manifest {
         Some(path) => Some(Manifest::load(path).context("invalid plugin manifest")?),
         None => None,
+    };
+    let loaded = match &manifest {
+        Some(m) => super::load_plugins(m, &mut registry)?,
+        None => Vec::new(),
     };
     let kinds: Vec<ComponentKind> = match args.kind {
         Some(filter) => filter.component_kind().into_iter().collect(),
@@ -177,7 +238,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         .collect();
     if show_plugins {
         if let Some(manifest) = &manifest {
-            groups.push(("plugin", manifest.plugins.iter().map(Row::plugin).collect()));
+            let rows = manifest
+                .plugins
+                .iter()
+                .zip(&loaded)
+                .map(|(p, found)| Row::plugin(p, found))
+                .collect();
+            groups.push(("plugin", rows));
         }
     }
 
@@ -261,11 +328,7 @@ fn write_plugins(
     name_width: usize,
 ) -> io::Result<()> {
     match manifest {
-        Some(m) => writeln!(
-            out,
-            "plugin (declared in {}; {DECLARED}: this build has no plugin loader)",
-            m.path.display()
-        )?,
+        Some(m) => writeln!(out, "plugin (declared in {})", m.path.display())?,
         None => writeln!(out, "plugin")?,
     }
     if rows.is_empty() {
@@ -279,12 +342,16 @@ fn write_plugins(
         };
         writeln!(
             out,
-            "  {:name_width$}  {:6}  {}  sha256 {} ({pin})",
+            "  {:name_width$}  {:6}  {}  {}  sha256 {} ({pin})",
             row.name,
             row.origin,
+            row.status,
             row.path.as_deref().unwrap_or(""),
             row.sha256.as_deref().unwrap_or(""),
         )?;
+        if let (Some(description), Some(api)) = (&row.description, &row.api_version) {
+            writeln!(out, "{pad}{description}, plugin API {api}")?;
+        }
         if let Some(l) = &row.limits {
             let fuel = l
                 .fuel
@@ -298,6 +365,20 @@ fn write_plugins(
         }
         if let Some(c) = &row.capabilities {
             writeln!(out, "{pad}capabilities: {}", describe_capabilities(c))?;
+        }
+        if let Some(w) = &row.component {
+            match (&w.sink_name, &w.sink_version, &w.error) {
+                (Some(name), Some(version), _) => writeln!(
+                    out,
+                    "{pad}component: sink `{name}` {version}, world {}; registered as sink `{}`",
+                    w.world, row.name
+                )?,
+                (_, _, error) => writeln!(
+                    out,
+                    "{pad}component: cannot be loaded ({}); a run naming it warns and goes on without it",
+                    error.as_deref().unwrap_or("unknown reason")
+                )?,
+            }
         }
     }
     Ok(())

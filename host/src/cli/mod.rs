@@ -17,13 +17,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{ConfigError, Override};
 use crate::diagnostics::Diagnostic;
-use crate::manifest::ManifestError;
-use crate::registry::RegistryError;
+use crate::manifest::{Manifest, ManifestError, PluginOrigin};
+use crate::native::{NativeError, PluginInfo};
+use crate::registry::{Registry, RegistryError};
 
 pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod list;
+pub mod plugin;
 pub mod resume;
 pub mod run;
 pub mod verify;
@@ -73,6 +75,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
     Bench(BenchArgs),
+    /// Work with plugin files: `plugin inspect FILE` shows what a native plugin declares
+    Plugin(plugin::PluginArgs),
 }
 
 const RUN_LONG_ABOUT: &str = "Train a model as an experiment config describes.\n\n\
@@ -145,6 +149,10 @@ pub struct EvalArgs {
     /// Evaluate at most N batches [default: all of them]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub batches: Option<usize>,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
+    /// tokenizer comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 }
 
 /// `codex-ml generate`.
@@ -172,6 +180,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler [default: the run's seed]
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
+    /// tokenizer comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
 }
 
 /// `codex-ml bench`.
@@ -264,6 +276,7 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Plugin(args) => plugin::plugin(args),
     };
     match result {
         Ok(()) => 0,
@@ -276,14 +289,15 @@ pub fn main() -> i32 {
     }
 }
 
-/// 2 when the failure is the user's input (arguments, config, manifest, component names),
-/// else 1.
+/// 2 when the failure is the user's input (arguments, config, manifest, component names, a
+/// plugin that cannot be loaded), else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     let usage = error.chain().any(|cause| {
         cause.is::<UsageError>()
             || cause.is::<ConfigError>()
             || cause.is::<ManifestError>()
             || cause.is::<RegistryError>()
+            || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
     });
     if usage {
@@ -319,24 +333,48 @@ pub fn report(error: &anyhow::Error) -> String {
 }
 
 /// The registry for a command: every built-in, plus the components of the plugins a manifest
-/// declares. The manifest is parsed and verified (paths, sha256 pins) before anything runs.
-pub(crate) fn registry_for(
-    manifest: Option<&std::path::Path>,
-) -> anyhow::Result<crate::registry::Registry> {
-    let registry = crate::registry::Registry::with_builtins()?;
+/// declares. The manifest is parsed and verified (paths, sha256 pins) before any plugin loads.
+pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result<Registry> {
+    let mut registry = Registry::with_builtins()?;
     if let Some(path) = manifest {
-        let manifest = crate::manifest::Manifest::load(path)?;
-        if let Some(first) = manifest.plugins.first() {
-            return Err(UsageError(format!(
-                "{}: plugin `{}` is declared, but this build of codex-ml cannot load {} plugins yet; remove it from the manifest",
-                path.display(),
-                first.name,
-                first.registry_origin().label()
-            ))
-            .into());
-        }
+        let manifest = Manifest::load(path)?;
+        load_plugins(&manifest, &mut registry)?;
     }
     Ok(registry)
+}
+
+/// What loading one manifest plugin found.
+pub(crate) enum Loaded {
+    /// A native plugin, loaded; its components are registered as `PLUGIN/NAME`.
+    Native(PluginInfo),
+    /// A wasm sink, registered under the plugin's name: its own name and version, or why it
+    /// cannot be loaded (a run naming it warns and trains on without it).
+    Wasm(Result<codex_wasm::Described, String>),
+}
+
+/// Load every plugin of `manifest` into `registry`, in manifest order, exactly as a run does.
+pub(crate) fn load_plugins(
+    manifest: &Manifest,
+    registry: &mut Registry,
+) -> anyhow::Result<Vec<Loaded>> {
+    let mut loaded = Vec::with_capacity(manifest.plugins.len());
+    for plugin in &manifest.plugins {
+        loaded.push(match &plugin.origin {
+            PluginOrigin::Native => {
+                Loaded::Native(crate::native::load(&plugin.name, &plugin.path, registry)?)
+            }
+            PluginOrigin::Wasm {
+                limits,
+                capabilities,
+            } => Loaded::Wasm(crate::components::register_wasm_sink(
+                registry,
+                plugin,
+                limits,
+                capabilities,
+            )?),
+        });
+    }
+    Ok(loaded)
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
         .map(|entry| (entry.file_name().to_string_lossy().into_owned(), entry.path()))
         .collect();
     // `20261124-201500-2` sorts after `20261124-201500`, as it started later.
-    runs.sort_by_key(|a| run_id_key(&a.0));
+    runs.sort_by_key(|(id, _)| run_id_key(id));
     runs.pop().map(|(_, path)| path).ok_or_else(|| {
         UsageError(format!(
             "--resume latest: no runs of experiment `{experiment}` under {}; pass --run-dir or a path to --resume",

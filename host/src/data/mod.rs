@@ -67,8 +67,9 @@ pub fn pad_id(tokenizer: &TokenizerBox) -> u32 {
 }
 
 impl DataConfig {
-    /// The token cache directory: `cache_dir` relative to `base_dir` when set, else
-    /// `.cache/tokens` under `runs_dir`.
+    /// The token cache directory: `cache_dir` relative to `base_dir` when set, else the
+    /// `CODEX_ML_CACHE` environment variable when set (one cache shared by every experiment,
+    /// wherever it is started), else `.cache/tokens` under `runs_dir`.
     pub fn resolve_cache_dir(
         &self,
         base_dir: &std::path::Path,
@@ -76,7 +77,10 @@ impl DataConfig {
     ) -> std::path::PathBuf {
         match &self.cache_dir {
             Some(dir) => base_dir.join(dir),
-            None => runs_dir.join(".cache").join("tokens"),
+            None => match std::env::var_os("CODEX_ML_CACHE") {
+                Some(dir) if !dir.is_empty() => dir.into(),
+                _ => runs_dir.join(".cache").join("tokens"),
+            },
         }
     }
 }

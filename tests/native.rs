@@ -1,0 +1,954 @@
+//! Native plugins end to end, through the `codex-ml` binary: the example plugins
+//! (`plugins/examples/native-*`) and the failure fixtures (`tests/fixtures/plugins/*`) are
+//! built once with this test's profile and target directory, copied into each test's own
+//! directory (other builds sharing the target directory may rewrite the originals), pinned by
+//! sha256 in a manifest, listed, inspected and used in short training runs. The plugin model
+//! (`native-llama`) is also loaded into this process, through the same loader and factory a run
+//! uses, so that its causality and every gradient can be checked directly.
+//!
+//! Every failure must be an exit code of 1 or 2 with a message naming the plugin and the
+//! problem: an abort or a signal would show up here as a missing exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+use codex_plugin_api::{ApiVersion, API_VERSION};
+use serde_json::Value;
+
+use codex_tests::{cargo_build, codex_ml, profile_dir};
+
+/// Every plugin crate these tests load, by package name.
+const PACKAGES: &[&str] = &[
+    "native-lion",
+    "native-llama",
+    "native-tsv-sink",
+    "fixture-not-a-plugin",
+    "fixture-api-v2",
+    "fixture-layout",
+    "fixture-panic-register",
+    "fixture-twice",
+    "fixture-faulty",
+];
+
+/// Copy the built plugin of `package` into `dir`; returns the copy's path.
+pub(crate) fn plugin(dir: &Path, package: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(|| cargo_build(PACKAGES, None)) {
+        panic!("{e}");
+    }
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        package.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let copy = dir.join(&file);
+    std::fs::copy(profile_dir().join(&file), &copy)
+        .unwrap_or_else(|e| panic!("copying {file}: {e}"));
+    copy
+}
+
+fn sha256(path: &Path) -> String {
+    codex_host::checkpoint::sha256_file(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One manifest entry: the plugin's name and its file, pinned to its current digest.
+pub(crate) fn entry(name: &str, file: &Path) -> String {
+    format!(
+        "(name: \"{name}\", origin: native, path: \"{}\", sha256: \"{}\"),",
+        file.display(),
+        sha256(file)
+    )
+}
+
+pub(crate) fn write_manifest(dir: &Path, entries: &[String]) -> PathBuf {
+    let path = dir.join("plugins.ron");
+    std::fs::write(&path, format!("(plugins: [\n{}\n])\n", entries.join("\n"))).expect("manifest");
+    path
+}
+
+/// A tiny built-in model.
+const GPT2: &str =
+    r#"(name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32))"#;
+
+/// The LLaMA-style plugin model at the same size, under the manifest name `llama`.
+const LLAMA: &str = r#"(name: "llama/llama", params: (hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, max_position_embeddings: 32))"#;
+
+/// A short training run's config: a tiny `model` (RON) on the byte tokenizer and the test data.
+fn write_config(
+    dir: &Path,
+    model: &str,
+    optimizer: &str,
+    sinks: &[&str],
+    max_steps: u64,
+) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
+    let sinks: Vec<String> = sinks.iter().map(|s| format!("(name: \"{s}\")")).collect();
+    let text = format!(
+        r#"(
+    experiment: "native",
+    seed: 3,
+    data: (train: [Text(paths: ["{}"])], val_fraction: 0.2),
+    tokenizer: (name: "bytes"),
+    model: {model},
+    optimizer: {optimizer},
+    train: (max_steps: {max_steps}, seq_len: 32, batch_size: 8, log_every: 1, checkpoint_every: 5),
+    sinks: [{}],
+)
+"#,
+        data.display(),
+        sinks.join(", ")
+    );
+    let path = dir.join("experiment.ron");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+pub(crate) fn run(args: &[&std::ffi::OsStr]) -> Output {
+    codex_ml()
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("codex-ml runs")
+}
+
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `codex-ml list --manifest MANIFEST` must fail with code 2 and a message containing every
+/// one of `expect`; returns stderr.
+fn list_fails(manifest: &Path, expect: &[&str]) -> String {
+    let out = run(&["list".as_ref(), "--manifest".as_ref(), manifest.as_os_str()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+    }
+    stderr
+}
+
+/// `(step, name, value)` of every `train` record in a TSV sink's file.
+fn tsv_records(path: &Path) -> Vec<(u64, String, f64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step\tsplit\tname\tvalue\ttime"));
+    lines
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .filter(|f| f.get(1) == Some(&"train"))
+        .map(|f| {
+            (
+                f[0].parse().expect("step"),
+                f[2].to_owned(),
+                f[3].parse().expect("value"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_shows_what_a_plugin_declares_without_a_manifest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let out = run(&["plugin".as_ref(), "inspect".as_ref(), lion.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!("plugin lion 0.1.0 (plugin API {API_VERSION})")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&sha256(&lion)), "{stdout}");
+    assert!(stdout.contains("optimizer  lion  0.1.0  Lion: sign of interpolated momentum"));
+
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let out = run(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        tsv.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["name"], "tsv");
+    assert_eq!(report["api_version"], API_VERSION.to_string());
+    assert_eq!(report["sha256"], sha256(&tsv));
+    assert_eq!(report["components"][0]["kind"], "sink");
+    assert_eq!(report["components"][0]["name"], "tsv");
+    assert_eq!(report["components"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn list_shows_native_components_with_the_plugin_file_as_origin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("lion", &lion), entry("tsv", &tsv)]);
+    let out = run(&[
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json array");
+    let row = |kind: &str, name: &str| {
+        rows.iter()
+            .find(|r| r["kind"] == kind && r["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {rows:?}"))
+            .clone()
+    };
+    let optimizer = row("optimizer", "lion/lion");
+    assert_eq!(optimizer["origin"], "native");
+    assert_eq!(optimizer["path"], lion.display().to_string());
+    assert_eq!(optimizer["api_version"], API_VERSION.to_string());
+    assert_eq!(row("sink", "tsv/tsv")["path"], tsv.display().to_string());
+    let plugin_row = row("plugin", "lion");
+    assert_eq!(plugin_row["status"], "loaded");
+    assert_eq!(plugin_row["sha256_pinned"], true);
+    assert!(
+        row("optimizer", "adamw")["origin"] == "built-in",
+        "built-ins stay listed"
+    );
+
+    let out = run(&["list".as_ref(), "--manifest".as_ref(), manifest.as_os_str()]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(table.contains("lion/lion"), "{table}");
+    assert!(table.contains("loaded"), "{table}");
+}
+
+#[test]
+fn lion_trains_gpt2_and_the_tsv_sink_receives_every_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("lion", &lion), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        GPT2,
+        r#"(name: "lion/lion", lr: 3e-3, params: (weight_decay: 0.1))"#,
+        &["tsv/tsv"],
+        30,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let records = tsv_records(&run_dir.join("metrics.tsv"));
+    let losses: Vec<(u64, f64)> = records
+        .iter()
+        .filter(|(_, name, _)| name == "loss")
+        .map(|(step, _, v)| (*step, *v))
+        .collect();
+    let steps: Vec<u64> = losses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<u64>>(), "one loss per step");
+    let mean = |xs: &[(u64, f64)]| xs.iter().map(|(_, v)| v).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
+    assert!(
+        last < first - 0.3,
+        "the loss must fall under Lion: first steps {first:.3}, last steps {last:.3}"
+    );
+    assert!(records.iter().any(|(_, name, _)| name == "lr"));
+
+    // Lion's momentum is host state, so checkpoints carry it by name.
+    let checkpoint = run_dir.join("checkpoints");
+    let newest = std::fs::read_dir(&checkpoint)
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .max()
+        .expect("a checkpoint");
+    let state = std::fs::read(newest.join("optimizer.safetensors")).expect("optimizer state");
+    let header = String::from_utf8_lossy(&state[..state.len().min(64 * 1024)]);
+    assert!(
+        header.contains("optimizer.transformer.wte.weight.exp_avg"),
+        "Lion's momentum is not in the checkpoint"
+    );
+}
+
+#[test]
+fn a_failing_plugin_sink_is_disabled_and_training_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faulty = plugin(dir.path(), "fixture-faulty");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        GPT2,
+        r#"(name: "adamw", lr: 1e-3)"#,
+        &["faulty/failing", "tsv/tsv"],
+        6,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("faulty/failing") && stderr.contains("deliberate write failure"),
+        "the disabled sink is reported: {stderr}"
+    );
+    let losses = tsv_records(&run_dir.join("metrics.tsv"))
+        .into_iter()
+        .filter(|(_, name, _)| name == "loss")
+        .count();
+    assert_eq!(losses, 6, "the other sink got every step");
+}
+
+#[test]
+fn a_plugin_panicking_mid_training_ends_the_run_with_a_usable_checkpoint() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let faulty = plugin(dir.path(), "fixture-faulty");
+    let manifest = write_manifest(dir.path(), &[entry("faulty", &faulty)]);
+    let config = write_config(
+        dir.path(),
+        GPT2,
+        r#"(name: "faulty/panicky", lr: 1e-2, params: (panic_at: 7))"#,
+        &[],
+        10,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for expected in [
+        "training failed",
+        "plugin `faulty`",
+        "panic in step",
+        "deliberate panic at step 7",
+        "the last checkpoint is",
+        "step-00000005",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
+    }
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "1".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "the last checkpoint must evaluate: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn plugins_that_cannot_load_are_refused_with_the_plugin_and_the_problem() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let check = |name: &str, package: &str, expect: &[&str]| {
+        let manifest = write_manifest(d, &[entry(name, &plugin(d, package))]);
+        list_fails(&manifest, expect)
+    };
+    check(
+        "v2",
+        "fixture-api-v2",
+        &[
+            "plugin `v2`",
+            "libfixture_api_v2",
+            "built against plugin API 2.0",
+            &format!("loads plugin API {}.0 to {API_VERSION}", API_VERSION.major),
+        ],
+    );
+    check(
+        "nothing",
+        "fixture-not-a-plugin",
+        &[
+            "plugin `nothing`",
+            "not a codex-ml plugin",
+            "export_plugin!",
+        ],
+    );
+    check(
+        "boom",
+        "fixture-panic-register",
+        &[
+            "plugin `boom`: registration failed",
+            "panic in register: deliberate panic while declaring a component",
+        ],
+    );
+    check(
+        "twice",
+        "fixture-twice",
+        &["plugin `twice`", "declares sink `drop` twice"],
+    );
+
+    // A file that is no shared library at all, correctly pinned.
+    let junk = d.join("libjunk.so");
+    std::fs::write(&junk, b"not a library").expect("junk file");
+    list_fails(
+        &write_manifest(d, &[entry("junk", &junk)]),
+        &[
+            "plugin `junk`: cannot load",
+            "libjunk.so",
+            "shared library (cdylib) built for this platform",
+        ],
+    );
+
+    // Two manifest entries under one name, even for different files.
+    let lion = plugin(d, "native-lion");
+    let tsv = plugin(d, "native-tsv-sink");
+    list_fails(
+        &write_manifest(d, &[entry("dup", &lion), entry("dup", &tsv)]),
+        &[
+            "plugins[1].name",
+            "plugin `dup` is declared twice (plugins[0] and plugins[1]",
+            &lion.display().to_string(),
+            &tsv.display().to_string(),
+        ],
+    );
+}
+
+/// The manifest keeps plugin names unique, so two loads of one `PLUGIN/NAME` can only meet
+/// through the library API; there too the second is refused naming both files, and leaves the
+/// registry as it was.
+#[test]
+fn one_plugin_name_loaded_twice_names_both_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = plugin(dir.path(), "native-lion");
+    let copy_dir = dir.path().join("copy");
+    std::fs::create_dir(&copy_dir).expect("dir");
+    let second = plugin(&copy_dir, "native-lion");
+    let mut registry = codex_host::registry::Registry::with_builtins().expect("built-ins");
+    codex_host::native::load("lion", &first, &mut registry).expect("the first load");
+    let before = registry.len();
+    let error = codex_host::native::load("lion", &second, &mut registry).expect_err("duplicate");
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(&format!("\n{cause}"));
+        source = cause.source();
+    }
+    assert!(
+        chain.starts_with(&format!(
+            "plugin `lion` ({}): a component",
+            second.display()
+        )),
+        "{chain}"
+    );
+    assert!(
+        chain.contains(&format!(
+            "optimizer `lion/lion` is registered twice: by native plugin {} and by native plugin {}",
+            first.display(),
+            second.display()
+        )),
+        "{chain}"
+    );
+    assert_eq!(
+        registry.len(),
+        before,
+        "the refused plugin left nothing behind"
+    );
+}
+
+#[test]
+fn a_layout_mismatch_is_one_line_and_the_full_report_needs_verbose() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = plugin(dir.path(), "fixture-layout");
+    let manifest = write_manifest(dir.path(), &[entry("shifted", &layout)]);
+    let stderr = list_fails(
+        &manifest,
+        &[
+            "plugin `shifted`",
+            "does not match this codex-ml's ABI",
+            &format!("plugin API 1.0, host API {API_VERSION}"),
+            "expected codex-plugin-api, found fixture-layout",
+            "run with -v",
+        ],
+    );
+    assert!(stderr.len() < 1000, "{} bytes: {stderr}", stderr.len());
+    let out = run(&[
+        "-v".as_ref(),
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("Layout of expected type"));
+}
+
+#[test]
+fn missing_files_and_changed_pins_are_refused_before_loading() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    let pinned = entry("lion", &lion);
+    let manifest = write_manifest(dir.path(), std::slice::from_ref(&pinned));
+    std::fs::write(&lion, b"a different file").expect("overwrite");
+    list_fails(&manifest, &["plugin `lion`", "sha256 mismatch", "expected"]);
+    std::fs::remove_file(&lion).expect("remove");
+    list_fails(
+        &manifest,
+        &["plugin `lion`", "cannot read", "libnative_lion"],
+    );
+}
+
+#[test]
+fn a_component_in_the_wrong_slot_says_what_it_is() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("tsv", &tsv)]);
+    let config = write_config(dir.path(), GPT2, r#"(name: "tsv/tsv", lr: 1e-3)"#, &[], 2);
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        dir.path().join("run").as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "unknown optimizer `tsv/tsv`: `tsv/tsv` is registered as a sink, not as an optimizer"
+        ),
+        "{stderr}"
+    );
+}
+
+/// The tensor names and shapes in a safetensors file's header.
+fn safetensors_shapes(path: &Path) -> Vec<(String, Vec<u64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + len]).expect("json header");
+    let mut shapes: Vec<(String, Vec<u64>)> = header
+        .as_object()
+        .expect("object")
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dim"))
+                .collect();
+            (name.clone(), shape)
+        })
+        .collect();
+    shapes.sort();
+    shapes
+}
+
+#[test]
+fn inspect_and_list_show_the_plugin_model() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let out = run(&["plugin".as_ref(), "inspect".as_ref(), llama.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!("plugin llama 0.1.0 (plugin API {API_VERSION})")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("model  llama  0.1.0  LLaMA-style decoder: RMSNorm, rotary positions"),
+        "{stdout}"
+    );
+
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama)]);
+    let out = run(&[
+        "list".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json array");
+    let model = rows
+        .iter()
+        .find(|r| r["kind"] == "model" && r["name"] == "llama/llama")
+        .unwrap_or_else(|| panic!("no model llama/llama in {rows:?}"));
+    assert_eq!(model["origin"], "native");
+    assert_eq!(model["path"], llama.display().to_string());
+}
+
+#[test]
+fn the_plugin_llama_trains_with_adamw_and_its_checkpoint_evaluates_and_generates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let tsv = plugin(dir.path(), "native-tsv-sink");
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama), entry("tsv", &tsv)]);
+    let config = write_config(
+        dir.path(),
+        LLAMA,
+        r#"(name: "adamw", lr: 1e-2)"#,
+        &["tsv/tsv"],
+        30,
+    );
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let losses: Vec<f64> = tsv_records(&run_dir.join("metrics.tsv"))
+        .into_iter()
+        .filter(|(_, name, _)| name == "loss")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(losses.len(), 30, "one loss per step");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
+    assert!(
+        last < first - 0.3,
+        "the loss must fall: first steps {first:.3}, last steps {last:.3}"
+    );
+
+    // Hugging Face LLaMA names and `[out, in]` layouts, no biases, an LM head of its own.
+    let newest = std::fs::read_dir(run_dir.join("checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .max()
+        .expect("a checkpoint");
+    let shapes = safetensors_shapes(&newest.join("model.safetensors"));
+    let shape = |name: &str| {
+        shapes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| panic!("no {name} in {shapes:?}"))
+    };
+    let vocab = shape("model.embed_tokens.weight")[0];
+    assert_eq!(shape("model.embed_tokens.weight"), [vocab, 32]);
+    assert_eq!(shape("lm_head.weight"), [vocab, 32]);
+    for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        assert_eq!(
+            shape(&format!("model.layers.0.self_attn.{proj}.weight")),
+            [32, 32]
+        );
+    }
+    assert_eq!(shape("model.layers.0.mlp.gate_proj.weight"), [64, 32]);
+    assert_eq!(shape("model.layers.0.mlp.up_proj.weight"), [64, 32]);
+    assert_eq!(shape("model.layers.0.mlp.down_proj.weight"), [32, 64]);
+    assert_eq!(shape("model.layers.0.input_layernorm.weight"), [32]);
+    assert_eq!(
+        shape("model.layers.0.post_attention_layernorm.weight"),
+        [32]
+    );
+    assert_eq!(shape("model.norm.weight"), [32]);
+    assert_eq!(shapes.len(), 12, "{shapes:?}");
+
+    // Without the manifest the checkpoint's model cannot be built: the error says why.
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "1".as_ref(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "unknown model `llama/llama`: it comes from plugin `llama`, which is not loaded"
+        ) && stderr.contains("--manifest FILE"),
+        "{stderr}"
+    );
+
+    let out = run(&[
+        "eval".as_ref(),
+        run_dir.as_os_str(),
+        "--batches".as_ref(),
+        "2".as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let eval_loss: f64 = stdout
+        .strip_prefix("loss ")
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no loss in {stdout}"));
+    assert!(
+        eval_loss.is_finite() && eval_loss < first,
+        "the trained checkpoint evaluates below the first steps' loss: {eval_loss} vs {first}"
+    );
+
+    let generate = |seed: &str| {
+        let out = run(&[
+            "generate".as_ref(),
+            run_dir.as_os_str(),
+            "--prompt".as_ref(),
+            "fn ".as_ref(),
+            "--max-tokens".as_ref(),
+            "12".as_ref(),
+            "--seed".as_ref(),
+            seed.as_ref(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let first_text = generate("5");
+    assert!(first_text.starts_with("fn "), "{first_text}");
+    assert!(
+        first_text.len() > "fn \n".len(),
+        "nothing generated: {first_text:?}"
+    );
+    assert_eq!(
+        generate("5"),
+        first_text,
+        "the same seed gives the same text"
+    );
+
+    // Resuming needs the plugin too, and says so before touching the run.
+    let out = run(&["resume".as_ref(), run_dir.as_os_str()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("plugin `llama`, which is not loaded"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_plugin_llama_refuses_bad_params_naming_the_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let llama = plugin(dir.path(), "native-llama");
+    let manifest = write_manifest(dir.path(), &[entry("llama", &llama)]);
+    let attempt = std::cell::Cell::new(0);
+    let fails = |model: &str, expect: &[&str]| {
+        attempt.set(attempt.get() + 1);
+        let config = write_config(dir.path(), model, r#"(name: "adamw", lr: 1e-3)"#, &[], 1);
+        let out = run(&[
+            "run".as_ref(),
+            config.as_os_str(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+            "--run-dir".as_ref(),
+            dir.path()
+                .join(format!("run-{}", attempt.get()))
+                .as_os_str(),
+        ]);
+        let stderr = text(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "an error exit, not a crash: {:?}\n{stderr}",
+            out.status
+        );
+        for e in expect {
+            assert!(stderr.contains(e), "missing `{e}` in:\n{stderr}");
+        }
+    };
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, num_layers: 1))"#,
+        &[
+            "plugin `llama`",
+            "create",
+            "unknown field `num_layers`",
+            "num_hidden_layers",
+        ],
+    );
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 30, num_attention_heads: 4))"#,
+        &[
+            "plugin `llama`",
+            "hidden_size: must be divisible by num_attention_heads (4)",
+        ],
+    );
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, rope_theta: 0.5))"#,
+        &["rope_theta: must be greater than 1, found 0.5"],
+    );
+    // The test config trains on 32-token sequences.
+    fails(
+        r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, num_hidden_layers: 1, max_position_embeddings: 16))"#,
+        &[
+            "train.seq_len is 32",
+            "`llama/llama` accepts at most 16 positions",
+            "max_position_embeddings",
+        ],
+    );
+}
+
+/// `docs/plugins-native.md` states the current plugin-API version and a table of which host
+/// loads which plugin: both must say what the code does (`API_VERSION`, and
+/// `ApiVersion::can_load`, the check `codex_host::native` applies before registration).
+#[test]
+fn the_native_plugin_guide_states_the_current_version_and_the_loading_rule() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plugins-native.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let stated = text
+        .split_once("The current plugin API version is **")
+        .and_then(|(_, rest)| rest.split_once("**"))
+        .map(|(version, _)| version)
+        .expect("the guide states the current plugin API version");
+    assert_eq!(
+        stated,
+        API_VERSION.to_string(),
+        "docs/plugins-native.md states plugin API {stated}; update it"
+    );
+
+    let start = text.find("<!-- compat:start -->").expect("start marker");
+    let end = text.find("<!-- compat:end -->").expect("end marker");
+    let version = |cell: &str| -> ApiVersion {
+        let parsed = cell.split_once('.').and_then(|(major, minor)| {
+            Some(ApiVersion {
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+            })
+        });
+        parsed.unwrap_or_else(|| panic!("`{cell}` is not MAJOR.MINOR"))
+    };
+    let mut rows = 0;
+    let (mut loads, mut refused) = (0, 0);
+    for line in text[start..end].lines() {
+        let cells: Vec<&str> = line
+            .split('|')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        let [host, plugin, verdict] = cells.as_slice() else {
+            continue;
+        };
+        if !host.starts_with(|c: char| c.is_ascii_digit()) {
+            continue; // the header and its rule
+        }
+        let documented = match *verdict {
+            "yes" => true,
+            "no" => false,
+            other => panic!("`{other}` in `{line}`: write yes or no"),
+        };
+        assert_eq!(
+            version(host).can_load(version(plugin)),
+            documented,
+            "docs/plugins-native.md says `{line}`, the code disagrees"
+        );
+        rows += 1;
+        if documented {
+            loads += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(
+        rows >= 5 && loads >= 2 && refused >= 2,
+        "the compatibility table shows both outcomes ({loads} loads, {refused} refused)"
+    );
+}
+
+/// The plugin's model in this process, through the factory its registration declares — the
+/// path a run takes — on a fresh CPU store.
+fn build_llama(dir: &Path, params: &str, vocab_size: usize, seed: u64) -> crate::model::Built {
+    use codex_plugin_api::abi_stable::std_types::{RResult, RStr};
+    use codex_plugin_api::model::ModelEnv;
+    use codex_plugin_api::{ComponentKind, Factory};
+
+    codex_host::tensor::install();
+    let file = plugin(dir, "native-llama");
+    let mut registry = codex_host::registry::Registry::new();
+    codex_host::native::load("llama", &file, &mut registry).expect("the plugin loads");
+    let entry = registry
+        .get(ComponentKind::Model, "llama/llama")
+        .expect("registered as a model");
+    let Factory::Model(factory) = entry.decl.factory else {
+        panic!("llama/llama is registered with a factory of another kind");
+    };
+    let mut store = codex_host::tensor::ParamStore::new(candle_core::Device::Cpu, seed);
+    let env = ModelEnv {
+        vocab_size,
+        store: store.as_tensor_store(),
+    };
+    match factory(RStr::from(params), env) {
+        RResult::ROk(model) => crate::model::Built { store, model },
+        RResult::RErr(e) => panic!("creating the model: {e}"),
+    }
+}
+
+const SMALL_LLAMA: &str = r#"{"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "max_position_embeddings": 12}"#;
+
+fn values(t: &codex_plugin_api::Tensor) -> Vec<f32> {
+    t.to_vec_f32().expect("values")
+}
+
+#[test]
+fn the_plugin_llama_is_causal_and_starts_near_uniform() {
+    use crate::model::{batch, EVAL};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vocab = 23;
+    let built = build_llama(dir.path(), SMALL_LLAMA, vocab, 0);
+    assert_eq!(built.model.max_positions(), 12);
+    let a: Vec<u32> = vec![1, 2, 3, 4, 5, 6];
+    let mut b = a.clone();
+    b[4] = 20;
+    let la = values(&built.forward(&a, 1, 6, EVAL).expect("forward"));
+    let lb = values(&built.forward(&b, 1, 6, EVAL).expect("forward"));
+    assert_eq!(la.len(), 6 * vocab);
+    let before = 4 * vocab;
+    for (x, y) in la[..before].iter().zip(&lb[..before]) {
+        assert!(
+            (x - y).abs() < 1e-6,
+            "a later token changed an earlier position's logits"
+        );
+    }
+    assert!(la[before..]
+        .iter()
+        .zip(&lb[before..])
+        .any(|(x, y)| (x - y).abs() > 1e-4));
+
+    let too_long = batch(1, 13, vocab as u32);
+    let error = built
+        .forward(&too_long.input, 1, 13, EVAL)
+        .expect_err("13 positions");
+    assert!(
+        error.contains("at most max_position_embeddings = 12"),
+        "{error}"
+    );
+
+    let data = batch(4, 12, vocab as u32);
+    let loss = built.loss(&data, EVAL).to_scalar().expect("scalar");
+    let uniform = (vocab as f64).ln();
+    assert!(
+        (loss - uniform).abs() < 0.05,
+        "initial loss {loss}, ln(vocab) {uniform}"
+    );
+}
+
+/// Every parameter gets a gradient through the host's ops (RMSNorm, rotary, SiLU included),
+/// and it is the right one: the directional derivative along the gradient matches a central
+/// finite difference of the loss.
+#[test]
+fn the_plugin_llama_gives_every_parameter_its_true_gradient() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vocab = 23;
+    let built = build_llama(dir.path(), SMALL_LLAMA, vocab, 11);
+    assert_eq!(
+        built.params().len(),
+        2 + 2 * 9 + 1,
+        "embedding, 9 per layer, norm, lm_head"
+    );
+    crate::model::assert_true_gradients(&built, &crate::model::batch(2, 8, vocab as u32));
+}
