@@ -784,6 +784,15 @@ fn the_config_switch_gives_the_same_loss_curve_with_kernels_on_and_off() {
             b.2
         );
     }
+    // Fused ops round differently: identical bits everywhere would mean the run never used
+    // the kernel (say, on a thread that lost the config's setting).
+    assert!(
+        fused
+            .iter()
+            .zip(&plain)
+            .any(|(a, b)| a.2.to_bits() != b.2.to_bits()),
+        "the run with `kernel: \"cpu\"` gave bit-identical losses: the kernel was not used"
+    );
 }
 
 #[test]

@@ -587,10 +587,11 @@ fn run_in(
         val_loss_at: None,
         last_lr: None,
     };
-    let outcome = {
+    // The whole loop runs on a worker of the pool its parallel sections use (see `on_pool`).
+    let outcome = crate::tensor::on_pool(|| {
         let session_ref = TrainSession_TO::from_ptr(&mut session, TD_Opaque);
         trainer.train(session_ref).into_result()
-    };
+    });
     session.progress.finish();
     let last_checkpoint = session.last_checkpoint.clone();
     let val_loss = session.val_loss;

@@ -357,19 +357,6 @@ fn print_profile(stats: &[profile::OpTime], steps: usize, step_ms: f64) {
     }
 }
 
-/// Run `f` on a worker of rayon's global pool and wait for it.
-///
-/// The matrix products and the kernel's ops are parallel sections on that pool. Called from a
-/// thread outside it, every section hands its work over and puts the caller to sleep until it
-/// is done; called from a worker, the caller takes part and the pool's other threads stay
-/// warm between sections.
-fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    let mut out = None;
-    rayon::scope(|s| s.spawn(|_| out = Some(f())));
-    // `scope` returns only after the spawned closure ran; it re-raises a panic in it.
-    out.unwrap_or_else(|| unreachable!("rayon::scope ran the spawned closure"))
-}
-
 /// Run the benchmark for the chosen configurations.
 pub fn bench(args: BenchArgs) -> Result<()> {
     if let Some(n) = args.threads {
@@ -390,7 +377,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         BenchPreset::Small => vec![SHAPES[1]],
     };
     for shape in chosen {
-        on_pool(|| run_shape(&registry, shape, &args))?;
+        crate::tensor::on_pool(|| run_shape(&registry, shape, &args))?;
     }
     Ok(())
 }

@@ -138,6 +138,20 @@ pub fn scoped_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<Kerne
     Ok(KernelScope { previous })
 }
 
+/// The calling thread's own kernel setting, to carry to another thread with [`carry_kernel`].
+pub(crate) struct ThreadKernel(Option<Option<Arc<ActiveKernel>>>);
+
+/// The calling thread's kernel setting (from a [`scoped_kernel`]), if it has one.
+pub(crate) fn thread_kernel() -> ThreadKernel {
+    ThreadKernel(LOCAL_CPU.with(|l| l.borrow().clone()))
+}
+
+/// Give the calling thread the setting `from` another thread, until the scope is dropped.
+pub(crate) fn carry_kernel(from: ThreadKernel) -> KernelScope {
+    let previous = LOCAL_CPU.with(|l| std::mem::replace(&mut *l.borrow_mut(), from.0));
+    KernelScope { previous }
+}
+
 /// The kernel that runs ops on `device` from the calling thread, if any.
 pub(crate) fn active(device: &Device) -> Option<Arc<ActiveKernel>> {
     if !device.is_cpu() {

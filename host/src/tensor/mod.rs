@@ -200,3 +200,22 @@ pub(crate) fn from_candle_dtype(dtype: candle_core::DType) -> Result<codex_plugi
         other => return Err(TensorError::UnsupportedDType(other)),
     })
 }
+
+/// Run `f` on a worker of rayon's global pool and wait for it.
+///
+/// The matrix products and the kernel's ops are parallel sections on that pool. Called from a
+/// thread outside it, every section hands its work over and puts the caller to sleep until it
+/// is done; called from a worker, the caller takes part and the pool's other threads stay
+/// warm between sections. The calling thread's kernel setting ([`scoped_kernel`]) goes with it.
+pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let mut out = None;
+    let kernel = dispatch::thread_kernel();
+    rayon::scope(|s| {
+        s.spawn(|_| {
+            let _kernel = dispatch::carry_kernel(kernel);
+            out = Some(f())
+        })
+    });
+    // `scope` returns only after the spawned closure ran; it re-raises a panic in it.
+    out.unwrap_or_else(|| unreachable!("rayon::scope ran the spawned closure"))
+}
