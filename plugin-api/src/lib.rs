@@ -30,6 +30,8 @@ pub mod optimizer;
 pub mod params;
 pub mod plugin;
 pub mod sink;
+#[cfg(feature = "strict")]
+pub mod strict;
 pub mod tensor;
 pub mod tokenizer;
 pub mod tracker;

@@ -1,7 +1,7 @@
 //! Strict parsing of a component's JSON parameters, with errors that name the field.
 //!
 //! The host hands each component its `params` section as JSON; the component owns its schema.
-//! `serde_path_to_error` gives the path of a bad value (`n_embd: invalid type ...`), and
+//! `codex_plugin_api::strict` gives the path of a bad value (`n_embd: invalid type ...`), and
 //! cross-field checks after parsing report the field they blame the same way.
 
 use serde::de::DeserializeOwned;
@@ -30,24 +30,7 @@ impl ConfigError {
     }
 }
 
-/// Parse `params` into `T`; an empty string means `{}` (every field defaulted).
+/// Parse `params` into `T` (`codex_plugin_api::strict`); an empty string means `{}`.
 pub(crate) fn parse_strict<T: DeserializeOwned>(params: &str) -> Result<T, ConfigError> {
-    let text = if params.trim().is_empty() {
-        "{}"
-    } else {
-        params
-    };
-    let mut de = serde_json::Deserializer::from_str(text);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            ConfigError::Parse(e.inner().to_string())
-        } else {
-            ConfigError::Parse(format!("{path}: {}", e.inner()))
-        }
-    })?;
-    de.end().map_err(|e| {
-        ConfigError::Parse(format!("trailing characters after the parameters: {e}"))
-    })?;
-    Ok(value)
+    codex_plugin_api::strict::parse_params(params).map_err(|e| ConfigError::Parse(e.to_string()))
 }

@@ -114,23 +114,7 @@ impl Config {
     /// Parse `params` strictly (an empty string means every default) and validate it against
     /// the tokenizer's vocabulary size. Errors start with the field they blame.
     fn parse(params: &str, tokenizer_vocab: usize) -> Result<Config> {
-        let text = if params.trim().is_empty() {
-            "{}"
-        } else {
-            params
-        };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                codex_plugin_api::Error::msg(e.inner())
-            } else {
-                codex_plugin_api::Error::msg(format!("{path}: {}", e.inner()))
-            }
-        })?;
-        de.end().map_err(|e| {
-            codex_plugin_api::Error::msg(format!("trailing characters after the parameters: {e}"))
-        })?;
+        let raw: RawConfig = codex_plugin_api::strict::parse_params(params)?;
         raw.resolve(tokenizer_vocab)
     }
 }
