@@ -24,12 +24,18 @@ struct Fixture {
 impl Fixture {
     /// `schedule` is the schedule kind; `train_extra` more fields of the `train` section.
     fn new(schedule: &str, train_extra: &str) -> Fixture {
+        Fixture::with_top(schedule, train_extra, "")
+    }
+
+    /// As [`Fixture::new`], with `top_extra` more top-level fields (`kernel: "cpu",`).
+    fn with_top(schedule: &str, train_extra: &str, top_extra: &str) -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
         let config = format!(
             r#"(
     experiment: "tiny",
     seed: 7,
+    {top_extra}
     data: (train: [Text(paths: ["{data}"])], val_fraction: 0.34),
     tokenizer: (name: "bytes"),
     model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32,
@@ -251,6 +257,24 @@ fn half_then_resume_is_bitwise_identical_to_straight() {
     }
     assert!(!fx.path("own/metadata.resume-1.json").exists());
     assert!(fx.path("own/config.resume-1.ron").exists());
+}
+
+/// The fused kernel's parallel ops split work the same way every time, so a run using it
+/// resumes bitwise too (the quickstart uses it).
+#[test]
+fn with_the_fused_kernel_a_killed_run_resumes_bitwise() {
+    let fx = Fixture::with_top("cosine", "", r#"kernel: "cpu","#);
+    fx.straight("straight");
+    fx.kill_at("killed", "9:model.safetensors");
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "killed",
+        "--resume",
+        "latest",
+    ]);
+    assert_same_as(&fx, "straight", "killed");
 }
 
 #[test]
