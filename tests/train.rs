@@ -329,3 +329,23 @@ fn bad_input_gets_clear_errors() {
     let malformed = ok.replace("batch_size: 2", "batch_size: \"two\"");
     check_run_error(dir, &malformed, &[], 2, &["bad.ron:", "batch_size"]);
 }
+
+/// `metrics.ndjson` is the run's complete record whatever the config says: an `ndjson` sink
+/// sent to another file writes an extra copy beside it.
+#[test]
+fn metrics_ndjson_is_written_even_when_the_ndjson_sink_names_another_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = load(
+        tmp.path(),
+        &config_text(
+            "max_steps: 3, seq_len: 16, batch_size: 2, log_every: 1",
+            r#"(name: "adamw", lr: 1e-3)"#,
+        ),
+        &[r#"sinks=[(name: "ndjson", params: (file: "copy.ndjson"))]"#],
+    );
+    let summary = train(tmp.path(), &config, "run");
+    let main = std::fs::read_to_string(summary.run_dir.join("metrics.ndjson")).unwrap();
+    let copy = std::fs::read_to_string(summary.run_dir.join("copy.ndjson")).unwrap();
+    assert_eq!(records(&summary.run_dir, "train", "loss").len(), 3);
+    assert_eq!(main, copy);
+}

@@ -521,7 +521,15 @@ fn run_in(
     let mut sinks = Vec::new();
     for spec in &config.sinks {
         let sink = components::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
-        sinks.push((spec.name.clone(), sink));
+        // `metrics.ndjson` is always written: an `ndjson` sink sent to another file is an
+        // extra copy under a name of its own, and the hub still opens the built-in one.
+        let lane = match spec.params.get("file").and_then(|f| f.as_str()) {
+            Some(file) if spec.name == crate::metrics::NDJSON && file != "metrics.ndjson" => {
+                format!("{}:{file}", spec.name)
+            }
+            _ => spec.name.clone(),
+        };
+        sinks.push((lane, sink));
     }
     let tracking = if trackers.is_empty() {
         None
