@@ -183,7 +183,11 @@ fn a_minimal_config_takes_every_default() {
     assert_eq!(c.train.schedule.kind, ScheduleKind::Constant);
     assert_eq!(c.train.schedule.warmup_steps, 0);
     assert_eq!(c.model.params, json!({}));
-    assert_eq!(c.kernel, None);
+    assert_eq!(
+        c.kernel.as_deref(),
+        Some("cpu"),
+        "the fused kernel on the CPU"
+    );
     assert_eq!(c.generate, None);
     let sinks: Vec<&str> = c.sinks.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(sinks, ["ndjson"]);
@@ -201,7 +205,26 @@ fn explicit_some_and_none_are_accepted() {
         &[],
     );
     assert_eq!(c.train.max_steps, Some(200));
-    let c = load_ok(&edit("kernel: \"cpu\",", "kernel: None,"), &[]);
+}
+
+/// A CPU run gets the fused kernel unless it says `kernel: "none"`; stored configs say which.
+#[test]
+fn the_cpu_kernel_is_the_default_and_none_switches_it_off() {
+    let c = load_ok(&edit("kernel: \"cpu\",", ""), &[]);
+    assert_eq!(c.kernel.as_deref(), Some("cpu"));
+    let (_f, result) = load_with(&edit("kernel: \"cpu\",", "kernel: None,"), &[]);
+    let e = result
+        .expect_err("None is neither off nor the default")
+        .to_string();
+    assert!(e.contains("kernel"), "{e}");
+    let off = load_ok(&edit("kernel: \"cpu\",", "kernel: \"none\","), &[]);
+    assert_eq!(off.kernel, None);
+    assert!(
+        off.to_ron().contains("kernel: \"none\""),
+        "{}",
+        off.to_ron()
+    );
+    let c = load_ok(QUICKSTART, &["kernel=\"none\""]);
     assert_eq!(c.kernel, None);
 }
 
@@ -255,7 +278,7 @@ fn each_kind_of_override_applies() {
         &|c| json!(c.train.epochs),
         json!(null),
     );
-    check(&["kernel=None"], &|c| json!(c.kernel), json!(null));
+    check(&["kernel=\"none\""], &|c| json!(c.kernel), json!(null));
     check(
         &["experiment=\"2024\""],
         &|c| json!(c.experiment),
@@ -547,7 +570,7 @@ fn to_ron_round_trips_wherever_it_is_stored() {
         ],
         vec![
             "generate=None",
-            "kernel=None",
+            "kernel=\"none\"",
             "train.epochs=2",
             "data.cache_dir=\"cache\"",
         ],

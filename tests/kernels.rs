@@ -733,7 +733,11 @@ fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
     {kernel}
 )"#,
         data = data.display(),
-        kernel = if kernel { r#"kernel: "cpu","# } else { "" },
+        kernel = if kernel {
+            r#"kernel: "cpu","#
+        } else {
+            r#"kernel: "none","#
+        },
     );
     let name = if kernel { "fused" } else { "plain" };
     let path = dir.join(format!("{name}.ron"));

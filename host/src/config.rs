@@ -33,6 +33,10 @@ use crate::registry::Registry;
 
 /// Seed used when the config gives none.
 pub const DEFAULT_SEED: u64 = 1337;
+/// The kernel a CPU run uses unless its config says otherwise.
+const DEFAULT_CPU_KERNEL: &str = "cpu";
+/// The `kernel` value that runs plain tensor ops.
+pub const NO_KERNEL: &str = "none";
 
 /// An experiment config as written on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,9 +70,11 @@ pub(crate) struct RawConfig {
     /// Run trackers. Default: none.
     #[serde(default)]
     trackers: Vec<RawComponent>,
-    /// Kernel component providing fused ops (`kernel: "cpu"`). Default: none, plain ops.
+    /// Kernel component providing fused ops. Default: `"cpu"` on the CPU, none elsewhere;
+    /// `"none"` runs plain ops. A string, not an option, so that `None` cannot be read as
+    /// either "off" or "the default".
     #[serde(default)]
-    kernel: Option<String>,
+    kernel: String,
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
     generate: Option<RawGenerate>,
@@ -931,9 +937,14 @@ impl Resolver<'_> {
         for (i, tracker) in raw.trackers.into_iter().enumerate() {
             trackers.push(self.component(&format!("trackers[{i}]"), tracker)?);
         }
-        if let Some(kernel) = &raw.kernel {
-            self.name("kernel", kernel)?;
-        }
+        let kernel = match raw.kernel.as_str() {
+            "" if device == "cpu" => Some(DEFAULT_CPU_KERNEL.to_owned()),
+            "" | NO_KERNEL => None,
+            k => {
+                self.name("kernel", k)?;
+                Some(raw.kernel)
+            }
+        };
         let generate = raw.generate.map(|g| self.generate(g)).transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
@@ -949,7 +960,7 @@ impl Resolver<'_> {
             train,
             sinks,
             trackers,
-            kernel: raw.kernel,
+            kernel,
             generate,
         })
     }
@@ -1218,7 +1229,7 @@ mod out {
         train: Train,
         sinks: Vec<Component<'a>>,
         trackers: Vec<Component<'a>>,
-        kernel: Option<&'a str>,
+        kernel: &'a str,
         generate: Option<Generate<'a>>,
     }
 
@@ -1367,7 +1378,9 @@ mod out {
                 },
                 sinks: c.sinks.iter().map(component).collect(),
                 trackers: c.trackers.iter().map(component).collect(),
-                kernel: c.kernel.as_deref(),
+                // Explicit either way, so that a stored config means the same under a later
+                // default.
+                kernel: c.kernel.as_deref().unwrap_or(super::NO_KERNEL),
                 generate: c.generate.as_ref().map(|g| Generate {
                     prompt: &g.prompt,
                     max_tokens: g.max_tokens,
