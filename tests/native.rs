@@ -113,6 +113,18 @@ pub(crate) fn run(args: &[&std::ffi::OsStr]) -> Output {
         .expect("codex-ml runs")
 }
 
+/// `codex-ml run CONFIG --manifest MANIFEST --run-dir RUN_DIR`.
+pub(crate) fn run_experiment(config: &Path, manifest: &Path, run_dir: &Path) -> Output {
+    run(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--manifest".as_ref(),
+        manifest.as_os_str(),
+        "--run-dir".as_ref(),
+        run_dir.as_os_str(),
+    ])
+}
+
 pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -232,14 +244,7 @@ fn lion_trains_gpt2_and_the_tsv_sink_receives_every_record() {
         30,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let records = tsv_records(&run_dir.join("metrics.tsv"));
@@ -287,14 +292,7 @@ fn a_failing_plugin_sink_is_disabled_and_training_goes_on() {
         6,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -321,14 +319,7 @@ fn a_plugin_panicking_mid_training_ends_the_run_with_a_usable_checkpoint() {
         10,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     for expected in [
@@ -513,14 +504,7 @@ fn a_component_in_the_wrong_slot_says_what_it_is() {
     let tsv = plugin(dir.path(), "native-tsv-sink");
     let manifest = write_manifest(dir.path(), &[entry("tsv", &tsv)]);
     let config = write_config(dir.path(), GPT2, r#"(name: "tsv/tsv", lr: 1e-3)"#, &[], 2);
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        dir.path().join("run").as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &dir.path().join("run"));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -602,14 +586,7 @@ fn the_plugin_llama_trains_with_adamw_and_its_checkpoint_evaluates_and_generates
         30,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let losses: Vec<f64> = tsv_records(&run_dir.join("metrics.tsv"))

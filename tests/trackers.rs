@@ -21,7 +21,7 @@ use codex_plugin_api::abi_stable::std_types::RStr;
 use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::{Describe, Error, Factory, Record, Result, RunInfo, RunStatus, Tracker};
 
-use crate::native::{entry, plugin, run, text, write_manifest};
+use crate::native::{entry, plugin, run_experiment, text, write_manifest};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code")
@@ -612,14 +612,7 @@ fn a_native_tracker_that_fails_is_disabled_with_a_warning_and_training_goes_on()
         6,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let warnings: Vec<&str> = stderr
@@ -651,14 +644,7 @@ fn a_run_ended_by_an_error_is_failed_in_mlflow() {
         10,
     );
     let run_dir = dir.path().join("run");
-    let out = run(&[
-        "run".as_ref(),
-        config.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-        "--run-dir".as_ref(),
-        run_dir.as_os_str(),
-    ]);
+    let out = run_experiment(&config, &manifest, &run_dir);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let (_, mlrun) = only_run(&dir.path().join("mlruns"), "tracked");
