@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use codex_host::registry::Registry;
+use codex_host::plugins::registry::Registry;
 use codex_plugin_api::ComponentKind;
 use predicates::prelude::*;
 use serde_json::Value;

@@ -607,7 +607,7 @@ fn to_ron_writes_params_as_ron_structs() {
 
 #[test]
 fn components_are_checked_against_the_registry() {
-    use codex_host::registry::Registry;
+    use codex_host::plugins::registry::Registry;
     let c = load_ok(QUICKSTART, &[]);
     let error = c
         .check_components(&Registry::new())

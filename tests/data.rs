@@ -542,11 +542,11 @@ fn data_order_is_a_pure_function_of_seed_and_epoch() {
     let first = order(42, 0);
     // Other generators drawn in between (candle's CPU randn uses the thread RNG) change nothing.
     for _ in 0..3 {
-        ok(candle_core::Tensor::randn(
+        ok(codex_engine::candle::Tensor::randn(
             0f32,
             1.0,
             64,
-            &candle_core::Device::Cpu,
+            &codex_engine::candle::Device::Cpu,
         ));
     }
     assert_eq!(order(42, 0), first);
@@ -559,11 +559,11 @@ fn data_order_is_a_pure_function_of_seed_and_epoch() {
 
     let mut a = ok(TrainBatches::new(stream(2001), shape(3, 8), 42));
     let from_a = draw(&mut a, 200);
-    ok(candle_core::Tensor::randn(
+    ok(codex_engine::candle::Tensor::randn(
         0f32,
         1.0,
         64,
-        &candle_core::Device::Cpu,
+        &codex_engine::candle::Device::Cpu,
     ));
     let mut b = ok(TrainBatches::new(stream(2001), shape(3, 8), 42));
     assert_eq!(

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use codex_host::registry::Registry;
+use codex_host::plugins::registry::Registry;
 use codex_plugin_api::ComponentKind;
 
 const START: &str = "<!-- builtins:start";

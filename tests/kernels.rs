@@ -12,8 +12,8 @@
 //! any op; and a short `gpt2` training run must follow the same loss curve with and without
 //! the kernel.
 
-use candle_core::{DType as CD, Device, Tensor as CT, Var};
-use codex_host::tensor::{self as host, ParamStore};
+use codex_engine::candle::{DType as CD, Device, Tensor as CT, Var};
+use codex_engine::{self as engine, ParamStore};
 use codex_plugin_api::abi_stable::std_types::{RResult, RStr};
 use codex_plugin_api::kernel::KernelBox;
 use codex_plugin_api::optimizer::ParamGrad;
@@ -65,13 +65,14 @@ struct Run {
 
 /// Run `f` on handles to `inputs` with the kernel on or off, then back-propagate `Σ y·w`.
 fn run(kernel: bool, inputs: &[&Var], f: &dyn Fn(&[Tensor]) -> Tensor) -> Run {
-    host::install();
-    let _scope = host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
+    engine::install();
+    let _scope =
+        engine::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
     let handles: Vec<Tensor> = inputs
         .iter()
-        .map(|v| Tensor::from_id(host::insert(v.as_tensor().clone())))
+        .map(|v| Tensor::from_id(engine::insert(v.as_tensor().clone())))
         .collect();
-    let y = host::get(f(&handles).id()).expect("result");
+    let y = engine::get(f(&handles).id()).expect("result");
     let w = CT::from_vec(values(y.elem_count(), 99), y.shape(), &Device::Cpu).expect("weights");
     let loss = y
         .to_dtype(CD::F32)
@@ -530,11 +531,11 @@ fn attention_matches_primitives_and_a_direct_reference() {
 
 #[test]
 fn attention_rejects_mismatched_shapes() {
-    host::install();
-    let q = Tensor::from_id(host::insert(
+    engine::install();
+    let q = Tensor::from_id(engine::insert(
         input(&[2, 4, 8], 1, CD::F32).as_tensor().clone(),
     ));
-    let k = Tensor::from_id(host::insert(
+    let k = Tensor::from_id(engine::insert(
         input(&[2, 5, 8], 2, CD::F32).as_tensor().clone(),
     ));
     let err = q
@@ -545,7 +546,7 @@ fn attention_rejects_mismatched_shapes() {
         err.contains("attention") && err.contains("4 and 5"),
         "{err}"
     );
-    let bad = Tensor::from_id(host::insert(
+    let bad = Tensor::from_id(engine::insert(
         input(&[2, 5, 3], 3, CD::F32).as_tensor().clone(),
     ));
     let err = q
@@ -570,12 +571,12 @@ fn adamw_reference(p: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f32], h: Ad
 
 #[test]
 fn adamw_update_matches_torch_with_and_without_kernel() {
-    host::install();
+    engine::install();
     let shape = [7usize, 13];
     let n = 7 * 13;
     for kernel in [true, false] {
         let _scope =
-            host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
+            engine::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
         let mut store = ParamStore::new(Device::Cpu, 3);
         let p = Tensor::from_id(
             store
@@ -644,7 +645,7 @@ fn adamw_update_matches_torch_with_and_without_kernel() {
 /// Five AdamW steps of a small `gpt2` (through its registered factory and the `adamw`
 /// optimizer's), returning the loss before each step.
 fn gpt2_losses(kernel: bool) -> Vec<f64> {
-    let _scope = host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("scope");
+    let _scope = engine::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("scope");
     let params = r#"{"n_layer": 2, "n_head": 2, "n_embd": 24, "n_positions": 16, "activation_function": "gelu"}"#;
     let vocab = 31;
     let mut built = build_gpt2(params, vocab, 5).expect("gpt2 builds");
@@ -717,7 +718,7 @@ fn gpt2_trains_along_the_same_loss_curve_with_and_without_the_kernel() {
 /// A short training run through the config, with `kernel: "cpu"` or without: the train and
 /// validation loss records.
 fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
-    use codex_host::session::{self, RunOptions};
+    use codex_host::run::{self as session, RunOptions};
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code");
     let text = format!(
         r#"(
@@ -744,7 +745,7 @@ fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
     std::fs::write(&path, text).expect("write the config");
     let config = codex_host::config::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.kernel.as_deref(), kernel.then_some("cpu"));
-    let registry = codex_host::registry::Registry::with_builtins().expect("registry");
+    let registry = codex_host::plugins::registry::Registry::with_builtins().expect("registry");
     let options = RunOptions {
         run_dir: Some(dir.join(name)),
         runs_root: dir.join("runs"),
@@ -801,10 +802,10 @@ fn the_config_switch_gives_the_same_loss_curve_with_kernels_on_and_off() {
 
 #[test]
 fn reshapes_back_to_a_shape_are_plain_tensors_never_the_parameter() {
-    host::install();
+    engine::install();
     for kernel in [true, false] {
         let _scope =
-            host::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
+            engine::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("kernel scope");
         let mut store = ParamStore::new(Device::Cpu, 3);
         let p = Tensor::from_id(
             store

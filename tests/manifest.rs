@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use codex_host::diagnostics::Position;
-use codex_host::manifest::{
+use codex_host::plugins::manifest::{
     Capabilities, Manifest, ManifestError, OutputFile, PluginKind, PluginOrigin, WasmLimits,
 };
 

@@ -3,8 +3,8 @@
 //!
 //! The helpers here (building a model, a loss, a fixed batch) are shared with `optim.rs`.
 
-use candle_core::Device;
-use codex_host::tensor::ParamStore;
+use codex_engine::candle::Device;
+use codex_engine::ParamStore;
 use codex_plugin_api::abi_stable::std_types::{RResult, RStr};
 use codex_plugin_api::component::builtins;
 use codex_plugin_api::model::{ModelBox, ModelEnv};
@@ -81,7 +81,7 @@ impl Built {
 
 /// Build a `gpt2` through its registered factory on a fresh CPU store.
 pub(crate) fn build_gpt2(params: &str, vocab_size: usize, seed: u64) -> Result<Built, String> {
-    codex_host::tensor::install();
+    codex_engine::install();
     let Factory::Model(factory) = builtin("gpt2", codex_plugin_api::ComponentKind::Model).factory
     else {
         panic!("gpt2 is registered with a factory of another kind");

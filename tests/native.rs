@@ -50,7 +50,7 @@ pub(crate) fn plugin(dir: &Path, package: &str) -> PathBuf {
 }
 
 fn sha256(path: &Path) -> String {
-    codex_host::checkpoint::sha256_file(path).unwrap_or_else(|e| panic!("{e}"))
+    codex_host::fsio::sha256_file(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One manifest entry: the plugin's name and its file, pinned to its current digest.
@@ -425,10 +425,11 @@ fn one_plugin_name_loaded_twice_names_both_files() {
     let copy_dir = dir.path().join("copy");
     std::fs::create_dir(&copy_dir).expect("dir");
     let second = plugin(&copy_dir, "native-lion");
-    let mut registry = codex_host::registry::Registry::with_builtins().expect("built-ins");
-    codex_host::native::load("lion", &first, &mut registry).expect("the first load");
+    let mut registry = codex_host::plugins::registry::Registry::with_builtins().expect("built-ins");
+    codex_host::plugins::native::load("lion", &first, &mut registry).expect("the first load");
     let before = registry.len();
-    let error = codex_host::native::load("lion", &second, &mut registry).expect_err("duplicate");
+    let error =
+        codex_host::plugins::native::load("lion", &second, &mut registry).expect_err("duplicate");
     let mut chain = error.to_string();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
@@ -772,7 +773,7 @@ fn the_plugin_llama_refuses_bad_params_naming_the_field() {
 
 /// `docs/plugins-native.md` states the current plugin-API version and a table of which host
 /// loads which plugin: both must say what the code does (`API_VERSION`, and
-/// `ApiVersion::can_load`, the check `codex_host::native` applies before registration).
+/// `ApiVersion::can_load`, the check `codex_host::plugins::native` applies before registration).
 #[test]
 fn the_native_plugin_guide_states_the_current_version_and_the_loading_rule() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plugins-native.md");
@@ -843,17 +844,17 @@ fn build_llama(dir: &Path, params: &str, vocab_size: usize, seed: u64) -> crate:
     use codex_plugin_api::model::ModelEnv;
     use codex_plugin_api::{ComponentKind, Factory};
 
-    codex_host::tensor::install();
+    codex_engine::install();
     let file = plugin(dir, "native-llama");
-    let mut registry = codex_host::registry::Registry::new();
-    codex_host::native::load("llama", &file, &mut registry).expect("the plugin loads");
+    let mut registry = codex_host::plugins::registry::Registry::new();
+    codex_host::plugins::native::load("llama", &file, &mut registry).expect("the plugin loads");
     let entry = registry
         .get(ComponentKind::Model, "llama/llama")
         .expect("registered as a model");
     let Factory::Model(factory) = entry.decl.factory else {
         panic!("llama/llama is registered with a factory of another kind");
     };
-    let mut store = codex_host::tensor::ParamStore::new(candle_core::Device::Cpu, seed);
+    let mut store = codex_engine::ParamStore::new(codex_engine::candle::Device::Cpu, seed);
     let env = ModelEnv {
         vocab_size,
         store: store.as_tensor_store(),

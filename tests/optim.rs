@@ -2,8 +2,8 @@
 //! `torch.optim.AdamW` and `torch.optim.SGD`, driven through their registered factories and a
 //! host `ParamStore`, and one short training run of `gpt2`.
 
-use candle_core::Device;
-use codex_host::tensor::ParamStore;
+use codex_engine::candle::Device;
+use codex_engine::ParamStore;
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr};
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
 use codex_plugin_api::{
@@ -18,7 +18,7 @@ fn build_optimizer(
     lr: f64,
     store: &mut ParamStore,
 ) -> Result<OptimizerBox, String> {
-    codex_host::tensor::install();
+    codex_engine::install();
     let Factory::Optimizer(factory) = builtin(name, ComponentKind::Optimizer).factory else {
         panic!("{name} is registered with a factory of another kind");
     };
@@ -137,7 +137,7 @@ const LRS: [f64; 2] = [0.01, 0.02];
 fn adamw_matches_torch(params: &str, decay_bias: bool) {
     let (b1, b2, eps, wd) = (0.8, 0.95, 1e-6, 0.1);
     let mut store = ParamStore::new(Device::Cpu, 0);
-    codex_host::tensor::install();
+    codex_engine::install();
     let w = param(&mut store, "w", &[2, 3], ParamRole::Weight, &W0);
     let b = param(&mut store, "b", &[3], ParamRole::Bias, &B0);
     let n = param(&mut store, "n", &[2], ParamRole::Norm, &N0);
@@ -288,7 +288,7 @@ fn sgd_matches_torch(params: &str, momentum: f64, dampening: f64, nesterov: bool
     let grads: [&[f64]; 3] = [&GW[0], &GW[1], &[0.2, 0.2, -0.1, 0.0, 0.3, -0.7]];
     let lrs = [0.1, 0.05, 0.1];
     let mut store = ParamStore::new(Device::Cpu, 0);
-    codex_host::tensor::install();
+    codex_engine::install();
     let w = param(&mut store, "w", &[2, 3], ParamRole::Weight, &W0);
     let mut opt = build_optimizer("sgd", params, 0.1, &mut store).expect("sgd builds");
     let expected = sgd_reference(&W0, &grads, &lrs, momentum, dampening, nesterov, wd);

@@ -3,7 +3,7 @@
 //! `inventory` registrations in a crate the binary never references vanish without a trace, so
 //! this list is written out by hand: a built-in that disappears fails here, by name.
 
-use codex_host::registry::{Origin, Registry};
+use codex_host::plugins::registry::{Origin, Registry};
 use codex_plugin_api::{ComponentKind, API_VERSION};
 
 const EXPECTED: &[(ComponentKind, &str)] = &[

@@ -8,12 +8,12 @@
 //! ops: gradient slots, `assign`, errors instead of panics, dropout masks, initialisation,
 //! checkpoints and handle leaks.
 
-use candle_core::{DType as CD, Device, Tensor as CT, Var, D};
-use codex_host::tensor::{self as host, ParamStore, TensorGroup};
+use codex_engine::candle::{DType as CD, Device, Tensor as CT, Var, D};
+use codex_engine::{self as engine, ParamStore, TensorGroup};
 use codex_plugin_api::{ops, DType, GeluForm, Init, ParamRole, Tensor};
 
 type ApiResult<T> = codex_plugin_api::Result<T>;
-type CandleResult<T> = candle_core::Result<T>;
+type CandleResult<T> = codex_engine::candle::Result<T>;
 
 /// Deterministic, irregular test values in about [-2, 2].
 fn values(n: usize, salt: f32) -> Vec<f32> {
@@ -61,12 +61,12 @@ fn ct(spec: Spec<'_>, salt: f32, dtype: CD) -> CT {
 
 /// A handle to a plain candle tensor.
 fn handle(t: &CT) -> Tensor {
-    host::install();
-    Tensor::from_id(host::insert(t.clone()))
+    engine::install();
+    Tensor::from_id(engine::insert(t.clone()))
 }
 
 fn candle(t: &Tensor) -> CT {
-    host::get(t.id()).unwrap()
+    engine::get(t.id()).unwrap()
 }
 
 fn all_dims(t: &Tensor) -> Vec<usize> {
@@ -136,7 +136,7 @@ fn check_impl(
     via_handles: impl Fn(&[Tensor]) -> ApiResult<Tensor>,
     direct: impl Fn(&[CT]) -> CandleResult<CT>,
 ) {
-    host::install();
+    engine::install();
     let mut store = ParamStore::new(Device::Cpu, 11);
     let mut params = Vec::new();
     let mut vars = Vec::new();
@@ -194,7 +194,7 @@ fn fd_check(
     tol: f64,
     f: impl Fn(&[Tensor]) -> ApiResult<Tensor>,
 ) {
-    host::install();
+    engine::install();
     let base: Vec<CT> = specs
         .iter()
         .enumerate()
@@ -825,7 +825,7 @@ fn dropout_masks_are_seeded() {
             let kept = candle(
                 &handle(&CT::ones((4, 6), CD::F32, &Device::Cpu)?)
                     .dropout(0.5, 3)
-                    .map_err(candle_core::Error::msg)?,
+                    .map_err(codex_engine::candle::Error::msg)?,
             );
             x[0].mul(&kept)
         },
@@ -835,7 +835,7 @@ fn dropout_masks_are_seeded() {
 // -- autograd and in-place updates ----------------------------------------------------------------
 
 fn store_with(names: &[(&str, &[usize])], seed: u64) -> (ParamStore, Vec<Tensor>) {
-    host::install();
+    engine::install();
     let mut store = ParamStore::new(Device::Cpu, seed);
     let params = names
         .iter()
@@ -966,7 +966,7 @@ fn assign_overwrites_in_place_and_checks_shapes() {
 
 #[test]
 fn unknown_handles_and_bad_shapes_are_errors() {
-    host::install();
+    engine::install();
     let t = handle(&CT::zeros((2, 3), CD::F32, &Device::Cpu).unwrap());
     let raw = t.id();
     drop(t);
@@ -1167,7 +1167,7 @@ fn safetensors_round_trip_bitwise_and_mismatches_are_named() {
             .unwrap();
         s
     };
-    host::install();
+    engine::install();
     let a = declare(1);
     let mut b = declare(2);
     let params = dir.path().join("model.safetensors");
@@ -1245,26 +1245,26 @@ fn safetensors_round_trip_bitwise_and_mismatches_are_named() {
 
 #[test]
 fn devices_parse() {
-    assert!(matches!(host::parse_device("cpu"), Ok(Device::Cpu)));
-    assert!(host::parse_device("tpu")
+    assert!(matches!(engine::parse_device("cpu"), Ok(Device::Cpu)));
+    assert!(engine::parse_device("tpu")
         .unwrap_err()
         .to_string()
         .contains("unknown device"));
-    assert!(host::parse_device("cuda:x")
+    assert!(engine::parse_device("cuda:x")
         .unwrap_err()
         .to_string()
         .contains("unknown device"));
     // Builds without the `cuda` feature say which feature is missing; builds with it may succeed.
-    if let Err(e) = host::parse_device("cuda:0") {
+    if let Err(e) = engine::parse_device("cuda:0") {
         assert!(e.to_string().contains("cuda"), "{e}");
     }
 }
 
 #[test]
 fn handles_do_not_leak() {
-    host::install();
+    engine::install();
     let me = std::thread::current().id();
-    let before = host::live_handles_on_thread(me);
+    let before = engine::live_handles_on_thread(me);
     {
         let (_store, p) = store_with(&[("w", &[4, 3]), ("b", &[3])], 9);
         let x = handle(&ct(inp(&[2, 4]), 0.0, CD::F32));
@@ -1279,11 +1279,11 @@ fn handles_do_not_leak() {
         ce.loss_sum.backward().unwrap();
         let _g = p[0].grad().unwrap();
         let _clones: Vec<Tensor> = (0..5).map(|_| y.clone()).collect();
-        assert!(host::live_handles() >= host::live_handles_on_thread(me));
-        assert!(host::live_handles_on_thread(me) > before);
+        assert!(engine::live_handles() >= engine::live_handles_on_thread(me));
+        assert!(engine::live_handles_on_thread(me) > before);
     }
     assert_eq!(
-        host::live_handles_on_thread(me),
+        engine::live_handles_on_thread(me),
         before,
         "every handle created here was released"
     );

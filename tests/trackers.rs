@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use codex_host::config::Config;
 use codex_host::metrics::{HubOptions, MetricsHub, Tracking};
-use codex_host::registry::Registry;
-use codex_host::session::{self, ResumePoint, RunOptions, RunSummary};
+use codex_host::plugins::registry::Registry;
+use codex_host::run::{self as session, ResumePoint, RunOptions, RunSummary};
 use codex_plugin_api::abi_stable::std_types::RStr;
 use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::{Describe, Error, Factory, Record, Result, RunInfo, RunStatus, Tracker};

@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor as CTensor};
+use codex_engine::candle::{Device, Tensor as CTensor};
 use codex_host::config::Config;
 use codex_host::data::{BatchShape, ValBatches};
 use codex_host::inference;
-use codex_host::registry::Registry;
-use codex_host::session::{self, RunOptions, RunSummary};
-use codex_host::tensor;
+use codex_host::plugins::registry::Registry;
+use codex_host::run::{self as session, RunOptions, RunSummary};
+
 use codex_plugin_api::{ForwardCtx, Tensor};
 use predicates::prelude::*;
 
@@ -111,7 +111,7 @@ fn params_after_one_step(dir: &Path, batch: usize, accum: usize) -> Vec<(String,
     );
     let summary = train(dir, &config, &format!("b{batch}a{accum}"));
     let file = summary.last_checkpoint.unwrap().join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let tensors = codex_engine::candle::safetensors::load(&file, &Device::Cpu).unwrap();
     let mut out: Vec<_> = tensors
         .into_iter()
         .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
@@ -174,10 +174,10 @@ fn evaluation_counts_only_real_targets_and_padding_changes_nothing() {
         let inputs = &tokens[start..end];
         let targets = &tokens[start + 1..end + 1];
         let t = inputs.len();
-        let x = Tensor::from_id(tensor::insert(
+        let x = Tensor::from_id(codex_engine::insert(
             CTensor::from_vec(inputs.to_vec(), (1, t), &Device::Cpu).unwrap(),
         ));
-        let y = Tensor::from_id(tensor::insert(
+        let y = Tensor::from_id(codex_engine::insert(
             CTensor::from_vec(targets.to_vec(), t, &Device::Cpu).unwrap(),
         ));
         let logits = Tensor::from_id(

@@ -264,7 +264,7 @@ fn example_sinks_summarise_and_alert_in_a_real_run() {
         .iter()
         .find(|p| p["name"] == "sink/summary")
         .unwrap_or_else(|| panic!("no sink/summary in {metadata}"));
-    let digest = codex_host::checkpoint::sha256_file(&guest("summary")).expect("digest");
+    let digest = codex_host::fsio::sha256_file(&guest("summary")).expect("digest");
     assert_eq!(locked["sha256"], digest.as_str(), "{locked}");
 }
 

@@ -29,7 +29,7 @@ use crate::data::{DataConfig, Source};
 use crate::diagnostics::{
     backticked, did_you_mean, field_path, join_field, parse_ron, ron_options, Diagnostic,
 };
-use crate::registry::Registry;
+use crate::plugins::registry::Registry;
 
 /// Seed used when the config gives none.
 pub const DEFAULT_SEED: u64 = 1337;

@@ -1,25 +1,21 @@
 //! The codex-ml host: everything behind the `codex-ml` binary.
 //!
-//! The host owns the tensor engine (candle), the registry of components, the experiment and
-//! manifest files, the run directory and the data. Components — built-in or plugin — reach
+//! The host owns the registry of components, the experiment and manifest files, the run
+//! directory and the data; tensors live in `codex-engine`. Components — built-in or plugin — reach
 //! it only through `codex-plugin-api`.
 
 pub mod checkpoint;
 pub mod cli;
-pub mod components;
 pub mod config;
 pub mod data;
 pub mod diagnostics;
+pub mod fsio;
 pub mod inference;
 pub mod logging;
-pub mod manifest;
 pub mod metrics;
-pub mod native;
-pub mod registry;
+pub mod plugins;
+pub mod run;
 pub mod rundir;
-pub mod sampling;
-pub mod session;
-pub mod tensor;
 
 // Built-in component crates register through `inventory`; a crate the binary never
 // references is silently dropped by the linker, so each one is named here.

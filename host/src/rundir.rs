@@ -18,7 +18,7 @@
 //!   to it as `config.resume-1.ron`, ...; `metadata.json` keeps the first session's facts and
 //!   gains one entry per resumed session in its `resumes` list ([`RunDir::record_resume`]).
 //! - Files that matter are written to a temporary file, fsynced and renamed
-//!   ([`write_atomic`]): a crash leaves the old file or the new one, never half of one.
+//!   ([`crate::fsio::write_atomic`]): a crash leaves the old file or the new one, never half of one.
 //!
 //! `metadata.json` records the tool version, the git commit (captured by `build.rs`), the
 //! versions of the key dependencies (from `Cargo.lock`), OS, CPU, thread count, device,
@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -276,7 +276,7 @@ impl RunDir {
     /// `config.resume-N.ron` when resuming a run whose `config.ron` must be kept.
     pub fn write_config(&self, text: &str) -> Result<PathBuf, RunDirError> {
         let path = free_path(&self.path, "config", "ron");
-        write_atomic(&path, text.as_bytes()).map_err(io_err("write", &path))?;
+        crate::fsio::write_atomic(&path, text.as_bytes()).map_err(io_err("write", &path))?;
         Ok(path)
     }
 
@@ -287,7 +287,7 @@ impl RunDir {
             .map_err(|source| RunDirError::Encode { source })?;
         text.push('\n');
         let path = free_path(&self.path, "metadata", "json");
-        write_atomic(&path, text.as_bytes()).map_err(io_err("write", &path))?;
+        crate::fsio::write_atomic(&path, text.as_bytes()).map_err(io_err("write", &path))?;
         Ok(path)
     }
 }
@@ -334,7 +334,7 @@ impl RunDir {
         let mut out =
             serde_json::to_string_pretty(&doc).map_err(|source| RunDirError::Encode { source })?;
         out.push('\n');
-        write_atomic(&path, out.as_bytes()).map_err(io_err("write", &path))?;
+        crate::fsio::write_atomic(&path, out.as_bytes()).map_err(io_err("write", &path))?;
         Ok(path)
     }
 }
@@ -377,34 +377,6 @@ fn recorded_experiment(dir: &Path) -> Option<String> {
     let text = fs::read_to_string(dir.join(METADATA)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("experiment")?.as_str().map(str::to_string)
-}
-
-/// Write `bytes` to `path` through a temporary file in the same directory: write, fsync,
-/// rename, then fsync the directory so the rename itself survives a power loss.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".to_string());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        // Best effort: the error being returned is the one that matters.
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Not every platform can open a directory for syncing; the data itself is synced.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 /// `YYYYMMDD-HHMMSS` of `t` in UTC.

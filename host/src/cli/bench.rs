@@ -14,16 +14,15 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor as CTensor};
 use codex_plugin_api::{ForwardCtx, OptimStep, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::{BenchArgs, BenchPreset};
-use crate::components::{self, ApiResultExt};
-use crate::registry::Registry;
-use crate::tensor::{self, profile, ParamStore};
+use crate::plugins::build::{self, ApiResultExt};
+use crate::plugins::registry::Registry;
+use codex_engine::{self as engine, profile, Device, ParamStore};
 
 /// One benchmark configuration (the reference's `CFGS`).
 #[derive(Debug, Clone, Copy)]
@@ -112,7 +111,7 @@ impl Bench {
             "vocab_size": shape.vocab,
             "activation_function": "gelu",
         });
-        let model = components::model(
+        let model = build::model(
             registry,
             "gpt2",
             &model_params,
@@ -125,7 +124,7 @@ impl Bench {
             "weight_decay": 0.1,
             "no_decay": [],
         });
-        let optimizer = components::optimizer(
+        let optimizer = build::optimizer(
             registry,
             "adamw",
             &opt_params,
@@ -147,8 +146,8 @@ impl Bench {
                 x.extend_from_slice(&row[..t]);
                 y.extend_from_slice(&row[1..]);
             }
-            let x = Tensor::from_id(tensor::insert(CTensor::from_vec(x, (b, t), &device)?));
-            let y = Tensor::from_id(tensor::insert(CTensor::from_vec(y, b * t, &device)?));
+            let x = Tensor::from_id(engine::upload_ids(x, &[b, t], &device)?);
+            let y = Tensor::from_id(engine::upload_ids(y, &[b * t], &device)?);
             batches.push((x, y));
         }
         Ok(Bench {
@@ -238,14 +237,10 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     let kernel = if args.no_kernel {
         None
     } else {
-        Some(components::kernel(
-            registry,
-            "cpu",
-            &serde_json::Value::Null,
-        )?)
+        Some(build::kernel(registry, "cpu", &serde_json::Value::Null)?)
     };
     let kernel_name = if kernel.is_some() { "cpu" } else { "none" };
-    let _kernel_scope = tensor::scoped_kernel(&Device::Cpu, kernel)?;
+    let _kernel_scope = engine::scoped_kernel(&Device::Cpu, kernel)?;
     let mut bench =
         Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
     let params: usize = bench
@@ -369,7 +364,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             .num_threads(n)
             .build_global();
     }
-    tensor::install();
+    engine::install();
     let registry = Registry::with_builtins()?;
     let chosen: Vec<Shape> = match args.config {
         BenchPreset::All => SHAPES.to_vec(),
@@ -377,7 +372,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         BenchPreset::Small => vec![SHAPES[1]],
     };
     for shape in chosen {
-        crate::tensor::on_pool(|| run_shape(&registry, shape, &args))?;
+        engine::on_pool(|| run_shape(&registry, shape, &args))?;
     }
     Ok(())
 }

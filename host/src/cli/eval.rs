@@ -8,7 +8,7 @@ use crate::inference;
 
 /// Evaluate a run's newest valid checkpoint (or a named checkpoint).
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let registry = super::registry_for(args.manifest.as_deref())?;
+    let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     let loaded = inference::load(&args.target, &registry)?;
     let config = &loaded.config;
     let docs = if args.data.is_empty() {

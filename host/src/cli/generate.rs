@@ -3,12 +3,12 @@
 use anyhow::Result;
 
 use super::GenerateArgs;
+use crate::inference::sampling::Sampling;
 use crate::inference::{self, GenerateOptions};
-use crate::sampling::Sampling;
 
 /// Print a continuation of the prompt; the same seed gives the same text.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let registry = super::registry_for(args.manifest.as_deref())?;
+    let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     let loaded = inference::load(&args.target, &registry)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,

@@ -16,9 +16,9 @@ use clap::{Args, ValueEnum};
 use codex_plugin_api::ComponentKind;
 use serde::Serialize;
 
-use super::Loaded;
-use crate::manifest::{Capabilities, Manifest, PluginOrigin, PluginSpec, WasmLimits};
-use crate::registry::{Entry, Origin, Registry};
+use crate::plugins::manifest::{Capabilities, Manifest, PluginOrigin, PluginSpec, WasmLimits};
+use crate::plugins::registry::{Entry, Origin, Registry};
+use crate::plugins::Loaded;
 
 pub(crate) const LONG_ABOUT: &str = "List every registered component, grouped by kind: name, \
     version, plugin-API version, origin and a one-line description.\n\n\
@@ -219,7 +219,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         None => None,
     };
     let loaded = match &manifest {
-        Some(m) => super::load_plugins(m, &mut registry)?,
+        Some(m) => crate::plugins::load_plugins(m, &mut registry)?,
         None => Vec::new(),
     };
     let kinds: Vec<ComponentKind> = match args.kind {

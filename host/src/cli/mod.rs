@@ -17,9 +17,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{ConfigError, Override};
 use crate::diagnostics::Diagnostic;
-use crate::manifest::{Manifest, ManifestError, PluginOrigin};
-use crate::native::{NativeError, PluginInfo};
-use crate::registry::{Registry, RegistryError};
+use crate::plugins::manifest::ManifestError;
+use crate::plugins::native::NativeError;
+use crate::plugins::registry::RegistryError;
 
 pub mod bench;
 pub mod eval;
@@ -299,6 +299,7 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
             || cause.is::<RegistryError>()
             || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
+            || cause.is::<crate::run::RunError>()
     });
     if usage {
         2
@@ -330,51 +331,6 @@ pub fn report(error: &anyhow::Error) -> String {
         }
     }
     out
-}
-
-/// The registry for a command: every built-in, plus the components of the plugins a manifest
-/// declares. The manifest is parsed and verified (paths, sha256 pins) before any plugin loads.
-pub(crate) fn registry_for(manifest: Option<&std::path::Path>) -> anyhow::Result<Registry> {
-    let mut registry = Registry::with_builtins()?;
-    if let Some(path) = manifest {
-        let manifest = Manifest::load(path)?;
-        load_plugins(&manifest, &mut registry)?;
-    }
-    Ok(registry)
-}
-
-/// What loading one manifest plugin found.
-pub(crate) enum Loaded {
-    /// A native plugin, loaded; its components are registered as `PLUGIN/NAME`.
-    Native(PluginInfo),
-    /// A wasm sink, registered under the plugin's name: its own name and version, or why it
-    /// cannot be loaded (a run naming it warns and trains on without it).
-    Wasm(Result<codex_wasm::Described, String>),
-}
-
-/// Load every plugin of `manifest` into `registry`, in manifest order, exactly as a run does.
-pub(crate) fn load_plugins(
-    manifest: &Manifest,
-    registry: &mut Registry,
-) -> anyhow::Result<Vec<Loaded>> {
-    let mut loaded = Vec::with_capacity(manifest.plugins.len());
-    for plugin in &manifest.plugins {
-        loaded.push(match &plugin.origin {
-            PluginOrigin::Native => {
-                Loaded::Native(crate::native::load(&plugin.name, &plugin.path, registry)?)
-            }
-            PluginOrigin::Wasm {
-                limits,
-                capabilities,
-            } => Loaded::Wasm(crate::components::register_wasm_sink(
-                registry,
-                plugin,
-                limits,
-                capabilities,
-            )?),
-        });
-    }
-    Ok(loaded)
 }
 
 #[cfg(test)]

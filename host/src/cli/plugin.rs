@@ -13,8 +13,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::native;
-use crate::registry::Registry;
+use crate::plugins::native;
+use crate::plugins::registry::Registry;
 
 /// `codex-ml plugin`.
 #[derive(Debug, Args)]
@@ -79,8 +79,8 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let sha256 = crate::checkpoint::sha256_file(&path)
-        .with_context(|| format!("hashing {}", path.display()))?;
+    let sha256 =
+        crate::fsio::sha256_file(&path).with_context(|| format!("hashing {}", path.display()))?;
     let label = file_label(&path);
     let info = native::load(&label, &path, &mut Registry::new())?;
     let report = Report {

@@ -7,12 +7,12 @@ use anyhow::Result;
 
 use super::RunArgs;
 use crate::config::Config;
-use crate::session::{self, RunOptions, RunSummary};
+use crate::run::{self as session, RunOptions, RunSummary};
 
 /// Train as the config describes.
 pub fn run(args: RunArgs) -> Result<()> {
     let config = Config::load(&args.config, &args.set)?;
-    let registry = super::registry_for(args.manifest.as_deref())?;
+    let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
     session::install_interrupt_handler();
     let options = RunOptions {
@@ -22,7 +22,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         progress: true,
     };
     let summary = match &args.resume {
-        Some(target) => super::resume::continue_config(&config, &registry, &options, target)?,
+        Some(target) => session::continue_config(&config, &registry, &options, target)?,
         None => session::run(&config, &registry, &options)?,
     };
     report(&summary);

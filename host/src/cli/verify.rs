@@ -13,7 +13,6 @@ use anyhow::{bail, Result};
 
 use super::{UsageError, VerifyArgs};
 use crate::checkpoint;
-use crate::session::CHECKPOINT_FILES;
 
 /// The verdict on one checkpoint.
 #[derive(Debug)]
@@ -51,7 +50,7 @@ pub fn check(path: &Path) -> Result<Vec<Verdict>> {
     Ok(dirs
         .into_iter()
         .map(|dir| {
-            let problem = checkpoint::verify(&dir, &CHECKPOINT_FILES)
+            let problem = checkpoint::verify(&dir, &checkpoint::CHECKPOINT_FILES)
                 .err()
                 .map(|e| e.to_string());
             Verdict { path: dir, problem }

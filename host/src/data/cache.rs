@@ -12,7 +12,7 @@
 //! under us. A file whose header or checksum does not match is rebuilt, never trusted.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
@@ -191,45 +191,26 @@ impl TokenCache {
 
     fn write(&self, path: &Path, tokens: &[u32]) -> Result<(), DataError> {
         fs::create_dir_all(&self.dir).map_err(|e| DataError::io(&self.dir, e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .suffix(".tokens")
-            .tempfile_in(&self.dir)
-            .map_err(|e| DataError::io(&self.dir, e))?;
-        let tmp_path = tmp.path().to_path_buf();
-        let io = |e| DataError::io(&tmp_path, e);
         let mut payload_hash = Sha256::new();
-        let mut out = BufWriter::new(tmp.as_file());
-        out.write_all(MAGIC).map_err(io)?;
-        out.write_all(&(tokens.len() as u64).to_le_bytes())
-            .map_err(io)?;
         for chunk in tokens.chunks(1 << 16) {
             payload_hash.update(le_bytes(chunk));
         }
-        out.write_all(&payload_hash.finalize()).map_err(io)?;
-        for chunk in tokens.chunks(1 << 16) {
-            out.write_all(&le_bytes(chunk)).map_err(io)?;
-        }
-        out.flush().map_err(io)?;
-        drop(out);
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path)
-            .map_err(|e| DataError::io(path, e.error))?;
-        sync_dir(&self.dir);
+        crate::fsio::write_atomic_with(path, |out| {
+            out.write_all(MAGIC)?;
+            out.write_all(&(tokens.len() as u64).to_le_bytes())?;
+            out.write_all(&payload_hash.finalize())?;
+            for chunk in tokens.chunks(1 << 16) {
+                out.write_all(&le_bytes(chunk))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| DataError::io(path, e))?;
         Ok(())
     }
 }
 
 fn le_bytes(ids: &[u32]) -> Vec<u8> {
     ids.iter().flat_map(|id| id.to_le_bytes()).collect()
-}
-
-/// Make the rename durable. Best effort: some platforms cannot open a directory, and the
-/// file is complete either way (a lost rename is a cache miss next time, not corruption).
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 /// Open a cache file: `Ok(None)` when absent, `Err(reason)` when present but invalid.

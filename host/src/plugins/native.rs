@@ -29,7 +29,7 @@ use codex_plugin_api::component::{Registrar, Registrar_TO};
 use codex_plugin_api::plugin::PluginModuleRef;
 use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, PluginError, API_VERSION};
 
-use crate::registry::{Origin, Registry, RegistryError};
+use crate::plugins::registry::{Origin, Registry, RegistryError};
 
 /// Why a native plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -279,7 +279,7 @@ pub fn open(plugin: &str, path: &Path) -> Result<PluginInfo, NativeError> {
     let mut collector = Collector::default();
     let registered = (module.register())(
         Registrar_TO::from_ptr(&mut collector, TD_Opaque),
-        crate::tensor::op_table(),
+        codex_engine::op_table(),
     );
     if let RResult::RErr(source) = registered {
         return Err(NativeError::Register {

@@ -17,10 +17,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::diagnostics::{parse_ron, Diagnostic};
-use crate::registry::Origin;
+use crate::plugins::registry::Origin;
 
 /// A plugin manifest as written on disk.
 #[derive(Debug, Deserialize)]
@@ -449,12 +448,13 @@ impl Manifest {
                 ));
             }
             let file = dir.join(&entry.path);
-            let sha256 = sha256_of(&file).map_err(|source| ManifestError::PluginFile {
-                manifest: path.to_owned(),
-                name: entry.name.clone(),
-                path: file.clone(),
-                source,
-            })?;
+            let sha256 =
+                crate::fsio::sha256_file(&file).map_err(|source| ManifestError::PluginFile {
+                    manifest: path.to_owned(),
+                    name: entry.name.clone(),
+                    path: file.clone(),
+                    source,
+                })?;
             if let Some(expected) = &pin {
                 if *expected != sha256 {
                     return Err(ManifestError::Sha256Mismatch {
@@ -508,16 +508,6 @@ fn check_sha256(pin: &str) -> Result<String, String> {
             "`{pin}` is not a sha256 (64 hex digits); compute it with `sha256sum FILE`"
         ))
     }
-}
-
-fn sha256_of(path: &Path) -> io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
 }
 
 fn positive<T: PartialEq + Default + Copy>(

@@ -16,7 +16,7 @@ use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::trainer::TrainerBox;
 use codex_plugin_api::{ComponentKind, Factory, PluginError};
 
-use crate::registry::{Entry, Registry};
+use crate::plugins::registry::{Entry, Registry};
 
 /// The JSON text handed to a factory; `null` parameters mean "no parameters".
 fn params_text(params: &serde_json::Value) -> String {
@@ -186,90 +186,5 @@ pub trait ApiResultExt<T> {
 impl<T> ApiResultExt<T> for codex_plugin_api::Result<T> {
     fn anyhow(self) -> Result<T> {
         self.map_err(|e| anyhow!("{e}"))
-    }
-}
-
-/// The sandbox settings of a WASM plugin, from its manifest entry.
-pub fn wasm_sink_plugin(
-    spec: &crate::manifest::PluginSpec,
-    limits: &crate::manifest::WasmLimits,
-    capabilities: &crate::manifest::Capabilities,
-) -> codex_wasm::SinkPlugin {
-    codex_wasm::SinkPlugin {
-        name: spec.name.clone(),
-        path: spec.path.clone(),
-        limits: codex_wasm::Limits {
-            memory_bytes: limits.memory_mib.saturating_mul(1 << 20),
-            call_timeout: std::time::Duration::from_millis(limits.call_timeout_ms),
-            fuel: limits.fuel,
-            max_instances: limits.max_instances,
-            max_tables: limits.max_tables,
-            max_return_bytes: limits.max_return_bytes,
-            queue_size: limits.queue_size,
-        },
-        grants: codex_wasm::Grants {
-            output_file: capabilities
-                .output_file
-                .as_ref()
-                .map(|o| codex_wasm::OutputGrant {
-                    path: o.path.clone(),
-                    quota_bytes: o.quota_bytes,
-                }),
-            log_lines: capabilities.log_lines,
-            env: capabilities.env.clone(),
-            clock: capabilities.clock,
-        },
-    }
-}
-
-/// Register the WASM sink a manifest entry declares, under the plugin's name. The component is
-/// compiled and checked now; one that cannot be loaded (not a component, another world or
-/// interface version, a trap while describing itself) is still registered, so that a run
-/// naming it starts, warns once that the sink is disabled and why, and trains on: an untrusted
-/// plugin never decides whether a run happens. Returns what the check found: the sink's own
-/// name and version, or why it cannot be loaded.
-pub fn register_wasm_sink(
-    registry: &mut Registry,
-    spec: &crate::manifest::PluginSpec,
-    limits: &crate::manifest::WasmLimits,
-    capabilities: &crate::manifest::Capabilities,
-) -> Result<Result<codex_wasm::Described, String>, crate::registry::RegistryError> {
-    let plugin = wasm_sink_plugin(spec, limits, capabilities);
-    match codex_wasm::PreparedSink::prepare(&plugin) {
-        Ok(prepared) => {
-            let d = prepared.described().clone();
-            let found = d.clone();
-            let description = format!("wasm sink `{}` {} (sandboxed)", d.name, d.version);
-            let factory: crate::registry::HostSinkFactory =
-                std::sync::Arc::new(move |params, run_dir, resume_step| {
-                    Ok(prepared
-                        .open(params, run_dir, resume_step)
-                        .unwrap_or_else(|e| codex_wasm::failed_sink(e.to_string())))
-                });
-            registry.add_host_sink(
-                &spec.name,
-                &d.version,
-                &description,
-                spec.registry_origin(),
-                factory,
-            )?;
-            Ok(Ok(found))
-        }
-        Err(e) => {
-            let reason = e.to_string();
-            let found = reason.clone();
-            tracing::debug!("wasm plugin `{}` cannot be loaded: {reason}", spec.name);
-            let description = format!("cannot be loaded: {reason}");
-            let factory: crate::registry::HostSinkFactory =
-                std::sync::Arc::new(move |_, _, _| Ok(codex_wasm::failed_sink(reason.clone())));
-            registry.add_host_sink(
-                &spec.name,
-                "unknown",
-                &description,
-                spec.registry_origin(),
-                factory,
-            )?;
-            Ok(Err(found))
-        }
     }
 }

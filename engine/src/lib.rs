@@ -1,4 +1,6 @@
-//! The host's tensor engine: candle behind the plugin API's op table, and the parameter store.
+//! The tensor engine of codex-ml: candle behind the plugin API's op table, and the parameter
+//! store. This is the only crate that depends on candle; the host holds a [`Device`] and
+//! [`TensorId`] handles and never names a candle type.
 //!
 //! Components never see a candle `Tensor`. They hold [`TensorId`] handles into one global,
 //! thread-safe table (`handles`) and call the entries of the op table (`table`), each of
@@ -18,6 +20,8 @@
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
 //! `autograd` the way PyTorch fills `.grad`.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub(crate) mod autograd;
 pub(crate) mod dispatch;
 pub(crate) mod fusion;
@@ -30,8 +34,16 @@ pub(crate) mod table;
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use codex_plugin_api::TensorId;
+
+/// candle itself, for tests that check the engine against candle's own ops. Nothing outside
+/// the engine's tests computes with it.
+#[doc(hidden)]
+pub use candle_core as candle;
+/// A device tensors live on: `cpu`, or a GPU in builds with the `cuda` or `metal` feature.
+/// Parse a user's device string with [`parse_device`].
+pub use candle_core::Device;
 
 pub use dispatch::{kernel_active, scoped_kernel, set_kernel, KernelScope};
 pub use store::{ExportedTensor, ParamStore, TensorGroup};
@@ -116,6 +128,12 @@ pub fn insert(tensor: Tensor) -> TensorId {
 /// is a view of the same storage that autograd does not track.
 pub fn get(id: TensorId) -> Result<Tensor> {
     handles::tensor(id)
+}
+
+/// Upload token ids (row-major, `shape` = `[rows, columns]` or `[n]`) to `device` as a `u32`
+/// tensor and return an owned handle to it: how batches reach the model.
+pub fn upload_ids(ids: Vec<u32>, shape: &[usize], device: &Device) -> Result<TensorId> {
+    Ok(handles::insert(Tensor::from_vec(ids, shape, device)?))
 }
 
 /// How many handles are alive, over all threads (for leak checks).

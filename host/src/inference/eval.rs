@@ -1,0 +1,85 @@
+//! Evaluation: loss, perplexity and token accuracy as Σ over counted targets / Σ targets, the
+//! way the trainer's validation records count them.
+
+use anyhow::{anyhow, bail, Result};
+use codex_engine::{self as engine, Device};
+use codex_plugin_api::model::ModelBox;
+use codex_plugin_api::{ForwardCtx, Tensor};
+
+use super::generate::model_err;
+use crate::data::{ValBatches, IGNORE_INDEX};
+use crate::plugins::build::ApiResultExt;
+
+/// Σ over counted targets, and what they give.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalTotals {
+    /// Σ negative log-likelihood.
+    pub nll: f64,
+    /// Counted targets.
+    pub tokens: f64,
+    /// Targets predicted correctly (arg-max).
+    pub correct: f64,
+    /// Batches evaluated.
+    pub batches: usize,
+}
+
+impl EvalTotals {
+    /// Mean loss per token.
+    pub fn loss(&self) -> f64 {
+        self.nll / self.tokens
+    }
+    /// exp(loss).
+    pub fn perplexity(&self) -> f64 {
+        self.loss().exp()
+    }
+    /// Fraction of targets predicted correctly.
+    pub fn accuracy(&self) -> f64 {
+        self.correct / self.tokens
+    }
+}
+
+/// Evaluate `model` on up to `max_batches` batches of `val` (all when `None`).
+pub fn evaluate(
+    model: &ModelBox,
+    val: &ValBatches,
+    device: &Device,
+    max_batches: Option<usize>,
+) -> Result<EvalTotals> {
+    let mut totals = EvalTotals::default();
+    let limit = max_batches.unwrap_or(usize::MAX);
+    let mut index = 0;
+    while index < limit {
+        let Some(batch) = val.batch(index) else { break };
+        index += 1;
+        let (rows, t) = (batch.rows, batch.seq_len);
+        let inputs = Tensor::from_id(engine::upload_ids(batch.inputs, &[rows, t], device)?);
+        let targets = Tensor::from_id(engine::upload_ids(batch.targets, &[rows * t], device)?);
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
+        };
+        let logits = Tensor::from_id(
+            model
+                .forward(inputs.id(), ctx)
+                .into_result()
+                .map_err(model_err)?,
+        );
+        let shape = logits.shape().anyhow()?;
+        let vocab = *shape
+            .last()
+            .ok_or_else(|| anyhow!("model returned a scalar"))?;
+        let ce = logits
+            .reshape(&[rows * t, vocab])
+            .anyhow()?
+            .cross_entropy(&targets, IGNORE_INDEX)
+            .anyhow()?;
+        totals.nll += ce.loss_sum.to_scalar().anyhow()?;
+        totals.tokens += ce.tokens.to_scalar().anyhow()?;
+        totals.correct += ce.correct.to_scalar().anyhow()?;
+        totals.batches += 1;
+    }
+    if totals.tokens == 0.0 {
+        bail!("nothing to evaluate: the evaluation data has no tokens");
+    }
+    Ok(totals)
+}

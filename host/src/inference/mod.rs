@@ -1,0 +1,84 @@
+//! Using a trained model: load a checkpoint ([`load`]), evaluate it ([`evaluate`]), generate
+//! text with it ([`generate`], sampling in [`sampling`]).
+//!
+//! `eval`, `generate` and the sample at the end of a run share these functions, so the numbers
+//! `eval` prints are computed exactly as the trainer's validation records are (Σ nll / Σ tokens
+//! over counted targets), and a sample from the command line equals the one printed at the end
+//! of training for the same seed.
+
+mod eval;
+mod generate;
+pub mod sampling;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use codex_engine::{self as engine, Device, ParamStore, TensorGroup};
+use codex_plugin_api::model::ModelBox;
+use codex_plugin_api::tokenizer::TokenizerBox;
+
+pub use eval::{evaluate, EvalTotals};
+pub use generate::{generate, GenerateOptions};
+
+use crate::config::Config;
+use crate::plugins::build;
+use crate::plugins::registry::Registry;
+
+/// A model restored from a checkpoint, with everything needed to use it.
+pub struct Loaded {
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// The run's resolved config, as saved in the checkpoint.
+    pub config: Config,
+    /// The tokenizer the run used.
+    pub tokenizer: TokenizerBox,
+    /// The parameters.
+    pub store: ParamStore,
+    /// The model.
+    pub model: ModelBox,
+    /// Where its tensors live.
+    pub device: Device,
+}
+
+/// Load the newest valid checkpoint of a run directory, or a checkpoint directory.
+pub fn load(target: &Path, registry: &Registry) -> Result<Loaded> {
+    engine::install();
+    let checkpoint = crate::checkpoint::resolve(target)?;
+    let config = Config::load(&checkpoint.join("config.ron"), &[])
+        .with_context(|| format!("reading the config saved in {}", checkpoint.display()))?;
+    let device = engine::parse_device(&config.device)?;
+    let tokenizer_file = checkpoint.join("tokenizer.json");
+    let tokenizer = if tokenizer_file.exists() {
+        let params = serde_json::json!({ "path": tokenizer_file.to_string_lossy() });
+        build::tokenizer(registry, "hf", &params, "", &[])?
+    } else {
+        // Tokenizers without a serialised form (e.g. `bytes`) are rebuilt from the config.
+        let dir = config.dir.to_string_lossy().into_owned();
+        build::tokenizer(
+            registry,
+            &config.tokenizer.name,
+            &config.tokenizer.params,
+            &dir,
+            &[],
+        )?
+    };
+    let mut store = ParamStore::new(device.clone(), config.seed);
+    let model = build::model(
+        registry,
+        &config.model.name,
+        &config.model.params,
+        tokenizer.vocab_size(),
+        store.as_tensor_store(),
+    )?;
+    store
+        .load_safetensors(&checkpoint.join("model.safetensors"), TensorGroup::Params)
+        .with_context(|| format!("loading the weights of {}", checkpoint.display()))?;
+    Ok(Loaded {
+        checkpoint,
+        config,
+        tokenizer,
+        store,
+        model,
+        device,
+    })
+}

@@ -1,0 +1,348 @@
+//! One training run: build the components a resolved config names, hand the trainer a
+//! [`TrainSession`], and keep everything the trainer must not do itself — data, devices,
+//! checkpoints, metric plumbing, the progress display and Ctrl-C — on the host side.
+//!
+//! The order of construction matters and is deliberate: the tokenizer first (a `bpe`
+//! tokenizer learns from the training documents), then the model (so `seq_len` can be checked
+//! against its context before any expensive tokenization), then the data, the optimizer, the
+//! sinks and trackers, and finally the trainer.
+//!
+//! Trackers follow the run's lifecycle from the metrics hub's threads: they are told the run
+//! started (or resumed) with its parameters (the resolved config flattened to dotted keys,
+//! [`steps::run_params`]), get every metric record as sinks do, each checkpoint directory once it is
+//! committed and the run's own files at the end, and finally how the run ended: finished,
+//! failed (an error ended it) or killed (stopped by Ctrl-C, resumable).
+//!
+//! A resumed run ([`resume()`]) builds the same components the same way, then overwrites what
+//! the checkpoint holds — parameters, optimizer state, the data cursor, the trainer's state —
+//! before the trainer starts, and opens the metric sinks at the checkpoint's step so the
+//! records after it are superseded. Every random stream is a pure function of the run seed
+//! and a position (see [`RngStreams`]), so nothing else needs saving for the continuation
+//! to equal the uninterrupted run bit for bit.
+
+//!
+//! The pieces: [`steps`] builds each part of a run, [`session`] is the host side of the
+//! trainer's session (including checkpoint writing), [`resume`] finds and restores a
+//! checkpoint, [`progress`] and [`interrupt`] are the terminal side.
+
+mod interrupt;
+mod progress;
+pub mod resume;
+mod session;
+mod steps;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use abi_stable::sabi_trait::TD_Opaque;
+use anyhow::{anyhow, Context, Result};
+use codex_engine::{self as engine, Device, ParamStore};
+use codex_plugin_api::trainer::TrainSession_TO;
+use codex_plugin_api::RunStatus;
+
+use crate::config::Config;
+use crate::data;
+use crate::inference;
+use crate::plugins::build;
+use crate::plugins::registry::Registry;
+use crate::rundir::{Metadata, MetadataInput, RunDir};
+
+pub use interrupt::install_interrupt_handler;
+pub use resume::{continue_config, continue_from, locate, ResumePoint};
+pub use steps::run_params;
+
+/// A run refused because of what it was asked to do: nothing was trained, nothing changed on
+/// disk, and the message says what to change. The command line exits with code 2 for these.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The checkpoint to resume from is already at or past the run's last step.
+    #[error("the checkpoint {} is at step {step} and this run has {total} steps: nothing left to train; raise train.max_steps (e.g. --set train.max_steps={})", checkpoint.display(), step + (*total).max(1))]
+    NothingLeftToTrain {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// Its step.
+        step: u64,
+        /// The run's total steps.
+        total: u64,
+    },
+    /// A path that is neither a run directory nor a checkpoint.
+    #[error("{}: no such run or checkpoint directory; pass a run directory (runs/<experiment>/<run-id>) or one of its checkpoints", .0.display())]
+    NoSuchRun(PathBuf),
+    /// `--resume latest` with no run of the experiment to continue.
+    #[error("--resume latest: no runs of experiment `{experiment}` under {}{reason}; pass --run-dir or a path to --resume", dir.display())]
+    NoRuns {
+        /// The experiment.
+        experiment: String,
+        /// Where its runs would be.
+        dir: PathBuf,
+        /// Why the directory could not be read, if it could not (` (…)`), else empty.
+        reason: String,
+    },
+}
+
+/// What a run needs besides its config.
+pub struct RunOptions {
+    /// Explicit run directory (`--run-dir`).
+    pub run_dir: Option<PathBuf>,
+    /// Where `runs/<experiment>/<run-id>` directories go.
+    pub runs_root: PathBuf,
+    /// Stop flag for tests; `None` uses the process-wide Ctrl-C flag.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Show a progress bar when stderr is a terminal.
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// True when stopped by the user.
+    pub interrupted: bool,
+    /// The newest checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// The last validation loss, if evaluated.
+    pub val_loss: Option<f64>,
+    /// The generated sample, if the config asked for one.
+    pub sample: Option<String>,
+}
+
+/// Run the experiment `config` to its end (or until stopped).
+pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result<RunSummary> {
+    engine::install();
+    let device = engine::parse_device(&config.device).context("in the config's `device`")?;
+    let started = SystemTime::now();
+
+    let run = match &options.run_dir {
+        Some(path) => RunDir::create_at(path, &config.experiment)?,
+        None => RunDir::create_new(&options.runs_root, &config.experiment, started)?,
+    };
+    crate::logging::attach_run_log(&run.log_path())
+        .with_context(|| format!("opening {}", run.log_path().display()))?;
+    tracing::info!("run directory: {}", run.path().display());
+    let result = run_in(config, registry, options, &run, device, started, None);
+    if let Err(e) = crate::logging::detach_run_log() {
+        tracing::warn!("closing the run log: {e}");
+    }
+    result
+}
+
+/// Continue the run of `point` in its own directory, with `config` (already checked against
+/// the checkpoint's with [`Config::resume_differences`]).
+pub fn resume(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    point: &ResumePoint,
+) -> Result<RunSummary> {
+    engine::install();
+    let device = engine::parse_device(&config.device).context("in the config's `device`")?;
+    let started = SystemTime::now();
+    let run = RunDir::open_existing(&point.run_dir, &config.experiment)?;
+    crate::logging::attach_run_log(&run.log_path())
+        .with_context(|| format!("opening {}", run.log_path().display()))?;
+    tracing::info!(
+        "resuming {} from {} (step {})",
+        run.path().display(),
+        point.checkpoint.display(),
+        point.step()
+    );
+    let result = resume::prepare_checkpoints(&run.checkpoints_dir(), point.step()).and_then(|()| {
+        run_in(
+            config,
+            registry,
+            options,
+            &run,
+            device,
+            started,
+            Some(point),
+        )
+    });
+    if let Err(e) = crate::logging::detach_run_log() {
+        tracing::warn!("closing the run log: {e}");
+    }
+    result
+}
+
+/// The run itself, fresh or resumed, in `run`: build every part in order, hand the trainer
+/// its session, then generate the sample, tell sinks and trackers how the run ended and
+/// report.
+fn run_in(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    run: &RunDir,
+    device: Device,
+    started: SystemTime,
+    resume_from: Option<&ResumePoint>,
+) -> Result<RunSummary> {
+    let config_text = config.to_ron();
+    run.write_config(&config_text)?;
+
+    let trackers = steps::trackers(config, registry)?;
+    let docs = steps::documents(config)?;
+    let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
+    if let Some(json) = &tokenizer_json {
+        crate::fsio::write_atomic(&run.tokenizer_path(), json.as_bytes())
+            .with_context(|| format!("writing {}", run.tokenizer_path().display()))?;
+    }
+    let _kernel_scope = steps::kernel(config, registry, &device)?;
+    let mut store = ParamStore::new(device.clone(), config.seed);
+    let model = steps::model(config, registry, tokenizer.vocab_size(), &mut store)?;
+    let (mut train_batches, val_batches) = steps::batches(config, options, docs, &tokenizer)?;
+
+    let total_steps = steps::total_steps(config, &train_batches)?;
+    if let Some(point) = resume_from {
+        if point.step() >= total_steps {
+            return Err(RunError::NothingLeftToTrain {
+                checkpoint: point.checkpoint.clone(),
+                step: point.step(),
+                total: total_steps,
+            }
+            .into());
+        }
+    }
+    tracing::info!(
+        "training: {} steps of {} x {} tokens x {} micro-batches; {} batches per epoch",
+        total_steps,
+        config.train.batch_size,
+        config.train.seq_len,
+        config.train.grad_accum,
+        train_batches.batches_per_epoch()
+    );
+
+    let optimizer = build::optimizer(
+        registry,
+        &config.optimizer.name,
+        &config.optimizer.params,
+        config.optimizer.lr,
+        store.as_tensor_store(),
+    )?;
+    if let Some(point) = resume_from {
+        resume::restore(
+            point,
+            &mut store,
+            &mut train_batches,
+            tokenizer_json.as_deref(),
+        )?;
+    }
+
+    let resume_step = resume_from.map(ResumePoint::step);
+    let hub = steps::metrics(config, registry, run, resume_step, trackers)?;
+
+    let metadata = Metadata::collect(
+        run,
+        MetadataInput {
+            started,
+            threads: rayon::current_num_threads(),
+            device: config.device.clone(),
+            seeds: [("run".to_string(), config.seed)].into_iter().collect(),
+            plugins: steps::plugin_lock(registry, config),
+        },
+    );
+    match resume_from {
+        None => run.write_metadata(&metadata)?,
+        Some(point) => run.record_resume(&metadata, point.step(), &point.checkpoint)?,
+    };
+
+    let mut trainer = build::trainer(registry, &config.trainer.name, &config.trainer.params)?;
+    let settings = config.train.settings(
+        config.seed,
+        config.optimizer.lr,
+        total_steps,
+        data::IGNORE_INDEX,
+    );
+    let mut session = session::HostSession {
+        settings,
+        store: &mut store,
+        model: &model,
+        optimizer,
+        train: train_batches,
+        val: val_batches,
+        device: device.clone(),
+        recorder: hub.recorder(),
+        progress: progress::Progress::new(total_steps, options.progress, config.train.log_every),
+        stop: options.stop.clone(),
+        known_checkpoints: steps::scan_checkpoints(&run.checkpoints_dir())?,
+        keep_checkpoints: config.train.keep_checkpoints,
+        checkpoints: run.checkpoints_dir(),
+        config_text,
+        config_dir: config.dir.clone(),
+        tokenizer_json: tokenizer_json.clone(),
+        resume_state: resume_from.map(|p| p.state.trainer.to_string()),
+        last_checkpoint: None,
+        val_loss: None,
+        val_loss_at: None,
+        last_lr: None,
+    };
+    // The whole loop runs on a worker of the pool its parallel sections use (see `on_pool`).
+    let outcome = engine::on_pool(|| {
+        let session_ref = TrainSession_TO::from_ptr(&mut session, TD_Opaque);
+        trainer.train(session_ref).into_result()
+    });
+    session.progress.finish();
+    let last_checkpoint = session.last_checkpoint.clone();
+    let val_loss = session.val_loss;
+    drop(session);
+    let result = outcome
+        .map_err(|e| {
+            let where_ = match &last_checkpoint {
+                Some(p) => format!("the last checkpoint is {}", p.display()),
+                None => "no checkpoint was written".to_string(),
+            };
+            anyhow!("training failed: {e}; {where_}")
+        })
+        .and_then(|outcome| {
+            let sample = match (&config.generate, outcome.interrupted) {
+                (Some(g), false) => Some(inference::generate(
+                    &model,
+                    &tokenizer,
+                    &device,
+                    &g.prompt,
+                    &inference::GenerateOptions {
+                        max_tokens: g.max_tokens,
+                        sampling: crate::inference::sampling::Sampling {
+                            temperature: g.temperature,
+                            top_k: g.top_k.unwrap_or(0),
+                            top_p: g.top_p.unwrap_or(1.0),
+                        },
+                        seed: config.seed,
+                    },
+                )?),
+                _ => None,
+            };
+            Ok(RunSummary {
+                run_dir: run.path().to_path_buf(),
+                steps: outcome.steps,
+                interrupted: outcome.interrupted,
+                last_checkpoint,
+                val_loss,
+                sample,
+            })
+        });
+
+    let status = match &result {
+        Err(_) => RunStatus::Failed,
+        Ok(summary) if summary.interrupted => RunStatus::Killed,
+        Ok(_) => RunStatus::Finished,
+    };
+    let recorder = hub.recorder();
+    for path in [run.config_path(), run.metadata_path(), run.tokenizer_path()] {
+        if path.is_file() {
+            recorder.artifact(&path);
+        }
+    }
+    let report = hub.finish_as(status);
+    for s in &report.sinks {
+        if let Some(reason) = &s.disabled {
+            tracing::warn!("sink `{}` was disabled during the run: {reason}", s.name);
+        }
+    }
+    // A tracker is named in one warning when it is disabled or abandoned; none is repeated.
+    result
+}

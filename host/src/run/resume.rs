@@ -1,0 +1,271 @@
+//! Continuing a run: which checkpoint, which config, and restoring what the checkpoint holds.
+//!
+//! Which checkpoint: a checkpoint directory named explicitly must verify, or the command
+//! fails naming the bad file (with the expected and actual hash); a run directory (or
+//! `latest`) means its newest checkpoint that verifies, and each newer one skipped is named in
+//! a warning. Which config: `resume` uses the one stored in the checkpoint (plus `--set`);
+//! `run --resume` uses the config given. Either way it is compared with the checkpoint's by
+//! [`Config::resume_differences`]: settings the steps already taken depend on must not
+//! change, the rest (how long to train, cadences, sinks) may, and each change is logged.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use codex_engine::{ParamStore, TensorGroup};
+
+use super::{RunError, RunOptions, RunSummary};
+use crate::checkpoint;
+use crate::config::Config;
+use crate::data::TrainBatches;
+use crate::plugins::registry::Registry;
+
+/// A verified checkpoint to continue from, and what it holds.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    /// The checkpoint directory (`<run>/checkpoints/step-…`).
+    pub checkpoint: PathBuf,
+    /// The run directory it belongs to.
+    pub run_dir: PathBuf,
+    /// Its `trainer_state.json`.
+    pub state: checkpoint::HostState,
+    /// Its `config.ron`.
+    pub config_text: String,
+}
+
+impl ResumePoint {
+    /// Verify every hash of the checkpoint at `dir`, then read its state and config. Nothing
+    /// is read before the whole checkpoint has verified.
+    pub fn open(dir: &Path) -> Result<ResumePoint> {
+        checkpoint::verify(dir, &checkpoint::CHECKPOINT_FILES)
+            .with_context(|| format!("checkpoint {} is not usable", dir.display()))?;
+        let state = checkpoint::read_state(dir)?;
+        let config_path = dir.join("config.ron");
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let run_dir = dir
+            .parent()
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(ResumePoint {
+            checkpoint: dir.to_path_buf(),
+            run_dir,
+            state,
+            config_text,
+        })
+    }
+
+    /// The config the checkpoint was written under, with `overrides` applied; relative
+    /// paths resolve against the directory of the config the run was started from.
+    pub fn saved_config(&self, overrides: &[crate::config::Override]) -> Result<Config> {
+        let path = self.checkpoint.join("config.ron");
+        let mut config = Config::from_source(&path, &self.config_text, overrides)?;
+        config.dir = self.state.config_dir.clone();
+        Ok(config)
+    }
+
+    /// The step it was written at.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+}
+
+/// `codex-ml run CONFIG --resume TARGET`: `latest`, a run directory or a checkpoint.
+pub fn continue_config(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    target: &Path,
+) -> Result<RunSummary> {
+    let point = if target == Path::new("latest") {
+        let run_dir = match &options.run_dir {
+            Some(dir) => dir.clone(),
+            None => newest_run(&options.runs_root, &config.experiment)?,
+        };
+        locate(&run_dir)?
+    } else {
+        locate(target)?
+    };
+    let saved = point.saved_config(&[])?;
+    continue_from(config, &saved, registry, options, &point)
+}
+
+pub fn continue_from(
+    config: &Config,
+    saved: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    point: &ResumePoint,
+) -> Result<RunSummary> {
+    let changes = config.resume_differences(saved)?;
+    for change in &changes {
+        tracing::info!("resuming with a changed setting: {change}");
+    }
+    let length_changed = changes
+        .iter()
+        .any(|c| c.starts_with("train.max_steps") || c.starts_with("train.epochs"));
+    if length_changed && config.train.schedule.kind != crate::config::ScheduleKind::Constant {
+        tracing::warn!(
+            "the run's length changed: the learning-rate schedule now decays towards the new last step, so the steps to come differ from those of the original run"
+        );
+    }
+    super::install_interrupt_handler();
+    super::resume(config, registry, options, point)
+}
+
+/// The checkpoint to continue from: `target` itself if it is one (it must verify), else the
+/// newest checkpoint of the run directory `target` that verifies.
+pub fn locate(target: &Path) -> Result<ResumePoint> {
+    if checkpoint::is_checkpoint_dir(target) {
+        return ResumePoint::open(target);
+    }
+    if !target.is_dir() {
+        return Err(RunError::NoSuchRun(target.to_path_buf()).into());
+    }
+    let root = target.join("checkpoints");
+    let mut skipped = 0usize;
+    for (_, dir) in checkpoint::list(&root)? {
+        match ResumePoint::open(&dir) {
+            Ok(point) => {
+                if skipped > 0 {
+                    tracing::warn!(
+                        "resuming from {}, the newest valid checkpoint ({skipped} newer skipped)",
+                        dir.display()
+                    );
+                }
+                return Ok(point);
+            }
+            Err(e) => {
+                skipped += 1;
+                tracing::warn!("skipping checkpoint {}: {e:#}", dir.display());
+            }
+        }
+    }
+    Err(anyhow!(
+        "{}: no valid checkpoint to resume from under {}{}; start the run again",
+        target.display(),
+        root.display(),
+        if skipped > 0 {
+            format!(" ({skipped} corrupt or incomplete, see the warnings above)")
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// The newest run of `experiment` under `runs_root` (run ids sort by start time).
+fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
+    let parent = runs_root.join(experiment);
+    let mut runs: Vec<(String, PathBuf)> = std::fs::read_dir(&parent)
+        .map_err(|e| RunError::NoRuns {
+            experiment: experiment.to_string(),
+            dir: parent.clone(),
+            reason: format!(" ({e})"),
+        })?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().join("metadata.json").is_file())
+        .map(|entry| {
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            )
+        })
+        .collect();
+    // `20261124-201500-2` sorts after `20261124-201500`, as it started later.
+    runs.sort_by_key(|(id, _)| run_id_key(id));
+    runs.pop().map(|(_, path)| path).ok_or_else(|| {
+        RunError::NoRuns {
+            experiment: experiment.to_string(),
+            dir: parent.clone(),
+            reason: String::new(),
+        }
+        .into()
+    })
+}
+
+/// `(timestamp, suffix)` of a run id, so `-10` sorts after `-9`.
+fn run_id_key(id: &str) -> (String, u32) {
+    match id.get(..15).zip(id.get(15..)) {
+        Some((stamp, rest)) => (
+            stamp.to_string(),
+            rest.strip_prefix('-')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(if rest.is_empty() { 1 } else { 0 }),
+        ),
+        None => (id.to_string(), 0),
+    }
+}
+
+/// Clear the way for a resumed run's checkpoints: remove what interrupted writes left, and set
+/// aside checkpoints newer than the one resumed from (corrupt ones skipped by `latest`, or
+/// valid ones when an older checkpoint was named on purpose) so they can be written again.
+pub(crate) fn prepare_checkpoints(root: &Path, step: u64) -> Result<()> {
+    for dir in checkpoint::remove_stale_writes(root)? {
+        tracing::warn!("removed an interrupted checkpoint write: {}", dir.display());
+    }
+    for (from, to) in checkpoint::set_aside_after(root, step)? {
+        tracing::warn!(
+            "checkpoint {} is newer than the one resumed from: moved to {}",
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(())
+}
+
+/// Overwrite the freshly built state with the checkpoint's: parameters, optimizer state and
+/// the data cursor. The trainer's own state travels through [`TrainSession::resume_state`].
+pub(crate) fn restore(
+    point: &ResumePoint,
+    store: &mut ParamStore,
+    train: &mut TrainBatches,
+    tokenizer_json: Option<&str>,
+) -> Result<()> {
+    let saved_tokenizer = point.checkpoint.join("tokenizer.json");
+    if let (Some(now), Ok(then)) = (tokenizer_json, std::fs::read_to_string(&saved_tokenizer)) {
+        if now != then {
+            bail!(
+                "the tokenizer built now differs from {}: the training data or the tokenizer changed since the checkpoint; resume with the same data",
+                saved_tokenizer.display()
+            );
+        }
+    }
+    store.load_safetensors(
+        &point.checkpoint.join("model.safetensors"),
+        TensorGroup::Params,
+    )?;
+    store.load_safetensors(
+        &point.checkpoint.join("optimizer.safetensors"),
+        TensorGroup::State,
+    )?;
+    train.seek(point.state.data)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_sort_by_start_then_suffix() {
+        let mut ids = vec![
+            "20261124-201500-10",
+            "20261124-201500-2",
+            "20261124-201500",
+            "20261123-235959",
+            "20261124-201501",
+        ];
+        ids.sort_by_key(|id| run_id_key(id));
+        assert_eq!(
+            ids,
+            [
+                "20261123-235959",
+                "20261124-201500",
+                "20261124-201500-2",
+                "20261124-201500-10",
+                "20261124-201501",
+            ]
+        );
+    }
+}

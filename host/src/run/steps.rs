@@ -1,0 +1,304 @@
+//! The named steps of a run, in the order [`super::run`] takes them: each builds one part
+//! (trackers, the tokenizer, the kernel, the model, the batches, the sinks and the metrics hub,
+//! the metadata) from the resolved config and the registry, and fails with an error that names
+//! the part. Keeping them apart keeps the orchestration readable and lets a resumed run build
+//! exactly what a fresh one builds.
+
+use std::path::Path;
+
+use abi_stable::std_types::RString;
+use anyhow::{anyhow, bail, Context, Result};
+use codex_engine::{self as engine, Device, KernelScope, ParamStore};
+use codex_plugin_api::model::ModelBox;
+use codex_plugin_api::tokenizer::TokenizerBox;
+use codex_plugin_api::tracker::TrackerBox;
+use codex_plugin_api::RunInfo;
+
+use super::RunOptions;
+use crate::checkpoint;
+use crate::config::Config;
+use crate::data::{self, BatchShape, SplitDocuments, TrainBatches, ValBatches};
+use crate::metrics::{HubOptions, MetricsHub, Tracking};
+use crate::plugins::build;
+use crate::plugins::registry::Registry;
+use crate::rundir::{PluginLock, RunDir};
+
+/// Build every tracker the config names. Trackers are built (their parameters checked)
+/// before any expensive work, and told about the run only when the metrics hub starts.
+pub(crate) fn trackers(config: &Config, registry: &Registry) -> Result<Vec<(String, TrackerBox)>> {
+    let mut trackers = Vec::new();
+    for spec in &config.trackers {
+        let tracker = build::tracker(registry, &spec.name, &spec.params)?;
+        trackers.push((spec.name.clone(), tracker));
+    }
+    Ok(trackers)
+}
+
+/// Read the training and validation documents.
+pub(crate) fn documents(config: &Config) -> Result<SplitDocuments> {
+    let docs = data::load_documents(&config.data, &config.dir)?;
+    tracing::info!(
+        "data: {} training and {} validation documents",
+        docs.train.len(),
+        docs.val.len()
+    );
+    Ok(docs)
+}
+
+/// The tokenizer, trained on the training documents when it learns a vocabulary, and its
+/// serialised form (written to the run directory and every checkpoint) when it has one.
+pub(crate) fn tokenizer(
+    config: &Config,
+    registry: &Registry,
+    corpus: &[RString],
+) -> Result<(TokenizerBox, Option<String>)> {
+    let dir_text = config.dir.to_string_lossy().into_owned();
+    let tokenizer = build::tokenizer(
+        registry,
+        &config.tokenizer.name,
+        &config.tokenizer.params,
+        &dir_text,
+        corpus,
+    )?;
+    let json = tokenizer
+        .to_json()
+        .into_result()
+        .map_err(|e| anyhow!("tokenizer `{}`: {e}", config.tokenizer.name))?
+        .into_option()
+        .map(RString::into_string);
+    Ok((tokenizer, json))
+}
+
+/// Fused ops for this thread's tensor work while the returned scope lives; a config without
+/// a kernel keeps plain ops.
+pub(crate) fn kernel(config: &Config, registry: &Registry, device: &Device) -> Result<KernelScope> {
+    let kernel = match &config.kernel {
+        Some(name) => Some(build::kernel(registry, name, &serde_json::Value::Null)?),
+        None => None,
+    };
+    engine::scoped_kernel(device, kernel).context("in the config's `kernel`")
+}
+
+/// The model, its parameters declared into `store`; its context length bounds `seq_len`.
+pub(crate) fn model(
+    config: &Config,
+    registry: &Registry,
+    vocab_size: usize,
+    store: &mut ParamStore,
+) -> Result<ModelBox> {
+    let model = build::model(
+        registry,
+        &config.model.name,
+        &config.model.params,
+        vocab_size,
+        store.as_tensor_store(),
+    )?;
+    let max_positions = model.max_positions();
+    if config.train.seq_len > max_positions {
+        bail!(
+            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's position limit in model.params (n_positions for gpt2, max_position_embeddings for LLaMA-style models)",
+            config.train.seq_len,
+            config.model.name,
+            max_positions
+        );
+    }
+    Ok(model)
+}
+
+/// Token streams through the content-addressed cache, then batches: the training batches in
+/// their (seed, epoch) order and the validation batches, if there is validation data.
+pub(crate) fn batches(
+    config: &Config,
+    options: &RunOptions,
+    docs: SplitDocuments,
+    tokenizer: &TokenizerBox,
+) -> Result<(TrainBatches, Option<ValBatches>)> {
+    let fingerprint = data::TokenizerFingerprint::of(
+        tokenizer,
+        &config.tokenizer.name,
+        &config.tokenizer.params_json(),
+    )?;
+    let cache = data::TokenCache::new(
+        config
+            .data
+            .resolve_cache_dir(&config.dir, &options.runs_root),
+    );
+    let streams = data::token_streams(
+        &docs,
+        tokenizer,
+        &fingerprint,
+        &cache,
+        &config.data.preprocess,
+    )?;
+    drop(docs);
+    let shape = BatchShape {
+        batch_size: config.train.batch_size,
+        seq_len: config.train.seq_len,
+    };
+    let train = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
+    let val = match streams.val {
+        Some(v) => Some(ValBatches::new(v.tokens, shape, data::pad_id(tokenizer))?),
+        None => {
+            tracing::warn!("no validation documents: evaluation is skipped (set data.val_fraction or data.val)");
+            None
+        }
+    };
+    Ok((train, val))
+}
+
+/// Open the config's sinks and start the metrics hub with them and the trackers; a resumed
+/// run's sinks supersede the records after its step. Dropped on an error before
+/// `finish_as`, the hub tells the trackers the run failed.
+pub(crate) fn metrics(
+    config: &Config,
+    registry: &Registry,
+    run: &RunDir,
+    resume_step: Option<u64>,
+    trackers: Vec<(String, TrackerBox)>,
+) -> Result<MetricsHub> {
+    let mut sinks = Vec::new();
+    for spec in &config.sinks {
+        let sink = build::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
+        // `metrics.ndjson` is always written: an `ndjson` sink sent to another file is an
+        // extra copy under a name of its own, and the hub still opens the built-in one.
+        let lane = match spec.params.get("file").and_then(|f| f.as_str()) {
+            Some(file) if spec.name == crate::metrics::NDJSON && file != "metrics.ndjson" => {
+                format!("{}:{file}", spec.name)
+            }
+            _ => spec.name.clone(),
+        };
+        sinks.push((lane, sink));
+    }
+    let tracking = if trackers.is_empty() {
+        None
+    } else {
+        let run_dir = std::path::absolute(run.path()).unwrap_or_else(|_| run.path().to_path_buf());
+        Some(Tracking {
+            run: RunInfo {
+                experiment: config.experiment.as_str().into(),
+                run_id: run.run_id().into(),
+                run_dir: run_dir.to_string_lossy().as_ref().into(),
+            },
+            params: run_params(config)?,
+            trackers,
+        })
+    };
+    Ok(MetricsHub::start_tracked(
+        HubOptions::new(run.path(), resume_step),
+        sinks,
+        tracking,
+    )?)
+}
+
+/// The run's parameters for trackers: the resolved config flattened to dotted keys
+/// (`optimizer.lr` = `0.0006`, `data.train.0.Text.paths.0` = `/data/a.txt`), list items by
+/// index, absent optional values left out, empty lists and maps written `[]` and `{}`.
+pub fn run_params(config: &Config) -> Result<Vec<(String, String)>> {
+    fn flatten(key: String, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        use serde_json::Value;
+        let join = |k: &str| {
+            if key.is_empty() {
+                k.to_string()
+            } else {
+                format!("{key}.{k}")
+            }
+        };
+        match value {
+            Value::Null => {}
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    flatten(join(k), v, out);
+                }
+            }
+            Value::Array(items) if !items.is_empty() => {
+                for (i, v) in items.iter().enumerate() {
+                    flatten(join(&i.to_string()), v, out);
+                }
+            }
+            Value::String(text) => out.push((key, text.clone())),
+            other => out.push((key, other.to_string())),
+        }
+    }
+    let tree = config
+        .to_json()
+        .context("recording the run's parameters for its trackers")?;
+    let mut out = Vec::new();
+    flatten(String::new(), &tree, &mut out);
+    Ok(out)
+}
+
+/// Optimizer steps the run takes: `max_steps`, or `epochs` worth of data, or the smaller.
+pub(crate) fn total_steps(config: &Config, batches: &TrainBatches) -> Result<u64> {
+    let per_epoch = (batches.batches_per_epoch() as u64).div_ceil(config.train.grad_accum as u64);
+    let by_epochs = config.train.epochs.map(|e| e * per_epoch.max(1));
+    let steps = match (config.train.max_steps, by_epochs) {
+        (Some(m), Some(e)) => m.min(e),
+        (Some(m), None) => m,
+        (None, Some(e)) => e,
+        (None, None) => bail!("train: set max_steps, epochs, or both"),
+    };
+    if steps == 0 {
+        bail!("train: the run would take 0 steps; raise train.max_steps or train.epochs");
+    }
+    Ok(steps)
+}
+
+pub(crate) fn plugin_lock(registry: &Registry, config: &Config) -> Vec<PluginLock> {
+    use codex_plugin_api::ComponentKind as K;
+    let mut named: Vec<(K, &str)> = vec![
+        (K::Tokenizer, config.tokenizer.name.as_str()),
+        (K::Model, config.model.name.as_str()),
+        (K::Optimizer, config.optimizer.name.as_str()),
+        (K::Trainer, config.trainer.name.as_str()),
+    ];
+    named.extend(config.sinks.iter().map(|s| (K::Sink, s.name.as_str())));
+    named.extend(
+        config
+            .trackers
+            .iter()
+            .map(|s| (K::Tracker, s.name.as_str())),
+    );
+    if let Some(k) = &config.kernel {
+        named.push((K::Kernel, k.as_str()));
+    }
+    named
+        .into_iter()
+        .filter_map(|(kind, name)| registry.get(kind, name).ok())
+        .map(|e| {
+            use crate::plugins::registry::Origin;
+            let (origin, sha256) = match &e.origin {
+                Origin::Builtin { .. } => ("builtin".to_string(), None),
+                // The file was checked against its manifest pin when it loaded; hashing it
+                // again records exactly which build this run used.
+                Origin::Native { path } | Origin::Wasm { path } => {
+                    (e.origin.to_string(), crate::fsio::sha256_file(path).ok())
+                }
+            };
+            PluginLock {
+                name: format!("{}/{}", e.kind.as_str(), e.name),
+                origin,
+                sha256,
+            }
+        })
+        .collect()
+}
+
+/// What retention needs to know of the checkpoints already on disk: each one is verified once
+/// here, then trusted for the rest of the session.
+pub(crate) fn scan_checkpoints(root: &Path) -> Result<Vec<checkpoint::Summary>> {
+    let mut out = Vec::new();
+    for (step, dir) in checkpoint::list(root)? {
+        let valid = checkpoint::verify(&dir, &checkpoint::CHECKPOINT_FILES).is_ok();
+        let val_loss = valid
+            .then(|| std::fs::read_to_string(dir.join("trainer_state.json")).ok())
+            .flatten()
+            .and_then(|text| serde_json::from_str::<checkpoint::HostState>(&text).ok())
+            .and_then(|state| state.val_loss);
+        out.push(checkpoint::Summary {
+            step,
+            valid,
+            val_loss,
+        });
+    }
+    Ok(out)
+}
