@@ -4,6 +4,8 @@
 //! package's binaries, so the first test to need it builds it (once, with the same profile and
 //! target directory as this test binary).
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

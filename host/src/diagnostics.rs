@@ -14,7 +14,7 @@
 //! are involved. Field paths come from `serde_path_to_error`; ron's own messages are rewritten
 //! here because they name our internal Rust types (`RawTrain`) rather than the user's keys.
 //!
-//! The same module holds the strict RON parser both files go through ([`parse_ron`]) and the
+//! The same module holds the strict RON parser both files go through (`parse_ron`) and the
 //! "did you mean" helper shared with the registry and `--set` overrides.
 
 use std::fmt;

@@ -4,6 +4,8 @@
 //! directory and the data; tensors live in `codex-engine`. Components — built-in or plugin — reach
 //! it only through `codex-plugin-api`.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -115,6 +115,8 @@ pub struct VerifyArgs {
 }
 
 /// `codex-ml run`.
+// Field docs are clap's help text, where `<experiment>` is meant literally.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Experiment config (RON), e.g. configs/quickstart.ron

@@ -1,6 +1,6 @@
 //! `codex-ml resume RUN_DIR`: continue a run from its newest valid checkpoint with the config
 //! the checkpoint holds (plus `--set`). How a checkpoint is chosen and checked is
-//! [`crate::run::resume`]'s business; `codex-ml run CONFIG --resume` goes there too.
+//! [`mod@crate::run::resume`]'s business; `codex-ml run CONFIG --resume` goes there too.
 
 use std::path::PathBuf;
 

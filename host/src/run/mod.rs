@@ -1,5 +1,5 @@
 //! One training run: build the components a resolved config names, hand the trainer a
-//! [`TrainSession`], and keep everything the trainer must not do itself — data, devices,
+//! `TrainSession`, and keep everything the trainer must not do itself — data, devices,
 //! checkpoints, metric plumbing, the progress display and Ctrl-C — on the host side.
 //!
 //! The order of construction matters and is deliberate: the tokenizer first (a `bpe`
@@ -17,13 +17,13 @@
 //! the checkpoint holds — parameters, optimizer state, the data cursor, the trainer's state —
 //! before the trainer starts, and opens the metric sinks at the checkpoint's step so the
 //! records after it are superseded. Every random stream is a pure function of the run seed
-//! and a position (see [`RngStreams`]), so nothing else needs saving for the continuation
+//! and a position (see [`crate::checkpoint::RngStreams`]), so nothing else needs saving for the continuation
 //! to equal the uninterrupted run bit for bit.
 
 //!
-//! The pieces: [`steps`] builds each part of a run, [`session`] is the host side of the
-//! trainer's session (including checkpoint writing), [`resume`] finds and restores a
-//! checkpoint, [`progress`] and [`interrupt`] are the terminal side.
+//! The pieces: `steps` builds each part of a run, `session` is the host side of the
+//! trainer's session (including checkpoint writing), [`mod@resume`] finds and restores a
+//! checkpoint, `progress` and `interrupt` are the terminal side.
 
 mod interrupt;
 mod progress;

@@ -91,6 +91,8 @@ pub fn continue_config(
     continue_from(config, &saved, registry, options, &point)
 }
 
+/// Continue `point` with `config`, after checking it against the checkpoint's own config
+/// `saved`: each allowed change is logged, a forbidden one refused.
 pub fn continue_from(
     config: &Config,
     saved: &Config,

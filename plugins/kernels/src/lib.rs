@@ -5,7 +5,7 @@
 //! allocate and traverse several intermediates, and sums over leading dimensions take a
 //! single-threaded path; here each op is one or two passes over its rows, parallel across
 //! rows (or attention heads) with rayon, with inner loops that vectorise
-//! ([`simd`] compiles them for AVX-512, AVX2 and the baseline and picks one at run time).
+//! (`simd` compiles them for AVX-512, AVX2 and the baseline and picks one at run time).
 //!
 //! # Buffers
 //!

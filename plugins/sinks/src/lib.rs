@@ -3,7 +3,7 @@
 //! Each sink is an ordinary implementation of [`codex_plugin_api::Sink`], registered the way a
 //! third-party one would be, so the host treats them exactly like plugins: it runs them off the
 //! training thread and disables one that fails. The two file sinks share one rule for resumed
-//! runs ([`resume`]): records after the resume step are superseded, so a metric stream never
+//! runs (module `resume`): records after the resume step are superseded, so a metric stream never
 //! holds a duplicated or backwards step.
 
 #![warn(missing_docs, unreachable_pub)]

@@ -2,7 +2,7 @@
 //! the run's corpus) and `bytes` (one id per byte).
 //!
 //! `hf` and `bpe` share one wrapper around a Hugging Face [`tokenizers::Tokenizer`]
-//! ([`hf::Loaded`]), so a trained `bpe` and the same `tokenizer.json` reloaded with `hf`
+//! (`hf::Loaded`), so a trained `bpe` and the same `tokenizer.json` reloaded with `hf`
 //! encode through exactly the same code: that is what makes a saved run reproducible.
 //!
 //! Conventions every tokenizer here keeps, because the data pipeline relies on them:
