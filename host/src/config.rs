@@ -13,7 +13,7 @@
 //! into a run directory ([`Config::to_ron`]), the parameters trackers record
 //! ([`Config::to_json`]) and the resume check ([`Config::resume_differences`]) are all derived
 //! from it, and the field reference of `docs/config.md` is rendered from the raw types'
-//! schema ([`reference`]).
+//! schema ([`reference()`]).
 //!
 //! Overrides follow the lossless route in FACTS.md: typed parse → `serde_json::Value` (enums
 //! stay externally tagged, which `ron::Value` would lose) → set each path (the value read as a
@@ -52,7 +52,7 @@ pub const NO_KERNEL: &str = "none";
 /// An experiment config as written on disk.
 ///
 /// Its doc comments, and those of the types it holds, are the field reference of
-/// `docs/config.md` ([`reference`]): each says what the field means and ends with its default
+/// `docs/config.md` ([`reference()`]): each says what the field means and ends with its default
 /// ("Default: ...") or with "Required.". The resolver fills each default into this value as it
 /// resolves it, so the resolved [`Config`] keeps the file with every default written out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1384,7 +1384,7 @@ pub fn reference() -> String {
     Reference::new(&schema, shape::of::<RawConfig>()).render()
 }
 
-/// What [`reference`] renders from: the JSON Schema (doc comments and types, but no field
+/// What [`reference()`] renders from: the JSON Schema (doc comments and types, but no field
 /// order) and the serde shape (field order).
 struct Reference<'a> {
     root: &'a Value,
