@@ -7,6 +7,14 @@
 //! [`crate::diagnostics`]), applies `--set` overrides, fills defaults, validates across fields
 //! and returns [`Config`] — the only type the rest of the host sees.
 //!
+//! Each setting is defined once: by its field in a raw type (its doc comment states its
+//! meaning and default) and by the resolver, which fills the default into the raw value as it
+//! resolves it. The resolved config keeps that filled raw value, so the `config.ron` written
+//! into a run directory ([`Config::to_ron`]), the parameters trackers record
+//! ([`Config::to_json`]) and the resume check ([`Config::resume_differences`]) are all derived
+//! from it, and the field reference of `docs/config.md` is rendered from the raw types'
+//! schema ([`reference()`]).
+//!
 //! Overrides follow the lossless route in FACTS.md: typed parse → `serde_json::Value` (enums
 //! stay externally tagged, which `ron::Value` would lose) → set each path (the value read as a
 //! RON literal, else taken as a string; unknown paths refused with a suggestion) →
@@ -16,13 +24,16 @@
 //! are carried as a JSON object; in the file they are written as a RON struct
 //! (`(n_layer: 2)`) or map (`{"n_layer": 2}`).
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use codex_plugin_api::{ComponentKind, Schedule, TrainSettings};
-use serde::{Deserialize, Serialize};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::data::{DataConfig, Source};
@@ -39,40 +50,53 @@ const DEFAULT_CPU_KERNEL: &str = "cpu";
 pub const NO_KERNEL: &str = "none";
 
 /// An experiment config as written on disk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Its doc comments, and those of the types it holds, are the field reference of
+/// `docs/config.md` ([`reference()`]): each says what the field means and ends with its default
+/// ("Default: ...") or with "Required.". The resolver fills each default into this value as it
+/// resolves it, so the resolved [`Config`] keeps the file with every default written out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
-    /// Name of the experiment; runs are stored under `runs/<experiment>/`. Required.
+    /// Name of the experiment; runs go to `runs/<experiment>/<run-id>/`. Letters, digits, `-`,
+    /// `_` and `.` (not first). Required.
     experiment: String,
-    /// Seed of every random stream of the run (init, data order, dropout, sampling).
-    /// Default: 1337.
+    /// Seed of every random stream: initialisation, data order, dropout, sampling.
+    /// Default: `1337`.
     #[serde(default)]
     seed: Option<u64>,
-    /// Device: `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`. Default: `cpu`.
+    /// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`. Default: `"cpu"`.
     #[serde(default)]
     device: Option<String>,
     /// Training and validation data. Required.
     data: DataConfig,
-    /// The tokenizer. Required.
+    /// The tokenizer, e.g. `(name: "bpe", params: (vocab_size: 1024))`. Required.
     tokenizer: RawComponent,
     /// The model. Required.
     model: RawComponent,
-    /// The optimizer. Required.
+    /// The optimizer and the peak learning rate. Required.
     optimizer: RawOptimizer,
     /// The training loop. Default: `(name: "default")`.
     #[serde(default)]
     trainer: Option<RawComponent>,
     /// Training settings. Required.
     train: RawTrain,
-    /// Metric sinks besides `ndjson`, which is always written. Default: none.
+    /// Metric sinks, e.g. `[(name: "csv"), (name: "console")]`. `ndjson` is always written;
+    /// listing it changes nothing (and lets you give it params). A sink may appear once.
+    /// Default: `[]`.
     #[serde(default)]
     sinks: Vec<RawComponent>,
-    /// Run trackers. Default: none.
+    /// Run trackers, e.g. `[(name: "mlflow", params: (root: "/data/mlruns"))]`: each is told
+    /// the run started (or resumed) with the config flattened to dotted keys, gets every metric
+    /// record, each checkpoint and the run's files, and how the run ended (finished, failed,
+    /// killed). A tracker that fails is disabled with one warning; training goes on. See
+    /// [components.md](components.md). Default: `[]`.
     #[serde(default)]
     trackers: Vec<RawComponent>,
-    /// Kernel component providing fused ops. Default: `"cpu"` on the CPU, none elsewhere;
-    /// `"none"` runs plain ops. A string, not an option, so that `None` cannot be read as
-    /// either "off" or "the default".
+    /// Kernel component providing fused ops ([performance.md](performance.md)); `"none"` runs
+    /// plain tensor ops. The run's stored `config.ron` always says which, so a resumed run
+    /// keeps it. Default: `"cpu"` on the CPU, `"none"` elsewhere.
+    // A string, not an option, so that `None` cannot be read as either "off" or "the default".
     #[serde(default)]
     kernel: String,
     /// A sample generated at the end of the run. Default: none.
@@ -80,110 +104,233 @@ pub(crate) struct RawConfig {
     generate: Option<RawGenerate>,
 }
 
-/// A component chosen by registry name, with its parameters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A component chosen by registry name (see `codex-ml list`), with its parameters:
+/// `(name: "NAME", params: (...))`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawComponent {
     /// Registry name. Required.
     name: String,
-    /// The component's own parameters, checked by the component. Default: `()`, none.
-    #[serde(default)]
-    params: Value,
+    /// The component's own parameters, read and checked by the component. Default: none.
+    #[serde(default, skip_serializing_if = "Params::omitted")]
+    params: Params,
 }
 
-/// The optimizer section: a component plus the peak learning rate the schedule scales.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+impl RawComponent {
+    fn named(name: &str) -> Self {
+        RawComponent {
+            name: name.to_owned(),
+            params: Params::default(),
+        }
+    }
+}
+
+/// The optimizer: a component plus the peak learning rate the schedule scales.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawOptimizer {
-    /// Registry name. Required.
+    /// Registry name (`adamw`, `sgd`, ...). Required.
     name: String,
-    /// Peak learning rate. Required.
+    /// Peak learning rate, positive; the schedule scales it. Required.
     lr: f64,
-    /// The optimizer's own parameters. Default: `()`, none.
-    #[serde(default)]
-    params: Value,
+    /// The optimizer's own parameters (`weight_decay`, `betas`, ...). Default: none.
+    #[serde(default, skip_serializing_if = "Params::omitted")]
+    params: Params,
 }
 
-/// The `train` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTrain {
-    /// Optimizer steps to run. Default: none; at least one of `max_steps`, `epochs` is required.
+    /// Optimizer steps to run, at least 1. At least one of `max_steps` and `epochs` is
+    /// required. Default: none.
     #[serde(default)]
     max_steps: Option<u64>,
-    /// Passes over the training data. Default: none; with `max_steps` too, whichever ends first.
+    /// Passes over the training data, at least 1; with `max_steps` too, whichever ends first.
+    /// Default: none.
     #[serde(default)]
     epochs: Option<u64>,
-    /// Tokens per sequence. Default: 128.
+    /// Tokens per sequence, at least 1. Default: `128`.
     #[serde(default)]
     seq_len: Option<usize>,
-    /// Sequences per micro-batch. Default: 8.
+    /// Sequences per micro-batch, at least 1. Default: `8`.
     #[serde(default)]
     batch_size: Option<usize>,
-    /// Micro-batches per optimizer step. Default: 1.
+    /// Micro-batches per optimizer step, at least 1 (gradients are token-weighted).
+    /// Default: `1`.
     #[serde(default)]
     grad_accum: Option<usize>,
-    /// Evaluate every N optimizer steps; 0 evaluates only at the end. Default: 0.
+    /// Evaluate every N optimizer steps; `0` evaluates only at the end. Default: `0`.
     #[serde(default)]
     eval_every: Option<u64>,
-    /// Validation batches per evaluation; 0 uses the whole validation split. Default: 16.
+    /// Validation batches per evaluation; `0` uses the whole validation split. Default: `16`.
     #[serde(default)]
     eval_batches: Option<usize>,
-    /// Checkpoint every N optimizer steps; 0 checkpoints only at the end. Default: 0.
+    /// Checkpoint every N optimizer steps; `0` checkpoints only at the end. Default: `0`.
     #[serde(default)]
     checkpoint_every: Option<u64>,
     /// Checkpoints to keep: the newest N valid ones, plus the one with the lowest validation
-    /// loss; 0 keeps every checkpoint. The newest valid checkpoint is never deleted. Default: 3.
+    /// loss; `0` keeps every checkpoint. The newest valid checkpoint is never deleted, nor is
+    /// one that fails verification ([checkpoints.md](checkpoints.md)). Default: `3`.
     #[serde(default)]
     keep_checkpoints: Option<usize>,
-    /// Emit training metrics every N optimizer steps. Default: 10.
+    /// Emit training metrics every N optimizer steps, at least 1. Default: `10`.
     #[serde(default)]
     log_every: Option<u64>,
-    /// Clip gradients to this global L2 norm; 0 disables clipping. Default: 1.0.
+    /// Clip gradients to this global L2 norm; `0` disables clipping (the norm is logged
+    /// anyway). Default: `1.0`.
     #[serde(default)]
     clip_norm: Option<f64>,
-    /// Learning-rate schedule. Default: `(kind: constant, warmup_steps: 0, min_lr: 0.0)`.
+    /// The learning-rate schedule, stepped once per optimizer step.
+    /// Default: `(kind: constant, warmup_steps: 0, min_lr: 0.0)`.
     #[serde(default)]
     schedule: Option<RawSchedule>,
 }
 
-/// The learning-rate schedule.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The learning-rate schedule: linear warmup, then constant or decaying.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSchedule {
-    /// `constant`, `linear` or `cosine`. Default: `constant`.
+    /// Shape after warmup: constant at `optimizer.lr`, or linear / cosine decay to `min_lr` at
+    /// the last step. Default: `constant`.
     #[serde(default)]
     kind: Option<ScheduleKind>,
-    /// Steps of linear warmup from 0 to `optimizer.lr`. Default: 0.
+    /// Steps of linear warmup from 0 to `optimizer.lr`; at most `train.max_steps` when that is
+    /// set. Default: `0`.
     #[serde(default)]
     warmup_steps: Option<u64>,
-    /// Learning rate at the last step for `linear` and `cosine`. Default: 0.0.
+    /// The floor of the decay; between 0 and `optimizer.lr`. Default: `0.0`.
     #[serde(default)]
     min_lr: Option<f64>,
 }
 
-/// The `generate` section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A sample generated at the end of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawGenerate {
-    /// Text the sample starts from. Required.
+    /// Text the sample continues. Required.
     prompt: String,
-    /// Tokens to generate. Default: 128.
+    /// Tokens to generate, at least 1. Default: `128`.
     #[serde(default)]
     max_tokens: Option<usize>,
-    /// Softmax temperature; 0 is greedy. Default: 1.0.
+    /// Softmax temperature; `0` always picks the most likely token. Default: `1.0`.
     #[serde(default)]
     temperature: Option<f64>,
-    /// Keep only the K most likely tokens. Default: none, all tokens.
+    /// Sample only among the K most likely tokens; K is at least 1. Default: none, every token.
     #[serde(default)]
     top_k: Option<usize>,
-    /// Keep the smallest set of tokens whose probability reaches P. Default: none.
+    /// Sample only among the most likely tokens whose probabilities add up to P, in (0, 1].
+    /// Default: none.
     #[serde(default)]
     top_p: Option<f64>,
 }
 
+/// A component's own parameters: free-form here, read and checked by the component. Carried
+/// as JSON — an object, or null for none (`params: ()`, or left out) — and written by
+/// [`Config::to_ron`] as a one-line RON struct (`(n_layer: 2)`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+struct Params(Value);
+
+thread_local! {
+    /// Set while [`Config::to_ron`] serialises: params are then written as RON structs, and
+    /// left out when there are none. Every other serialisation (the JSON tree overrides
+    /// and trackers work on) carries them as they are.
+    static WRITING_RON: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Params {
+    /// Serialise with `f` as RON: params as RON literals, empty ones left out.
+    fn writing_ron<T>(f: impl FnOnce() -> T) -> T {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                WRITING_RON.set(self.0);
+            }
+        }
+        let _restore = Restore(WRITING_RON.replace(true));
+        f()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_object().is_none_or(|m| m.is_empty())
+    }
+
+    /// Left out of the RON form when there are none, as the file may do.
+    fn omitted(&self) -> bool {
+        WRITING_RON.get() && self.is_empty()
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if !WRITING_RON.get() {
+            return self.0.serialize(serializer);
+        }
+        let text = ron_literal(&self.0);
+        let raw = ron::value::RawValue::from_boxed_ron(text.into_boxed_str())
+            .map_err(|e| serde::ser::Error::custom(format!("params as RON: {e}")))?;
+        raw.serialize(serializer)
+    }
+}
+
+impl JsonSchema for Params {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Params".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": ["object", "null"] })
+    }
+}
+
+/// A JSON value as a one-line RON literal that parses back into the same JSON value.
+fn ron_literal(value: &Value) -> String {
+    match value {
+        Value::Null => "None".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => ron::to_string(s).unwrap_or_else(|_| format!("{s:?}")),
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(ron_literal).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(map) if map.is_empty() => "{}".to_owned(),
+        Value::Object(map) if map.keys().all(|k| is_identifier(k)) => {
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", ron_literal(v)))
+                .collect();
+            format!("({})", fields.join(", "))
+        }
+        Value::Object(map) => {
+            let entries: Vec<String> = map
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        ron_literal(&Value::String(k.clone())),
+                        ron_literal(v)
+                    )
+                })
+                .collect();
+            format!("{{{}}}", entries.join(", "))
+        }
+    }
+}
+
+fn is_identifier(key: &str) -> bool {
+    key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !matches!(key, "true" | "false" | "None" | "Some" | "inf" | "NaN")
+}
+
 /// Shape of the learning-rate schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Constant at `optimizer.lr`.
@@ -239,6 +386,11 @@ pub struct Config {
     pub kernel: Option<String>,
     /// Sample to generate at the end of the run.
     pub generate: Option<GenerateConfig>,
+    /// The file as read, with `--set` applied and every default filled in by the resolver
+    /// (paths absolute, `kernel` explicit, `ndjson` among the sinks): what [`Config::to_ron`],
+    /// [`Config::to_json`] and [`Config::resume_differences`] read, so each setting is defined
+    /// once, by its raw type.
+    raw: RawConfig,
 }
 
 /// A component by registry name with its parameters.
@@ -251,13 +403,6 @@ pub struct ComponentSpec {
 }
 
 impl ComponentSpec {
-    fn named(name: &str) -> Self {
-        ComponentSpec {
-            name: name.to_owned(),
-            params: Value::Object(Map::new()),
-        }
-    }
-
     /// The parameters as the JSON text handed to the component's factory.
     pub fn params_json(&self) -> String {
         self.params.to_string()
@@ -613,9 +758,8 @@ impl Config {
     /// The config as RON, every default written out; loading it gives this config back
     /// (data paths are absolute, so it can be stored anywhere, e.g. in the run directory).
     pub fn to_ron(&self) -> String {
-        let out = out::Config::from(self);
         let pretty = ron::ser::PrettyConfig::default();
-        match ron_options().to_string_pretty(&out, pretty) {
+        match Params::writing_ron(|| ron_options().to_string_pretty(&self.raw, pretty)) {
             Ok(text) => format!("{text}\n"),
             // Only plain data is serialised (no maps with non-string keys, no NaN in JSON
             // params), which ron always accepts; fall back to the debug form rather than panic.
@@ -626,107 +770,110 @@ impl Config {
     /// The config as a JSON tree, every default written out, enums externally tagged (the
     /// lossless form overrides work on): what run trackers record as the run's parameters.
     pub fn to_json(&self) -> Result<Value, ConfigError> {
-        let raw: RawConfig = parse_ron(&self.path, &self.to_ron()).map_err(ConfigError::Invalid)?;
-        serde_json::to_value(&raw).map_err(|e| ConfigError::Json(e.to_string()))
+        serde_json::to_value(&self.raw).map_err(|e| ConfigError::Json(e.to_string()))
     }
 
     /// Check that this config may continue a run whose checkpoint was written under `saved`,
     /// and list the settings that differ (`train.max_steps: 12 -> 20`, ...).
     ///
-    /// Only settings that do not change the computation of the steps already taken may
-    /// differ: how long to train (`train.max_steps`, `train.epochs`), how often to evaluate,
-    /// checkpoint and log, retention, sinks, trackers, the kernel and the final sample.
-    /// Anything that shapes the model, the tokens, the data order or the update rule
-    /// (experiment, seed, data, tokenizer, model, optimizer, trainer, sequence and batch
-    /// shape, clipping, schedule) is refused, naming the first differing field. The device
-    /// may change, but bitwise-exact continuation holds only on the device that wrote it.
+    /// Only the settings in `RESUMABLE` may differ: they do not change the computation of
+    /// the steps already taken. Any other difference (experiment, seed, data, tokenizer,
+    /// model, optimizer, trainer, sequence and batch shape, clipping, schedule, and any
+    /// setting added since) is refused, naming the first differing field in the order the
+    /// file is written. The device may change, but bitwise-exact continuation holds only on
+    /// the device that wrote it.
     pub fn resume_differences(&self, saved: &Config) -> Result<Vec<String>, ConfigError> {
-        let (a, b) = (saved, self);
-        let (ta, tb) = (&a.train, &b.train);
-        let fixed: [(&str, bool); 12] = [
-            ("experiment", a.experiment == b.experiment),
-            ("seed", a.seed == b.seed),
-            ("data", a.data == b.data),
-            ("tokenizer", a.tokenizer == b.tokenizer),
-            ("model", a.model == b.model),
-            ("optimizer", a.optimizer == b.optimizer),
-            ("trainer", a.trainer == b.trainer),
-            ("train.seq_len", ta.seq_len == tb.seq_len),
-            ("train.batch_size", ta.batch_size == tb.batch_size),
-            ("train.grad_accum", ta.grad_accum == tb.grad_accum),
-            ("train.clip_norm", ta.clip_norm == tb.clip_norm),
-            ("train.schedule", ta.schedule == tb.schedule),
-        ];
-        if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
-            return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
-                &self.path,
-                Some(field.to_string()),
-                format!(
-                    "differs from the config of the checkpoint being resumed; {field} cannot change \
-                     on resume because the steps already taken depend on it: resume with the run's \
-                     own config (codex-ml resume RUN_DIR) or start a new run"
-                ),
-            ))));
-        }
-        // A new length is allowed, but the schedule decays towards the last step, so it changes
-        // the learning rate of the steps still to come: the caller reports it.
+        let (old, new) = (saved.to_json()?, self.to_json()?);
+        let mut differing = Vec::new();
+        differences(&shape::of::<RawConfig>(), "", &old, &new, &mut differing);
         let mut changed = Vec::new();
-        let mut note = |field: &str, old: String, new: String| {
-            if old != new {
-                changed.push(format!("{field}: {old} -> {new}"));
+        for (field, old, new) in differing {
+            if !RESUMABLE.contains(&field.as_str()) {
+                return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
+                    &self.path,
+                    Some(field.clone()),
+                    format!(
+                        "differs from the config of the checkpoint being resumed; {field} cannot \
+                         change on resume because the steps already taken depend on it: resume \
+                         with the run's own config (codex-ml resume RUN_DIR) or start a new run"
+                    ),
+                ))));
             }
-        };
-        let opt = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
-        note("train.max_steps", opt(ta.max_steps), opt(tb.max_steps));
-        note("train.epochs", opt(ta.epochs), opt(tb.epochs));
-        note(
-            "train.eval_every",
-            ta.eval_every.to_string(),
-            tb.eval_every.to_string(),
-        );
-        note(
-            "train.eval_batches",
-            ta.eval_batches.to_string(),
-            tb.eval_batches.to_string(),
-        );
-        note(
-            "train.checkpoint_every",
-            ta.checkpoint_every.to_string(),
-            tb.checkpoint_every.to_string(),
-        );
-        note(
-            "train.keep_checkpoints",
-            ta.keep_checkpoints.to_string(),
-            tb.keep_checkpoints.to_string(),
-        );
-        note(
-            "train.log_every",
-            ta.log_every.to_string(),
-            tb.log_every.to_string(),
-        );
-        note("device", a.device.clone(), b.device.clone());
-        let names = |specs: &[ComponentSpec]| {
-            specs
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if a.sinks != b.sinks {
-            note("sinks", names(&a.sinks), names(&b.sinks));
-        }
-        if a.trackers != b.trackers {
-            note("trackers", names(&a.trackers), names(&b.trackers));
-        }
-        note(
-            "kernel",
-            format!("{:?}", a.kernel),
-            format!("{:?}", b.kernel),
-        );
-        if a.generate != b.generate {
-            changed.push("generate: changed".to_string());
+            // A new length is allowed, but the schedule decays towards the last step, so it
+            // changes the learning rate of the steps still to come: the caller reports it.
+            match (shown(old), shown(new)) {
+                (Some(old), Some(new)) if old == new => {}
+                (Some(old), Some(new)) => changed.push(format!("{field}: {old} -> {new}")),
+                _ => changed.push(format!("{field}: changed")),
+            }
         }
         Ok(changed)
+    }
+}
+
+/// Settings a resumed run may change: how long to train, how often to evaluate, checkpoint
+/// and log, retention, sinks, trackers, the kernel, the final sample and the device. None of
+/// them alters the steps already taken; any other setting, including one added later, must
+/// stay as the checkpoint's config has it.
+const RESUMABLE: [&str; 12] = [
+    "device",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "sinks",
+    "trackers",
+    "kernel",
+    "generate",
+];
+
+/// The fields of the struct at `path` whose values differ between `old` and `new` (JSON
+/// forms of the raw config), in declaration order. A section is compared whole unless a
+/// setting inside it is [`RESUMABLE`].
+fn differences<'v>(
+    shape: &shape::Shape,
+    path: &str,
+    old: &'v Value,
+    new: &'v Value,
+    out: &mut Vec<(String, &'v Value, &'v Value)>,
+) {
+    let Some(shape::Node::Struct { fields, .. }) = shape.get(path) else {
+        return;
+    };
+    for field in *fields {
+        let (a, b) = (&old[field], &new[field]);
+        if a == b {
+            continue;
+        }
+        let field = join_field(path, field);
+        let inside = |r: &&str| {
+            r.strip_prefix(field.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        if RESUMABLE.iter().any(inside) {
+            differences(shape, &field, a, b, out);
+        } else {
+            out.push((field, a, b));
+        }
+    }
+}
+
+/// A setting's value in a resume note: `none`, the text, the number, or the names of a list
+/// of components; `None` for a section (reported as changed).
+fn shown(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => Some("none".to_owned()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| item["name"].as_str())
+            .collect::<Option<Vec<_>>>()
+            .map(|names| names.join(", ")),
+        Value::Object(_) => None,
+        other => Some(other.to_string()),
     }
 }
 
@@ -906,20 +1053,22 @@ impl Resolver<'_> {
         )))
     }
 
-    fn resolve(&self, raw: RawConfig, dir: PathBuf) -> Result<Config, ConfigError> {
-        let experiment = self.experiment(raw.experiment)?;
-        let device = self.device(raw.device.unwrap_or_else(|| "cpu".to_owned()))?;
-        let data = self.data(raw.data, &dir)?;
-        let tokenizer = self.component("tokenizer", raw.tokenizer)?;
-        let model = self.component("model", raw.model)?;
-        let optimizer = self.optimizer(raw.optimizer)?;
-        let trainer = match raw.trainer {
-            Some(t) => self.component("trainer", t)?,
-            None => ComponentSpec::named("default"),
-        };
-        let train = self.train(raw.train, optimizer.lr)?;
+    /// Resolve `raw`, writing each default into it as it goes: the result keeps it whole.
+    fn resolve(&self, mut raw: RawConfig, dir: PathBuf) -> Result<Config, ConfigError> {
+        let experiment = self.experiment(&raw.experiment)?;
+        let seed = *raw.seed.get_or_insert(DEFAULT_SEED);
+        let device = self.device(raw.device.get_or_insert_with(|| "cpu".to_owned()))?;
+        self.data(&mut raw.data, &dir)?;
+        let tokenizer = self.component("tokenizer", &mut raw.tokenizer)?;
+        let model = self.component("model", &mut raw.model)?;
+        let optimizer = self.optimizer(&mut raw.optimizer)?;
+        let trainer = raw
+            .trainer
+            .get_or_insert_with(|| RawComponent::named("default"));
+        let trainer = self.component("trainer", trainer)?;
+        let train = self.train(&mut raw.train, optimizer.lr)?;
         let mut sinks = Vec::with_capacity(raw.sinks.len() + 1);
-        for (i, sink) in raw.sinks.into_iter().enumerate() {
+        for (i, sink) in raw.sinks.iter_mut().enumerate() {
             let field = format!("sinks[{i}]");
             let sink = self.component(&field, sink)?;
             if sinks.iter().any(|s: &ComponentSpec| s.name == sink.name) {
@@ -931,10 +1080,17 @@ impl Resolver<'_> {
             sinks.push(sink);
         }
         if !sinks.iter().any(|s| s.name == "ndjson") {
-            sinks.insert(0, ComponentSpec::named("ndjson"));
+            raw.sinks.insert(0, RawComponent::named("ndjson"));
+            sinks.insert(
+                0,
+                ComponentSpec {
+                    name: "ndjson".to_owned(),
+                    params: Value::Object(Map::new()),
+                },
+            );
         }
         let mut trackers = Vec::with_capacity(raw.trackers.len());
-        for (i, tracker) in raw.trackers.into_iter().enumerate() {
+        for (i, tracker) in raw.trackers.iter_mut().enumerate() {
             trackers.push(self.component(&format!("trackers[{i}]"), tracker)?);
         }
         let kernel = match raw.kernel.as_str() {
@@ -942,17 +1098,23 @@ impl Resolver<'_> {
             "" | NO_KERNEL => None,
             k => {
                 self.name("kernel", k)?;
-                Some(raw.kernel)
+                Some(k.to_owned())
             }
         };
-        let generate = raw.generate.map(|g| self.generate(g)).transpose()?;
+        // Explicit either way, so that a stored config means the same under a later default.
+        raw.kernel = kernel.clone().unwrap_or_else(|| NO_KERNEL.to_owned());
+        let generate = raw
+            .generate
+            .as_mut()
+            .map(|g| self.generate(g))
+            .transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
             dir,
             experiment,
-            seed: raw.seed.unwrap_or(DEFAULT_SEED),
+            seed,
             device,
-            data,
+            data: raw.data.clone(),
             tokenizer,
             model,
             optimizer,
@@ -962,17 +1124,18 @@ impl Resolver<'_> {
             trackers,
             kernel,
             generate,
+            raw,
         })
     }
 
-    fn experiment(&self, name: String) -> Result<String, ConfigError> {
+    fn experiment(&self, name: &str) -> Result<String, ConfigError> {
         let valid = !name.is_empty()
             && !name.starts_with('.')
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if valid {
-            Ok(name)
+            Ok(name.to_owned())
         } else {
             Err(self.invalid(
                 "experiment",
@@ -984,10 +1147,10 @@ impl Resolver<'_> {
         }
     }
 
-    fn device(&self, device: String) -> Result<String, ConfigError> {
+    fn device(&self, device: &str) -> Result<String, ConfigError> {
         let (base, index) = match device.split_once(':') {
             Some((base, index)) => (base, Some(index)),
-            None => (device.as_str(), None),
+            None => (device, None),
         };
         let known = matches!(base, "cpu" | "cuda" | "metal");
         let index_ok = match index {
@@ -995,7 +1158,7 @@ impl Resolver<'_> {
             Some(i) => base != "cpu" && i.parse::<usize>().is_ok(),
         };
         if known && index_ok {
-            Ok(device)
+            Ok(device.to_owned())
         } else {
             Err(self.invalid(
                 "device",
@@ -1006,7 +1169,7 @@ impl Resolver<'_> {
         }
     }
 
-    fn data(&self, mut data: DataConfig, dir: &Path) -> Result<DataConfig, ConfigError> {
+    fn data(&self, data: &mut DataConfig, dir: &Path) -> Result<(), ConfigError> {
         if data.train.is_empty() {
             return Err(self.invalid(
                 "data.train",
@@ -1042,7 +1205,7 @@ impl Resolver<'_> {
         if let Some(cache) = &mut data.cache_dir {
             *cache = absolute(dir, cache);
         }
-        Ok(data)
+        Ok(())
     }
 
     fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
@@ -1056,10 +1219,18 @@ impl Resolver<'_> {
         }
     }
 
-    fn params(&self, field: &str, params: Value) -> Result<Value, ConfigError> {
-        match params {
+    /// The parameters as a JSON object; none are kept as null in `params`, as a file that
+    /// leaves them out reads.
+    fn params(&self, field: &str, params: &mut Params) -> Result<Value, ConfigError> {
+        match &params.0 {
             Value::Null => Ok(Value::Object(Map::new())),
-            Value::Object(map) => Ok(Value::Object(map)),
+            Value::Object(map) => {
+                let map = map.clone();
+                if map.is_empty() {
+                    params.0 = Value::Null;
+                }
+                Ok(Value::Object(map))
+            }
             other => Err(self.invalid(
                 field,
                 format!("expected a struct of parameters like `(n_layer: 2)`, found `{other}`"),
@@ -1067,15 +1238,19 @@ impl Resolver<'_> {
         }
     }
 
-    fn component(&self, section: &str, raw: RawComponent) -> Result<ComponentSpec, ConfigError> {
+    fn component(
+        &self,
+        section: &str,
+        raw: &mut RawComponent,
+    ) -> Result<ComponentSpec, ConfigError> {
         self.name(&join_field(section, "name"), &raw.name)?;
         Ok(ComponentSpec {
-            name: raw.name,
-            params: self.params(&join_field(section, "params"), raw.params)?,
+            name: raw.name.clone(),
+            params: self.params(&join_field(section, "params"), &mut raw.params)?,
         })
     }
 
-    fn optimizer(&self, raw: RawOptimizer) -> Result<OptimizerSpec, ConfigError> {
+    fn optimizer(&self, raw: &mut RawOptimizer) -> Result<OptimizerSpec, ConfigError> {
         self.name("optimizer.name", &raw.name)?;
         if !(raw.lr.is_finite() && raw.lr > 0.0) {
             return Err(self.invalid(
@@ -1087,25 +1262,20 @@ impl Resolver<'_> {
             ));
         }
         Ok(OptimizerSpec {
-            name: raw.name,
+            name: raw.name.clone(),
             lr: raw.lr,
-            params: self.params("optimizer.params", raw.params)?,
+            params: self.params("optimizer.params", &mut raw.params)?,
         })
     }
 
-    fn at_least_one(
-        &self,
-        field: &str,
-        value: Option<usize>,
-        default: usize,
-    ) -> Result<usize, ConfigError> {
-        match value.unwrap_or(default) {
+    fn at_least_one(&self, field: &str, value: usize) -> Result<usize, ConfigError> {
+        match value {
             0 => Err(self.invalid(field, "must be at least 1")),
             n => Ok(n),
         }
     }
 
-    fn train(&self, raw: RawTrain, lr: f64) -> Result<TrainConfig, ConfigError> {
+    fn train(&self, raw: &mut RawTrain, lr: f64) -> Result<TrainConfig, ConfigError> {
         if raw.max_steps.is_none() && raw.epochs.is_none() {
             return Err(self.invalid(
                 "train",
@@ -1118,29 +1288,25 @@ impl Resolver<'_> {
         if raw.epochs == Some(0) {
             return Err(self.invalid("train.epochs", "must be at least 1"));
         }
-        let seq_len = self.at_least_one("train.seq_len", raw.seq_len, 128)?;
-        let batch_size = self.at_least_one("train.batch_size", raw.batch_size, 8)?;
-        let grad_accum = self.at_least_one("train.grad_accum", raw.grad_accum, 1)?;
-        let log_every = raw.log_every.unwrap_or(10);
+        let seq_len = self.at_least_one("train.seq_len", *raw.seq_len.get_or_insert(128))?;
+        let batch_size = self.at_least_one("train.batch_size", *raw.batch_size.get_or_insert(8))?;
+        let grad_accum = self.at_least_one("train.grad_accum", *raw.grad_accum.get_or_insert(1))?;
+        let log_every = *raw.log_every.get_or_insert(10);
         if log_every == 0 {
             return Err(self.invalid("train.log_every", "must be at least 1"));
         }
-        let clip_norm = raw.clip_norm.unwrap_or(1.0);
+        let clip_norm = *raw.clip_norm.get_or_insert(1.0);
         if !(clip_norm.is_finite() && clip_norm >= 0.0) {
             return Err(self.invalid(
                 "train.clip_norm",
                 format!("{clip_norm} must be finite and non-negative (0 disables clipping)"),
             ));
         }
-        let schedule = raw.schedule.unwrap_or(RawSchedule {
-            kind: None,
-            warmup_steps: None,
-            min_lr: None,
-        });
+        let schedule = raw.schedule.get_or_insert_with(RawSchedule::default);
         let schedule = ScheduleConfig {
-            kind: schedule.kind.unwrap_or(ScheduleKind::Constant),
-            warmup_steps: schedule.warmup_steps.unwrap_or(0),
-            min_lr: schedule.min_lr.unwrap_or(0.0),
+            kind: *schedule.kind.get_or_insert(ScheduleKind::Constant),
+            warmup_steps: *schedule.warmup_steps.get_or_insert(0),
+            min_lr: *schedule.min_lr.get_or_insert(0.0),
         };
         if !(schedule.min_lr.is_finite() && schedule.min_lr >= 0.0 && schedule.min_lr <= lr) {
             return Err(self.invalid(
@@ -1168,19 +1334,20 @@ impl Resolver<'_> {
             seq_len,
             batch_size,
             grad_accum,
-            eval_every: raw.eval_every.unwrap_or(0),
-            eval_batches: raw.eval_batches.unwrap_or(16),
-            checkpoint_every: raw.checkpoint_every.unwrap_or(0),
-            keep_checkpoints: raw.keep_checkpoints.unwrap_or(3),
+            eval_every: *raw.eval_every.get_or_insert(0),
+            eval_batches: *raw.eval_batches.get_or_insert(16),
+            checkpoint_every: *raw.checkpoint_every.get_or_insert(0),
+            keep_checkpoints: *raw.keep_checkpoints.get_or_insert(3),
             log_every,
             clip_norm,
             schedule,
         })
     }
 
-    fn generate(&self, raw: RawGenerate) -> Result<GenerateConfig, ConfigError> {
-        let max_tokens = self.at_least_one("generate.max_tokens", raw.max_tokens, 128)?;
-        let temperature = raw.temperature.unwrap_or(1.0);
+    fn generate(&self, raw: &mut RawGenerate) -> Result<GenerateConfig, ConfigError> {
+        let max_tokens =
+            self.at_least_one("generate.max_tokens", *raw.max_tokens.get_or_insert(128))?;
+        let temperature = *raw.temperature.get_or_insert(1.0);
         if !(temperature.is_finite() && temperature >= 0.0) {
             return Err(self.invalid(
                 "generate.temperature",
@@ -1199,7 +1366,7 @@ impl Resolver<'_> {
             }
         }
         Ok(GenerateConfig {
-            prompt: raw.prompt,
+            prompt: raw.prompt.clone(),
             max_tokens,
             temperature,
             top_k: raw.top_k,
@@ -1208,209 +1375,552 @@ impl Resolver<'_> {
     }
 }
 
-/// The shape `to_ron` writes: the raw layout with every default filled in, and params written
-/// as RON structs (`(n_layer: 2)`) rather than the JSON maps they are carried as.
-mod out {
-    use serde::{Serialize, Serializer};
-    use serde_json::Value;
+/// The field reference of `docs/config.md`, rendered from the raw types: a table per section
+/// in the order the file is written, each row from a field's doc comment (its meaning, and
+/// its default or "Required.") and its JSON Schema type. Shared shapes (components, data
+/// sources) get one section each.
+pub fn reference() -> String {
+    let schema = schemars::schema_for!(RawConfig).to_value();
+    Reference::new(&schema, shape::of::<RawConfig>()).render()
+}
 
-    use crate::data::DataConfig;
+/// What [`reference()`] renders from: the JSON Schema (doc comments and types, but no field
+/// order) and the serde shape (field order).
+struct Reference<'a> {
+    root: &'a Value,
+    shape: shape::Shape,
+    /// The paths each struct or enum appears at, by type name.
+    paths: BTreeMap<&'static str, Vec<String>>,
+}
 
-    #[derive(Serialize)]
-    pub(super) struct Config<'a> {
-        experiment: &'a str,
-        seed: u64,
-        device: &'a str,
-        data: &'a DataConfig,
-        tokenizer: Component<'a>,
-        model: Component<'a>,
-        optimizer: Optimizer<'a>,
-        trainer: Component<'a>,
-        train: Train,
-        sinks: Vec<Component<'a>>,
-        trackers: Vec<Component<'a>>,
-        kernel: &'a str,
-        generate: Option<Generate<'a>>,
+impl<'a> Reference<'a> {
+    fn new(root: &'a Value, shape: shape::Shape) -> Self {
+        let mut paths: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        for (path, node) in shape.iter() {
+            paths.entry(node.name()).or_default().push(path.to_owned());
+        }
+        Reference { root, shape, paths }
     }
 
-    #[derive(Serialize)]
-    struct Component<'a> {
-        name: &'a str,
-        #[serde(skip_serializing_if = "Params::is_empty")]
-        params: Params<'a>,
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let mut done = BTreeSet::new();
+        self.section("", &mut done, &mut out);
+        out
     }
 
-    #[derive(Serialize)]
-    struct Optimizer<'a> {
-        name: &'a str,
-        lr: f64,
-        #[serde(skip_serializing_if = "Params::is_empty")]
-        params: Params<'a>,
-    }
-
-    #[derive(Serialize)]
-    struct Train {
-        max_steps: Option<u64>,
-        epochs: Option<u64>,
-        seq_len: usize,
-        batch_size: usize,
-        grad_accum: usize,
-        eval_every: u64,
-        eval_batches: usize,
-        checkpoint_every: u64,
-        keep_checkpoints: usize,
-        log_every: u64,
-        clip_norm: f64,
-        schedule: Schedule,
-    }
-
-    #[derive(Serialize)]
-    struct Schedule {
-        kind: super::ScheduleKind,
-        warmup_steps: u64,
-        min_lr: f64,
-    }
-
-    #[derive(Serialize)]
-    struct Generate<'a> {
-        prompt: &'a str,
-        max_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-    }
-
-    struct Params<'a>(&'a Value);
-
-    impl Params<'_> {
-        fn is_empty(&self) -> bool {
-            self.0.as_object().is_none_or(|m| m.is_empty())
+    /// The schema of the type named `name` (the root's title, or an entry of `$defs`).
+    fn definition(&self, name: &str) -> &'a Value {
+        if self.root["title"] == name {
+            self.root
+        } else {
+            &self.root["$defs"][name]
         }
     }
 
-    impl Serialize for Params<'_> {
-        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let text = ron_literal(self.0);
-            let raw = ron::value::RawValue::from_boxed_ron(text.into_boxed_str())
-                .map_err(|e| serde::ser::Error::custom(format!("params as RON: {e}")))?;
-            raw.serialize(serializer)
+    /// Whether the type named `name` appears at several paths: its section is then named by
+    /// its label (`component`), which is also the type shown for those fields.
+    fn shared(&self, name: &str) -> bool {
+        self.paths.get(name).is_some_and(|p| p.len() > 1)
+    }
+
+    /// The section of the type at `path` (once per type), then those of the types inside it.
+    fn section(&self, path: &str, done: &mut BTreeSet<&'static str>, out: &mut String) {
+        let Some(node) = self.shape.get(path) else {
+            return;
+        };
+        if !done.insert(node.name()) {
+            return;
+        }
+        let definition = self.definition(node.name());
+        if !enum_values(definition).is_empty() {
+            // An enum of plain names: its values are its type, shown inline.
+            return;
+        }
+        let shared = self.shared(node.name());
+        let shown_at = |p: &str| format!("`{}`", p.replace("[]", "[i]"));
+        let heading = if path.is_empty() {
+            "Top level".to_owned()
+        } else if shared {
+            let at: Vec<String> = self.paths[node.name()]
+                .iter()
+                .map(|p| shown_at(p))
+                .collect();
+            let label = label(node.name());
+            let (first, rest) = label.split_at(label.len().min(1));
+            format!("{}{rest}: {}", first.to_uppercase(), at.join(", "))
+        } else {
+            shown_at(path)
+        };
+        out.push_str(&format!("### {heading}\n\n"));
+        if !path.is_empty() {
+            out.push_str(&format!("{}\n\n", text(definition)));
+        }
+        let mut inner = Vec::new();
+        match node {
+            shape::Node::Struct { fields, .. } => {
+                out.push_str("| field | type | default | meaning |\n|---|---|---|---|\n");
+                for field in *fields {
+                    let schema = &definition["properties"][field];
+                    let (meaning, default) = split_default(&text(schema));
+                    let shown = if shared || path.is_empty() {
+                        (*field).to_owned()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    out.push_str(&format!(
+                        "| `{shown}` | {} | {} | {} |\n",
+                        self.type_of(schema),
+                        cell(&default),
+                        cell(&meaning)
+                    ));
+                    inner.push(join_field(path, field));
+                }
+            }
+            shape::Node::Enum { variants, .. } => {
+                out.push_str("| written as | meaning |\n|---|---|\n");
+                let choices = definition["oneOf"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice);
+                for variant in *variants {
+                    let Some(schema) = choices.iter().find(|c| !c["properties"][variant].is_null())
+                    else {
+                        continue;
+                    };
+                    let body = &schema["properties"][variant];
+                    let fields = match self.shape.get(&format!("{path}.{variant}")) {
+                        Some(shape::Node::Struct { fields, .. }) => *fields,
+                        _ => &[],
+                    };
+                    let fields: Vec<String> = fields
+                        .iter()
+                        .map(|f| format!("{f}: {}", self.type_of(&body["properties"][f])))
+                        .collect();
+                    out.push_str(&format!(
+                        "| `{variant}({})` | {} |\n",
+                        fields.join(", "),
+                        cell(&text(schema))
+                    ));
+                }
+            }
+        }
+        out.push('\n');
+        for path in inner {
+            for nested in [path.clone(), format!("{path}[]")] {
+                self.section(&nested, done, out);
+            }
         }
     }
 
-    /// A JSON value as a one-line RON literal that parses back into the same JSON value.
-    fn ron_literal(value: &Value) -> String {
-        match value {
-            Value::Null => "None".to_owned(),
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::String(s) => ron::to_string(s).unwrap_or_else(|_| format!("{s:?}")),
-            Value::Array(items) => {
-                let items: Vec<String> = items.iter().map(ron_literal).collect();
-                format!("[{}]", items.join(", "))
-            }
-            Value::Object(map) if map.is_empty() => "{}".to_owned(),
-            Value::Object(map) if map.keys().all(|k| is_identifier(k)) => {
-                let fields: Vec<String> = map
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {}", ron_literal(v)))
-                    .collect();
-                format!("({})", fields.join(", "))
-            }
-            Value::Object(map) => {
-                let entries: Vec<String> = map
-                    .iter()
-                    .map(|(k, v)| {
-                        format!(
-                            "{}: {}",
-                            ron_literal(&Value::String(k.clone())),
-                            ron_literal(v)
-                        )
-                    })
-                    .collect();
-                format!("{{{}}}", entries.join(", "))
-            }
-        }
-    }
-
-    fn is_identifier(key: &str) -> bool {
-        key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !matches!(key, "true" | "false" | "None" | "Some" | "inf" | "NaN")
-    }
-
-    impl<'a> From<&'a super::Config> for Config<'a> {
-        fn from(c: &'a super::Config) -> Self {
-            let component = |spec: &'a super::ComponentSpec| Component {
-                name: &spec.name,
-                params: Params(&spec.params),
+    /// A field's type in plain words: `integer`, `string`, `[source]`, `struct`, the names of
+    /// an enum's values. Optional values show the type they hold.
+    fn type_of(&self, schema: &Value) -> String {
+        let schema = match schema["anyOf"].as_array() {
+            Some(choices) => choices
+                .iter()
+                .find(|c| c["type"] != "null")
+                .unwrap_or(schema),
+            None => schema,
+        };
+        if let Some(reference) = schema["$ref"].as_str() {
+            let name = reference.rsplit('/').next().unwrap_or(reference);
+            let definition = self.definition(name);
+            let values = enum_values(definition);
+            return if !values.is_empty() {
+                let values: Vec<String> = values.iter().map(|v| format!("`{v}`")).collect();
+                match values.split_last() {
+                    Some((last, [])) => last.clone(),
+                    Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                    None => String::new(),
+                }
+            } else if self.shared(name) {
+                label(name)
+            } else {
+                "struct".to_owned()
             };
-            let t = &c.train;
-            Config {
-                experiment: &c.experiment,
-                seed: c.seed,
-                device: &c.device,
-                data: &c.data,
-                tokenizer: component(&c.tokenizer),
-                model: component(&c.model),
-                optimizer: Optimizer {
-                    name: &c.optimizer.name,
-                    lr: c.optimizer.lr,
-                    params: Params(&c.optimizer.params),
-                },
-                trainer: component(&c.trainer),
-                train: Train {
-                    max_steps: t.max_steps,
-                    epochs: t.epochs,
-                    seq_len: t.seq_len,
-                    batch_size: t.batch_size,
-                    grad_accum: t.grad_accum,
-                    eval_every: t.eval_every,
-                    eval_batches: t.eval_batches,
-                    checkpoint_every: t.checkpoint_every,
-                    keep_checkpoints: t.keep_checkpoints,
-                    log_every: t.log_every,
-                    clip_norm: t.clip_norm,
-                    schedule: Schedule {
-                        kind: t.schedule.kind,
-                        warmup_steps: t.schedule.warmup_steps,
-                        min_lr: t.schedule.min_lr,
-                    },
-                },
-                sinks: c.sinks.iter().map(component).collect(),
-                trackers: c.trackers.iter().map(component).collect(),
-                // Explicit either way, so that a stored config means the same under a later
-                // default.
-                kernel: c.kernel.as_deref().unwrap_or(super::NO_KERNEL),
-                generate: c.generate.as_ref().map(|g| Generate {
-                    prompt: &g.prompt,
-                    max_tokens: g.max_tokens,
-                    temperature: g.temperature,
-                    top_k: g.top_k,
-                    top_p: g.top_p,
-                }),
+        }
+        let kinds: Vec<&str> = match &schema["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        match kinds.iter().find(|k| **k != "null") {
+            Some(&"array") => format!("[{}]", self.type_of(&schema["items"])),
+            Some(&"object") => "struct".to_owned(),
+            Some(kind) => (*kind).to_owned(),
+            None => "any".to_owned(),
+        }
+    }
+}
+
+/// A doc comment as schemars keeps it (title and description), on one line.
+fn text(schema: &Value) -> String {
+    let parts = [&schema["title"], &schema["description"]];
+    let parts: Vec<&str> = parts.iter().filter_map(|p| p.as_str()).collect();
+    parts
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A field's doc comment split into its meaning and its default: the text after the last
+/// "Default:", or "required" for one that ends with "Required.".
+fn split_default(doc: &str) -> (String, String) {
+    if let Some(meaning) = doc.strip_suffix("Required.") {
+        return (meaning.trim().to_owned(), "required".to_owned());
+    }
+    match doc.rsplit_once("Default:") {
+        Some((meaning, default)) => (
+            meaning.trim().to_owned(),
+            default.trim().trim_end_matches('.').to_owned(),
+        ),
+        None => (doc.to_owned(), String::new()),
+    }
+}
+
+/// The values of an enum of plain names (`constant`, `linear`, `cosine`); empty otherwise.
+fn enum_values(schema: &Value) -> Vec<String> {
+    if let Some(values) = schema["enum"].as_array() {
+        return values
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+    }
+    let Some(choices) = schema["oneOf"].as_array() else {
+        return Vec::new();
+    };
+    let values: Vec<String> = choices
+        .iter()
+        .filter_map(|c| c["const"].as_str().map(str::to_owned))
+        .collect();
+    if values.len() == choices.len() {
+        values
+    } else {
+        Vec::new()
+    }
+}
+
+/// A type's name for readers: `RawComponent` → `component`, `Source` → `source`.
+fn label(name: &str) -> String {
+    name.strip_prefix("Raw").unwrap_or(name).to_lowercase()
+}
+
+/// Text safe inside a table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+/// The shape of a serde type as its `Deserialize` declares it: every struct's fields and every
+/// enum's variants, in declaration order, by path (`train`, `train.schedule`, `sinks[]` for
+/// the entries of a list, `data.train[].Text` for a struct variant). JSON Schema objects are
+/// unordered; this is the order the file is written in. Found by deserialising the type from a
+/// probe that offers every field.
+mod shape {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
+
+    /// A struct or an enum, by its serde name.
+    #[derive(Debug)]
+    pub(super) enum Node {
+        Struct {
+            name: &'static str,
+            fields: &'static [&'static str],
+        },
+        Enum {
+            name: &'static str,
+            variants: &'static [&'static str],
+        },
+    }
+
+    impl Node {
+        pub(super) fn name(&self) -> &'static str {
+            match self {
+                Node::Struct { name, .. } | Node::Enum { name, .. } => name,
             }
         }
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
+    /// The structs and enums of a type by path, and the paths in the order they were found
+    /// (declaration order, depth first).
+    #[derive(Debug, Default)]
+    pub(super) struct Shape {
+        nodes: BTreeMap<String, Node>,
+        order: Vec<String>,
+    }
 
-        #[test]
-        fn params_literals_parse_back_to_the_same_json() {
-            let cases = [
-                serde_json::json!({"n_layer": 2, "dropout": 0.1, "name": "x \"q\"", "tied": true}),
-                serde_json::json!({"nested": {"a": [1, 2.5, null]}, "empty": {}}),
-                serde_json::json!({"with space": 1, "true": 2}),
-                serde_json::json!({"list": [], "neg": -3, "big": 1e300}),
-            ];
-            for value in cases {
-                let text = ron_literal(&value);
-                let back: Value = crate::diagnostics::ron_options()
-                    .from_str(&text)
-                    .unwrap_or_else(|e| panic!("{text}: {e}"));
-                assert_eq!(back, value, "through {text}");
+    impl Shape {
+        pub(super) fn get(&self, path: &str) -> Option<&Node> {
+            self.nodes.get(path)
+        }
+
+        /// Every path with its node, in the order found.
+        pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
+            self.order.iter().map(|p| (p.as_str(), &self.nodes[p]))
+        }
+
+        fn record(&mut self, path: &str, node: Node) {
+            if !self.nodes.contains_key(path) {
+                self.nodes.insert(path.to_owned(), node);
+                self.order.push(path.to_owned());
             }
+        }
+    }
+
+    /// The shape of `T`, every variant of every enum visited.
+    pub(super) fn of<T: DeserializeOwned>() -> Shape {
+        let mut found = Shape::default();
+        let mut pass = 0;
+        loop {
+            // The probe gives each field a value; what `T` makes of them does not matter.
+            let _ = T::deserialize(Probe {
+                found: &mut found,
+                path: String::new(),
+                pass,
+            });
+            pass += 1;
+            let most = found
+                .nodes
+                .values()
+                .map(|n| match n {
+                    Node::Enum { variants, .. } => variants.len(),
+                    Node::Struct { .. } => 1,
+                })
+                .max()
+                .unwrap_or(1);
+            if pass >= most {
+                return found;
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Stop(String);
+
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl de::Error for Stop {
+        fn custom<T: fmt::Display>(msg: T) -> Self {
+            Stop(msg.to_string())
+        }
+    }
+
+    /// Deserializer methods that offer a fixed plain value.
+    macro_rules! plain {
+        ($de:lifetime; $($method:ident => $visit:ident($value:expr),)*) => {$(
+            fn $method<V: Visitor<$de>>(self, visitor: V) -> Result<V::Value, Stop> {
+                visitor.$visit($value)
+            }
+        )*};
+    }
+
+    /// Offers a plain value of whatever type is asked for; in pass N, variant N of an enum.
+    struct Probe<'a> {
+        found: &'a mut Shape,
+        path: String,
+        pass: usize,
+    }
+
+    impl Probe<'_> {
+        fn at(&mut self, path: String) -> Probe<'_> {
+            Probe {
+                found: self.found,
+                path,
+                pass: self.pass,
+            }
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Stop> {
+            visitor.visit_unit()
+        }
+
+        plain! {
+            'de;
+            deserialize_bool => visit_bool(false),
+            deserialize_i8 => visit_i64(0),
+            deserialize_i16 => visit_i64(0),
+            deserialize_i32 => visit_i64(0),
+            deserialize_i64 => visit_i64(0),
+            deserialize_u8 => visit_u64(0),
+            deserialize_u16 => visit_u64(0),
+            deserialize_u32 => visit_u64(0),
+            deserialize_u64 => visit_u64(0),
+            deserialize_f32 => visit_f64(0.0),
+            deserialize_f64 => visit_f64(0.0),
+            deserialize_char => visit_char(' '),
+            deserialize_str => visit_str(""),
+            deserialize_string => visit_str(""),
+            deserialize_bytes => visit_bytes(&[]),
+            deserialize_byte_buf => visit_bytes(&[]),
+        }
+
+        fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Stop> {
+            visitor.visit_map(Fields {
+                probe: self,
+                fields: &[],
+                next: 0,
+            })
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Stop> {
+            visitor.visit_some(self)
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            visitor: V,
+        ) -> Result<V::Value, Stop> {
+            visitor.visit_newtype_struct(self)
+        }
+
+        fn deserialize_seq<V: Visitor<'de>>(mut self, visitor: V) -> Result<V::Value, Stop> {
+            let path = format!("{}[]", self.path);
+            visitor.visit_seq(One(Some(self.at(path))))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Stop> {
+            self.found.record(&self.path, Node::Struct { name, fields });
+            visitor.visit_map(Fields {
+                probe: self,
+                fields,
+                next: 0,
+            })
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Stop> {
+            self.found.record(&self.path, Node::Enum { name, variants });
+            let Some(variant) = variants.get(self.pass % variants.len().max(1)) else {
+                return Err(de::Error::custom("an enum without variants"));
+            };
+            visitor.visit_enum(Variant {
+                probe: self,
+                variant,
+            })
+        }
+
+        serde::forward_to_deserialize_any! {
+            i128 u128 unit unit_struct tuple tuple_struct identifier ignored_any
+        }
+    }
+
+    /// A list of one entry.
+    struct One<'a>(Option<Probe<'a>>);
+
+    impl<'de> de::SeqAccess<'de> for One<'_> {
+        type Error = Stop;
+
+        fn next_element_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<Option<T::Value>, Stop> {
+            self.0
+                .take()
+                .map(|probe| seed.deserialize(probe))
+                .transpose()
+        }
+    }
+
+    /// Every field of a struct, in order.
+    struct Fields<'a> {
+        probe: Probe<'a>,
+        fields: &'static [&'static str],
+        next: usize,
+    }
+
+    impl<'de> de::MapAccess<'de> for Fields<'_> {
+        type Error = Stop;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, Stop> {
+            match self.fields.get(self.next) {
+                Some(field) => seed.deserialize(field.into_deserializer()).map(Some),
+                None => Ok(None),
+            }
+        }
+
+        fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Stop> {
+            let field = self.fields[self.next];
+            self.next += 1;
+            let path = super::join_field(&self.probe.path, field);
+            seed.deserialize(self.probe.at(path))
+        }
+    }
+
+    /// The variant an enum's probe picked.
+    struct Variant<'a> {
+        probe: Probe<'a>,
+        variant: &'static str,
+    }
+
+    impl<'de, 'a> de::EnumAccess<'de> for Variant<'a> {
+        type Error = Stop;
+        type Variant = Self;
+
+        fn variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, Self), Stop> {
+            let value = seed.deserialize(self.variant.into_deserializer())?;
+            Ok((value, self))
+        }
+    }
+
+    impl<'de> de::VariantAccess<'de> for Variant<'_> {
+        type Error = Stop;
+
+        fn unit_variant(self) -> Result<(), Stop> {
+            Ok(())
+        }
+
+        fn newtype_variant_seed<T: DeserializeSeed<'de>>(
+            mut self,
+            seed: T,
+        ) -> Result<T::Value, Stop> {
+            let path = format!("{}.{}", self.probe.path, self.variant);
+            seed.deserialize(self.probe.at(path))
+        }
+
+        fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Stop> {
+            visitor.visit_seq(One(None))
+        }
+
+        fn struct_variant<V: Visitor<'de>>(
+            mut self,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Stop> {
+            let path = format!("{}.{}", self.probe.path, self.variant);
+            let name = self.variant;
+            self.probe
+                .found
+                .record(&path, Node::Struct { name, fields });
+            visitor.visit_map(Fields {
+                probe: self.probe.at(path),
+                fields,
+                next: 0,
+            })
         }
     }
 }
@@ -1483,6 +1993,68 @@ mod tests {
         ] {
             assert_eq!(parse_value(text), expect, "{text:?}");
         }
+    }
+
+    #[test]
+    fn params_literals_parse_back_to_the_same_json() {
+        let cases = [
+            serde_json::json!({"n_layer": 2, "dropout": 0.1, "name": "x \"q\"", "tied": true}),
+            serde_json::json!({"nested": {"a": [1, 2.5, null]}, "empty": {}}),
+            serde_json::json!({"with space": 1, "true": 2}),
+            serde_json::json!({"list": [], "neg": -3, "big": 1e300}),
+        ];
+        for value in cases {
+            let text = ron_literal(&value);
+            let back: Value = crate::diagnostics::ron_options()
+                .from_str(&text)
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(back, value, "through {text}");
+        }
+    }
+
+    #[test]
+    fn the_shape_lists_fields_in_declaration_order() {
+        let shape = shape::of::<RawConfig>();
+        let fields = |path: &str| match shape.get(path) {
+            Some(shape::Node::Struct { fields, .. }) => fields.to_vec(),
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(fields("")[..3], ["experiment", "seed", "device"]);
+        assert_eq!(fields("train.schedule"), ["kind", "warmup_steps", "min_lr"]);
+        assert_eq!(fields("sinks[]"), ["name", "params"]);
+        assert_eq!(fields("data.train[].Jsonl"), ["path", "field"]);
+        assert!(matches!(
+            shape.get("data.val[]"),
+            Some(shape::Node::Enum { name: "Source", .. })
+        ));
+    }
+
+    /// The reference renders each field's default from its doc comment, so every field of the
+    /// raw types must state one, or say it is required.
+    #[test]
+    fn every_field_states_its_default_or_that_it_is_required() {
+        let schema = schemars::schema_for!(RawConfig).to_value();
+        let reference = Reference::new(&schema, shape::of::<RawConfig>());
+        let mut checked = 0;
+        for (path, node) in reference.shape.iter() {
+            let shape::Node::Struct { name, fields } = node else {
+                continue;
+            };
+            if reference.definition(name).is_null() {
+                continue; // a struct variant: its fields are all required
+            }
+            for field in *fields {
+                let doc = text(&reference.definition(name)["properties"][field]);
+                let (meaning, default) = split_default(&doc);
+                assert!(
+                    !meaning.is_empty() && !default.is_empty(),
+                    "{}: say what it means and end with \"Default: ...\" or \"Required.\": {doc:?}",
+                    join_field(path, field)
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "only {checked} fields found");
     }
 
     #[test]
