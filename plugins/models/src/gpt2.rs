@@ -12,9 +12,9 @@
 //! mixed from the call's [`ForwardCtx::seed`] and the site's index, so masks differ between
 //! sites yet a step replays exactly.
 
-use codex_plugin_api::{
-    Describe, ForwardCtx, GeluForm, Init, Model, ParamRole, Result, Store, Tensor,
-};
+use codex_nn::WeightLayout::InOut;
+use codex_nn::{Embedding, GeluMlp, Heads, LayerNorm, Linear};
+use codex_plugin_api::{Describe, ForwardCtx, GeluForm, Init, Model, Result, Store, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{parse_strict, ConfigError};
@@ -222,71 +222,19 @@ struct HfConfig<'a> {
     use_cache: bool,
 }
 
-/// `y = x · W + b` with `W` stored `[in, out]` (HF `Conv1D`).
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn declare(
-        store: &mut Store<'_, '_>,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        std: f64,
-    ) -> Result<Self> {
-        let mut s = store.pp(name);
-        Ok(Linear {
-            weight: s.param(
-                "weight",
-                &[d_in, d_out],
-                ParamRole::Weight,
-                Init::Normal { std },
-            )?,
-            bias: s.param("bias", &[d_out], ParamRole::Bias, Init::Zeros)?,
-        })
-    }
-
-    /// `x` is `[n, in]`: one 2-D product rather than a batched one.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight)?.add(&self.bias)
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn declare(store: &mut Store<'_, '_>, name: &str, dim: usize) -> Result<Self> {
-        let mut s = store.pp(name);
-        Ok(LayerNorm {
-            weight: s.param("weight", &[dim], ParamRole::Norm, Init::Ones)?,
-            bias: s.param("bias", &[dim], ParamRole::Norm, Init::Zeros)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        x.layer_norm(&self.weight, &self.bias, eps)
-    }
-}
-
 struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
     attn_c_proj: Linear,
     ln_2: LayerNorm,
-    c_fc: Linear,
-    mlp_c_proj: Linear,
+    mlp: GeluMlp,
 }
 
 /// GPT-2 with Hugging Face's parameter names (registry name `gpt2`).
 pub struct Gpt2 {
     config: Config,
-    wte: Tensor,
-    wpe: Tensor,
+    wte: Embedding,
+    wpe: Embedding,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
 }
@@ -298,7 +246,7 @@ impl Describe for Gpt2 {
         "GPT-2 decoder with Hugging Face parameter names and layouts, LM head tied to wte";
 }
 
-/// A dropout site: its index is mixed into the call's seed (see [`site_seed`]).
+/// A dropout site: its index is mixed into the call's seed (see [`codex_nn::site_seed`]).
 #[derive(Copy, Clone)]
 enum Site {
     Embeddings,
@@ -318,18 +266,6 @@ impl Site {
     }
 }
 
-/// SplitMix64's finaliser: a bijective 64-bit mix, so nearby inputs give unrelated outputs.
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The seed of one dropout site for one forward call.
-fn site_seed(call_seed: u64, site: Site) -> u64 {
-    mix64(call_seed ^ mix64(site.index().wrapping_add(0x9e37_79b9_7f4a_7c15)))
-}
-
 /// What every block of one forward call shares.
 #[derive(Copy, Clone)]
 struct Pass<'a> {
@@ -342,11 +278,7 @@ struct Pass<'a> {
 
 impl Gpt2 {
     fn dropout(&self, x: Tensor, p: f64, ctx: ForwardCtx, site: Site) -> Result<Tensor> {
-        if ctx.train && p > 0.0 {
-            x.dropout(p, site_seed(ctx.seed, site))
-        } else {
-            Ok(x)
-        }
+        codex_nn::dropout(x, p, ctx, site.index())
     }
 
     fn attention(
@@ -358,32 +290,29 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let Pass { ctx, mask, b, t } = *pass;
         let c = self.config.n_embd;
-        let (h, d) = (self.config.n_head, c / self.config.n_head);
+        let heads = Heads {
+            batch: b,
+            positions: t,
+            heads: self.config.n_head,
+            head_dim: c / self.config.n_head,
+        };
         // q, k and v each from its own slice of the fused `c_attn` weight and bias: slicing
         // the parameters rather than the `[b·t, 3c]` activation keeps the backward pass from
         // padding three activation-sized gradients back to full width.
         let head = |i: usize| -> Result<Tensor> {
-            let w = block.c_attn.weight.narrow(1, i * c, c)?;
-            let bias = block.c_attn.bias.narrow(0, i * c, c)?;
-            x.matmul(&w)?
-                .add(&bias)?
-                .reshape(&[b, t, h, d])?
-                .transpose(1, 2)
+            heads.split(&block.c_attn.forward_outputs(x, i * c, c)?)
         };
-        let scale = 1.0 / (d as f64).sqrt();
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
         let y = if ctx.train && self.config.attn_pdrop > 0.0 {
             // Dropout acts on the attention probabilities, which a fused attention never
-            // materialises: compose it here. Scaling q rather than the scores touches t·d
-            // instead of t·t values per head.
-            let scores = q.affine(scale, 0.0)?.matmul(&k.transpose(2, 3)?)?;
-            let probs = scores.masked_fill(mask, f64::NEG_INFINITY)?.softmax(3)?;
+            // materialises: compose it here.
+            let probs = heads.causal_probs(&q, &k, mask)?;
             let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
             probs.matmul(&v)?
         } else {
-            q.attention(&k, &v, true, scale)?
+            heads.causal(&q, &k, &v)?
         };
-        let y = y.permute(&[0, 2, 1, 3])?.reshape(&[b * t, c])?;
+        let y = heads.merge(&y)?;
         let y = block.attn_c_proj.forward(&y)?;
         self.dropout(
             y,
@@ -394,11 +323,7 @@ impl Gpt2 {
     }
 
     fn mlp(&self, layer: usize, block: &Block, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
-        let h = block
-            .c_fc
-            .forward(x)?
-            .gelu(self.config.activation_function.form())?;
-        let y = block.mlp_c_proj.forward(&h)?;
+        let y = block.mlp.forward(x)?;
         self.dropout(y, self.config.resid_pdrop, ctx, Site::MlpOutput(layer))
     }
 }
@@ -414,37 +339,29 @@ impl Model for Gpt2 {
         let c = config.n_embd;
 
         let mut tr = store.pp("transformer");
-        let wte = tr.param(
-            "wte.weight",
-            &[config.vocab_size, c],
-            ParamRole::Embedding,
-            Init::Normal { std },
-        )?;
-        let wpe = tr.param(
-            "wpe.weight",
-            &[config.n_positions, c],
-            ParamRole::Embedding,
-            Init::Normal { std },
-        )?;
+        let init = Init::Normal { std };
+        let wte = Embedding::new(&mut tr, "wte", config.vocab_size, c, init)?;
+        let wpe = Embedding::new(&mut tr, "wpe", config.n_positions, c, init)?;
+        let eps = config.layer_norm_epsilon;
+        let proj_init = Init::Normal { std: proj_std };
         let mut blocks = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let mut s = tr.pp(&format!("h.{i}"));
-            let ln_1 = LayerNorm::declare(&mut s, "ln_1", c)?;
-            let c_attn = Linear::declare(&mut s, "attn.c_attn", c, 3 * c, std)?;
-            let attn_c_proj = Linear::declare(&mut s, "attn.c_proj", c, c, proj_std)?;
-            let ln_2 = LayerNorm::declare(&mut s, "ln_2", c)?;
-            let c_fc = Linear::declare(&mut s, "mlp.c_fc", c, 4 * c, std)?;
-            let mlp_c_proj = Linear::declare(&mut s, "mlp.c_proj", 4 * c, c, proj_std)?;
+            let ln_1 = LayerNorm::new(&mut s, "ln_1", c, eps)?;
+            let c_attn = Linear::new(&mut s, "attn.c_attn", c, 3 * c, InOut, init)?;
+            let attn_c_proj = Linear::new(&mut s, "attn.c_proj", c, c, InOut, proj_init)?;
+            let ln_2 = LayerNorm::new(&mut s, "ln_2", c, eps)?;
+            let form = config.activation_function.form();
+            let mlp = GeluMlp::gpt2(&mut s, "mlp", c, 4 * c, form, init, proj_init)?;
             blocks.push(Block {
                 ln_1,
                 c_attn,
                 attn_c_proj,
                 ln_2,
-                c_fc,
-                mlp_c_proj,
+                mlp,
             });
         }
-        let ln_f = LayerNorm::declare(&mut tr, "ln_f", c)?;
+        let ln_f = LayerNorm::new(&mut tr, "ln_f", c, eps)?;
         Ok(Gpt2 {
             config,
             wte,
@@ -472,14 +389,13 @@ impl Model for Gpt2 {
             );
         }
         let c = self.config.n_embd;
-        let eps = self.config.layer_norm_epsilon;
 
         // Positions 0..t are the first t rows of wpe: a view, where a lookup by `arange`
         // would gather (and scatter its gradient).
         let x = self
             .wte
-            .embedding(input)?
-            .add(&self.wpe.narrow(0, 0, t)?)?
+            .forward(input)?
+            .add(&self.wpe.rows(0, t)?)?
             .reshape(&[b * t, c])?;
         let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
         let mask = Tensor::causal_mask(t, &x)?;
@@ -490,14 +406,15 @@ impl Model for Gpt2 {
             t,
         };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let a = self.attention(layer, block, &block.ln_1.forward(&x, eps)?, &pass)?;
+            let a = self.attention(layer, block, &block.ln_1.forward(&x)?, &pass)?;
             x = x.add(&a)?;
-            let m = self.mlp(layer, block, &block.ln_2.forward(&x, eps)?, ctx)?;
+            let m = self.mlp(layer, block, &block.ln_2.forward(&x)?, ctx)?;
             x = x.add(&m)?;
         }
-        let x = self.ln_f.forward(&x, eps)?;
+        let x = self.ln_f.forward(&x)?;
         // The LM head is tied to the token embedding: logits = x · wteᵀ.
-        x.matmul(&self.wte.transpose(0, 1)?)?
+        self.wte
+            .logits(&x)?
             .reshape(&[b, t, self.config.vocab_size])
     }
 
@@ -537,6 +454,11 @@ impl Model for Gpt2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The seed of one dropout site for one forward call.
+    fn site_seed(call_seed: u64, site: Site) -> u64 {
+        codex_nn::site_seed(call_seed, site.index())
+    }
 
     #[test]
     fn site_seeds_differ_between_sites_and_replay() {

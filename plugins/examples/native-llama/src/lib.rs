@@ -1,7 +1,8 @@
 //! A LLaMA-style causal language model as a native codex-ml plugin: the whole plugin is this
-//! file, it depends on `codex-plugin-api` (plus serde for its parameters) and it computes only
-//! through the host's tensor handles and op table, so it trains, checkpoints, evaluates and
-//! generates on every device the host supports, exactly like a built-in model.
+//! file, it depends on `codex-plugin-api` and the building blocks of `codex-nn` (plus serde
+//! for its parameters) and it computes only through the host's tensor handles and op table, so
+//! it trains, checkpoints, evaluates and generates on every device the host supports, exactly
+//! like a built-in model.
 //!
 //! The architecture is Hugging Face `LlamaForCausalLM` without grouped-query attention:
 //! pre-norm blocks with RMSNorm, rotary position embeddings (rotate-half convention) on queries
@@ -15,16 +16,18 @@
 //! defaults are HF's except the sizes, which default to a model small enough to try on a CPU.
 //!
 //! The rotary tables (cos and sin for every position up to `max_position_embeddings`) are
-//! computed once, in f64, when the model is created and kept as host tensors; a forward pass
-//! narrows them to its sequence length. There is no dropout: LLaMA trains without it.
+//! computed once, in f64, when the model is created and kept as host tensors
+//! (`codex_nn::Rotary`); a forward pass narrows them to its sequence length. Attention is
+//! composed from matmul, masked fill and softmax on contiguous heads. There is no dropout:
+//! LLaMA trains without it.
 //!
 //! Build it with `cargo build --release -p native-llama` and declare
 //! `target/release/libnative_llama.so` in a plugin manifest (see `docs/plugins-native.md`); the
 //! model is then `llama/llama` when the manifest names the plugin `llama`.
 
-use codex_plugin_api::{
-    bail, DType, Describe, ForwardCtx, Init, Model, ParamRole, Result, Store, Tensor,
-};
+use codex_nn::WeightLayout::OutIn;
+use codex_nn::{Embedding, Heads, Linear, RmsNorm, Rotary, SwiGlu};
+use codex_plugin_api::{bail, Describe, ForwardCtx, Init, Model, Result, Store, Tensor};
 use serde::{Deserialize, Serialize};
 
 codex_plugin_api::export_plugin! {
@@ -215,77 +218,25 @@ struct HfConfig<'a> {
     use_cache: bool,
 }
 
-/// The rotary tables for positions `0..positions`: `cos` and `sin` of `p · θ^(−2i/d)`, each
-/// `[positions, d/2]` row-major, computed in f64 as HF does before casting.
-fn rotary_tables(positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
-        .collect();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for p in 0..positions {
-        for f in &inv_freq {
-            let angle = p as f64 * f;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
-}
-
-/// `y = x · Wᵀ` with `W` stored `[out, in]` (`torch.nn.Linear`, no bias).
-struct Linear {
-    weight: Tensor,
-}
-
-impl Linear {
-    fn declare(
-        store: &mut Store<'_, '_>,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        std: f64,
-    ) -> Result<Self> {
-        Ok(Linear {
-            weight: store.param(
-                &format!("{name}.weight"),
-                &[d_out, d_in],
-                ParamRole::Weight,
-                Init::Normal { std },
-            )?,
-        })
-    }
-
-    /// `x` is `[n, in]`; the transpose is a view the matrix product reads directly.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.transpose(0, 1)?)
-    }
-}
-
 struct Layer {
-    input_layernorm: Tensor,
+    input_layernorm: RmsNorm,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    post_attention_layernorm: Tensor,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    mlp: SwiGlu,
 }
 
 /// A LLaMA-style decoder with Hugging Face's parameter names (registry name `llama`).
 pub struct Llama {
     config: Config,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: RmsNorm,
     lm_head: Linear,
-    /// `[max_position_embeddings, head_dim / 2]`, f32.
-    cos: Tensor,
-    /// `[max_position_embeddings, head_dim / 2]`, f32.
-    sin: Tensor,
+    /// Cos and sin tables for `max_position_embeddings` positions.
+    rotary: Rotary,
 }
 
 impl Describe for Llama {
@@ -305,37 +256,20 @@ impl Llama {
         b: usize,
         t: usize,
     ) -> Result<Tensor> {
-        let c = self.config.hidden_size;
-        let (heads, d) = (self.config.num_attention_heads, self.config.head_dim());
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        // `[b·t, c]` → `[b, heads, t, d]`, the layout rotary and the batched products expect.
-        let split = |x: Tensor| -> Result<Tensor> {
-            x.reshape(&[b, t, heads, d])?
-                .permute(&[0, 2, 1, 3])?
-                .contiguous()
+        let heads = Heads {
+            batch: b,
+            positions: t,
+            heads: self.config.num_attention_heads,
+            head_dim: self.config.head_dim(),
         };
-        let q = split(layer.q_proj.forward(h)?)?.rotary(&cos, &sin)?;
-        let k = split(layer.k_proj.forward(h)?)?.rotary(&cos, &sin)?;
-        let v = split(layer.v_proj.forward(h)?)?;
-        // Scaling q rather than the scores touches t·d instead of t·t values per head.
-        let q = q.affine(1.0 / (d as f64).sqrt(), 0.0)?;
-        let probs = q
-            .matmul(&k.transpose(2, 3)?)?
-            .masked_fill(mask, f64::NEG_INFINITY)?
-            .softmax(3)?;
-        let y = probs
-            .matmul(&v)?
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[b * t, c])?;
-        layer.o_proj.forward(&y)
-    }
-
-    /// SwiGLU: `down(silu(gate(h)) · up(h))`.
-    fn mlp(&self, layer: &Layer, h: &Tensor) -> Result<Tensor> {
-        let gate = layer.gate_proj.forward(h)?.silu()?;
-        let up = layer.up_proj.forward(h)?;
-        layer.down_proj.forward(&gate.mul(&up)?)
+        let rotary = self.rotary.window(t)?;
+        // `[b·t, c]` → `[b, heads, t, d]`, contiguous: the layout rotary and the batched
+        // products expect.
+        let q = rotary.apply(&heads.split_contiguous(&layer.q_proj.forward(h)?)?)?;
+        let k = rotary.apply(&heads.split_contiguous(&layer.k_proj.forward(h)?)?)?;
+        let v = heads.split_contiguous(&layer.v_proj.forward(h)?)?;
+        let y = heads.causal_probs(&q, &k, mask)?.matmul(&v)?;
+        layer.o_proj.forward(&heads.merge(&y)?)
     }
 }
 
@@ -346,30 +280,20 @@ impl Model for Llama {
         let (c, ff) = (config.hidden_size, config.intermediate_size);
 
         let mut m = store.pp("model");
-        let embed_tokens = m.param(
-            "embed_tokens.weight",
-            &[config.vocab_size, c],
-            ParamRole::Embedding,
-            Init::Normal { std },
-        )?;
+        let init = Init::Normal { std };
+        let eps = config.rms_norm_eps;
+        let embed_tokens = Embedding::new(&mut m, "embed_tokens", config.vocab_size, c, init)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut s = m.pp(&format!("layers.{i}"));
-            let input_layernorm =
-                s.param("input_layernorm.weight", &[c], ParamRole::Norm, Init::Ones)?;
-            let q_proj = Linear::declare(&mut s, "self_attn.q_proj", c, c, std)?;
-            let k_proj = Linear::declare(&mut s, "self_attn.k_proj", c, c, std)?;
-            let v_proj = Linear::declare(&mut s, "self_attn.v_proj", c, c, std)?;
-            let o_proj = Linear::declare(&mut s, "self_attn.o_proj", c, c, std)?;
-            let post_attention_layernorm = s.param(
-                "post_attention_layernorm.weight",
-                &[c],
-                ParamRole::Norm,
-                Init::Ones,
-            )?;
-            let gate_proj = Linear::declare(&mut s, "mlp.gate_proj", c, ff, std)?;
-            let up_proj = Linear::declare(&mut s, "mlp.up_proj", c, ff, std)?;
-            let down_proj = Linear::declare(&mut s, "mlp.down_proj", ff, c, std)?;
+            let input_layernorm = RmsNorm::new(&mut s, "input_layernorm", c, eps)?;
+            let q_proj = Linear::no_bias(&mut s, "self_attn.q_proj", c, c, OutIn, init)?;
+            let k_proj = Linear::no_bias(&mut s, "self_attn.k_proj", c, c, OutIn, init)?;
+            let v_proj = Linear::no_bias(&mut s, "self_attn.v_proj", c, c, OutIn, init)?;
+            let o_proj = Linear::no_bias(&mut s, "self_attn.o_proj", c, c, OutIn, init)?;
+            let post_attention_layernorm =
+                RmsNorm::new(&mut s, "post_attention_layernorm", c, eps)?;
+            let mlp = SwiGlu::llama(&mut s, "mlp", c, ff, init)?;
             layers.push(Layer {
                 input_layernorm,
                 q_proj,
@@ -377,29 +301,27 @@ impl Model for Llama {
                 v_proj,
                 o_proj,
                 post_attention_layernorm,
-                gate_proj,
-                up_proj,
-                down_proj,
+                mlp,
             });
         }
-        let norm = m.param("norm.weight", &[c], ParamRole::Norm, Init::Ones)?;
-        let lm_head = Linear::declare(store, "lm_head", c, config.vocab_size, std)?;
+        let norm = RmsNorm::new(&mut m, "norm", c, eps)?;
+        let lm_head = Linear::no_bias(store, "lm_head", c, config.vocab_size, OutIn, init)?;
 
-        let positions = config.max_position_embeddings;
-        let half = config.head_dim() / 2;
-        let (cos, sin) = rotary_tables(positions, config.head_dim(), config.rope_theta);
         // Constants on the parameters' device; f32 whatever the parameters' dtype (rotary
         // casts them to the activations').
-        let cos = Tensor::from_f32(&cos, &[positions, half], DType::F32, &embed_tokens)?;
-        let sin = Tensor::from_f32(&sin, &[positions, half], DType::F32, &embed_tokens)?;
+        let rotary = Rotary::new(
+            config.max_position_embeddings,
+            config.head_dim(),
+            config.rope_theta,
+            embed_tokens.weight(),
+        )?;
         Ok(Llama {
             config,
             embed_tokens,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            rotary,
         })
     }
 
@@ -419,16 +341,15 @@ impl Model for Llama {
             );
         }
         let c = self.config.hidden_size;
-        let eps = self.config.rms_norm_eps;
-        let mut x = self.embed_tokens.embedding(input)?.reshape(&[b * t, c])?;
+        let mut x = self.embed_tokens.forward(input)?.reshape(&[b * t, c])?;
         let mask = Tensor::causal_mask(t, &x)?;
         for layer in &self.layers {
-            let h = x.rms_norm(&layer.input_layernorm, eps)?;
+            let h = layer.input_layernorm.forward(&x)?;
             x = x.add(&self.attention(layer, &h, &mask, b, t)?)?;
-            let h = x.rms_norm(&layer.post_attention_layernorm, eps)?;
-            x = x.add(&self.mlp(layer, &h)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = x.add(&layer.mlp.forward(&h)?)?;
         }
-        let x = x.rms_norm(&self.norm, eps)?;
+        let x = self.norm.forward(&x)?;
         self.lm_head
             .forward(&x)?
             .reshape(&[b, t, self.config.vocab_size])
@@ -505,17 +426,5 @@ mod tests {
         assert!(err(r#"{"rope_theta": -1.0}"#).starts_with("rope_theta"));
         assert!(err(r#"{"initializer_range": -0.1}"#).starts_with("initializer_range"));
         assert!(err(r#"{} x"#).starts_with("trailing characters"));
-    }
-
-    #[test]
-    fn rotary_tables_follow_hf() {
-        let (cos, sin) = rotary_tables(3, 4, 10_000.0);
-        assert_eq!((cos.len(), sin.len()), (6, 6));
-        // Position 0 is the identity rotation.
-        assert!(cos[..2].iter().all(|v| (v - 1.0).abs() < 1e-7));
-        assert!(sin[..2].iter().all(|v| v.abs() < 1e-7));
-        // Position 2, frequencies 1 and 10000^(-1/2) = 0.01.
-        assert!((cos[4] - 2f32.cos()).abs() < 1e-6 && (sin[4] - 2f32.sin()).abs() < 1e-6);
-        assert!((cos[5] - 0.02f32.cos()).abs() < 1e-6 && (sin[5] - 0.02f32.sin()).abs() < 1e-6);
     }
 }
