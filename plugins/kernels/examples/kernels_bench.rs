@@ -1,5 +1,5 @@
 //! Times every op of the `cpu` kernel at the shapes of the tiny and small benchmark GPTs
-//! (`shared/bench/README.md`) and prints bandwidth or arithmetic throughput.
+//! (`bench/README.md`) and prints bandwidth or arithmetic throughput.
 //!
 //! `cargo run --release -p codex-kernels --example kernels_bench [-- tiny|small] [threads]`
 //!
