@@ -2,7 +2,7 @@
 //!
 //! Whatever its origin — compiled into the binary, a native plugin, a WASM plugin — a
 //! component reaches the host as a [`ComponentDecl`]: its kind, registry name, version, a
-//! one-line description, and a factory. Built-ins submit theirs with [`builtin!`]
+//! one-line description, and a factory. Built-ins submit theirs with `builtin!`
 //! (`inventory`); native plugins hand theirs to the host's [`Registrar`] from their root
 //! module (see [`crate::plugin`]).
 

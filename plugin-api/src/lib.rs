@@ -12,7 +12,7 @@
 //!   [`Trainer`], [`Kernel`]): plain Rust traits plugin authors implement, with [`Tensor`]
 //!   and [`Result`]. Each kind's `declare::<T>()` wraps an implementation in an adapter that
 //!   catches panics on the plugin side ([`guard`]) — a panic must never cross the ABI.
-//! - **Registration**: [`builtin!`] for components compiled into codex-ml, and
+//! - **Registration**: `builtin!` (feature `builtin`) for components compiled into codex-ml, and
 //!   [`export_plugin!`] for native plugins.
 //!
 //! The version is [`API_VERSION`]; see `docs/plugins-native.md` for the compatibility promise.
