@@ -24,7 +24,7 @@ const PACKAGES: &[&str] = &[
     "native-llama",
     "native-tsv-sink",
     "fixture-not-a-plugin",
-    "fixture-api-v2",
+    "fixture-api-next",
     "fixture-layout",
     "fixture-panic-register",
     "fixture-twice",
@@ -357,12 +357,12 @@ fn plugins_that_cannot_load_are_refused_with_the_plugin_and_the_problem() {
         list_fails(&manifest, expect)
     };
     check(
-        "v2",
-        "fixture-api-v2",
+        "next",
+        "fixture-api-next",
         &[
-            "plugin `v2`",
-            "libfixture_api_v2",
-            "built against plugin API 2.0",
+            "plugin `next`",
+            "libfixture_api_next",
+            &format!("built against plugin API {}.0", API_VERSION.major + 1),
             &format!("loads plugin API {}.0 to {API_VERSION}", API_VERSION.major),
         ],
     );
@@ -467,7 +467,7 @@ fn a_layout_mismatch_is_one_line_and_the_full_report_needs_verbose() {
         &[
             "plugin `shifted`",
             "does not match this codex-ml's ABI",
-            &format!("plugin API 1.0, host API {API_VERSION}"),
+            &format!("plugin API {API_VERSION}, host API {API_VERSION}"),
             "expected codex-plugin-api, found fixture-layout",
             "run with -v",
         ],

@@ -32,9 +32,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor as CTensor};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
+use codex_plugin_api::params::ParamInfoAbi;
 use codex_plugin_api::trainer::{BatchIds, TrainSession, TrainSession_TO};
 use codex_plugin_api::{
-    ForwardCtx, OptimStep, ParamInfo, PluginError, RunInfo, RunStatus, TensorId, TrainSettings,
+    ForwardCtx, OptimStep, PluginError, RunInfo, RunStatus, TensorId, TrainSettings,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -504,7 +505,6 @@ fn run_in(
         registry,
         &config.optimizer.name,
         &config.optimizer.params,
-        config.optimizer.lr,
         store.as_tensor_store(),
     )?;
     if let Some(point) = resume_from {
@@ -973,8 +973,12 @@ impl TrainSession for HostSession<'_> {
         self.settings
     }
 
-    fn params(&self) -> RVec<ParamInfo> {
-        self.store.param_infos().into()
+    fn params(&self) -> RVec<ParamInfoAbi> {
+        self.store
+            .param_infos()
+            .into_iter()
+            .map(Into::into)
+            .collect()
     }
 
     fn next_batch(&mut self) -> RResult<ROption<BatchIds>, PluginError> {

@@ -82,9 +82,7 @@ pub enum Factory {
     /// Builds a model.
     Model(extern "C" fn(RStr<'_>, ModelEnv<'_>) -> RResult<ModelBox, PluginError>),
     /// Builds an optimizer.
-    Optimizer(
-        extern "C" fn(RStr<'_>, f64, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>,
-    ),
+    Optimizer(extern "C" fn(RStr<'_>, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>),
     /// Builds a sink.
     Sink(extern "C" fn(RStr<'_>, SinkEnv<'_>) -> RResult<SinkBox, PluginError>),
     /// Builds a tracker.
