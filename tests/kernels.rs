@@ -654,7 +654,6 @@ fn gpt2_losses(kernel: bool) -> Vec<f64> {
     };
     let mut opt = match factory(
         RStr::from(r#"{"betas": [0.9, 0.95], "weight_decay": 0.1, "no_decay": []}"#),
-        3e-3,
         built.store.as_tensor_store(),
     ) {
         RResult::ROk(o) => o,

@@ -187,7 +187,7 @@ fn gpt2_parameters_have_hugging_face_names_shapes_and_roles() {
     let found: Vec<(String, Vec<usize>, ParamRole)> = built
         .params()
         .into_iter()
-        .map(|i| (i.name.into_string(), i.shape.into_vec(), i.role))
+        .map(|i| (i.name, i.shape, i.role))
         .collect();
     assert_eq!(found, expected);
     assert!(built.params().iter().all(|i| i.trainable));

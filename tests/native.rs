@@ -24,12 +24,29 @@ const PACKAGES: &[&str] = &[
     "native-llama",
     "native-tsv-sink",
     "fixture-not-a-plugin",
-    "fixture-api-v2",
+    "fixture-api-next",
+    "fixture-old-crate",
     "fixture-layout",
     "fixture-panic-register",
     "fixture-twice",
     "fixture-faulty",
 ];
+
+/// The version of the `codex-plugin-api` crate the host and these plugins are built with.
+fn api_crate_version() -> &'static str {
+    use codex_plugin_api::abi_stable::library::RootModule;
+    <codex_plugin_api::plugin::PluginModuleRef as RootModule>::VERSION_STRINGS
+        .version
+        .as_str()
+}
+
+/// The plugin-API versions this host loads, as errors write them: `2.0`, or `2.0 to 2.3`.
+fn loadable() -> String {
+    match API_VERSION.minor {
+        0 => API_VERSION.to_string(),
+        _ => format!("{}.0 to {API_VERSION}", API_VERSION.major),
+    }
+}
 
 /// Copy the built plugin of `package` into `dir`; returns the copy's path.
 pub(crate) fn plugin(dir: &Path, package: &str) -> PathBuf {
@@ -356,14 +373,32 @@ fn plugins_that_cannot_load_are_refused_with_the_plugin_and_the_problem() {
         let manifest = write_manifest(d, &[entry(name, &plugin(d, package))]);
         list_fails(&manifest, expect)
     };
-    check(
-        "v2",
-        "fixture-api-v2",
+    let next = format!("{}.0", API_VERSION.major + 1);
+    let crate_version = format!("crate codex-plugin-api {}", api_crate_version());
+    let stderr = check(
+        "next",
+        "fixture-api-next",
         &[
-            "plugin `v2`",
-            "libfixture_api_v2",
-            "built against plugin API 2.0",
-            &format!("loads plugin API {}.0 to {API_VERSION}", API_VERSION.major),
+            "plugin `next`",
+            "libfixture_api_next",
+            &format!("built against plugin API {next} ({crate_version})"),
+            &format!("loads plugin API {}", loadable()),
+            &format!("rebuild the plugin against {crate_version}"),
+        ],
+    );
+    assert!(
+        !stderr.contains(&format!("codex-plugin-api {API_VERSION}")),
+        "a plugin-API version written as a crate version: {stderr}"
+    );
+    // Refused by abi_stable's crate-version check; its plugin API is read all the same.
+    check(
+        "old",
+        "fixture-old-crate",
+        &[
+            "plugin `old`",
+            "built against plugin API 1.1 (crate codex-plugin-api 0.1.0)",
+            &format!("loads plugin API {} ({crate_version})", loadable()),
+            &format!("rebuild the plugin against {crate_version}"),
         ],
     );
     check(
@@ -463,13 +498,17 @@ fn a_layout_mismatch_is_one_line_and_the_full_report_needs_verbose() {
     let dir = tempfile::tempdir().expect("temp dir");
     let layout = plugin(dir.path(), "fixture-layout");
     let manifest = write_manifest(dir.path(), &[entry("shifted", &layout)]);
+    let crate_version = format!("crate codex-plugin-api {}", api_crate_version());
     let stderr = list_fails(
         &manifest,
         &[
             "plugin `shifted`",
             "does not match this codex-ml's ABI",
-            &format!("plugin API 1.0, host API {API_VERSION}"),
-            "expected codex-plugin-api, found fixture-layout",
+            "the layout of `codex_plugin_api::plugin::PluginModule` differs",
+            "mismatched package: expected codex-plugin-api, found fixture-layout",
+            &format!("the plugin states plugin API {API_VERSION} ({crate_version})"),
+            &format!("this codex-ml has plugin API {API_VERSION} ({crate_version})"),
+            &format!("rebuild the plugin against an unmodified {crate_version}"),
             "run with -v",
         ],
     );

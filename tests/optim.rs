@@ -3,7 +3,7 @@
 //! host `ParamStore`, and one short training run of `gpt2`.
 
 use codex_engine::candle::Device;
-use codex_engine::ParamStore;
+use codex_engine::{ParamStore, TensorGroup};
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr};
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
 use codex_plugin_api::{
@@ -15,14 +15,13 @@ use crate::model::{batch, build_gpt2, builtin, EVAL, SMALL, TRAIN, VOCAB};
 fn build_optimizer(
     name: &str,
     params: &str,
-    lr: f64,
     store: &mut ParamStore,
 ) -> Result<OptimizerBox, String> {
     codex_engine::install();
     let Factory::Optimizer(factory) = builtin(name, ComponentKind::Optimizer).factory else {
         panic!("{name} is registered with a factory of another kind");
     };
-    match factory(RStr::from(params), lr, store.as_tensor_store()) {
+    match factory(RStr::from(params), store.as_tensor_store()) {
         RResult::ROk(o) => Ok(o),
         RResult::RErr(e) => {
             assert!(
@@ -142,7 +141,7 @@ fn adamw_matches_torch(params: &str, decay_bias: bool) {
     let b = param(&mut store, "b", &[3], ParamRole::Bias, &B0);
     let n = param(&mut store, "n", &[2], ParamRole::Norm, &N0);
     store.set_trainable("n", false).expect("freeze");
-    let mut opt = build_optimizer("adamw", params, 1e-3, &mut store).expect("adamw builds");
+    let mut opt = build_optimizer("adamw", params, &mut store).expect("adamw builds");
     assert!(
         store.handle("optimizer.n.exp_avg").is_none(),
         "a frozen parameter got state"
@@ -229,9 +228,12 @@ fn adamw_with_empty_no_decay_decays_every_role() {
 #[test]
 fn adamw_config_json_is_resolved() {
     let mut store = ParamStore::new(Device::Cpu, 0);
-    let opt = build_optimizer("adamw", "{}", 3e-4, &mut store).expect("builds");
+    let opt = build_optimizer("adamw", "{}", &mut store).expect("builds");
     let json: serde_json::Value = serde_json::from_str(opt.config_json().as_str()).expect("json");
-    assert_eq!(json["lr"], 3e-4);
+    assert!(
+        json.get("lr").is_none(),
+        "the learning rate comes with each step, not with the optimizer: {json}"
+    );
     assert_eq!(json["betas"], serde_json::json!([0.9, 0.999]));
     assert_eq!(json["eps"], 1e-8);
     assert_eq!(json["weight_decay"], 0.01);
@@ -290,7 +292,7 @@ fn sgd_matches_torch(params: &str, momentum: f64, dampening: f64, nesterov: bool
     let mut store = ParamStore::new(Device::Cpu, 0);
     codex_engine::install();
     let w = param(&mut store, "w", &[2, 3], ParamRole::Weight, &W0);
-    let mut opt = build_optimizer("sgd", params, 0.1, &mut store).expect("sgd builds");
+    let mut opt = build_optimizer("sgd", params, &mut store).expect("sgd builds");
     let expected = sgd_reference(&W0, &grads, &lrs, momentum, dampening, nesterov, wd);
     for s in 0..3 {
         let g = grad_tensor(grads[s], w);
@@ -348,7 +350,7 @@ fn sgd_nesterov_matches_torch() {
 fn optimizer_params_are_strict_and_errors_name_the_field() {
     let check = |name: &str, json: &str, needle: &str| {
         let mut store = ParamStore::new(Device::Cpu, 0);
-        let err = build_optimizer(name, json, 0.1, &mut store)
+        let err = build_optimizer(name, json, &mut store)
             .err()
             .unwrap_or_else(|| panic!("{json} was accepted"));
         assert!(
@@ -384,11 +386,47 @@ fn optimizer_params_are_strict_and_errors_name_the_field() {
     );
 }
 
+/// Parameters and optimizer state share one namespace; every built-in optimizer names the state
+/// of parameter `p` `optimizer.<p>.<slot>` (the convention `codex_plugin_api::params`
+/// documents), one slot name per kind of state, and keeps it in f32 for f32 parameters.
+#[test]
+fn optimizer_state_is_named_optimizer_param_slot() {
+    let check = |name: &str, params: &str, slots: &[&str]| {
+        let mut built = build_gpt2(SMALL, VOCAB, 4).expect("builds");
+        let infos = built.params();
+        assert!(infos.iter().all(|i| i.dtype == DType::F32), "{infos:?}");
+        let _opt = build_optimizer(name, params, &mut built.store).expect("builds");
+        let mut expected: Vec<String> = infos
+            .iter()
+            .flat_map(|i| {
+                slots
+                    .iter()
+                    .map(move |s| format!("optimizer.{}.{s}", i.name))
+            })
+            .collect();
+        let mut state: Vec<String> = built
+            .store
+            .named(TensorGroup::State)
+            .into_iter()
+            .map(|(n, t)| {
+                assert_eq!(t.dtype(), codex_engine::candle::DType::F32, "{n}");
+                n
+            })
+            .collect();
+        expected.sort();
+        state.sort();
+        assert_eq!(state, expected, "{name}");
+    };
+    check("adamw", "{}", &["exp_avg", "exp_avg_sq"]);
+    check("sgd", r#"{"momentum": 0.9}"#, &["momentum_buffer"]);
+    check("sgd", "{}", &[]);
+}
+
 #[test]
 fn adamw_steps_lower_the_gpt2_loss_on_a_fixed_batch() {
     let mut built = build_gpt2(SMALL, VOCAB, 4).expect("builds");
     let data = batch(2, 12, VOCAB as u32);
-    let mut opt = build_optimizer("adamw", "{}", 1e-2, &mut built.store).expect("adamw builds");
+    let mut opt = build_optimizer("adamw", "{}", &mut built.store).expect("adamw builds");
     let infos = built.params();
     let initial = built.loss(&data, EVAL).to_scalar().expect("scalar");
     for s in 1..=8u64 {

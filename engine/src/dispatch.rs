@@ -28,9 +28,10 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Shape, Storage,
     Tensor,
 };
-use codex_plugin_api::kernel::KernelBox;
+// The ABI forms of the kernel buffers, under their authoring names: this file only builds them.
+use codex_plugin_api::kernel::{BufferMutAbi as BufferMut, BufferViewAbi as BufferView, KernelBox};
 use codex_plugin_api::tensor::AdamWHyper;
-use codex_plugin_api::{BufferMut, BufferView, DeviceKind, GeluForm};
+use codex_plugin_api::{DeviceKind, GeluForm};
 use half::bf16;
 use rayon::prelude::*;
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RSlice, RStr, RVec};
 use candle_core::{DType as CDType, Device, Tensor, Var};
-use codex_plugin_api::params::{TensorStore, TensorStoreRef, TensorStore_TO};
+use codex_plugin_api::params::{ParamInfoAbi, TensorStore, TensorStoreRef, TensorStore_TO};
 use codex_plugin_api::{DType, Init, ParamInfo, ParamRole, PluginError, TensorId};
 use half::{bf16, f16};
 use rand::SeedableRng;
@@ -176,7 +176,9 @@ impl ParamStore {
                 LeafKind::Param(role) => Some(ParamInfo {
                     name: e.leaf.name.as_str().into(),
                     id: e.id,
-                    shape: e.leaf.var.dims().to_vec().into(),
+                    shape: e.leaf.var.dims().to_vec(),
+                    // Declared through the plugin API, a parameter always has one of its dtypes.
+                    dtype: from_candle_dtype(e.leaf.var.dtype()).unwrap_or(DType::F32),
                     role,
                     trainable: e.leaf.trainable(),
                 }),
@@ -361,8 +363,8 @@ impl TensorStore for ParamStore {
         })
     }
 
-    fn params(&self) -> RVec<ParamInfo> {
-        self.param_infos().into()
+    fn params(&self) -> RVec<ParamInfoAbi> {
+        self.param_infos().into_iter().map(Into::into).collect()
     }
 }
 

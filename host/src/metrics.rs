@@ -40,8 +40,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
-use codex_plugin_api::sink::{SinkBox, SinkEnv};
-use codex_plugin_api::tracker::TrackerBox;
+use codex_plugin_api::sink::{RecordAbi, SinkBox, SinkEnv};
+use codex_plugin_api::tracker::{RunInfoAbi, TrackerBox};
 use codex_plugin_api::{ComponentDecl, Factory, PluginError, Record, RunInfo, RunStatus};
 
 /// Records each sink may fall behind before its records are dropped.
@@ -570,7 +570,7 @@ impl Endpoint for SinkBox {
         Ok(())
     }
     fn write(&mut self, records: &[Record]) -> RResult<(), PluginError> {
-        SinkBox::write(self, RSlice::from_slice(records))
+        SinkBox::write(self, RSlice::from_slice(&abi_records(records)))
     }
     fn flush(&mut self) -> RResult<(), PluginError> {
         SinkBox::flush(self)
@@ -581,6 +581,11 @@ impl Endpoint for SinkBox {
     fn finish(&mut self, _: RunStatus) -> RResult<(), PluginError> {
         SinkBox::finish(self)
     }
+}
+
+/// Views of `records` as they cross the ABI (borrowed, nothing copied but the numbers).
+fn abi_records(records: &[Record]) -> Vec<RecordAbi<'_>> {
+    records.iter().map(RecordAbi::from).collect()
 }
 
 /// What a tracker's thread tells it before the first record.
@@ -606,12 +611,12 @@ impl Endpoint for TrackerEndpoint {
         match o.resume_step {
             None => self
                 .tracker
-                .start(o.run)
+                .start(RunInfoAbi::from(&o.run))
                 .into_result()
                 .map_err(|e| ("start", e))?,
             Some(step) => self
                 .tracker
-                .resume(o.run, step)
+                .resume(RunInfoAbi::from(&o.run), step)
                 .into_result()
                 .map_err(|e| ("resume", e))?,
         }
@@ -621,7 +626,8 @@ impl Endpoint for TrackerEndpoint {
             .map_err(|e| ("log_params", e))
     }
     fn write(&mut self, records: &[Record]) -> RResult<(), PluginError> {
-        self.tracker.log_metrics(RSlice::from_slice(records))
+        self.tracker
+            .log_metrics(RSlice::from_slice(&abi_records(records)))
     }
     fn flush(&mut self) -> RResult<(), PluginError> {
         // Trackers have no flush: each `log_metrics` call is theirs to make visible.

@@ -19,8 +19,7 @@ use codex_plugin_api::abi_stable::std_types::{ROption, RResult, RSlice, RStr, RV
 use codex_plugin_api::params::{TensorStore, TensorStoreRef, TensorStore_TO};
 use codex_plugin_api::tensor::{AdamWHyper, CrossEntropyIds};
 use codex_plugin_api::{
-    DType, GeluForm, Init, OpTable, ParamInfo, ParamRole, PluginError, Result, Store, Tensor,
-    TensorId,
+    DType, GeluForm, Init, OpTable, ParamRole, PluginError, Result, Store, Tensor, TensorId,
 };
 
 type R<T> = RResult<T, PluginError>;
@@ -337,7 +336,7 @@ impl TensorStore for FakeStore {
         refused("declare_state")
     }
 
-    fn params(&self) -> RVec<ParamInfo> {
+    fn params(&self) -> RVec<codex_plugin_api::params::ParamInfoAbi> {
         RVec::new()
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Whatever its origin — compiled into the binary, a native plugin, a WASM plugin — a
 //! component reaches the host as a [`ComponentDecl`]: its kind, registry name, version, a
-//! one-line description, and a factory. Built-ins submit theirs with [`builtin!`]
+//! one-line description, and a factory. Built-ins submit theirs with `builtin!`
 //! (`inventory`); native plugins hand theirs to the host's [`Registrar`] from their root
 //! module (see [`crate::plugin`]).
 
@@ -82,9 +82,7 @@ pub enum Factory {
     /// Builds a model.
     Model(extern "C" fn(RStr<'_>, ModelEnv<'_>) -> RResult<ModelBox, PluginError>),
     /// Builds an optimizer.
-    Optimizer(
-        extern "C" fn(RStr<'_>, f64, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>,
-    ),
+    Optimizer(extern "C" fn(RStr<'_>, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>),
     /// Builds a sink.
     Sink(extern "C" fn(RStr<'_>, SinkEnv<'_>) -> RResult<SinkBox, PluginError>),
     /// Builds a tracker.

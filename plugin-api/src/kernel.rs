@@ -30,9 +30,31 @@ pub enum DeviceKind {
 }
 
 /// A read-only input buffer: contiguous, row-major.
+#[derive(Copy, Clone, Debug)]
+pub struct BufferView<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: &'a [usize],
+    /// The bytes.
+    pub data: &'a [u8],
+}
+
+/// An output buffer the kernel fills: contiguous, row-major, already allocated by the host.
+#[derive(Debug)]
+pub struct BufferMut<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: &'a [usize],
+    /// The bytes.
+    pub data: &'a mut [u8],
+}
+
+/// A [`BufferView`] as it crosses the ABI.
 #[repr(C)]
 #[derive(StableAbi, Copy, Clone, Debug)]
-pub struct BufferView<'a> {
+pub struct BufferViewAbi<'a> {
     /// Element type.
     pub dtype: DType,
     /// Dimensions.
@@ -41,10 +63,10 @@ pub struct BufferView<'a> {
     pub data: RSlice<'a, u8>,
 }
 
-/// An output buffer the kernel fills: contiguous, row-major, already allocated by the host.
+/// A [`BufferMut`] as it crosses the ABI.
 #[repr(C)]
 #[derive(StableAbi, Debug)]
-pub struct BufferMut<'a> {
+pub struct BufferMutAbi<'a> {
     /// Element type.
     pub dtype: DType,
     /// Dimensions.
@@ -65,9 +87,9 @@ pub trait KernelAbi: Send + Sync {
     fn run(
         &self,
         op: RStr<'_>,
-        inputs: RSlice<'_, BufferView<'_>>,
+        inputs: RSlice<'_, BufferViewAbi<'_>>,
         attrs: RSlice<'_, f64>,
-        outputs: RSliceMut<'_, BufferMut<'_>>,
+        outputs: RSliceMut<'_, BufferMutAbi<'_>>,
     ) -> RResult<(), PluginError>;
 }
 
@@ -107,17 +129,29 @@ impl<K: Kernel> KernelAbi for Adapter<K> {
     fn run(
         &self,
         op: RStr<'_>,
-        inputs: RSlice<'_, BufferView<'_>>,
+        inputs: RSlice<'_, BufferViewAbi<'_>>,
         attrs: RSlice<'_, f64>,
-        mut outputs: RSliceMut<'_, BufferMut<'_>>,
+        mut outputs: RSliceMut<'_, BufferMutAbi<'_>>,
     ) -> RResult<(), PluginError> {
         guard(K::NAME, op.as_str(), || {
-            self.0.run(
-                op.as_str(),
-                inputs.as_slice(),
-                attrs.as_slice(),
-                outputs.as_mut_slice(),
-            )
+            let inputs: Vec<BufferView<'_>> = inputs
+                .iter()
+                .map(|b| BufferView {
+                    dtype: b.dtype,
+                    shape: b.shape.as_slice(),
+                    data: b.data.as_slice(),
+                })
+                .collect();
+            let mut outputs: Vec<BufferMut<'_>> = outputs
+                .iter_mut()
+                .map(|b| BufferMut {
+                    dtype: b.dtype,
+                    shape: b.shape.as_slice(),
+                    data: b.data.as_mut_slice(),
+                })
+                .collect();
+            self.0
+                .run(op.as_str(), &inputs, attrs.as_slice(), &mut outputs)
         })
     }
 }
@@ -135,4 +169,93 @@ extern "C" fn factory<K: Kernel>(params: RStr<'_>) -> RResult<KernelBox, PluginE
 /// The declaration of kernel type `K`.
 pub fn declare<K: Kernel>() -> ComponentDecl {
     decl::<K>(Factory::Kernel(factory::<K>))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::component::Factory;
+
+    /// Doubles f32 values: enough to see plain slices in and results out through the adapter.
+    struct Double;
+
+    impl Describe for Double {
+        const NAME: &'static str = "double";
+        const VERSION: &'static str = "0.0.0";
+        const DESCRIPTION: &'static str = "doubles f32 values";
+    }
+
+    impl Kernel for Double {
+        fn create(_: &str) -> Result<Self> {
+            Ok(Double)
+        }
+        fn device(&self) -> DeviceKind {
+            DeviceKind::Cpu
+        }
+        fn ops(&self) -> Vec<String> {
+            vec!["double.fwd".into()]
+        }
+        fn run(
+            &self,
+            op: &str,
+            inputs: &[BufferView<'_>],
+            attrs: &[f64],
+            outputs: &mut [BufferMut<'_>],
+        ) -> Result<()> {
+            let ([input], [output]) = (inputs, outputs) else {
+                crate::bail!("{op}: one input and one output");
+            };
+            assert_eq!(
+                (input.shape, output.shape, attrs),
+                (&[2usize][..], &[2usize][..], &[][..])
+            );
+            for (o, i) in output
+                .data
+                .chunks_exact_mut(4)
+                .zip(input.data.chunks_exact(4))
+            {
+                let x = f32::from_ne_bytes([i[0], i[1], i[2], i[3]]);
+                o.copy_from_slice(&(2.0 * x).to_ne_bytes());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_adapter_hands_kernels_plain_slices_and_keeps_their_output() {
+        let Factory::Kernel(factory) = declare::<Double>().factory else {
+            panic!("a kernel declares a kernel factory");
+        };
+        let kernel = factory(RStr::from("")).unwrap();
+        assert_eq!(kernel.ops().into_vec(), vec![RString::from("double.fwd")]);
+        let shape = [2usize];
+        let input: Vec<u8> = [1.5f32, -3.0]
+            .iter()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect();
+        let mut output = vec![0u8; 8];
+        let inputs = [BufferViewAbi {
+            dtype: DType::F32,
+            shape: RSlice::from_slice(&shape),
+            data: RSlice::from_slice(&input),
+        }];
+        let mut outputs = [BufferMutAbi {
+            dtype: DType::F32,
+            shape: RSlice::from_slice(&shape),
+            data: RSliceMut::from_mut_slice(&mut output),
+        }];
+        kernel
+            .run(
+                RStr::from("double.fwd"),
+                RSlice::from_slice(&inputs),
+                RSlice::from_slice(&[]),
+                RSliceMut::from_mut_slice(&mut outputs),
+            )
+            .unwrap();
+        let doubled: Vec<f32> = output
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(doubled, vec![3.0, -6.0]);
+    }
 }

@@ -10,9 +10,13 @@
 //!   and `#[sabi_trait]` objects whose layouts the host checks when it loads a plugin.
 //! - **Authoring traits** ([`Model`], [`Optimizer`], [`Tokenizer`], [`Sink`], [`Tracker`],
 //!   [`Trainer`], [`Kernel`]): plain Rust traits plugin authors implement, with [`Tensor`]
-//!   and [`Result`]. Each kind's `declare::<T>()` wraps an implementation in an adapter that
-//!   catches panics on the plugin side ([`guard`]) — a panic must never cross the ABI.
-//! - **Registration**: [`builtin!`] for components compiled into codex-ml, and
+//!   and [`Result`]. They take and return plain Rust types (`&str`, `String`, slices, `Vec`,
+//!   `Option`) and so do the types they are handed ([`ParamInfo`], [`Record`], [`RunInfo`],
+//!   [`BufferView`], ...); `abi_stable`'s `RStr`, `RVec`, ... appear only in the ABI layer
+//!   (`ParamInfoAbi`, `RecordAbi`, ...). Each kind's `declare::<T>()` wraps an implementation
+//!   in an adapter that converts between the two and catches panics on the plugin side
+//!   ([`guard`]) — a panic must never cross the ABI.
+//! - **Registration**: `builtin!` (feature `builtin`) for components compiled into codex-ml, and
 //!   [`export_plugin!`] for native plugins.
 //!
 //! The version is [`API_VERSION`]; see `docs/plugins-native.md` for the compatibility promise.

@@ -97,7 +97,7 @@ extern "C" fn factory<M: Model>(
     })
 }
 
-/// The declaration of model type `M`, for [`builtin!`](crate::builtin) or a plugin's root module.
+/// The declaration of model type `M`, for `builtin!` or a plugin's root module.
 pub fn declare<M: Model>() -> ComponentDecl {
     decl::<M>(Factory::Model(factory::<M>))
 }

@@ -1,8 +1,11 @@
 //! Optimizers: own per-parameter state, update parameters in place.
 //!
 //! State lives in host tensors declared by name ([`Store::state`]), never inside the plugin,
-//! so the host can checkpoint and restore it exactly. The learning rate arrives with every
-//! step: schedules belong to the trainer, the optimizer only applies them.
+//! so the host can checkpoint and restore it exactly. Parameters and state share one namespace;
+//! the state of parameter `p` is named `optimizer.<p>.<slot>` (`optimizer.<p>.exp_avg`, ...; see
+//! [`crate::params`]). The learning rate arrives with every step ([`OptimStep::lr`]) and only
+//! there: schedules belong to the trainer, the optimizer only applies them, so its constructor
+//! is not given one.
 
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString};
@@ -10,7 +13,7 @@ use abi_stable::StableAbi;
 
 use crate::component::{decl, ComponentDecl, Describe, Factory};
 use crate::error::{guard, PluginError, Result};
-use crate::params::{ParamInfo, Store, TensorStoreRef};
+use crate::params::{params_from_abi, ParamInfo, Store, TensorStoreRef};
 use crate::tensor::{Tensor, TensorId};
 
 /// One parameter's gradient for this step (borrowed handles).
@@ -48,10 +51,10 @@ pub trait OptimizerAbi: Send {
 /// An owned optimizer object.
 pub type OptimizerBox = OptimizerAbi_TO<'static, RBox<()>>;
 
-/// An optimizer constructor: `(params as JSON, base learning rate, store)`. The store's
-/// `params()` lists the parameters to optimise; state is declared with `declare_state`.
+/// An optimizer constructor: `(params as JSON, store)`. The store's `params()` lists the
+/// parameters to optimise; state is declared with `declare_state`.
 pub type OptimizerFactory =
-    extern "C" fn(RStr<'_>, f64, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>;
+    extern "C" fn(RStr<'_>, TensorStoreRef<'_>) -> RResult<OptimizerBox, PluginError>;
 
 /// A gradient handed to [`Optimizer::step`].
 #[derive(Debug)]
@@ -66,14 +69,10 @@ pub struct Grad {
 
 /// What optimizer authors implement.
 pub trait Optimizer: Describe + Send + Sized + 'static {
-    /// Parse `params` (JSON, strictly); declare state for `params` in `store`.
-    fn create(
-        params: &str,
-        lr: f64,
-        infos: &[ParamInfo],
-        store: &mut Store<'_, '_>,
-    ) -> Result<Self>;
-    /// Apply one update.
+    /// Parse `params` (JSON, strictly); declare the state of the parameters `infos` in
+    /// `store`, as `optimizer.<parameter>.<slot>`.
+    fn create(params: &str, infos: &[ParamInfo], store: &mut Store<'_, '_>) -> Result<Self>;
+    /// Apply one update, at the learning rate `step.lr`.
     fn step(&mut self, grads: &[Grad], step: OptimStep) -> Result<()>;
     /// Resolved configuration as JSON.
     fn config_json(&self) -> String;
@@ -102,13 +101,12 @@ impl<O: Optimizer> OptimizerAbi for Adapter<O> {
 
 extern "C" fn factory<O: Optimizer>(
     params: RStr<'_>,
-    lr: f64,
     mut store: TensorStoreRef<'_>,
 ) -> RResult<OptimizerBox, PluginError> {
     guard(O::NAME, "create", || {
-        let infos = store.params().into_vec();
+        let infos = params_from_abi(store.params());
         let mut store = Store::new(&mut store);
-        let o = O::create(params.as_str(), lr, &infos, &mut store)?;
+        let o = O::create(params.as_str(), &infos, &mut store)?;
         Ok(OptimizerAbi_TO::from_value(
             Adapter(o),
             abi_stable::sabi_trait::TD_Opaque,

@@ -6,6 +6,16 @@
 //! are host features that work for every model. Initial values are drawn by the host from a
 //! generator seeded by the run seed and the parameter's name, so they are reproducible across
 //! machines and independent of declaration order. Optimizers declare their state the same way.
+//!
+//! Parameters and state share one namespace: a name is declared once, whatever its kind, and
+//! a second declaration of it is an error. Parameters are saved in a checkpoint's
+//! `model.safetensors`, state tensors in `optimizer.safetensors`, each under its name. By
+//! convention an optimizer names the state it keeps for a parameter
+//! `optimizer.<parameter>.<slot>` — AdamW's first moment of `h.0.attn.c_attn.weight` is
+//! `optimizer.h.0.attn.c_attn.weight.exp_avg` — so that a checkpoint reads as a map from each
+//! parameter to its state, and a slot never collides with a parameter or with another
+//! parameter's slots. The names are part of a checkpoint's contents: renaming a slot makes
+//! checkpoints written before the change unresumable.
 
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
@@ -62,19 +72,69 @@ impl ParamRole {
 }
 
 /// A parameter as the host reports it to optimizers and trainers.
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamInfo {
     /// Full name, e.g. `transformer.h.0.attn.c_attn.weight`.
-    pub name: RString,
+    pub name: String,
     /// A borrowed handle to the parameter (valid for the whole run).
     pub id: TensorId,
     /// Dimensions.
-    pub shape: RVec<usize>,
+    pub shape: Vec<usize>,
+    /// Element type of the stored values (optimizer state usually keeps f32 whatever this is).
+    pub dtype: DType,
     /// Role declared by the model.
     pub role: ParamRole,
     /// False when frozen: no gradient is computed and optimizers skip it.
     pub trainable: bool,
+}
+
+/// A [`ParamInfo`] as it crosses the ABI.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct ParamInfoAbi {
+    /// Full name.
+    pub name: RString,
+    /// A borrowed handle to the parameter.
+    pub id: TensorId,
+    /// Dimensions.
+    pub shape: RVec<usize>,
+    /// Element type.
+    pub dtype: DType,
+    /// Role declared by the model.
+    pub role: ParamRole,
+    /// False when frozen.
+    pub trainable: bool,
+}
+
+impl From<ParamInfo> for ParamInfoAbi {
+    fn from(p: ParamInfo) -> Self {
+        ParamInfoAbi {
+            name: p.name.into(),
+            id: p.id,
+            shape: p.shape.into(),
+            dtype: p.dtype,
+            role: p.role,
+            trainable: p.trainable,
+        }
+    }
+}
+
+impl From<ParamInfoAbi> for ParamInfo {
+    fn from(p: ParamInfoAbi) -> Self {
+        ParamInfo {
+            name: p.name.into_string(),
+            id: p.id,
+            shape: p.shape.into_vec(),
+            dtype: p.dtype,
+            role: p.role,
+            trainable: p.trainable,
+        }
+    }
+}
+
+/// Plain copies of parameter descriptions that arrived over the ABI.
+pub(crate) fn params_from_abi(params: RVec<ParamInfoAbi>) -> Vec<ParamInfo> {
+    params.into_iter().map(ParamInfo::from).collect()
 }
 
 /// The host side of parameter and state declaration (implemented by the host).
@@ -90,7 +150,7 @@ pub trait TensorStore {
     ) -> RResult<TensorId, PluginError>;
 
     /// Declare a non-trainable state tensor, saved in checkpoints under `name`; returns an
-    /// owned handle. Optimizers keep their moments here.
+    /// owned handle. Optimizers keep their moments here, named `optimizer.<parameter>.<slot>`.
     fn declare_state(
         &mut self,
         name: RStr<'_>,
@@ -101,7 +161,7 @@ pub trait TensorStore {
 
     /// Every parameter declared so far, in declaration order.
     #[sabi(last_prefix_field)]
-    fn params(&self) -> RVec<ParamInfo>;
+    fn params(&self) -> RVec<ParamInfoAbi>;
 }
 
 /// The ffi-safe handle to the host's [`TensorStore`].
@@ -161,7 +221,8 @@ impl<'a, 'b> Store<'a, 'b> {
         .map(Tensor::from_id)
     }
 
-    /// Declare a state tensor saved in checkpoints.
+    /// Declare a state tensor saved in checkpoints (in `optimizer.safetensors`). An optimizer
+    /// names the state of parameter `p` `optimizer.<p>.<slot>` (see the [module](self) docs).
     pub fn state(
         &mut self,
         name: &str,
@@ -181,6 +242,6 @@ impl<'a, 'b> Store<'a, 'b> {
 
     /// Every parameter declared so far.
     pub fn params(&self) -> Vec<ParamInfo> {
-        self.inner.params().into_vec()
+        params_from_abi(self.inner.params())
     }
 }

@@ -50,8 +50,10 @@ pub type TokenizerFactory =
 
 /// What tokenizer authors implement.
 pub trait Tokenizer: Describe + Send + Sync + Sized + 'static {
-    /// Parse `params` (JSON, strictly) and build (or train on `corpus`).
-    fn create(params: &str, base_dir: &str, corpus: &[RString]) -> Result<Self>;
+    /// Parse `params` (JSON, strictly) and build (or train on `corpus`, the training
+    /// documents; empty when an already-trained tokenizer is being reloaded). Relative paths in
+    /// `params` are resolved against `base_dir`, the config's directory.
+    fn create(params: &str, base_dir: &str, corpus: &[&str]) -> Result<Self>;
     /// Text → ids.
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
     /// Ids → text.
@@ -104,11 +106,8 @@ extern "C" fn factory<T: Tokenizer>(
     env: TokenizerEnv<'_>,
 ) -> RResult<TokenizerBox, PluginError> {
     guard(T::NAME, "create", || {
-        let t = T::create(
-            params.as_str(),
-            env.base_dir.as_str(),
-            env.corpus.as_slice(),
-        )?;
+        let corpus: Vec<&str> = env.corpus.iter().map(RString::as_str).collect();
+        let t = T::create(params.as_str(), env.base_dir.as_str(), &corpus)?;
         Ok(TokenizerAbi_TO::from_value(
             Adapter(t),
             abi_stable::sabi_trait::TD_Opaque,

@@ -4,12 +4,10 @@
 //! system (an MLflow store, say). Like sinks they run off the training thread, and an error
 //! disables the tracker for the rest of the run with a warning.
 //!
-//! A resumed run is announced with [`TrackerAbi::resume`] instead of `start`, with the step of
+//! A resumed run is announced with [`Tracker::resume`] instead of `start`, with the step of
 //! the checkpoint it continues from: a tracker then continues the run it recorded before (where
 //! its system allows) and drops what it holds after that step, since the resumed run records
-//! those steps again. `resume` came after the first release (plugin API 1.1), so it sits after
-//! the vtable's last prefix field with a default: a tracker built against 1.0 has no `resume`
-//! and is told `start`, as before.
+//! those steps again.
 
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, Tuple2};
@@ -17,18 +15,49 @@ use abi_stable::StableAbi;
 
 use crate::component::{decl, ComponentDecl, Describe, Factory};
 use crate::error::{guard, PluginError, Result};
-use crate::sink::Record;
+use crate::sink::{records_from_abi, Record, RecordAbi};
 
 /// The run being tracked.
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunInfo {
     /// Experiment name (from the config).
-    pub experiment: RString,
+    pub experiment: String,
     /// Run id (the run directory's name).
+    pub run_id: String,
+    /// The run directory.
+    pub run_dir: String,
+}
+
+/// A [`RunInfo`] as it crosses the ABI.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct RunInfoAbi {
+    /// Experiment name.
+    pub experiment: RString,
+    /// Run id.
     pub run_id: RString,
     /// The run directory.
     pub run_dir: RString,
+}
+
+impl From<&RunInfo> for RunInfoAbi {
+    fn from(r: &RunInfo) -> Self {
+        RunInfoAbi {
+            experiment: r.experiment.as_str().into(),
+            run_id: r.run_id.as_str().into(),
+            run_dir: r.run_dir.as_str().into(),
+        }
+    }
+}
+
+impl From<RunInfoAbi> for RunInfo {
+    fn from(r: RunInfoAbi) -> Self {
+        RunInfo {
+            experiment: r.experiment.into_string(),
+            run_id: r.run_id.into_string(),
+            run_dir: r.run_dir.into_string(),
+        }
+    }
 }
 
 /// How a run ended.
@@ -46,26 +75,23 @@ pub enum RunStatus {
 /// The ABI face of a tracker.
 #[sabi_trait]
 pub trait TrackerAbi: Send {
-    /// The run started (or resumed).
-    fn start(&mut self, run: RunInfo) -> RResult<(), PluginError>;
+    /// The run started.
+    fn start(&mut self, run: RunInfoAbi) -> RResult<(), PluginError>;
+    /// The run resumed from its checkpoint at `step` (instead of `start`); what was recorded
+    /// after `step` is superseded.
+    fn resume(&mut self, run: RunInfoAbi, step: u64) -> RResult<(), PluginError>;
     /// Flattened configuration values, `("optimizer.lr", "0.0003")`.
     fn log_params(
         &mut self,
         params: RSlice<'_, Tuple2<RString, RString>>,
     ) -> RResult<(), PluginError>;
     /// A batch of metric records.
-    fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError>;
+    fn log_metrics(&mut self, records: RSlice<'_, RecordAbi<'_>>) -> RResult<(), PluginError>;
     /// A file produced by the run (path inside the run directory).
     fn log_artifact(&mut self, path: RStr<'_>) -> RResult<(), PluginError>;
     /// The run ended.
     #[sabi(last_prefix_field)]
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
-    /// The run resumed from its checkpoint at `step` (instead of `start`); what was recorded
-    /// after `step` is superseded. Plugin API 1.1; trackers built against 1.0 get `start`.
-    fn resume(&mut self, run: RunInfo, step: u64) -> RResult<(), PluginError> {
-        let _ = step;
-        self.start(run)
-    }
 }
 
 /// An owned tracker object.
@@ -100,8 +126,11 @@ pub trait Tracker: Describe + Send + Sized + 'static {
 struct Adapter<T>(T);
 
 impl<T: Tracker> TrackerAbi for Adapter<T> {
-    fn start(&mut self, run: RunInfo) -> RResult<(), PluginError> {
-        guard(T::NAME, "start", || self.0.start(&run))
+    fn start(&mut self, run: RunInfoAbi) -> RResult<(), PluginError> {
+        guard(T::NAME, "start", || self.0.start(&run.into()))
+    }
+    fn resume(&mut self, run: RunInfoAbi, step: u64) -> RResult<(), PluginError> {
+        guard(T::NAME, "resume", || self.0.resume(&run.into(), step))
     }
     fn log_params(
         &mut self,
@@ -115,9 +144,9 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
             self.0.log_params(&params)
         })
     }
-    fn log_metrics(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError> {
+    fn log_metrics(&mut self, records: RSlice<'_, RecordAbi<'_>>) -> RResult<(), PluginError> {
         guard(T::NAME, "log_metrics", || {
-            self.0.log_metrics(records.as_slice())
+            self.0.log_metrics(&records_from_abi(records))
         })
     }
     fn log_artifact(&mut self, path: RStr<'_>) -> RResult<(), PluginError> {
@@ -127,9 +156,6 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
     }
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
         guard(T::NAME, "finish", || self.0.finish(status))
-    }
-    fn resume(&mut self, run: RunInfo, step: u64) -> RResult<(), PluginError> {
-        guard(T::NAME, "resume", || self.0.resume(&run, step))
     }
 }
 

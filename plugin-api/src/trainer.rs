@@ -15,7 +15,7 @@ use crate::component::{decl, ComponentDecl, Describe, Factory};
 use crate::error::{from_abi, guard, PluginError, Result};
 use crate::model::ForwardCtx;
 use crate::optimizer::{OptimStep, ParamGrad};
-use crate::params::ParamInfo;
+use crate::params::{params_from_abi, ParamInfo, ParamInfoAbi};
 use crate::tensor::{Tensor, TensorId};
 
 /// Learning-rate schedule shapes.
@@ -94,7 +94,7 @@ pub trait TrainSession {
     /// The `train` settings.
     fn settings(&self) -> TrainSettings;
     /// Every parameter of the model.
-    fn params(&self) -> RVec<ParamInfo>;
+    fn params(&self) -> RVec<ParamInfoAbi>;
     /// The next training micro-batch; `None` when the data is exhausted.
     fn next_batch(&mut self) -> RResult<ROption<BatchIds>, PluginError>;
     /// Validation batch `index` in a fixed order; `None` past the end.
@@ -183,7 +183,7 @@ impl Session<'_, '_> {
     }
     /// Every parameter.
     pub fn params(&self) -> Vec<ParamInfo> {
-        self.inner.params().into_vec()
+        params_from_abi(self.inner.params())
     }
     /// The next training batch.
     pub fn next_batch(&mut self) -> Result<Option<Batch>> {

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice};
-use codex_plugin_api::sink::SinkBox;
+use codex_plugin_api::sink::{RecordAbi, SinkBox};
 use codex_plugin_api::Record;
 use codex_wasm::{Grants, Limits, PreparedSink, SinkPlugin};
 
@@ -32,7 +32,8 @@ fn records(n: usize) -> Vec<Record> {
 fn per_record(mut sink: SinkBox, records: &[Record]) -> Result<f64, String> {
     let start = Instant::now();
     for batch in records.chunks(BATCH) {
-        if let RResult::RErr(e) = sink.write(RSlice::from_slice(batch)) {
+        let batch: Vec<RecordAbi<'_>> = batch.iter().map(RecordAbi::from).collect();
+        if let RResult::RErr(e) = sink.write(RSlice::from_slice(&batch)) {
             return Err(e.message.into_string());
         }
     }

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use codex_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice};
+use codex_plugin_api::sink::RecordAbi;
 use codex_plugin_api::sink::{SinkAbi, SinkAbi_TO, SinkBox};
-use codex_plugin_api::{PluginError, Record};
+use codex_plugin_api::PluginError;
 
 use crate::runtime::{Described, Guest, Loaded, Metric, GUEST_THREAD_STACK};
 use crate::{SinkPlugin, WasmError};
@@ -186,7 +187,7 @@ pub fn failed_sink(reason: String) -> SinkBox {
 struct Failed(String);
 
 impl SinkAbi for Failed {
-    fn write(&mut self, _: RSlice<'_, Record>) -> RResult<(), PluginError> {
+    fn write(&mut self, _: RSlice<'_, RecordAbi<'_>>) -> RResult<(), PluginError> {
         RResult::RErr(PluginError::new(self.0.clone()))
     }
     fn flush(&mut self) -> RResult<(), PluginError> {
@@ -262,7 +263,7 @@ impl WasmSink {
 }
 
 impl SinkAbi for WasmSink {
-    fn write(&mut self, records: RSlice<'_, Record>) -> RResult<(), PluginError> {
+    fn write(&mut self, records: RSlice<'_, RecordAbi<'_>>) -> RResult<(), PluginError> {
         if let RResult::RErr(e) = self.check() {
             return RResult::RErr(e);
         }

@@ -124,13 +124,7 @@ impl Bench {
             "weight_decay": 0.1,
             "no_decay": [],
         });
-        let optimizer = build::optimizer(
-            registry,
-            "adamw",
-            &opt_params,
-            6e-4,
-            store.as_tensor_store(),
-        )?;
+        let optimizer = build::optimizer(registry, "adamw", &opt_params, store.as_tensor_store())?;
 
         // Eight fixed batches of random windows, as the reference does.
         let mut rng = ChaCha8Rng::seed_from_u64(1337);

@@ -97,7 +97,6 @@ pub fn optimizer(
     registry: &Registry,
     name: &str,
     params: &serde_json::Value,
-    lr: f64,
     store: TensorStoreRef<'_>,
 ) -> Result<OptimizerBox> {
     let entry = lookup(registry, ComponentKind::Optimizer, name)?;
@@ -105,7 +104,7 @@ pub fn optimizer(
         return Err(mismatch(entry, ComponentKind::Optimizer));
     };
     let text = params_text(params);
-    f(RStr::from(text.as_str()), lr, store)
+    f(RStr::from(text.as_str()), store)
         .into_result()
         .map_err(|e| failed(entry, e))
 }

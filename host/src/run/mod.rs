@@ -220,7 +220,6 @@ fn run_in(
         registry,
         &config.optimizer.name,
         &config.optimizer.params,
-        config.optimizer.lr,
         store.as_tensor_store(),
     )?;
     if let Some(point) = resume_from {

@@ -13,8 +13,9 @@ use anyhow::{Context, Result};
 use codex_engine::{self as engine, Device, ParamStore, TensorGroup};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
+use codex_plugin_api::params::ParamInfoAbi;
 use codex_plugin_api::trainer::{BatchIds, TrainSession};
-use codex_plugin_api::{ForwardCtx, OptimStep, ParamInfo, PluginError, TensorId, TrainSettings};
+use codex_plugin_api::{ForwardCtx, OptimStep, PluginError, TensorId, TrainSettings};
 
 use super::progress::Progress;
 use crate::checkpoint;
@@ -153,8 +154,12 @@ impl TrainSession for HostSession<'_> {
         self.settings
     }
 
-    fn params(&self) -> RVec<ParamInfo> {
-        self.store.param_infos().into()
+    fn params(&self) -> RVec<ParamInfoAbi> {
+        self.store
+            .param_infos()
+            .into_iter()
+            .map(Into::into)
+            .collect()
     }
 
     fn next_batch(&mut self) -> RResult<ROption<BatchIds>, PluginError> {

@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::{RSlice, RSliceMut};
 use codex_kernels::CpuKernel;
 use codex_plugin_api::{BufferMut, BufferView, DType};
 
@@ -89,15 +88,15 @@ impl Buf {
     fn view(&self) -> BufferView<'_> {
         BufferView {
             dtype: self.dtype,
-            shape: RSlice::from_slice(&self.shape),
-            data: RSlice::from_slice(bytemuck::cast_slice(&self.words)),
+            shape: &self.shape,
+            data: bytemuck::cast_slice(&self.words),
         }
     }
     fn view_mut(&mut self) -> BufferMut<'_> {
         BufferMut {
             dtype: self.dtype,
-            shape: RSlice::from_slice(&self.shape),
-            data: RSliceMut::from_mut_slice(bytemuck::cast_slice_mut(&mut self.words)),
+            shape: &self.shape,
+            data: bytemuck::cast_slice_mut(&mut self.words),
         }
     }
 }

@@ -139,8 +139,8 @@ pub(crate) fn floats<'a>(
     ok: Floats,
 ) -> Result<In<'a>> {
     check_dtype(op, name, v.dtype, ok)?;
-    let bytes: &'a [u8] = v.data.as_slice();
-    check_bytes(op, name, v.shape.as_slice(), v.dtype, bytes.len())?;
+    let bytes: &'a [u8] = v.data;
+    check_bytes(op, name, v.shape, v.dtype, bytes.len())?;
     let data = match v.dtype {
         DType::BF16 => Cow::Owned(
             bytes
@@ -159,7 +159,7 @@ pub(crate) fn floats<'a>(
         },
     };
     Ok(In {
-        shape: v.shape.as_slice(),
+        shape: v.shape,
         data,
     })
 }
@@ -178,8 +178,8 @@ pub(crate) fn indices<'a>(
             expected: "u32",
         });
     }
-    let bytes: &'a [u8] = v.data.as_slice();
-    check_bytes(op, name, v.shape.as_slice(), v.dtype, bytes.len())?;
+    let bytes: &'a [u8] = v.data;
+    check_bytes(op, name, v.shape, v.dtype, bytes.len())?;
     let data = match bytemuck::try_cast_slice::<u8, u32>(bytes) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => Cow::Owned(
@@ -189,7 +189,7 @@ pub(crate) fn indices<'a>(
                 .collect(),
         ),
     };
-    Ok((v.shape.as_slice(), data))
+    Ok((v.shape, data))
 }
 
 /// An output buffer seen as `&mut [f32]`, staged when it is bf16 or unaligned.
@@ -211,8 +211,8 @@ impl<'a> Out<'a> {
         keep: bool,
     ) -> Result<Out<'a>> {
         check_dtype(op, name, b.dtype, ok)?;
-        let shape: &'a [usize] = b.shape.as_slice();
-        let bytes: &'a mut [u8] = b.data.as_mut_slice();
+        let shape: &'a [usize] = b.shape;
+        let bytes: &'a mut [u8] = &mut *b.data;
         let n = check_bytes(op, name, shape, b.dtype, bytes.len())?;
         let dtype = b.dtype;
         let staged = match dtype {

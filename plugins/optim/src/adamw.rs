@@ -48,10 +48,10 @@ fn default_no_decay() -> Vec<Role> {
     vec![Role::Bias, Role::Norm, Role::Embedding]
 }
 
-/// The resolved configuration, also what `config_json` writes.
+/// The resolved configuration, also what `config_json` writes. The learning rate is not part
+/// of it: it comes with every step, from the trainer's schedule.
 #[derive(Serialize, Debug, Clone)]
 struct Config {
-    lr: f64,
     betas: [f64; 2],
     eps: f64,
     weight_decay: f64,
@@ -59,13 +59,7 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self, lr: f64) -> Result<Config, ConfigError> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(ConfigError::invalid(
-                "lr",
-                format!("must be zero or positive, found {lr}"),
-            ));
-        }
+    fn resolve(self) -> Result<Config, ConfigError> {
         for (i, b) in self.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
                 let field = if i == 0 { "betas[0]" } else { "betas[1]" };
@@ -88,7 +82,6 @@ impl RawConfig {
             ));
         }
         Ok(Config {
-            lr,
             betas: self.betas,
             eps: self.eps,
             weight_decay: self.weight_decay,
@@ -119,21 +112,16 @@ impl Describe for AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn create(
-        params: &str,
-        lr: f64,
-        infos: &[ParamInfo],
-        store: &mut Store<'_, '_>,
-    ) -> Result<Self> {
+    fn create(params: &str, infos: &[ParamInfo], store: &mut Store<'_, '_>) -> Result<Self> {
         let raw: RawConfig = parse_strict(params)?;
-        let config = raw.resolve(lr)?;
+        let config = raw.resolve()?;
         let mut slots = Vec::with_capacity(infos.len());
         for info in infos {
             if !info.trainable {
                 slots.push(None);
                 continue;
             }
-            let name = info.name.as_str();
+            let name = &info.name;
             let exp_avg = store.state(
                 &format!("optimizer.{name}.exp_avg"),
                 &info.shape,
@@ -206,7 +194,7 @@ mod tests {
     fn defaults_follow_torch_with_documented_no_decay() {
         let c = parse_strict::<RawConfig>("")
             .expect("parses")
-            .resolve(1e-3)
+            .resolve()
             .expect("valid");
         assert_eq!(c.betas, [0.9, 0.999]);
         assert!((c.eps - 1e-8).abs() < 1e-20 && (c.weight_decay - 0.01).abs() < 1e-15);
@@ -215,19 +203,18 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let check = |json: &str, lr: f64, field: &str| {
+        let check = |json: &str, field: &str| {
             let err = parse_strict::<RawConfig>(json)
                 .map_err(|e| e.to_string())
-                .and_then(|r| r.resolve(lr).map_err(|e| e.to_string()))
+                .and_then(|r| r.resolve().map_err(|e| e.to_string()))
                 .expect_err("rejected");
             assert!(err.contains(field), "{err:?} should name {field}");
         };
-        check(r#"{"betas": [0.9, 1.0]}"#, 1e-3, "betas[1]");
-        check(r#"{"eps": -1}"#, 1e-3, "eps");
-        check(r#"{"weight_decay": -0.1}"#, 1e-3, "weight_decay");
-        check("{}", -1.0, "lr");
-        check(r#"{"no_decay": ["bias", "gain"]}"#, 1e-3, "no_decay[1]");
-        check(r#"{"lr": 0.1}"#, 1e-3, "unknown field `lr`");
-        check(r#"{"betas": [0.9]}"#, 1e-3, "betas");
+        check(r#"{"betas": [0.9, 1.0]}"#, "betas[1]");
+        check(r#"{"eps": -1}"#, "eps");
+        check(r#"{"weight_decay": -0.1}"#, "weight_decay");
+        check(r#"{"no_decay": ["bias", "gain"]}"#, "no_decay[1]");
+        check(r#"{"lr": 0.1}"#, "unknown field `lr`");
+        check(r#"{"betas": [0.9]}"#, "betas");
     }
 }

@@ -32,10 +32,10 @@ struct RawConfig {
     weight_decay: f64,
 }
 
-/// The resolved configuration, also what `config_json` writes.
+/// The resolved configuration, also what `config_json` writes. The learning rate is not part
+/// of it: it comes with every step, from the trainer's schedule.
 #[derive(Serialize, Debug, Clone)]
 struct Config {
-    lr: f64,
     momentum: f64,
     dampening: f64,
     nesterov: bool,
@@ -43,9 +43,8 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self, lr: f64) -> Result<Config, ConfigError> {
+    fn resolve(self) -> Result<Config, ConfigError> {
         for (field, value) in [
-            ("lr", lr),
             ("momentum", self.momentum),
             ("dampening", self.dampening),
             ("weight_decay", self.weight_decay),
@@ -67,7 +66,6 @@ impl RawConfig {
             ));
         }
         Ok(Config {
-            lr,
             momentum: self.momentum,
             dampening: self.dampening,
             nesterov: self.nesterov,
@@ -98,14 +96,9 @@ impl Describe for Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn create(
-        params: &str,
-        lr: f64,
-        infos: &[ParamInfo],
-        store: &mut Store<'_, '_>,
-    ) -> Result<Self> {
+    fn create(params: &str, infos: &[ParamInfo], store: &mut Store<'_, '_>) -> Result<Self> {
         let raw: RawConfig = parse_strict(params)?;
-        let config = raw.resolve(lr)?;
+        let config = raw.resolve()?;
         let mut slots = Vec::with_capacity(infos.len());
         for info in infos {
             let slot = if !info.trainable {
@@ -113,7 +106,7 @@ impl Optimizer for Sgd {
             } else if config.momentum == 0.0 {
                 Slot::Plain
             } else {
-                let name = format!("optimizer.{}.momentum_buffer", info.name.as_str());
+                let name = format!("optimizer.{}.momentum_buffer", info.name);
                 Slot::Momentum(store.state(&name, &info.shape, DType::F32, Init::Zeros)?)
             };
             slots.push(slot);
@@ -190,7 +183,7 @@ mod tests {
         let check = |json: &str, field: &str| {
             let err = parse_strict::<RawConfig>(json)
                 .map_err(|e| e.to_string())
-                .and_then(|r| r.resolve(0.1).map_err(|e| e.to_string()))
+                .and_then(|r| r.resolve().map_err(|e| e.to_string()))
                 .expect_err("rejected");
             assert!(err.contains(field), "{err:?} should name {field}");
         };
@@ -209,7 +202,7 @@ mod tests {
     fn nesterov_with_momentum_is_accepted() {
         let c = parse_strict::<RawConfig>(r#"{"momentum": 0.9, "nesterov": true}"#)
             .expect("parses")
-            .resolve(0.1)
+            .resolve()
             .expect("valid");
         assert!(c.nesterov && (c.momentum - 0.9).abs() < 1e-15);
     }

@@ -6,7 +6,6 @@
 //! `tokenizer.json`, which the host saves in the run directory; reloading that file with
 //! `hf` gives the same ids, because both go through [`Loaded`].
 
-use codex_plugin_api::abi_stable::std_types::RString;
 use codex_plugin_api::{bail, Describe, Error, Result, Tokenizer};
 use serde::Deserialize;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -45,7 +44,7 @@ impl Describe for Bpe {
 }
 
 impl Tokenizer for Bpe {
-    fn create(params: &str, _base_dir: &str, corpus: &[RString]) -> Result<Self> {
+    fn create(params: &str, _base_dir: &str, corpus: &[&str]) -> Result<Self> {
         let p: BpeParams = params::parse(Self::NAME, params)?;
         if p.vocab_size < MIN_VOCAB {
             bail!(
@@ -89,7 +88,7 @@ impl Tokenizer for Bpe {
     }
 }
 
-fn train(p: &BpeParams, corpus: &[RString]) -> Result<Loaded> {
+fn train(p: &BpeParams, corpus: &[&str]) -> Result<Loaded> {
     let specials = vec![
         AddedToken::from(EOT_TOKEN, true),
         AddedToken::from(PAD_TOKEN, true),
@@ -110,7 +109,7 @@ fn train(p: &BpeParams, corpus: &[RString]) -> Result<Loaded> {
         .with_post_processor(Some(byte_level))
         .with_decoder(Some(byte_level));
     tokenizer
-        .train(&mut trainer, corpus.iter().map(|d| d.as_str()))
+        .train(&mut trainer, corpus.iter().copied())
         .map_err(|e| Error::msg(format!("training failed: {e}")))?;
     let pad_id = tokenizer
         .token_to_id(PAD_TOKEN)

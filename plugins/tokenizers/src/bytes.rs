@@ -4,7 +4,6 @@
 //! the bytes, 256 is `<|endoftext|>`, 257 is `<|pad|>`. A model may emit an id sequence
 //! that is not valid UTF-8, so decoding replaces bad bytes rather than failing.
 
-use codex_plugin_api::abi_stable::std_types::RString;
 use codex_plugin_api::{bail, Describe, Result, Tokenizer};
 use serde::Deserialize;
 
@@ -29,7 +28,7 @@ impl Describe for Bytes {
 }
 
 impl Tokenizer for Bytes {
-    fn create(params: &str, _base_dir: &str, _corpus: &[RString]) -> Result<Self> {
+    fn create(params: &str, _base_dir: &str, _corpus: &[&str]) -> Result<Self> {
         let BytesParams {} = params::parse(Self::NAME, params)?;
         Ok(Bytes)
     }

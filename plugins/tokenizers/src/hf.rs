@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 
-use codex_plugin_api::abi_stable::std_types::RString;
 use codex_plugin_api::{bail, Describe, Error, Result, Tokenizer};
 use serde::Deserialize;
 use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams};
@@ -184,7 +183,7 @@ fn resolve(base_dir: &str, path: &str) -> PathBuf {
 }
 
 impl Tokenizer for Hf {
-    fn create(params: &str, base_dir: &str, _corpus: &[RString]) -> Result<Self> {
+    fn create(params: &str, base_dir: &str, _corpus: &[&str]) -> Result<Self> {
         let p: HfParams = params::parse(Self::NAME, params)?;
         let path = resolve(base_dir, &p.path);
         let shown = path.display().to_string();

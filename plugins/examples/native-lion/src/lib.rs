@@ -87,18 +87,13 @@ fn sign(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Optimizer for Lion {
-    fn create(
-        params: &str,
-        _lr: f64,
-        infos: &[ParamInfo],
-        store: &mut Store<'_, '_>,
-    ) -> Result<Self> {
+    fn create(params: &str, infos: &[ParamInfo], store: &mut Store<'_, '_>) -> Result<Self> {
         let config = Config::parse(params)?;
         let mut momentum = Vec::with_capacity(infos.len());
         for info in infos {
             momentum.push(if info.trainable {
                 Some(store.state(
-                    &format!("optimizer.{}.exp_avg", info.name.as_str()),
+                    &format!("optimizer.{}.exp_avg", info.name),
                     &info.shape,
                     DType::F32,
                     Init::Zeros,

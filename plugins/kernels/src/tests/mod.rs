@@ -17,7 +17,6 @@ mod optim;
 mod reduce;
 mod softmax;
 
-use abi_stable::std_types::{RSlice, RSliceMut};
 use codex_plugin_api::{BufferMut, BufferView, DType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -130,8 +129,8 @@ pub(crate) fn run(
             let bytes: &[u8] = bytemuck::cast_slice(w);
             BufferView {
                 dtype: b.dtype,
-                shape: RSlice::from_slice(&b.shape),
-                data: RSlice::from_slice(&bytes[*off..*off + b.bytes.len()]),
+                shape: &b.shape,
+                data: &bytes[*off..*off + b.bytes.len()],
             }
         })
         .collect();
@@ -144,8 +143,8 @@ pub(crate) fn run(
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(w);
             BufferMut {
                 dtype: b.dtype,
-                shape: RSlice::from_slice(&b.shape),
-                data: RSliceMut::from_mut_slice(&mut bytes[*off..*off + len]),
+                shape: &b.shape,
+                data: &mut bytes[*off..*off + len],
             }
         })
         .collect();
