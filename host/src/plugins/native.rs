@@ -660,7 +660,7 @@ mod tests {
         let summary = summarize_layout(&report);
         assert_eq!(
             summary.type_name.as_deref(),
-            Some("codex_host::native::tests::v1::Inner"),
+            Some("codex_host::plugins::native::tests::v1::Inner"),
             "{report}"
         );
         assert_eq!(
