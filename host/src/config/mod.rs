@@ -1,0 +1,383 @@
+//! The experiment config: a RON file naming the components of a run, their parameters, the
+//! data and the training settings.
+//!
+//! Raw → resolved, as cargo and uv do it. The `Raw*` types mirror the file exactly: plain serde
+//! types with `deny_unknown_fields`, every field documented with its default. [`Config::load`]
+//! parses them strictly (errors carry file, line, column and field path, rendered by
+//! [`crate::diagnostics`]), applies `--set` overrides, fills defaults, validates across fields
+//! and returns [`Config`] — the only type the rest of the host sees.
+//!
+//! Each setting is defined once: by its field in a raw type (its doc comment states its
+//! meaning and default) and by the resolver, which fills the default into the raw value as it
+//! resolves it. The resolved config keeps that filled raw value, so the `config.ron` written
+//! into a run directory ([`Config::to_ron`]), the parameters trackers record
+//! ([`Config::to_json`]) and the resume check ([`Config::resume_differences`]) are all derived
+//! from it, and the field reference of `docs/config.md` is rendered from the raw types'
+//! schema ([`reference()`]).
+//!
+//! Overrides follow the lossless route in FACTS.md: typed parse → `serde_json::Value` (enums
+//! stay externally tagged, which `ron::Value` would lose) → set each path (the value read as a
+//! RON literal, else taken as a string; unknown paths refused with a suggestion) →
+//! `serde_path_to_error` back into the raw types, so a bad value is reported by its path.
+//!
+//! Component `params` are free-form here: each component deserialises its own strictly. They
+//! are carried as a JSON object; in the file they are written as a RON struct
+//! (`(n_layer: 2)`) or map (`{"n_layer": 2}`).
+//!
+//! One file per concern: `raw.rs` holds the on-disk types, `overrides.rs` parses and applies
+//! `--set`, `resolve.rs` fills defaults and validates, `write.rs` writes the config back as RON,
+//! `resume.rs` compares a config with a checkpoint's, and `reference.rs` renders the field
+//! reference. This file holds the resolved types and the entry points.
+
+use std::path::{Path, PathBuf};
+
+use codex_plugin_api::{ComponentKind, Schedule, TrainSettings};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::DataConfig;
+use crate::diagnostics::{parse_ron, ron_options, Diagnostic};
+use crate::plugins::registry::Registry;
+
+mod overrides;
+mod raw;
+mod reference;
+mod resolve;
+mod resume;
+mod write;
+
+pub use overrides::Override;
+pub use reference::reference;
+
+use overrides::apply_overrides;
+use raw::RawConfig;
+use resolve::{config_dir, Resolver};
+use write::Params;
+
+/// Seed used when the config gives none.
+pub const DEFAULT_SEED: u64 = 1337;
+/// The kernel a CPU run uses unless its config says otherwise.
+const DEFAULT_CPU_KERNEL: &str = "cpu";
+/// The `kernel` value that runs plain tensor ops.
+pub const NO_KERNEL: &str = "none";
+
+/// Shape of the learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Constant at `optimizer.lr`.
+    Constant,
+    /// Linear decay to `min_lr` at the last step.
+    Linear,
+    /// Cosine decay to `min_lr` at the last step.
+    Cosine,
+}
+
+impl ScheduleKind {
+    /// The plugin-API form handed to trainers.
+    pub fn to_api(self) -> codex_plugin_api::ScheduleKind {
+        match self {
+            ScheduleKind::Constant => codex_plugin_api::ScheduleKind::Constant,
+            ScheduleKind::Linear => codex_plugin_api::ScheduleKind::Linear,
+            ScheduleKind::Cosine => codex_plugin_api::ScheduleKind::Cosine,
+        }
+    }
+}
+
+/// A resolved experiment config: defaults filled, validated. Relative data paths have been
+/// made absolute against [`Config::dir`], so the config means the same wherever it is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The config file, as given.
+    pub path: PathBuf,
+    /// The absolute directory of the config file; relative paths in it are resolved here.
+    pub dir: PathBuf,
+    /// Experiment name, safe as a directory name.
+    pub experiment: String,
+    /// Seed of every random stream of the run.
+    pub seed: u64,
+    /// Device: `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`.
+    pub device: String,
+    /// Data sources, with absolute paths.
+    pub data: DataConfig,
+    /// The tokenizer.
+    pub tokenizer: ComponentSpec,
+    /// The model.
+    pub model: ComponentSpec,
+    /// The optimizer.
+    pub optimizer: OptimizerSpec,
+    /// The trainer.
+    pub trainer: ComponentSpec,
+    /// Training settings.
+    pub train: TrainConfig,
+    /// Metric sinks, `ndjson` always first.
+    pub sinks: Vec<ComponentSpec>,
+    /// Run trackers.
+    pub trackers: Vec<ComponentSpec>,
+    /// Kernel component for fused ops; `None` runs plain ops.
+    pub kernel: Option<String>,
+    /// Sample to generate at the end of the run.
+    pub generate: Option<GenerateConfig>,
+    /// The file as read, with `--set` applied and every default filled in by the resolver
+    /// (paths absolute, `kernel` explicit, `ndjson` among the sinks): what [`Config::to_ron`],
+    /// [`Config::to_json`] and [`Config::resume_differences`] read, so each setting is defined
+    /// once, by its raw type.
+    raw: RawConfig,
+}
+
+/// A component by registry name with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentSpec {
+    /// Registry name.
+    pub name: String,
+    /// Parameters, always a JSON object (empty when none were given).
+    pub params: Value,
+}
+
+impl ComponentSpec {
+    /// The parameters as the JSON text handed to the component's factory.
+    pub fn params_json(&self) -> String {
+        self.params.to_string()
+    }
+}
+
+/// The optimizer: a component plus the peak learning rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerSpec {
+    /// Registry name.
+    pub name: String,
+    /// Peak learning rate, positive.
+    pub lr: f64,
+    /// Parameters, always a JSON object.
+    pub params: Value,
+}
+
+impl OptimizerSpec {
+    /// The parameters as the JSON text handed to the optimizer's factory.
+    pub fn params_json(&self) -> String {
+        self.params.to_string()
+    }
+}
+
+/// The resolved `train` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Optimizer steps to run, if bounded by steps.
+    pub max_steps: Option<u64>,
+    /// Passes over the training data, if bounded by epochs.
+    pub epochs: Option<u64>,
+    /// Tokens per sequence, at least 1.
+    pub seq_len: usize,
+    /// Sequences per micro-batch, at least 1.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step, at least 1.
+    pub grad_accum: usize,
+    /// Evaluate every N optimizer steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0: the whole split).
+    pub eval_batches: usize,
+    /// Checkpoint every N optimizer steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Newest valid checkpoints to keep besides the best one (0: keep all).
+    pub keep_checkpoints: usize,
+    /// Emit training metrics every N optimizer steps, at least 1.
+    pub log_every: u64,
+    /// Global L2 norm to clip gradients to (0: no clipping).
+    pub clip_norm: f64,
+    /// The learning-rate schedule.
+    pub schedule: ScheduleConfig,
+}
+
+impl TrainConfig {
+    /// The settings handed to the trainer, once the run knows how many optimizer steps the
+    /// data allows (`total_steps`, from `max_steps` and/or `epochs`).
+    pub fn settings(
+        &self,
+        seed: u64,
+        lr: f64,
+        total_steps: u64,
+        ignore_index: u32,
+    ) -> TrainSettings {
+        TrainSettings {
+            seed,
+            total_steps,
+            batch_size: self.batch_size as u64,
+            seq_len: self.seq_len as u64,
+            grad_accum: self.grad_accum as u64,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches as u64,
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+            lr,
+            schedule: self.schedule.to_api(),
+            clip_norm: self.clip_norm,
+            ignore_index,
+        }
+    }
+}
+
+/// The resolved schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduleConfig {
+    /// Shape after warmup.
+    pub kind: ScheduleKind,
+    /// Steps of linear warmup.
+    pub warmup_steps: u64,
+    /// Floor of the decay, at most `optimizer.lr`.
+    pub min_lr: f64,
+}
+
+impl ScheduleConfig {
+    /// The plugin-API form.
+    pub fn to_api(self) -> Schedule {
+        Schedule {
+            kind: self.kind.to_api(),
+            warmup_steps: self.warmup_steps,
+            min_lr: self.min_lr,
+        }
+    }
+}
+
+/// The resolved `generate` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateConfig {
+    /// Text the sample starts from.
+    pub prompt: String,
+    /// Tokens to generate, at least 1.
+    pub max_tokens: usize,
+    /// Softmax temperature, finite and non-negative (0: greedy).
+    pub temperature: f64,
+    /// Keep the K most likely tokens, K ≥ 1.
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold in (0, 1].
+    pub top_p: Option<f64>,
+}
+
+/// Errors loading an experiment config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}; check the path", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A parse or validation error in the file.
+    #[error("{0}")]
+    Invalid(Box<Diagnostic>),
+    /// An override that cannot be applied.
+    #[error("--set {arg}: {message}")]
+    Override {
+        /// The override as given.
+        arg: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The resolved config has no JSON form (a bug: it is plain data).
+    #[error("the resolved config cannot be written as JSON: {0}")]
+    Json(String),
+    /// A value given by overrides has the wrong type or shape.
+    #[error("{field}: {message} (from --set {arg})")]
+    OverrideValue {
+        /// The override that set it.
+        arg: String,
+        /// Path of the field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read, override, resolve and validate the config at `path`.
+    pub fn load(path: &Path, overrides: &[Override]) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_source(path, &source, overrides)
+    }
+
+    /// Like [`Config::load`], with the file's text already read (`path` names it in errors and
+    /// anchors relative paths).
+    pub fn from_source(
+        path: &Path,
+        source: &str,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = parse_ron(path, source).map_err(ConfigError::Invalid)?;
+        if !overrides.is_empty() {
+            raw = apply_overrides(raw, overrides)?;
+        }
+        let dir = config_dir(path);
+        Resolver { path, overrides }.resolve(raw, dir)
+    }
+
+    /// Check that every component the config names is registered, so a typo fails before any
+    /// work starts.
+    pub fn check_components(&self, registry: &Registry) -> Result<(), ConfigError> {
+        let mut wanted: Vec<(String, ComponentKind, &str)> = vec![
+            (
+                "tokenizer.name".into(),
+                ComponentKind::Tokenizer,
+                &self.tokenizer.name,
+            ),
+            ("model.name".into(), ComponentKind::Model, &self.model.name),
+            (
+                "optimizer.name".into(),
+                ComponentKind::Optimizer,
+                &self.optimizer.name,
+            ),
+            (
+                "trainer.name".into(),
+                ComponentKind::Trainer,
+                &self.trainer.name,
+            ),
+        ];
+        for (i, sink) in self.sinks.iter().enumerate() {
+            wanted.push((format!("sinks[{i}].name"), ComponentKind::Sink, &sink.name));
+        }
+        for (i, tracker) in self.trackers.iter().enumerate() {
+            wanted.push((
+                format!("trackers[{i}].name"),
+                ComponentKind::Tracker,
+                &tracker.name,
+            ));
+        }
+        if let Some(kernel) = &self.kernel {
+            wanted.push(("kernel".into(), ComponentKind::Kernel, kernel));
+        }
+        for (field, kind, name) in wanted {
+            if let Err(e) = registry.get(kind, name) {
+                return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
+                    &self.path,
+                    Some(field),
+                    e.to_string(),
+                ))));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as RON, every default written out; loading it gives this config back
+    /// (data paths are absolute, so it can be stored anywhere, e.g. in the run directory).
+    pub fn to_ron(&self) -> String {
+        let pretty = ron::ser::PrettyConfig::default();
+        match Params::writing_ron(|| ron_options().to_string_pretty(&self.raw, pretty)) {
+            Ok(text) => format!("{text}\n"),
+            // Only plain data is serialised (no maps with non-string keys, no NaN in JSON
+            // params), which ron always accepts; fall back to the debug form rather than panic.
+            Err(e) => format!("// cannot write this config as RON: {e}\n// {self:?}\n"),
+        }
+    }
+
+    /// The config as a JSON tree, every default written out, enums externally tagged (the
+    /// lossless form overrides work on): what run trackers record as the run's parameters.
+    pub fn to_json(&self) -> Result<Value, ConfigError> {
+        serde_json::to_value(&self.raw).map_err(|e| ConfigError::Json(e.to_string()))
+    }
+}

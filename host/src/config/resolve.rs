@@ -1,0 +1,406 @@
+//! Resolution: fills each default into the raw config, validates across fields and builds the
+//! resolved [`Config`]; errors name the file and the field, and the override that set it.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::overrides::related;
+use super::raw::{RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawTrain};
+use super::write::Params;
+use super::Override;
+use super::{
+    ComponentSpec, Config, ConfigError, GenerateConfig, OptimizerSpec, ScheduleConfig,
+    ScheduleKind, TrainConfig, DEFAULT_CPU_KERNEL, DEFAULT_SEED, NO_KERNEL,
+};
+use crate::data::{DataConfig, Source};
+use crate::diagnostics::{join_field, Diagnostic};
+
+/// The directory of the config file, absolute (canonical when it exists).
+pub(super) fn config_dir(path: &Path) -> PathBuf {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::canonicalize(&parent)
+        .or_else(|_| std::path::absolute(&parent))
+        .unwrap_or(parent)
+}
+
+/// `path` against `dir`, with `.` and `..` folded lexically (globs stay globs).
+fn absolute(dir: &Path, path: &str) -> String {
+    let given = Path::new(path);
+    if given.is_absolute() {
+        return path.to_owned();
+    }
+    let mut out = dir.to_path_buf();
+    for component in given.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+/// Fills defaults and validates; errors name the file and the field.
+pub(super) struct Resolver<'a> {
+    pub(super) path: &'a Path,
+    pub(super) overrides: &'a [Override],
+}
+
+impl Resolver<'_> {
+    fn invalid(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        let mut message = message.into();
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| related(field, &o.path))
+        {
+            message.push_str(&format!(" (value from --set {})", o.arg));
+        }
+        ConfigError::Invalid(Box::new(Diagnostic::new(
+            self.path,
+            Some(field.to_owned()),
+            message,
+        )))
+    }
+
+    /// Resolve `raw`, writing each default into it as it goes: the result keeps it whole.
+    pub(super) fn resolve(&self, mut raw: RawConfig, dir: PathBuf) -> Result<Config, ConfigError> {
+        let experiment = self.experiment(&raw.experiment)?;
+        let seed = *raw.seed.get_or_insert(DEFAULT_SEED);
+        let device = self.device(raw.device.get_or_insert_with(|| "cpu".to_owned()))?;
+        self.data(&mut raw.data, &dir)?;
+        let tokenizer = self.component("tokenizer", &mut raw.tokenizer)?;
+        let model = self.component("model", &mut raw.model)?;
+        let optimizer = self.optimizer(&mut raw.optimizer)?;
+        let trainer = raw
+            .trainer
+            .get_or_insert_with(|| RawComponent::named("default"));
+        let trainer = self.component("trainer", trainer)?;
+        let train = self.train(&mut raw.train, optimizer.lr)?;
+        let mut sinks = Vec::with_capacity(raw.sinks.len() + 1);
+        for (i, sink) in raw.sinks.iter_mut().enumerate() {
+            let field = format!("sinks[{i}]");
+            let sink = self.component(&field, sink)?;
+            if sinks.iter().any(|s: &ComponentSpec| s.name == sink.name) {
+                return Err(self.invalid(
+                    &join_field(&field, "name"),
+                    format!("sink `{}` is listed twice; keep one", sink.name),
+                ));
+            }
+            sinks.push(sink);
+        }
+        if !sinks.iter().any(|s| s.name == "ndjson") {
+            raw.sinks.insert(0, RawComponent::named("ndjson"));
+            sinks.insert(
+                0,
+                ComponentSpec {
+                    name: "ndjson".to_owned(),
+                    params: Value::Object(Map::new()),
+                },
+            );
+        }
+        let mut trackers = Vec::with_capacity(raw.trackers.len());
+        for (i, tracker) in raw.trackers.iter_mut().enumerate() {
+            trackers.push(self.component(&format!("trackers[{i}]"), tracker)?);
+        }
+        let kernel = match raw.kernel.as_str() {
+            "" if device == "cpu" => Some(DEFAULT_CPU_KERNEL.to_owned()),
+            "" | NO_KERNEL => None,
+            k => {
+                self.name("kernel", k)?;
+                Some(k.to_owned())
+            }
+        };
+        // Explicit either way, so that a stored config means the same under a later default.
+        raw.kernel = kernel.clone().unwrap_or_else(|| NO_KERNEL.to_owned());
+        let generate = raw
+            .generate
+            .as_mut()
+            .map(|g| self.generate(g))
+            .transpose()?;
+        Ok(Config {
+            path: self.path.to_owned(),
+            dir,
+            experiment,
+            seed,
+            device,
+            data: raw.data.clone(),
+            tokenizer,
+            model,
+            optimizer,
+            trainer,
+            train,
+            sinks,
+            trackers,
+            kernel,
+            generate,
+            raw,
+        })
+    }
+
+    fn experiment(&self, name: &str) -> Result<String, ConfigError> {
+        let valid = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if valid {
+            Ok(name.to_owned())
+        } else {
+            Err(self.invalid(
+                "experiment",
+                format!(
+                    "`{name}` cannot name a run directory; use letters, digits, `-`, `_` and `.` \
+                     (not first)"
+                ),
+            ))
+        }
+    }
+
+    fn device(&self, device: &str) -> Result<String, ConfigError> {
+        let (base, index) = match device.split_once(':') {
+            Some((base, index)) => (base, Some(index)),
+            None => (device, None),
+        };
+        let known = matches!(base, "cpu" | "cuda" | "metal");
+        let index_ok = match index {
+            None => true,
+            Some(i) => base != "cpu" && i.parse::<usize>().is_ok(),
+        };
+        if known && index_ok {
+            Ok(device.to_owned())
+        } else {
+            Err(self.invalid(
+                "device",
+                format!(
+                    "unknown device `{device}`; use `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`"
+                ),
+            ))
+        }
+    }
+
+    fn data(&self, data: &mut DataConfig, dir: &Path) -> Result<(), ConfigError> {
+        if data.train.is_empty() {
+            return Err(self.invalid(
+                "data.train",
+                "no training sources; add one like `Text(paths: [\"src/**/*.rs\"])`",
+            ));
+        }
+        if !(0.0..1.0).contains(&data.val_fraction) {
+            return Err(self.invalid(
+                "data.val_fraction",
+                format!("{} is outside [0, 1); use e.g. 0.1", data.val_fraction),
+            ));
+        }
+        for (section, sources) in [("train", &mut data.train), ("val", &mut data.val)] {
+            for (i, source) in sources.iter_mut().enumerate() {
+                match source {
+                    Source::Text { paths } => {
+                        if paths.is_empty() {
+                            return Err(self.invalid(
+                                &format!("data.{section}[{i}].paths"),
+                                "no paths; list files or globs like `src/**/*.rs`",
+                            ));
+                        }
+                        for p in paths.iter_mut() {
+                            *p = absolute(dir, p);
+                        }
+                    }
+                    Source::Jsonl { path, .. } | Source::Csv { path, .. } => {
+                        *path = absolute(dir, path)
+                    }
+                }
+            }
+        }
+        if let Some(cache) = &mut data.cache_dir {
+            *cache = absolute(dir, cache);
+        }
+        Ok(())
+    }
+
+    fn name(&self, field: &str, name: &str) -> Result<(), ConfigError> {
+        if name.trim().is_empty() {
+            Err(self.invalid(
+                field,
+                "empty component name; see `codex-ml list` for the names",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The parameters as a JSON object; none are kept as null in `params`, as a file that
+    /// leaves them out reads.
+    fn params(&self, field: &str, params: &mut Params) -> Result<Value, ConfigError> {
+        match &params.0 {
+            Value::Null => Ok(Value::Object(Map::new())),
+            Value::Object(map) => {
+                let map = map.clone();
+                if map.is_empty() {
+                    params.0 = Value::Null;
+                }
+                Ok(Value::Object(map))
+            }
+            other => Err(self.invalid(
+                field,
+                format!("expected a struct of parameters like `(n_layer: 2)`, found `{other}`"),
+            )),
+        }
+    }
+
+    fn component(
+        &self,
+        section: &str,
+        raw: &mut RawComponent,
+    ) -> Result<ComponentSpec, ConfigError> {
+        self.name(&join_field(section, "name"), &raw.name)?;
+        Ok(ComponentSpec {
+            name: raw.name.clone(),
+            params: self.params(&join_field(section, "params"), &mut raw.params)?,
+        })
+    }
+
+    fn optimizer(&self, raw: &mut RawOptimizer) -> Result<OptimizerSpec, ConfigError> {
+        self.name("optimizer.name", &raw.name)?;
+        if !(raw.lr.is_finite() && raw.lr > 0.0) {
+            return Err(self.invalid(
+                "optimizer.lr",
+                format!(
+                    "learning rate {} must be positive and finite, e.g. 3e-4",
+                    raw.lr
+                ),
+            ));
+        }
+        Ok(OptimizerSpec {
+            name: raw.name.clone(),
+            lr: raw.lr,
+            params: self.params("optimizer.params", &mut raw.params)?,
+        })
+    }
+
+    fn at_least_one(&self, field: &str, value: usize) -> Result<usize, ConfigError> {
+        match value {
+            0 => Err(self.invalid(field, "must be at least 1")),
+            n => Ok(n),
+        }
+    }
+
+    fn train(&self, raw: &mut RawTrain, lr: f64) -> Result<TrainConfig, ConfigError> {
+        if raw.max_steps.is_none() && raw.epochs.is_none() {
+            return Err(self.invalid(
+                "train",
+                "neither `max_steps` nor `epochs` is set; set at least one, e.g. `max_steps: 1000`",
+            ));
+        }
+        if raw.max_steps == Some(0) {
+            return Err(self.invalid("train.max_steps", "must be at least 1"));
+        }
+        if raw.epochs == Some(0) {
+            return Err(self.invalid("train.epochs", "must be at least 1"));
+        }
+        let seq_len = self.at_least_one("train.seq_len", *raw.seq_len.get_or_insert(128))?;
+        let batch_size = self.at_least_one("train.batch_size", *raw.batch_size.get_or_insert(8))?;
+        let grad_accum = self.at_least_one("train.grad_accum", *raw.grad_accum.get_or_insert(1))?;
+        let log_every = *raw.log_every.get_or_insert(10);
+        if log_every == 0 {
+            return Err(self.invalid("train.log_every", "must be at least 1"));
+        }
+        let clip_norm = *raw.clip_norm.get_or_insert(1.0);
+        if !(clip_norm.is_finite() && clip_norm >= 0.0) {
+            return Err(self.invalid(
+                "train.clip_norm",
+                format!("{clip_norm} must be finite and non-negative (0 disables clipping)"),
+            ));
+        }
+        let schedule = raw.schedule.get_or_insert_with(RawSchedule::default);
+        let schedule = ScheduleConfig {
+            kind: *schedule.kind.get_or_insert(ScheduleKind::Constant),
+            warmup_steps: *schedule.warmup_steps.get_or_insert(0),
+            min_lr: *schedule.min_lr.get_or_insert(0.0),
+        };
+        if !(schedule.min_lr.is_finite() && schedule.min_lr >= 0.0 && schedule.min_lr <= lr) {
+            return Err(self.invalid(
+                "train.schedule.min_lr",
+                format!(
+                    "{} must be between 0 and optimizer.lr ({lr})",
+                    schedule.min_lr
+                ),
+            ));
+        }
+        if let Some(max_steps) = raw.max_steps {
+            if schedule.warmup_steps > max_steps {
+                return Err(self.invalid(
+                    "train.schedule.warmup_steps",
+                    format!(
+                        "{} warmup steps exceed train.max_steps ({max_steps}); shorten the warmup",
+                        schedule.warmup_steps
+                    ),
+                ));
+            }
+        }
+        Ok(TrainConfig {
+            max_steps: raw.max_steps,
+            epochs: raw.epochs,
+            seq_len,
+            batch_size,
+            grad_accum,
+            eval_every: *raw.eval_every.get_or_insert(0),
+            eval_batches: *raw.eval_batches.get_or_insert(16),
+            checkpoint_every: *raw.checkpoint_every.get_or_insert(0),
+            keep_checkpoints: *raw.keep_checkpoints.get_or_insert(3),
+            log_every,
+            clip_norm,
+            schedule,
+        })
+    }
+
+    fn generate(&self, raw: &mut RawGenerate) -> Result<GenerateConfig, ConfigError> {
+        let max_tokens =
+            self.at_least_one("generate.max_tokens", *raw.max_tokens.get_or_insert(128))?;
+        let temperature = *raw.temperature.get_or_insert(1.0);
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(self.invalid(
+                "generate.temperature",
+                format!("{temperature} must be finite and non-negative (0 is greedy)"),
+            ));
+        }
+        if raw.top_k == Some(0) {
+            return Err(self.invalid(
+                "generate.top_k",
+                "must be at least 1; leave it out to keep every token",
+            ));
+        }
+        if let Some(p) = raw.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(self.invalid("generate.top_p", format!("{p} is outside (0, 1]")));
+            }
+        }
+        Ok(GenerateConfig {
+            prompt: raw.prompt.clone(),
+            max_tokens,
+            temperature,
+            top_k: raw.top_k,
+            top_p: raw.top_p,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_folded_against_the_directory() {
+        let dir = Path::new("/work/configs");
+        assert_eq!(absolute(dir, "../src/**/*.rs"), "/work/src/**/*.rs");
+        assert_eq!(absolute(dir, "./data.jsonl"), "/work/configs/data.jsonl");
+        assert_eq!(absolute(dir, "/abs/x.csv"), "/abs/x.csv");
+    }
+}
