@@ -290,3 +290,76 @@ fn version_and_verbosity_flags_work() {
     codex_ml().args(["-vv", "list"]).assert().success();
     codex_ml().args(["list", "-q"]).assert().success();
 }
+
+/// A component's parameters are checked with the config, before any data is read or any run
+/// directory made: a misspelt one is named at its line and column in the user's file (or by
+/// the `--set` that gave it), with exit code 2.
+#[test]
+fn bad_component_parameters_are_config_errors_at_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.ron");
+    std::fs::write(
+        &config,
+        r#"(
+    experiment: "params",
+    // No such data: the parameters must be refused before the data is looked for.
+    data: (train: [Text(paths: ["missing/**/*.rs"])]),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 1, n_emb: 32)),
+    optimizer: (name: "adamw", lr: 1e-3, params: (betas: [0.9, "high"])),
+    train: (max_steps: 1),
+    sinks: [(name: "csv", params: (file: "../outside.csv"))],
+)"#,
+    )
+    .unwrap();
+    let run = |sets: &[&str]| {
+        let mut cmd = codex_ml();
+        cmd.current_dir(dir.path()).arg("run").arg("bad.ron");
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        let out = cmd.assert().code(2).get_output().stderr.clone();
+        String::from_utf8(out).expect("utf-8")
+    };
+    let cases: [(&[&str], &str, &str); 4] = [
+        (
+            &[],
+            "bad.ron:6:48: model.params.n_emb: unknown field `n_emb`",
+            "^^^^^",
+        ),
+        (
+            &["model.params=(n_layer: 1)"],
+            "bad.ron:7:64: optimizer.params.betas[1]: invalid type: string \"high\", expected f64",
+            "^",
+        ),
+        (
+            &[
+                "model.params=(n_layer: 1)",
+                "optimizer.params.betas=[0.9, 0.95]",
+            ],
+            "bad.ron:9:35: sinks[0].params: invalid `file` for sink `csv`",
+            "^",
+        ),
+        (
+            &["model.params.dropout=0.1"],
+            "bad.ron: model.params.dropout: unknown field `dropout`",
+            "(value from --set model.params.dropout=0.1)",
+        ),
+    ];
+    for (sets, first_line, also) in cases {
+        let stderr = run(sets);
+        assert!(
+            stderr.starts_with(&format!("error: {first_line}")),
+            "{sets:?}:\n{stderr}"
+        );
+        assert!(stderr.contains(also), "{sets:?}:\n{stderr}");
+        assert!(
+            !stderr.contains(" at line "),
+            "a position in the host's JSON: {stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("runs").exists(),
+        "a refused config made a run directory"
+    );
+}

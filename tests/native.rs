@@ -783,7 +783,8 @@ fn the_plugin_llama_refuses_bad_params_naming_the_field() {
         r#"(name: "llama/llama", params: (hidden_size: 32, num_attention_heads: 2, num_layers: 1))"#,
         &[
             "plugin `llama`",
-            "create",
+            // Found when the config is checked, at its place in the file.
+            "experiment.ron:6:",
             "unknown field `num_layers`",
             "num_hidden_layers",
         ],

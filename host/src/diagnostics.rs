@@ -212,6 +212,265 @@ fn spanned(
     ))
 }
 
+/// What [`at_field`] points at: the key of a field (an unknown or misspelt name) or its value
+/// (a value of the wrong type or out of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Point {
+    /// The field's key.
+    Key,
+    /// The field's value.
+    Value,
+}
+
+/// An error about the field at `path` (`model.params.n_layer`, `sinks[1].params.file`) of
+/// `source`, the text of `file`, found after parsing: positioned at the field's key or value
+/// when the field is written in the file, else (a value that came from a default or a `--set`)
+/// naming the file and the field only.
+pub(crate) fn at_field(
+    file: &Path,
+    source: &str,
+    path: &str,
+    point: Point,
+    message: impl Into<String>,
+) -> Diagnostic {
+    let message = message.into();
+    match locate::span(source, path, point) {
+        Some((start, end)) => {
+            let start = skip_blanks(source, start);
+            let end = (end.line > start.line || end.col > start.col).then_some(end);
+            Diagnostic::at(file, source, start, end, Some(path.to_owned()), message)
+        }
+        None => Diagnostic::new(file, Some(path.to_owned()), message),
+    }
+}
+
+/// Finding where a field is written: ron reports the position of an error raised while it
+/// parses, so a deserializer seed walks the file along the path, skipping everything else,
+/// and raises a marker error on reaching the field; the error's span is the field's place.
+mod locate {
+    use std::fmt;
+
+    use serde::de::{
+        self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+
+    use super::{ron_options, Point, Position};
+
+    /// The marker error; any other error means the path is not in the file as written.
+    const FOUND: &str = "\u{0}codex-ml: field located";
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Segment {
+        Key(String),
+        Index(usize),
+    }
+
+    /// `a.b[2].c` → keys and indices; `None` for anything else.
+    fn segments(path: &str) -> Option<Vec<Segment>> {
+        let mut out = Vec::new();
+        for part in path.split('.') {
+            let (key, mut rest) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if key.is_empty() {
+                return None;
+            }
+            out.push(Segment::Key(key.to_owned()));
+            while let Some(tail) = rest.strip_prefix('[') {
+                let close = tail.find(']')?;
+                out.push(Segment::Index(tail[..close].parse().ok()?));
+                rest = &tail[close + 1..];
+            }
+            if !rest.is_empty() {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// Where the field at `path` is written in `source`, as (start, end).
+    pub(super) fn span(source: &str, path: &str, point: Point) -> Option<(Position, Position)> {
+        let path = segments(path)?;
+        let seed = Walk { path: &path, point };
+        match ron_options().from_str_seed(source, seed) {
+            Err(e) if e.code.to_string().contains(FOUND) => Some((
+                Position {
+                    line: e.span.start.line,
+                    col: e.span.start.col,
+                },
+                Position {
+                    line: e.span.end.line,
+                    col: e.span.end.col,
+                },
+            )),
+            _ => None,
+        }
+    }
+
+    /// Walks towards the rest of the path from the current value.
+    struct Walk<'p> {
+        path: &'p [Segment],
+        point: Point,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            if self.path.is_empty() {
+                return Err(de::Error::custom(FOUND));
+            }
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Segment::Key(wanted) = &self.path[0] else {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                return Ok(());
+            };
+            let last = self.path.len() == 1;
+            loop {
+                let key = KeySeed {
+                    wanted,
+                    found_here: last && self.point == Point::Key,
+                };
+                match map.next_key_seed(key)? {
+                    None => return Ok(()),
+                    Some(true) => {
+                        return map.next_value_seed(Walk {
+                            path: &self.path[1..],
+                            point: self.point,
+                        })
+                    }
+                    Some(false) => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Segment::Index(wanted) = self.path[0] else {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                return Ok(());
+            };
+            for _ in 0..wanted {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Ok(());
+                }
+            }
+            seq.next_element_seed(Walk {
+                path: &self.path[1..],
+                point: self.point,
+            })
+            .map(|_| ())
+        }
+
+        fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+            use de::VariantAccess;
+            // A data source such as `Text(paths: [...])`: the path goes on inside the variant.
+            let (_, variant): (IgnoredAny, _) = data.variant()?;
+            variant.newtype_variant_seed(self)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_none<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+
+    /// Reads one key: `Some(true)` when it is the wanted one. Raises the marker instead when
+    /// the key itself is what to point at, so the span is the key's.
+    struct KeySeed<'w> {
+        wanted: &'w str,
+        found_here: bool,
+    }
+
+    impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+        type Value = bool;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            let key = d.deserialize_any(KeyText)?;
+            let matches = key.as_deref() == Some(self.wanted);
+            if matches && self.found_here {
+                return Err(de::Error::custom(FOUND));
+            }
+            Ok(matches)
+        }
+    }
+
+    struct KeyText;
+
+    /// A key as text; keys that are not text (numbers in a map) match nothing.
+    impl Visitor<'_> for KeyText {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a field name")
+        }
+
+        fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+            Ok(Some(key.to_owned()))
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+}
+
 /// ron's spans start before the whitespace that precedes the offending token; point at the
 /// token itself when it is on the same line.
 fn skip_blanks(source: &str, start: Position) -> Position {
@@ -415,6 +674,22 @@ mod tests {
         let error =
             parse_ron::<Outer>(Path::new("x.ron"), source).expect_err("the source is invalid");
         assert_eq!(error.to_string(), expect, "for source {source:?}");
+    }
+
+    #[test]
+    fn fields_are_located_at_their_key_or_value() {
+        let source = "(\n    model: (name: \"gpt2\", params: (n_layer: 2, n_layr: 3)),\n    data: (train: [Text(paths: [\"a\", 7])]),\n    sinks: [(name: \"csv\"), (name: \"x\", params: {\"file\": 1})],\n)";
+        let check = |path: &str, point: Point, expect: &str| {
+            let d = at_field(Path::new("c.ron"), source, path, point, "bad");
+            assert_eq!(d.location(), expect, "{path}");
+        };
+        check("model.params.n_layr", Point::Key, "c.ron:2:48");
+        check("model.params.n_layr", Point::Value, "c.ron:2:56");
+        check("data.train[0].paths[1]", Point::Value, "c.ron:3:38");
+        check("sinks[1].params.file", Point::Key, "c.ron:4:50");
+        check("model.params.dropout", Point::Key, "c.ron");
+        check("sinks[5].name", Point::Value, "c.ron");
+        check("not a path", Point::Key, "c.ron");
     }
 
     #[test]

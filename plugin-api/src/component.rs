@@ -10,7 +10,7 @@ use abi_stable::sabi_trait;
 use abi_stable::std_types::{RResult, RStr, RString};
 use abi_stable::StableAbi;
 
-use crate::error::PluginError;
+use crate::error::{guard, PluginError, Result};
 use crate::kernel::KernelBox;
 use crate::model::{ModelBox, ModelEnv};
 use crate::optimizer::OptimizerBox;
@@ -121,6 +121,21 @@ pub struct ComponentDecl {
     pub description: RString,
     /// Its constructor; the kind follows from it.
     pub factory: Factory,
+    /// Checks parameters (JSON) without building anything: the host calls it when it checks a
+    /// config, before any data is read or any directory is made. An error's message starts
+    /// with the path of the bad value inside the parameters when there is one
+    /// (`n_layr: unknown field ...`, `betas[1]: invalid type ...`), as
+    /// `strict::parse_params` writes it.
+    pub check: extern "C" fn(RStr<'_>) -> RResult<(), PluginError>,
+}
+
+/// The type of [`ComponentDecl::check`] (spelled out there, as `abi_stable` needs).
+pub type ParamsCheck = extern "C" fn(RStr<'_>) -> RResult<(), PluginError>;
+
+/// A [`ParamsCheck`] that accepts any parameters, for components whose parameters are only
+/// known when they are built.
+pub extern "C" fn accept_any_params(_: RStr<'_>) -> RResult<(), PluginError> {
+    RResult::ROk(())
 }
 
 impl ComponentDecl {
@@ -138,6 +153,31 @@ pub trait Describe {
     const VERSION: &'static str;
     /// One line for `codex-ml list`.
     const DESCRIPTION: &'static str;
+
+    /// Check `params` (the component's parameters as JSON; empty or `null` for none) the way
+    /// building the component would, without building it: unknown fields, wrong types, values
+    /// out of range. The host calls it when it checks a config, so that a mistake is reported
+    /// with its place in the user's file before any work starts. Parsing with
+    /// `strict::parse_params` into the type `create` parses is usually all it takes.
+    /// The default accepts anything.
+    fn check_params(params: &str) -> Result<()> {
+        let _ = params;
+        Ok(())
+    }
+}
+
+/// [`Describe::check_params`] behind the ABI. The error carries the check's own message (the
+/// path of the bad value first), not wrapped like other calls' errors; a panic is reported as
+/// [`guard`] reports it.
+extern "C" fn check_params<C: Describe>(params: RStr<'_>) -> RResult<(), PluginError> {
+    let checked = guard(C::NAME, "check_params", || {
+        Ok(C::check_params(params.as_str()).err())
+    });
+    match checked {
+        RResult::ROk(None) => RResult::ROk(()),
+        RResult::ROk(Some(e)) => RResult::RErr(PluginError::new(e.message())),
+        RResult::RErr(panicked) => RResult::RErr(panicked),
+    }
 }
 
 pub(crate) fn decl<C: Describe>(factory: Factory) -> ComponentDecl {
@@ -146,6 +186,7 @@ pub(crate) fn decl<C: Describe>(factory: Factory) -> ComponentDecl {
         version: C::VERSION.into(),
         description: C::DESCRIPTION.into(),
         factory,
+        check: check_params::<C>,
     }
 }
 

@@ -41,7 +41,7 @@ pub mod tokenizer;
 pub mod tracker;
 pub mod trainer;
 
-pub use component::{ComponentDecl, ComponentKind, Describe, Factory, Registrar};
+pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck, Registrar};
 pub use error::{guard, Error, PluginError, Result};
 pub use kernel::{BufferMut, BufferView, DeviceKind, Kernel};
 pub use model::{ForwardCtx, Model};

@@ -22,15 +22,36 @@ pub fn parse_params<T: DeserializeOwned>(params: &str) -> Result<T, Error> {
     let mut de = serde_json::Deserializer::from_str(text);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        let message = without_position(&inner);
         if path == "." {
-            Error::msg(e.inner())
+            Error::msg(message)
         } else {
-            Error::msg(format!("{path}: {}", e.inner()))
+            Error::msg(format!("{path}: {message}"))
         }
     })?;
     de.end()
         .map_err(|e| Error::msg(format!("trailing characters after the parameters: {e}")))?;
     Ok(value)
+}
+
+/// serde_json ends its messages with a position in the JSON text (` at line 1 column 8`),
+/// which is the host's rendering of the user's parameters, not anything the user wrote.
+fn without_position(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(i)
+            if message[i + 9..]
+                .split_once(" column ")
+                .is_some_and(|(l, c)| {
+                    [l, c]
+                        .iter()
+                        .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                }) =>
+        {
+            &message[..i]
+        }
+        _ => message,
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +83,10 @@ mod tests {
         assert!(e.message().starts_with("betas[1]: invalid type"), "{e:?}");
         let e = parse_params::<P>(r#"{"lr": 1, "lrr": 2}"#).unwrap_err();
         assert!(e.message().contains("unknown field `lrr`"), "{e:?}");
+        assert!(
+            e.message().starts_with("lrr: ") && !e.message().contains(" at line "),
+            "the path first, no position in the host's JSON: {e:?}"
+        );
         let e = parse_params::<P>(r#"{"lr": 1} x"#).unwrap_err();
         assert!(e.message().starts_with("trailing characters"), "{e:?}");
     }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::DataConfig;
-use crate::diagnostics::{parse_ron, ron_options, Diagnostic};
+use crate::diagnostics::{at_field, parse_ron, ron_options, Diagnostic, Point};
 use crate::plugins::registry::Registry;
 
 mod overrides;
@@ -50,7 +50,7 @@ mod write;
 pub use overrides::Override;
 pub use reference::reference;
 
-use overrides::apply_overrides;
+use overrides::{apply_overrides, related};
 use raw::RawConfig;
 use resolve::{config_dir, Resolver};
 use write::Params;
@@ -124,6 +124,27 @@ pub struct Config {
     /// [`Config::to_json`] and [`Config::resume_differences`] read, so each setting is defined
     /// once, by its raw type.
     raw: RawConfig,
+    /// Where the values came from, for errors found after parsing.
+    written: Written,
+}
+
+/// Where a config's values came from: not part of what the config means, so two configs that
+/// differ only here are equal.
+#[derive(Debug, Clone, Default)]
+struct Written {
+    /// The file's text as read, for pointing at a field found wrong after parsing.
+    source: String,
+    /// The `--set` overrides applied, for naming the one behind a bad value.
+    overrides: Vec<Override>,
+    /// Sinks the resolver put before the file's own (the run's record), so that `sinks[i]`
+    /// of the config is `sinks[i - sinks_added]` of the file.
+    sinks_added: usize,
+}
+
+impl PartialEq for Written {
+    fn eq(&self, _: &Written) -> bool {
+        true
+    }
 }
 
 /// A component by registry name with its parameters.
@@ -314,12 +335,88 @@ impl Config {
             raw = apply_overrides(raw, overrides)?;
         }
         let dir = config_dir(path);
-        Resolver { path, overrides }.resolve(raw, dir)
+        let mut config = Resolver { path, overrides }.resolve(raw, dir)?;
+        config.written.source = source.to_owned();
+        Ok(config)
     }
 
-    /// Check that every component the config names is registered, so a typo fails before any
-    /// work starts.
+    /// Check that every component the config names is registered and accepts its parameters,
+    /// so a typo fails before any work starts: before data is read or a run directory made.
+    /// A bad parameter is reported at its place in the file (`model.params.n_layr`), or by
+    /// the `--set` that gave it.
     pub fn check_components(&self, registry: &Registry) -> Result<(), ConfigError> {
+        self.check_names(registry)?;
+        let optimizer = ComponentSpec {
+            name: self.optimizer.name.clone(),
+            params: self.optimizer.params.clone(),
+        };
+        // In the order of the file, so the first mistake in it is the one reported.
+        let mut sections: Vec<(String, ComponentKind, &ComponentSpec)> = vec![
+            (
+                "tokenizer".into(),
+                ComponentKind::Tokenizer,
+                &self.tokenizer,
+            ),
+            ("model".into(), ComponentKind::Model, &self.model),
+            ("optimizer".into(), ComponentKind::Optimizer, &optimizer),
+            ("trainer".into(), ComponentKind::Trainer, &self.trainer),
+        ];
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if let Some(written) = i.checked_sub(self.written.sinks_added) {
+                sections.push((format!("sinks[{written}]"), ComponentKind::Sink, sink));
+            }
+        }
+        for (i, tracker) in self.trackers.iter().enumerate() {
+            sections.push((format!("trackers[{i}]"), ComponentKind::Tracker, tracker));
+        }
+        for (section, kind, spec) in sections {
+            let Ok(entry) = registry.get(kind, &spec.name) else {
+                continue;
+            };
+            if let Err(message) = crate::plugins::build::check_params(entry, &spec.params) {
+                return Err(self.params_error(&section, &message));
+            }
+        }
+        Ok(())
+    }
+
+    /// A component's refusal of its parameters, positioned: the message starts with the path
+    /// of the bad value inside `params` when the component names one.
+    fn params_error(&self, section: &str, message: &str) -> ConfigError {
+        let (inner, what) = match message.split_once(": ") {
+            Some((path, rest)) if is_field_path(path) => (Some(path), rest),
+            _ => (None, message),
+        };
+        let field = match inner {
+            Some(path) => format!("{section}.params.{path}"),
+            None => format!("{section}.params"),
+        };
+        let point = if what.starts_with("unknown field") {
+            Point::Key
+        } else {
+            Point::Value
+        };
+        let mut what = what.to_owned();
+        if let Some(o) = self
+            .written
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| related(&field, &o.path))
+        {
+            what.push_str(&format!(" (value from --set {})", o.arg));
+        }
+        ConfigError::Invalid(Box::new(at_field(
+            &self.path,
+            &self.written.source,
+            &field,
+            point,
+            what,
+        )))
+    }
+
+    /// Check that every component the config names is registered.
+    fn check_names(&self, registry: &Registry) -> Result<(), ConfigError> {
         let mut wanted: Vec<(String, ComponentKind, &str)> = vec![
             (
                 "tokenizer.name".into(),
@@ -339,7 +436,14 @@ impl Config {
             ),
         ];
         for (i, sink) in self.sinks.iter().enumerate() {
-            wanted.push((format!("sinks[{i}].name"), ComponentKind::Sink, &sink.name));
+            let Some(written) = i.checked_sub(self.written.sinks_added) else {
+                continue;
+            };
+            wanted.push((
+                format!("sinks[{written}].name"),
+                ComponentKind::Sink,
+                &sink.name,
+            ));
         }
         for (i, tracker) in self.trackers.iter().enumerate() {
             wanted.push((
@@ -380,4 +484,13 @@ impl Config {
     pub fn to_json(&self) -> Result<Value, ConfigError> {
         serde_json::to_value(&self.raw).map_err(|e| ConfigError::Json(e.to_string()))
     }
+}
+
+/// Whether `text` reads as the path of a value inside parameters, as the plugin API's strict
+/// parser writes it: `n_layer`, `betas[1]`, `schedule.kind`.
+fn is_field_path(text: &str) -> bool {
+    text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
 }

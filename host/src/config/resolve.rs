@@ -11,7 +11,7 @@ use super::write::Params;
 use super::Override;
 use super::{
     ComponentSpec, Config, ConfigError, GenerateConfig, OptimizerSpec, ScheduleConfig,
-    ScheduleKind, TrainConfig, DEFAULT_CPU_KERNEL, DEFAULT_SEED, NO_KERNEL,
+    ScheduleKind, TrainConfig, Written, DEFAULT_CPU_KERNEL, DEFAULT_SEED, NO_KERNEL,
 };
 use crate::data::{DataConfig, Source};
 use crate::diagnostics::{join_field, Diagnostic};
@@ -96,6 +96,7 @@ impl Resolver<'_> {
             }
             sinks.push(sink);
         }
+        let sinks_written = sinks.len();
         if !sinks.iter().any(|s| s.name == "ndjson") {
             raw.sinks.insert(0, RawComponent::named("ndjson"));
             sinks.insert(
@@ -106,6 +107,7 @@ impl Resolver<'_> {
                 },
             );
         }
+        let sinks_added = sinks.len() - sinks_written;
         let mut trackers = Vec::with_capacity(raw.trackers.len());
         for (i, tracker) in raw.trackers.iter_mut().enumerate() {
             trackers.push(self.component(&format!("trackers[{i}]"), tracker)?);
@@ -142,6 +144,11 @@ impl Resolver<'_> {
             kernel,
             generate,
             raw,
+            written: Written {
+                source: String::new(),
+                overrides: self.overrides.to_vec(),
+                sinks_added,
+            },
         })
     }
 

@@ -16,7 +16,7 @@ use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::trainer::TrainerBox;
 use codex_plugin_api::{ComponentKind, Factory, PluginError};
 
-use crate::plugins::registry::{Entry, Registry};
+use crate::plugins::registry::{Entry, Origin, Registry};
 
 /// The JSON text handed to a factory; `null` parameters mean "no parameters".
 fn params_text(params: &serde_json::Value) -> String {
@@ -173,6 +173,26 @@ pub fn kernel(registry: &Registry, name: &str, params: &serde_json::Value) -> Re
         .into_result()
         .map_err(|e| failed(entry, e))
         .with_context(|| format!("kernel `{name}`"))
+}
+
+/// Ask the component of `entry` whether it accepts `params`, without building it. The error
+/// is the component's own message (the path of the bad value first, when it names one), or
+/// how it panicked.
+pub fn check_params(entry: &Entry, params: &serde_json::Value) -> Result<(), String> {
+    let text = params_text(params);
+    (entry.decl.check)(RStr::from(text.as_str()))
+        .into_result()
+        .map_err(|e| match &entry.origin {
+            Origin::Builtin { .. } => e.message.into_string(),
+            // A plugin's component is named with the plugin, as its other errors are.
+            Origin::Native { .. } | Origin::Wasm { .. } => format!(
+                "{} ({} `{}` of plugin `{}`)",
+                e.message,
+                entry.kind.as_str(),
+                entry.name,
+                entry.name.split('/').next().unwrap_or_default()
+            ),
+        })
 }
 
 /// Host code computes with the plugin API's [`codex_plugin_api::Tensor`] too; its error type

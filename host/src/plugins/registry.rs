@@ -266,6 +266,8 @@ impl Registry {
             version: version.into(),
             description: description.into(),
             factory: Factory::Sink(host_built_sink),
+            // A sandboxed sink reads its parameters when it opens; a bad one disables it then.
+            check: codex_plugin_api::component::accept_any_params,
         };
         self.insert(decl, origin, API_VERSION, Some(factory))
     }
@@ -382,6 +384,7 @@ mod tests {
             version: "0.1.0".into(),
             description: "a fake trainer".into(),
             factory: Factory::Trainer(no_trainer),
+            check: codex_plugin_api::component::accept_any_params,
         }
     }
 
@@ -391,6 +394,7 @@ mod tests {
             version: "0.2.0".into(),
             description: "a fake kernel".into(),
             factory: Factory::Kernel(no_kernel),
+            check: codex_plugin_api::component::accept_any_params,
         }
     }
 

@@ -244,6 +244,10 @@ impl Describe for Gpt2 {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "GPT-2 decoder with Hugging Face parameter names and layouts, LM head tied to wte";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<RawConfig>(params).map(drop)
+    }
 }
 
 /// A dropout site: its index is mixed into the call's seed (see [`codex_nn::site_seed`]).

@@ -109,6 +109,10 @@ impl Describe for AdamW {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "Adam with decoupled weight decay (torch.optim.AdamW), no decay on chosen roles";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<RawConfig>(params).map(drop)
+    }
 }
 
 impl Optimizer for AdamW {

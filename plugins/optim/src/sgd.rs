@@ -93,6 +93,10 @@ impl Describe for Sgd {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "stochastic gradient descent with momentum, Nesterov and L2 decay (torch.optim.SGD)";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<RawConfig>(params).map(drop)
+    }
 }
 
 impl Optimizer for Sgd {

@@ -49,6 +49,10 @@ impl Describe for ConsoleSink {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "validation (and, optionally, training) metrics as readable lines on stderr";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<ConsoleParams>(params).map(drop)
+    }
 }
 
 /// Four decimals where that reads well, scientific notation for tiny learning rates, whole

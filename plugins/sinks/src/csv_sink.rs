@@ -36,6 +36,14 @@ impl Describe for CsvSink {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "metric records as a CSV table in the run directory (metrics.csv)";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        let p = codex_plugin_api::strict::parse_params::<CsvParams>(params)?;
+        match &p.file {
+            Some(file) => params::check_file_name(Self::NAME, file),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Format;

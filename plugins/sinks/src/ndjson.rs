@@ -37,6 +37,14 @@ impl Describe for NdjsonSink {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "metric records as JSON lines in the run directory (metrics.ndjson)";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        let p = codex_plugin_api::strict::parse_params::<NdjsonParams>(params)?;
+        match &p.file {
+            Some(file) => params::check_file_name(Self::NAME, file),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -6,15 +6,13 @@
 use codex_plugin_api::{Error, Result};
 use serde::de::DeserializeOwned;
 
-/// Parse `params` into `T` (which denies unknown fields), naming the sink on failure.
-pub(crate) fn parse<T: DeserializeOwned + Default>(sink: &str, params: &str) -> Result<T> {
-    let trimmed = params.trim();
-    if trimmed.is_empty() || trimmed == "null" {
-        return Ok(T::default());
-    }
-    serde_json::from_str(trimmed).map_err(|e| {
+/// Parse `params` into `T` (which denies unknown fields) with the plugin API's strict parser,
+/// naming the sink on failure.
+pub(crate) fn parse<T: DeserializeOwned>(sink: &str, params: &str) -> Result<T> {
+    codex_plugin_api::strict::parse_params(params).map_err(|e| {
         Error::msg(format!(
-            "invalid parameters for sink `{sink}`: {e}; see the sink reference for the accepted fields"
+            "invalid parameters for sink `{sink}`: {}; see the sink reference for the accepted fields",
+            e.message()
         ))
     })
 }

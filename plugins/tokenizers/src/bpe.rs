@@ -41,6 +41,10 @@ impl Describe for Bpe {
     const NAME: &'static str = "bpe";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "byte-level BPE trained on the training documents";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<BpeParams>(params).map(drop)
+    }
 }
 
 impl Tokenizer for Bpe {

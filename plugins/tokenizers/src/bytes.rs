@@ -25,6 +25,10 @@ impl Describe for Bytes {
     const NAME: &'static str = "bytes";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "one id per UTF-8 byte, plus <|endoftext|> and <|pad|>";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<BytesParams>(params).map(drop)
+    }
 }
 
 impl Tokenizer for Bytes {

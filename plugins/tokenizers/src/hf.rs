@@ -171,6 +171,10 @@ impl Describe for Hf {
     const NAME: &'static str = "hf";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "any Hugging Face tokenizer.json (BPE, WordPiece, Unigram)";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<HfParams>(params).map(drop)
+    }
 }
 
 fn resolve(base_dir: &str, path: &str) -> PathBuf {

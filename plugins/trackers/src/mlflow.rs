@@ -96,6 +96,10 @@ impl Describe for MlflowTracker {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "the run in an MLflow file store (params, metrics, artifacts, status) for `mlflow ui`";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<MlflowParams>(params).map(drop)
+    }
 }
 
 fn fail(what: impl std::fmt::Display) -> Error {
@@ -115,16 +119,12 @@ fn now_ms() -> i64 {
 
 impl Tracker for MlflowTracker {
     fn create(params: &str) -> Result<Self> {
-        let trimmed = params.trim();
-        let p: MlflowParams = if trimmed.is_empty() || trimmed == "null" {
-            MlflowParams::default()
-        } else {
-            serde_json::from_str(trimmed).map_err(|e| {
-                Error::msg(format!(
-                    "invalid parameters for tracker `mlflow`: {e}; accepted: root, experiment_name, max_copy_bytes"
-                ))
-            })?
-        };
+        let p: MlflowParams = codex_plugin_api::strict::parse_params(params).map_err(|e| {
+            Error::msg(format!(
+                "invalid parameters for tracker `mlflow`: {}; accepted: root, experiment_name, max_copy_bytes",
+                e.message()
+            ))
+        })?;
         if p.root.as_deref().is_some_and(|r| r.trim().is_empty()) {
             return Err(Error::msg(
                 "invalid `root` for tracker `mlflow`: empty; give a directory or leave it out for `mlruns` beside the run",

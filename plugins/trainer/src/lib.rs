@@ -51,18 +51,20 @@ impl Describe for DefaultTrainer {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "token-weighted accumulation, global-norm clipping, warmup + decay schedules, periodic evaluation";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<DefaultParams>(params).map(drop)
+    }
 }
 
 impl Trainer for DefaultTrainer {
     fn create(params: &str) -> Result<Self> {
-        let trimmed = params.trim();
-        if !(trimmed.is_empty() || trimmed == "null") {
-            serde_json::from_str::<DefaultParams>(trimmed).map_err(|e| {
-                Error::msg(format!(
-                    "invalid parameters for trainer `default`: {e}; it takes none, set the `train` section instead"
-                ))
-            })?;
-        }
+        codex_plugin_api::strict::parse_params::<DefaultParams>(params).map_err(|e| {
+            Error::msg(format!(
+                "invalid parameters for trainer `default`: {}; it takes none, set the `train` section instead",
+                e.message()
+            ))
+        })?;
         Ok(DefaultTrainer)
     }
 

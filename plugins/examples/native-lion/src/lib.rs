@@ -76,6 +76,10 @@ impl Describe for Lion {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "Lion: sign of interpolated momentum, decoupled weight decay (Chen et al. 2023)";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        Config::parse(params).map(drop)
+    }
 }
 
 /// `sign(x)` with `sign(0) = 0`, from the op table's element-wise ops: `x / |x|` is ±1 exactly

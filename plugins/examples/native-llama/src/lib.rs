@@ -244,6 +244,10 @@ impl Describe for Llama {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU, untied LM head, HF names";
+
+    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
+        codex_plugin_api::strict::parse_params::<RawConfig>(params).map(drop)
+    }
 }
 
 impl Llama {
