@@ -35,6 +35,12 @@ pub fn parse_params<T: DeserializeOwned>(params: &str) -> Result<T, Error> {
     Ok(value)
 }
 
+/// A value that parses but is not allowed, blamed on `field` the way [`parse_params`] names a
+/// bad value (`n_head: must divide n_embd (768)`), so the host can show it at that field.
+pub fn invalid(field: &str, message: impl std::fmt::Display) -> Error {
+    Error::msg(format!("{field}: {message}"))
+}
+
 /// serde_json ends its messages with a position in the JSON text (` at line 1 column 8`),
 /// which is the host's rendering of the user's parameters, not anything the user wrote.
 fn without_position(message: &str) -> &str {

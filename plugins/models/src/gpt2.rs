@@ -14,10 +14,9 @@
 
 use codex_nn::WeightLayout::InOut;
 use codex_nn::{Embedding, GeluMlp, Heads, LayerNorm, Linear};
+use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::{Describe, ForwardCtx, GeluForm, Init, Model, Result, Store, Tensor};
 use serde::{Deserialize, Serialize};
-
-use crate::config::{parse_strict, ConfigError};
 
 /// The activation of the MLP, by its HF `activation_function` name.
 #[derive(Deserialize, Serialize, Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -117,7 +116,7 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self, tokenizer_vocab: usize) -> Result<Config, ConfigError> {
+    fn resolve(self, tokenizer_vocab: usize) -> Result<Config, codex_plugin_api::Error> {
         for (field, value) in [
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
@@ -125,11 +124,11 @@ impl RawConfig {
             ("n_positions", self.n_positions),
         ] {
             if value == 0 {
-                return Err(ConfigError::invalid(field, "must be at least 1, found 0"));
+                return Err(invalid(field, "must be at least 1, found 0"));
             }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "n_embd",
                 format!(
                     "must be divisible by n_head ({}), found {}; pick a multiple of n_head",
@@ -140,7 +139,7 @@ impl RawConfig {
         let vocab_size = match self.vocab_size {
             None => tokenizer_vocab,
             Some(v) if v < tokenizer_vocab => {
-                return Err(ConfigError::invalid(
+                return Err(invalid(
                     "vocab_size",
                     format!(
                         "must be at least the tokenizer's vocabulary size ({tokenizer_vocab}), \
@@ -151,7 +150,7 @@ impl RawConfig {
             Some(v) => v,
         };
         if vocab_size == 0 {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "vocab_size",
                 "must be at least 1, found 0 (the tokenizer has an empty vocabulary)",
             ));
@@ -162,20 +161,17 @@ impl RawConfig {
             ("resid_pdrop", self.resid_pdrop),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(ConfigError::invalid(
-                    field,
-                    format!("must be in [0, 1), found {p}"),
-                ));
+                return Err(invalid(field, format!("must be in [0, 1), found {p}")));
             }
         }
         if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "layer_norm_epsilon",
                 format!("must be positive, found {}", self.layer_norm_epsilon),
             ));
         }
         if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "initializer_range",
                 format!("must be zero or positive, found {}", self.initializer_range),
             ));

@@ -5,7 +5,6 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
-mod config;
 mod gpt2;
 
 pub use gpt2::Gpt2;

@@ -7,13 +7,13 @@
 //! zeros), so checkpoints carry them. The update itself is the host's `adamw_update`, which
 //! runs a fused kernel when one is active and keeps torch's evaluation order either way.
 
+use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::{
     bail, DType, Describe, Grad, Init, OptimStep, Optimizer, ParamInfo, Result, Store, Tensor,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_strict, ConfigError};
 use crate::roles::Role;
 
 /// The `optimizer.params` of an experiment using `adamw`, as written.
@@ -59,24 +59,21 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self) -> Result<Config, ConfigError> {
+    fn resolve(self) -> Result<Config, codex_plugin_api::Error> {
         for (i, b) in self.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
                 let field = if i == 0 { "betas[0]" } else { "betas[1]" };
-                return Err(ConfigError::invalid(
-                    field,
-                    format!("must be in [0, 1), found {b}"),
-                ));
+                return Err(invalid(field, format!("must be in [0, 1), found {b}")));
             }
         }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "eps",
                 format!("must be zero or positive, found {}", self.eps),
             ));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "weight_decay",
                 format!("must be zero or positive, found {}", self.weight_decay),
             ));

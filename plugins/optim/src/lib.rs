@@ -8,7 +8,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod adamw;
-mod config;
 mod roles;
 mod sgd;
 

@@ -7,12 +7,11 @@
 //! checkpoints carry it. "First step" is read from the step counter, which survives a resume,
 //! rather than from plugin memory, which does not.
 
+use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::{
     bail, DType, Describe, Grad, Init, OptimStep, Optimizer, ParamInfo, Result, Store, Tensor,
 };
 use serde::{Deserialize, Serialize};
-
-use crate::config::{parse_strict, ConfigError};
 
 /// The `optimizer.params` of an experiment using `sgd`, as written.
 #[derive(Deserialize, Debug)]
@@ -43,21 +42,21 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self) -> Result<Config, ConfigError> {
+    fn resolve(self) -> Result<Config, codex_plugin_api::Error> {
         for (field, value) in [
             ("momentum", self.momentum),
             ("dampening", self.dampening),
             ("weight_decay", self.weight_decay),
         ] {
             if !(value.is_finite() && value >= 0.0) {
-                return Err(ConfigError::invalid(
+                return Err(invalid(
                     field,
                     format!("must be zero or positive, found {value}"),
                 ));
             }
         }
         if self.nesterov && (self.momentum == 0.0 || self.dampening != 0.0) {
-            return Err(ConfigError::invalid(
+            return Err(invalid(
                 "nesterov",
                 format!(
                     "needs momentum > 0 and dampening = 0, found momentum {} and dampening {}",
