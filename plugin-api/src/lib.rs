@@ -53,7 +53,9 @@ pub use sink::{Record, Sink};
 pub use tensor::{CrossEntropy, DType, GeluForm, Tensor, TensorId};
 pub use tokenizer::Tokenizer;
 pub use tracker::{RunInfo, RunStatus, Tracker};
-pub use trainer::{Batch, Schedule, ScheduleKind, Session, TrainOutcome, TrainSettings, Trainer};
+pub use trainer::{
+    Batch, EvalTotals, Schedule, ScheduleKind, Session, TrainOutcome, TrainSettings, Trainer,
+};
 
 #[doc(hidden)]
 pub use abi_stable;

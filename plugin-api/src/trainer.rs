@@ -116,8 +116,41 @@ pub trait TrainSession {
     /// The trainer state saved in the checkpoint being resumed from, if any.
     fn resume_state(&self) -> ROption<RString>;
     /// True once the user asked to stop (Ctrl-C): finish the current step, then return.
-    #[sabi(last_prefix_field)]
     fn should_stop(&self) -> bool;
+    /// Evaluate the model on the first `max_batches` validation batches (0: all of them), as
+    /// `codex-ml eval` does; all zero when there is no validation data.
+    #[sabi(last_prefix_field)]
+    fn evaluate(&mut self, max_batches: u64) -> RResult<EvalTotals, PluginError>;
+}
+
+/// Sums over the counted (non-padding) targets of an evaluation, and what follows from them:
+/// loss, perplexity and accuracy are ratios of sums, never means of per-batch means.
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, Default, PartialEq)]
+pub struct EvalTotals {
+    /// Σ negative log-likelihood.
+    pub nll: f64,
+    /// Counted targets.
+    pub tokens: f64,
+    /// Targets predicted correctly (arg-max).
+    pub correct: f64,
+    /// Batches evaluated.
+    pub batches: u64,
+}
+
+impl EvalTotals {
+    /// Mean loss per counted target.
+    pub fn loss(&self) -> f64 {
+        self.nll / self.tokens
+    }
+    /// exp(loss).
+    pub fn perplexity(&self) -> f64 {
+        self.loss().exp()
+    }
+    /// Fraction of counted targets predicted correctly.
+    pub fn accuracy(&self) -> f64 {
+        self.correct / self.tokens
+    }
 }
 
 /// The ffi-safe handle to the host's [`TrainSession`].
@@ -235,6 +268,11 @@ impl Session<'_, '_> {
     /// True once the user asked to stop.
     pub fn should_stop(&self) -> bool {
         self.inner.should_stop()
+    }
+    /// Evaluate the model on the first `max_batches` validation batches (0: all), the one
+    /// evaluation `codex-ml eval` runs too.
+    pub fn evaluate(&mut self, max_batches: u64) -> Result<EvalTotals> {
+        from_abi(self.inner.evaluate(max_batches))
     }
 }
 

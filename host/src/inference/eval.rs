@@ -1,45 +1,35 @@
-//! Evaluation: loss, perplexity and token accuracy as Σ over counted targets / Σ targets, the
-//! way the trainer's validation records count them.
+//! Evaluation: loss, perplexity and token accuracy as Σ over counted targets / Σ targets. The
+//! one implementation: `codex-ml eval` calls it, and so does the trainer through its session
+//! (`TrainSession::evaluate`), so the validation records of a run and `eval` on its checkpoint
+//! count the same way.
 
 use anyhow::{anyhow, bail, Result};
 use codex_engine::{self as engine, Device};
 use codex_plugin_api::model::ModelBox;
-use codex_plugin_api::{ForwardCtx, Tensor};
+use codex_plugin_api::{EvalTotals, ForwardCtx, Tensor};
 
 use super::generate::model_err;
 use crate::data::{ValBatches, IGNORE_INDEX};
 use crate::plugins::build::ApiResultExt;
 
-/// Σ over counted targets, and what they give.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EvalTotals {
-    /// Σ negative log-likelihood.
-    pub nll: f64,
-    /// Counted targets.
-    pub tokens: f64,
-    /// Targets predicted correctly (arg-max).
-    pub correct: f64,
-    /// Batches evaluated.
-    pub batches: usize,
-}
-
-impl EvalTotals {
-    /// Mean loss per token.
-    pub fn loss(&self) -> f64 {
-        self.nll / self.tokens
-    }
-    /// exp(loss).
-    pub fn perplexity(&self) -> f64 {
-        self.loss().exp()
-    }
-    /// Fraction of targets predicted correctly.
-    pub fn accuracy(&self) -> f64 {
-        self.correct / self.tokens
-    }
-}
-
-/// Evaluate `model` on up to `max_batches` batches of `val` (all when `None`).
+/// Evaluate `model` on up to `max_batches` batches of `val` (all when `None`); an error when
+/// the data has no counted target.
 pub fn evaluate(
+    model: &ModelBox,
+    val: &ValBatches,
+    device: &Device,
+    max_batches: Option<usize>,
+) -> Result<EvalTotals> {
+    let totals = sums(model, val, device, max_batches)?;
+    if totals.tokens == 0.0 {
+        bail!("nothing to evaluate: the evaluation data has no tokens");
+    }
+    Ok(totals)
+}
+
+/// The sums of [`evaluate`], whatever they are: the trainer's in-run evaluation
+/// (`TrainSession::evaluate`) reports nothing rather than failing when they are zero.
+pub(crate) fn sums(
     model: &ModelBox,
     val: &ValBatches,
     device: &Device,
@@ -77,9 +67,6 @@ pub fn evaluate(
         totals.tokens += ce.tokens.to_scalar().anyhow()?;
         totals.correct += ce.correct.to_scalar().anyhow()?;
         totals.batches += 1;
-    }
-    if totals.tokens == 0.0 {
-        bail!("nothing to evaluate: the evaluation data has no tokens");
     }
     Ok(totals)
 }

@@ -17,7 +17,9 @@ use codex_engine::{self as engine, Device, ParamStore, TensorGroup};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::tokenizer::TokenizerBox;
 
-pub use eval::{evaluate, EvalTotals};
+pub use codex_plugin_api::EvalTotals;
+pub use eval::evaluate;
+pub(crate) use eval::sums as evaluation_sums;
 pub use generate::{generate, GenerateOptions};
 
 use crate::config::Config;

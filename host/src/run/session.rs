@@ -15,7 +15,7 @@ use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
 use codex_plugin_api::params::ParamInfoAbi;
 use codex_plugin_api::trainer::{BatchIds, TrainSession};
-use codex_plugin_api::{ForwardCtx, OptimStep, PluginError, TensorId, TrainSettings};
+use codex_plugin_api::{EvalTotals, ForwardCtx, OptimStep, PluginError, TensorId, TrainSettings};
 
 use super::progress::Progress;
 use crate::checkpoint;
@@ -226,5 +226,15 @@ impl TrainSession for HostSession<'_> {
 
     fn should_stop(&self) -> bool {
         super::interrupt::stop_requested(self.stop.as_ref())
+    }
+
+    fn evaluate(&mut self, max_batches: u64) -> RResult<EvalTotals, PluginError> {
+        let Some(val) = &self.val else {
+            return RResult::ROk(EvalTotals::default());
+        };
+        let limit = (max_batches > 0).then(|| usize::try_from(max_batches).unwrap_or(usize::MAX));
+        crate::inference::evaluation_sums(self.model, val, &self.device, limit)
+            .map_err(|e| err(format!("{e:#}")))
+            .into()
     }
 }

@@ -90,14 +90,6 @@ struct Param {
     cast: bool,
 }
 
-/// Sums of one step's or one evaluation's cross-entropy.
-#[derive(Default)]
-struct Totals {
-    nll: f64,
-    tokens: f64,
-    correct: f64,
-}
-
 struct Loop<'s, 'a, 'b> {
     session: &'s mut Session<'a, 'b>,
     settings: TrainSettings,
@@ -361,35 +353,18 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
     /// Loss, perplexity and accuracy over the validation batches, recorded at the current step.
     fn evaluate(&mut self) -> Result<()> {
         let step = self.state.step;
-        let limit = self.settings.eval_batches;
-        let mut totals = Totals::default();
-        let mut index = 0u64;
-        while limit == 0 || index < limit {
-            let Some(batch) = self.session.val_batch(index)? else {
-                break;
-            };
-            let ce = self.cross_entropy(
-                &batch,
-                ForwardCtx {
-                    train: false,
-                    seed: 0,
-                },
-            )?;
-            totals.nll += ce.loss_sum.to_scalar()?;
-            totals.tokens += ce.tokens.to_scalar()?;
-            totals.correct += ce.correct.to_scalar()?;
-            index += 1;
-        }
+        let totals = self.session.evaluate(self.settings.eval_batches)?;
         if totals.tokens == 0.0 {
             // No validation data (or only padding): nothing to report, and nothing is "best".
             self.state.last_eval_step = Some(step);
             return Ok(());
         }
-        let loss = totals.nll / totals.tokens;
+        let loss = totals.loss();
         self.session.record(step, "val", "loss", loss);
-        self.session.record(step, "val", "perplexity", loss.exp());
         self.session
-            .record(step, "val", "accuracy", totals.correct / totals.tokens);
+            .record(step, "val", "perplexity", totals.perplexity());
+        self.session
+            .record(step, "val", "accuracy", totals.accuracy());
         self.state.observe_val_loss(step, loss);
         Ok(())
     }
