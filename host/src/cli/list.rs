@@ -11,6 +11,9 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
+/// The width the human listing keeps to.
+const LINE_WIDTH: usize = 80;
+
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use codex_plugin_api::ComponentKind;
@@ -303,15 +306,24 @@ fn write_table(
             writeln!(out, "  (none registered)")?;
         }
         for row in rows {
-            writeln!(
-                out,
-                "  {:name_width$}  {:version_width$}  api {}  {:origin_width$}  {}",
+            let columns = format!(
+                "  {:name_width$}  {:version_width$}  api {}  {:origin_width$}",
                 row.name,
                 row.version.as_deref().unwrap_or(""),
                 row.api_version.as_deref().unwrap_or(""),
                 row.origin,
-                row.description.as_deref().unwrap_or(""),
-            )?;
+            );
+            let description = row.description.as_deref().unwrap_or("");
+            // A description that would run past 80 columns goes on its own line, indented
+            // under the name, so the listing reads in a plain terminal.
+            if columns.chars().count() + 2 + description.chars().count() <= LINE_WIDTH {
+                writeln!(out, "{columns}  {description}")?;
+            } else {
+                writeln!(out, "{}", columns.trim_end())?;
+                for line in wrap(description, LINE_WIDTH - 6) {
+                    writeln!(out, "      {line}")?;
+                }
+            }
         }
     }
     if plugins_asked && manifest.is_none() {
@@ -405,5 +417,39 @@ fn describe_capabilities(c: &Capabilities) -> String {
         "none".to_owned()
     } else {
         granted.join("; ")
+    }
+}
+
+/// `text` in lines of at most `width` chars, broken at spaces (a longer word stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_wrap_at_spaces_within_the_width() {
+        assert_eq!(wrap("one two three four", 9), ["one two", "three", "four"]);
+        assert_eq!(
+            wrap("averyveryverylongword x", 5),
+            ["averyveryverylongword", "x"]
+        );
+        assert!(wrap("", 10).is_empty());
     }
 }
