@@ -31,6 +31,21 @@ pub(crate) fn tokenizer(
     base_dir: &Path,
     corpus: &[&str],
 ) -> Result<TokenizerBox, String> {
+    build(name, params, base_dir, corpus, None)
+}
+
+/// Restore the built-in tokenizer `name` from the form a run saved, as `eval` does.
+fn restored(name: &str, params: &str, saved: &str) -> Result<TokenizerBox, String> {
+    build(name, params, Path::new(""), &[], Some(saved))
+}
+
+fn build(
+    name: &str,
+    params: &str,
+    base_dir: &Path,
+    corpus: &[&str],
+    saved: Option<&str>,
+) -> Result<TokenizerBox, String> {
     let factory = codex_plugin_api::component::builtins()
         .map(|b| (b.declare)())
         .find_map(|d| match d.factory {
@@ -45,6 +60,7 @@ pub(crate) fn tokenizer(
         TokenizerEnv {
             base_dir: RStr::from(base.as_ref()),
             corpus: RSlice::from_slice(&corpus),
+            saved: saved.map(RStr::from).into(),
         },
     )
     .into_result()
@@ -164,6 +180,40 @@ fn bpe_json_reloaded_with_hf_gives_identical_ids() {
         to_json(&bpe),
         to_json(&hf),
         "a reloaded tokenizer serialises identically"
+    );
+}
+
+/// `eval` and `generate` rebuild a run's tokenizer by its own name and parameters, restored
+/// from the form it saved: the same ids, specials and serialisation as the one trained.
+#[test]
+fn a_trained_bpe_restores_from_its_saved_form() {
+    let bpe = trained_bpe(320);
+    let saved = to_json(&bpe).unwrap_or_else(|| panic!("bpe has no json"));
+    let again = restored("bpe", r#"{"vocab_size": 320}"#, &saved).unwrap_or_else(|e| panic!("{e}"));
+    for text in SNIPPETS
+        .iter()
+        .copied()
+        .chain(code_corpus().iter().map(String::as_str))
+    {
+        assert_eq!(encode(&bpe, text), encode(&again, text), "ids of {text:?}");
+    }
+    assert_eq!(
+        (bpe.eot_id(), bpe.pad_id(), bpe.vocab_size()),
+        (again.eot_id(), again.pad_id(), again.vocab_size())
+    );
+    assert_eq!(to_json(&again).as_deref(), Some(saved.as_str()));
+    let bytes = restored("bytes", "", "ignored").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        encode(&bytes, "ab"),
+        [97, 98],
+        "a tokenizer that learns nothing is rebuilt"
+    );
+    let e = restored("bpe", r#"{"vocab_size": 320}"#, "{not json")
+        .err()
+        .unwrap_or_default();
+    assert!(
+        e.contains("saved with the run") && e.contains("not a valid tokenizer.json"),
+        "{e}"
     );
 }
 

@@ -18,9 +18,13 @@ use crate::error::{guard, PluginError, Result};
 pub struct TokenizerEnv<'a> {
     /// Directory that relative paths in the parameters are resolved against (the config's).
     pub base_dir: RStr<'a>,
-    /// The training documents, for tokenizers that learn a vocabulary (`bpe`); may be empty
-    /// when an already-trained tokenizer is being reloaded.
+    /// The training documents, for tokenizers that learn a vocabulary (`bpe`); empty when
+    /// the tokenizer is restored from `saved`.
     pub corpus: RSlice<'a, RString>,
+    /// The tokenizer's own serialised form (what its `to_json` returned) saved with a run,
+    /// when a trained model is being loaded (`eval`, `generate`): the tokenizer restores
+    /// itself from it instead of building anew.
+    pub saved: ROption<RStr<'a>>,
 }
 
 /// The ABI face of a tokenizer.
@@ -70,6 +74,14 @@ pub trait Tokenizer: Describe + Send + Sync + Sized + 'static {
     fn to_json(&self) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Rebuild the tokenizer a run used from `saved`, what its [`Tokenizer::to_json`]
+    /// returned then, with the run's `params`. The default builds it anew with no corpus,
+    /// which is right for tokenizers that learn nothing; one that learns a vocabulary
+    /// restores it from `saved`.
+    fn restore(params: &str, base_dir: &str, saved: &str) -> Result<Self> {
+        let _ = saved;
+        Self::create(params, base_dir, &[])
+    }
 }
 
 struct Adapter<T>(T);
@@ -106,8 +118,13 @@ extern "C" fn factory<T: Tokenizer>(
     env: TokenizerEnv<'_>,
 ) -> RResult<TokenizerBox, PluginError> {
     guard(T::NAME, "create", || {
-        let corpus: Vec<&str> = env.corpus.iter().map(RString::as_str).collect();
-        let t = T::create(params.as_str(), env.base_dir.as_str(), &corpus)?;
+        let t = match env.saved.into_option() {
+            Some(saved) => T::restore(params.as_str(), env.base_dir.as_str(), saved.as_str())?,
+            None => {
+                let corpus: Vec<&str> = env.corpus.iter().map(RString::as_str).collect();
+                T::create(params.as_str(), env.base_dir.as_str(), &corpus)?
+            }
+        };
         Ok(TokenizerAbi_TO::from_value(
             Adapter(t),
             abi_stable::sabi_trait::TD_Opaque,

@@ -49,21 +49,23 @@ pub fn load(target: &Path, registry: &Registry) -> Result<Loaded> {
     let config = Config::load(&checkpoint.join("config.ron"), &[])
         .with_context(|| format!("reading the config saved in {}", checkpoint.display()))?;
     let device = engine::parse_device(&config.device)?;
+    // The tokenizer is built the way the run built it, restored from the form the run saved
+    // (a tokenizer that learnt its vocabulary needs it; one without a saved form is rebuilt).
     let tokenizer_file = checkpoint.join("tokenizer.json");
-    let tokenizer = if tokenizer_file.exists() {
-        let params = serde_json::json!({ "path": tokenizer_file.to_string_lossy() });
-        build::tokenizer(registry, "hf", &params, "", &[])?
-    } else {
-        // Tokenizers without a serialised form (e.g. `bytes`) are rebuilt from the config.
-        let dir = config.dir.to_string_lossy().into_owned();
-        build::tokenizer(
-            registry,
-            &config.tokenizer.name,
-            &config.tokenizer.params,
-            &dir,
-            &[],
-        )?
+    let saved = match std::fs::read_to_string(&tokenizer_file) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", tokenizer_file.display())),
     };
+    let dir = config.dir.to_string_lossy().into_owned();
+    let tokenizer = build::tokenizer(
+        registry,
+        &config.tokenizer.name,
+        &config.tokenizer.params,
+        &dir,
+        &[],
+        saved.as_deref(),
+    )?;
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = build::model(
         registry,

@@ -52,13 +52,15 @@ fn mismatch(entry: &Entry, kind: ComponentKind) -> anyhow::Error {
     )
 }
 
-/// Build a tokenizer; `corpus` is used by tokenizers that learn a vocabulary.
+/// Build a tokenizer; `corpus` is used by tokenizers that learn a vocabulary. With `saved`
+/// (what the tokenizer's `to_json` gave for a run), it restores that tokenizer instead.
 pub fn tokenizer(
     registry: &Registry,
     name: &str,
     params: &serde_json::Value,
     base_dir: &str,
     corpus: &[RString],
+    saved: Option<&str>,
 ) -> Result<TokenizerBox> {
     let entry = lookup(registry, ComponentKind::Tokenizer, name)?;
     let Factory::Tokenizer(f) = entry.decl.factory else {
@@ -68,6 +70,7 @@ pub fn tokenizer(
     let env = TokenizerEnv {
         base_dir: RStr::from(base_dir),
         corpus: corpus.into(),
+        saved: saved.map(RStr::from).into(),
     };
     f(RStr::from(text.as_str()), env)
         .into_result()

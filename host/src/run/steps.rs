@@ -59,6 +59,7 @@ pub(crate) fn tokenizer(
         &config.tokenizer.params,
         &dir_text,
         corpus,
+        None,
     )?;
     let json = tokenizer
         .to_json()

@@ -67,6 +67,12 @@ impl Tokenizer for Bpe {
         Ok(Bpe(train(&p, corpus)?))
     }
 
+    /// The vocabulary and merges learnt by the run, from its saved `tokenizer.json`.
+    fn restore(params: &str, _base_dir: &str, saved: &str) -> Result<Self> {
+        let _: BpeParams = params::parse(Self::NAME, params)?;
+        Loaded::restore(saved, EOT_TOKEN, Some(PAD_TOKEN), Self::NAME).map(Bpe)
+    }
+
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.0.encode(text)
     }

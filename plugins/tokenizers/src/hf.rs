@@ -26,6 +26,20 @@ pub(crate) struct Loaded {
 }
 
 impl Loaded {
+    /// Parse a saved `tokenizer.json` (what [`Loaded::to_json`] wrote for a run) and wrap it.
+    pub(crate) fn restore(
+        saved: &str,
+        eot_token: &str,
+        pad_token: Option<&str>,
+        component: &str,
+    ) -> Result<Loaded> {
+        let origin = format!("the `{component}` tokenizer saved with the run");
+        let inner: tokenizers::Tokenizer = saved
+            .parse()
+            .map_err(|e| Error::msg(format!("{origin} is not a valid tokenizer.json: {e}")))?;
+        Loaded::new(inner, eot_token, pad_token, origin)
+    }
+
     /// Wrap `inner`; `eot_token` and `pad_token` must be in its vocabulary.
     pub(crate) fn new(
         mut inner: tokenizers::Tokenizer,
@@ -229,6 +243,13 @@ impl Tokenizer for Hf {
         }
         let pad_token = p.pad_token.as_deref();
         Ok(Hf(Loaded::new(inner, &p.eot_token, pad_token, shown)?))
+    }
+
+    /// The saved form already holds the added tokens, padding and truncation the parameters
+    /// asked for; the file at `path` may have changed since.
+    fn restore(params: &str, _base_dir: &str, saved: &str) -> Result<Self> {
+        let p: HfParams = params::parse(Self::NAME, params)?;
+        Loaded::restore(saved, &p.eot_token, p.pad_token.as_deref(), Self::NAME).map(Hf)
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
