@@ -7,7 +7,7 @@
 //! seed in [`ForwardCtx`], so a step can be replayed exactly.
 
 use abi_stable::sabi_trait;
-use abi_stable::std_types::{RBox, RResult, RStr, RString};
+use abi_stable::std_types::{RBox, ROption, RResult, RStr, RString};
 use abi_stable::StableAbi;
 
 use crate::component::{decl, ComponentDecl, Describe, Factory};
@@ -44,8 +44,10 @@ pub trait ModelAbi: Send + Sync {
     /// The longest sequence the model accepts.
     fn max_positions(&self) -> usize;
     /// The model's resolved configuration as JSON (saved with checkpoints).
-    #[sabi(last_prefix_field)]
     fn config_json(&self) -> RString;
+    /// The parameter that sets `max_positions`, if one does.
+    #[sabi(last_prefix_field)]
+    fn max_positions_param(&self) -> ROption<RString>;
 }
 
 /// An owned model object.
@@ -64,6 +66,11 @@ pub trait Model: Describe + Send + Sync + Sized + 'static {
     fn max_positions(&self) -> usize;
     /// Resolved configuration as JSON.
     fn config_json(&self) -> String;
+    /// The name of the parameter (in `params`) that sets [`Model::max_positions`], so that
+    /// the host can tell a user which one to raise (`n_positions`). Default: none.
+    fn max_positions_param(&self) -> Option<&str> {
+        None
+    }
 }
 
 struct Adapter<M>(M);
@@ -80,6 +87,9 @@ impl<M: Model> ModelAbi for Adapter<M> {
     }
     fn config_json(&self) -> RString {
         self.0.config_json().into()
+    }
+    fn max_positions_param(&self) -> ROption<RString> {
+        self.0.max_positions_param().map(RString::from).into()
     }
 }
 

@@ -96,8 +96,13 @@ pub(crate) fn model(
     )?;
     let max_positions = model.max_positions();
     if config.train.seq_len > max_positions {
+        // The model names the parameter that sets its limit; the host knows no model's names.
+        let raise = match model.max_positions_param().into_option() {
+            Some(param) => format!("model.params.{param}"),
+            None => "the model's position limit in model.params".to_string(),
+        };
         bail!(
-            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise the model's position limit in model.params (n_positions for gpt2, max_position_embeddings for LLaMA-style models)",
+            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise {raise}",
             config.train.seq_len,
             config.model.name,
             max_positions

@@ -422,6 +422,10 @@ impl Model for Gpt2 {
         self.config.n_positions
     }
 
+    fn max_positions_param(&self) -> Option<&str> {
+        Some("n_positions")
+    }
+
     fn config_json(&self) -> String {
         let c = &self.config;
         let hf = HfConfig {

@@ -363,6 +363,10 @@ impl Model for Llama {
         self.config.max_position_embeddings
     }
 
+    fn max_positions_param(&self) -> Option<&str> {
+        Some("max_position_embeddings")
+    }
+
     fn config_json(&self) -> String {
         let c = &self.config;
         let hf = HfConfig {
