@@ -1,4 +1,4 @@
-//! Building components from registry entries: one place that calls factories.
+//! Building components from registry entries, and asking them to check their parameters.
 //!
 //! Each function looks the name up in the registry (so an unknown name lists the known ones),
 //! hands the component its parameters as JSON, and turns a factory error into a host error
