@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use codex_host::config::{Config, ConfigError, Override, ScheduleKind};
 use codex_host::data::Source;
 use codex_host::diagnostics::Position;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const QUICKSTART: &str = r#"(
     experiment: "quickstart",
@@ -623,4 +623,91 @@ fn components_are_checked_against_the_registry() {
 fn unreadable_config_names_the_path() {
     let error = Config::load(Path::new("/nonexistent/x.ron"), &[]).expect_err("no such file");
     assert!(error.to_string().contains("/nonexistent/x.ron"), "{error}");
+}
+
+/// The run's record is listed first whatever the file says: added when the file leaves it out,
+/// moved when the file lists it elsewhere, and joined by a copy when `ndjson` has a `file`. A
+/// bad parameter is still reported at its place in the file, and the written config reads
+/// back the same.
+#[test]
+fn the_runs_record_comes_first_and_keeps_positions_in_the_file() {
+    use codex_host::plugins::registry::Registry;
+    let names = |c: &Config| -> Vec<(String, Value)> {
+        c.sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.params.clone()))
+            .collect()
+    };
+    let cases: [(&str, Vec<(&str, Value)>); 3] = [
+        (
+            r#"sinks=[(name: "csv"), (name: "ndjson")]"#,
+            vec![("ndjson", json!({})), ("csv", json!({}))],
+        ),
+        (
+            r#"sinks=[(name: "csv"), (name: "ndjson", params: (file: "copy.ndjson"))]"#,
+            vec![
+                ("ndjson", json!({})),
+                ("csv", json!({})),
+                ("ndjson", json!({"file": "copy.ndjson"})),
+            ],
+        ),
+        (
+            r#"sinks=[(name: "ndjson", params: (file: "copy.ndjson")), (name: "ndjson")]"#,
+            vec![
+                ("ndjson", json!({})),
+                ("ndjson", json!({"file": "copy.ndjson"})),
+            ],
+        ),
+    ];
+    for (set, expected) in cases {
+        let c = load_ok(QUICKSTART, &[set]);
+        let expected: Vec<(String, Value)> = expected
+            .into_iter()
+            .map(|(n, p)| (n.to_owned(), p))
+            .collect();
+        assert_eq!(names(&c), expected, "{set}");
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        let stored = elsewhere.path().join("config.ron");
+        std::fs::write(&stored, c.to_ron()).expect("write");
+        let reloaded = Config::load(&stored, &[]).unwrap_or_else(|e| panic!("{set}: {e}"));
+        assert_eq!(names(&reloaded), expected, "{set}, read back");
+    }
+
+    // Two copies are two listings of one sink; the record beside a copy is not.
+    check_error(
+        QUICKSTART,
+        &[
+            r#"sinks=[(name: "ndjson", params: (file: "a")), (name: "ndjson", params: (file: "b"))]"#,
+        ],
+        &["sinks[1].name: sink `ndjson` is listed twice"],
+    );
+    check_error(
+        QUICKSTART,
+        &[r#"sinks=[(name: "ndjson"), (name: "csv"), (name: "ndjson")]"#],
+        &["sinks[2].name: sink `ndjson` is listed twice"],
+    );
+
+    // A bad parameter is reported where the file has it, though the record moved before it.
+    let registry = Registry::with_builtins().expect("built-ins");
+    let c = load_ok(
+        QUICKSTART,
+        &[r#"sinks=[(name: "csv"), (name: "ndjson"), (name: "console", params: (every: 1))]"#],
+    );
+    let text = c
+        .check_components(&registry)
+        .expect_err("unknown parameter")
+        .to_string();
+    assert!(text.contains("sinks[2].params"), "{text}");
+    let c = load_ok(
+        QUICKSTART,
+        &[r#"sinks=[(name: "ndjson", params: (file: "metrics.ndjson"))]"#],
+    );
+    let text = c
+        .check_components(&registry)
+        .expect_err("a copy over the record")
+        .to_string();
+    assert!(
+        text.contains("sinks[0].params") && text.contains("is the run's record"),
+        "{text}"
+    );
 }

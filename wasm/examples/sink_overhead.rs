@@ -1,4 +1,4 @@
-//! The cost per metric record of a sandboxed sink, next to the built-in `ndjson` sink.
+//! The cost per metric record of a sandboxed sink, next to the built-in `csv` sink.
 //!
 //! Usage: `cargo run -p codex-wasm --example sink_overhead -- GUEST.wasm [RECORDS]`, with a
 //! guest built for `wasm32-wasip2` (e.g. the summary example, or the test guest in mode `none`
@@ -55,20 +55,20 @@ fn main() -> Result<(), String> {
     let records = records(n);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
 
-    let decl = codex_plugin_api::sink::declare::<codex_sinks::NdjsonSink>();
+    let decl = codex_plugin_api::sink::declare::<codex_sinks::CsvSink>();
     let codex_plugin_api::Factory::Sink(factory) = decl.factory else {
-        return Err("ndjson is not a sink".to_owned());
+        return Err("csv is not a sink".to_owned());
     };
     let run_dir = dir.path().to_string_lossy().into_owned();
     let env = codex_plugin_api::sink::SinkEnv {
         run_dir: run_dir.as_str().into(),
         resume_step: None.into(),
     };
-    let ndjson = match factory("{}".into(), env) {
+    let csv = match factory("{}".into(), env) {
         RResult::ROk(s) => s,
         RResult::RErr(e) => return Err(e.message.into_string()),
     };
-    let builtin = per_record(ndjson, &records)?;
+    let builtin = per_record(csv, &records)?;
 
     let plugin = SinkPlugin {
         name: "bench".to_owned(),
@@ -94,9 +94,9 @@ fn main() -> Result<(), String> {
     let wasm = per_record(sink, &records)?;
 
     println!("records: {n} in batches of {BATCH}");
-    println!("built-in ndjson: {:.0} ns per record", builtin * 1e9);
+    println!("built-in csv: {:.0} ns per record", builtin * 1e9);
     println!(
-        "wasm sink `{}` {}: {:.0} ns per record ({:+.0} ns against ndjson)",
+        "wasm sink `{}` {}: {:.0} ns per record ({:+.0} ns against csv)",
         prepared.described().name,
         prepared.described().version,
         wasm * 1e9,

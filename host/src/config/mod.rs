@@ -111,7 +111,7 @@ pub struct Config {
     pub trainer: ComponentSpec,
     /// Training settings.
     pub train: TrainConfig,
-    /// Metric sinks, `ndjson` always first.
+    /// Metric sinks, the run's record ([`ComponentSpec::run_record`]) first.
     pub sinks: Vec<ComponentSpec>,
     /// Run trackers.
     pub trackers: Vec<ComponentSpec>,
@@ -136,9 +136,9 @@ struct Written {
     source: String,
     /// The `--set` overrides applied, for naming the one behind a bad value.
     overrides: Vec<Override>,
-    /// Sinks the resolver put before the file's own (the run's record), so that `sinks[i]`
-    /// of the config is `sinks[i - sinks_added]` of the file.
-    sinks_added: usize,
+    /// For each of the config's sinks, its index among the file's, or `None` for the run's
+    /// record when the resolver added it.
+    sinks_in_file: Vec<Option<usize>>,
 }
 
 impl PartialEq for Written {
@@ -160,6 +160,22 @@ impl ComponentSpec {
     /// The parameters as the JSON text handed to the component's factory.
     pub fn params_json(&self) -> String {
         self.params.to_string()
+    }
+
+    /// The sink that keeps the run's record, `metrics.ndjson`: the one named
+    /// [`crate::metrics::RUN_RECORD`] with no parameters. Every config lists it first; listed
+    /// with parameters (a `file`), the same sink writes a copy of the record.
+    pub fn run_record() -> ComponentSpec {
+        ComponentSpec {
+            name: crate::metrics::RUN_RECORD.to_owned(),
+            params: Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    /// Whether this is [`ComponentSpec::run_record`]: told by the whole spec, never by
+    /// reading one of its parameters.
+    pub fn is_run_record(&self) -> bool {
+        *self == ComponentSpec::run_record()
     }
 }
 
@@ -314,6 +330,12 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The index in the file of the config's sink `i`; `None` for a run's record the resolver
+    /// added.
+    fn sink_in_file(&self, i: usize) -> Option<usize> {
+        self.written.sinks_in_file.get(i).copied().flatten()
+    }
+
     /// Read, override, resolve and validate the config at `path`.
     pub fn load(path: &Path, overrides: &[Override]) -> Result<Config, ConfigError> {
         let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -362,7 +384,7 @@ impl Config {
             ("trainer".into(), ComponentKind::Trainer, &self.trainer),
         ];
         for (i, sink) in self.sinks.iter().enumerate() {
-            if let Some(written) = i.checked_sub(self.written.sinks_added) {
+            if let Some(written) = self.sink_in_file(i) {
                 sections.push((format!("sinks[{written}]"), ComponentKind::Sink, sink));
             }
         }
@@ -436,7 +458,7 @@ impl Config {
             ),
         ];
         for (i, sink) in self.sinks.iter().enumerate() {
-            let Some(written) = i.checked_sub(self.written.sinks_added) else {
+            let Some(written) = self.sink_in_file(i) else {
                 continue;
             };
             wanted.push((

@@ -42,8 +42,9 @@ pub(crate) struct RawConfig {
     pub(super) trainer: Option<RawComponent>,
     /// Training settings. Required.
     pub(super) train: RawTrain,
-    /// Metric sinks, e.g. `[(name: "csv"), (name: "console")]`. `ndjson` is always written;
-    /// listing it changes nothing (and lets you give it params). A sink may appear once.
+    /// Metric sinks, e.g. `[(name: "csv"), (name: "console")]`. The run's record,
+    /// `metrics.ndjson` (sink `ndjson`), is always written and listed first; `(name: "ndjson",
+    /// params: (file: "copy.ndjson"))` adds a copy of it. A sink may appear once.
     /// Default: `[]`.
     #[serde(default)]
     pub(super) sinks: Vec<RawComponent>,

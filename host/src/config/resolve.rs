@@ -15,6 +15,7 @@ use super::{
 };
 use crate::data::{DataConfig, Source};
 use crate::diagnostics::{join_field, Diagnostic};
+use crate::metrics::RUN_RECORD;
 
 /// The directory of the config file, absolute (canonical when it exists).
 pub(super) fn config_dir(path: &Path) -> PathBuf {
@@ -88,7 +89,11 @@ impl Resolver<'_> {
         for (i, sink) in raw.sinks.iter_mut().enumerate() {
             let field = format!("sinks[{i}]");
             let sink = self.component(&field, sink)?;
-            if sinks.iter().any(|s: &ComponentSpec| s.name == sink.name) {
+            // The run's record may stand beside a copy of itself (see below).
+            let listed = |s: &ComponentSpec| {
+                s.name == sink.name && s.is_run_record() == sink.is_run_record()
+            };
+            if sinks.iter().any(listed) {
                 return Err(self.invalid(
                     &join_field(&field, "name"),
                     format!("sink `{}` is listed twice; keep one", sink.name),
@@ -96,18 +101,24 @@ impl Resolver<'_> {
             }
             sinks.push(sink);
         }
-        let sinks_written = sinks.len();
-        if !sinks.iter().any(|s| s.name == "ndjson") {
-            raw.sinks.insert(0, RawComponent::named("ndjson"));
-            sinks.insert(
-                0,
-                ComponentSpec {
-                    name: "ndjson".to_owned(),
-                    params: Value::Object(Map::new()),
-                },
-            );
-        }
-        let sinks_added = sinks.len() - sinks_written;
+        // Where each resolved sink stands in the file: the run's record comes first, listed
+        // or not (see `ComponentSpec::run_record`).
+        let mut sinks_in_file: Vec<Option<usize>> = (0..sinks.len()).map(Some).collect();
+        let record = match sinks.iter().position(ComponentSpec::is_run_record) {
+            Some(i) => (
+                raw.sinks.remove(i),
+                sinks.remove(i),
+                sinks_in_file.remove(i),
+            ),
+            None => (
+                RawComponent::named(RUN_RECORD),
+                ComponentSpec::run_record(),
+                None,
+            ),
+        };
+        raw.sinks.insert(0, record.0);
+        sinks.insert(0, record.1);
+        sinks_in_file.insert(0, record.2);
         let mut trackers = Vec::with_capacity(raw.trackers.len());
         for (i, tracker) in raw.trackers.iter_mut().enumerate() {
             trackers.push(self.component(&format!("trackers[{i}]"), tracker)?);
@@ -147,7 +158,7 @@ impl Resolver<'_> {
             written: Written {
                 source: String::new(),
                 overrides: self.overrides.to_vec(),
-                sinks_added,
+                sinks_in_file,
             },
         })
     }

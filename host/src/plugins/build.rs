@@ -10,11 +10,11 @@ use codex_plugin_api::kernel::KernelBox;
 use codex_plugin_api::model::{ModelBox, ModelEnv};
 use codex_plugin_api::optimizer::OptimizerBox;
 use codex_plugin_api::params::TensorStoreRef;
-use codex_plugin_api::sink::SinkBox;
+use codex_plugin_api::sink::{SinkBox, SinkEnv};
 use codex_plugin_api::tokenizer::{TokenizerBox, TokenizerEnv};
 use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::trainer::TrainerBox;
-use codex_plugin_api::{ComponentKind, Factory, PluginError};
+use codex_plugin_api::{ComponentDecl, ComponentKind, Factory, PluginError};
 
 use crate::plugins::registry::{Entry, Origin, Registry};
 
@@ -129,14 +129,50 @@ pub fn sink(
             )
         });
     }
-    crate::metrics::open_sink(
-        name,
-        &entry.decl,
-        &params_text(params),
-        run_dir,
-        resume_step,
-    )
-    .with_context(|| format!("sink `{name}` ({})", entry.origin))
+    open_sink(&entry.decl, &params_text(params), run_dir, resume_step)
+        .map_err(|e| match e {
+            SinkOpenError::NotASink { found } => anyhow!(
+                "component `{name}` is a {found}, not a sink; list sinks with `codex-ml list`"
+            ),
+            SinkOpenError::Failed(message) => anyhow!("cannot open sink `{name}`: {message}"),
+        })
+        .with_context(|| format!("sink `{name}` ({})", entry.origin))
+}
+
+/// Why [`open_sink`] failed.
+#[derive(Debug)]
+pub enum SinkOpenError {
+    /// The declaration is for another kind of component.
+    NotASink {
+        /// The kind it is.
+        found: &'static str,
+    },
+    /// The sink's constructor failed, with this message.
+    Failed(String),
+}
+
+/// Open a sink from its declaration: `params_json` is its parameters as JSON (empty for none),
+/// `run_dir` the directory file sinks write into, `resume_step` the step being resumed from.
+/// [`sink`] does this for a registry name; the metrics hub, for the run's own record.
+pub fn open_sink(
+    decl: &ComponentDecl,
+    params_json: &str,
+    run_dir: &std::path::Path,
+    resume_step: Option<u64>,
+) -> std::result::Result<SinkBox, SinkOpenError> {
+    let Factory::Sink(factory) = decl.factory else {
+        return Err(SinkOpenError::NotASink {
+            found: decl.kind().as_str(),
+        });
+    };
+    let run_dir = run_dir.to_string_lossy();
+    let env = SinkEnv {
+        run_dir: RStr::from(run_dir.as_ref()),
+        resume_step: resume_step.into(),
+    };
+    factory(RStr::from(params_json), env)
+        .into_result()
+        .map_err(|e| SinkOpenError::Failed(e.message.into_string()))
 }
 
 /// Build a tracker. It is told about the run later, from its own thread (see

@@ -2,8 +2,8 @@
 //! adapter per origin that turns what it loads into registry entries — built-ins
 //! (`inventory`, in [`registry`]), native plugins ([`native`], `abi_stable`) and sandboxed
 //! WebAssembly plugins ([`wasm`], through `codex-wasm`) — from the plugin [`manifest`].
-//! [`build`] builds a component from its entry, whatever its origin (sinks are opened by
-//! `metrics::open_sink`, which the metrics hub also uses for the run's own record).
+//! [`build`] builds a component from its entry, whatever its origin: it is the one place
+//! factories are called (the metrics hub opens the run's own record through it too).
 
 pub mod build;
 pub mod manifest;

@@ -10,6 +10,7 @@ use abi_stable::std_types::RString;
 use anyhow::{anyhow, bail, Context, Result};
 use codex_engine::{self as engine, Device, KernelScope, ParamStore};
 use codex_plugin_api::model::ModelBox;
+use codex_plugin_api::sink::SinkBox;
 use codex_plugin_api::tokenizer::TokenizerBox;
 use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::RunInfo;
@@ -162,16 +163,15 @@ pub(crate) fn metrics(
     resume_step: Option<u64>,
     trackers: Vec<(String, TrackerBox)>,
 ) -> Result<MetricsHub> {
-    let mut sinks = Vec::new();
-    for spec in &config.sinks {
+    let mut sinks: Vec<(String, SinkBox)> = Vec::new();
+    for (i, spec) in config.sinks.iter().enumerate() {
         let sink = build::sink(registry, &spec.name, &spec.params, run.path(), resume_step)?;
-        // `metrics.ndjson` is always written: an `ndjson` sink sent to another file is an
-        // extra copy under a name of its own, and the hub still opens the built-in one.
-        let lane = match spec.params.get("file").and_then(|f| f.as_str()) {
-            Some(file) if spec.name == crate::metrics::NDJSON && file != "metrics.ndjson" => {
-                format!("{}:{file}", spec.name)
-            }
-            _ => spec.name.clone(),
+        // Lanes go by registry name; the one sink a config may list twice (the run's record,
+        // once as itself and once as a copy) is told apart by its place in the config.
+        let lane = if sinks.iter().any(|(lane, _)| *lane == spec.name) {
+            format!("{} (sinks[{i}])", spec.name)
+        } else {
+            spec.name.clone()
         };
         sinks.push((lane, sink));
     }

@@ -1,8 +1,8 @@
-//! `csv`: the same records as `ndjson`, as a spreadsheet-friendly table.
+//! `csv`: the same records as the run's `metrics.ndjson`, as a spreadsheet-friendly table.
 //!
 //! Header `step,split,name,value,time`; numbers in their shortest round-trip form. A
 //! non-finite value is written as `NaN`, `inf` or `-inf`, which pandas and spreadsheets read
-//! back as floats. Resumed runs drop superseded rows as `ndjson` does.
+//! back as floats. Resumed runs drop superseded rows as `metrics.ndjson` does.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use codex_plugin_api::{Describe, Error, Record, Result, Sink};
 use serde::Deserialize;
 
-use crate::ndjson::open_for_append;
 use crate::params;
-use crate::resume::LineFormat;
+use crate::resume::{open_for_append, LineFormat};
 
 const HEADER: &str = "step,split,name,value,time";
 

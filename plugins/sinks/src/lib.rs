@@ -1,23 +1,24 @@
-//! The built-in metric sinks: `ndjson`, `csv` and `console`.
+//! The built-in metric sinks `csv` and `console`, and the helpers every sink that keeps a
+//! line-oriented file in the run directory shares: strict parameters and file names
+//! ([`params`]) and the rule for resumed runs ([`resume`]). The run's own record,
+//! `metrics.ndjson`, is the host's (it is written whatever the config says), and uses the
+//! same helpers.
 //!
 //! Each sink is an ordinary implementation of [`codex_plugin_api::Sink`], registered the way a
 //! third-party one would be, so the host treats them exactly like plugins: it runs them off the
-//! training thread and disables one that fails. The two file sinks share one rule for resumed
-//! runs (module `resume`): records after the resume step are superseded, so a metric stream never
+//! training thread and disables one that fails. File sinks share one rule for resumed runs
+//! (module [`resume`]): records after the resume step are superseded, so a metric stream never
 //! holds a duplicated or backwards step.
 
 #![warn(missing_docs, unreachable_pub)]
 
 mod console;
 mod csv_sink;
-mod ndjson;
-mod params;
-mod resume;
+pub mod params;
+pub mod resume;
 
 pub use console::ConsoleSink;
 pub use csv_sink::CsvSink;
-pub use ndjson::NdjsonSink;
 
-codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<NdjsonSink>);
 codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<CsvSink>);
 codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<ConsoleSink>);

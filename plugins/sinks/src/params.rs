@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 /// Parse `params` into `T` (which denies unknown fields) with the plugin API's strict parser,
 /// naming the sink on failure.
-pub(crate) fn parse<T: DeserializeOwned>(sink: &str, params: &str) -> Result<T> {
+pub fn parse<T: DeserializeOwned>(sink: &str, params: &str) -> Result<T> {
     codex_plugin_api::strict::parse_params(params).map_err(|e| {
         Error::msg(format!(
             "invalid parameters for sink `{sink}`: {}; see the sink reference for the accepted fields",
@@ -18,7 +18,7 @@ pub(crate) fn parse<T: DeserializeOwned>(sink: &str, params: &str) -> Result<T> 
 }
 
 /// Check that a file name stays inside the run directory.
-pub(crate) fn check_file_name(sink: &str, file: &str) -> Result<()> {
+pub fn check_file_name(sink: &str, file: &str) -> Result<()> {
     let path = std::path::Path::new(file);
     let plain = path.components().count() == 1
         && matches!(

@@ -7,14 +7,14 @@
 //! one, never half of one). A last line without its newline is a write torn by the kill and is
 //! dropped; any other line that cannot be read is an error, because dropping it would lose data.
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
 use codex_plugin_api::{Error, Result};
 
 /// What a file sink knows about one of its lines.
-pub(crate) trait LineFormat {
+pub trait LineFormat {
     /// The header line (without newline), if the format has one.
     fn header(&self) -> Option<&str>;
     /// The step of a record line, or `None` when the line is not a record.
@@ -23,7 +23,7 @@ pub(crate) trait LineFormat {
 
 /// Rewrite `path` keeping the header and the records with `step <= resume_step`.
 /// A missing file is left missing.
-pub(crate) fn truncate_after(path: &Path, resume_step: u64, format: &dyn LineFormat) -> Result<()> {
+pub fn truncate_after(path: &Path, resume_step: u64, format: &dyn LineFormat) -> Result<()> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -37,6 +37,36 @@ pub(crate) fn truncate_after(path: &Path, resume_step: u64, format: &dyn LineFor
     })?;
     replace(path, kept.as_bytes())
         .map_err(|e| Error::msg(format!("cannot rewrite {} for resume: {e}", path.display())))
+}
+
+/// Open `path` for appending records: fresh runs must not find an earlier file there, resumed
+/// runs first drop the records their resume supersedes.
+pub fn open_for_append(
+    sink: &str,
+    path: &Path,
+    resume_step: Option<u64>,
+    format: &dyn LineFormat,
+) -> Result<File> {
+    match resume_step {
+        Some(step) => truncate_after(path, step, format)?,
+        None if path.exists() => {
+            return Err(Error::msg(format!(
+                "sink `{sink}`: {} already exists in a run that is not resumed; resume that run or start a new run directory",
+                path.display()
+            )))
+        }
+        None => {}
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            Error::msg(format!(
+                "sink `{sink}`: cannot open {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// The text to keep, or the 1-based number and content of the first unreadable line.

@@ -14,13 +14,14 @@
 //! - **A failing sink is disabled, once.** The first error (a panic arrives as an error: the
 //!   plugin-side guard catches it) disables the sink for the rest of the run with one warning
 //!   that names it and the reason; its thread ends and later records skip it.
-//! - **`metrics.ndjson` is always written**: [`MetricsHub::start`] adds the built-in `ndjson`
-//!   sink unless the caller passes a sink named `ndjson` already.
+//! - **`metrics.ndjson` is always written**: it is the run's record ([`RunRecord`]), the host's
+//!   own sink; [`MetricsHub::start`] opens it first unless the caller passes a lane named
+//!   [`RUN_RECORD`] already (a run does: its config lists the record first).
 //! - **Records are batched**: a sink thread takes whatever has queued up (up to
 //!   [`MAX_BATCH`]) and hands it over in one `write`, then flushes when its queue runs dry.
 //!
-//! Sinks are built from their registry declaration with [`open_sink`]; the hub takes them as
-//! `(name, SinkBox)` pairs, whatever their origin.
+//! Sinks are built from their registry declaration by `plugins::build` (also reachable as
+//! [`open_sink`]); the hub takes them as `(name, SinkBox)` pairs, whatever their origin.
 //!
 //! **Trackers ride the same lanes.** A tracker is one more consumer of the record stream with
 //! a longer lifecycle: its thread first tells it the run started (or resumed) and hands it the
@@ -40,9 +41,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
-use codex_plugin_api::sink::{RecordAbi, SinkBox, SinkEnv};
+use codex_plugin_api::sink::{RecordAbi, SinkBox};
 use codex_plugin_api::tracker::{RunInfoAbi, TrackerBox};
-use codex_plugin_api::{ComponentDecl, Factory, PluginError, Record, RunInfo, RunStatus};
+use codex_plugin_api::{ComponentDecl, PluginError, Record, RunInfo, RunStatus};
+
+use crate::plugins::build;
 
 /// Records each sink may fall behind before its records are dropped.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -53,8 +56,9 @@ pub const MAX_BATCH: usize = 1_024;
 /// How long [`MetricsHub::finish`] waits for all sinks together before abandoning the stuck ones.
 pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The registry name of the sink the hub always runs.
-pub const NDJSON: &str = "ndjson";
+mod record;
+
+pub use record::{RunRecord, RUN_RECORD, RUN_RECORD_FILE};
 
 /// Errors of starting the hub or opening a sink.
 #[derive(Debug, thiserror::Error)]
@@ -96,30 +100,22 @@ pub fn open_sink(
     run_dir: &Path,
     resume_step: Option<u64>,
 ) -> Result<SinkBox, MetricsError> {
-    let Factory::Sink(factory) = decl.factory else {
-        return Err(MetricsError::NotASink {
+    build::open_sink(decl, params_json, run_dir, resume_step).map_err(|e| match e {
+        build::SinkOpenError::NotASink { found } => MetricsError::NotASink {
             name: name.to_string(),
-            found: decl.kind().as_str(),
-        });
-    };
-    let run_dir = run_dir.to_string_lossy();
-    let env = SinkEnv {
-        run_dir: RStr::from(run_dir.as_ref()),
-        resume_step: resume_step.into(),
-    };
-    match factory(RStr::from(params_json), env) {
-        RResult::ROk(sink) => Ok(sink),
-        RResult::RErr(e) => Err(MetricsError::Open {
+            found,
+        },
+        build::SinkOpenError::Failed(message) => MetricsError::Open {
             name: name.to_string(),
-            message: e.message.into_string(),
-        }),
-    }
+            message,
+        },
+    })
 }
 
 /// Settings of a hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
-    /// The run directory (where the built-in `ndjson` sink writes).
+    /// The run directory (where the run's record is written).
     pub run_dir: PathBuf,
     /// The step being resumed from, if any.
     pub resume_step: Option<u64>,
@@ -170,7 +166,7 @@ pub struct SinkReport {
 /// started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HubReport {
-    /// Every sink, the built-in `ndjson` one included.
+    /// Every sink, the run's record included.
     pub sinks: Vec<SinkReport>,
     /// Every tracker.
     pub trackers: Vec<SinkReport>,
@@ -340,9 +336,9 @@ pub struct MetricsHub {
 }
 
 impl MetricsHub {
-    /// Start one thread per sink. Unless `sinks` holds one named `ndjson`, the built-in
-    /// `ndjson` sink is opened in `options.run_dir` and runs first; failing to open it is an
-    /// error, because the run would have no complete record of its metrics.
+    /// Start one thread per sink. Unless `sinks` holds a lane named [`RUN_RECORD`], the run's
+    /// record is opened in `options.run_dir` and runs first; failing to open it is an error,
+    /// because the run would have no complete record of its metrics.
     pub fn start(
         options: HubOptions,
         sinks: Vec<(String, SinkBox)>,
@@ -359,10 +355,10 @@ impl MetricsHub {
         tracking: Option<Tracking>,
     ) -> Result<MetricsHub, MetricsError> {
         let mut all = Vec::with_capacity(sinks.len() + 1);
-        if !sinks.iter().any(|(name, _)| name == NDJSON) {
-            let decl = codex_plugin_api::sink::declare::<codex_sinks::NdjsonSink>();
-            let sink = open_sink(NDJSON, &decl, "", &options.run_dir, options.resume_step)?;
-            all.push((NDJSON.to_string(), sink));
+        if !sinks.iter().any(|(name, _)| name == RUN_RECORD) {
+            let decl = codex_plugin_api::sink::declare::<RunRecord>();
+            let sink = open_sink(RUN_RECORD, &decl, "", &options.run_dir, options.resume_step)?;
+            all.push((RUN_RECORD.to_string(), sink));
         }
         all.extend(sinks);
 

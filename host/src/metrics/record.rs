@@ -1,38 +1,51 @@
-//! `ndjson`: one JSON object per record, the run's canonical metric stream.
+//! The run's record: `metrics.ndjson`, one JSON object per metric record, written for every
+//! run whatever its config lists.
 //!
 //! Each line is exactly
 //! `{"step":120,"split":"train","name":"loss","value":2.31,"time":1764000000.123}`: keys in
 //! that order, numbers in their shortest round-trip form. JSON has no NaN or infinity, so a
 //! non-finite `value` (or `time`) is written as `null`: the line stays valid JSON and readers
-//! see "no number" rather than a parse error. The host always runs this sink, so
-//! `metrics.ndjson` is complete even when other sinks fail.
+//! see "no number" rather than a parse error.
+//!
+//! The record is the host's own, not a plugin's: [`super::MetricsHub`] opens it unless it is
+//! handed a lane named [`RUN_RECORD`] already, and the config resolver lists it among the
+//! sinks so that a run's `config.ron` says so. It is also registered as the sink `ndjson`, the
+//! way every component is, so that a config can list it (to place it, or with `file`, to
+//! write a copy of the record under another name) and `codex-ml list` shows it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use codex_plugin_api::{Describe, Error, Record, Result, Sink};
 use serde::{Deserialize, Serialize};
 
-use crate::params;
-use crate::resume::{self, LineFormat};
+use codex_sinks::params;
+use codex_sinks::resume::{open_for_append, LineFormat};
+
+/// The registry name of the run's record, and its lane in the metrics hub.
+pub const RUN_RECORD: &str = RunRecord::NAME;
+
+/// The record's file in the run directory.
+pub const RUN_RECORD_FILE: &str = "metrics.ndjson";
 
 /// Parameters of the `ndjson` sink.
 #[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields, default)]
 struct NdjsonParams {
-    /// File name inside the run directory. Default: `metrics.ndjson`.
+    /// File name inside the run directory, for a copy of the record. Default: the record
+    /// itself, `metrics.ndjson`.
     file: Option<String>,
 }
 
-/// Writes `<run_dir>/metrics.ndjson`.
-pub struct NdjsonSink {
+/// Writes `<run_dir>/metrics.ndjson`, or a copy of it under another name.
+pub struct RunRecord {
     path: PathBuf,
     out: BufWriter<File>,
     line: Vec<u8>,
 }
 
-impl Describe for NdjsonSink {
+impl Describe for RunRecord {
     const NAME: &'static str = "ndjson";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
@@ -41,10 +54,23 @@ impl Describe for NdjsonSink {
     fn check_params(params: &str) -> codex_plugin_api::Result<()> {
         let p = codex_plugin_api::strict::parse_params::<NdjsonParams>(params)?;
         match &p.file {
-            Some(file) => params::check_file_name(Self::NAME, file),
+            Some(file) => check_copy_name(file),
             None => Ok(()),
         }
     }
+}
+
+/// A copy goes to a plain file name of its own: naming the record's file would open it twice.
+fn check_copy_name(file: &str) -> Result<()> {
+    params::check_file_name(RunRecord::NAME, file)?;
+    if file == RUN_RECORD_FILE {
+        return Err(Error::msg(format!(
+            "invalid `file` for sink `{}`: `{RUN_RECORD_FILE}` is the run's record, written \
+             for every run; leave `file` out, or name another file for a copy",
+            RunRecord::NAME
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -77,7 +103,7 @@ fn finite(x: f64) -> Option<f64> {
 }
 
 /// Append `record` to `buf` as one JSON line.
-pub(crate) fn encode(record: &Record, buf: &mut Vec<u8>) -> Result<()> {
+fn encode(record: &Record, buf: &mut Vec<u8>) -> Result<()> {
     let line = Line {
         step: record.step,
         split: record.split.as_str(),
@@ -90,44 +116,19 @@ pub(crate) fn encode(record: &Record, buf: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// Open `path` for appending records: fresh runs must not find an earlier file there, resumed
-/// runs first drop the records their resume supersedes.
-pub(crate) fn open_for_append(
-    sink: &str,
-    path: &Path,
-    resume_step: Option<u64>,
-    format: &dyn LineFormat,
-) -> Result<File> {
-    match resume_step {
-        Some(step) => resume::truncate_after(path, step, format)?,
-        None if path.exists() => {
-            return Err(Error::msg(format!(
-                "sink `{sink}`: {} already exists in a run that is not resumed; resume that run or start a new run directory",
-                path.display()
-            )))
-        }
-        None => {}
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| {
-            Error::msg(format!(
-                "sink `{sink}`: cannot open {}: {e}",
-                path.display()
-            ))
-        })
-}
-
-impl Sink for NdjsonSink {
+impl Sink for RunRecord {
     fn create(params: &str, run_dir: &str, resume_step: Option<u64>) -> Result<Self> {
         let p: NdjsonParams = params::parse(Self::NAME, params)?;
-        let file = p.file.unwrap_or_else(|| "metrics.ndjson".to_string());
-        params::check_file_name(Self::NAME, &file)?;
+        let file = match p.file {
+            Some(file) => {
+                check_copy_name(&file)?;
+                file
+            }
+            None => RUN_RECORD_FILE.to_owned(),
+        };
         let path = Path::new(run_dir).join(file);
         let out = open_for_append(Self::NAME, &path, resume_step, &Format)?;
-        Ok(NdjsonSink {
+        Ok(RunRecord {
             path,
             out: BufWriter::new(out),
             line: Vec::with_capacity(128),
@@ -159,6 +160,8 @@ impl Sink for NdjsonSink {
             .map_err(|e| Error::msg(format!("cannot sync {}: {e}", self.path.display())))
     }
 }
+
+codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<RunRecord>);
 
 #[cfg(test)]
 mod tests {
@@ -209,5 +212,18 @@ mod tests {
             Some(7)
         );
         assert_eq!(Format.step_of("{\"step\":"), None);
+    }
+
+    #[test]
+    fn a_copy_may_not_take_the_records_name() {
+        let e = RunRecord::check_params(r#"{"file": "metrics.ndjson"}"#).unwrap_err();
+        assert!(
+            e.message().contains("is the run's record"),
+            "{}",
+            e.message()
+        );
+        assert!(RunRecord::check_params(r#"{"file": "copy.ndjson"}"#).is_ok());
+        assert!(RunRecord::check_params(r#"{"file": "../x.ndjson"}"#).is_err());
+        assert!(RunRecord::check_params("").is_ok());
     }
 }
