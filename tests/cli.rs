@@ -321,7 +321,7 @@ fn bad_component_parameters_are_config_errors_at_their_place() {
         let out = cmd.assert().code(2).get_output().stderr.clone();
         String::from_utf8(out).expect("utf-8")
     };
-    let cases: [(&[&str], &str, &str); 4] = [
+    let cases: [(&[&str], &str, &str); 5] = [
         (
             &[],
             "bad.ron:6:48: model.params.n_emb: unknown field `n_emb`",
@@ -339,6 +339,15 @@ fn bad_component_parameters_are_config_errors_at_their_place() {
             ],
             "bad.ron:9:35: sinks[0].params: invalid `file` for sink `csv`",
             "^",
+        ),
+        (
+            // Checks across fields are the model's too, and made as early.
+            &[
+                "model.params=(n_layer: 1, n_embd: 30, n_head: 4)",
+                "optimizer.params.betas=[0.9, 0.95]",
+            ],
+            "bad.ron: model.params.n_embd: must be divisible by n_head (4), found 30",
+            "(value from --set model.params=",
         ),
         (
             &["model.params.dropout=0.1"],

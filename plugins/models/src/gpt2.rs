@@ -116,7 +116,9 @@ struct Config {
 }
 
 impl RawConfig {
-    fn resolve(self, tokenizer_vocab: usize) -> Result<Config, codex_plugin_api::Error> {
+    /// Every check that does not need the tokenizer: what `check_params` runs when the config
+    /// is checked, before any data is read.
+    fn check(&self) -> Result<(), codex_plugin_api::Error> {
         for (field, value) in [
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
@@ -134,25 +136,6 @@ impl RawConfig {
                     "must be divisible by n_head ({}), found {}; pick a multiple of n_head",
                     self.n_head, self.n_embd
                 ),
-            ));
-        }
-        let vocab_size = match self.vocab_size {
-            None => tokenizer_vocab,
-            Some(v) if v < tokenizer_vocab => {
-                return Err(invalid(
-                    "vocab_size",
-                    format!(
-                        "must be at least the tokenizer's vocabulary size ({tokenizer_vocab}), \
-                         found {v}; leave it out to use the tokenizer's"
-                    ),
-                ))
-            }
-            Some(v) => v,
-        };
-        if vocab_size == 0 {
-            return Err(invalid(
-                "vocab_size",
-                "must be at least 1, found 0 (the tokenizer has an empty vocabulary)",
             ));
         }
         for (field, p) in [
@@ -174,6 +157,33 @@ impl RawConfig {
             return Err(invalid(
                 "initializer_range",
                 format!("must be zero or positive, found {}", self.initializer_range),
+            ));
+        }
+        if self.vocab_size == Some(0) {
+            return Err(invalid("vocab_size", "must be at least 1, found 0"));
+        }
+        Ok(())
+    }
+
+    fn resolve(self, tokenizer_vocab: usize) -> Result<Config, codex_plugin_api::Error> {
+        self.check()?;
+        let vocab_size = match self.vocab_size {
+            None => tokenizer_vocab,
+            Some(v) if v < tokenizer_vocab => {
+                return Err(invalid(
+                    "vocab_size",
+                    format!(
+                        "must be at least the tokenizer's vocabulary size ({tokenizer_vocab}), \
+                         found {v}; leave it out to use the tokenizer's"
+                    ),
+                ))
+            }
+            Some(v) => v,
+        };
+        if vocab_size == 0 {
+            return Err(invalid(
+                "vocab_size",
+                "must be at least 1, found 0 (the tokenizer has an empty vocabulary)",
             ));
         }
         Ok(Config {
@@ -242,7 +252,7 @@ impl Describe for Gpt2 {
         "GPT-2 decoder with Hugging Face parameter names and layouts, LM head tied to wte";
 
     fn check_params(params: &str) -> codex_plugin_api::Result<()> {
-        codex_plugin_api::strict::parse_params::<RawConfig>(params).map(drop)
+        codex_plugin_api::strict::parse_params::<RawConfig>(params)?.check()
     }
 }
 
@@ -498,6 +508,29 @@ mod tests {
         check(r#"{"vocab_size": 99}"#, "vocab_size");
         check(r#"{"attn_pdrop": 1.0}"#, "attn_pdrop");
         check(r#"{"layer_norm_epsilon": 0.0}"#, "layer_norm_epsilon");
+    }
+
+    #[test]
+    fn the_config_check_finds_all_but_the_vocabulary_bound() {
+        let check = |json: &str| Gpt2::check_params(json).map_err(|e| e.to_string());
+        for (json, field) in [
+            (
+                r#"{"n_embd": 30, "n_head": 4}"#,
+                "n_embd: must be divisible by n_head (4)",
+            ),
+            (r#"{"n_positions": 0}"#, "n_positions: must be at least 1"),
+            (r#"{"resid_pdrop": -0.1}"#, "resid_pdrop: must be in [0, 1)"),
+            (
+                r#"{"initializer_range": -1.0}"#,
+                "initializer_range: must be zero or positive",
+            ),
+            (r#"{"vocab_size": 0}"#, "vocab_size: must be at least 1"),
+        ] {
+            let err = check(json).expect_err(json);
+            assert!(err.starts_with(field), "{json}: {err}");
+        }
+        // Only the tokenizer knows whether 99 is enough: that waits for the model's creation.
+        assert_eq!(check(r#"{"vocab_size": 99, "n_layer": 2}"#), Ok(()));
     }
 
     #[test]
