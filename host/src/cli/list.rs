@@ -346,57 +346,127 @@ fn write_plugins(
     if rows.is_empty() {
         writeln!(out, "  (the manifest declares no plugins)")?;
     }
-    let pad = " ".repeat(name_width + 4);
+    // One block per plugin, one fact per line, within 80 columns: a 64-digit sha256 and a
+    // long path leave no room for a table. Only a path longer than the line runs past it.
+    const PAD: &str = "    ";
+    let width = LINE_WIDTH - PAD.len();
     for row in rows {
         let pin = match row.sha256_pinned {
-            Some(true) => "pinned",
-            _ => "not pinned",
+            Some(true) => "sha256 pinned",
+            _ => "sha256 not pinned",
         };
         writeln!(
             out,
-            "  {:name_width$}  {:6}  {}  {}  sha256 {} ({pin})",
-            row.name,
-            row.origin,
-            row.status,
-            row.path.as_deref().unwrap_or(""),
-            row.sha256.as_deref().unwrap_or(""),
+            "  {:name_width$}  {:6}  {}; {pin}",
+            row.name, row.origin, row.status,
         )?;
+        let mut facts: Vec<String> = Vec::new();
+        if let Some(path) = &row.path {
+            facts.push(format!("file {path}"));
+        }
+        if let Some(sha256) = &row.sha256 {
+            facts.push(format!("sha256 {sha256}"));
+        }
+        for fact in facts {
+            writeln!(out, "{PAD}{fact}")?;
+        }
         if let (Some(description), Some(api)) = (&row.description, &row.api_version) {
-            writeln!(out, "{pad}{description}, plugin API {api}")?;
+            for line in wrap_hanging(&format!("{description}, plugin API {api}"), width) {
+                writeln!(out, "{PAD}{line}")?;
+            }
         }
         if let Some(l) = &row.limits {
             let fuel = l
                 .fuel
                 .map_or_else(|| "unmetered".to_owned(), |f| f.to_string());
-            writeln!(
-                out,
-                "{pad}limits: memory {} MiB, {} ms per call, fuel {fuel}, {} instances, {} tables, \
-                 returns up to {} bytes, queue {}",
-                l.memory_mib, l.call_timeout_ms, l.max_instances, l.max_tables, l.max_return_bytes, l.queue_size
-            )?;
+            let items = [
+                format!("memory {} MiB", l.memory_mib),
+                format!("{} ms per call", l.call_timeout_ms),
+                format!("fuel {fuel}"),
+                format!("{} instances", l.max_instances),
+                format!("{} tables", l.max_tables),
+                format!("returns up to {} bytes", l.max_return_bytes),
+                format!("queue {}", l.queue_size),
+            ];
+            for line in wrap_items("limits: ", &items, ", ", width) {
+                writeln!(out, "{PAD}{line}")?;
+            }
         }
         if let Some(c) = &row.capabilities {
-            writeln!(out, "{pad}capabilities: {}", describe_capabilities(c))?;
+            for line in wrap_items("capabilities: ", &granted(c), "; ", width) {
+                writeln!(out, "{PAD}{line}")?;
+            }
         }
         if let Some(w) = &row.component {
-            match (&w.sink_name, &w.sink_version, &w.error) {
-                (Some(name), Some(version), _) => writeln!(
-                    out,
-                    "{pad}component: sink `{name}` {version}, world {}; registered as sink `{}`",
+            let text = match (&w.sink_name, &w.sink_version, &w.error) {
+                (Some(name), Some(version), _) => format!(
+                    "component: sink `{name}` {version}, world {}; registered as sink `{}`",
                     w.world, row.name
-                )?,
-                (_, _, error) => writeln!(
-                    out,
-                    "{pad}component: cannot be loaded ({}); a run naming it warns and goes on without it",
+                ),
+                (_, _, error) => format!(
+                    "component: cannot be loaded ({}); a run naming it warns and goes on without it",
                     error.as_deref().unwrap_or("unknown reason")
-                )?,
+                ),
+            };
+            for line in wrap_hanging(&text, width) {
+                writeln!(out, "{PAD}{line}")?;
             }
         }
     }
     Ok(())
 }
 
-fn describe_capabilities(c: &Capabilities) -> String {
+/// `label` and then `items` joined by `separator`, broken only between items into lines of
+/// at most `width` columns; later lines are indented under the first item. When even the
+/// first item does not fit beside the label, the label gets a line of its own and the items
+/// follow, indented by two.
+fn wrap_items(label: &str, items: &[String], separator: &str, width: usize) -> Vec<String> {
+    let pieces: Vec<String> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match i + 1 < items.len() {
+            true => format!("{item}{}", separator.trim_end()),
+            false => item.clone(),
+        })
+        .collect();
+    let mut lines: Vec<String> = Vec::new();
+    let first_fits = pieces
+        .first()
+        .is_none_or(|p| label.chars().count() + p.chars().count() <= width);
+    let (mut line, indent) = if first_fits {
+        (label.to_owned(), " ".repeat(label.chars().count()))
+    } else {
+        lines.push(label.trim_end().to_owned());
+        ("  ".to_owned(), "  ".to_owned())
+    };
+    let mut empty = true;
+    for piece in pieces {
+        if !empty && line.chars().count() + 1 + piece.chars().count() > width {
+            lines.push(std::mem::replace(&mut line, indent.clone()));
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(&piece);
+        empty = false;
+    }
+    lines.push(line);
+    lines
+}
+
+/// `text` wrapped at spaces into lines of at most `width` columns, later lines indented by two.
+fn wrap_hanging(text: &str, width: usize) -> Vec<String> {
+    let mut lines = wrap(text, width);
+    if lines.len() > 1 {
+        let rest = wrap(&lines[1..].join(" "), width.saturating_sub(2));
+        lines.truncate(1);
+        lines.extend(rest.into_iter().map(|l| format!("  {l}")));
+    }
+    lines
+}
+
+fn granted(c: &Capabilities) -> Vec<String> {
     let mut granted = Vec::new();
     if let Some(file) = &c.output_file {
         granted.push(format!(
@@ -414,10 +484,9 @@ fn describe_capabilities(c: &Capabilities) -> String {
         granted.push("clock".to_owned());
     }
     if granted.is_empty() {
-        "none".to_owned()
-    } else {
-        granted.join("; ")
+        granted.push("none".to_owned());
     }
+    granted
 }
 
 /// `text` in lines of at most `width` chars, broken at spaces (a longer word stands alone).
@@ -451,5 +520,27 @@ mod tests {
             ["averyveryverylongword", "x"]
         );
         assert!(wrap("", 10).is_empty());
+    }
+
+    #[test]
+    fn items_wrap_between_items_under_their_label() {
+        let items: Vec<String> = ["memory 16 MiB", "1000 ms per call", "fuel unmetered"]
+            .map(str::to_owned)
+            .into();
+        assert_eq!(
+            wrap_items("limits: ", &items, ", ", 40),
+            [
+                "limits: memory 16 MiB, 1000 ms per call,",
+                "        fuel unmetered"
+            ]
+        );
+        assert_eq!(
+            wrap_items("caps: ", &["clock".to_owned(), "env A".to_owned()], "; ", 9),
+            ["caps:", "  clock;", "  env A"]
+        );
+        assert_eq!(
+            wrap_hanging("one two three four", 9),
+            ["one two", "  three", "  four"]
+        );
     }
 }
