@@ -891,7 +891,10 @@ fn build_llama(dir: &Path, params: &str, vocab_size: usize, seed: u64) -> crate:
     let entry = registry
         .get(ComponentKind::Model, "llama/llama")
         .expect("registered as a model");
-    let Factory::Model(factory) = entry.decl.factory else {
+    let decl = entry
+        .declaration()
+        .expect("a native plugin's model is declared");
+    let Factory::Model(factory) = decl.factory else {
         panic!("llama/llama is registered with a factory of another kind");
     };
     let mut store = codex_engine::ParamStore::new(codex_engine::candle::Device::Cpu, seed);

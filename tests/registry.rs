@@ -51,7 +51,8 @@ fn builtins_describe_themselves() {
             entry.origin
         );
         assert_eq!(entry.api_version, API_VERSION, "{what}");
-        assert_eq!(entry.decl.kind(), entry.kind, "{what}");
+        let decl = entry.declaration().expect("a built-in is declared");
+        assert_eq!(decl.kind(), entry.kind, "{what}");
         assert!(!entry.version.is_empty(), "{what} has no version");
         let description = entry.description.trim();
         assert!(!description.is_empty(), "{what} has no description");

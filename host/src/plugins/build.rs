@@ -16,7 +16,7 @@ use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::trainer::TrainerBox;
 use codex_plugin_api::{ComponentDecl, ComponentKind, Factory, PluginError};
 
-use crate::plugins::registry::{Entry, Origin, Registry};
+use crate::plugins::registry::{Entry, Maker, Origin, Registry};
 
 /// The JSON text handed to a factory; `null` parameters mean "no parameters".
 fn params_text(params: &serde_json::Value) -> String {
@@ -44,12 +44,28 @@ fn lookup<'r>(registry: &'r Registry, kind: ComponentKind, name: &str) -> Result
 
 fn mismatch(entry: &Entry, kind: ComponentKind) -> anyhow::Error {
     anyhow!(
-        "`{}` ({}) is registered as a {} but its factory builds a {}",
+        "`{}` ({}) is registered as a {} but its factory builds {}",
         entry.name,
         entry.origin,
         kind.as_str(),
-        entry.decl.kind().as_str()
+        match entry.declaration() {
+            Some(decl) => format!("a {}", decl.kind().as_str()),
+            None => "a sandboxed sink".to_owned(),
+        }
     )
+}
+
+/// The ABI factory of an entry made from a declaration; a sandboxed sink has none (it is
+/// opened by [`sink`] alone).
+fn factory(entry: &Entry) -> Result<Factory> {
+    match &entry.maker {
+        Maker::Declared(decl) => Ok(decl.factory),
+        Maker::Sandboxed(_) => Err(anyhow!(
+            "`{}` ({}) is a sandboxed sink and builds nothing else",
+            entry.name,
+            entry.origin
+        )),
+    }
 }
 
 /// Build a tokenizer; `corpus` is used by tokenizers that learn a vocabulary. With `saved`
@@ -63,7 +79,7 @@ pub fn tokenizer(
     saved: Option<&str>,
 ) -> Result<TokenizerBox> {
     let entry = lookup(registry, ComponentKind::Tokenizer, name)?;
-    let Factory::Tokenizer(f) = entry.decl.factory else {
+    let Factory::Tokenizer(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Tokenizer));
     };
     let text = params_text(params);
@@ -86,7 +102,7 @@ pub fn model(
     store: TensorStoreRef<'_>,
 ) -> Result<ModelBox> {
     let entry = lookup(registry, ComponentKind::Model, name)?;
-    let Factory::Model(f) = entry.decl.factory else {
+    let Factory::Model(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Model));
     };
     let text = params_text(params);
@@ -103,7 +119,7 @@ pub fn optimizer(
     store: TensorStoreRef<'_>,
 ) -> Result<OptimizerBox> {
     let entry = lookup(registry, ComponentKind::Optimizer, name)?;
-    let Factory::Optimizer(f) = entry.decl.factory else {
+    let Factory::Optimizer(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Optimizer));
     };
     let text = params_text(params);
@@ -121,22 +137,23 @@ pub fn sink(
     resume_step: Option<u64>,
 ) -> Result<SinkBox> {
     let entry = lookup(registry, ComponentKind::Sink, name)?;
-    if let Some(factory) = &entry.host_sink {
-        return factory(&params_text(params), run_dir, resume_step).map_err(|message| {
+    let params = params_text(params);
+    match &entry.maker {
+        Maker::Sandboxed(open) => open(&params, run_dir, resume_step).map_err(|message| {
             anyhow!(
                 "sink `{name}` ({}) could not be created: {message}",
                 entry.origin
             )
-        });
+        }),
+        Maker::Declared(decl) => open_sink(decl, &params, run_dir, resume_step)
+            .map_err(|e| match e {
+                SinkOpenError::NotASink { found } => anyhow!(
+                    "component `{name}` is a {found}, not a sink; list sinks with `codex-ml list`"
+                ),
+                SinkOpenError::Failed(message) => anyhow!("cannot open sink `{name}`: {message}"),
+            })
+            .with_context(|| format!("sink `{name}` ({})", entry.origin)),
     }
-    open_sink(&entry.decl, &params_text(params), run_dir, resume_step)
-        .map_err(|e| match e {
-            SinkOpenError::NotASink { found } => anyhow!(
-                "component `{name}` is a {found}, not a sink; list sinks with `codex-ml list`"
-            ),
-            SinkOpenError::Failed(message) => anyhow!("cannot open sink `{name}`: {message}"),
-        })
-        .with_context(|| format!("sink `{name}` ({})", entry.origin))
 }
 
 /// Why [`open_sink`] failed.
@@ -180,7 +197,7 @@ pub fn open_sink(
 /// bad one stops the run before any work.
 pub fn tracker(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<TrackerBox> {
     let entry = lookup(registry, ComponentKind::Tracker, name)?;
-    let Factory::Tracker(f) = entry.decl.factory else {
+    let Factory::Tracker(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Tracker));
     };
     let text = params_text(params);
@@ -192,7 +209,7 @@ pub fn tracker(registry: &Registry, name: &str, params: &serde_json::Value) -> R
 /// Build a trainer.
 pub fn trainer(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<TrainerBox> {
     let entry = lookup(registry, ComponentKind::Trainer, name)?;
-    let Factory::Trainer(f) = entry.decl.factory else {
+    let Factory::Trainer(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Trainer));
     };
     let text = params_text(params);
@@ -204,7 +221,7 @@ pub fn trainer(registry: &Registry, name: &str, params: &serde_json::Value) -> R
 /// Build a kernel.
 pub fn kernel(registry: &Registry, name: &str, params: &serde_json::Value) -> Result<KernelBox> {
     let entry = lookup(registry, ComponentKind::Kernel, name)?;
-    let Factory::Kernel(f) = entry.decl.factory else {
+    let Factory::Kernel(f) = factory(entry)? else {
         return Err(mismatch(entry, ComponentKind::Kernel));
     };
     let text = params_text(params);
@@ -219,7 +236,10 @@ pub fn kernel(registry: &Registry, name: &str, params: &serde_json::Value) -> Re
 /// how it panicked.
 pub fn check_params(entry: &Entry, params: &serde_json::Value) -> Result<(), String> {
     let text = params_text(params);
-    (entry.decl.check)(RStr::from(text.as_str()))
+    let Maker::Declared(decl) = &entry.maker else {
+        return Ok(());
+    };
+    (decl.check)(RStr::from(text.as_str()))
         .into_result()
         .map_err(|e| match &entry.origin {
             Origin::Builtin { .. } => e.message.into_string(),

@@ -14,11 +14,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use abi_stable::std_types::{RResult, RStr};
-use codex_plugin_api::sink::{SinkBox, SinkEnv};
-use codex_plugin_api::{
-    ApiVersion, ComponentDecl, ComponentKind, Factory, PluginError, API_VERSION,
-};
+use codex_plugin_api::sink::SinkBox;
+use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, API_VERSION};
 
 use crate::diagnostics::{backticked, did_you_mean};
 
@@ -78,24 +75,37 @@ pub struct Entry {
     pub origin: Origin,
     /// The plugin-API version it was built against.
     pub api_version: ApiVersion,
-    /// The declaration, with its factory.
-    pub decl: ComponentDecl,
-    /// For sinks the host builds itself (WASM): the factory to use instead of `decl`'s.
-    pub host_sink: Option<HostSinkFactory>,
+    /// How it is made.
+    pub maker: Maker,
+}
+
+/// How a component is made: what its origin's adapter handed the registry. Everything else
+/// about an entry (kind, name, version, description, origin) is the same whatever the origin.
+#[derive(Clone)]
+pub enum Maker {
+    /// A declaration through the plugin ABI (built-ins and native plugins): its factory and
+    /// its parameter check.
+    Declared(ComponentDecl),
+    /// A sink the host builds itself around a sandboxed WebAssembly component. It reads its
+    /// parameters when it opens (a bad one disables it then), so there is nothing to check
+    /// before.
+    Sandboxed(HostSinkFactory),
+}
+
+impl Entry {
+    /// The ABI declaration, for a component that has one (all but sandboxed sinks).
+    pub fn declaration(&self) -> Option<&ComponentDecl> {
+        match &self.maker {
+            Maker::Declared(decl) => Some(decl),
+            Maker::Sandboxed(_) => None,
+        }
+    }
 }
 
 /// A sink factory the host builds itself, `(params as JSON, run directory, resume step)`. Unlike
 /// an `extern "C"` factory it can capture state — a WASM plugin's file, limits and grants.
 pub type HostSinkFactory =
     Arc<dyn Fn(&str, &Path, Option<u64>) -> Result<SinkBox, String> + Send + Sync>;
-
-/// The `decl` factory of a host-built sink: never called, because `components::sink` uses
-/// [`Entry::host_sink`]; it fails plainly if some other path calls it.
-extern "C" fn host_built_sink(_: RStr<'_>, _: SinkEnv<'_>) -> RResult<SinkBox, PluginError> {
-    RResult::RErr(PluginError::new(
-        "this sink is built by the host; open it through the registry entry's host factory",
-    ))
-}
 
 impl fmt::Debug for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -248,12 +258,21 @@ impl Registry {
         origin: Origin,
         api_version: ApiVersion,
     ) -> Result<(), RegistryError> {
-        self.insert(decl, origin, api_version, None)
+        let entry = Entry {
+            kind: decl.kind(),
+            name: decl.name.as_str().to_owned(),
+            version: decl.version.as_str().to_owned(),
+            description: decl.description.as_str().to_owned(),
+            origin,
+            api_version,
+            maker: Maker::Declared(decl),
+        };
+        self.insert(entry)
     }
 
     /// Register a sink the host builds itself with `factory` (a WASM sink). It follows the same
     /// rules as [`Registry::add`]: a valid, unique name.
-    pub fn add_host_sink(
+    pub fn add_sandboxed_sink(
         &mut self,
         name: &str,
         version: &str,
@@ -261,28 +280,25 @@ impl Registry {
         origin: Origin,
         factory: HostSinkFactory,
     ) -> Result<(), RegistryError> {
-        let decl = ComponentDecl {
-            name: name.into(),
-            version: version.into(),
-            description: description.into(),
-            factory: Factory::Sink(host_built_sink),
-            // A sandboxed sink reads its parameters when it opens; a bad one disables it then.
-            check: codex_plugin_api::component::accept_any_params,
-        };
-        self.insert(decl, origin, API_VERSION, Some(factory))
+        self.insert(Entry {
+            kind: ComponentKind::Sink,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            description: description.to_owned(),
+            origin,
+            api_version: API_VERSION,
+            maker: Maker::Sandboxed(factory),
+        })
     }
 
-    fn insert(
-        &mut self,
-        decl: ComponentDecl,
-        origin: Origin,
-        api_version: ApiVersion,
-        host_sink: Option<HostSinkFactory>,
-    ) -> Result<(), RegistryError> {
-        let kind = decl.kind();
-        let name = decl.name.as_str().to_owned();
+    fn insert(&mut self, entry: Entry) -> Result<(), RegistryError> {
+        let (kind, name) = (entry.kind, entry.name.clone());
         if name.is_empty() || name.chars().any(char::is_whitespace) {
-            return Err(RegistryError::InvalidName { kind, name, origin });
+            return Err(RegistryError::InvalidName {
+                kind,
+                name,
+                origin: entry.origin,
+            });
         }
         let key = (kind, name);
         if let Some(existing) = self.entries.get(&key) {
@@ -290,19 +306,9 @@ impl Registry {
                 kind,
                 name: key.1,
                 first: existing.origin.clone(),
-                second: origin,
+                second: entry.origin,
             });
         }
-        let entry = Entry {
-            kind,
-            name: key.1.clone(),
-            version: decl.version.as_str().to_owned(),
-            description: decl.description.as_str().to_owned(),
-            origin,
-            api_version,
-            decl,
-            host_sink,
-        };
         self.entries.insert(key, entry);
         Ok(())
     }
@@ -449,7 +455,10 @@ mod tests {
         let entry = r.get(ComponentKind::Kernel, "cpu").expect("registered");
         assert_eq!(entry.version, "0.2.0");
         assert_eq!(entry.description, "a fake kernel");
-        assert_eq!(entry.decl.kind(), ComponentKind::Kernel);
+        assert_eq!(
+            entry.declaration().map(ComponentDecl::kind),
+            Some(ComponentKind::Kernel)
+        );
         assert_eq!(entry.api_version, API_VERSION);
     }
 

@@ -62,7 +62,7 @@ pub fn register_wasm_sink(
                         .open(params, run_dir, resume_step)
                         .unwrap_or_else(|e| codex_wasm::failed_sink(e.to_string())))
                 });
-            registry.add_host_sink(
+            registry.add_sandboxed_sink(
                 &spec.name,
                 &d.version,
                 &description,
@@ -78,7 +78,7 @@ pub fn register_wasm_sink(
             let description = format!("cannot be loaded: {reason}");
             let factory: registry::HostSinkFactory =
                 std::sync::Arc::new(move |_, _, _| Ok(codex_wasm::failed_sink(reason.clone())));
-            registry.add_host_sink(
+            registry.add_sandboxed_sink(
                 &spec.name,
                 "unknown",
                 &description,
