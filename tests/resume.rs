@@ -560,3 +560,181 @@ fn truncate(path: &Path) {
 fn remove(path: &Path) {
     std::fs::remove_file(path).expect("remove");
 }
+
+/// Send `signal` (`TERM`, `HUP`, `INT`) to process `pid` with the system's `kill`.
+fn send(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+impl Fixture {
+    /// Start `codex-ml ARGS` in the fixture directory with its stderr piped.
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(codex_ml_path());
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn codex-ml")
+    }
+}
+
+/// Read `child`'s stderr up to the checkpoint hook's pause; the rest of stderr is returned by
+/// the second element once the process has ended.
+fn wait_for_pause(child: &mut std::process::Child) -> BufReader<std::process::ChildStderr> {
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).expect("read stderr");
+        assert!(
+            n > 0,
+            "the run ended before its checkpoint hook paused:\n{seen}"
+        );
+        if line.starts_with("checkpoint test hook: paused after") {
+            return stderr;
+        }
+        seen.push_str(&line);
+    }
+}
+
+/// The exit code and the rest of stderr of a child whose stderr is `rest`.
+fn finish(mut child: std::process::Child, mut rest: impl BufRead) -> (Option<i32>, String) {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut rest, &mut text).expect("read stderr");
+    let status = child.wait().expect("wait");
+    (status.code(), text)
+}
+
+/// SIGTERM (what a scheduler sends before SIGKILL) in the middle of a checkpoint write: the
+/// write completes, the run stops at the step boundary with a checkpoint, says how to go on,
+/// and exits 143; resuming then ends exactly where the uninterrupted run does. SIGHUP does
+/// the same with 129.
+#[test]
+fn sigterm_during_a_checkpoint_write_stops_gracefully_and_resumes_exactly() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("straight");
+    for (signal, code) in [("TERM", 143), ("HUP", 129)] {
+        let run = format!("signalled-{signal}");
+        let mut child = fx.spawn(
+            &["run", "tiny.ron", "--run-dir", &run, "-q"],
+            &[("CODEX_ML_TEST_CHECKPOINT_PAUSE", "6:model.safetensors:2")],
+        );
+        let rest = wait_for_pause(&mut child);
+        send(signal, child.id());
+        let (status, stderr) = finish(child, rest);
+        assert_eq!(status, Some(code), "SIG{signal}:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("stopped by SIG{signal} after step"))
+                && stderr.contains(&format!("continue with `codex-ml resume {run}`")),
+            "{stderr}"
+        );
+        let last = std::fs::read_dir(fx.path(&run).join("checkpoints"))
+            .expect("checkpoints")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("step-"))
+            .max()
+            .expect("a checkpoint");
+        assert!(last.as_str() >= "step-00000006", "{last}");
+        fx.ok(&["verify", &run]);
+        fx.ok(&["resume", &run, "-q"]);
+        assert_same_as(&fx, "straight", &run);
+    }
+}
+
+/// SIGTERM between checkpoints, while steps run: the run still stops after a whole step with
+/// a checkpoint at that step, and resumes exactly.
+#[test]
+fn sigterm_during_a_step_stops_at_its_boundary_and_resumes_exactly() {
+    let fx = Fixture::new("constant", "");
+    let long = [
+        "--set",
+        "train.max_steps=1500",
+        "--set",
+        "train.checkpoint_every=1000",
+    ];
+    let args = |run: &'static str| {
+        let mut a = vec!["run", "tiny.ron", "--run-dir", run, "-q"];
+        a.extend(long);
+        a
+    };
+    fx.ok(&args("straight-long"));
+    let child = fx.spawn(&args("signalled"), &[]);
+    // Wait for the first records, so that the signal lands among the steps.
+    let metrics = fx.path("signalled/metrics.ndjson");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains("\"step\":3,")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no step 3 in {}",
+            metrics.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    send("TERM", child.id());
+    let mut child = child;
+    let rest = BufReader::new(child.stderr.take().expect("stderr"));
+    let (status, stderr) = finish(child, rest);
+    assert_eq!(status, Some(143), "{stderr}");
+    let stopped_at: u64 = stderr
+        .split("stopped by SIGTERM after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no stop message:\n{stderr}"));
+    assert!(
+        stopped_at < 1500,
+        "the run finished before the signal: {stderr}"
+    );
+    assert!(
+        fx.path(&format!("signalled/checkpoints/step-{stopped_at:08}"))
+            .is_dir(),
+        "no checkpoint at the stop step {stopped_at}"
+    );
+    fx.ok(&["resume", "signalled", "-q"]);
+    let final_model = |run: &str| {
+        std::fs::read(
+            fx.path(run)
+                .join("checkpoints/step-00001500/model.safetensors"),
+        )
+        .unwrap_or_else(|e| panic!("{run}: {e}"))
+    };
+    assert!(
+        final_model("straight-long") == final_model("signalled"),
+        "the resumed run's final parameters differ from the uninterrupted run's"
+    );
+}
+
+/// A second signal leaves at once, mid-write, with the same exit code; the checkpoint before
+/// stands, and resuming from it ends where the uninterrupted run does.
+#[test]
+fn a_second_signal_exits_at_once_and_the_last_checkpoint_stands() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("straight");
+    let mut child = fx.spawn(
+        &["run", "tiny.ron", "--run-dir", "twice", "-q"],
+        &[("CODEX_ML_TEST_CHECKPOINT_PAUSE", "6:model.safetensors")],
+    );
+    let mut rest = wait_for_pause(&mut child);
+    send("INT", child.id());
+    // Once the first signal is acknowledged, the second ends the process while the writer is
+    // still paused.
+    let mut seen = String::new();
+    while !seen.contains("SIGINT: stopping at the end of this step") {
+        let n = rest.read_line(&mut seen).expect("read stderr");
+        assert!(n > 0, "the first signal was not acknowledged:\n{seen}");
+    }
+    send("INT", child.id());
+    let (status, stderr) = finish(child, rest);
+    assert_eq!(status, Some(130), "{stderr}");
+    assert!(stderr.contains("SIGINT again: exiting"), "{stderr}");
+    fx.ok(&["resume", "twice", "-q"]);
+    assert_same_as(&fx, "straight", "twice");
+}

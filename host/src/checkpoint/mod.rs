@@ -12,10 +12,11 @@
 //! checkpoints to keep is [`retention`], a function from what is on disk to what to delete,
 //! which the run executes with [`remove`].
 //!
-//! For tests only, the environment variable `CODEX_ML_TEST_CHECKPOINT_PAUSE=<step>:<file>`
-//! makes the writer stop after writing `<file>` (or `SHA256SUMS`) of the checkpoint at
-//! `<step>`: it prints `checkpoint test hook: paused after <file>` on stderr and sleeps, so a
-//! test can `kill -9` the process in the middle of a checkpoint write.
+//! For tests only, the environment variable
+//! `CODEX_ML_TEST_CHECKPOINT_PAUSE=<step>:<file>[:<seconds>]` makes the writer stop after
+//! writing `<file>` (or `SHA256SUMS`) of the checkpoint at `<step>`: it prints
+//! `checkpoint test hook: paused after <file>` on stderr and sleeps (60 seconds unless told),
+//! so a test can `kill -9` the process, or signal it, in the middle of a checkpoint write.
 
 mod retention;
 mod state;

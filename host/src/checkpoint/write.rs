@@ -48,12 +48,16 @@ impl Writer {
         let Ok(spec) = std::env::var(PAUSE_HOOK) else {
             return;
         };
-        let wanted = spec
-            .split_once(':')
-            .and_then(|(step, file)| Some((step.parse::<u64>().ok()?, file)));
-        if wanted == Some((self.step, name)) {
+        let mut parts = spec.splitn(3, ':');
+        let step = parts.next().and_then(|s| s.parse::<u64>().ok());
+        let file = parts.next();
+        let seconds = parts
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(60);
+        if step == Some(self.step) && file == Some(name) {
             eprintln!("checkpoint test hook: paused after {name}");
-            std::thread::sleep(std::time::Duration::from_secs(60));
+            std::thread::sleep(std::time::Duration::from_secs(seconds));
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Exit codes follow ripgrep: 0 success, 1 a runtime failure, 2 a problem with what the user
 //! asked for (arguments, config, manifest, component names) — something to fix before trying
-//! again. Errors print as `error: ...` followed by their cause chain on stderr; stdout carries
+//! again — and, as shells do, 128 + n for a run stopped by signal n (after its checkpoint). Errors print as `error: ...` followed by their cause chain on stderr; stdout carries
 //! only machine-readable output.
 //!
 //! Each subcommand lives in its own module with one entry point taking its argument struct;
@@ -39,7 +39,8 @@ pub use list::{KindFilter, ListArgs};
     version,
     propagate_version = true,
     arg_required_else_help = true,
-    after_help = "Exit codes: 0 success, 1 runtime failure, 2 bad arguments, config or manifest.\n\
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 bad arguments, config or manifest,\n\
+                  128+n a run stopped by signal n after its checkpoint (130 Ctrl-C, 143 SIGTERM).\n\
                   Logging: RUST_LOG (e.g. RUST_LOG=codex_host=debug) takes precedence over -v/-q."
 )]
 pub struct Cli {
@@ -254,6 +255,13 @@ fn parse_top_p(arg: &str) -> Result<f64, String> {
     }
 }
 
+/// A run stopped by a signal after its checkpoint was written and its results flushed: not a
+/// failure to report (the run said how to continue), but the exit code, 128 + the signal's
+/// number, tells a script it did not finish, so `codex-ml run … && next` does not carry on.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {}", crate::run::signal_name(*.0))]
+pub struct Stopped(pub i32);
+
 /// A problem with how codex-ml was invoked; exits with code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -284,6 +292,7 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         // A closed pipe (`codex-ml list | head`) is the reader's choice, not a failure.
         Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) if e.is::<Stopped>() => exit_code(&e),
         Err(e) => {
             eprintln!("{}", report(&e));
             exit_code(&e)
@@ -292,8 +301,11 @@ pub fn main() -> i32 {
 }
 
 /// 2 when the failure is the user's input (arguments, config, manifest, component names, a
-/// plugin that cannot be loaded), else 1.
+/// plugin that cannot be loaded), 128 + n for a run stopped by signal n, else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
+    if let Some(Stopped(signal)) = error.downcast_ref::<Stopped>() {
+        return 128 + signal;
+    }
     let usage = error.chain().any(|cause| {
         cause.is::<UsageError>()
             || cause.is::<ConfigError>()
@@ -357,6 +369,9 @@ mod tests {
         let runtime =
             anyhow::Error::new(io::Error::other("disk full")).context("writing a checkpoint");
         assert_eq!(exit_code(&runtime), 1);
+        for (signal, code) in [(2, 130), (15, 143), (1, 129)] {
+            assert_eq!(exit_code(&anyhow::Error::new(Stopped(signal))), code);
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     };
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
+    crate::run::install_interrupt_handler();
     let options = RunOptions {
         run_dir: Some(point.run_dir.clone()),
         runs_root: PathBuf::from("runs"),
@@ -28,5 +29,5 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     };
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
     super::run::report(&summary);
-    Ok(())
+    super::run::stopped(&summary)
 }

@@ -26,7 +26,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => session::run(&config, &registry, &options)?,
     };
     report(&summary);
-    Ok(())
+    stopped(&summary)
+}
+
+/// A run a signal stopped ends the command with [`super::Stopped`], so that its exit code is
+/// 128 + the signal's number.
+pub(crate) fn stopped(summary: &RunSummary) -> Result<()> {
+    match summary.interrupted {
+        true => Err(
+            super::Stopped(session::stop_signal().unwrap_or(signal_hook::consts::SIGINT)).into(),
+        ),
+        false => Ok(()),
+    }
 }
 
 /// Tell the user how the run ended and where its results are.
@@ -39,8 +50,9 @@ pub(crate) fn report(summary: &RunSummary) {
         eprintln!("validation loss {loss:.4} (perplexity {:.2})", loss.exp());
     }
     if summary.interrupted {
+        let by = session::stop_signal().map_or("request", session::signal_name);
         eprintln!(
-            "stopped by request after step {}; results are in {dir}; continue with `codex-ml resume {dir}`",
+            "stopped by {by} after step {}; results are in {dir}; continue with `codex-ml resume {dir}`",
             summary.steps
         );
         if let Some(ckpt) = &summary.last_checkpoint {

@@ -49,7 +49,7 @@ use crate::plugins::build;
 use crate::plugins::registry::Registry;
 use crate::rundir::{Metadata, MetadataInput, RunDir};
 
-pub use interrupt::install_interrupt_handler;
+pub use interrupt::{install_interrupt_handler, signal_name, stop_signal};
 pub use resume::{continue_config, continue_from, locate, ResumePoint};
 pub use steps::run_params;
 
