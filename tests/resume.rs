@@ -738,3 +738,88 @@ fn a_second_signal_exits_at_once_and_the_last_checkpoint_stands() {
     fx.ok(&["resume", "twice", "-q"]);
     assert_same_as(&fx, "straight", "twice");
 }
+
+/// Every file under `dir` but the lock, with its bytes, for comparing a directory before and
+/// after.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if path.file_name().is_some_and(|n| n != "run.lock") {
+                let bytes = std::fs::read(&path).expect("read");
+                out.push((
+                    path.strip_prefix(root).expect("inside").to_path_buf(),
+                    bytes,
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A resume refused after the run directory was opened changes nothing in it: not the
+/// checkpoints newer than the one named (they used to be set aside first), not the configs,
+/// not the log.
+#[test]
+fn a_refused_resume_leaves_the_run_directory_byte_identical() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("done");
+    let before = snapshot(&fx.path("done"));
+    // Nothing left to train: the run is finished.
+    let stderr = fx.fails(&["resume", "done"], 2);
+    assert!(stderr.contains("nothing left to train"), "{stderr}");
+    // An older checkpoint named on purpose, with a length that leaves nothing to do from it.
+    let stderr = fx.fails(
+        &[
+            "resume",
+            "done/checkpoints/step-00000006",
+            "--set",
+            "train.max_steps=6",
+        ],
+        2,
+    );
+    assert!(stderr.contains("nothing left to train"), "{stderr}");
+    let after = snapshot(&fx.path("done"));
+    let names = |s: &[(PathBuf, Vec<u8>)]| s.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&before), names(&after), "files were added or removed");
+    for ((path, a), (_, b)) in before.iter().zip(&after) {
+        assert!(a == b, "{} changed", path.display());
+    }
+}
+
+/// Two processes on one run directory: while a run holds it, a resume of it is refused with
+/// the holder's pid and changes nothing; once the holder is gone, the resume goes ahead.
+#[test]
+fn a_second_process_is_refused_while_a_run_holds_its_directory() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("straight");
+    let mut child = fx.spawn(
+        &["run", "tiny.ron", "--run-dir", "held", "-q"],
+        &[("CODEX_ML_TEST_CHECKPOINT_PAUSE", "6:model.safetensors")],
+    );
+    let _rest = wait_for_pause(&mut child);
+    let before = snapshot(&fx.path("held"));
+    let stderr = fx.fails(&["resume", "held"], 1);
+    assert!(
+        stderr.contains("is in use by another codex-ml process")
+            && stderr.contains(&format!("pid {}", child.id())),
+        "{stderr}"
+    );
+    assert!(
+        before == snapshot(&fx.path("held")),
+        "the refused resume changed the run"
+    );
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    // The kernel released the lock with the process: the run resumes, exactly.
+    fx.ok(&["resume", "held", "-q"]);
+    assert_same_as(&fx, "straight", "held");
+}

@@ -17,6 +17,10 @@
 //!   the same experiment. Its `config.ron` is kept and the resumed session's config goes next
 //!   to it as `config.resume-1.ron`, ...; `metadata.json` keeps the first session's facts and
 //!   gains one entry per resumed session in its `resumes` list ([`RunDir::record_resume`]).
+//! - One process at a time: a run holds an exclusive advisory lock on `run.lock` in its
+//!   directory from the moment it claims or reopens it ([`RunDir::lock`]); the kernel releases
+//!   it when the process ends, however it ends. A second process (a second resume, say) is
+//!   refused with the holder's pid before it changes anything.
 //! - Files that matter are written to a temporary file, fsynced and renamed
 //!   ([`crate::fsio::write_atomic`]): a crash leaves the old file or the new one, never half of one.
 //!
@@ -28,6 +32,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -71,6 +76,14 @@ pub enum RunDirError {
         expected: String,
         /// The experiment recorded in the directory.
         found: String,
+    },
+    /// Another process holds the run directory's lock.
+    #[error("run directory {} is in use by another codex-ml process ({}); wait for it to end, or stop it (kill -TERM <pid>: it checkpoints first) and then resume", path.display(), if holder.is_empty() { "its pid is not recorded" } else { holder.as_str() })]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+        /// What the holder wrote into the lock file (`pid N`).
+        holder: String,
     },
     /// A path exists but is not a directory.
     #[error("{} exists and is not a directory; choose another --run-dir", path.display())]
@@ -116,13 +129,18 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RunDir
 const CONFIG: &str = "config.ron";
 const METADATA: &str = "metadata.json";
 
-/// A run's directory and the paths inside it.
+/// The lock file of a run directory.
+const LOCK: &str = "run.lock";
+
+/// A run's directory and the paths inside it. It holds the directory's lock while it (or a
+/// clone) lives.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
     experiment: String,
     run_id: String,
     resumed: bool,
+    _lock: Arc<fs::File>,
 }
 
 impl RunDir {
@@ -146,6 +164,7 @@ impl RunDir {
             match fs::create_dir(&path) {
                 Ok(()) => {
                     return Ok(RunDir {
+                        _lock: RunDir::lock(&path)?,
                         path,
                         experiment: experiment.to_string(),
                         run_id: id,
@@ -184,6 +203,7 @@ impl RunDir {
             fs::create_dir_all(path).map_err(io_err("create", path))?;
         }
         Ok(RunDir {
+            _lock: RunDir::lock(path)?,
             path: path.to_path_buf(),
             experiment: experiment.to_string(),
             run_id: dir_name(path),
@@ -210,11 +230,43 @@ impl RunDir {
             });
         }
         Ok(RunDir {
+            _lock: RunDir::lock(path)?,
             path: path.to_path_buf(),
             experiment: experiment.to_string(),
             run_id: dir_name(path),
             resumed: true,
         })
+    }
+
+    /// Take the exclusive lock of the run directory `path`, writing this process's id into
+    /// the lock file for the next one to name. Refused with [`RunDirError::InUse`] while
+    /// another process holds it.
+    pub fn lock(path: &Path) -> Result<Arc<fs::File>, RunDirError> {
+        let file_path = path.join(LOCK);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&file_path)
+            .map_err(io_err("open", &file_path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = io::Read::read_to_string(&mut file, &mut holder);
+                return Err(RunDirError::InUse {
+                    path: path.to_path_buf(),
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &file_path)(e)),
+        }
+        let holder = format!("pid {}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| io::Write::write_all(&mut file, holder.as_bytes()))
+            .map_err(io_err("write", &file_path))?;
+        Ok(Arc::new(file))
     }
 
     /// The directory.

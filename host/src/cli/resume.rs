@@ -20,7 +20,6 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     };
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
-    crate::run::install_interrupt_handler();
     let options = RunOptions {
         run_dir: Some(point.run_dir.clone()),
         runs_root: PathBuf::from("runs"),

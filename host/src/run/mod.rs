@@ -144,25 +144,23 @@ pub fn resume(
     let device = engine::parse_device(&config.device).context("in the config's `device`")?;
     let started = SystemTime::now();
     let run = RunDir::open_existing(&point.run_dir, &config.experiment)?;
-    crate::logging::attach_run_log(&run.log_path())
-        .with_context(|| format!("opening {}", run.log_path().display()))?;
     tracing::info!(
         "resuming {} from {} (step {})",
         run.path().display(),
         point.checkpoint.display(),
         point.step()
     );
-    let result = resume::prepare_checkpoints(&run.checkpoints_dir(), point.step()).and_then(|()| {
-        run_in(
-            config,
-            registry,
-            options,
-            &run,
-            device,
-            started,
-            Some(point),
-        )
-    });
+    // The run log is attached once the resume is decided (see `run_in`), so that a refused
+    // resume leaves the directory as it found it.
+    let result = run_in(
+        config,
+        registry,
+        options,
+        &run,
+        device,
+        started,
+        Some(point),
+    );
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
@@ -182,14 +180,23 @@ fn run_in(
     resume_from: Option<&ResumePoint>,
 ) -> Result<RunSummary> {
     let config_text = config.to_ron();
-    run.write_config(&config_text)?;
+    // What a run writes before it trains. A fresh run writes it at once; a resumed one only
+    // once everything is built and the checkpoint restored: a resume refused before that
+    // point (nothing left to train, a state that no longer fits) changes nothing on disk.
+    let commit = |tokenizer_json: Option<&str>| -> Result<()> {
+        run.write_config(&config_text)?;
+        if let Some(json) = tokenizer_json {
+            crate::fsio::write_atomic(&run.tokenizer_path(), json.as_bytes())
+                .with_context(|| format!("writing {}", run.tokenizer_path().display()))?;
+        }
+        Ok(())
+    };
 
     let trackers = steps::trackers(config, registry)?;
     let docs = steps::documents(config)?;
     let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
-    if let Some(json) = &tokenizer_json {
-        crate::fsio::write_atomic(&run.tokenizer_path(), json.as_bytes())
-            .with_context(|| format!("writing {}", run.tokenizer_path().display()))?;
+    if resume_from.is_none() {
+        commit(tokenizer_json.as_deref())?;
     }
     let _kernel_scope = steps::kernel(config, registry, &device)?;
     let mut store = ParamStore::new(device.clone(), config.seed);
@@ -229,6 +236,16 @@ fn run_in(
             &mut train_batches,
             tokenizer_json.as_deref(),
         )?;
+        // Decided: from here on the resume changes the run directory.
+        crate::logging::attach_run_log(&run.log_path())
+            .with_context(|| format!("opening {}", run.log_path().display()))?;
+        tracing::info!(
+            "resuming from {} (step {}): restored",
+            point.checkpoint.display(),
+            point.step()
+        );
+        resume::prepare_checkpoints(&run.checkpoints_dir(), point.step())?;
+        commit(tokenizer_json.as_deref())?;
     }
 
     let resume_step = resume_from.map(ResumePoint::step);
