@@ -308,11 +308,15 @@ fn kill_nine_anywhere_then_resume_latest_matches() {
     }
 }
 
+/// A run killed before its first checkpoint is complete has nothing to resume, and is not
+/// stuck: resuming it (by `--resume latest` with its `--run-dir`, by `codex-ml resume`, or
+/// starting it again with `run --run-dir`) starts it again in place, its partial records
+/// superseded, and it ends exactly where an uninterrupted run does.
 #[test]
-fn kill_before_any_checkpoint_leaves_nothing_to_resume() {
+fn kill_before_any_checkpoint_restarts_in_place() {
     let fx = Fixture::new("cosine", "");
-    fx.kill_at("early", "3:model.safetensors");
-    let stderr = fx.fails(
+    fx.straight("straight");
+    let ways: [&[&str]; 3] = [
         &[
             "run",
             "tiny.ron",
@@ -320,14 +324,73 @@ fn kill_before_any_checkpoint_leaves_nothing_to_resume() {
             "early",
             "--resume",
             "latest",
+            "-q",
         ],
-        1,
+        &["resume", "early", "-q"],
+        &["run", "tiny.ron", "--run-dir", "early", "-q"],
+    ];
+    for (i, way) in ways.iter().enumerate() {
+        if i > 0 {
+            std::fs::remove_dir_all(fx.path("early")).expect("clean");
+        }
+        fx.kill_at("early", "3:model.safetensors");
+        let verify = fx.codex(&["verify", "early"], &[]);
+        assert_eq!(verify.status.code(), Some(1));
+        let stdout = String::from_utf8_lossy(&verify.stdout);
+        assert!(stdout.contains("incomplete"), "{stdout}");
+
+        let out = fx.codex(way, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{way:?}:\n{stderr}");
+        assert!(
+            stderr.contains("stopped before its first checkpoint: starting it again in place"),
+            "{way:?}:\n{stderr}"
+        );
+        assert_same_as(&fx, "straight", "early");
+        let meta: Value = serde_json::from_str(
+            &std::fs::read_to_string(fx.path("early/metadata.json")).expect("metadata"),
+        )
+        .expect("json");
+        assert_eq!(meta["resumes"][0]["from_step"], 0, "{meta}");
+        assert_eq!(meta["resumes"][0]["checkpoint"], Value::Null, "{meta}");
+    }
+}
+
+/// `--resume latest` without `--run-dir` takes the newest run that has a checkpoint, and says
+/// which, rather than a newer run that died before its first one.
+#[test]
+fn resume_latest_passes_over_runs_without_a_checkpoint() {
+    let fx = Fixture::new("constant", "");
+    fx.straight("straight");
+    let half = (STEPS / 2).to_string();
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "-q",
+        "--set",
+        &format!("train.max_steps={half}"),
+    ]);
+    // A newer run of the experiment, killed before its first checkpoint.
+    let mut child = fx.spawn(
+        &["run", "tiny.ron"],
+        &[("CODEX_ML_TEST_CHECKPOINT_PAUSE", "3:model.safetensors")],
     );
-    assert!(stderr.contains("no valid checkpoint"), "{stderr}");
-    let verify = fx.codex(&["verify", "early"], &[]);
-    assert_eq!(verify.status.code(), Some(1));
-    let stdout = String::from_utf8_lossy(&verify.stdout);
-    assert!(stdout.contains("incomplete"), "{stdout}");
+    let _rest = wait_for_pause(&mut child);
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+
+    let mut runs: Vec<String> = std::fs::read_dir(fx.path("runs/tiny"))
+        .expect("runs")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let stderr = fx.ok(&["run", "tiny.ron", "--resume", "latest"]);
+    assert!(
+        stderr.contains(&format!("runs/tiny/{} (the newest of experiment `tiny` with a checkpoint; newer runs without a checkpoint: {})", runs[0], runs[1])),
+        "{stderr}"
+    );
+    assert_same_as(&fx, "straight", &format!("runs/tiny/{}", runs[0]));
 }
 
 #[test]

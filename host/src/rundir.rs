@@ -347,13 +347,13 @@ impl RunDir {
 impl RunDir {
     /// Add a resumed session to `metadata.json` without losing what is there: the first
     /// session's facts stay as they are, and the `resumes` list gains this session's (when,
-    /// from which checkpoint and step, and its own tool, OS, CPU, threads, device, seeds and
+    /// from which checkpoint and step — no checkpoint and step 0 for a run started again — and its own tool, OS, CPU, threads, device, seeds and
     /// plugins, which may differ from the first session's).
     pub fn record_resume(
         &self,
         metadata: &Metadata,
         from_step: u64,
-        checkpoint: &Path,
+        checkpoint: Option<&Path>,
     ) -> Result<PathBuf, RunDirError> {
         let path = self.metadata_path();
         let text = fs::read_to_string(&path).map_err(io_err("read", &path))?;
@@ -370,7 +370,9 @@ impl RunDir {
             fields.remove("run_id");
             fields.remove("resumed");
             fields.insert("from_step".into(), from_step.into());
-            fields.insert("checkpoint".into(), checkpoint.display().to_string().into());
+            // No checkpoint: the run was started again from step 0.
+            let checkpoint = checkpoint.map(|c| c.display().to_string());
+            fields.insert("checkpoint".into(), checkpoint.into());
         }
         let Some(fields) = doc.as_object_mut() else {
             return Err(RunDirError::NotARun {
@@ -425,10 +427,28 @@ fn check_experiment(name: &str) -> Result<(), RunDirError> {
 }
 
 /// The experiment recorded in `dir/metadata.json`, if it holds a readable one.
+/// The experiment of the run in `dir`: from `metadata.json`, or, for a run stopped before it
+/// got that far, from the `config.ron` it writes first.
 fn recorded_experiment(dir: &Path) -> Option<String> {
-    let text = fs::read_to_string(dir.join(METADATA)).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("experiment")?.as_str().map(str::to_string)
+    let from_metadata = || {
+        let text = fs::read_to_string(dir.join(METADATA)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get("experiment")?.as_str().map(str::to_string)
+    };
+    let from_config = || {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            experiment: String,
+        }
+        let text = fs::read_to_string(dir.join(CONFIG)).ok()?;
+        ron::from_str::<Named>(&text).ok().map(|n| n.experiment)
+    };
+    from_metadata().or_else(from_config)
+}
+
+/// Whether `dir` holds a run (its `metadata.json`, or the `config.ron` a run writes first).
+pub fn holds_run(dir: &Path) -> bool {
+    recorded_experiment(dir).is_some()
 }
 
 /// `YYYYMMDD-HHMMSS` of `t` in UTC.

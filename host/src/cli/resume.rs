@@ -7,10 +7,14 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::ResumeArgs;
-use crate::run::{continue_from, locate, RunOptions};
+use crate::config::Config;
+use crate::run::{continue_from, is_restartable, locate, RunOptions};
 
 /// `codex-ml resume RUN_DIR`.
 pub fn resume(args: ResumeArgs) -> Result<()> {
+    if is_restartable(&args.run_dir) {
+        return restart(args);
+    }
     let point = locate(&args.run_dir)?;
     let saved = point.saved_config(&[])?;
     let config = if args.set.is_empty() {
@@ -27,6 +31,24 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         progress: true,
     };
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
+    super::run::report(&summary);
+    super::run::stopped(&summary)
+}
+
+/// `codex-ml resume RUN_DIR` on a run that stopped before its first checkpoint: start it again
+/// in place, with the config it was started with (plus `--set`).
+fn restart(args: ResumeArgs) -> Result<()> {
+    let config = Config::load(&args.run_dir.join("config.ron"), &args.set)?;
+    let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
+    config.check_components(&registry)?;
+    crate::run::install_interrupt_handler();
+    let options = RunOptions {
+        run_dir: Some(args.run_dir.clone()),
+        runs_root: PathBuf::from("runs"),
+        stop: None,
+        progress: true,
+    };
+    let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
     super::run::report(&summary);
     super::run::stopped(&summary)
 }

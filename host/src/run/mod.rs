@@ -50,7 +50,7 @@ use crate::plugins::registry::Registry;
 use crate::rundir::{Metadata, MetadataInput, RunDir};
 
 pub use interrupt::{install_interrupt_handler, signal_name, stop_signal};
-pub use resume::{continue_config, continue_from, locate, ResumePoint};
+pub use resume::{continue_config, continue_from, is_restartable, locate, ResumePoint};
 pub use steps::run_params;
 
 /// A run refused because of what it was asked to do: nothing was trained, nothing changed on
@@ -119,17 +119,88 @@ pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result
     let started = SystemTime::now();
 
     let run = match &options.run_dir {
-        Some(path) => RunDir::create_at(path, &config.experiment)?,
+        Some(path) => match RunDir::create_at(path, &config.experiment) {
+            Err(crate::rundir::RunDirError::ExistingRun { .. })
+                if !resume::has_checkpoint(path) =>
+            {
+                return restart(config, registry, options, path);
+            }
+            made => made?,
+        },
         None => RunDir::create_new(&options.runs_root, &config.experiment, started)?,
     };
     crate::logging::attach_run_log(&run.log_path())
         .with_context(|| format!("opening {}", run.log_path().display()))?;
     tracing::info!("run directory: {}", run.path().display());
-    let result = run_in(config, registry, options, &run, device, started, None);
+    let result = run_in(
+        config,
+        registry,
+        options,
+        &run,
+        device,
+        started,
+        Start::Fresh,
+    );
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
     result
+}
+
+/// Start again, in its own directory, a run that stopped before its first checkpoint (killed,
+/// or failed early): nothing in it can be resumed, so it trains from step 0 with `config`,
+/// as a resumed run would from a checkpoint at step 0. Its metric records are superseded,
+/// checkpoint writes it left are cleared away, its earlier `config.ron` and `metadata.json`
+/// stay (the session's config goes beside them and `metadata.json` gains a `resumes` entry
+/// with no checkpoint), and `log.txt` is appended to.
+pub fn restart(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    run_dir: &std::path::Path,
+) -> Result<RunSummary> {
+    engine::install();
+    let device = engine::parse_device(&config.device).context("in the config's `device`")?;
+    let started = SystemTime::now();
+    let run = RunDir::open_existing(run_dir, &config.experiment)?;
+    tracing::warn!(
+        "{} holds a run that stopped before its first checkpoint: starting it again in place",
+        run.path().display()
+    );
+    let result = run_in(
+        config,
+        registry,
+        options,
+        &run,
+        device,
+        started,
+        Start::Restart,
+    );
+    if let Err(e) = crate::logging::detach_run_log() {
+        tracing::warn!("closing the run log: {e}");
+    }
+    result
+}
+
+/// Where [`run_in`] starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// A new run in a new directory.
+    Fresh,
+    /// From step 0 again, in the directory of a run that has no checkpoint.
+    Restart,
+    /// From a checkpoint.
+    Resume(&'a ResumePoint),
+}
+
+impl<'a> Start<'a> {
+    /// The checkpoint resumed from.
+    fn point(self) -> Option<&'a ResumePoint> {
+        match self {
+            Start::Resume(point) => Some(point),
+            Start::Fresh | Start::Restart => None,
+        }
+    }
 }
 
 /// Continue the run of `point` in its own directory, with `config` (already checked against
@@ -159,7 +230,7 @@ pub fn resume(
         &run,
         device,
         started,
-        Some(point),
+        Start::Resume(point),
     );
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
@@ -177,26 +248,35 @@ fn run_in(
     run: &RunDir,
     device: Device,
     started: SystemTime,
-    resume_from: Option<&ResumePoint>,
+    start: Start<'_>,
 ) -> Result<RunSummary> {
+    let resume_from = start.point();
     let config_text = config.to_ron();
     // What a run writes before it trains. A fresh run writes it at once; a resumed one only
     // once everything is built and the checkpoint restored: a resume refused before that
     // point (nothing left to train, a state that no longer fits) changes nothing on disk.
-    let commit = |tokenizer_json: Option<&str>| -> Result<()> {
-        run.write_config(&config_text)?;
+    // (A fresh run's `config.ron` comes first of all: it names the run's experiment even if
+    // the run is stopped before anything else, so that it can be started again in place.)
+    let write_tokenizer = |tokenizer_json: Option<&str>| -> Result<()> {
         if let Some(json) = tokenizer_json {
             crate::fsio::write_atomic(&run.tokenizer_path(), json.as_bytes())
                 .with_context(|| format!("writing {}", run.tokenizer_path().display()))?;
         }
         Ok(())
     };
+    let commit = |tokenizer_json: Option<&str>| -> Result<()> {
+        run.write_config(&config_text)?;
+        write_tokenizer(tokenizer_json)
+    };
+    if let Start::Fresh = start {
+        run.write_config(&config_text)?;
+    }
 
     let trackers = steps::trackers(config, registry)?;
     let docs = steps::documents(config)?;
     let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
-    if resume_from.is_none() {
-        commit(tokenizer_json.as_deref())?;
+    if let Start::Fresh = start {
+        write_tokenizer(tokenizer_json.as_deref())?;
     }
     let _kernel_scope = steps::kernel(config, registry, &device)?;
     let mut store = ParamStore::new(device.clone(), config.seed);
@@ -247,8 +327,23 @@ fn run_in(
         resume::prepare_checkpoints(&run.checkpoints_dir(), point.step())?;
         commit(tokenizer_json.as_deref())?;
     }
+    if let Start::Restart = start {
+        crate::logging::attach_run_log(&run.log_path())
+            .with_context(|| format!("opening {}", run.log_path().display()))?;
+        tracing::info!(
+            "starting {} again from step 0: it stopped before its first checkpoint",
+            run.path().display()
+        );
+        resume::prepare_checkpoints(&run.checkpoints_dir(), 0)?;
+        commit(tokenizer_json.as_deref())?;
+    }
 
-    let resume_step = resume_from.map(ResumePoint::step);
+    // A restart supersedes every record its first session made, as a resume at step 0 would.
+    let resume_step = match start {
+        Start::Fresh => None,
+        Start::Restart => Some(0),
+        Start::Resume(point) => Some(point.step()),
+    };
     let hub = steps::metrics(config, registry, run, resume_step, trackers)?;
 
     let metadata = Metadata::collect(
@@ -261,9 +356,14 @@ fn run_in(
             plugins: steps::plugin_lock(registry, config),
         },
     );
-    match resume_from {
-        None => run.write_metadata(&metadata)?,
-        Some(point) => run.record_resume(&metadata, point.step(), &point.checkpoint)?,
+    match start {
+        Start::Fresh => run.write_metadata(&metadata)?,
+        // A run stopped before its metadata was written gets it now, as a new run would.
+        Start::Restart if !run.metadata_path().is_file() => run.write_metadata(&metadata)?,
+        Start::Restart => run.record_resume(&metadata, 0, None)?,
+        Start::Resume(point) => {
+            run.record_resume(&metadata, point.step(), Some(&point.checkpoint))?
+        }
     };
 
     let mut trainer = build::trainer(registry, &config.trainer.name, &config.trainer.params)?;

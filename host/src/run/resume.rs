@@ -78,15 +78,18 @@ pub fn continue_config(
     options: &RunOptions,
     target: &Path,
 ) -> Result<RunSummary> {
-    let point = if target == Path::new("latest") {
-        let run_dir = match &options.run_dir {
+    let target = if target == Path::new("latest") {
+        match &options.run_dir {
             Some(dir) => dir.clone(),
             None => newest_run(&options.runs_root, &config.experiment)?,
-        };
-        locate(&run_dir)?
+        }
     } else {
-        locate(target)?
+        target.to_path_buf()
     };
+    if is_restartable(&target) {
+        return super::restart(config, registry, options, &target);
+    }
+    let point = locate(&target)?;
     let saved = point.saved_config(&[])?;
     continue_from(config, &saved, registry, options, &point)
 }
@@ -156,7 +159,26 @@ pub fn locate(target: &Path) -> Result<ResumePoint> {
     ))
 }
 
-/// The newest run of `experiment` under `runs_root` (run ids sort by start time).
+/// Whether the run directory `run_dir` has a checkpoint that verifies.
+pub(crate) fn has_checkpoint(run_dir: &Path) -> bool {
+    let root = run_dir.join("checkpoints");
+    matches!(
+        checkpoint::latest_valid(&root, &checkpoint::CHECKPOINT_FILES),
+        Ok((Some(_), _))
+    )
+}
+
+/// Whether `target` is the directory of a run that stopped before its first checkpoint (not
+/// a checkpoint itself): such a run is started again in place rather than resumed.
+pub fn is_restartable(target: &Path) -> bool {
+    !checkpoint::is_checkpoint_dir(target)
+        && crate::rundir::holds_run(target)
+        && !has_checkpoint(target)
+}
+
+/// The run `--resume latest` continues: the newest run of `experiment` under `runs_root`
+/// (run ids sort by start time) that has a checkpoint, naming the newer ones it passed over;
+/// when none has one, the newest run, which is then started again in place.
 fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
     let parent = runs_root.join(experiment);
     let mut runs: Vec<(String, PathBuf)> = std::fs::read_dir(&parent)
@@ -166,7 +188,7 @@ fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
             reason: format!(" ({e})"),
         })?
         .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.path().join("metadata.json").is_file())
+        .filter(|entry| crate::rundir::holds_run(&entry.path()))
         .map(|entry| {
             (
                 entry.file_name().to_string_lossy().into_owned(),
@@ -176,14 +198,34 @@ fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
         .collect();
     // `20261124-201500-2` sorts after `20261124-201500`, as it started later.
     runs.sort_by_key(|(id, _)| run_id_key(id));
-    runs.pop().map(|(_, path)| path).ok_or_else(|| {
-        RunError::NoRuns {
+    let Some((_, newest)) = runs.last().cloned() else {
+        return Err(RunError::NoRuns {
             experiment: experiment.to_string(),
             dir: parent.clone(),
             reason: String::new(),
         }
-        .into()
-    })
+        .into());
+    };
+    let mut passed = Vec::new();
+    for (id, path) in runs.iter().rev() {
+        if has_checkpoint(path) {
+            let passed = match passed.len() {
+                0 => String::new(),
+                _ => format!("; newer runs without a checkpoint: {}", passed.join(", ")),
+            };
+            tracing::info!(
+                "--resume latest: run {} (the newest of experiment `{experiment}` with a checkpoint{passed})",
+                path.display()
+            );
+            return Ok(path.clone());
+        }
+        passed.push(id.clone());
+    }
+    tracing::info!(
+        "--resume latest: run {}, the newest of experiment `{experiment}`; no run has a checkpoint",
+        newest.display()
+    );
+    Ok(newest)
 }
 
 /// `(timestamp, suffix)` of a run id, so `-10` sorts after `-9`.
