@@ -886,3 +886,36 @@ fn a_second_process_is_refused_while_a_run_holds_its_directory() {
     fx.ok(&["resume", "held", "-q"]);
     assert_same_as(&fx, "straight", "held");
 }
+
+/// The run's record meeting a full disk (simulated: the record's writes fail once it has
+/// written a set number of bytes) stops the run at the next step boundary with a checkpoint,
+/// exit code 1 and a message saying what happened and how to go on; once there is room
+/// again, the run resumes and ends exactly where an uninterrupted run does.
+#[test]
+fn a_full_disk_under_the_record_stops_the_run_and_it_resumes_exactly() {
+    let fx = Fixture::new("cosine", "");
+    fx.straight("straight");
+    let out = fx.codex(
+        &["run", "tiny.ron", "--run-dir", "full", "-q"],
+        &[("CODEX_ML_TEST_RECORD_FULL_AFTER", "2500")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("metrics.ndjson, the run's record, could not be written")
+            && stderr.contains("no storage space")
+            && stderr.contains("continue with `codex-ml resume full`"),
+        "{stderr}"
+    );
+    let written = records(&fx.path("full"))
+        .last()
+        .map(|r| r.0)
+        .expect("records");
+    assert!(written < STEPS, "the record was full at step {written}");
+    fx.ok(&["resume", "full", "-q"]);
+    let model = |run: &str| fx.model_bytes(run, STEPS);
+    assert!(
+        model("straight") == model("full"),
+        "the resumed run differs"
+    );
+}

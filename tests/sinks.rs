@@ -302,6 +302,43 @@ fn a_failing_sink_is_disabled_and_the_others_complete() {
     assert_others_complete(&report, dir.path());
 }
 
+/// A failing sink is only disabled; the run's record failing is reported to the training side,
+/// which stops the run on it.
+#[test]
+fn only_the_runs_record_failing_is_reported_to_the_training_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start(
+        dir.path(),
+        None,
+        vec![sink("failing", &declare::<Failing>(), dir.path(), None)],
+    );
+    for step in 1..=3 {
+        hub.record(step, "train", "loss", 1.0);
+        assert!(hub.sync(Duration::from_secs(60)));
+    }
+    assert_eq!(hub.recorder().record_failed(), None);
+    hub.finish();
+
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start(
+        dir.path(),
+        None,
+        vec![sink("ndjson", &declare::<Failing>(), dir.path(), None)],
+    );
+    hub.record(1, "train", "loss", 1.0);
+    assert!(hub.sync(Duration::from_secs(60)));
+    assert_eq!(
+        hub.recorder().record_failed(),
+        None,
+        "the first write works"
+    );
+    hub.record(2, "train", "loss", 1.0);
+    assert!(hub.sync(Duration::from_secs(60)));
+    let reason = hub.recorder().record_failed().expect("the record failed");
+    assert!(reason.contains("disk on fire"), "{reason}");
+    hub.finish();
+}
+
 #[test]
 fn a_panicking_sink_is_disabled_and_the_others_complete() {
     let (report, dir) = run_with_broken("panicking", &declare::<Panicking>());
@@ -540,6 +577,13 @@ fn an_earlier_run_is_reopened_only_to_resume_and_never_clobbered() {
         Err(RunDirError::NotARun { .. })
     ));
 
+    // While the first holds the directory, it cannot be reopened (see the lock tests in
+    // resume.rs); the first session ends here.
+    assert!(matches!(
+        RunDir::open_existing(&path, "tiny"),
+        Err(RunDirError::InUse { .. })
+    ));
+    drop(run);
     let resumed = RunDir::open_existing(&path, "tiny").unwrap_or_else(|e| panic!("{e}"));
     assert!(resumed.resumed());
     let second = resumed

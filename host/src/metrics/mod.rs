@@ -11,6 +11,9 @@
 //!   [`DEFAULT_CAPACITY`] records behind, thousands of steps at the usual cadence), the record
 //!   is dropped for that sink only and counted; [`MetricsHub::finish`] reports the counts and
 //!   warns about them. Blocking instead would let one slow sink stall training.
+//! - **The run's record is not disabled quietly.** When `metrics.ndjson` cannot be written
+//!   (a full disk), [`Recorder::record_failed`] says so and the run stops at its next step
+//!   boundary, as gracefully as the disk allows; other sinks follow the rule below.
 //! - **A failing sink is disabled, once.** The first error (a panic arrives as an error: the
 //!   plugin-side guard catches it) disables the sink for the rest of the run with one warning
 //!   that names it and the reason; its thread ends and later records skip it.
@@ -36,7 +39,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -210,6 +213,8 @@ struct Lane {
 #[derive(Clone)]
 pub struct Recorder {
     lanes: Arc<[Lane]>,
+    /// Why the run's record could not be written, once it could not.
+    record_failure: Arc<OnceLock<String>>,
 }
 
 impl Recorder {
@@ -272,6 +277,14 @@ impl Recorder {
             // A sink disabled meanwhile drops the acknowledgement: that is "done" too.
             !matches!(ack.recv_timeout(left), Err(RecvTimeoutError::Timeout))
         })
+    }
+
+    /// Why the run's record, `metrics.ndjson`, could not be written (a full disk, say), once
+    /// that happened. Unlike other sinks, whose failure only disables them, this ends the run:
+    /// the training side stops at its next step boundary, so that no step goes unrecorded
+    /// for longer than one.
+    pub fn record_failed(&self) -> Option<String> {
+        self.record_failure.get().cloned()
     }
 
     /// Records dropped so far, over all sinks.
@@ -363,10 +376,12 @@ impl MetricsHub {
         all.extend(sinks);
 
         let capacity = options.capacity.max(1);
+        let record_failure = Arc::new(OnceLock::new());
         let mut lanes = Vec::with_capacity(all.len());
         let mut workers = Vec::with_capacity(all.len());
         for (name, sink) in all {
-            let (lane, worker) = spawn_lane(name, Role::Sink, sink, capacity)?;
+            let failure = (name == RUN_RECORD).then(|| record_failure.clone());
+            let (lane, worker) = spawn_lane(name, Role::Sink, sink, capacity, failure)?;
             lanes.push(lane);
             workers.push(worker);
         }
@@ -385,7 +400,7 @@ impl MetricsHub {
                         params: params.clone(),
                     }),
                 };
-                let (lane, worker) = spawn_lane(name, Role::Tracker, endpoint, capacity)?;
+                let (lane, worker) = spawn_lane(name, Role::Tracker, endpoint, capacity, None)?;
                 lanes.push(lane);
                 workers.push(worker);
             }
@@ -393,6 +408,7 @@ impl MetricsHub {
         Ok(MetricsHub {
             recorder: Recorder {
                 lanes: lanes.into(),
+                record_failure,
             },
             workers,
             finish_timeout: options.finish_timeout,
@@ -501,12 +517,14 @@ fn noun(role: Role) -> &'static str {
     }
 }
 
-/// Start the thread of one sink or tracker.
+/// Start the thread of one sink or tracker; `failure` receives why it was disabled (the run's
+/// record passes one).
 fn spawn_lane<E: Endpoint>(
     name: String,
     role: Role,
     endpoint: E,
     capacity: usize,
+    failure: Option<Arc<OnceLock<String>>>,
 ) -> Result<(Lane, Worker), MetricsError> {
     let (tx, rx) = mpsc::sync_channel(capacity);
     let (done_tx, done) = mpsc::sync_channel(1);
@@ -518,7 +536,7 @@ fn spawn_lane<E: Endpoint>(
     let handle = thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
-            let report = run_lane(worker_name, endpoint, rx);
+            let report = run_lane(worker_name, endpoint, rx, failure);
             // The hub may have stopped waiting; nobody to tell then.
             let _ = done_tx.send(report);
         })
@@ -638,11 +656,17 @@ impl Endpoint for TrackerEndpoint {
 }
 
 /// The body of one sink's or tracker's thread.
-fn run_lane<E: Endpoint>(name: String, mut endpoint: E, rx: Receiver<Msg>) -> SinkReport {
+fn run_lane<E: Endpoint>(
+    name: String,
+    mut endpoint: E,
+    rx: Receiver<Msg>,
+    failure: Option<Arc<OnceLock<String>>>,
+) -> SinkReport {
     let mut state = LaneState {
         name,
         written: 0,
         disabled: None,
+        failure,
     };
     if let Err((what, e)) = endpoint.open() {
         state.fail::<E>(what, e);
@@ -705,6 +729,8 @@ struct LaneState {
     name: String,
     written: u64,
     disabled: Option<String>,
+    /// Told why the endpoint was disabled (the run's record only).
+    failure: Option<Arc<OnceLock<String>>>,
 }
 
 impl LaneState {
@@ -745,13 +771,22 @@ impl LaneState {
         } else {
             format!("{what} failed: {}", e.message)
         };
-        tracing::warn!(
-            sink = %self.name,
-            "{} `{}` disabled for the rest of the run ({reason}); {}",
-            E::NOUN,
-            self.name,
-            E::OTHERS
-        );
+        match &self.failure {
+            Some(failure) => {
+                tracing::error!(
+                    "{RUN_RECORD_FILE}, the run's record, cannot be written ({reason}); \
+                     the run stops at the end of this step"
+                );
+                let _ = failure.set(reason.clone());
+            }
+            None => tracing::warn!(
+                sink = %self.name,
+                "{} `{}` disabled for the rest of the run ({reason}); {}",
+                E::NOUN,
+                self.name,
+                E::OTHERS
+            ),
+        }
         self.disabled = Some(reason);
     }
 

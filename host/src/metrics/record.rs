@@ -43,7 +43,14 @@ pub struct RunRecord {
     path: PathBuf,
     out: BufWriter<File>,
     line: Vec<u8>,
+    /// Room left on a simulated full disk (tests only, see [`FULL_AFTER_HOOK`]).
+    room: Option<u64>,
 }
+
+/// For tests only: `CODEX_ML_TEST_RECORD_FULL_AFTER=<bytes>` makes the record's writes fail as
+/// on a full disk once it has written that many bytes, so that a test can watch a run meet a
+/// full disk without filling one.
+const FULL_AFTER_HOOK: &str = "CODEX_ML_TEST_RECORD_FULL_AFTER";
 
 impl Describe for RunRecord {
     const NAME: &'static str = "ndjson";
@@ -128,10 +135,14 @@ impl Sink for RunRecord {
         };
         let path = Path::new(run_dir).join(file);
         let out = open_for_append(Self::NAME, &path, resume_step, &Format)?;
+        let room = std::env::var(FULL_AFTER_HOOK)
+            .ok()
+            .and_then(|b| b.parse().ok());
         Ok(RunRecord {
             path,
             out: BufWriter::new(out),
             line: Vec::with_capacity(128),
+            room,
         })
     }
 
@@ -139,6 +150,12 @@ impl Sink for RunRecord {
         for r in records {
             self.line.clear();
             encode(r, &mut self.line)?;
+            if let Some(room) = &mut self.room {
+                *room = room.checked_sub(self.line.len() as u64).ok_or_else(|| {
+                    let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                    Error::msg(format!("cannot write {}: {full}", self.path.display()))
+                })?;
+            }
             self.out
                 .write_all(&self.line)
                 .map_err(|e| Error::msg(format!("cannot write {}: {e}", self.path.display())))?;

@@ -442,6 +442,30 @@ fn run_in(
             })
         });
 
+    // A run whose record could not be written stopped for that reason: it failed, whatever
+    // the trainer made of the stop (and a checkpoint may not have fitted on the disk either).
+    let result = match (hub.recorder().record_failed(), result) {
+        (None, result) => result,
+        (Some(reason), result) => {
+            let outcome = match &result {
+                Ok(summary) => match &summary.last_checkpoint {
+                    Some(c) => format!(
+                        "training stopped after step {}; the last checkpoint is {}",
+                        summary.steps,
+                        c.display()
+                    ),
+                    None => format!("training stopped after step {}", summary.steps),
+                },
+                Err(e) => format!("then {e:#}"),
+            };
+            Err(anyhow!(
+                "{}, the run's record, could not be written ({reason}); {outcome}; make room \
+                 (or fix the file system), then continue with `codex-ml resume {}`",
+                crate::metrics::RUN_RECORD_FILE,
+                run.path().display()
+            ))
+        }
+    };
     let status = match &result {
         Err(_) => RunStatus::Failed,
         Ok(summary) if summary.interrupted => RunStatus::Killed,
@@ -454,7 +478,12 @@ fn run_in(
         }
     }
     let report = hub.finish_as(status);
-    for s in &report.sinks {
+    // The run's record said why it failed when it did, and the run's error says it again.
+    for s in report
+        .sinks
+        .iter()
+        .filter(|s| s.name != crate::metrics::RUN_RECORD)
+    {
         if let Some(reason) = &s.disabled {
             tracing::warn!("sink `{}` was disabled during the run: {reason}", s.name);
         }

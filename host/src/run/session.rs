@@ -226,6 +226,7 @@ impl TrainSession for HostSession<'_> {
 
     fn should_stop(&self) -> bool {
         super::interrupt::stop_requested(self.stop.as_ref())
+            || self.recorder.record_failed().is_some()
     }
 
     fn evaluate(&mut self, max_batches: u64) -> RResult<EvalTotals, PluginError> {
