@@ -973,3 +973,78 @@ fn the_plugin_llama_gives_every_parameter_its_true_gradient() {
     );
     crate::model::assert_true_gradients(&built, &crate::model::batch(2, 8, vocab as u32));
 }
+
+/// A native plugin rebuilt since the run's last session (another sha256 than the run's plugin
+/// lock) is refused on resume with exit code 2, the plugin and both hashes named, and the
+/// run left as it was; `--allow-plugin-change` goes on and records the new hash.
+#[test]
+fn a_plugin_changed_since_the_run_is_refused_on_resume_unless_allowed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lion = plugin(dir.path(), "native-lion");
+    // Not pinned in the manifest: the manifest would refuse a changed pinned file itself.
+    let manifest = write_manifest(
+        dir.path(),
+        &[format!(
+            "(name: \"lion\", origin: native, path: \"{}\"),",
+            lion.display()
+        )],
+    );
+    let config = write_config(dir.path(), GPT2, r#"(name: "lion/lion", lr: 3e-3)"#, &[], 5);
+    let run_dir = dir.path().join("run");
+    let out = run_experiment(&config, &manifest, &run_dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before = sha256(&lion);
+
+    // The same plugin with other bytes, as a rebuild makes it (trailing bytes do not stop an
+    // ELF file from loading).
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&lion)
+        .expect("open the plugin");
+    std::io::Write::write_all(&mut file, b"rebuilt").expect("append");
+    drop(file);
+    let after = sha256(&lion);
+
+    let resume = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "resume".as_ref(),
+            run_dir.as_os_str(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+            "--set".as_ref(),
+            "train.max_steps=8".as_ref(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        run(&args)
+    };
+    let metadata = || std::fs::read_to_string(run_dir.join("metadata.json")).expect("metadata");
+    let metadata_before = metadata();
+    let out = resume(&[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for part in [
+        "optimizer `lion/lion` changed since the run's last session",
+        &before,
+        &after,
+        "--allow-plugin-change",
+    ] {
+        assert!(stderr.contains(part), "missing `{part}` in:\n{stderr}");
+    }
+    assert_eq!(
+        metadata(),
+        metadata_before,
+        "the refused resume changed the run"
+    );
+
+    let out = resume(&["--allow-plugin-change"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_str(&metadata()).expect("json");
+    let recorded = meta["resumes"][0]["plugins"]
+        .as_array()
+        .expect("plugin lock")
+        .iter()
+        .find(|p| p["name"] == "optimizer/lion/lion")
+        .cloned()
+        .expect("lion in the lock");
+    assert_eq!(recorded["sha256"], after.as_str(), "{meta}");
+}

@@ -62,6 +62,7 @@ fn options(dir: &Path, run_dir: &Path, stop: bool) -> RunOptions {
         runs_root: dir.join("runs"),
         stop: Some(Arc::new(AtomicBool::new(stop))),
         progress: false,
+        allow_plugin_change: false,
     }
 }
 

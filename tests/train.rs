@@ -52,6 +52,7 @@ fn train(dir: &Path, config: &Config, name: &str) -> RunSummary {
         runs_root: dir.join("runs"),
         stop: Some(Arc::new(AtomicBool::new(false))),
         progress: false,
+        allow_plugin_change: false,
     };
     session::run(config, &registry, &options).unwrap_or_else(|e| panic!("{e:#}"))
 }

@@ -393,6 +393,30 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// The plugin lock of the run's latest session: its newest `resumes` entry's, else the
+    /// first session's (from `metadata.json`).
+    pub fn plugin_lock_in_use(&self) -> Result<Vec<PluginLock>, RunDirError> {
+        let path = self.metadata_path();
+        let text = fs::read_to_string(&path).map_err(io_err("read", &path))?;
+        let bad = |e: serde_json::Error| RunDirError::Io {
+            action: "parse",
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        let latest = doc
+            .get("resumes")
+            .and_then(|r| r.as_array())
+            .and_then(|r| r.last())
+            .unwrap_or(&doc);
+        match latest.get("plugins") {
+            Some(plugins) => serde_json::from_value(plugins.clone()).map_err(bad),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
 fn dir_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -503,7 +527,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// One entry of the plugin lock: which component came from where.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PluginLock {
     /// Registry name (`adamw`, `myplugin/lion`).
     pub name: String,

@@ -105,6 +105,10 @@ pub struct ResumeArgs {
     /// Plugin manifest (RON) declaring external plugins the config names
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Resume even if a plugin file differs from the one the run last used (exact resume may
+    /// no longer hold); the change is logged and the new hash recorded
+    #[arg(long)]
+    pub allow_plugin_change: bool,
 }
 
 /// `codex-ml verify`.
@@ -138,6 +142,9 @@ pub struct RunArgs {
     /// newest run, or of --run-dir), a run directory, or a checkpoint directory
     #[arg(long, value_name = "latest|PATH")]
     pub resume: Option<PathBuf>,
+    /// With --resume: go on even if a plugin file differs from the one the run last used
+    #[arg(long, requires = "resume")]
+    pub allow_plugin_change: bool,
 }
 
 /// `codex-ml eval`.

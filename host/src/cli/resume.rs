@@ -29,6 +29,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         runs_root: PathBuf::from("runs"),
         stop: None,
         progress: true,
+        allow_plugin_change: args.allow_plugin_change,
     };
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
     super::run::report(&summary);
@@ -47,6 +48,7 @@ fn restart(args: ResumeArgs) -> Result<()> {
         runs_root: PathBuf::from("runs"),
         stop: None,
         progress: true,
+        allow_plugin_change: args.allow_plugin_change,
     };
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
     super::run::report(&summary);

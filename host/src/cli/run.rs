@@ -20,6 +20,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         runs_root: PathBuf::from("runs"),
         stop: None,
         progress: true,
+        allow_plugin_change: args.allow_plugin_change,
     };
     let summary = match &args.resume {
         Some(target) => session::continue_config(&config, &registry, &options, target)?,

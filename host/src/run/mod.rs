@@ -68,6 +68,18 @@ pub enum RunError {
         /// The run's total steps.
         total: u64,
     },
+    /// A plugin file differs from the build the run last used.
+    #[error("{component} changed since the run's last session: {origin} has sha256 {now}, the run used {then}; exact resume may no longer hold. Put the plugin back as it was, or pass --allow-plugin-change to go on with this build (its hash is recorded)")]
+    PluginChanged {
+        /// The component, with its kind (`optimizer `lion/lion``).
+        component: String,
+        /// The plugin file.
+        origin: String,
+        /// The sha256 the run recorded.
+        then: String,
+        /// The sha256 of the file now.
+        now: String,
+    },
     /// A path that is neither a run directory nor a checkpoint.
     #[error("{}: no such run or checkpoint directory; pass a run directory (runs/<experiment>/<run-id>) or one of its checkpoints", .0.display())]
     NoSuchRun(PathBuf),
@@ -93,6 +105,9 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Show a progress bar when stderr is a terminal.
     pub progress: bool,
+    /// Resume even when a plugin file differs from the one the run last used
+    /// (`--allow-plugin-change`); the change is logged and the new hashes recorded.
+    pub allow_plugin_change: bool,
 }
 
 /// How a run ended.
@@ -182,6 +197,41 @@ pub fn restart(
     result
 }
 
+/// A resumed run's plugins must be the builds it last used (their sha256 in its metadata),
+/// unless `allow` says otherwise; then each change is logged (and the new hashes go into the
+/// session's `resumes` entry as its plugin lock).
+fn check_plugins(config: &Config, registry: &Registry, run: &RunDir, allow: bool) -> Result<()> {
+    let then = run.plugin_lock_in_use()?;
+    for now in steps::plugin_lock(registry, config) {
+        let Some(now_sha) = &now.sha256 else {
+            continue;
+        };
+        let recorded = then.iter().find(|t| t.name == now.name);
+        let Some(then_sha) = recorded.and_then(|t| t.sha256.as_ref()) else {
+            continue;
+        };
+        if then_sha == now_sha {
+            continue;
+        }
+        // Lock entries are named `kind/name`.
+        let component = match now.name.split_once('/') {
+            Some((kind, name)) => format!("{kind} `{name}`"),
+            None => format!("`{}`", now.name),
+        };
+        let changed = RunError::PluginChanged {
+            component,
+            origin: now.origin.clone(),
+            then: then_sha.clone(),
+            now: now_sha.clone(),
+        };
+        if !allow {
+            return Err(changed.into());
+        }
+        tracing::warn!("resuming with a changed plugin (--allow-plugin-change): {changed}");
+    }
+    Ok(())
+}
+
 /// Where [`run_in`] starts.
 #[derive(Clone, Copy)]
 enum Start<'a> {
@@ -251,6 +301,9 @@ fn run_in(
     start: Start<'_>,
 ) -> Result<RunSummary> {
     let resume_from = start.point();
+    if let Start::Resume(_) = start {
+        check_plugins(config, registry, run, options.allow_plugin_change)?;
+    }
     let config_text = config.to_ron();
     // What a run writes before it trains. A fresh run writes it at once; a resumed one only
     // once everything is built and the checkpoint restored: a resume refused before that
