@@ -919,3 +919,30 @@ fn a_full_disk_under_the_record_stops_the_run_and_it_resumes_exactly() {
         "the resumed run differs"
     );
 }
+
+/// For scripts: `run` prints the run directory alone on stdout, and a closed stderr (`2>&1 |
+/// head`) neither crashes a run nor changes its exit code.
+#[test]
+fn run_prints_its_directory_on_stdout_and_survives_a_closed_stderr() {
+    let fx = Fixture::new("cosine", "");
+    let out = fx.codex(&["run", "tiny.ron", "--run-dir", "scripted", "-q"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "scripted\n");
+
+    let mut child = std::process::Command::new(codex_ml_path())
+        .current_dir(fx.path(""))
+        .args(["run", "tiny.ron", "--run-dir", "closed"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn codex-ml");
+    // The reader goes away at once, as `head` does once it has its lines.
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(fx.path("closed/checkpoints/step-00000012").is_dir());
+}

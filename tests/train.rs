@@ -314,8 +314,8 @@ fn bad_input_gets_clear_errors() {
     );
     check_run_error(dir, &text, &[], 1, &["empty"]);
 
-    // seq_len beyond the model's context.
-    check_run_error(dir, &ok, &["train.seq_len=64"], 1, &["seq_len", "64", "32"]);
+    // seq_len beyond the model's context: the config's to fix, so exit code 2.
+    check_run_error(dir, &ok, &["train.seq_len=64"], 2, &["seq_len", "64", "32"]);
 
     // An unknown component lists the known ones.
     check_run_error(

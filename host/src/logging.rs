@@ -35,6 +35,13 @@ pub fn level(verbose: u8, quiet: bool) -> LevelFilter {
     }
 }
 
+/// Colour on stderr only for a terminal, and never with `NO_COLOR` set to anything but the
+/// empty string (no-color.org).
+fn colour() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    io::stderr().is_terminal() && !no_color
+}
+
 /// Install the global subscriber. Calling it again (tests, embedding) changes nothing.
 pub fn init(verbose: u8, quiet: bool) {
     let filter = EnvFilter::builder()
@@ -42,7 +49,7 @@ pub fn init(verbose: u8, quiet: bool) {
         .from_env_lossy();
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
+        .with_ansi(colour())
         .with_target(verbose > 0)
         .without_time();
     let file = tracing_subscriber::fmt::layer()

@@ -56,7 +56,11 @@ impl Writer {
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(60);
         if step == Some(self.step) && file == Some(name) {
-            eprintln!("checkpoint test hook: paused after {name}");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "checkpoint test hook: paused after {name}"
+            );
             std::thread::sleep(std::time::Duration::from_secs(seconds));
         }
     }

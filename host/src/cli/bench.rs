@@ -13,6 +13,8 @@
 
 use std::time::Instant;
 
+use std::io::Write as _;
+
 use anyhow::{bail, Context, Result};
 use codex_plugin_api::{ForwardCtx, OptimStep, Tensor};
 use rand::{Rng, SeedableRng};
@@ -243,7 +245,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
-    eprintln!(
+    super::say!(
         "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={} kernel={}",
         env!("CARGO_PKG_VERSION"),
         shape.name,
@@ -262,7 +264,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     for i in 0..warmup {
         let l = bench.step(&mut scratch)?;
         if i == 0 {
-            eprintln!(
+            super::say!(
                 "step0 loss = {l:.4} (ln V = {:.4}); first step {:.1}s",
                 (shape.vocab as f64).ln(),
                 first.elapsed().as_secs_f64()
@@ -286,7 +288,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         fw.push(ms(split[0]));
         bw.push(ms(split[1]));
         op.push(ms(split[2]));
-        eprintln!(
+        super::say!(
             "window {w}: {:9.1} tok/s  step {:.1} ms (fwd {:.1} / bwd {:.1} / opt {:.1} ms)",
             tokens / dt,
             dt / steps as f64 * 1e3,
@@ -305,7 +307,8 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     }
     let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
     let max = rates.iter().copied().fold(0.0, f64::max);
-    println!(
+    writeln!(
+        std::io::stdout().lock(),
         "RESULT framework=codex-ml cfg={} kernel={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4}",
         shape.name,
         kernel_name,
@@ -317,21 +320,25 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         median(&op),
         peak_rss_mib(),
         last
-    );
+    )?;
     Ok(())
 }
 
 /// The costliest op-table entries and kernel calls, per step, against the median step time.
 fn print_profile(stats: &[profile::OpTime], steps: usize, step_ms: f64) {
     let steps = steps.max(1) as f64;
-    eprintln!("profile (per step; `op backward` includes the kernel calls made by backward):");
-    eprintln!(
+    super::say!("profile (per step; `op backward` includes the kernel calls made by backward):");
+    super::say!(
         "  {:<7} {:<26} {:>8} {:>9} {:>7}",
-        "kind", "name", "calls", "ms", "% step"
+        "kind",
+        "name",
+        "calls",
+        "ms",
+        "% step"
     );
     for s in stats.iter().take(25) {
         let ms = s.time.as_secs_f64() * 1e3 / steps;
-        eprintln!(
+        super::say!(
             "  {:<7} {:<26} {:>8.1} {:>9.2} {:>6.1}%",
             s.kind.as_str(),
             s.name,

@@ -1,5 +1,7 @@
 //! `codex-ml eval`: loss, perplexity and token accuracy of a checkpoint.
 
+use std::io::Write as _;
+
 use anyhow::{bail, Result};
 
 use super::EvalArgs;
@@ -33,14 +35,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let val = ValBatches::new(tokens.into(), shape, data::pad_id(&loaded.tokenizer))?;
     let totals = inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)?;
-    eprintln!("checkpoint {}", loaded.checkpoint.display());
-    println!(
+    super::say!("checkpoint {}", loaded.checkpoint.display());
+    writeln!(
+        std::io::stdout().lock(),
         "loss {:.4}  perplexity {:.3}  accuracy {:.4}  tokens {}  batches {}",
         totals.loss(),
         totals.perplexity(),
         totals.accuracy(),
         totals.tokens as u64,
         totals.batches
-    );
+    )?;
     Ok(())
 }

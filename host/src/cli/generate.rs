@@ -1,5 +1,7 @@
 //! `codex-ml generate`: continue a prompt with a trained model.
 
+use std::io::Write as _;
+
 use anyhow::Result;
 
 use super::GenerateArgs;
@@ -26,6 +28,6 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         &args.prompt,
         &options,
     )?;
-    println!("{text}");
+    writeln!(std::io::stdout().lock(), "{text}")?;
     Ok(())
 }

@@ -262,6 +262,16 @@ fn parse_top_p(arg: &str) -> Result<f64, String> {
     }
 }
 
+/// `eprintln!` that never panics: with stderr closed (`codex-ml run … 2>&1 | head`), a message
+/// is lost rather than a finished run turned into a crash.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// A run stopped by a signal after its checkpoint was written and its results flushed: not a
 /// failure to report (the run said how to continue), but the exit code, 128 + the signal's
 /// number, tells a script it did not finish, so `codex-ml run … && next` does not carry on.
@@ -301,7 +311,7 @@ pub fn main() -> i32 {
         Err(e) if is_broken_pipe(&e) => 0,
         Err(e) if e.is::<Stopped>() => exit_code(&e),
         Err(e) => {
-            eprintln!("{}", report(&e));
+            say!("{}", report(&e));
             exit_code(&e)
         }
     }

@@ -32,7 +32,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         allow_plugin_change: args.allow_plugin_change,
     };
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
-    super::run::report(&summary);
+    super::run::report(&summary)?;
     super::run::stopped(&summary)
 }
 
@@ -51,6 +51,6 @@ fn restart(args: ResumeArgs) -> Result<()> {
         allow_plugin_change: args.allow_plugin_change,
     };
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
-    super::run::report(&summary);
+    super::run::report(&summary)?;
     super::run::stopped(&summary)
 }

@@ -1,6 +1,7 @@
 //! `codex-ml run`: load the config, build the registry, train (or, with `--resume`, continue
 //! an earlier run of the config), report where the results are.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -26,7 +27,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(target) => session::continue_config(&config, &registry, &options, target)?,
         None => session::run(&config, &registry, &options)?,
     };
-    report(&summary);
+    report(&summary)?;
     stopped(&summary)
 }
 
@@ -41,25 +42,28 @@ pub(crate) fn stopped(summary: &RunSummary) -> Result<()> {
     }
 }
 
-/// Tell the user how the run ended and where its results are.
-pub(crate) fn report(summary: &RunSummary) {
+/// Tell the user how the run ended and where its results are (on stderr), and a script the
+/// run directory (alone on stdout, whatever the outcome, so `dir=$(codex-ml run …)` works).
+pub(crate) fn report(summary: &RunSummary) -> Result<()> {
     let dir = summary.run_dir.display();
     if let Some(sample) = &summary.sample {
-        eprintln!("\n--- sample ---\n{sample}\n--------------");
+        super::say!("\n--- sample ---\n{sample}\n--------------");
     }
     if let Some(loss) = summary.val_loss {
-        eprintln!("validation loss {loss:.4} (perplexity {:.2})", loss.exp());
+        super::say!("validation loss {loss:.4} (perplexity {:.2})", loss.exp());
     }
     if summary.interrupted {
         let by = session::stop_signal().map_or("request", session::signal_name);
-        eprintln!(
+        super::say!(
             "stopped by {by} after step {}; results are in {dir}; continue with `codex-ml resume {dir}`",
             summary.steps
         );
         if let Some(ckpt) = &summary.last_checkpoint {
-            eprintln!("last checkpoint: {}", ckpt.display());
+            super::say!("last checkpoint: {}", ckpt.display());
         }
     } else {
-        eprintln!("finished {} steps; results are in {dir}", summary.steps);
+        super::say!("finished {} steps; results are in {dir}", summary.steps);
     }
+    writeln!(std::io::stdout().lock(), "{dir}")?;
+    Ok(())
 }

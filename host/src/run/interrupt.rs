@@ -9,6 +9,7 @@
 //! The signals are turned into messages on a thread of their own (`signal-hook`'s iterator),
 //! so nothing but setting a flag happens inside a signal handler.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
@@ -51,14 +52,17 @@ pub fn install_interrupt_handler() {
                 for signal in signals.forever() {
                     let name = signal_name(signal);
                     if STOP.swap(true, Ordering::SeqCst) {
-                        eprintln!(
+                        // Never a panic here: stderr may be a closed pipe.
+                        let _ = writeln!(
+                            std::io::stderr().lock(),
                             "\n{name} again: exiting without waiting for the step to end; \
                              the last checkpoint stands"
                         );
                         std::process::exit(128 + signal);
                     }
                     SIGNAL.store(signal, Ordering::SeqCst);
-                    eprintln!(
+                    let _ = writeln!(
+                        std::io::stderr().lock(),
                         "\n{name}: stopping at the end of this step and writing a checkpoint \
                          (send it again to stop at once)…"
                     );

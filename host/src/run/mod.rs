@@ -80,6 +80,18 @@ pub enum RunError {
         /// The sha256 of the file now.
         now: String,
     },
+    /// `train.seq_len` is longer than the model's context.
+    #[error("train.seq_len is {seq_len} but model `{model}` accepts at most {max_positions} positions: lower train.seq_len or raise {raise}")]
+    SeqLenTooLong {
+        /// The config's sequence length.
+        seq_len: usize,
+        /// The model's registry name.
+        model: String,
+        /// The longest sequence the model accepts.
+        max_positions: usize,
+        /// What to raise instead (`model.params.n_positions`).
+        raise: String,
+    },
     /// A path that is neither a run directory nor a checkpoint.
     #[error("{}: no such run or checkpoint directory; pass a run directory (runs/<experiment>/<run-id>) or one of its checkpoints", .0.display())]
     NoSuchRun(PathBuf),

@@ -102,12 +102,13 @@ pub(crate) fn model(
             Some(param) => format!("model.params.{param}"),
             None => "the model's position limit in model.params".to_string(),
         };
-        bail!(
-            "train.seq_len is {} but model `{}` accepts at most {} positions: lower train.seq_len or raise {raise}",
-            config.train.seq_len,
-            config.model.name,
-            max_positions
-        );
+        return Err(super::RunError::SeqLenTooLong {
+            seq_len: config.train.seq_len,
+            model: config.model.name.clone(),
+            max_positions,
+            raise,
+        }
+        .into());
     }
     Ok(model)
 }
