@@ -579,6 +579,14 @@ fn config_changes_that_alter_past_steps_are_refused() {
             stderr.contains(field) && stderr.contains("cannot change on resume"),
             "{set}: {stderr}"
         );
+        // The checkpoint chosen is named, and a plain value is shown both ways.
+        assert!(
+            stderr.contains("resuming from run/checkpoints/step-00000006"),
+            "{stderr}"
+        );
+        if set == "seed=8" {
+            assert!(stderr.contains("(8 here, 7 in the checkpoint)"), "{stderr}");
+        }
     }
     let stderr = fx.fails(&["resume", "run"], 2);
     assert!(stderr.contains("raise train.max_steps"), "{stderr}");

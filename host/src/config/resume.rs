@@ -25,13 +25,18 @@ impl Config {
         let mut changed = Vec::new();
         for (field, old, new) in differing {
             if !RESUMABLE.contains(&field.as_str()) {
+                let values = match (shown(old), shown(new)) {
+                    (Some(old), Some(new)) => format!(" ({new} here, {old} in the checkpoint)"),
+                    _ => String::new(),
+                };
                 return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
                     &self.path,
                     Some(field.clone()),
                     format!(
-                        "differs from the config of the checkpoint being resumed; {field} cannot \
-                         change on resume because the steps already taken depend on it: resume \
-                         with the run's own config (codex-ml resume RUN_DIR) or start a new run"
+                        "differs from the config of the checkpoint being resumed{values}; {field} \
+                         cannot change on resume because the steps already taken depend on it: \
+                         resume with the run's own config (codex-ml resume RUN_DIR) or start a \
+                         new run"
                     ),
                 ))));
             }

@@ -103,7 +103,9 @@ pub fn continue_from(
     options: &RunOptions,
     point: &ResumePoint,
 ) -> Result<RunSummary> {
-    let changes = config.resume_differences(saved)?;
+    let changes = config
+        .resume_differences(saved)
+        .with_context(|| format!("resuming from {}", point.checkpoint.display()))?;
     for change in &changes {
         tracing::info!("resuming with a changed setting: {change}");
     }
