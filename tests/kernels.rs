@@ -751,6 +751,8 @@ fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
         stop: None,
         progress: false,
         allow_plugin_change: false,
+        retune: false,
+        skip_batches: 0,
     };
     let summary = session::run(&config, &registry, &options).unwrap_or_else(|e| panic!("{e:#}"));
     std::fs::read_to_string(summary.run_dir.join("metrics.ndjson"))

@@ -954,3 +954,75 @@ fn run_prints_its_directory_on_stdout_and_survives_a_closed_stderr() {
     assert_eq!(status.code(), Some(0), "{status}");
     assert!(fx.path("closed/checkpoints/step-00000012").is_dir());
 }
+
+/// The way out of a divergence: `--retune` lets a resume lower the learning rate of the steps
+/// still to come (refused without it, with a message naming the flag), leaving the steps taken
+/// as they were; `--skip-batches` moves past some data, deterministically.
+#[test]
+fn retune_changes_only_the_steps_to_come_and_skip_batches_moves_the_data_on() {
+    let fx = Fixture::new("constant", "");
+    fx.straight("straight");
+    let half = format!("train.max_steps={}", STEPS / 2);
+    for run in ["retuned", "skipped", "skipped-again"] {
+        fx.ok(&["run", "tiny.ron", "--run-dir", run, "-q", "--set", &half]);
+    }
+    let full = format!("train.max_steps={STEPS}");
+    let stderr = fx.fails(
+        &[
+            "resume",
+            "retuned",
+            "--set",
+            &full,
+            "--set",
+            "optimizer.lr=0.002",
+        ],
+        2,
+    );
+    assert!(
+        stderr.contains("optimizer.lr") && stderr.contains("--retune"),
+        "{stderr}"
+    );
+    let stderr = fx.ok(&[
+        "resume",
+        "retuned",
+        "--retune",
+        "--set",
+        &full,
+        "--set",
+        "optimizer.lr=0.002",
+    ]);
+    assert!(stderr.contains("optimizer.lr: 0.01 -> 0.002"), "{stderr}");
+    let lr_at = |run: &str, step: u64| -> f64 {
+        let text = std::fs::read_to_string(fx.path(run).join("metrics.ndjson")).expect("records");
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+            .find(|v| v["step"] == step && v["name"] == "lr")
+            .and_then(|v| v["value"].as_f64())
+            .unwrap_or_else(|| panic!("no lr at step {step} in {run}"))
+    };
+    let half_step = STEPS / 2;
+    assert_eq!(lr_at("retuned", half_step), lr_at("straight", half_step));
+    assert_eq!(lr_at("retuned", half_step + 1), 0.002);
+    let straight = records(&fx.path("straight"));
+    let retuned = records(&fx.path("retuned"));
+    let upto = |r: &[(u64, String, String, u64)]| -> Vec<(u64, String, String, u64)> {
+        r.iter().filter(|x| x.0 <= half_step).cloned().collect()
+    };
+    assert_eq!(upto(&straight), upto(&retuned), "the steps taken changed");
+    assert!(
+        fx.model_bytes("straight", STEPS) != fx.model_bytes("retuned", STEPS),
+        "the new learning rate changed nothing"
+    );
+
+    for run in ["skipped", "skipped-again"] {
+        fx.ok(&["resume", run, "--skip-batches", "2", "--set", &full, "-q"]);
+    }
+    assert!(
+        fx.model_bytes("skipped", STEPS) == fx.model_bytes("skipped-again", STEPS),
+        "skipping is not deterministic"
+    );
+    assert!(
+        fx.model_bytes("skipped", STEPS) != fx.model_bytes("straight", STEPS),
+        "skipping batches changed nothing"
+    );
+}

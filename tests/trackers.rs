@@ -63,6 +63,8 @@ fn options(dir: &Path, run_dir: &Path, stop: bool) -> RunOptions {
         stop: Some(Arc::new(AtomicBool::new(stop))),
         progress: false,
         allow_plugin_change: false,
+        retune: false,
+        skip_batches: 0,
     }
 }
 

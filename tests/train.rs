@@ -53,6 +53,8 @@ fn train(dir: &Path, config: &Config, name: &str) -> RunSummary {
         stop: Some(Arc::new(AtomicBool::new(false))),
         progress: false,
         allow_plugin_change: false,
+        retune: false,
+        skip_batches: 0,
     };
     session::run(config, &registry, &options).unwrap_or_else(|e| panic!("{e:#}"))
 }

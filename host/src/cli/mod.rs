@@ -109,6 +109,14 @@ pub struct ResumeArgs {
     /// no longer hold); the change is logged and the new hash recorded
     #[arg(long)]
     pub allow_plugin_change: bool,
+    /// Let --set change the learning rate and schedule of the steps still to come
+    /// (optimizer.lr, train.schedule), e.g. after a divergence; the steps taken stay as they were
+    #[arg(long)]
+    pub retune: bool,
+    /// Skip this many optimizer steps' worth of training batches after the checkpoint (the
+    /// data around a divergence, say)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub skip_batches: u64,
 }
 
 /// `codex-ml verify`.
@@ -145,6 +153,14 @@ pub struct RunArgs {
     /// With --resume: go on even if a plugin file differs from the one the run last used
     #[arg(long, requires = "resume")]
     pub allow_plugin_change: bool,
+    /// With --resume: let the config change the learning rate and schedule of the steps still
+    /// to come
+    #[arg(long, requires = "resume")]
+    pub retune: bool,
+    /// With --resume: skip this many optimizer steps' worth of training batches after the
+    /// checkpoint
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "resume")]
+    pub skip_batches: u64,
 }
 
 /// `codex-ml eval`.

@@ -30,6 +30,8 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         stop: None,
         progress: true,
         allow_plugin_change: args.allow_plugin_change,
+        retune: args.retune,
+        skip_batches: args.skip_batches,
     };
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
     super::run::report(&summary)?;
@@ -49,6 +51,8 @@ fn restart(args: ResumeArgs) -> Result<()> {
         stop: None,
         progress: true,
         allow_plugin_change: args.allow_plugin_change,
+        retune: args.retune,
+        skip_batches: args.skip_batches,
     };
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
     super::run::report(&summary)?;

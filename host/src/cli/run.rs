@@ -22,6 +22,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         stop: None,
         progress: true,
         allow_plugin_change: args.allow_plugin_change,
+        retune: args.retune,
+        skip_batches: args.skip_batches,
     };
     let summary = match &args.resume {
         Some(target) => session::continue_config(&config, &registry, &options, target)?,

@@ -18,13 +18,35 @@ impl Config {
     /// setting added since) is refused, naming the first differing field in the order the
     /// file is written. The device may change, but bitwise-exact continuation holds only on
     /// the device that wrote it.
-    pub fn resume_differences(&self, saved: &Config) -> Result<Vec<String>, ConfigError> {
+    ///
+    /// With `retune`, the settings in `RETUNABLE` (the learning rate and its schedule) may
+    /// differ too: they change only the steps still to come, which is what a run that diverged
+    /// needs; without it, the refusal says to pass `--retune`.
+    pub fn resume_differences(
+        &self,
+        saved: &Config,
+        retune: bool,
+    ) -> Result<Vec<String>, ConfigError> {
         let (old, new) = (saved.to_json()?, self.to_json()?);
         let mut differing = Vec::new();
         differences(&shape::of::<RawConfig>(), "", &old, &new, &mut differing);
         let mut changed = Vec::new();
         for (field, old, new) in differing {
-            if !RESUMABLE.contains(&field.as_str()) {
+            let retunable = RETUNABLE.contains(&field.as_str());
+            if retunable && !retune {
+                return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
+                    &self.path,
+                    Some(field.clone()),
+                    format!(
+                        "differs from the config of the checkpoint being resumed; it sets the \
+                         learning rate of the steps still to come as well as of those taken: \
+                         pass --retune to change it from the checkpoint on (the steps taken \
+                         stay as they were; the change is logged and the session's config \
+                         saved)"
+                    ),
+                ))));
+            }
+            if !RESUMABLE.contains(&field.as_str()) && !retunable {
                 let values = match (shown(old), shown(new)) {
                     (Some(old), Some(new)) => format!(" ({new} here, {old} in the checkpoint)"),
                     _ => String::new(),
@@ -71,6 +93,11 @@ const RESUMABLE: [&str; 12] = [
     "generate",
 ];
 
+/// Settings `--retune` lets a resumed run change: the peak learning rate and the schedule. The
+/// steps already taken keep theirs (their parameters and optimizer state come from the
+/// checkpoint); the steps to come follow the new values.
+const RETUNABLE: [&str; 2] = ["optimizer.lr", "train.schedule"];
+
 /// The fields of the struct at `path` whose values differ between `old` and `new` (JSON
 /// forms of the raw config), in declaration order. A section is compared whole unless a
 /// setting inside it is [`RESUMABLE`].
@@ -94,7 +121,7 @@ fn differences<'v>(
             r.strip_prefix(field.as_str())
                 .is_some_and(|rest| rest.starts_with('.'))
         };
-        if RESUMABLE.iter().any(inside) {
+        if RESUMABLE.iter().chain(&RETUNABLE).any(inside) {
             differences(shape, &field, a, b, out);
         } else {
             out.push((field, a, b));

@@ -120,6 +120,11 @@ pub struct RunOptions {
     /// Resume even when a plugin file differs from the one the run last used
     /// (`--allow-plugin-change`); the change is logged and the new hashes recorded.
     pub allow_plugin_change: bool,
+    /// Let a resume change the learning rate and schedule of the steps to come (`--retune`).
+    pub retune: bool,
+    /// Optimizer steps' worth of training batches a resume skips (`--skip-batches`), past the
+    /// data that made a run diverge, say.
+    pub skip_batches: u64,
 }
 
 /// How a run ended.
@@ -380,6 +385,7 @@ fn run_in(
             &mut store,
             &mut train_batches,
             tokenizer_json.as_deref(),
+            options.skip_batches * config.train.grad_accum.max(1) as u64,
         )?;
         // Decided: from here on the resume changes the run directory.
         crate::logging::attach_run_log(&run.log_path())

@@ -104,10 +104,16 @@ pub fn continue_from(
     point: &ResumePoint,
 ) -> Result<RunSummary> {
     let changes = config
-        .resume_differences(saved)
+        .resume_differences(saved, options.retune)
         .with_context(|| format!("resuming from {}", point.checkpoint.display()))?;
     for change in &changes {
         tracing::info!("resuming with a changed setting: {change}");
+    }
+    if options.skip_batches > 0 {
+        tracing::info!(
+            "resuming {} optimizer steps' worth of training batches further on (--skip-batches)",
+            options.skip_batches
+        );
     }
     let length_changed = changes
         .iter()
@@ -261,12 +267,13 @@ pub(crate) fn prepare_checkpoints(root: &Path, step: u64) -> Result<()> {
 }
 
 /// Overwrite the freshly built state with the checkpoint's: parameters, optimizer state and
-/// the data cursor. The trainer's own state travels through [`TrainSession::resume_state`].
+/// the data cursor, moved on by `skip` micro-batches when the user asked to skip some. The trainer's own state travels through [`TrainSession::resume_state`].
 pub(crate) fn restore(
     point: &ResumePoint,
     store: &mut ParamStore,
     train: &mut TrainBatches,
     tokenizer_json: Option<&str>,
+    skip: u64,
 ) -> Result<()> {
     let saved_tokenizer = point.checkpoint.join("tokenizer.json");
     if let (Some(now), Ok(then)) = (tokenizer_json, std::fs::read_to_string(&saved_tokenizer)) {
@@ -286,6 +293,9 @@ pub(crate) fn restore(
         TensorGroup::State,
     )?;
     train.seek(point.state.data)?;
+    for _ in 0..skip {
+        train.next_batch();
+    }
     Ok(())
 }
 

@@ -249,7 +249,7 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
         let grad_norm = self.global_norm(&grads)?;
         if !grad_norm.is_finite() {
             bail!(
-                "step {step}: the gradient norm is {grad_norm} (loss {loss}); training diverged: lower the learning rate or resume from an earlier checkpoint"
+                "step {step}: the gradient norm is {grad_norm} (loss {loss}); training diverged: resume from a checkpoint with a lower learning rate for the steps to come (codex-ml resume RUN_DIR --retune --set optimizer.lr=LOWER), and --skip-batches N to step over the data that set it off"
             );
         }
         let clip = self.settings.clip_norm;
