@@ -414,6 +414,10 @@ fn fused_gradients_match_finite_differences() {
     finite_differences("attention", &[&q, &k, &v], &|t| {
         t[0].attention(&t[1], &t[2], true, 0.6).expect("attention")
     });
+    let (k, v) = (input(&[2, 8, 3], 49, f32_), input(&[2, 8, 3], 50, f32_));
+    finite_differences("attention over more keys", &[&q, &k, &v], &|t| {
+        t[0].attention(&t[1], &t[2], true, 0.6).expect("attention")
+    });
     let mw = input(&[7, 4], 47, f32_);
     let mb = input(&[4], 48, f32_);
     finite_differences("matmul + bias", &[&x, &mw, &mb], &|t| {
@@ -435,7 +439,8 @@ fn fused_gradients_match_finite_differences() {
     });
 }
 
-/// `softmax(scale·q·kᵀ [causal]) · v` written directly in candle, in f32.
+/// `softmax(scale·q·kᵀ [causal]) · v` written directly in candle, in f32, with the causal
+/// mask built by hand: query `i` of `t` sees keys `0..=s − t + i` of `s`.
 fn attention_reference(q: &CT, k: &CT, v: &CT, causal: bool, scale: f64) -> Vec<f32> {
     let f = |t: &CT| t.to_dtype(CD::F32).expect("f32");
     let (q, k, v) = (f(q), f(k), f(v));
@@ -456,7 +461,7 @@ fn attention_reference(q: &CT, k: &CT, v: &CT, causal: bool, scale: f64) -> Vec<
         for (i, row) in head.iter_mut().enumerate() {
             if causal {
                 row.iter_mut()
-                    .skip(i + 1)
+                    .skip(s - t + i + 1)
                     .for_each(|x| *x = f32::NEG_INFINITY);
             }
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -501,6 +506,35 @@ fn attention_matches_primitives_and_a_direct_reference() {
             }
         }
     }
+    // Fewer queries than keys: new positions over a key/value cache and themselves, the
+    // causal mask aligned to the last key. One query (a decoding step), a few, and blocks.
+    for dtype in DTYPES {
+        for (bh, t, s, d) in [(1, 1, 1, 4), (3, 1, 9, 7), (2, 4, 11, 16), (1, 33, 70, 9)] {
+            let q = input(&[bh, t, d], 21, dtype);
+            let k = input(&[bh, s, d], 22, dtype);
+            let v = input(&[bh, s, d], 23, dtype);
+            let scale = 1.0 / (d as f64).sqrt();
+            let what = format!("attention of {t} queries over {s} keys");
+            compare(&what, dtype, &[&q, &k, &v], &|x| {
+                x[0].attention(&x[1], &x[2], true, scale)
+                    .expect("attention")
+            });
+            let want =
+                attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), true, scale);
+            for kernel in [true, false] {
+                let got = run(kernel, &[&q, &k, &v], &|x| {
+                    x[0].attention(&x[1], &x[2], true, scale)
+                        .expect("attention")
+                });
+                assert_close(
+                    &format!("{what} {dtype:?} kernel {kernel} vs reference"),
+                    &got.y,
+                    &want,
+                    tolerance(dtype),
+                );
+            }
+        }
+    }
     // Four dimensions, as a model calls it.
     let q = input(&[2, 3, 17, 8], 14, CD::F32);
     let k = input(&[2, 3, 17, 8], 15, CD::F32);
@@ -533,17 +567,17 @@ fn attention_matches_primitives_and_a_direct_reference() {
 fn attention_rejects_mismatched_shapes() {
     engine::install();
     let q = Tensor::from_id(engine::insert(
-        input(&[2, 4, 8], 1, CD::F32).as_tensor().clone(),
+        input(&[2, 5, 8], 1, CD::F32).as_tensor().clone(),
     ));
     let k = Tensor::from_id(engine::insert(
-        input(&[2, 5, 8], 2, CD::F32).as_tensor().clone(),
+        input(&[2, 4, 8], 2, CD::F32).as_tensor().clone(),
     ));
     let err = q
         .attention(&k, &k, true, 1.0)
-        .expect_err("causal with 4 queries and 5 keys")
+        .expect_err("causal with 5 queries and 4 keys")
         .to_string();
     assert!(
-        err.contains("attention") && err.contains("4 and 5"),
+        err.contains("attention") && err.contains("found 5 queries and 4 keys"),
         "{err}"
     );
     let bad = Tensor::from_id(engine::insert(

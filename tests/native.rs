@@ -879,7 +879,12 @@ fn the_native_plugin_guide_states_the_current_version_and_the_loading_rule() {
 
 /// The plugin's model in this process, through the factory its registration declares — the
 /// path a run takes — on a fresh CPU store.
-fn build_llama(dir: &Path, params: &str, vocab_size: usize, seed: u64) -> crate::model::Built {
+pub(crate) fn build_llama(
+    dir: &Path,
+    params: &str,
+    vocab_size: usize,
+    seed: u64,
+) -> crate::model::Built {
     use codex_plugin_api::abi_stable::std_types::{RResult, RStr};
     use codex_plugin_api::model::ModelEnv;
     use codex_plugin_api::{ComponentKind, Factory};

@@ -846,7 +846,8 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Causal attention through the kernel: q, k and v of one shape `[.., t, d]`, one dtype.
+/// Causal attention through the kernel: q `[.., t, d]`, k and v `[.., s, d]` with `s ≥ t`
+/// (the mask aligned to the last key), one dtype.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -854,10 +855,16 @@ pub(crate) fn attention(
     causal: bool,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if !causal || q.rank() < 2 || q.elem_count() == 0 {
+    let r = q.rank();
+    if !causal || r < 2 || q.elem_count() == 0 {
         return Ok(None);
     }
-    if k.dims() != q.dims() || v.dims() != q.dims() {
+    let (qd, kd) = (q.dims(), k.dims());
+    let keys_fit = kd.len() == r
+        && kd[..r - 2] == qd[..r - 2]
+        && kd[r - 1] == qd[r - 1]
+        && kd[r - 2] >= qd[r - 2];
+    if !keys_fit || v.dims() != kd {
         return Ok(None);
     }
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {

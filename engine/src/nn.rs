@@ -189,9 +189,18 @@ pub(crate) fn masked_fill(x: &Tensor, mask: &Tensor, value: f64) -> Result<Tenso
 
 /// u8 `[t, t]`, 1 where the column is after the row (the positions a token must not see).
 pub(crate) fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let t = u32::try_from(t).map_err(|_| invalid(format!("{t} positions do not fit in u32")))?;
-    let pos = Tensor::arange(0u32, t, device)?;
-    Ok(pos.unsqueeze(0)?.broadcast_gt(&pos.unsqueeze(1)?)?)
+    causal_mask_over(t, t, device)
+}
+
+/// u8 `[t, s]` for `t ≤ s` queries that are the last `t` of `s` positions: 1 where key `j` is
+/// after query `i`'s position `s − t + i`.
+fn causal_mask_over(t: usize, s: usize, device: &Device) -> Result<Tensor> {
+    let fit = |n: usize| {
+        u32::try_from(n).map_err(|_| invalid(format!("{n} positions do not fit in u32")))
+    };
+    let rows = Tensor::arange(fit(s - t)?, fit(s)?, device)?;
+    let cols = Tensor::arange(0u32, fit(s)?, device)?;
+    Ok(cols.unsqueeze(0)?.broadcast_gt(&rows.unsqueeze(1)?)?)
 }
 
 /// Rotary position embedding, Hugging Face LLaMA's rotate-half convention:
@@ -325,8 +334,11 @@ pub(crate) fn cross_entropy(
 }
 
 /// Dispatch point `attention`: `softmax(scale·q·kᵀ [masked]) · v` over the last two dims.
-/// The kernel takes causal attention with q, k and v of one shape; everything else (and
-/// every call without a kernel) is this composition, whose softmax may itself be fused.
+/// The causal mask is aligned to the last key: with `t ≤ s`, query `i` is position `s − t + i`
+/// and sees keys `0..=s − t + i` (new positions over a key/value cache and themselves).
+/// The kernel takes causal attention with k and v of one shape and q's leading dimensions and
+/// width; everything else (and every call without a kernel) is this composition, whose softmax
+/// may itself be fused.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -349,9 +361,10 @@ pub(crate) fn attention(
         )));
     }
     let (t, s) = (q.dim(r - 2)?, k.dim(r - 2)?);
-    if causal && t != s {
+    if causal && t > s {
         return Err(invalid(format!(
-            "causal attention needs as many queries as keys, found {t} and {s}"
+            "causal attention needs at least as many keys as queries, found {t} queries and \
+             {s} keys"
         )));
     }
     if !scale.is_finite() {
@@ -363,7 +376,11 @@ pub(crate) fn attention(
     // Scaling q rather than the scores touches t·d instead of t·s values.
     let scores = super::ops::matmul(&q.affine(scale, 0.0)?, &k.transpose(r - 2, r - 1)?)?;
     let scores = if causal {
-        masked_fill(&scores, &causal_mask(t, q.device())?, f64::NEG_INFINITY)?
+        masked_fill(
+            &scores,
+            &causal_mask_over(t, s, q.device())?,
+            f64::NEG_INFINITY,
+        )?
     } else {
         scores
     };

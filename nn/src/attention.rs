@@ -13,8 +13,14 @@
 //! layout, for models that transform them first (rotary embeddings) and attend with the
 //! composed ops ([`Heads::causal_probs`]). Scores are scaled by `1/√head_dim` through the
 //! queries rather than the scores: that touches `t · d` values per head instead of `t · t`.
+//!
+//! Incremental decoding ([`codex_plugin_api::Model::forward_cached`]) attends with the new
+//! positions' queries over the keys and values of every position so far:
+//! [`Heads::causal_cached`] appends the new keys and values to a [`KvCache`] and calls the
+//! `attention` op, which aligns its causal mask to the last key when there are fewer queries
+//! than keys. `Heads::positions` is then the number of new positions.
 
-use codex_plugin_api::{Result, Tensor};
+use codex_plugin_api::{KvCache, Result, Tensor};
 
 /// The shapes of multi-head attention in one forward pass.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -72,6 +78,25 @@ impl Heads {
         q.attention(k, v, true, self.scale())
     }
 
+    /// Causal attention of this pass's queries (positions `cache.len()..cache.len() + t`)
+    /// over the keys and values of every earlier position, kept in layer `layer` of `cache`,
+    /// and of this pass, which it appends there first. With an empty cache it is
+    /// [`Heads::causal`] on the same tensors, so the host fuses it the same way.
+    ///
+    /// Ops: [`KvCache::append`]'s, then `attention(q, keys, values, true, scale)` on the keys
+    /// and values it returns.
+    pub fn causal_cached(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (keys, values) = cache.append(layer, k, v)?;
+        q.attention(&keys, &values, true, self.scale())
+    }
+
     /// The attention probabilities `softmax(scale · q · kᵀ)` with the future masked out by
     /// `mask` (`[t, t]`, 1 above the diagonal, from `Tensor::causal_mask`): for a model that
     /// acts on them (dropout) before multiplying by `v`.
@@ -113,6 +138,40 @@ mod tests {
              attention(%2, k, v, true, 0.25) -> %3
              permute(%3, [0, 2, 1, 3]) -> %4
              reshape(%4, [6, 64]) -> %5",
+        );
+    }
+
+    #[test]
+    fn cached_attention_keeps_detached_keys_and_values_and_attends_over_them() {
+        let one = Heads {
+            positions: 1,
+            ..HEADS
+        };
+        let t = trace(|_| {
+            let mut cache = KvCache::new();
+            let q = one.split(&input("q"))?;
+            let (k, v) = (one.split(&input("k"))?, one.split(&input("v"))?);
+            one.causal_cached(&q, &k, &v, &mut cache, 0)?;
+            one.causal_cached(&q, &input("k1"), &input("v1"), &mut cache, 1)?;
+            // Twice in one call: the cache would hold the new positions twice.
+            one.causal_cached(&q, &k, &v, &mut cache, 0)?;
+            Ok(())
+        });
+        check(
+            &t,
+            "reshape(q, [2, 1, 4, 16]) -> %1
+             transpose(%1, 1, 2) -> %2
+             reshape(k, [2, 1, 4, 16]) -> %3
+             transpose(%3, 1, 2) -> %4
+             reshape(v, [2, 1, 4, 16]) -> %5
+             transpose(%5, 1, 2) -> %6
+             detach(%4) -> %7
+             detach(%6) -> %8
+             attention(%2, %4, %6, true, 0.25) -> %9
+             detach(k1) -> %10
+             detach(v1) -> %11
+             attention(%2, k1, v1, true, 0.25) -> %12
+             error: the cache of layer 0 was appended to twice in one call",
         );
     }
 

@@ -66,15 +66,24 @@ impl Rotary {
     ///
     /// Ops: `narrow(cos, 0, 0, t)`, `narrow(sin, 0, 0, t)`.
     pub fn window(&self, t: usize) -> Result<RotaryWindow> {
-        if t > self.positions {
+        self.window_at(0, t)
+    }
+
+    /// The tables of positions `start..start + t`: for `t` new positions after `start`
+    /// earlier ones kept in a key/value cache (views, no copy).
+    ///
+    /// Ops: `narrow(cos, 0, start, t)`, `narrow(sin, 0, start, t)`.
+    pub fn window_at(&self, start: usize, t: usize) -> Result<RotaryWindow> {
+        if start.saturating_add(t) > self.positions {
             bail!(
-                "{t} positions, but the rotary tables cover {}",
-                self.positions
+                "the rotary tables cover positions 0..{}, not {start}..{}",
+                self.positions,
+                start.saturating_add(t)
             );
         }
         Ok(RotaryWindow {
-            cos: self.cos.narrow(0, 0, t)?,
-            sin: self.sin.narrow(0, 0, t)?,
+            cos: self.cos.narrow(0, start, t)?,
+            sin: self.sin.narrow(0, start, t)?,
         })
     }
 }
@@ -119,7 +128,10 @@ mod tests {
             let window = rotary.window(5)?;
             window.apply(&input("q"))?;
             window.apply(&input("k"))?;
-            rotary.window(17)?;
+            // One new position after five cached ones.
+            rotary.window_at(5, 1)?.apply(&input("q6"))?;
+            rotary.window_at(15, 1)?;
+            rotary.window_at(16, 1)?;
             Ok(())
         });
         check(
@@ -130,7 +142,21 @@ mod tests {
              narrow(%2, 0, 0, 5) -> %4
              rotary(q, %3, %4) -> %5
              rotary(k, %3, %4) -> %6
-             error: 17 positions, but the rotary tables cover 16",
+             narrow(%1, 0, 5, 1) -> %7
+             narrow(%2, 0, 5, 1) -> %8
+             rotary(q6, %7, %8) -> %9
+             narrow(%1, 0, 15, 1) -> %10
+             narrow(%2, 0, 15, 1) -> %11
+             error: the rotary tables cover positions 0..16, not 16..17",
+        );
+        let t = trace(|_| {
+            Rotary::new(16, 4, 10_000.0, &input("like"))?
+                .window(17)
+                .map(drop)
+        });
+        assert!(
+            t.contains("error: the rotary tables cover positions 0..16, not 0..17"),
+            "{t}"
         );
     }
 

@@ -173,8 +173,9 @@ extern "C" fn permute(x: T, dims: RSlice<'_, usize>) -> R<T> {
 extern "C" fn narrow(x: T, dim: usize, start: usize, len: usize) -> R<T> {
     op("narrow", format!("{}, {dim}, {start}, {len}", name(x)))
 }
-extern "C" fn cat(_: RSlice<'_, T>, _: usize) -> R<T> {
-    refused("cat")
+extern "C" fn cat(xs: RSlice<'_, T>, dim: usize) -> R<T> {
+    let names: Vec<String> = xs.iter().map(|&x| name(x)).collect();
+    op("cat", format!("[{}], {dim}", names.join(", ")))
 }
 extern "C" fn to_dtype(_: T, _: DType) -> R<T> {
     refused("to_dtype")

@@ -44,7 +44,7 @@ pub mod trainer;
 pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck, Registrar};
 pub use error::{guard, Error, PluginError, Result};
 pub use kernel::{BufferMut, BufferView, DeviceKind, Kernel};
-pub use model::{ForwardCtx, Model};
+pub use model::{ForwardCtx, KvCache, Model};
 pub use ops::{ops, OpTable, OpTableRef};
 pub use optimizer::{Grad, OptimStep, Optimizer};
 pub use params::{Init, ParamInfo, ParamRole, Store};

@@ -148,7 +148,8 @@ pub struct OpTable {
     pub cross_entropy: extern "C" fn(T, T, u32) -> R<CrossEntropyIds>,
     /// `(q, k, v, causal, scale)`: scaled dot-product attention over the last two dims,
     /// `softmax(scale·q·kᵀ [+ causal mask])·v`; q `[.., t, d]`, k `[.., s, d]`, v `[.., s, e]`
-    /// (e.g. `[b, h, t, d]`); `causal` needs `t == s`.
+    /// (e.g. `[b, h, t, d]`); `causal` needs `t ≤ s` and aligns the mask to the last key
+    /// (query `i` sees keys `0..=s−t+i`).
     pub attention: extern "C" fn(T, T, T, bool, f64) -> R<T>,
 
     // -- autograd and in-place updates -----------------------------------------------------------

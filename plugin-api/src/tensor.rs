@@ -417,9 +417,12 @@ impl Tensor {
 
     /// Scaled dot-product attention: `softmax(scale · self · kᵀ) · v` over the last two
     /// dimensions, with the future masked out when `causal`. `self` (queries) is `[.., t, d]`,
-    /// `k` is `[.., s, d]` and `v` is `[.., s, e]`, e.g. `[batch, heads, positions, head_dim]`;
-    /// `causal` needs `t == s`. The host runs a fused kernel when one is active, else the
-    /// composition from matmul, masked fill and softmax.
+    /// `k` is `[.., s, d]` and `v` is `[.., s, e]`, e.g. `[batch, heads, positions, head_dim]`.
+    /// `causal` needs `t ≤ s` and aligns the mask to the last key, as flash-attention does:
+    /// the queries are the last `t` of the `s` positions, and query `i` sees keys
+    /// `0..=s − t + i` (with `t == s`, the usual `0..=i`; with `t < s`, new positions
+    /// attending over a key/value cache and themselves). The host runs a fused kernel when
+    /// one is active, else the composition from matmul, masked fill and softmax.
     pub fn attention(&self, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Tensor> {
         wrap((ops().attention())(self.id, k.id, v.id, causal, scale))
     }

@@ -20,7 +20,7 @@ use codex_plugin_api::tokenizer::TokenizerBox;
 pub use codex_plugin_api::EvalTotals;
 pub use eval::evaluate;
 pub(crate) use eval::sums as evaluation_sums;
-pub use generate::{generate, GenerateOptions};
+pub use generate::{generate, generate_ids, GenerateOptions};
 
 use crate::config::Config;
 use crate::plugins::build;

@@ -1,11 +1,14 @@
 //! Causal scaled-dot-product attention, forward and backward, one head per task.
 //!
-//! Query rows are processed in blocks of [`BLOCK`]; a block's scores against every key it
-//! may see are computed into a `BLOCK × t` scratch, so the `t × t` matrix of a head is never
-//! stored and the scratch stays in L1/L2 for the sequence lengths of CPU training. Because a
-//! whole score row is at hand, the softmax is the plain two-pass one and needs none of flash
-//! attention's online rescaling. The forward pass saves the log-sum-exp of each row; the
-//! backward pass recomputes the probabilities from it.
+//! Queries may be fewer than keys (`t ≤ s`: new positions attending over a key/value cache
+//! as well as over themselves); the mask is then aligned to the last key, so query `i` sees
+//! keys `0..=s − t + i`, as flash-attention does. Query rows are processed in blocks of
+//! [`BLOCK`]; a block's scores against every key it may see are computed into a `BLOCK × s`
+//! scratch, so the `t × s` matrix of a head is never stored and the scratch stays in L1/L2 for
+//! the sequence lengths of CPU training. Because a whole score row is at hand, the softmax is
+//! the plain two-pass one and needs none of flash attention's online rescaling. The forward
+//! pass saves the log-sum-exp of each row; the backward pass recomputes the probabilities from
+//! it.
 //!
 //! Every product is one shape, `C += A·B` with all three row-major ([`matmul_acc`]): keys and
 //! values are transposed once per head so that `Q·Kᵀ` and `dO·Vᵀ` take that shape too, and
@@ -165,6 +168,31 @@ fn head_dims(op: &'static str, shape: &[usize]) -> Result<(usize, usize, usize)>
     }
 }
 
+/// The number of keys `s` of `name` (`[..., s, d]`, the leading dimensions and `d` of q's
+/// `[..., t, d]`), at least `t`.
+fn key_count(op: &'static str, name: &'static str, shape: &[usize], q: &[usize]) -> Result<usize> {
+    let r = q.len();
+    let fits = shape.len() == r
+        && shape[..r - 2] == q[..r - 2]
+        && shape[r - 1] == q[r - 1]
+        && shape[r - 2] >= q[r - 2];
+    if fits {
+        Ok(shape[r - 2])
+    } else {
+        Err(KernelError::Shape {
+            op,
+            name,
+            found: shape.to_vec(),
+            expected: format!(
+                "q's leading dimensions {:?}, then s ≥ {} keys of {} dimensions",
+                &q[..r - 2],
+                q[r - 2],
+                q[r - 1]
+            ),
+        })
+    }
+}
+
 /// Per-task scratch.
 struct Scratch {
     kt: Vec<f32>,
@@ -175,23 +203,31 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(t: usize, d: usize) -> Scratch {
+    /// For `s` keys of `d` dimensions.
+    fn new(s: usize, d: usize) -> Scratch {
         Scratch {
-            kt: vec![0.0; d * t],
-            vt: vec![0.0; d * t],
-            s: vec![0.0; BLOCK * t],
-            dp: vec![0.0; BLOCK * t],
-            pt: vec![0.0; BLOCK * t],
+            kt: vec![0.0; d * s],
+            vt: vec![0.0; d * s],
+            s: vec![0.0; BLOCK * s],
+            dp: vec![0.0; BLOCK * s],
+            pt: vec![0.0; BLOCK * s],
         }
     }
+}
+
+/// The shape of one head: `t` queries, `s ≥ t` keys, `d` dimensions.
+#[derive(Copy, Clone)]
+struct HeadShape {
+    t: usize,
+    s: usize,
+    d: usize,
 }
 
 /// One head of the forward pass.
 #[allow(clippy::too_many_arguments)]
 fn head_fwd(
     level: Level,
-    t: usize,
-    d: usize,
+    HeadShape { t, s: n, d }: HeadShape,
     scale: f32,
     q: &[f32],
     k: &[f32],
@@ -200,19 +236,21 @@ fn head_fwd(
     lse: &mut [f32],
     sc: &mut Scratch,
 ) {
-    transpose(k, d, t, d, &mut sc.kt);
+    // Query i sees keys 0..=off + i.
+    let off = n - t;
+    transpose(k, d, n, d, &mut sc.kt);
     out.fill(0.0);
     let mut i0 = 0;
     while i0 < t {
         let r = BLOCK.min(t - i0);
-        let cols = i0 + r;
-        let s = &mut sc.s[..r * t];
+        let cols = off + i0 + r;
+        let s = &mut sc.s[..r * n];
         s.fill(0.0);
-        matmul_acc(level, r, cols, d, &q[i0 * d..], d, &sc.kt, t, s, t);
-        for (rr, row) in s.chunks_exact_mut(t).enumerate() {
-            lse[i0 + rr] = softmax_prefix(level, &mut row[..cols], i0 + rr + 1, scale);
+        matmul_acc(level, r, cols, d, &q[i0 * d..], d, &sc.kt, n, s, n);
+        for (rr, row) in s.chunks_exact_mut(n).enumerate() {
+            lse[i0 + rr] = softmax_prefix(level, &mut row[..cols], off + i0 + rr + 1, scale);
         }
-        matmul_acc(level, r, d, cols, s, t, v, d, &mut out[i0 * d..], d);
+        matmul_acc(level, r, d, cols, s, n, v, d, &mut out[i0 * d..], d);
         i0 += r;
     }
 }
@@ -230,42 +268,42 @@ type HeadInputs<'a> = (
 /// One head of the backward pass; `dk` and `dv` are accumulated from zero.
 fn head_bwd(
     level: Level,
-    t: usize,
-    d: usize,
+    HeadShape { t, s: n, d }: HeadShape,
     scale: f32,
     (q, k, v, out, lse, dout): HeadInputs<'_>,
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     sc: &mut Scratch,
 ) {
-    transpose(k, d, t, d, &mut sc.kt);
-    transpose(v, d, t, d, &mut sc.vt);
+    let off = n - t;
+    transpose(k, d, n, d, &mut sc.kt);
+    transpose(v, d, n, d, &mut sc.vt);
     dq.fill(0.0);
     dk.fill(0.0);
     dv.fill(0.0);
     let mut i0 = 0;
     while i0 < t {
         let r = BLOCK.min(t - i0);
-        let cols = i0 + r;
-        let (s, dp, pt) = (&mut sc.s[..r * t], &mut sc.dp[..r * t], &mut sc.pt[..r * t]);
+        let cols = off + i0 + r;
+        let (s, dp, pt) = (&mut sc.s[..r * n], &mut sc.dp[..r * n], &mut sc.pt[..r * n]);
         s.fill(0.0);
         dp.fill(0.0);
         let (qb, dob) = (&q[i0 * d..(i0 + r) * d], &dout[i0 * d..(i0 + r) * d]);
-        matmul_acc(level, r, cols, d, qb, d, &sc.kt, t, s, t);
-        matmul_acc(level, r, cols, d, dob, d, &sc.vt, t, dp, t);
+        matmul_acc(level, r, cols, d, qb, d, &sc.kt, n, s, n);
+        matmul_acc(level, r, cols, d, dob, d, &sc.vt, n, dp, n);
         for rr in 0..r {
             let i = i0 + rr;
-            let row = &mut s[rr * t..rr * t + cols];
-            probs_from_lse(level, row, i + 1, scale, lse[i]);
+            let row = &mut s[rr * n..rr * n + cols];
+            probs_from_lse(level, row, off + i + 1, scale, lse[i]);
             let delta = dot(level, &dout[i * d..(i + 1) * d], &out[i * d..(i + 1) * d]);
-            grad_scores(level, row, &mut dp[rr * t..rr * t + cols], delta, scale);
+            grad_scores(level, row, &mut dp[rr * n..rr * n + cols], delta, scale);
         }
         // dV += Pᵀ·dO and dK += dSᵀ·Q over the keys this block sees.
-        transpose(s, t, r, cols, pt);
+        transpose(s, n, r, cols, pt);
         matmul_acc(level, cols, d, r, pt, r, dob, d, dv, d);
-        transpose(dp, t, r, cols, pt);
+        transpose(dp, n, r, cols, pt);
         matmul_acc(level, cols, d, r, pt, r, qb, d, dk, d);
         // dQ = dS·K.
-        matmul_acc(level, r, d, cols, dp, t, k, d, &mut dq[i0 * d..], d);
+        matmul_acc(level, r, d, cols, dp, n, k, d, &mut dq[i0 * d..], d);
         i0 += r;
     }
 }
@@ -285,19 +323,20 @@ pub(crate) fn fwd(
     let (heads, t, d) = head_dims(OP, q.shape)?;
     let lead = &q.shape[..q.shape.len() - 1];
     let k = floats(OP, "k", k, Floats::F32OrBf16)?;
-    expect_shape(OP, "k", k.shape, q.shape)?;
+    let n = key_count(OP, "k", k.shape, q.shape)?;
     let v = floats(OP, "v", v, Floats::F32OrBf16)?;
-    expect_shape(OP, "v", v.shape, q.shape)?;
+    expect_shape(OP, "v", v.shape, k.shape)?;
     let mut out = Out::open(OP, "out", out, Floats::F32OrBf16, false)?;
     expect_shape(OP, "out", out.shape(), q.shape)?;
     let mut lse = Out::open(OP, "lse", lse, Floats::F32, false)?;
     expect_shape(OP, "lse", lse.shape(), lead)?;
     if heads > 0 && t > 0 {
-        let (level, td) = (ctx.level, t * d);
+        let (level, td, nd) = (ctx.level, t * d, n * d);
+        let shape = HeadShape { t, s: n, d };
         if d == 0 {
             // Every score is 0: uniform probabilities over the visible keys.
             for (i, l) in lse.data().iter_mut().enumerate() {
-                *l = ((i % t + 1) as f32).ln();
+                *l = ((n - t + i % t + 1) as f32).ln();
             }
         } else {
             out.data()
@@ -306,12 +345,12 @@ pub(crate) fn fwd(
                 .zip(
                     q.data
                         .par_chunks(td)
-                        .zip(k.data.par_chunks(td))
-                        .zip(v.data.par_chunks(td)),
+                        .zip(k.data.par_chunks(nd))
+                        .zip(v.data.par_chunks(nd)),
                 )
                 .for_each_init(
-                    || Scratch::new(t, d),
-                    |sc, ((o, l), ((q, k), v))| head_fwd(level, t, d, scale, q, k, v, o, l, sc),
+                    || Scratch::new(n, d),
+                    |sc, ((o, l), ((q, k), v))| head_fwd(level, shape, scale, q, k, v, o, l, sc),
                 );
         }
     }
@@ -335,9 +374,9 @@ pub(crate) fn bwd(
     let (heads, t, d) = head_dims(OP, q.shape)?;
     let lead = &q.shape[..q.shape.len() - 1];
     let k = floats(OP, "k", k, Floats::F32OrBf16)?;
-    expect_shape(OP, "k", k.shape, q.shape)?;
+    let n = key_count(OP, "k", k.shape, q.shape)?;
     let v = floats(OP, "v", v, Floats::F32OrBf16)?;
-    expect_shape(OP, "v", v.shape, q.shape)?;
+    expect_shape(OP, "v", v.shape, k.shape)?;
     let out = floats(OP, "out", out, Floats::F32OrBf16)?;
     expect_shape(OP, "out", out.shape, q.shape)?;
     let lse = floats(OP, "lse", lse, Floats::F32)?;
@@ -347,28 +386,29 @@ pub(crate) fn bwd(
     let mut dq = Out::open(OP, "dq", dq, Floats::F32OrBf16, false)?;
     expect_shape(OP, "dq", dq.shape(), q.shape)?;
     let mut dk = Out::open(OP, "dk", dk, Floats::F32OrBf16, false)?;
-    expect_shape(OP, "dk", dk.shape(), q.shape)?;
+    expect_shape(OP, "dk", dk.shape(), k.shape)?;
     let mut dv = Out::open(OP, "dv", dv, Floats::F32OrBf16, false)?;
-    expect_shape(OP, "dv", dv.shape(), q.shape)?;
+    expect_shape(OP, "dv", dv.shape(), k.shape)?;
     if heads > 0 && t > 0 && d > 0 {
-        let (level, td) = (ctx.level, t * d);
+        let (level, td, nd) = (ctx.level, t * d, n * d);
+        let shape = HeadShape { t, s: n, d };
         let ins = q
             .data
             .par_chunks(td)
-            .zip(k.data.par_chunks(td))
-            .zip(v.data.par_chunks(td))
+            .zip(k.data.par_chunks(nd))
+            .zip(v.data.par_chunks(nd))
             .zip(out.data.par_chunks(td))
             .zip(lse.data.par_chunks(t))
             .zip(dout.data.par_chunks(td));
         dq.data()
             .par_chunks_mut(td)
-            .zip(dk.data().par_chunks_mut(td))
-            .zip(dv.data().par_chunks_mut(td))
+            .zip(dk.data().par_chunks_mut(nd))
+            .zip(dv.data().par_chunks_mut(nd))
             .zip(ins)
             .for_each_init(
-                || Scratch::new(t, d),
+                || Scratch::new(n, d),
                 |sc, (((dq, dk), dv), (((((q, k), v), o), l), dout))| {
-                    head_bwd(level, t, d, scale, (q, k, v, o, l, dout), (dq, dk, dv), sc)
+                    head_bwd(level, shape, scale, (q, k, v, o, l, dout), (dq, dk, dv), sc)
                 },
             );
     }

@@ -23,8 +23,8 @@
 //! |---|---|---|---|
 //! | `softmax_last_dim.fwd` | x: float `[.., n]` | — | y: float like x |
 //! | `softmax_last_dim.bwd` | y, dy: float `[.., n]` | — | dx: float like y |
-//! | `causal_attention.fwd` | q, k, v: float `[.., t, d]` (e.g. `[b, h, t, d]`) | scale | out: float like q; lse: f32 `[.., t]` |
-//! | `causal_attention.bwd` | q, k, v, out: float `[.., t, d]`; lse: f32 `[.., t]`; dout: float like q | scale | dq, dk, dv: float like q |
+//! | `causal_attention.fwd` | q: float `[.., t, d]` (e.g. `[b, h, t, d]`); k, v: float `[.., s, d]`, s ≥ t | scale | out: float like q; lse: f32 `[.., t]` |
+//! | `causal_attention.bwd` | q, out: float `[.., t, d]`; k, v: float `[.., s, d]`; lse: f32 `[.., t]`; dout: float like q | scale | dq: float like q; dk, dv: float like k |
 //! | `layer_norm.fwd` | x: float `[.., c]`; w, b: float `[c]` | eps | y: float like x; mean, rstd: f32 `[..]` |
 //! | `layer_norm.bwd` | dy, x: float `[.., c]`; w: float `[c]`; mean, rstd: f32 `[..]` | — | dx: float like x; dw, db: float `[c]` |
 //! | `rms_norm.fwd` | x: float `[.., c]`; w: float `[c]` | eps | y: float like x; rstd: f32 `[..]` |
@@ -37,8 +37,10 @@
 //! | `adamw.step` | grad: float | lr, beta1, beta2, eps, weight_decay, step | param, m, v: f32 like grad, updated in place |
 //!
 //! Semantics:
-//! - `causal_attention`: `out_i = Σ_{j≤i} softmax_j(scale·q_i·k_j) v_j`; `lse_i` is the
-//!   natural log-sum-exp of row i's scaled scores, saved for the backward pass.
+//! - `causal_attention`: `out_i = Σ_{j≤s−t+i} softmax_j(scale·q_i·k_j) v_j`, the mask aligned
+//!   to the last key (with `s = t` the usual `j ≤ i`; with fewer queries than keys, the queries
+//!   are the last `t` positions, as when new tokens attend over a key/value cache); `lse_i` is
+//!   the natural log-sum-exp of row i's scaled scores, saved for the backward pass.
 //! - `layer_norm`: `y = (x − mean)·rstd·w + b` with the biased variance,
 //!   `rstd = 1/√(var + eps)`. `rms_norm`: `y = x·rstd·w`, `rstd = 1/√(mean(x²) + eps)`.
 //! - `gelu_erf`: `x·Φ(x)`; `gelu_tanh`: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.

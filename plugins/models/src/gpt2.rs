@@ -11,11 +11,18 @@
 //! Dropout is drawn by the host from explicit seeds: every dropout site gets its own seed,
 //! mixed from the call's [`ForwardCtx::seed`] and the site's index, so masks differ between
 //! sites yet a step replays exactly.
+//!
+//! Generation goes through [`Model::forward_cached`]: the same layers on the new positions
+//! only, their learned positions read from row `cache.len()` of `wpe` on, each block's keys and
+//! values appended to the cache and attended over with the new queries
+//! ([`Heads::causal_cached`]).
 
 use codex_nn::WeightLayout::InOut;
 use codex_nn::{Embedding, GeluMlp, Heads, LayerNorm, Linear};
 use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
-use codex_plugin_api::{Describe, ForwardCtx, GeluForm, Init, Model, Result, Store, Tensor};
+use codex_plugin_api::{
+    Describe, ForwardCtx, GeluForm, Init, KvCache, Model, Result, Store, Tensor,
+};
 use serde::{Deserialize, Serialize};
 
 /// The activation of the MLP, by its HF `activation_function` name.
@@ -280,8 +287,9 @@ impl Site {
 #[derive(Copy, Clone)]
 struct Pass<'a> {
     ctx: ForwardCtx,
-    /// `[t, t]`, 1 above the diagonal.
-    mask: &'a Tensor,
+    /// `[t, t]`, 1 above the diagonal, when attention is composed for dropout on its
+    /// probabilities.
+    mask: Option<&'a Tensor>,
     b: usize,
     t: usize,
 }
@@ -297,6 +305,7 @@ impl Gpt2 {
         block: &Block,
         x: &Tensor,
         pass: &Pass<'_>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let Pass { ctx, mask, b, t } = *pass;
         let c = self.config.n_embd;
@@ -313,14 +322,17 @@ impl Gpt2 {
             heads.split(&block.c_attn.forward_outputs(x, i * c, c)?)
         };
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-        let y = if ctx.train && self.config.attn_pdrop > 0.0 {
-            // Dropout acts on the attention probabilities, which a fused attention never
-            // materialises: compose it here.
-            let probs = heads.causal_probs(&q, &k, mask)?;
-            let probs = self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
-            probs.matmul(&v)?
-        } else {
-            heads.causal(&q, &k, &v)?
+        let y = match (cache, mask) {
+            (Some(cache), _) => heads.causal_cached(&q, &k, &v, cache, layer)?,
+            (None, Some(mask)) => {
+                // Dropout acts on the attention probabilities, which a fused attention never
+                // materialises: compose it here.
+                let probs = heads.causal_probs(&q, &k, mask)?;
+                let probs =
+                    self.dropout(probs, self.config.attn_pdrop, ctx, Site::Attention(layer))?;
+                probs.matmul(&v)?
+            }
+            (None, None) => heads.causal(&q, &k, &v)?,
         };
         let y = heads.merge(&y)?;
         let y = block.attn_c_proj.forward(&y)?;
@@ -335,6 +347,67 @@ impl Gpt2 {
     fn mlp(&self, layer: usize, block: &Block, x: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
         let y = block.mlp.forward(x)?;
         self.dropout(y, self.config.resid_pdrop, ctx, Site::MlpOutput(layer))
+    }
+
+    /// Logits of the positions in `input`, which come after the `cache.len()` positions
+    /// `cache` holds (none without a cache).
+    fn run(
+        &self,
+        input: &Tensor,
+        ctx: ForwardCtx,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let shape = input.shape()?;
+        let &[b, t] = shape.as_slice() else {
+            codex_plugin_api::bail!(
+                "input must be token ids of shape [batch, time], found shape {shape:?}"
+            );
+        };
+        if t == 0 || b == 0 {
+            codex_plugin_api::bail!("input must hold at least one token, found shape [{b}, {t}]");
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        if start.saturating_add(t) > self.config.n_positions {
+            codex_plugin_api::bail!(
+                "input has {} positions but the model takes at most n_positions = {}; \
+                 shorten the sequences or raise n_positions",
+                start.saturating_add(t),
+                self.config.n_positions
+            );
+        }
+        let c = self.config.n_embd;
+
+        // Positions start..start + t are rows of wpe: a view, where a lookup by `arange`
+        // would gather (and scatter its gradient).
+        let x = self
+            .wte
+            .forward(input)?
+            .add(&self.wpe.rows(start, t)?)?
+            .reshape(&[b * t, c])?;
+        let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
+        let mask = if ctx.train && self.config.attn_pdrop > 0.0 {
+            Some(Tensor::causal_mask(t, &x)?)
+        } else {
+            None
+        };
+        let pass = Pass {
+            ctx,
+            mask: mask.as_ref(),
+            b,
+            t,
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.ln_1.forward(&x)?;
+            let a = self.attention(layer, block, &h, &pass, cache.as_deref_mut())?;
+            x = x.add(&a)?;
+            let m = self.mlp(layer, block, &block.ln_2.forward(&x)?, ctx)?;
+            x = x.add(&m)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // The LM head is tied to the token embedding: logits = x · wteᵀ.
+        self.wte
+            .logits(&x)?
+            .reshape(&[b, t, self.config.vocab_size])
     }
 }
 
@@ -382,50 +455,15 @@ impl Model for Gpt2 {
     }
 
     fn forward(&self, input: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
-        let shape = input.shape()?;
-        let &[b, t] = shape.as_slice() else {
-            codex_plugin_api::bail!(
-                "input must be token ids of shape [batch, time], found shape {shape:?}"
-            );
-        };
-        if t == 0 || b == 0 {
-            codex_plugin_api::bail!("input must hold at least one token, found shape [{b}, {t}]");
-        }
-        if t > self.config.n_positions {
-            codex_plugin_api::bail!(
-                "input has {t} positions but the model takes at most n_positions = {}; \
-                 shorten the sequences or raise n_positions",
-                self.config.n_positions
-            );
-        }
-        let c = self.config.n_embd;
+        self.run(input, ctx, None)
+    }
 
-        // Positions 0..t are the first t rows of wpe: a view, where a lookup by `arange`
-        // would gather (and scatter its gradient).
-        let x = self
-            .wte
-            .forward(input)?
-            .add(&self.wpe.rows(0, t)?)?
-            .reshape(&[b * t, c])?;
-        let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
-        let mask = Tensor::causal_mask(t, &x)?;
-        let pass = Pass {
-            ctx,
-            mask: &mask,
-            b,
-            t,
+    fn forward_cached(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let ctx = ForwardCtx {
+            train: false,
+            seed: 0,
         };
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let a = self.attention(layer, block, &block.ln_1.forward(&x)?, &pass)?;
-            x = x.add(&a)?;
-            let m = self.mlp(layer, block, &block.ln_2.forward(&x)?, ctx)?;
-            x = x.add(&m)?;
-        }
-        let x = self.ln_f.forward(&x)?;
-        // The LM head is tied to the token embedding: logits = x · wteᵀ.
-        self.wte
-            .logits(&x)?
-            .reshape(&[b, t, self.config.vocab_size])
+        self.run(input, ctx, Some(cache))
     }
 
     fn max_positions(&self) -> usize {

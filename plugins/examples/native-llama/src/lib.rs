@@ -21,13 +21,19 @@
 //! composed from matmul, masked fill and softmax on contiguous heads. There is no dropout:
 //! LLaMA trains without it.
 //!
+//! Generation goes through `forward_cached`, which runs the same layers on the new positions
+//! only: their rotary tables start at the cache's position count (`Rotary::window_at`), and each
+//! layer appends its rotated keys and its values to the cache and attends over all of them with
+//! the host's `attention` op (`Heads::causal_cached`), whose causal mask is aligned to the last
+//! key.
+//!
 //! Build it with `cargo build --release -p native-llama` and declare
 //! `target/release/libnative_llama.so` in a plugin manifest (see `docs/plugins-native.md`); the
 //! model is then `llama/llama` when the manifest names the plugin `llama`.
 
 use codex_nn::WeightLayout::OutIn;
 use codex_nn::{Embedding, Heads, Linear, RmsNorm, Rotary, SwiGlu};
-use codex_plugin_api::{bail, Describe, ForwardCtx, Init, Model, Result, Store, Tensor};
+use codex_plugin_api::{bail, Describe, ForwardCtx, Init, KvCache, Model, Result, Store, Tensor};
 use serde::{Deserialize, Serialize};
 
 codex_plugin_api::export_plugin! {
@@ -250,13 +256,22 @@ impl Describe for Llama {
     }
 }
 
+/// Where a forward call's positions start, and how it attends.
+enum Attend<'a> {
+    /// Positions `0..t`, the future masked out by this `[t, t]` mask.
+    Masked(&'a Tensor),
+    /// Positions `cache.len()..cache.len() + t`, over the cached keys and values too.
+    Cached(&'a mut KvCache),
+}
+
 impl Llama {
-    /// Causal self-attention of one layer on the normalised stream `h` (`[b·t, c]`).
+    /// Causal self-attention of layer `index` on the normalised stream `h` (`[b·t, c]`).
     fn attention(
         &self,
+        index: usize,
         layer: &Layer,
         h: &Tensor,
-        mask: &Tensor,
+        attend: &mut Attend<'_>,
         b: usize,
         t: usize,
     ) -> Result<Tensor> {
@@ -266,14 +281,62 @@ impl Llama {
             heads: self.config.num_attention_heads,
             head_dim: self.config.head_dim(),
         };
-        let rotary = self.rotary.window(t)?;
+        let start = match attend {
+            Attend::Masked(_) => 0,
+            Attend::Cached(cache) => cache.len(),
+        };
+        let rotary = self.rotary.window_at(start, t)?;
         // `[b·t, c]` → `[b, heads, t, d]`, contiguous: the layout rotary and the batched
         // products expect.
         let q = rotary.apply(&heads.split_contiguous(&layer.q_proj.forward(h)?)?)?;
         let k = rotary.apply(&heads.split_contiguous(&layer.k_proj.forward(h)?)?)?;
         let v = heads.split_contiguous(&layer.v_proj.forward(h)?)?;
-        let y = heads.causal_probs(&q, &k, mask)?.matmul(&v)?;
+        let y = match attend {
+            Attend::Masked(mask) => heads.causal_probs(&q, &k, mask)?.matmul(&v)?,
+            Attend::Cached(cache) => heads.causal_cached(&q, &k, &v, cache, index)?,
+        };
         layer.o_proj.forward(&heads.merge(&y)?)
+    }
+
+    /// Logits `[b, t, vocab]` of the positions in `input`: the first `t` of a sequence, or
+    /// the `t` after those a cache holds.
+    fn run(&self, input: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let shape = input.shape()?;
+        let &[b, t] = shape.as_slice() else {
+            bail!("input must be token ids of shape [batch, time], found shape {shape:?}");
+        };
+        if t == 0 || b == 0 {
+            bail!("input must hold at least one token, found shape [{b}, {t}]");
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        if start.saturating_add(t) > self.config.max_position_embeddings {
+            bail!(
+                "input has {} positions but the model takes at most max_position_embeddings = \
+                 {}; shorten the sequences or raise max_position_embeddings",
+                start.saturating_add(t),
+                self.config.max_position_embeddings
+            );
+        }
+        let c = self.config.hidden_size;
+        let mut x = self.embed_tokens.forward(input)?.reshape(&[b * t, c])?;
+        let mask;
+        let mut attend = match cache {
+            Some(cache) => Attend::Cached(cache),
+            None => {
+                mask = Tensor::causal_mask(t, &x)?;
+                Attend::Masked(&mask)
+            }
+        };
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            x = x.add(&self.attention(index, layer, &h, &mut attend, b, t)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = x.add(&layer.mlp.forward(&h)?)?;
+        }
+        let x = self.norm.forward(&x)?;
+        self.lm_head
+            .forward(&x)?
+            .reshape(&[b, t, self.config.vocab_size])
     }
 }
 
@@ -330,33 +393,11 @@ impl Model for Llama {
     }
 
     fn forward(&self, input: &Tensor, _ctx: ForwardCtx) -> Result<Tensor> {
-        let shape = input.shape()?;
-        let &[b, t] = shape.as_slice() else {
-            bail!("input must be token ids of shape [batch, time], found shape {shape:?}");
-        };
-        if t == 0 || b == 0 {
-            bail!("input must hold at least one token, found shape [{b}, {t}]");
-        }
-        if t > self.config.max_position_embeddings {
-            bail!(
-                "input has {t} positions but the model takes at most max_position_embeddings = \
-                 {}; shorten the sequences or raise max_position_embeddings",
-                self.config.max_position_embeddings
-            );
-        }
-        let c = self.config.hidden_size;
-        let mut x = self.embed_tokens.forward(input)?.reshape(&[b * t, c])?;
-        let mask = Tensor::causal_mask(t, &x)?;
-        for layer in &self.layers {
-            let h = layer.input_layernorm.forward(&x)?;
-            x = x.add(&self.attention(layer, &h, &mask, b, t)?)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = x.add(&layer.mlp.forward(&h)?)?;
-        }
-        let x = self.norm.forward(&x)?;
-        self.lm_head
-            .forward(&x)?
-            .reshape(&[b, t, self.config.vocab_size])
+        self.run(input, None)
+    }
+
+    fn forward_cached(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(input, Some(cache))
     }
 
     fn max_positions(&self) -> usize {

@@ -161,6 +161,31 @@ fn malformed_calls_are_errors() {
         "`lse` has shape [1, 2, 3]",
     );
     check(
+        "causal_attention.fwd",
+        &[&q, &f32s(&[1, 2, 3, 3]), &f32s(&[1, 2, 3, 3])],
+        &[0.5],
+        &mut [f32s(&[1, 2, 4, 3]), f32s(&[1, 2, 4])],
+        "`k` has shape [1, 2, 3, 3], expected q's leading dimensions [1, 2], then s ≥ 4 keys of 3 dimensions",
+    );
+    check(
+        "causal_attention.bwd",
+        &[
+            &q,
+            &f32s(&[1, 2, 6, 3]),
+            &f32s(&[1, 2, 6, 3]),
+            &q,
+            &f32s(&[1, 2, 4]),
+            &q,
+        ],
+        &[0.5],
+        &mut [
+            f32s(&[1, 2, 4, 3]),
+            f32s(&[1, 2, 4, 3]),
+            f32s(&[1, 2, 6, 3]),
+        ],
+        "`dk` has shape [1, 2, 4, 3], expected [1, 2, 6, 3]",
+    );
+    check(
         "sum_rows",
         &[&x],
         &[],
