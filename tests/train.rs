@@ -27,14 +27,15 @@ fn config_text(train: &str, optimizer: &str) -> String {
         r#"(
     experiment: "tiny",
     seed: 7,
-    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34),
+    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34, cache_dir: "{cache}"),
     tokenizer: (name: "bytes"),
     model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
     optimizer: {optimizer},
     train: ({train}),
     sinks: [],
 )"#,
-        dir = fixtures().display()
+        dir = fixtures().display(),
+        cache = codex_tests::token_cache().display(),
     )
 }
 

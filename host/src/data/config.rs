@@ -22,8 +22,9 @@ pub struct DataConfig {
     /// [0, 1). Default: `0.1`.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
-    /// Directory of the token cache, relative to the config file. Default: `$CODEX_ML_CACHE`
-    /// if set, else `.cache/tokens` under the runs directory.
+    /// Directory of the token cache, relative to the config file. Its files are named by
+    /// content, so one directory serves every experiment. Default: `$CODEX_ML_CACHE` if set,
+    /// else `$XDG_CACHE_HOME/codex-ml`, else `~/.cache/codex-ml`.
     #[serde(default)]
     pub cache_dir: Option<String>,
     /// How documents are cleaned before the tokenizer sees them. Part of the token cache
