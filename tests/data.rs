@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use codex_host::data::{
     self, load_documents, BatchShape, CacheOutcome, DataConfig, DataCursor, DataError, Document,
-    Preprocess, Source, TokenCache, TokenizerFingerprint, Tokens, TrainBatches, ValBatches,
-    IGNORE_INDEX,
+    Preprocess, ReadSettings, Source, TokenCache, TokenizerFingerprint, Tokens, TrainBatches,
+    Undecodable, ValBatches, IGNORE_INDEX,
 };
 use codex_plugin_api::tokenizer::TokenizerBox;
 
@@ -21,6 +21,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 fn text(paths: &[&str]) -> Source {
     Source::Text {
         paths: paths.iter().map(|p| p.to_string()).collect(),
+        exclude: Vec::new(),
     }
 }
 
@@ -30,6 +31,8 @@ fn config(train: Vec<Source>) -> DataConfig {
         val: Vec::new(),
         val_fraction: 0.0,
         cache_dir: None,
+        gitignore: true,
+        undecodable: Undecodable::Skip,
         preprocess: Preprocess::default(),
     }
 }
@@ -43,7 +46,7 @@ fn bytes_tokenizer() -> TokenizerBox {
 #[test]
 fn sources_read_one_document_per_file_line_and_row() {
     let base = fixtures().join("data");
-    let read = |s: Source| ok(data::read_sources(&[s], &base));
+    let read = |s: Source| ok(data::read_sources(&[s], &base, &ReadSettings::default())).documents;
 
     let code = read(text(&["code/*.rs", "code/stats.py", "code/greet.rs"]));
     let names: Vec<&str> = code
@@ -85,18 +88,39 @@ fn sources_read_one_document_per_file_line_and_row() {
     );
 }
 
-/// Write `files` into a fresh directory, read `source` there, and expect an error whose
-/// message contains every part of `expected` (`{dir}` stands for the directory).
-fn check_source_error(files: &[(&str, &[u8])], source: Source, expected: &[&str]) {
+/// A fresh directory, by its canonical path (files are reported by theirs).
+fn scratch_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = ok(tempfile::tempdir());
+    let path = ok(fs::canonicalize(dir.path()));
+    (dir, path)
+}
+
+/// Write `files` (`name`, `content`) under `dir`, making directories as needed.
+fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     for (name, content) in files {
-        ok(fs::write(dir.path().join(name), content));
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            ok(fs::create_dir_all(parent));
+        }
+        ok(fs::write(path, content));
     }
-    let shown = dir.path().display().to_string();
-    match data::read_sources(std::slice::from_ref(&source), dir.path()) {
-        Ok(docs) => panic!(
+}
+
+/// Write `files` into a fresh directory, read `source` there with `data.undecodable: error`,
+/// and expect an error whose message contains every part of `expected` (`{dir}` stands for
+/// the directory).
+fn check_source_error(files: &[(&str, &[u8])], source: Source, expected: &[&str]) {
+    let (_dir, base) = scratch_dir();
+    write_files(&base, files);
+    let shown = base.display().to_string();
+    let settings = ReadSettings {
+        undecodable: Undecodable::Error,
+        ..ReadSettings::default()
+    };
+    match data::read_sources(std::slice::from_ref(&source), &base, &settings) {
+        Ok(read) => panic!(
             "{source:?}: expected an error, read {} documents",
-            docs.len()
+            read.documents.len()
         ),
         Err(e) => {
             let message = e.to_string();
@@ -129,14 +153,35 @@ fn source_errors_name_the_file_and_line() {
         ),
         (
             vec![("a.rs", b"x")],
-            text(&["a.rs", "src/**/*.py"]),
-            vec!["{dir}/src/**/*.py: the glob matches no file"],
+            text(&["src/**/*.py"]),
+            vec!["{dir}/src/**/*.py: the glob matches no file: check the pattern"],
         ),
-        (vec![], text(&["[a.rs"]), vec!["invalid glob"]),
+        (
+            vec![("a.rs", b"x")],
+            text(&["src/*.py", "lib/*.py"]),
+            vec!["{dir}/src/*.py, {dir}/lib/*.py: no glob matches a file"],
+        ),
+        (vec![], text(&["[a.rs"]), vec!["{dir}/[a.rs: invalid glob"]),
+        (
+            vec![("a.rs", b"x")],
+            Source::Text {
+                paths: vec!["*.rs".into()],
+                exclude: vec!["{a,b".into()],
+            },
+            vec!["{dir}/{a,b: invalid glob"],
+        ),
         (
             vec![("latin1.rs", b"caf\xe9")],
             text(&["latin1.rs"]),
-            vec!["{dir}/latin1.rs: not valid UTF-8", "byte 3"],
+            vec![
+                "{dir}/latin1.rs: not valid UTF-8: first bad byte at byte 3",
+                "set `data.undecodable: skip`",
+            ],
+        ),
+        (
+            vec![("src/a.rs", b"x"), ("src/blob.rs", b"ab\0cd")],
+            text(&["src/*.rs"]),
+            vec!["{dir}/src/blob.rs: binary: a NUL byte at byte 2"],
         ),
         (vec![], jsonl("text"), vec!["{dir}/d.jsonl: no such file"]),
         (
@@ -185,6 +230,284 @@ fn source_errors_name_the_file_and_line() {
     ];
     for (files, source, expected) in cases {
         check_source_error(&files, source, &expected);
+    }
+}
+
+/// A tree shaped like a repository: a git repository (`.git/`) with `.gitignore`, `.ignore`
+/// and `.git/info/exclude` rules, hidden files, an ignored build directory and an excluded
+/// test directory.
+const REPO: &[(&str, &[u8])] = &[
+    (".git/HEAD", b"ref: refs/heads/main\n"),
+    (".git/info/exclude", b"local.rs\n"),
+    (".gitignore", b"*.log\n/build/\n"),
+    (".ignore", b"secret.rs\n"),
+    (".github/ci.rs", b"hidden dir"),
+    ("src/.hidden.rs", b"hidden file"),
+    ("src/a.rs", b"a"),
+    ("src/b.rs", b"b"),
+    ("src/gen/g.rs", b"g"),
+    ("src/notes.log", b"log"),
+    ("src/tests/t.rs", b"t"),
+    ("build/out.rs", b"out"),
+    ("local.rs", b"local"),
+    ("secret.rs", b"secret"),
+];
+
+/// Read `paths` less `exclude` in a fresh copy of [`REPO`] and expect exactly the files
+/// `expected` (relative to it), in that order.
+fn check_selection(paths: &[&str], exclude: &[&str], gitignore: bool, expected: &[&str]) {
+    let (_dir, base) = scratch_dir();
+    write_files(&base, REPO);
+    let source = Source::Text {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+        exclude: exclude.iter().map(|p| p.to_string()).collect(),
+    };
+    let settings = ReadSettings {
+        gitignore,
+        ..ReadSettings::default()
+    };
+    let read = ok(data::read_sources(&[source], &base, &settings));
+    let found: Vec<String> = read
+        .documents
+        .iter()
+        .map(|d| {
+            let path = Path::new(&d.origin);
+            path.strip_prefix(&base)
+                .unwrap_or(path)
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        found, expected,
+        "paths {paths:?}, exclude {exclude:?}, gitignore {gitignore}"
+    );
+    assert_eq!(read.report.text_files, expected.len());
+}
+
+#[test]
+fn text_sources_skip_ignored_hidden_and_excluded_files() {
+    let all_visible = ["local.rs", "secret.rs", "build/out.rs"];
+    // (paths, exclude, gitignore, expected files in order)
+    let cases: &[(&[&str], &[&str], bool, &[&str])] = &[
+        // .gitignore, .ignore and .git/info/exclude rules; hidden entries (.git/ too).
+        (
+            &["**/*.rs"],
+            &[],
+            true,
+            &["src/a.rs", "src/b.rs", "src/gen/g.rs", "src/tests/t.rs"],
+        ),
+        (
+            &["**/*.rs"],
+            &[],
+            false,
+            &[
+                "build/out.rs",
+                "local.rs",
+                "secret.rs",
+                "src/a.rs",
+                "src/b.rs",
+                "src/gen/g.rs",
+                "src/tests/t.rs",
+            ],
+        ),
+        (&["src/*.{rs,log}"], &[], true, &["src/a.rs", "src/b.rs"]),
+        (
+            &["src/*.{rs,log}"],
+            &[],
+            false,
+            &["src/a.rs", "src/b.rs", "src/notes.log"],
+        ),
+        // `*` stays within a directory.
+        (&["*.rs"], &[], false, &all_visible[..2]),
+        // Exclusions: a directory, a glob that names directories, a glob that names files.
+        (
+            &["src/**/*.rs"],
+            &["src/gen"],
+            true,
+            &["src/a.rs", "src/b.rs", "src/tests/t.rs"],
+        ),
+        (
+            &["**/*.rs"],
+            &["**/tests"],
+            true,
+            &["src/a.rs", "src/b.rs", "src/gen/g.rs"],
+        ),
+        (&["src/**"], &["**/*.rs"], false, &["src/notes.log"]),
+        // A glob whose literal part names a hidden or ignored directory reads it, as ripgrep
+        // reads a directory it is given; a glob that names hidden files with a dot finds them.
+        (&[".github/*.rs"], &[], true, &[".github/ci.rs"]),
+        (&["build/*.rs"], &[], true, &["build/out.rs"]),
+        (&["src/.*.rs"], &[], true, &["src/.hidden.rs"]),
+        // Plain paths are read whatever ignores them, unless excluded.
+        (
+            &["secret.rs", "local.rs"],
+            &[],
+            true,
+            &["secret.rs", "local.rs"],
+        ),
+        (
+            &["secret.rs", "local.rs"],
+            &["local.rs"],
+            true,
+            &["secret.rs"],
+        ),
+        // Entries keep their order, each glob's files sorted; a file named twice is read once.
+        (
+            &["src/b.rs", "src/*.rs", "src/gen/../a.rs"],
+            &[],
+            true,
+            &["src/b.rs", "src/a.rs"],
+        ),
+    ];
+    for (paths, exclude, gitignore, expected) in cases {
+        check_selection(paths, exclude, *gitignore, expected);
+    }
+}
+
+#[test]
+fn gitignore_rules_apply_only_inside_a_git_repository() {
+    // Without `.git/`, `.gitignore` is a file like any other (as for git and ripgrep), while
+    // `.ignore` still applies.
+    let (_dir, base) = scratch_dir();
+    let outside: Vec<(&str, &[u8])> = REPO
+        .iter()
+        .filter(|(name, _)| !name.starts_with(".git/"))
+        .copied()
+        .collect();
+    write_files(&base, &outside);
+    let read = ok(data::read_sources(
+        &[text(&["*.rs", "build/*.rs", "src/*.log"])],
+        &base,
+        &ReadSettings::default(),
+    ));
+    let names: Vec<&str> = read
+        .documents
+        .iter()
+        .map(|d| d.origin.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["local.rs", "out.rs", "notes.log"]);
+}
+
+#[test]
+fn undecodable_files_are_skipped_and_counted_or_refused() {
+    let (_dir, base) = scratch_dir();
+    // A NUL byte after the first 8000 bytes does not make a file binary (git's test); it is
+    // valid UTF-8.
+    let late_nul = [vec![b'a'; 8000], vec![0]].concat();
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("good.rs".into(), b"fn main() {}".to_vec()),
+        ("blob.bin".into(), b"\x7fELF\x02\x01\0\0".to_vec()),
+        ("latin1.txt".into(), b"caf\xe9 cr\xe8me".to_vec()),
+        ("late_nul.txt".into(), late_nul),
+        ("utf16.txt".into(), b"\xff\xfeh\0i\0".to_vec()),
+    ];
+    for i in 0..5 {
+        files.push((format!("z{i}.bin"), vec![0, 1, 2]));
+    }
+    for (name, content) in &files {
+        ok(fs::write(base.join(name), content));
+    }
+    let read = ok(data::read_sources(
+        &[text(&["*"])],
+        &base,
+        &ReadSettings::default(),
+    ));
+    let names: Vec<&str> = read
+        .documents
+        .iter()
+        .map(|d| d.origin.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["good.rs", "late_nul.txt"]);
+    let report = &read.report;
+    assert_eq!((report.text_files, report.undecodable.count), (2, 8));
+    let examples: Vec<(String, &str)> = report
+        .undecodable
+        .examples
+        .iter()
+        .map(|f| {
+            (
+                f.path.replace(&base.display().to_string(), "{dir}"),
+                f.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        examples,
+        [
+            ("{dir}/blob.bin".into(), "binary: a NUL byte at byte 6"),
+            (
+                "{dir}/latin1.txt".into(),
+                "not valid UTF-8: first bad byte at byte 3"
+            ),
+            ("{dir}/utf16.txt".into(), "binary: a NUL byte at byte 3"),
+            ("{dir}/z0.bin".into(), "binary: a NUL byte at byte 0"),
+            ("{dir}/z1.bin".into(), "binary: a NUL byte at byte 0"),
+        ],
+        "the first five, in reading order"
+    );
+
+    // Nothing left: the error says every file was skipped, and why.
+    let mut cfg = config(vec![text(&["*.bin", "latin1.txt"])]);
+    match load_documents(&cfg, &base) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => assert!(
+            e.to_string().contains(&format!(
+                "the train data is empty (every file was skipped as not UTF-8 text (7 files, e.g. {}/blob.bin: binary",
+                base.display()
+            )),
+            "{e}"
+        ),
+    }
+    cfg.undecodable = Undecodable::Error;
+    cfg.train = vec![text(&["good.rs", "*.bin"])];
+    match load_documents(&cfg, &base) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => assert!(
+            e.to_string()
+                .starts_with(&format!("{}/blob.bin: binary", base.display())),
+            "{e}"
+        ),
+    }
+}
+
+#[test]
+fn an_unmatched_glob_is_an_error_only_when_the_sources_find_no_file() {
+    let (_dir, base) = scratch_dir();
+    write_files(
+        &base,
+        &[("a.rs", b"fn a() {}"), ("d.jsonl", b"{\"text\": \"x\"}\n")],
+    );
+    let read = |sources: Vec<Source>| data::read_sources(&sources, &base, &ReadSettings::default());
+    let shown = |p: &str| base.join(p).display().to_string();
+
+    let found = ok(read(vec![text(&["*.py", "a.rs"]), text(&["src/**/*.rs"])]));
+    assert_eq!(found.documents.len(), 1);
+    assert_eq!(
+        found.report.unmatched_globs,
+        [shown("*.py"), shown("src/**/*.rs")]
+    );
+    let jsonl = Source::Jsonl {
+        path: "d.jsonl".into(),
+        field: "text".into(),
+    };
+    let found = ok(read(vec![text(&["*.py"]), jsonl]));
+    assert_eq!(found.documents.len(), 1);
+    assert_eq!(found.report.unmatched_globs, [shown("*.py")]);
+
+    match read(vec![text(&["*.py"]), text(&["src/*.rs"])]) {
+        Ok(r) => panic!("expected an error, read {:?}", r.documents),
+        Err(e) => {
+            assert!(matches!(e, DataError::NoMatch { .. }), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "{}, {}: no glob matches a file",
+                    shown("*.py"),
+                    shown("src/*.rs")
+                )),
+                "{e}"
+            );
+        }
     }
 }
 
@@ -711,3 +1034,4 @@ fn end_to_end_from_fixtures_to_batches() {
     assert!(val.batch(0).is_some_and(|b| b.tokens > 0));
     assert_eq!(data::pad_id(&bpe), 1, "bpe pads with <|pad|>");
 }
+

@@ -20,6 +20,7 @@ pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod select;
 pub mod source;
 pub mod split;
 pub mod tokenize;
@@ -33,9 +34,10 @@ pub use batch::{
     window_order, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches, IGNORE_INDEX,
 };
 pub use cache::{CacheKey, CacheOutcome, Cached, TokenCache, Tokens};
-pub use config::{DataConfig, Preprocess, Source};
+pub use config::{DataConfig, Preprocess, Source, Undecodable};
 pub use error::DataError;
-pub use source::{read_sources, Document};
+pub use select::check_glob;
+pub use source::{read_sources, DataReport, Document, Read, ReadSettings, Skipped, SkippedFile};
 pub use split::{hold_out, load_documents, preprocess, SplitDocuments};
 pub use tokenize::{tokenize, TokenizerFingerprint};
 
