@@ -1035,3 +1035,201 @@ fn end_to_end_from_fixtures_to_batches() {
     assert_eq!(data::pad_id(&bpe), 1, "bpe pads with <|pad|>");
 }
 
+// ---- through the binary ----
+
+/// A tiny experiment over `{data}` (a `Text` source's `paths`, RON list items) in a temporary
+/// directory, run by the real binary with a controlled environment: no cache variable, and
+/// `HOME` inside the directory (git's global excludes file is read from there).
+struct Experiment {
+    /// Removed with the experiment.
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Experiment {
+    fn new(paths: &str) -> Experiment {
+        let (dir, root) = scratch_dir();
+        let config = format!(
+            r#"(
+    experiment: "selection",
+    seed: 3,
+    data: (train: [Text(paths: [{paths}])], val_fraction: 0.0),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 16, n_positions: 16)),
+    optimizer: (name: "adamw", lr: 1e-3),
+    train: (max_steps: 2, seq_len: 16, batch_size: 2, log_every: 1),
+)"#
+        );
+        ok(fs::write(root.join("exp.ron"), config));
+        for sub in ["work", "home"] {
+            ok(fs::create_dir(root.join(sub)));
+        }
+        Experiment { _dir: dir, root }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// `codex-ml run exp.ron --run-dir out/RUN ARGS` from the empty `work/` directory, with
+    /// `env` set on top of the controlled environment; the exit code and stderr.
+    fn run(&self, run: &str, args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+        let mut cmd = codex_tests::codex_ml();
+        cmd.current_dir(self.path("work"))
+            .env_remove("CODEX_ML_CACHE")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", self.path("home"))
+            .arg("run")
+            .arg(self.path("exp.ron"))
+            .arg("--run-dir")
+            .arg(self.path("out").join(run))
+            .args(args);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let out = ok(cmd.output());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The token cache files in `dir`, by name.
+    fn cache_files(&self, dir: &str) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.path(dir)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tokens"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// Some source code, long enough for a few windows of 16 tokens.
+const CODE: &[u8] =
+    b"fn main() {\n    let xs: Vec<u32> = (0..10).collect();\n    println!(\"{}\", xs.len());\n}\n";
+
+#[test]
+fn a_run_skips_ignored_and_undecodable_files_and_records_them() {
+    let e = Experiment::new(r#""repo/**/*", "repo/none/*.py""#);
+    write_files(
+        &e.root,
+        &[
+            ("repo/.git/HEAD", b"ref: refs/heads/main\n"),
+            ("repo/.gitignore", b"ignored.rs\n"),
+            ("repo/a.rs", CODE),
+            ("repo/src/b.rs", CODE),
+            ("repo/ignored.rs", b"\0 read it and the run fails"),
+            ("repo/editor.swp", b"\0 read it and the run fails"),
+            ("repo/blob.bin", b"\x7fELF\x02\x01\x01\0\0\0"),
+            ("repo/latin1.rs", b"// caf\xe9\nfn main() {}\n"),
+            // git's global excludes file, as git finds it when neither HOME/.gitconfig nor
+            // XDG_CONFIG_HOME says otherwise.
+            ("home/.config/git/ignore", b"*.swp\n"),
+        ],
+    );
+    let xdg = e.path("xdg");
+    let (code, stderr) = e.run("first", &[], &[("XDG_CACHE_HOME", &xdg)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let repo = e.path("repo").display().to_string();
+    for expected in [
+        format!("{repo}/none/*.py: the glob matches no file"),
+        "skipped 2 files that are not UTF-8 text".to_string(),
+        format!("{repo}/blob.bin: binary: a NUL byte at byte 7"),
+        format!("{repo}/latin1.rs: not valid UTF-8: first bad byte at byte 6"),
+    ] {
+        assert!(stderr.contains(&expected), "{expected:?} not in:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("ignored.rs") && !stderr.contains("editor.swp"),
+        "{stderr}"
+    );
+
+    let metadata: serde_json::Value = ok(serde_json::from_str(&ok(fs::read_to_string(
+        e.path("out/first/metadata.json"),
+    ))));
+    let data = &metadata["data"];
+    assert_eq!(data["text_files"], 2, "{data}");
+    assert_eq!(data["undecodable"]["count"], 2, "{data}");
+    let examples: Vec<(&str, &str)> = data["undecodable"]["examples"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (
+                        f["path"].as_str().unwrap_or(""),
+                        f["reason"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        examples,
+        [
+            (
+                format!("{repo}/blob.bin").as_str(),
+                "binary: a NUL byte at byte 7"
+            ),
+            (
+                format!("{repo}/latin1.rs").as_str(),
+                "not valid UTF-8: first bad byte at byte 6"
+            ),
+        ]
+    );
+    assert_eq!(
+        data["unmatched_globs"],
+        serde_json::json!([format!("{repo}/none/*.py")])
+    );
+
+    // The token cache went to $XDG_CACHE_HOME/codex-ml, nowhere near the working directory.
+    let cached = e.cache_files("xdg/codex-ml");
+    assert_eq!(cached.len(), 1, "one training stream");
+    assert_eq!(
+        ok(fs::read_dir(e.path("work"))).count(),
+        0,
+        "the working directory stays empty"
+    );
+    assert!(!e.path("home/.cache").exists());
+
+    // CODEX_ML_CACHE wins over XDG_CACHE_HOME; the same data has the same key there.
+    let own = e.path("own-cache");
+    let (code, stderr) = e.run(
+        "second",
+        &[],
+        &[("XDG_CACHE_HOME", &xdg), ("CODEX_ML_CACHE", &own)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(e.cache_files("own-cache"), cached);
+    // Without either, ~/.cache/codex-ml; data.cache_dir, when set, wins over everything.
+    let (code, stderr) = e.run("third", &[], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(e.cache_files("home/.cache/codex-ml"), cached);
+    let (code, stderr) = e.run(
+        "fourth",
+        &["--set", "data.cache_dir=\"configured\""],
+        &[("CODEX_ML_CACHE", &own)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        e.cache_files("configured"),
+        cached,
+        "relative to the config file"
+    );
+    assert_eq!(ok(fs::read_dir(e.path("work"))).count(), 0);
+
+    // Each of the four runs trained on the same tokens.
+    let model = |run: &str| {
+        ok(fs::read(e.path(&format!(
+            "out/{run}/checkpoints/step-00000002/model.safetensors"
+        ))))
+    };
+    for run in ["second", "third", "fourth"] {
+        assert!(model(run) == model("first"), "{run} differs from first");
+    }
+}

@@ -186,6 +186,7 @@ fn run_in(
 
     let trackers = steps::trackers(config, registry)?;
     let docs = steps::documents(config)?;
+    let data_report = docs.report.clone();
     let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
     if let Some(json) = &tokenizer_json {
         crate::fsio::write_atomic(&run.tokenizer_path(), json.as_bytes())
@@ -242,6 +243,7 @@ fn run_in(
             device: config.device.clone(),
             seeds: [("run".to_string(), config.seed)].into_iter().collect(),
             plugins: steps::plugin_lock(registry, config),
+            data: Some(data_report),
         },
     );
     match resume_from {
