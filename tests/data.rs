@@ -499,6 +499,7 @@ fn an_unmatched_glob_is_an_error_only_when_the_sources_find_no_file() {
         Ok(r) => panic!("expected an error, read {:?}", r.documents),
         Err(e) => {
             assert!(matches!(e, DataError::NoMatch { .. }), "{e}");
+            assert!(e.is_input(), "a data selection error is the user's to fix");
             assert!(
                 e.to_string().starts_with(&format!(
                     "{}, {}: no glob matches a file",
@@ -1231,5 +1232,50 @@ fn a_run_skips_ignored_and_undecodable_files_and_records_them() {
     };
     for run in ["second", "third", "fourth"] {
         assert!(model(run) == model("first"), "{run} differs from first");
+    }
+}
+
+#[test]
+fn data_selection_errors_exit_with_code_2() {
+    let e = Experiment::new(r#""src/*.rs""#);
+    write_files(&e.root, &[("src/a.rs", CODE), ("src/blob.rs", b"\0\0\0")]);
+    let src = e.path("src").display().to_string();
+    let cases: &[(&[&str], String)] = &[
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"lib/**/*.rs\"])}]",
+            ],
+            format!(
+                "error: {}/lib/**/*.rs: the glob matches no file",
+                e.root.display()
+            ),
+        ),
+        (
+            &["--set", "data.undecodable=error"],
+            format!("{src}/blob.rs: binary"),
+        ),
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"src/*.rs\", \"b.rs\"])}]",
+            ],
+            format!("{}/b.rs: no such file", e.root.display()),
+        ),
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"src/*.rs\"], exclude: [\"src/{a\"])}]",
+            ],
+            "data.train[0].exclude[0]: invalid glob `src/{a`".to_string(),
+        ),
+    ];
+    for (i, (args, expected)) in cases.iter().enumerate() {
+        let (code, stderr) = e.run(&format!("run{i}"), args, &[]);
+        assert_eq!(code, Some(2), "{args:?}:\n{stderr}");
+        assert!(
+            stderr.contains(expected.as_str()),
+            "{args:?}: {expected:?} not in:\n{stderr}"
+        );
     }
 }

@@ -297,14 +297,14 @@ fn bad_input_gets_clear_errors() {
         r#"(name: "adamw", lr: 1e-3)"#,
     );
 
-    // A missing data file.
+    // A missing data file: the user's input, like a config error.
     let missing = ok.replace(
         &format!("{}/*", fixtures().display()),
         "/nonexistent/data.rs",
     );
-    check_run_error(dir, &missing, &[], 1, &["/nonexistent/data.rs"]);
+    check_run_error(dir, &missing, &[], 2, &["/nonexistent/data.rs"]);
 
-    // An empty corpus.
+    // An empty corpus, likewise.
     let empty = dir.join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("a.txt"), "").unwrap();
@@ -312,7 +312,7 @@ fn bad_input_gets_clear_errors() {
         &format!("{}/*", fixtures().display()),
         &format!("{}/*", empty.display()),
     );
-    check_run_error(dir, &text, &[], 1, &["empty"]);
+    check_run_error(dir, &text, &[], 2, &["empty"]);
 
     // seq_len beyond the model's context.
     check_run_error(dir, &ok, &["train.seq_len=64"], 1, &["seq_len", "64", "32"]);

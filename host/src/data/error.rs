@@ -124,6 +124,25 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// Whether the error is in the user's input — the config's data settings or the data
+    /// files — rather than a failure of the machine (IO) or of the tokenizer. The command line
+    /// exits with code 2 for these, as for any config error.
+    pub fn is_input(&self) -> bool {
+        match self {
+            DataError::Io { .. } | DataError::Tokenize { .. } | DataError::Tokenizer(_) => false,
+            DataError::MissingFile { .. }
+            | DataError::BadGlob { .. }
+            | DataError::NoMatch { .. }
+            | DataError::Undecodable { .. }
+            | DataError::NotUtf8 { .. }
+            | DataError::Record { .. }
+            | DataError::UnknownColumn { .. }
+            | DataError::Setting { .. }
+            | DataError::Empty { .. }
+            | DataError::TooFewTokens { .. } => true,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> DataError {
         DataError::Io {
             path: path.into(),
