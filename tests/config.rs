@@ -117,7 +117,8 @@ fn the_quickstart_loads_with_defaults_filled() {
     assert_eq!(
         c.data.train,
         vec![Source::Text {
-            paths: vec![src.display().to_string()]
+            paths: vec![src.display().to_string()],
+            exclude: vec![],
         }]
     );
     assert_eq!(c.tokenizer.params, json!({"vocab_size": 1024}));

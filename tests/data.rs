@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use codex_host::data::{
     self, load_documents, BatchShape, CacheOutcome, DataConfig, DataCursor, DataError, Document,
-    Preprocess, Source, TokenCache, TokenizerFingerprint, Tokens, TrainBatches, ValBatches,
-    IGNORE_INDEX,
+    Preprocess, ReadSettings, Source, TokenCache, TokenizerFingerprint, Tokens, TrainBatches,
+    Undecodable, ValBatches, IGNORE_INDEX,
 };
 use codex_plugin_api::tokenizer::TokenizerBox;
 
@@ -21,6 +21,7 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 fn text(paths: &[&str]) -> Source {
     Source::Text {
         paths: paths.iter().map(|p| p.to_string()).collect(),
+        exclude: Vec::new(),
     }
 }
 
@@ -30,6 +31,8 @@ fn config(train: Vec<Source>) -> DataConfig {
         val: Vec::new(),
         val_fraction: 0.0,
         cache_dir: None,
+        gitignore: true,
+        undecodable: Undecodable::Skip,
         preprocess: Preprocess::default(),
     }
 }
@@ -43,7 +46,7 @@ fn bytes_tokenizer() -> TokenizerBox {
 #[test]
 fn sources_read_one_document_per_file_line_and_row() {
     let base = fixtures().join("data");
-    let read = |s: Source| ok(data::read_sources(&[s], &base));
+    let read = |s: Source| ok(data::read_sources(&[s], &base, &ReadSettings::default())).documents;
 
     let code = read(text(&["code/*.rs", "code/stats.py", "code/greet.rs"]));
     let names: Vec<&str> = code
@@ -85,18 +88,39 @@ fn sources_read_one_document_per_file_line_and_row() {
     );
 }
 
-/// Write `files` into a fresh directory, read `source` there, and expect an error whose
-/// message contains every part of `expected` (`{dir}` stands for the directory).
-fn check_source_error(files: &[(&str, &[u8])], source: Source, expected: &[&str]) {
+/// A fresh directory, by its canonical path (files are reported by theirs).
+fn scratch_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = ok(tempfile::tempdir());
+    let path = ok(fs::canonicalize(dir.path()));
+    (dir, path)
+}
+
+/// Write `files` (`name`, `content`) under `dir`, making directories as needed.
+fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     for (name, content) in files {
-        ok(fs::write(dir.path().join(name), content));
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            ok(fs::create_dir_all(parent));
+        }
+        ok(fs::write(path, content));
     }
-    let shown = dir.path().display().to_string();
-    match data::read_sources(std::slice::from_ref(&source), dir.path()) {
-        Ok(docs) => panic!(
+}
+
+/// Write `files` into a fresh directory, read `source` there with `data.undecodable: error`,
+/// and expect an error whose message contains every part of `expected` (`{dir}` stands for
+/// the directory).
+fn check_source_error(files: &[(&str, &[u8])], source: Source, expected: &[&str]) {
+    let (_dir, base) = scratch_dir();
+    write_files(&base, files);
+    let shown = base.display().to_string();
+    let settings = ReadSettings {
+        undecodable: Undecodable::Error,
+        ..ReadSettings::default()
+    };
+    match data::read_sources(std::slice::from_ref(&source), &base, &settings) {
+        Ok(read) => panic!(
             "{source:?}: expected an error, read {} documents",
-            docs.len()
+            read.documents.len()
         ),
         Err(e) => {
             let message = e.to_string();
@@ -129,14 +153,35 @@ fn source_errors_name_the_file_and_line() {
         ),
         (
             vec![("a.rs", b"x")],
-            text(&["a.rs", "src/**/*.py"]),
-            vec!["{dir}/src/**/*.py: the glob matches no file"],
+            text(&["src/**/*.py"]),
+            vec!["{dir}/src/**/*.py: the glob matches no file: check the pattern"],
         ),
-        (vec![], text(&["[a.rs"]), vec!["invalid glob"]),
+        (
+            vec![("a.rs", b"x")],
+            text(&["src/*.py", "lib/*.py"]),
+            vec!["{dir}/src/*.py, {dir}/lib/*.py: no glob matches a file"],
+        ),
+        (vec![], text(&["[a.rs"]), vec!["{dir}/[a.rs: invalid glob"]),
+        (
+            vec![("a.rs", b"x")],
+            Source::Text {
+                paths: vec!["*.rs".into()],
+                exclude: vec!["{a,b".into()],
+            },
+            vec!["{dir}/{a,b: invalid glob"],
+        ),
         (
             vec![("latin1.rs", b"caf\xe9")],
             text(&["latin1.rs"]),
-            vec!["{dir}/latin1.rs: not valid UTF-8", "byte 3"],
+            vec![
+                "{dir}/latin1.rs: not valid UTF-8: first bad byte at byte 3",
+                "set `data.undecodable: skip`",
+            ],
+        ),
+        (
+            vec![("src/a.rs", b"x"), ("src/blob.rs", b"ab\0cd")],
+            text(&["src/*.rs"]),
+            vec!["{dir}/src/blob.rs: binary: a NUL byte at byte 2"],
         ),
         (vec![], jsonl("text"), vec!["{dir}/d.jsonl: no such file"]),
         (
@@ -185,6 +230,285 @@ fn source_errors_name_the_file_and_line() {
     ];
     for (files, source, expected) in cases {
         check_source_error(&files, source, &expected);
+    }
+}
+
+/// A tree shaped like a repository: a git repository (`.git/`) with `.gitignore`, `.ignore`
+/// and `.git/info/exclude` rules, hidden files, an ignored build directory and an excluded
+/// test directory.
+const REPO: &[(&str, &[u8])] = &[
+    (".git/HEAD", b"ref: refs/heads/main\n"),
+    (".git/info/exclude", b"local.rs\n"),
+    (".gitignore", b"*.log\n/build/\n"),
+    (".ignore", b"secret.rs\n"),
+    (".github/ci.rs", b"hidden dir"),
+    ("src/.hidden.rs", b"hidden file"),
+    ("src/a.rs", b"a"),
+    ("src/b.rs", b"b"),
+    ("src/gen/g.rs", b"g"),
+    ("src/notes.log", b"log"),
+    ("src/tests/t.rs", b"t"),
+    ("build/out.rs", b"out"),
+    ("local.rs", b"local"),
+    ("secret.rs", b"secret"),
+];
+
+/// Read `paths` less `exclude` in a fresh copy of [`REPO`] and expect exactly the files
+/// `expected` (relative to it), in that order.
+fn check_selection(paths: &[&str], exclude: &[&str], gitignore: bool, expected: &[&str]) {
+    let (_dir, base) = scratch_dir();
+    write_files(&base, REPO);
+    let source = Source::Text {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+        exclude: exclude.iter().map(|p| p.to_string()).collect(),
+    };
+    let settings = ReadSettings {
+        gitignore,
+        ..ReadSettings::default()
+    };
+    let read = ok(data::read_sources(&[source], &base, &settings));
+    let found: Vec<String> = read
+        .documents
+        .iter()
+        .map(|d| {
+            let path = Path::new(&d.origin);
+            path.strip_prefix(&base)
+                .unwrap_or(path)
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        found, expected,
+        "paths {paths:?}, exclude {exclude:?}, gitignore {gitignore}"
+    );
+    assert_eq!(read.report.text_files, expected.len());
+}
+
+#[test]
+fn text_sources_skip_ignored_hidden_and_excluded_files() {
+    let all_visible = ["local.rs", "secret.rs", "build/out.rs"];
+    // (paths, exclude, gitignore, expected files in order)
+    let cases: &[(&[&str], &[&str], bool, &[&str])] = &[
+        // .gitignore, .ignore and .git/info/exclude rules; hidden entries (.git/ too).
+        (
+            &["**/*.rs"],
+            &[],
+            true,
+            &["src/a.rs", "src/b.rs", "src/gen/g.rs", "src/tests/t.rs"],
+        ),
+        (
+            &["**/*.rs"],
+            &[],
+            false,
+            &[
+                "build/out.rs",
+                "local.rs",
+                "secret.rs",
+                "src/a.rs",
+                "src/b.rs",
+                "src/gen/g.rs",
+                "src/tests/t.rs",
+            ],
+        ),
+        (&["src/*.{rs,log}"], &[], true, &["src/a.rs", "src/b.rs"]),
+        (
+            &["src/*.{rs,log}"],
+            &[],
+            false,
+            &["src/a.rs", "src/b.rs", "src/notes.log"],
+        ),
+        // `*` stays within a directory.
+        (&["*.rs"], &[], false, &all_visible[..2]),
+        // Exclusions: a directory, a glob that names directories, a glob that names files.
+        (
+            &["src/**/*.rs"],
+            &["src/gen"],
+            true,
+            &["src/a.rs", "src/b.rs", "src/tests/t.rs"],
+        ),
+        (
+            &["**/*.rs"],
+            &["**/tests"],
+            true,
+            &["src/a.rs", "src/b.rs", "src/gen/g.rs"],
+        ),
+        (&["src/**"], &["**/*.rs"], false, &["src/notes.log"]),
+        // A glob whose literal part names a hidden or ignored directory reads it, as ripgrep
+        // reads a directory it is given; a glob that names hidden files with a dot finds them.
+        (&[".github/*.rs"], &[], true, &[".github/ci.rs"]),
+        (&["build/*.rs"], &[], true, &["build/out.rs"]),
+        (&["src/.*.rs"], &[], true, &["src/.hidden.rs"]),
+        // Plain paths are read whatever ignores them, unless excluded.
+        (
+            &["secret.rs", "local.rs"],
+            &[],
+            true,
+            &["secret.rs", "local.rs"],
+        ),
+        (
+            &["secret.rs", "local.rs"],
+            &["local.rs"],
+            true,
+            &["secret.rs"],
+        ),
+        // Entries keep their order, each glob's files sorted; a file named twice is read once.
+        (
+            &["src/b.rs", "src/*.rs", "src/gen/../a.rs"],
+            &[],
+            true,
+            &["src/b.rs", "src/a.rs"],
+        ),
+    ];
+    for (paths, exclude, gitignore, expected) in cases {
+        check_selection(paths, exclude, *gitignore, expected);
+    }
+}
+
+#[test]
+fn gitignore_rules_apply_only_inside_a_git_repository() {
+    // Without `.git/`, `.gitignore` is a file like any other (as for git and ripgrep), while
+    // `.ignore` still applies.
+    let (_dir, base) = scratch_dir();
+    let outside: Vec<(&str, &[u8])> = REPO
+        .iter()
+        .filter(|(name, _)| !name.starts_with(".git/"))
+        .copied()
+        .collect();
+    write_files(&base, &outside);
+    let read = ok(data::read_sources(
+        &[text(&["*.rs", "build/*.rs", "src/*.log"])],
+        &base,
+        &ReadSettings::default(),
+    ));
+    let names: Vec<&str> = read
+        .documents
+        .iter()
+        .map(|d| d.origin.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["local.rs", "out.rs", "notes.log"]);
+}
+
+#[test]
+fn undecodable_files_are_skipped_and_counted_or_refused() {
+    let (_dir, base) = scratch_dir();
+    // A NUL byte after the first 8000 bytes does not make a file binary (git's test); it is
+    // valid UTF-8.
+    let late_nul = [vec![b'a'; 8000], vec![0]].concat();
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("good.rs".into(), b"fn main() {}".to_vec()),
+        ("blob.bin".into(), b"\x7fELF\x02\x01\0\0".to_vec()),
+        ("latin1.txt".into(), b"caf\xe9 cr\xe8me".to_vec()),
+        ("late_nul.txt".into(), late_nul),
+        ("utf16.txt".into(), b"\xff\xfeh\0i\0".to_vec()),
+    ];
+    for i in 0..5 {
+        files.push((format!("z{i}.bin"), vec![0, 1, 2]));
+    }
+    for (name, content) in &files {
+        ok(fs::write(base.join(name), content));
+    }
+    let read = ok(data::read_sources(
+        &[text(&["*"])],
+        &base,
+        &ReadSettings::default(),
+    ));
+    let names: Vec<&str> = read
+        .documents
+        .iter()
+        .map(|d| d.origin.rsplit('/').next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["good.rs", "late_nul.txt"]);
+    let report = &read.report;
+    assert_eq!((report.text_files, report.undecodable.count), (2, 8));
+    let examples: Vec<(String, &str)> = report
+        .undecodable
+        .examples
+        .iter()
+        .map(|f| {
+            (
+                f.path.replace(&base.display().to_string(), "{dir}"),
+                f.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        examples,
+        [
+            ("{dir}/blob.bin".into(), "binary: a NUL byte at byte 6"),
+            (
+                "{dir}/latin1.txt".into(),
+                "not valid UTF-8: first bad byte at byte 3"
+            ),
+            ("{dir}/utf16.txt".into(), "binary: a NUL byte at byte 3"),
+            ("{dir}/z0.bin".into(), "binary: a NUL byte at byte 0"),
+            ("{dir}/z1.bin".into(), "binary: a NUL byte at byte 0"),
+        ],
+        "the first five, in reading order"
+    );
+
+    // Nothing left: the error says every file was skipped, and why.
+    let mut cfg = config(vec![text(&["*.bin", "latin1.txt"])]);
+    match load_documents(&cfg, &base) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => assert!(
+            e.to_string().contains(&format!(
+                "the train data is empty (every file was skipped as not UTF-8 text (7 files, e.g. {}/blob.bin: binary",
+                base.display()
+            )),
+            "{e}"
+        ),
+    }
+    cfg.undecodable = Undecodable::Error;
+    cfg.train = vec![text(&["good.rs", "*.bin"])];
+    match load_documents(&cfg, &base) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => assert!(
+            e.to_string()
+                .starts_with(&format!("{}/blob.bin: binary", base.display())),
+            "{e}"
+        ),
+    }
+}
+
+#[test]
+fn an_unmatched_glob_is_an_error_only_when_the_sources_find_no_file() {
+    let (_dir, base) = scratch_dir();
+    write_files(
+        &base,
+        &[("a.rs", b"fn a() {}"), ("d.jsonl", b"{\"text\": \"x\"}\n")],
+    );
+    let read = |sources: Vec<Source>| data::read_sources(&sources, &base, &ReadSettings::default());
+    let shown = |p: &str| base.join(p).display().to_string();
+
+    let found = ok(read(vec![text(&["*.py", "a.rs"]), text(&["src/**/*.rs"])]));
+    assert_eq!(found.documents.len(), 1);
+    assert_eq!(
+        found.report.unmatched_globs,
+        [shown("*.py"), shown("src/**/*.rs")]
+    );
+    let jsonl = Source::Jsonl {
+        path: "d.jsonl".into(),
+        field: "text".into(),
+    };
+    let found = ok(read(vec![text(&["*.py"]), jsonl]));
+    assert_eq!(found.documents.len(), 1);
+    assert_eq!(found.report.unmatched_globs, [shown("*.py")]);
+
+    match read(vec![text(&["*.py"]), text(&["src/*.rs"])]) {
+        Ok(r) => panic!("expected an error, read {:?}", r.documents),
+        Err(e) => {
+            assert!(matches!(e, DataError::NoMatch { .. }), "{e}");
+            assert!(e.is_input(), "a data selection error is the user's to fix");
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "{}, {}: no glob matches a file",
+                    shown("*.py"),
+                    shown("src/*.rs")
+                )),
+                "{e}"
+            );
+        }
     }
 }
 
@@ -710,4 +1034,248 @@ fn end_to_end_from_fixtures_to_batches() {
         .all(|&t| (t as usize) < bpe.vocab_size()));
     assert!(val.batch(0).is_some_and(|b| b.tokens > 0));
     assert_eq!(data::pad_id(&bpe), 1, "bpe pads with <|pad|>");
+}
+
+// ---- through the binary ----
+
+/// A tiny experiment over `{data}` (a `Text` source's `paths`, RON list items) in a temporary
+/// directory, run by the real binary with a controlled environment: no cache variable, and
+/// `HOME` inside the directory (git's global excludes file is read from there).
+struct Experiment {
+    /// Removed with the experiment.
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Experiment {
+    fn new(paths: &str) -> Experiment {
+        let (dir, root) = scratch_dir();
+        let config = format!(
+            r#"(
+    experiment: "selection",
+    seed: 3,
+    data: (train: [Text(paths: [{paths}])], val_fraction: 0.0),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 16, n_positions: 16)),
+    optimizer: (name: "adamw", lr: 1e-3),
+    train: (max_steps: 2, seq_len: 16, batch_size: 2, log_every: 1),
+)"#
+        );
+        ok(fs::write(root.join("exp.ron"), config));
+        for sub in ["work", "home"] {
+            ok(fs::create_dir(root.join(sub)));
+        }
+        Experiment { _dir: dir, root }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// `codex-ml run exp.ron --run-dir out/RUN ARGS` from the empty `work/` directory, with
+    /// `env` set on top of the controlled environment; the exit code and stderr.
+    fn run(&self, run: &str, args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+        let mut cmd = codex_tests::codex_ml();
+        cmd.current_dir(self.path("work"))
+            .env_remove("CODEX_ML_CACHE")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", self.path("home"))
+            .arg("run")
+            .arg(self.path("exp.ron"))
+            .arg("--run-dir")
+            .arg(self.path("out").join(run))
+            .args(args);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let out = ok(cmd.output());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The token cache files in `dir`, by name.
+    fn cache_files(&self, dir: &str) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.path(dir)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tokens"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// Some source code, long enough for a few windows of 16 tokens.
+const CODE: &[u8] =
+    b"fn main() {\n    let xs: Vec<u32> = (0..10).collect();\n    println!(\"{}\", xs.len());\n}\n";
+
+#[test]
+fn a_run_skips_ignored_and_undecodable_files_and_records_them() {
+    let e = Experiment::new(r#""repo/**/*", "repo/none/*.py""#);
+    write_files(
+        &e.root,
+        &[
+            ("repo/.git/HEAD", b"ref: refs/heads/main\n"),
+            ("repo/.gitignore", b"ignored.rs\n"),
+            ("repo/a.rs", CODE),
+            ("repo/src/b.rs", CODE),
+            ("repo/ignored.rs", b"\0 read it and the run fails"),
+            ("repo/editor.swp", b"\0 read it and the run fails"),
+            ("repo/blob.bin", b"\x7fELF\x02\x01\x01\0\0\0"),
+            ("repo/latin1.rs", b"// caf\xe9\nfn main() {}\n"),
+            // git's global excludes file, as git finds it when neither HOME/.gitconfig nor
+            // XDG_CONFIG_HOME says otherwise.
+            ("home/.config/git/ignore", b"*.swp\n"),
+        ],
+    );
+    let xdg = e.path("xdg");
+    let (code, stderr) = e.run("first", &[], &[("XDG_CACHE_HOME", &xdg)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let repo = e.path("repo").display().to_string();
+    for expected in [
+        format!("{repo}/none/*.py: the glob matches no file"),
+        "skipped 2 files that are not UTF-8 text".to_string(),
+        format!("{repo}/blob.bin: binary: a NUL byte at byte 7"),
+        format!("{repo}/latin1.rs: not valid UTF-8: first bad byte at byte 6"),
+    ] {
+        assert!(stderr.contains(&expected), "{expected:?} not in:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("ignored.rs") && !stderr.contains("editor.swp"),
+        "{stderr}"
+    );
+
+    let metadata: serde_json::Value = ok(serde_json::from_str(&ok(fs::read_to_string(
+        e.path("out/first/metadata.json"),
+    ))));
+    let data = &metadata["data"];
+    assert_eq!(data["text_files"], 2, "{data}");
+    assert_eq!(data["undecodable"]["count"], 2, "{data}");
+    let examples: Vec<(&str, &str)> = data["undecodable"]["examples"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (
+                        f["path"].as_str().unwrap_or(""),
+                        f["reason"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        examples,
+        [
+            (
+                format!("{repo}/blob.bin").as_str(),
+                "binary: a NUL byte at byte 7"
+            ),
+            (
+                format!("{repo}/latin1.rs").as_str(),
+                "not valid UTF-8: first bad byte at byte 6"
+            ),
+        ]
+    );
+    assert_eq!(
+        data["unmatched_globs"],
+        serde_json::json!([format!("{repo}/none/*.py")])
+    );
+
+    // The token cache went to $XDG_CACHE_HOME/codex-ml, nowhere near the working directory.
+    let cached = e.cache_files("xdg/codex-ml");
+    assert_eq!(cached.len(), 1, "one training stream");
+    assert_eq!(
+        ok(fs::read_dir(e.path("work"))).count(),
+        0,
+        "the working directory stays empty"
+    );
+    assert!(!e.path("home/.cache").exists());
+
+    // CODEX_ML_CACHE wins over XDG_CACHE_HOME; the same data has the same key there.
+    let own = e.path("own-cache");
+    let (code, stderr) = e.run(
+        "second",
+        &[],
+        &[("XDG_CACHE_HOME", &xdg), ("CODEX_ML_CACHE", &own)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(e.cache_files("own-cache"), cached);
+    // Without either, ~/.cache/codex-ml; data.cache_dir, when set, wins over everything.
+    let (code, stderr) = e.run("third", &[], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(e.cache_files("home/.cache/codex-ml"), cached);
+    let (code, stderr) = e.run(
+        "fourth",
+        &["--set", "data.cache_dir=\"configured\""],
+        &[("CODEX_ML_CACHE", &own)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        e.cache_files("configured"),
+        cached,
+        "relative to the config file"
+    );
+    assert_eq!(ok(fs::read_dir(e.path("work"))).count(), 0);
+
+    // Each of the four runs trained on the same tokens.
+    let model = |run: &str| {
+        ok(fs::read(e.path(&format!(
+            "out/{run}/checkpoints/step-00000002/model.safetensors"
+        ))))
+    };
+    for run in ["second", "third", "fourth"] {
+        assert!(model(run) == model("first"), "{run} differs from first");
+    }
+}
+
+#[test]
+fn data_selection_errors_exit_with_code_2() {
+    let e = Experiment::new(r#""src/*.rs""#);
+    write_files(&e.root, &[("src/a.rs", CODE), ("src/blob.rs", b"\0\0\0")]);
+    let src = e.path("src").display().to_string();
+    let cases: &[(&[&str], String)] = &[
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"lib/**/*.rs\"])}]",
+            ],
+            format!(
+                "error: {}/lib/**/*.rs: the glob matches no file",
+                e.root.display()
+            ),
+        ),
+        (
+            &["--set", "data.undecodable=error"],
+            format!("{src}/blob.rs: binary"),
+        ),
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"src/*.rs\", \"b.rs\"])}]",
+            ],
+            format!("{}/b.rs: no such file", e.root.display()),
+        ),
+        (
+            &[
+                "--set",
+                "data.train=[{\"Text\": (paths: [\"src/*.rs\"], exclude: [\"src/{a\"])}]",
+            ],
+            "data.train[0].exclude[0]: invalid glob `src/{a`".to_string(),
+        ),
+    ];
+    for (i, (args, expected)) in cases.iter().enumerate() {
+        let (code, stderr) = e.run(&format!("run{i}"), args, &[]);
+        assert_eq!(code, Some(2), "{args:?}:\n{stderr}");
+        assert!(
+            stderr.contains(expected.as_str()),
+            "{args:?}: {expected:?} not in:\n{stderr}"
+        );
+    }
 }

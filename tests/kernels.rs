@@ -757,7 +757,7 @@ fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
         r#"(
     experiment: "kernels",
     seed: 11,
-    data: (train: [Text(paths: ["{data}/*"])], val_fraction: 0.34),
+    data: (train: [Text(paths: ["{data}/*"])], val_fraction: 0.34, cache_dir: "{cache}"),
     tokenizer: (name: "bytes"),
     model: (name: "gpt2", params: (n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32,
         embd_pdrop: 0.0, attn_pdrop: 0.0, resid_pdrop: 0.0)),
@@ -767,6 +767,7 @@ fn run_losses(dir: &std::path::Path, kernel: bool) -> Vec<(String, u64, f64)> {
     {kernel}
 )"#,
         data = data.display(),
+        cache = codex_tests::token_cache().display(),
         kernel = if kernel {
             r#"kernel: "cpu","#
         } else {

@@ -74,12 +74,17 @@ pub fn codex_ml_path() -> PathBuf {
     profile_dir().join(format!("codex-ml{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// The token cache the tests share, beside the build outputs: tests keep out of the user's
+/// cache directory (the default), through `CODEX_ML_CACHE` for the binary and
+/// `data.cache_dir` for runs started in the test process.
+pub fn token_cache() -> PathBuf {
+    profile_dir().join("token-cache")
+}
+
 /// A command running the `codex-ml` binary, built first if needed.
 pub fn codex_ml() -> Command {
     let mut cmd = Command::new(codex_ml_path());
     cmd.env_remove("RUST_LOG");
-    // Keep token caches out of the source tree (the default is `runs/` under the working
-    // directory): they go beside the build outputs.
-    cmd.env("CODEX_ML_CACHE", profile_dir().join("token-cache"));
+    cmd.env("CODEX_ML_CACHE", token_cache());
     cmd
 }

@@ -475,6 +475,7 @@ fn metadata_for(run: &RunDir) -> Metadata {
                     sha256: Some("ab".repeat(32)),
                 },
             ],
+            data: None,
         },
     )
 }

@@ -33,14 +33,15 @@ fn config_text(train: &str, optimizer: &str, trackers: &str) -> String {
         r#"(
     experiment: "tracked",
     seed: 5,
-    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34),
+    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34, cache_dir: "{cache}"),
     tokenizer: (name: "bytes"),
     model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
     optimizer: {optimizer},
     train: (seq_len: 32, batch_size: 4, log_every: 1, {train}),
     trackers: [{trackers}],
 )"#,
-        dir = data_dir().display()
+        dir = data_dir().display(),
+        cache = codex_tests::token_cache().display(),
     )
 }
 

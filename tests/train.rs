@@ -27,14 +27,15 @@ fn config_text(train: &str, optimizer: &str) -> String {
         r#"(
     experiment: "tiny",
     seed: 7,
-    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34),
+    data: (train: [Text(paths: ["{dir}/*"])], val_fraction: 0.34, cache_dir: "{cache}"),
     tokenizer: (name: "bytes"),
     model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
     optimizer: {optimizer},
     train: ({train}),
     sinks: [],
 )"#,
-        dir = fixtures().display()
+        dir = fixtures().display(),
+        cache = codex_tests::token_cache().display(),
     )
 }
 
@@ -299,14 +300,14 @@ fn bad_input_gets_clear_errors() {
         r#"(name: "adamw", lr: 1e-3)"#,
     );
 
-    // A missing data file.
+    // A missing data file: the user's input, like a config error.
     let missing = ok.replace(
         &format!("{}/*", fixtures().display()),
         "/nonexistent/data.rs",
     );
-    check_run_error(dir, &missing, &[], 1, &["/nonexistent/data.rs"]);
+    check_run_error(dir, &missing, &[], 2, &["/nonexistent/data.rs"]);
 
-    // An empty corpus.
+    // An empty corpus, likewise.
     let empty = dir.join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("a.txt"), "").unwrap();
@@ -314,7 +315,7 @@ fn bad_input_gets_clear_errors() {
         &format!("{}/*", fixtures().display()),
         &format!("{}/*", empty.display()),
     );
-    check_run_error(dir, &text, &[], 1, &["empty"]);
+    check_run_error(dir, &text, &[], 2, &["empty"]);
 
     // seq_len beyond the model's context: the config's to fix, so exit code 2.
     check_run_error(dir, &ok, &["train.seq_len=64"], 2, &["seq_len", "64", "32"]);

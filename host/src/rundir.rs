@@ -26,7 +26,8 @@
 //!
 //! `metadata.json` records the tool version, the git commit (captured by `build.rs`), the
 //! versions of the key dependencies (from `Cargo.lock`), OS, CPU, thread count, device,
-//! seeds and the plugin lock.
+//! seeds, the plugin lock, and what reading the data found (files read, files skipped as not
+//! UTF-8 text).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,6 +37,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::data::DataReport;
 
 /// Errors of creating, opening or writing a run directory.
 #[derive(Debug, thiserror::Error)]
@@ -550,6 +553,8 @@ pub struct MetadataInput {
     pub seeds: BTreeMap<String, u64>,
     /// The plugin lock.
     pub plugins: Vec<PluginLock>,
+    /// What reading the data found (files read and skipped), when the data was read.
+    pub data: Option<DataReport>,
 }
 
 /// The content of `metadata.json`.
@@ -581,6 +586,10 @@ pub struct Metadata {
     pub seeds: BTreeMap<String, u64>,
     /// Every component and where it came from.
     pub plugins: Vec<PluginLock>,
+    /// Files of text sources read, and those skipped as not UTF-8 text (counted, the first
+    /// few named); globs that matched nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataReport>,
 }
 
 /// The tool that ran.
@@ -650,6 +659,7 @@ impl Metadata {
             device: input.device,
             seeds: input.seeds,
             plugins: input.plugins,
+            data: input.data,
         }
     }
 }

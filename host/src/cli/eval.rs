@@ -25,8 +25,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let cwd = std::env::current_dir()?;
         let sources = [Source::Text {
             paths: args.data.clone(),
+            exclude: Vec::new(),
         }];
-        data::preprocess(data::read_sources(&sources, &cwd)?, &config.data.preprocess)
+        let read = data::read_sources(&sources, &cwd, &config.data.read_settings())?;
+        data::preprocess(read.documents, &config.data.preprocess)
     };
     let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
     let shape = BatchShape {

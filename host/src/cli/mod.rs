@@ -334,13 +334,17 @@ pub fn main() -> i32 {
 }
 
 /// 2 when the failure is the user's input (arguments, config, manifest, component names, a
-/// plugin that cannot be loaded), 128 + n for a run stopped by signal n, else 1.
+/// plugin that cannot be loaded, data files and their selection), 128 + n for a run stopped by
+/// signal n, else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     if let Some(Stopped(signal)) = error.downcast_ref::<Stopped>() {
         return 128 + signal;
     }
     let usage = error.chain().any(|cause| {
         cause.is::<UsageError>()
+            || cause
+                .downcast_ref::<crate::data::DataError>()
+                .is_some_and(crate::data::DataError::is_input)
             || cause.is::<ConfigError>()
             || cause.is::<ManifestError>()
             || cause.is::<RegistryError>()

@@ -220,15 +220,23 @@ impl Resolver<'_> {
         for (section, sources) in [("train", &mut data.train), ("val", &mut data.val)] {
             for (i, source) in sources.iter_mut().enumerate() {
                 match source {
-                    Source::Text { paths } => {
+                    Source::Text { paths, exclude } => {
                         if paths.is_empty() {
                             return Err(self.invalid(
                                 &format!("data.{section}[{i}].paths"),
                                 "no paths; list files or globs like `src/**/*.rs`",
                             ));
                         }
-                        for p in paths.iter_mut() {
-                            *p = absolute(dir, p);
+                        for (list, entries) in [("paths", paths), ("exclude", exclude)] {
+                            for (j, entry) in entries.iter_mut().enumerate() {
+                                if let Err(message) = crate::data::check_glob(entry) {
+                                    return Err(self.invalid(
+                                        &format!("data.{section}[{i}].{list}[{j}]"),
+                                        format!("invalid glob `{entry}`: {message}"),
+                                    ));
+                                }
+                                *entry = absolute(dir, entry);
+                            }
                         }
                     }
                     Source::Jsonl { path, .. } | Source::Csv { path, .. } => {

@@ -22,14 +22,41 @@ pub struct DataConfig {
     /// [0, 1). Default: `0.1`.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
-    /// Directory of the token cache, relative to the config file. Default: `$CODEX_ML_CACHE`
-    /// if set, else `.cache/tokens` under the runs directory.
+    /// Directory of the token cache, relative to the config file. Its files are named by
+    /// content, so one directory serves every experiment. Default: `$CODEX_ML_CACHE` if set,
+    /// else `$XDG_CACHE_HOME/codex-ml`, else `~/.cache/codex-ml`.
     #[serde(default)]
     pub cache_dir: Option<String>,
+    /// Whether globs in `Text` sources skip the files git would ignore, as ripgrep does:
+    /// those matched by `.gitignore` files (inside a git repository), `.ignore` files,
+    /// `.git/info/exclude` and git's global excludes file (`core.excludesFile`). `false` reads
+    /// them too. Files named by a plain path (no glob) are read either way. Hidden files and
+    /// directories (`.git/` among them) are skipped either way, unless the glob names them
+    /// with a leading dot (`.github/**/*.yml`). Default: `true`.
+    #[serde(default = "default_true")]
+    pub gitignore: bool,
+    /// What to do with a file of a `Text` source that is not text: not valid UTF-8, or binary
+    /// (a NUL byte in its first 8000 bytes, the test git uses). `skip` leaves it out and
+    /// counts it (the count and a few of the paths go to the log and to the run's
+    /// `metadata.json`); `error` stops the run naming the file. JSON Lines and CSV records
+    /// must always be UTF-8. Default: `skip`.
+    #[serde(default)]
+    pub undecodable: Undecodable,
     /// How documents are cleaned before the tokenizer sees them. Part of the token cache
     /// key: changing a setting re-tokenizes. Default: `(normalize_newlines: true, min_chars: 1)`.
     #[serde(default)]
     pub preprocess: Preprocess,
+}
+
+/// What happens to a file that is not UTF-8 text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Undecodable {
+    /// Leave the file out, and count it.
+    #[default]
+    Skip,
+    /// Stop with an error naming the file.
+    Error,
 }
 
 /// Document clean-up applied before splitting, tokenizer training and tokenization.
@@ -72,10 +99,20 @@ fn default_val_fraction() -> f64 {
 #[serde(deny_unknown_fields)]
 pub enum Source {
     /// Text files, one document per file; each entry of `paths` is a path or a glob
-    /// (`src/**/*.rs`). At least one entry.
+    /// (`src/**/*.rs`, `*.{rs,py}`; `*` stays within a directory, `**` crosses them), and
+    /// `exclude` (default `[]`) lists paths or globs to leave out (`**/tests/**`, `vendor`; a
+    /// directory excludes everything in it), both relative to the config file. Files come in
+    /// the order of `paths`, each glob's files sorted by path; a file named twice is read
+    /// once. Globs skip hidden and git-ignored files (see `data.gitignore`); symbolic links
+    /// to files are read, symbolic links to directories are not followed. A glob that
+    /// matches no file is a warning, or an error when all of `data.train` (or of `data.val`)
+    /// finds no file. At least one entry in `paths`.
     Text {
         /// Paths or globs.
         paths: Vec<String>,
+        /// Paths or globs of files to leave out.
+        #[serde(default)]
+        exclude: Vec<String>,
     },
     /// JSON Lines, one document per line, the text in `field`.
     Jsonl {

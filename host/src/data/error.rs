@@ -35,15 +35,26 @@ pub enum DataError {
         /// What the glob parser said.
         message: String,
     },
-    /// A glob matches no file.
+    /// The sources found no file at all, and these globs matched none.
     #[error(
-        "{pattern}: the glob matches no file: check the pattern, or remove it from the sources"
+        "{}: {}: check the {} (hidden, git-ignored and excluded files do not count; `data.gitignore: false` reads git-ignored ones)",
+        patterns.join(", "),
+        if patterns.len() == 1 { "the glob matches no file" } else { "no glob matches a file" },
+        if patterns.len() == 1 { "pattern" } else { "patterns" },
     )]
     NoMatch {
-        /// The pattern, resolved against the base directory.
-        pattern: String,
+        /// The patterns, resolved against the base directory.
+        patterns: Vec<String>,
     },
-    /// A file (or one line of it) is not UTF-8.
+    /// A file of a `Text` source is not UTF-8 text, and `data.undecodable` is `error`.
+    #[error("{}: {reason}: convert it to UTF-8, leave it out with the source's `exclude`, or set `data.undecodable: skip` to skip such files", path.display())]
+    Undecodable {
+        /// The file.
+        path: PathBuf,
+        /// `binary: ...` or `not valid UTF-8: ...`.
+        reason: String,
+    },
+    /// A line of a JSON Lines or CSV file is not UTF-8.
     #[error("{location}: not valid UTF-8 (first bad byte at byte {offset}): convert the file to UTF-8, or remove it from the sources")]
     NotUtf8 {
         /// `path` or `path:line`.
@@ -113,6 +124,25 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// Whether the error is in the user's input — the config's data settings or the data
+    /// files — rather than a failure of the machine (IO) or of the tokenizer. The command line
+    /// exits with code 2 for these, as for any config error.
+    pub fn is_input(&self) -> bool {
+        match self {
+            DataError::Io { .. } | DataError::Tokenize { .. } | DataError::Tokenizer(_) => false,
+            DataError::MissingFile { .. }
+            | DataError::BadGlob { .. }
+            | DataError::NoMatch { .. }
+            | DataError::Undecodable { .. }
+            | DataError::NotUtf8 { .. }
+            | DataError::Record { .. }
+            | DataError::UnknownColumn { .. }
+            | DataError::Setting { .. }
+            | DataError::Empty { .. }
+            | DataError::TooFewTokens { .. } => true,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> DataError {
         DataError::Io {
             path: path.into(),

@@ -11,14 +11,22 @@
 //!
 //! Only this module reads data files; it knows nothing about tensors (batches are plain
 //! `Vec<u32>` and a shape) nor about where a tokenizer comes from.
+//!
+//! The token cache lives in the user's cache directory ([`default_cache_dir`]) unless the
+//! config names one: never in the directory a run is started from, and shared by every
+//! experiment, which is safe because its files are named by content.
 
 pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod select;
 pub mod source;
 pub mod split;
 pub mod tokenize;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use codex_plugin_api::tokenizer::TokenizerBox;
 
@@ -26,9 +34,10 @@ pub use batch::{
     window_order, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches, IGNORE_INDEX,
 };
 pub use cache::{CacheKey, CacheOutcome, Cached, TokenCache, Tokens};
-pub use config::{DataConfig, Preprocess, Source};
+pub use config::{DataConfig, Preprocess, Source, Undecodable};
 pub use error::DataError;
-pub use source::{read_sources, Document};
+pub use select::check_glob;
+pub use source::{read_sources, DataReport, Document, Read, ReadSettings, Skipped, SkippedFile};
 pub use split::{hold_out, load_documents, preprocess, SplitDocuments};
 pub use tokenize::{tokenize, TokenizerFingerprint};
 
@@ -67,20 +76,71 @@ pub fn pad_id(tokenizer: &TokenizerBox) -> u32 {
 }
 
 impl DataConfig {
-    /// The token cache directory: `cache_dir` relative to `base_dir` when set, else the
-    /// `CODEX_ML_CACHE` environment variable when set (one cache shared by every experiment,
-    /// wherever it is started), else `.cache/tokens` under `runs_dir`.
-    pub fn resolve_cache_dir(
-        &self,
-        base_dir: &std::path::Path,
-        runs_dir: &std::path::Path,
-    ) -> std::path::PathBuf {
+    /// The token cache directory: `cache_dir` relative to `base_dir` when set, else
+    /// [`default_cache_dir`].
+    pub fn cache_dir(&self, base_dir: &Path) -> Result<PathBuf, DataError> {
         match &self.cache_dir {
-            Some(dir) => base_dir.join(dir),
-            None => match std::env::var_os("CODEX_ML_CACHE") {
-                Some(dir) if !dir.is_empty() => dir.into(),
-                _ => runs_dir.join(".cache").join("tokens"),
-            },
+            Some(dir) => Ok(base_dir.join(dir)),
+            None => default_cache_dir(),
         }
+    }
+}
+
+/// The user's token cache directory: `$CODEX_ML_CACHE` when set, else
+/// `$XDG_CACHE_HOME/codex-ml` (an absolute `XDG_CACHE_HOME`, as the XDG base directory
+/// specification asks), else `~/.cache/codex-ml`.
+pub fn default_cache_dir() -> Result<PathBuf, DataError> {
+    cache_dir_from(|name| std::env::var_os(name)).ok_or_else(|| DataError::Setting {
+        field: "data.cache_dir",
+        message: "no user cache directory (HOME is not set): set data.cache_dir, or the CODEX_ML_CACHE environment variable".to_string(),
+    })
+}
+
+/// [`default_cache_dir`] with the environment read through `var`.
+fn cache_dir_from(var: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let set = |name| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = set("CODEX_ML_CACHE") {
+        return Some(dir);
+    }
+    if let Some(dir) = set("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
+        return Some(dir.join("codex-ml"));
+    }
+    set("HOME").map(|home| home.join(".cache").join("codex-ml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_in_the_user_cache_directory() {
+        let check = |vars: &[(&str, &str)], expected: Option<&str>| {
+            let found = cache_dir_from(|name| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| OsString::from(v))
+            });
+            assert_eq!(found, expected.map(PathBuf::from), "{vars:?}");
+        };
+        let home = ("HOME", "/home/u");
+        check(&[home], Some("/home/u/.cache/codex-ml"));
+        check(&[home, ("XDG_CACHE_HOME", "/xdg")], Some("/xdg/codex-ml"));
+        check(
+            &[home, ("XDG_CACHE_HOME", "rel")],
+            Some("/home/u/.cache/codex-ml"),
+        );
+        check(
+            &[home, ("XDG_CACHE_HOME", "")],
+            Some("/home/u/.cache/codex-ml"),
+        );
+        check(
+            &[home, ("XDG_CACHE_HOME", "/xdg"), ("CODEX_ML_CACHE", "/c")],
+            Some("/c"),
+        );
+        check(
+            &[home, ("CODEX_ML_CACHE", "")],
+            Some("/home/u/.cache/codex-ml"),
+        );
+        check(&[], None);
     }
 }

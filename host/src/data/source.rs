@@ -5,14 +5,25 @@
 //! it, so renaming a file changes neither the split nor the token cache.
 //!
 //! Files are read whole and checked for UTF-8 here, once, so the tokenizer never sees
-//! bytes it would have to guess about.
+//! bytes it would have to guess about. A `Text` source's file that is not text — binary by
+//! git's test (a NUL byte in its first 8000 bytes), or not UTF-8 — is skipped and counted, or
+//! refused, as `data.undecodable` says; which files a `Text` source names is [`super::select`]'s
+//! business.
 
-use std::collections::HashSet;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::Read as _;
+use std::path::Path;
 
-use super::config::Source;
+use serde::Serialize;
+
+use super::config::{DataConfig, Source, Undecodable};
 use super::error::DataError;
+use super::select;
+
+/// How many skipped files a report names (it counts them all).
+const EXAMPLES: usize = 5;
+/// Bytes looked at for a NUL byte, as git does (`FIRST_FEW_BYTES`).
+const BINARY_PROBE: u64 = 8000;
 
 /// One document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,87 +34,195 @@ pub struct Document {
     pub text: String,
 }
 
-/// Read every document of `sources`, in order; relative paths start at `base_dir`.
-pub fn read_sources(sources: &[Source], base_dir: &Path) -> Result<Vec<Document>, DataError> {
-    let mut docs = Vec::new();
-    for source in sources {
-        match source {
-            Source::Text { paths } => read_text(paths, base_dir, &mut docs)?,
-            Source::Jsonl { path, field } => read_jsonl(&base_dir.join(path), field, &mut docs)?,
-            Source::Csv { path, column } => read_csv(&base_dir.join(path), column, &mut docs)?,
+/// How `Text` sources choose and read their files: `data.gitignore` and `data.undecodable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSettings {
+    /// Skip what `.gitignore`, `.ignore` and git's exclude files ignore.
+    pub gitignore: bool,
+    /// Skip, or refuse, files that are not UTF-8 text.
+    pub undecodable: Undecodable,
+}
+
+impl Default for ReadSettings {
+    fn default() -> Self {
+        ReadSettings {
+            gitignore: true,
+            undecodable: Undecodable::Skip,
         }
     }
-    Ok(docs)
 }
 
-fn is_glob(entry: &str) -> bool {
-    entry.contains(['*', '?', '['])
+impl DataConfig {
+    /// The settings [`read_sources`] takes from this config.
+    pub fn read_settings(&self) -> ReadSettings {
+        ReadSettings {
+            gitignore: self.gitignore,
+            undecodable: self.undecodable,
+        }
+    }
 }
 
-fn read_text(
-    entries: &[String],
+/// What reading the sources found besides documents; recorded in the run's `metadata.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DataReport {
+    /// Files of `Text` sources read, one document each.
+    pub text_files: usize,
+    /// Files of `Text` sources skipped because they are not UTF-8 text.
+    pub undecodable: Skipped,
+    /// Globs that matched no file (each was warned about).
+    pub unmatched_globs: Vec<String>,
+}
+
+/// Files left out, counted, with the first few named.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// How many.
+    pub count: usize,
+    /// The first few, in reading order.
+    pub examples: Vec<SkippedFile>,
+}
+
+/// A file left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedFile {
+    /// The file.
+    pub path: String,
+    /// Why (`binary: a NUL byte at byte 12`, `not valid UTF-8: first bad byte at byte 3`).
+    pub reason: String,
+}
+
+impl Skipped {
+    fn add(&mut self, file: SkippedFile) {
+        self.count += 1;
+        if self.examples.len() < EXAMPLES {
+            self.examples.push(file);
+        }
+    }
+}
+
+impl DataReport {
+    /// Add `other`'s counts and names to this report's.
+    pub fn merge(&mut self, other: DataReport) {
+        self.text_files += other.text_files;
+        self.undecodable.count += other.undecodable.count;
+        let room = EXAMPLES.saturating_sub(self.undecodable.examples.len());
+        self.undecodable
+            .examples
+            .extend(other.undecodable.examples.into_iter().take(room));
+        self.unmatched_globs.extend(other.unmatched_globs);
+    }
+}
+
+/// The documents of some sources, and what reading them found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Read {
+    /// The documents, in source order.
+    pub documents: Vec<Document>,
+    /// Files read and skipped, globs that matched nothing.
+    pub report: DataReport,
+}
+
+/// Read every document of `sources`, in order; relative paths start at `base_dir`.
+///
+/// A glob that matches no file is a warning, unless the sources find no file at all: then
+/// it is an error naming every such glob.
+pub fn read_sources(
+    sources: &[Source],
     base_dir: &Path,
-    docs: &mut Vec<Document>,
-) -> Result<(), DataError> {
-    // A file named by two entries (a path and a glob that covers it) is still one document.
-    let mut seen = HashSet::new();
-    for entry in entries {
-        let files = if is_glob(entry) {
-            expand_glob(entry, base_dir)?
-        } else {
-            let path = base_dir.join(entry);
-            if !path.is_file() {
-                return Err(DataError::MissingFile { path });
+    settings: &ReadSettings,
+) -> Result<Read, DataError> {
+    let mut read = Read::default();
+    let mut found_files = false;
+    for source in sources {
+        match source {
+            Source::Text { paths, exclude } => {
+                let selected = select::text_files(paths, exclude, base_dir, settings.gitignore)?;
+                found_files |= !selected.files.is_empty();
+                read.report.unmatched_globs.extend(selected.unmatched);
+                for path in selected.files {
+                    read_text(&path, settings.undecodable, &mut read)?;
+                }
             }
-            vec![path]
-        };
-        for path in files {
-            if seen.insert(path.clone()) {
-                let text = read_utf8(&path)?;
-                docs.push(Document {
+            Source::Jsonl { path, field } => {
+                found_files = true;
+                read_jsonl(&base_dir.join(path), field, &mut read.documents)?
+            }
+            Source::Csv { path, column } => {
+                found_files = true;
+                read_csv(&base_dir.join(path), column, &mut read.documents)?
+            }
+        }
+    }
+    let unmatched = &read.report.unmatched_globs;
+    if !found_files && !unmatched.is_empty() {
+        return Err(DataError::NoMatch {
+            patterns: unmatched.clone(),
+        });
+    }
+    for pattern in unmatched {
+        tracing::warn!("{pattern}: the glob matches no file");
+    }
+    let skipped = &read.report.undecodable;
+    if skipped.count > 0 {
+        tracing::warn!(
+            "skipped {} {} not UTF-8 text (`data.undecodable: error` refuses them)",
+            skipped.count,
+            if skipped.count == 1 {
+                "file that is"
+            } else {
+                "files that are"
+            },
+        );
+        for file in &skipped.examples {
+            tracing::warn!("  {}: {}", file.path, file.reason);
+        }
+    }
+    Ok(read)
+}
+
+/// Read one file of a `Text` source into `read`, or skip it (or refuse it) when it is not
+/// UTF-8 text.
+fn read_text(path: &Path, policy: Undecodable, read: &mut Read) -> Result<(), DataError> {
+    let io_error = |e: std::io::Error| DataError::io(path, e);
+    let mut file = File::open(path).map_err(io_error)?;
+    let mut bytes = Vec::new();
+    // Looking at the start first leaves a large binary file unread.
+    (&mut file)
+        .take(BINARY_PROBE)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    let reason = if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        format!("binary: a NUL byte at byte {at}")
+    } else {
+        file.read_to_end(&mut bytes).map_err(io_error)?;
+        match String::from_utf8(bytes) {
+            Ok(text) => {
+                read.report.text_files += 1;
+                read.documents.push(Document {
                     origin: path.display().to_string(),
                     text,
                 });
+                return Ok(());
             }
-        }
-    }
-    Ok(())
-}
-
-fn expand_glob(entry: &str, base_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    // The base directory is literal text, not a pattern: a `[` in it must not match.
-    let pattern = if Path::new(entry).is_absolute() {
-        entry.to_string()
-    } else {
-        let base = glob::Pattern::escape(&base_dir.to_string_lossy());
-        if base.is_empty() {
-            entry.to_string()
-        } else {
-            format!("{}/{entry}", base.trim_end_matches('/'))
+            Err(e) => format!(
+                "not valid UTF-8: first bad byte at byte {}",
+                e.utf8_error().valid_up_to()
+            ),
         }
     };
-    let shown = base_dir.join(entry).display().to_string();
-    let paths = glob::glob(&pattern).map_err(|e| DataError::BadGlob {
-        pattern: shown.clone(),
-        message: e.msg.to_string(),
-    })?;
-    let mut files = Vec::new();
-    for p in paths {
-        let p = p.map_err(|e| {
-            let path = e.path().to_path_buf();
-            DataError::io(path, e.into())
-        })?;
-        if p.is_file() {
-            files.push(p);
+    match policy {
+        Undecodable::Skip => {
+            read.report.undecodable.add(SkippedFile {
+                path: path.display().to_string(),
+                reason,
+            });
+            Ok(())
         }
+        Undecodable::Error => Err(DataError::Undecodable {
+            path: path.to_path_buf(),
+            reason,
+        }),
     }
-    if files.is_empty() {
-        return Err(DataError::NoMatch { pattern: shown });
-    }
-    // `glob` yields paths in alphabetical order already; sorting again keeps that promise
-    // ours rather than the crate's.
-    files.sort();
-    Ok(files)
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -115,13 +234,6 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
         } else {
             DataError::io(path, e)
         }
-    })
-}
-
-fn read_utf8(path: &Path) -> Result<String, DataError> {
-    String::from_utf8(read_bytes(path)?).map_err(|e| DataError::NotUtf8 {
-        location: path.display().to_string(),
-        offset: e.utf8_error().valid_up_to(),
     })
 }
 

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::config::{DataConfig, Preprocess};
 use super::error::DataError;
-use super::source::{read_sources, Document};
+use super::source::{read_sources, DataReport, Document};
 
 /// Training and validation documents, after preprocessing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct SplitDocuments {
     /// Validation documents, in source order; empty when `val_fraction` is 0 and there are
     /// no `val` sources (or every training document has the same content).
     pub val: Vec<Document>,
+    /// What reading the training and validation sources found: files read and skipped.
+    pub report: DataReport,
 }
 
 impl SplitDocuments {
@@ -50,31 +52,49 @@ pub fn load_documents(config: &DataConfig, base_dir: &Path) -> Result<SplitDocum
             message: format!("must be at least 0 and below 1, found {f}"),
         });
     }
-    let read = read_sources(&config.train, base_dir)?;
-    let read_count = read.len();
-    let train = preprocess(read, &config.preprocess);
-    let (train, val) = if config.val.is_empty() {
-        hold_out(train, f)
-    } else {
-        let val = preprocess(read_sources(&config.val, base_dir)?, &config.preprocess);
-        if val.is_empty() {
-            return Err(DataError::Empty {
-                split: "val",
-                what: "no document left after preprocessing".to_string(),
-            });
-        }
-        (train, val)
-    };
+    let settings = config.read_settings();
+    let read = read_sources(&config.train, base_dir, &settings)?;
+    let mut report = read.report;
+    let read_count = read.documents.len();
+    let train = preprocess(read.documents, &config.preprocess);
     if train.is_empty() {
         return Err(DataError::Empty {
             split: "train",
-            what: format!(
-                "{read_count} documents read, none left after preprocessing (min_chars {})",
-                config.preprocess.min_chars
-            ),
+            what: nothing_left(read_count, &report, config),
         });
     }
-    Ok(SplitDocuments { train, val })
+    let (train, val) = if config.val.is_empty() {
+        hold_out(train, f)
+    } else {
+        let read = read_sources(&config.val, base_dir, &settings)?;
+        let read_count = read.documents.len();
+        let val = preprocess(read.documents, &config.preprocess);
+        if val.is_empty() {
+            return Err(DataError::Empty {
+                split: "val",
+                what: nothing_left(read_count, &read.report, config),
+            });
+        }
+        report.merge(read.report);
+        (train, val)
+    };
+    Ok(SplitDocuments { train, val, report })
+}
+
+/// Why a split has no document: what was read, what was skipped and what preprocessing
+/// dropped.
+fn nothing_left(read_count: usize, report: &DataReport, config: &DataConfig) -> String {
+    let skipped = &report.undecodable;
+    match skipped.examples.first() {
+        Some(first) if read_count == 0 => format!(
+            "every file was skipped as not UTF-8 text ({} files, e.g. {}: {})",
+            skipped.count, first.path, first.reason
+        ),
+        _ => format!(
+            "{read_count} documents read, none left after preprocessing (min_chars {})",
+            config.preprocess.min_chars
+        ),
+    }
 }
 
 /// Apply the preprocessing settings, dropping documents that end up too short.

@@ -344,6 +344,7 @@ fn run_in(
 
     let trackers = steps::trackers(config, registry)?;
     let docs = steps::documents(config)?;
+    let data_report = docs.report.clone();
     let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
     if let Start::Fresh = start {
         write_tokenizer(tokenizer_json.as_deref())?;
@@ -351,7 +352,7 @@ fn run_in(
     let _kernel_scope = steps::kernel(config, registry, &device)?;
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = steps::model(config, registry, tokenizer.vocab_size(), &mut store)?;
-    let (mut train_batches, val_batches) = steps::batches(config, options, docs, &tokenizer)?;
+    let (mut train_batches, val_batches) = steps::batches(config, docs, &tokenizer)?;
 
     let total_steps = steps::total_steps(config, &train_batches)?;
     if let Some(point) = resume_from {
@@ -425,6 +426,7 @@ fn run_in(
             device: config.device.clone(),
             seeds: [("run".to_string(), config.seed)].into_iter().collect(),
             plugins: steps::plugin_lock(registry, config),
+            data: Some(data_report),
         },
     );
     match start {

@@ -15,7 +15,6 @@ use codex_plugin_api::tokenizer::TokenizerBox;
 use codex_plugin_api::tracker::TrackerBox;
 use codex_plugin_api::RunInfo;
 
-use super::RunOptions;
 use crate::checkpoint;
 use crate::config::Config;
 use crate::data::{self, BatchShape, SplitDocuments, TrainBatches, ValBatches};
@@ -117,7 +116,6 @@ pub(crate) fn model(
 /// their (seed, epoch) order and the validation batches, if there is validation data.
 pub(crate) fn batches(
     config: &Config,
-    options: &RunOptions,
     docs: SplitDocuments,
     tokenizer: &TokenizerBox,
 ) -> Result<(TrainBatches, Option<ValBatches>)> {
@@ -126,11 +124,7 @@ pub(crate) fn batches(
         &config.tokenizer.name,
         &config.tokenizer.params_json(),
     )?;
-    let cache = data::TokenCache::new(
-        config
-            .data
-            .resolve_cache_dir(&config.dir, &options.runs_root),
-    );
+    let cache = data::TokenCache::new(config.data.cache_dir(&config.dir)?);
     let streams = data::token_streams(
         &docs,
         tokenizer,
