@@ -37,11 +37,13 @@ impl Config {
                 return Err(ConfigError::Invalid(Box::new(Diagnostic::new(
                     &self.path,
                     Some(field.clone()),
-                    "differs from the config of the checkpoint being resumed; it sets the \
-                     learning rate of the steps still to come as well as of those taken: pass \
-                     --retune to change it from the checkpoint on (the steps taken stay as they \
-                     were; the change is logged and the session's config saved)"
-                        .to_owned(),
+                    format!(
+                        "differs from the config of the checkpoint being resumed; {field} \
+                         cannot change on resume without --retune, because it sets the learning \
+                         rate of the steps taken as well as of those to come: pass --retune to \
+                         change it from the checkpoint on (the steps taken stay as they were; \
+                         the change is logged and the session's config saved)"
+                    ),
                 ))));
             }
             if !RESUMABLE.contains(&field.as_str()) && !retunable {
