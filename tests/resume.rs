@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use codex_tests::{codex_ml, codex_ml_path};
+use codex_tests::{codex_ml, codex_ml_path, token_cache};
 use serde_json::Value;
 
 const STEPS: u64 = 12;
@@ -104,6 +104,7 @@ impl Fixture {
             .current_dir(self.dir.path())
             .args(["run", "tiny.ron", "--run-dir", run_dir, "-q"])
             .env("CODEX_ML_TEST_CHECKPOINT_PAUSE", hook)
+            .env("CODEX_ML_CACHE", token_cache())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -164,7 +164,12 @@ impl TokenCache {
         let path = self.path(&key);
         let outcome = match open(&path) {
             Ok(Some(tokens)) => {
-                tracing::info!(path = %path.display(), tokens = tokens.len(), "token cache hit");
+                tracing::info!(
+                    "token cache hit: {} tokens from {}",
+                    tokens.len(),
+                    shown(&self.dir)
+                );
+                tracing::debug!("token cache file: {}", path.display());
                 return Ok(Cached {
                     tokens,
                     path,
@@ -172,7 +177,12 @@ impl TokenCache {
                 });
             }
             Ok(None) => {
-                tracing::info!(path = %path.display(), documents = docs.len(), "token cache miss: tokenizing");
+                tracing::info!(
+                    "token cache miss: tokenizing {} documents into {}",
+                    docs.len(),
+                    shown(&self.dir)
+                );
+                tracing::debug!("token cache file: {}", path.display());
                 CacheOutcome::Miss
             }
             Err(reason) => {
@@ -206,6 +216,17 @@ impl TokenCache {
         })
         .map_err(|e| DataError::io(path, e))?;
         Ok(())
+    }
+}
+
+/// `dir` for a log line: under the home directory as `~/...`, which keeps the default
+/// location (`~/.cache/codex-ml`) short enough for an 80-column terminal.
+fn shown(dir: &Path) -> String {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    match home.and_then(|h| dir.strip_prefix(h).ok().map(Path::to_path_buf)) {
+        Some(rest) if rest.as_os_str().is_empty() => "~".to_string(),
+        Some(rest) => format!("~/{}", rest.display()),
+        None => dir.display().to_string(),
     }
 }
 
