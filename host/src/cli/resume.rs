@@ -24,15 +24,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     };
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
-    let options = RunOptions {
-        run_dir: Some(point.run_dir.clone()),
-        runs_root: PathBuf::from("runs"),
-        stop: None,
-        progress: true,
-        allow_plugin_change: args.allow_plugin_change,
-        retune: args.retune,
-        skip_batches: args.skip_batches,
-    };
+    let options = options(&args, point.run_dir.clone());
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
     super::run::report(&summary)?;
     super::run::stopped(&summary)
@@ -45,16 +37,17 @@ fn restart(args: ResumeArgs) -> Result<()> {
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
     crate::run::install_interrupt_handler();
-    let options = RunOptions {
-        run_dir: Some(args.run_dir.clone()),
-        runs_root: PathBuf::from("runs"),
-        stop: None,
-        progress: true,
-        allow_plugin_change: args.allow_plugin_change,
-        retune: args.retune,
-        skip_batches: args.skip_batches,
-    };
+    let options = options(&args, args.run_dir.clone());
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
     super::run::report(&summary)?;
     super::run::stopped(&summary)
+}
+
+fn options(args: &ResumeArgs, run_dir: PathBuf) -> RunOptions {
+    super::run::options(
+        Some(run_dir),
+        args.allow_plugin_change,
+        args.retune,
+        args.skip_batches,
+    )
 }

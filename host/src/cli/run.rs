@@ -16,21 +16,36 @@ pub fn run(args: RunArgs) -> Result<()> {
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
     session::install_interrupt_handler();
-    let options = RunOptions {
-        run_dir: args.run_dir,
-        runs_root: PathBuf::from("runs"),
-        stop: None,
-        progress: true,
-        allow_plugin_change: args.allow_plugin_change,
-        retune: args.retune,
-        skip_batches: args.skip_batches,
-    };
+    let options = options(
+        args.run_dir,
+        args.allow_plugin_change,
+        args.retune,
+        args.skip_batches,
+    );
     let summary = match &args.resume {
         Some(target) => session::continue_config(&config, &registry, &options, target)?,
         None => session::run(&config, &registry, &options)?,
     };
     report(&summary)?;
     stopped(&summary)
+}
+
+/// How the command line runs: runs under `runs/`, stopped by signals, with a progress bar.
+pub(super) fn options(
+    run_dir: Option<PathBuf>,
+    allow_plugin_change: bool,
+    retune: bool,
+    skip_batches: u64,
+) -> RunOptions {
+    RunOptions {
+        run_dir,
+        runs_root: PathBuf::from("runs"),
+        stop: None,
+        progress: true,
+        allow_plugin_change,
+        retune,
+        skip_batches,
+    }
 }
 
 /// A run a signal stopped ends the command with [`super::Stopped`], so that its exit code is

@@ -164,7 +164,7 @@ pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result
     crate::logging::attach_run_log(&run.log_path())
         .with_context(|| format!("opening {}", run.log_path().display()))?;
     tracing::info!("run directory: {}", run.path().display());
-    let result = run_in(
+    session(
         config,
         registry,
         options,
@@ -172,7 +172,20 @@ pub fn run(config: &Config, registry: &Registry, options: &RunOptions) -> Result
         device,
         started,
         Start::Fresh,
-    );
+    )
+}
+
+/// [`run_in`], then let go of the run log whatever happened.
+fn session(
+    config: &Config,
+    registry: &Registry,
+    options: &RunOptions,
+    run: &RunDir,
+    device: Device,
+    started: SystemTime,
+    start: Start<'_>,
+) -> Result<RunSummary> {
+    let result = run_in(config, registry, options, run, device, started, start);
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
@@ -199,7 +212,7 @@ pub fn restart(
         "{} holds a run that stopped before its first checkpoint: starting it again in place",
         run.path().display()
     );
-    let result = run_in(
+    session(
         config,
         registry,
         options,
@@ -207,11 +220,7 @@ pub fn restart(
         device,
         started,
         Start::Restart,
-    );
-    if let Err(e) = crate::logging::detach_run_log() {
-        tracing::warn!("closing the run log: {e}");
-    }
-    result
+    )
 }
 
 /// A resumed run's plugins must be the builds it last used (their sha256 in its metadata),
@@ -290,7 +299,7 @@ pub fn resume(
     );
     // The run log is attached once the resume is decided (see `run_in`), so that a refused
     // resume leaves the directory as it found it.
-    let result = run_in(
+    session(
         config,
         registry,
         options,
@@ -298,11 +307,7 @@ pub fn resume(
         device,
         started,
         Start::Resume(point),
-    );
-    if let Err(e) = crate::logging::detach_run_log() {
-        tracing::warn!("closing the run log: {e}");
-    }
-    result
+    )
 }
 
 /// The run itself, fresh or resumed, in `run`: build every part in order, hand the trainer
