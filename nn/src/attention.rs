@@ -147,6 +147,7 @@ mod tests {
             positions: 1,
             ..HEADS
         };
+        let mut refused = Vec::new();
         let t = trace(|_| {
             let mut cache = KvCache::new();
             let q = one.split(&input("q"))?;
@@ -154,7 +155,9 @@ mod tests {
             one.causal_cached(&q, &k, &v, &mut cache, 0)?;
             one.causal_cached(&q, &input("k1"), &input("v1"), &mut cache, 1)?;
             // Twice in one call: the cache would hold the new positions twice.
-            one.causal_cached(&q, &k, &v, &mut cache, 0)?;
+            refused.push(one.causal_cached(&q, &k, &v, &mut cache, 0));
+            // A gap in the layers' numbers.
+            refused.push(one.causal_cached(&q, &k, &v, &mut cache, 3));
             Ok(())
         });
         check(
@@ -170,8 +173,19 @@ mod tests {
              attention(%2, %4, %6, true, 0.25) -> %9
              detach(k1) -> %10
              detach(v1) -> %11
-             attention(%2, k1, v1, true, 0.25) -> %12
-             error: the cache of layer 0 was appended to twice in one call",
+             attention(%2, k1, v1, true, 0.25) -> %12",
+        );
+        let refused: Vec<String> = refused
+            .into_iter()
+            .map(|r| r.expect_err("refused").to_string())
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                "the cache of layer 0 was appended to twice in one call",
+                "layer 3 appended to the cache before layer 2: number the layers from 0 and \
+                 append them in order",
+            ]
         );
     }
 

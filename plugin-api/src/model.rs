@@ -80,14 +80,15 @@ struct CachedLayer {
 #[derive(StableAbi)]
 pub struct KvCache {
     len: usize,
-    layers: RVec<ROption<CachedLayer>>,
+    /// Layers `0, 1, 2, ...`, in the order of their first append.
+    layers: RVec<CachedLayer>,
     /// The token ids so far, for models that cache nothing (the default `forward_cached`).
     ids: ROption<TensorId>,
 }
 
 /// Retained copies of a cache's handles, to restore it after a failed call.
 struct Saved {
-    layers: Vec<Option<(Tensor, Tensor, usize)>>,
+    layers: Vec<(Tensor, Tensor, usize)>,
     ids: Option<Tensor>,
 }
 
@@ -114,7 +115,8 @@ impl KvCache {
 
     /// Append this call's `keys` and `values` of `layer` (each `[batch, heads, t, head_dim]`)
     /// to those of the earlier positions, and return all of them (`[batch, heads, len + t,
-    /// head_dim]`), to attend over. Call it once per layer and call.
+    /// head_dim]`), to attend over. Call it once per layer and call; layers are numbered from
+    /// 0, and the first call appends them in order.
     ///
     /// Ops: for a layer's first append `detach(keys)`, `detach(values)` (kept; `keys` and
     /// `values` themselves are returned); later `cat([cached keys, keys], 2)`,
@@ -125,15 +127,12 @@ impl KvCache {
         keys: &Tensor,
         values: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        while self.layers.len() <= layer {
-            self.layers.push(ROption::RNone);
-        }
-        let len = self.len;
-        let (all_keys, all_values) = match &self.layers[layer] {
-            ROption::RSome(cached) if cached.appended_at == len => {
+        let (len, known) = (self.len, self.layers.len());
+        let (all_keys, all_values) = match self.layers.get(layer) {
+            Some(cached) if cached.appended_at == len => {
                 bail!("the cache of layer {layer} was appended to twice in one call")
             }
-            ROption::RSome(cached) => {
+            Some(cached) => {
                 let join = |cached: TensorId, new: &Tensor, what: &str| {
                     let cached = Tensor::retain(cached);
                     Tensor::cat(&[&cached, new], TIME_AXIS).map_err(|e| {
@@ -145,20 +144,25 @@ impl KvCache {
                     join(cached.values, values, "values")?,
                 )
             }
-            ROption::RNone if len > 0 => bail!(
+            None if layer > known => bail!(
+                "layer {layer} appended to the cache before layer {known}: number the layers \
+                 from 0 and append them in order"
+            ),
+            None if len > 0 => bail!(
                 "the cache of layer {layer} is empty, but {len} positions were processed: \
                  append to every layer at every call"
             ),
-            ROption::RNone => (keys.clone(), values.clone()),
+            None => (keys.clone(), values.clone()),
         };
         let kept = CachedLayer {
             keys: all_keys.detach()?.into_id(),
             values: all_values.detach()?.into_id(),
             appended_at: len,
         };
-        if let ROption::RSome(old) =
-            std::mem::replace(&mut self.layers[layer], ROption::RSome(kept))
-        {
+        if layer == known {
+            self.layers.push(kept);
+        } else {
+            let old = std::mem::replace(&mut self.layers[layer], kept);
             release(old.keys);
             release(old.values);
         }
@@ -168,10 +172,8 @@ impl KvCache {
     /// Forget every position: release the tensors and start again from position 0.
     pub fn clear(&mut self) {
         for layer in self.layers.drain(..) {
-            if let ROption::RSome(l) = layer {
-                release(l.keys);
-                release(l.values);
-            }
+            release(layer.keys);
+            release(layer.values);
         }
         if let ROption::RSome(ids) = std::mem::replace(&mut self.ids, ROption::RNone) {
             release(ids);
@@ -200,13 +202,12 @@ impl KvCache {
             layers: self
                 .layers
                 .iter()
-                .map(|l| match l {
-                    ROption::RSome(l) => Some((
+                .map(|l| {
+                    (
                         Tensor::retain(l.keys),
                         Tensor::retain(l.values),
                         l.appended_at,
-                    )),
-                    ROption::RNone => None,
+                    )
                 })
                 .collect(),
             ids: self
@@ -225,13 +226,10 @@ impl KvCache {
         self.layers = saved
             .layers
             .into_iter()
-            .map(|l| match l {
-                Some((keys, values, appended_at)) => ROption::RSome(CachedLayer {
-                    keys: keys.into_id(),
-                    values: values.into_id(),
-                    appended_at,
-                }),
-                None => ROption::RNone,
+            .map(|(keys, values, appended_at)| CachedLayer {
+                keys: keys.into_id(),
+                values: values.into_id(),
+                appended_at,
             })
             .collect();
         self.ids = saved.ids.map(Tensor::into_id).into();
@@ -256,10 +254,9 @@ impl Drop for KvCache {
 
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let layers = self.layers.iter().filter(|l| l.is_some()).count();
         f.debug_struct("KvCache")
             .field("len", &self.len)
-            .field("layers", &layers)
+            .field("layers", &self.layers.len())
             .field("keeps_ids", &self.ids.is_some())
             .finish()
     }
