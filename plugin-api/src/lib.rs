@@ -6,8 +6,9 @@
 //! [`TensorId`] handles and the host's [`OpTable`].
 //!
 //! Layers, from the wire up:
-//! - **ABI types** (`*Abi` traits, [`OpTable`], [`ComponentDecl`]): `abi_stable` prefix types
-//!   and `#[sabi_trait]` objects whose layouts the host checks when it loads a plugin.
+//! - **ABI types** (`*Abi` traits, [`OpTable`] and [`OpTableExt`], [`ComponentDecl`]):
+//!   `abi_stable` prefix types and `#[sabi_trait]` objects whose layouts the host checks when it
+//!   loads a plugin.
 //! - **Authoring traits** ([`Model`], [`Optimizer`], [`Tokenizer`], [`Sink`], [`Tracker`],
 //!   [`Trainer`], [`Kernel`]): plain Rust traits plugin authors implement, with [`Tensor`]
 //!   and [`Result`]. They take and return plain Rust types (`&str`, `String`, slices, `Vec`,
@@ -45,7 +46,7 @@ pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck
 pub use error::{guard, Error, PluginError, Result};
 pub use kernel::{BufferMut, BufferView, DeviceKind, Kernel};
 pub use model::{ForwardCtx, Model};
-pub use ops::{ops, OpTable, OpTableRef};
+pub use ops::{ops, OpTable, OpTableExt, OpTableExtRef, OpTableRef};
 pub use optimizer::{Grad, OptimStep, Optimizer};
 pub use params::{Init, ParamInfo, ParamRole, Store};
 pub use plugin::{ApiVersion, API_VERSION};

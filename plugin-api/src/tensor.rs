@@ -68,6 +68,64 @@ pub enum GeluForm {
     Tanh,
 }
 
+/// The comparisons of [`Tensor::ne`], [`Tensor::lt`], [`Tensor::le`], [`Tensor::gt`] and
+/// [`Tensor::ge`] (the op table's `compare`); each gives a u8 mask, 1 where it holds.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    /// `a == b`.
+    Eq,
+    /// `a != b` (1 where either is NaN).
+    Ne,
+    /// `a < b`.
+    Lt,
+    /// `a <= b`.
+    Le,
+    /// `a > b`.
+    Gt,
+    /// `a >= b`.
+    Ge,
+}
+
+/// The reductions over every element of [`Tensor::sum_all`], [`Tensor::mean_all`],
+/// [`Tensor::max_all`] and [`Tensor::min_all`] (the op table's `reduce_all`).
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Σ x, in the tensor's dtype.
+    Sum,
+    /// Σ x / n (float dtypes only).
+    Mean,
+    /// The largest element (not of an empty tensor).
+    Max,
+    /// The smallest element (not of an empty tensor).
+    Min,
+}
+
+/// Element-wise ops between a tensor `x` and an f64 scalar `s` (the op table's `scalar`),
+/// behind [`Tensor::add_scalar`] and its siblings. `s` is converted to `x`'s dtype first, as
+/// a tensor operand of that dtype would be; no tensor is allocated for it.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ScalarOp {
+    /// `x + s`.
+    Add,
+    /// `x − s`.
+    Sub,
+    /// `s − x`.
+    RSub,
+    /// `x · s`.
+    Mul,
+    /// `x / s` (a true division, not a product with `1/s`).
+    Div,
+    /// `s / x`.
+    RDiv,
+    /// `max(x, s)`.
+    Maximum,
+    /// `min(x, s)`.
+    Minimum,
+}
+
 /// Result of [`Tensor::cross_entropy`]: sums, never means, so that accumulation over
 /// micro-batches and evaluation over many batches weight every token equally.
 #[repr(C)]
@@ -297,6 +355,118 @@ impl Tensor {
     /// `x^e`, element-wise.
     pub fn powf(&self, e: f64) -> Result<Tensor> {
         wrap((ops().powf())(self.id, e))
+    }
+
+    /// −1, 0 or 1 per element (0 at ±0 and NaN), like `torch.sign`; the gradient is zero.
+    pub fn sign(&self) -> Result<Tensor> {
+        wrap((ops().ext().sign())(self.id))
+    }
+
+    /// `1/√x`, like `torch.rsqrt`.
+    pub fn rsqrt(&self) -> Result<Tensor> {
+        wrap((ops().ext().rsqrt())(self.id))
+    }
+
+    /// `min(max(x, min), max)` element-wise, like `torch.clamp` (where `min > max` every element
+    /// becomes `max`).
+    pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
+        wrap((ops().ext().clamp())(self.id, min, max))
+    }
+
+    /// `on_true` where `self` (an integer mask, such as a comparison's) is non-zero, `on_false`
+    /// elsewhere, like `torch.where`. The three broadcast; `on_true` and `on_false` have one
+    /// dtype, which the result has.
+    pub fn select(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
+        wrap((ops().ext().select())(self.id, on_true.id, on_false.id))
+    }
+
+    fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor> {
+        wrap((ops().ext().compare())(self.id, rhs.id, op))
+    }
+
+    /// Element-wise `self != rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn ne(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ne)
+    }
+
+    /// Element-wise `self < rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn lt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Lt)
+    }
+
+    /// Element-wise `self <= rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn le(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Le)
+    }
+
+    /// Element-wise `self > rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn gt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Gt)
+    }
+
+    /// Element-wise `self >= rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ge)
+    }
+
+    fn reduce_all(&self, op: ReduceOp) -> Result<Tensor> {
+        wrap((ops().ext().reduce_all())(self.id, op))
+    }
+
+    /// The sum of every element, as a tensor with no dimensions (shape `[]`).
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Sum)
+    }
+
+    /// The mean of every element, as a tensor with no dimensions (float dtypes; NaN for an
+    /// empty tensor).
+    pub fn mean_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Mean)
+    }
+
+    /// The largest element, as a tensor with no dimensions (an error for an empty tensor).
+    pub fn max_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Max)
+    }
+
+    /// The smallest element, as a tensor with no dimensions (an error for an empty tensor).
+    pub fn min_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Min)
+    }
+
+    /// `self` op `s` for a scalar `s`, element-wise; see [`ScalarOp`].
+    pub fn scalar_op(&self, op: ScalarOp, s: f64) -> Result<Tensor> {
+        wrap((ops().ext().scalar())(self.id, op, s))
+    }
+
+    /// `x + s`.
+    pub fn add_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Add, s)
+    }
+
+    /// `x − s`.
+    pub fn sub_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Sub, s)
+    }
+
+    /// `x · s`.
+    pub fn mul_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Mul, s)
+    }
+
+    /// `x / s`.
+    pub fn div_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Div, s)
+    }
+
+    /// `max(x, s)`.
+    pub fn maximum_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Maximum, s)
+    }
+
+    /// `min(x, s)`.
+    pub fn minimum_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Minimum, s)
     }
 
     /// GELU in the given form.
