@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{ROption, RResult, RSlice, RString, RVec};
 use candle_core::{Device, Tensor};
+use codex_plugin_api::elementwise::ElemInstr;
 use codex_plugin_api::tensor::{AdamWHyper, CmpOp, CrossEntropyIds, ReduceOp, ScalarOp};
 use codex_plugin_api::{
     DType, GeluForm, OpTable, OpTableExt, OpTableExtRef, OpTableRef, PluginError, TensorId,
@@ -19,7 +20,9 @@ use codex_plugin_api::{
 
 use super::ops::{self, Binary, Reduce, Unary};
 use super::profile::{self, Kind};
-use super::{autograd, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result};
+use super::{
+    autograd, elementwise, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result,
+};
 
 type R<T> = RResult<T, PluginError>;
 
@@ -354,7 +357,7 @@ extern "C" fn assign(target: TensorId, value: TensorId) -> R<()> {
     guarded("assign", || autograd::assign(target, &t(value)?))
 }
 
-// -- the table's continuation: element-wise and whole-tensor ops ------------------------------
+// -- the table's continuation: element-wise and whole-tensor ops, the fused update -------------
 
 extern "C" fn sign(x: TensorId) -> R<TensorId> {
     produce("sign", || ops::unary(Unary::Sign, &t(x)?))
@@ -384,6 +387,17 @@ extern "C" fn scalar(x: TensorId, op: ScalarOp, s: f64) -> R<TensorId> {
     produce("scalar", || ops::scalar(&t(x)?, op, s))
 }
 
+extern "C" fn elementwise_update(
+    program: RSlice<'_, ElemInstr>,
+    inputs: RSlice<'_, TensorId>,
+    scalars: RSlice<'_, f64>,
+    targets: RSlice<'_, TensorId>,
+) -> R<()> {
+    guarded("elementwise_update", || {
+        elementwise::update(&program, &inputs, &scalars, &targets)
+    })
+}
+
 fn build_ext() -> OpTableExtRef {
     OpTableExt {
         sign,
@@ -393,6 +407,7 @@ fn build_ext() -> OpTableExtRef {
         compare,
         reduce_all,
         scalar,
+        elementwise_update,
     }
     .leak_into_prefix()
 }

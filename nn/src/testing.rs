@@ -16,6 +16,7 @@ use std::sync::Once;
 use codex_plugin_api::abi_stable::prefix_type::PrefixTypeTrait;
 use codex_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use codex_plugin_api::abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
+use codex_plugin_api::elementwise::ElemInstr;
 use codex_plugin_api::params::{TensorStore, TensorStoreRef, TensorStore_TO};
 use codex_plugin_api::tensor::{AdamWHyper, CmpOp, CrossEntropyIds, ReduceOp, ScalarOp};
 use codex_plugin_api::{
@@ -256,6 +257,15 @@ extern "C" fn reduce_all(x: T, reduce: ReduceOp) -> R<T> {
 extern "C" fn scalar(x: T, s_op: ScalarOp, s: f64) -> R<T> {
     op("scalar", format!("{}, {s_op:?}, {s}", name(x)))
 }
+extern "C" fn elementwise_update(
+    _: RSlice<'_, ElemInstr>,
+    _: RSlice<'_, T>,
+    _: RSlice<'_, f64>,
+    _: RSlice<'_, T>,
+) -> R<()> {
+    refused("elementwise_update")
+}
+
 fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -328,6 +338,7 @@ fn install() {
                 compare,
                 reduce_all,
                 scalar,
+                elementwise_update,
             }
             .leak_into_prefix(),
         }

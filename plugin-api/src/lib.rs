@@ -13,10 +13,11 @@
 //!   [`Trainer`], [`Kernel`]): plain Rust traits plugin authors implement, with [`Tensor`]
 //!   and [`Result`]. They take and return plain Rust types (`&str`, `String`, slices, `Vec`,
 //!   `Option`) and so do the types they are handed ([`ParamInfo`], [`Record`], [`RunInfo`],
-//!   [`BufferView`], ...); `abi_stable`'s `RStr`, `RVec`, ... appear only in the ABI layer
-//!   (`ParamInfoAbi`, `RecordAbi`, ...). Each kind's `declare::<T>()` wraps an implementation
-//!   in an adapter that converts between the two and catches panics on the plugin side
-//!   ([`guard`]) — a panic must never cross the ABI.
+//!   [`BufferView`], ...), and so does the builder of element-wise updates ([`Program`],
+//!   [`Expr`]; see [`elementwise`]); `abi_stable`'s `RStr`, `RVec`, ... appear only in the ABI
+//!   layer (`ParamInfoAbi`, `RecordAbi`, [`elementwise::ElemInstr`], ...). Each kind's
+//!   `declare::<T>()` wraps an implementation in an adapter that converts between the two and
+//!   catches panics on the plugin side ([`guard`]) — a panic must never cross the ABI.
 //! - **Registration**: `builtin!` (feature `builtin`) for components compiled into codex-ml, and
 //!   [`export_plugin!`] for native plugins.
 //!
@@ -27,6 +28,7 @@
 #![allow(non_local_definitions)]
 
 pub mod component;
+pub mod elementwise;
 pub mod error;
 pub mod kernel;
 pub mod model;
@@ -43,6 +45,7 @@ pub mod tracker;
 pub mod trainer;
 
 pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck, Registrar};
+pub use elementwise::{Expr, Program};
 pub use error::{guard, Error, PluginError, Result};
 pub use kernel::{BufferMut, BufferView, DeviceKind, Kernel};
 pub use model::{ForwardCtx, Model};

@@ -3,9 +3,9 @@
 //! It is an `abi_stable` prefix type, in two parts: [`OpTable`], whose last entry `ext` leads
 //! to [`OpTableExt`] (a prefix type holds at most 64 entries, and the first part is full).
 //! Plugin API 2.0 ends at the fields marked `last_prefix_field` (`OpTable::ext` and
-//! `OpTableExt::scalar`); a later minor version adds entries at the end of `OpTableExt`, after
-//! its marked field, and a plugin built against an older minor simply does not see them. Never
-//! reorder, remove or retype an entry within a major version.
+//! `OpTableExt::elementwise_update`); a later minor version adds entries at the end of
+//! `OpTableExt`, after its marked field, and a plugin built against an older minor simply does
+//! not see them. Never reorder, remove or retype an entry within a major version.
 //!
 //! Conventions for every entry: tensor arguments are borrowed handles; a returned handle is
 //! owned by the caller. Errors come back as [`PluginError`] with the op's name in the message.
@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use abi_stable::std_types::{ROption, RResult, RSlice, RVec};
 use abi_stable::StableAbi;
 
+use crate::elementwise::ElemInstr;
 use crate::error::PluginError;
 use crate::tensor::{
     AdamWHyper, CmpOp, CrossEntropyIds, DType, GeluForm, ReduceOp, ScalarOp, TensorId,
@@ -170,9 +171,10 @@ pub struct OpTable {
     pub assign: extern "C" fn(T, T) -> R<()>,
 
     // -- the rest -------------------------------------------------------------------------------
-    /// Every entry added since plugin API 2.0: element-wise and whole-tensor ops. A prefix type
-    /// holds at most 64 fields (abi_stable keeps a 64-bit mask of them), and this one has 61,
-    /// so it takes no more entries: new ones go at the end of [`OpTableExt`].
+    /// Every entry added since plugin API 2.0: element-wise and whole-tensor ops, the fused
+    /// element-wise update. A prefix type holds at most 64 fields (abi_stable keeps a 64-bit
+    /// mask of them), and this one has 61, so it takes no more entries: new ones go at the end
+    /// of [`OpTableExt`].
     #[sabi(last_prefix_field)]
     pub ext: OpTableExtRef,
 }
@@ -199,8 +201,18 @@ pub struct OpTableExt {
     /// `(x, op)`: a reduction over every element, as a tensor with no dimensions.
     pub reduce_all: extern "C" fn(T, ReduceOp) -> R<T>,
     /// `(x, op, s)`: `x` with the f64 scalar `s`, element-wise, without a tensor for `s`.
-    #[sabi(last_prefix_field)]
     pub scalar: extern "C" fn(T, ScalarOp, f64) -> R<T>,
+    /// `(program, inputs, scalars, targets)`: evaluate an element-wise program
+    /// ([`crate::elementwise`]) in one pass over the elements and write its results into the
+    /// targets — declared parameters or state tensors, all of one shape — in place; not
+    /// recorded by autograd. Inputs have the targets' shape or one element.
+    #[sabi(last_prefix_field)]
+    pub elementwise_update: extern "C" fn(
+        RSlice<'_, ElemInstr>,
+        RSlice<'_, T>,
+        RSlice<'_, f64>,
+        RSlice<'_, T>,
+    ) -> R<()>,
 }
 
 static OPS: OnceLock<OpTableRef> = OnceLock::new();

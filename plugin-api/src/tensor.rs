@@ -11,6 +11,7 @@ use std::fmt;
 use abi_stable::std_types::{RResult, RSlice, RVec};
 use abi_stable::StableAbi;
 
+use crate::elementwise::Program;
 use crate::error::{from_abi, Result};
 use crate::ops::ops;
 
@@ -612,6 +613,32 @@ impl Tensor {
             exp_avg.id,
             exp_avg_sq.id,
             hyper,
+        ))
+    }
+
+    /// Run an element-wise [`Program`] over `inputs` and `scalars` and write its results into
+    /// `targets` in place, in one pass over the elements (see [`crate::elementwise`]).
+    ///
+    /// Targets are declared parameters or state tensors of one shape, each listed once; inputs
+    /// have that shape or one element (broadcast), and may be targets too (they give their
+    /// value from before the call). Not recorded by autograd, like [`Tensor::assign`]. The
+    /// host checks the program against the call before it writes anything: an unknown
+    /// instruction, a stack that runs dry or is left with values, an input, scalar or target
+    /// the call does not have, a target missed or written twice, a shape or a dtype that does
+    /// not fit — each is an error naming the problem.
+    pub fn elementwise_update(
+        program: &Program,
+        inputs: &[&Tensor],
+        scalars: &[f64],
+        targets: &[&Tensor],
+    ) -> Result<()> {
+        let inputs: Vec<TensorId> = inputs.iter().map(|t| t.id).collect();
+        let targets: Vec<TensorId> = targets.iter().map(|t| t.id).collect();
+        from_abi((ops().ext().elementwise_update())(
+            RSlice::from_slice(program.instructions()),
+            RSlice::from_slice(&inputs),
+            RSlice::from_slice(scalars),
+            RSlice::from_slice(&targets),
         ))
     }
 
