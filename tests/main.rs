@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod data;
 mod docs;
+mod elementwise;
 mod generate;
 mod kernels;
 mod manifest;

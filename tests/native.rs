@@ -1053,3 +1053,145 @@ fn a_plugin_changed_since_the_run_is_refused_on_resume_unless_allowed() {
         .expect("lion in the lock");
     assert_eq!(recorded["sha256"], after.as_str(), "{meta}");
 }
+
+/// Lion's step composed from separate tensor ops: the example as it was written before its
+/// step became one element-wise program, kept here as the reference the program must equal.
+fn lion_composed(
+    p: &codex_plugin_api::Tensor,
+    g: &codex_plugin_api::Tensor,
+    m: &codex_plugin_api::Tensor,
+    [b1, b2]: [f64; 2],
+    lr: f64,
+    weight_decay: f64,
+) -> codex_plugin_api::Result<()> {
+    use codex_plugin_api::Tensor;
+    let sign = |x: &Tensor| -> codex_plugin_api::Result<Tensor> {
+        let zeros = Tensor::full(&x.shape()?, 0.0, x.dtype()?, x)?;
+        let is_zero = x.eq(&zeros)?;
+        x.div(&x.abs()?)?.masked_fill(&is_zero, 0.0)
+    };
+    let interpolated = m.affine(b1, 0.0)?.add(&g.affine(1.0 - b1, 0.0)?)?;
+    let update = sign(&interpolated)?.affine(lr, 0.0)?;
+    let updated = p.affine(1.0 - lr * weight_decay, 0.0)?.sub(&update)?;
+    let next = m.affine(b2, 0.0)?.add(&g.affine(1.0 - b2, 0.0)?)?;
+    p.assign(&updated)?;
+    m.assign(&next)
+}
+
+/// The plugin's optimizer steps exactly as the composed ops do: same parameters and momentum,
+/// bit for bit, over steps with a changing learning rate, on a parameter large enough for the
+/// host to split its update across threads; a frozen parameter gets no state and no update.
+#[test]
+fn the_plugin_lion_steps_as_the_composed_ops_do_bit_for_bit() {
+    use codex_engine::{candle::Device, ParamStore, TensorGroup};
+    use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr};
+    use codex_plugin_api::optimizer::ParamGrad;
+    use codex_plugin_api::{ComponentKind, DType, Factory, Init, OptimStep, ParamRole, Tensor};
+
+    codex_engine::install();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = plugin(dir.path(), "native-lion");
+    let mut registry = codex_host::plugins::registry::Registry::new();
+    codex_host::plugins::native::load("lion", &file, &mut registry).expect("the plugin loads");
+    let entry = registry
+        .get(ComponentKind::Optimizer, "lion/lion")
+        .expect("registered as an optimizer");
+    let decl = entry
+        .declaration()
+        .expect("a native plugin's optimizer is declared");
+    let Factory::Optimizer(factory) = decl.factory else {
+        panic!("lion/lion is registered with a factory of another kind");
+    };
+    let (betas, weight_decay) = ([0.9, 0.99], 0.1);
+    let shapes: [(&str, &[usize]); 3] = [("w", &[300, 257]), ("b", &[257]), ("frozen", &[4])];
+    let declare = |store: &mut ParamStore| -> Vec<Tensor> {
+        let params = shapes
+            .iter()
+            .map(|(name, shape)| {
+                Tensor::from_id(
+                    store
+                        .declare_param(name, shape, ParamRole::Weight, Init::Normal { std: 0.5 })
+                        .expect("param"),
+                )
+            })
+            .collect();
+        store.set_trainable("frozen", false).expect("freeze");
+        params
+    };
+    let mut store = ParamStore::new(Device::Cpu, 7);
+    let params = declare(&mut store);
+    let mut lion = match factory(
+        RStr::from(r#"{"betas": [0.9, 0.99], "weight_decay": 0.1}"#),
+        store.as_tensor_store(),
+    ) {
+        RResult::ROk(o) => o,
+        RResult::RErr(e) => panic!("creating lion: {e}"),
+    };
+    assert!(store.handle("optimizer.frozen.exp_avg").is_none());
+    let mut reference = ParamStore::new(Device::Cpu, 7);
+    let ref_params = declare(&mut reference);
+    let momentum: Vec<Tensor> = shapes[..2]
+        .iter()
+        .map(|(name, shape)| {
+            Tensor::from_id(
+                reference
+                    .declare_state(
+                        &format!("optimizer.{name}.exp_avg"),
+                        shape,
+                        DType::F32,
+                        Init::Zeros,
+                    )
+                    .expect("state"),
+            )
+        })
+        .collect();
+    for (step, lr) in [(1u64, 3e-3), (2, 1e-2), (3, 0.0), (4, 5e-3)] {
+        let grads: Vec<Tensor> = params[..2]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let shape = p.shape().expect("shape");
+                let n = shape.iter().product::<usize>();
+                let v: Vec<f32> = (0..n)
+                    .map(|j| match (j + i + step as usize) % 9 {
+                        0 => 0.0,
+                        k => ((j as f32 * 0.37 + step as f32).sin() * k as f32).powi(3),
+                    })
+                    .collect();
+                Tensor::from_f32(&v, &shape, DType::F32, p).expect("gradient")
+            })
+            .collect();
+        let abi: Vec<ParamGrad> = grads
+            .iter()
+            .enumerate()
+            .map(|(index, g)| ParamGrad {
+                index,
+                param: params[index].id(),
+                grad: g.id(),
+            })
+            .collect();
+        if let RResult::RErr(e) = lion.step(RSlice::from_slice(&abi), OptimStep { lr, step }) {
+            panic!("step {step}: {e}");
+        }
+        for i in 0..2 {
+            lion_composed(
+                &ref_params[i],
+                &grads[i],
+                &momentum[i],
+                betas,
+                lr,
+                weight_decay,
+            )
+            .expect("composed step");
+        }
+        for group in [TensorGroup::Params, TensorGroup::State] {
+            let got = store.export(group).expect("export");
+            let want = reference.export(group).expect("export");
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.name, w.name);
+                assert!(g.bytes == w.bytes, "step {step}: `{}` differs", g.name);
+            }
+        }
+    }
+}

@@ -1320,3 +1320,342 @@ fn half_precision_inputs_compute_in_f32() {
         assert!((got.to_scalar().unwrap() - want.to_scalar().unwrap()).abs() < 2e-2);
     }
 }
+
+// -- element-wise and whole-tensor ops for optimizers ---------------------------------------------
+
+/// Element by element, with NaN equal to NaN: the ops below are candle's own, so their results
+/// agree bit for bit, not within a tolerance.
+fn assert_same(what: &str, got: &CT, want: &CT) {
+    assert_eq!(
+        (got.dims(), got.dtype()),
+        (want.dims(), want.dtype()),
+        "{what}: shape or dtype"
+    );
+    let bits = |t: &CT| -> Vec<u64> {
+        let t = t.flatten_all().unwrap();
+        match t.dtype() {
+            CD::U8 | CD::U32 | CD::I64 => t
+                .to_dtype(CD::I64)
+                .unwrap()
+                .to_vec1::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|v| v as u64)
+                .collect(),
+            _ => t
+                .to_dtype(CD::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .into_iter()
+                .map(|v| if v.is_nan() { u64::MAX } else { v.to_bits() })
+                .collect(),
+        }
+    };
+    assert_eq!(bits(got), bits(want), "{what}: values differ");
+}
+
+/// A float tensor of `shape` in `dtype`, with a few exact zeros and repeated values among
+/// irregular ones, so that signs, ties and comparisons at equality all occur.
+fn with_ties(shape: &[usize], salt: f32, dtype: CD) -> CT {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = values(n, salt)
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| match i % 5 {
+            0 => 0.0,
+            1 => 0.5,
+            _ => x,
+        })
+        .collect();
+    CT::from_vec(v, shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap()
+}
+
+#[test]
+fn sign_and_rsqrt_match_candle() {
+    let x = inp(&[3, 5]);
+    check("sign", &[x], |x| x[0].sign(), |x| x[0].sign());
+    check(
+        "rsqrt",
+        &[pos(&[3, 5])],
+        |x| x[0].rsqrt(),
+        |x| x[0].sqrt()?.recip(),
+    );
+    fd_check("rsqrt", &[pos(&[2, 3])], 1e-6, 1e-5, |x| x[0].rsqrt());
+    let special = CT::new(
+        &[-2.0f32, -0.0, 0.0, 3.0, f32::NAN, f32::INFINITY],
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        candle(&handle(&special).sign().unwrap())
+            .to_vec1::<f32>()
+            .unwrap(),
+        [-1.0, 0.0, 0.0, 1.0, 0.0, 1.0],
+        "torch.sign: zero at ±0, and NaN gives 0 as candle's sign does"
+    );
+    for dtype in [CD::F64, CD::BF16, CD::F16] {
+        let t = with_ties(&[4, 5], 0.3, dtype);
+        assert_same(
+            &format!("sign {dtype:?}"),
+            &candle(&handle(&t).sign().unwrap()),
+            &t.sign().unwrap(),
+        );
+        let p = t.abs().unwrap().affine(1.0, 0.25).unwrap();
+        assert_same(
+            &format!("rsqrt {dtype:?}"),
+            &candle(&handle(&p).rsqrt().unwrap()),
+            &p.sqrt().unwrap().recip().unwrap(),
+        );
+    }
+    assert!(err_of(u32_handle(&[1, 4], &[2]).rsqrt()).starts_with("rsqrt: "));
+}
+
+#[test]
+fn clamp_matches_candle() {
+    let x = inp(&[4, 6]);
+    check(
+        "clamp",
+        &[x],
+        |x| x[0].clamp(-0.5, 0.75),
+        |x| x[0].clamp(-0.5f64, 0.75f64),
+    );
+    for dtype in [CD::F32, CD::F64, CD::BF16] {
+        let t = with_ties(&[4, 5], 1.1, dtype);
+        for (lo, hi) in [
+            (-0.5, 0.5),
+            (0.0, 0.0),
+            (1.0, -1.0),
+            (f64::NEG_INFINITY, 0.25),
+        ] {
+            assert_same(
+                &format!("clamp({lo}, {hi}) {dtype:?}"),
+                &candle(&handle(&t).clamp(lo, hi).unwrap()),
+                &t.clamp(lo, hi).unwrap(),
+            );
+        }
+    }
+    // Like torch.clamp: min > max gives max everywhere.
+    let t = handle(&with_ties(&[3], 0.0, CD::F32));
+    assert_eq!(t.clamp(1.0, -1.0).unwrap().to_vec_f32().unwrap(), [-1.0; 3]);
+}
+
+#[test]
+fn comparisons_broadcast_like_candle() {
+    type Cmp = (
+        &'static str,
+        fn(&Tensor, &Tensor) -> ApiResult<Tensor>,
+        fn(&CT, &CT) -> CandleResult<CT>,
+    );
+    let cases: [Cmp; 5] = [
+        ("ne", Tensor::ne, CT::broadcast_ne),
+        ("lt", Tensor::lt, CT::broadcast_lt),
+        ("le", Tensor::le, CT::broadcast_le),
+        ("gt", Tensor::gt, CT::broadcast_gt),
+        ("ge", Tensor::ge, CT::broadcast_ge),
+    ];
+    for dtype in [CD::F32, CD::F64, CD::BF16, CD::U32, CD::U8] {
+        // Integers from the float values would be mostly zeros: scale them first.
+        let make = |shape: &[usize], salt: f32| {
+            let t = with_ties(shape, salt, CD::F32);
+            if dtype.is_float() {
+                t.to_dtype(dtype).unwrap()
+            } else {
+                t.affine(2.0, 4.0).unwrap().to_dtype(dtype).unwrap()
+            }
+        };
+        let (a, b) = (make(&[2, 3, 4], 0.2), make(&[3, 1], 0.9));
+        for (name, via_api, in_candle) in cases {
+            for (l, r) in [(&a, &b), (&b, &a), (&a, &a)] {
+                let got = candle(&via_api(&handle(l), &handle(r)).unwrap());
+                let want = in_candle(l, r).unwrap();
+                assert_eq!(got.dtype(), CD::U8, "{name} gives a u8 mask");
+                assert_same(
+                    &format!("{name} {dtype:?} {:?} {:?}", l.dims(), r.dims()),
+                    &got,
+                    &want,
+                );
+            }
+        }
+    }
+    let (a, b) = (
+        handle(&with_ties(&[2, 3], 0.0, CD::F32)),
+        handle(&with_ties(&[4], 0.0, CD::F32)),
+    );
+    let e = err_of(a.lt(&b));
+    assert!(e.starts_with("compare: ") && e.contains("shape"), "{e}");
+    let e = err_of(a.ge(&a.to_dtype(DType::F64).unwrap()));
+    assert!(e.starts_with("compare: ") && e.contains("dtype"), "{e}");
+}
+
+#[test]
+fn select_broadcasts_mask_and_branches() {
+    // The mask is computed from the inputs, so gradients reach both branches through it.
+    check(
+        "select",
+        &[inp(&[2, 3, 4]), inp(&[3, 1])],
+        |x| x[0].gt(&x[1])?.select(&x[0], &x[1]),
+        |x| {
+            let shape = x[0].shape();
+            let m = x[0].broadcast_gt(&x[1])?;
+            m.where_cond(&x[0], &x[1].broadcast_as(shape)?)
+        },
+    );
+    let a = with_ties(&[2, 3], 0.4, CD::F32);
+    let b = with_ties(&[3], 1.7, CD::F32);
+    for mask_dtype in [CD::U8, CD::U32, CD::I64] {
+        let m = CT::new(&[[1u8, 0, 2], [0, 0, 7]], &Device::Cpu)
+            .unwrap()
+            .to_dtype(mask_dtype)
+            .unwrap();
+        let got = candle(&handle(&m).select(&handle(&a), &handle(&b)).unwrap());
+        let want = m.where_cond(&a, &b.broadcast_as((2, 3)).unwrap()).unwrap();
+        assert_same(&format!("select with a {mask_dtype:?} mask"), &got, &want);
+        // A mask row broadcast over a column of branches.
+        let row = m.narrow(0, 1, 1).unwrap();
+        let got = candle(&handle(&row).select(&handle(&a), &handle(&b)).unwrap());
+        let want = row
+            .broadcast_as((2, 3))
+            .unwrap()
+            .where_cond(&a, &b.broadcast_as((2, 3)).unwrap())
+            .unwrap();
+        assert_same("select with a broadcast mask", &got, &want);
+    }
+    for dtype in [CD::F64, CD::BF16, CD::U32] {
+        let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+        let m = a.ge(&b.broadcast_as((2, 3)).unwrap()).unwrap();
+        let got = candle(&handle(&m).select(&handle(&a), &handle(&b)).unwrap());
+        assert_eq!(got.dtype(), dtype, "select keeps the branches' dtype");
+        assert_same(
+            &format!("select {dtype:?}"),
+            &got,
+            &m.where_cond(&a, &b.broadcast_as((2, 3)).unwrap()).unwrap(),
+        );
+    }
+    let (ha, hb) = (handle(&a), handle(&b));
+    let e = err_of(ha.select(&ha, &hb));
+    assert!(
+        e.starts_with("select: ") && e.contains("mask") && e.contains("F32"),
+        "{e}"
+    );
+    let m = handle(&a.ge(&a).unwrap());
+    let e = err_of(m.select(&ha, &hb.to_dtype(DType::F64).unwrap()));
+    assert!(e.starts_with("select: ") && e.contains("F64"), "{e}");
+    let e = err_of(m.select(&ha, &handle(&CT::zeros(4, CD::F32, &Device::Cpu).unwrap())));
+    assert!(e.starts_with("select: ") && e.contains("shape"), "{e}");
+}
+
+#[test]
+fn whole_tensor_reductions_give_a_tensor_without_dimensions() {
+    let x = inp(&[3, 4, 2]);
+    check("sum_all", &[x], |x| x[0].sum_all(), |x| x[0].sum_all());
+    check("mean_all", &[x], |x| x[0].mean_all(), |x| x[0].mean_all());
+    check("max_all", &[x], |x| x[0].max_all(), |x| x[0].max_all());
+    check("min_all", &[x], |x| x[0].min_all(), |x| x[0].min_all());
+    for dtype in [CD::F64, CD::BF16, CD::U32] {
+        let t = with_ties(&[5, 3], 0.6, CD::F32)
+            .affine(3.0, 6.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let h = handle(&t);
+        let mut cases = vec![
+            ("sum_all", h.sum_all().unwrap(), t.sum_all().unwrap()),
+            ("max_all", h.max_all().unwrap(), t.max_all().unwrap()),
+            ("min_all", h.min_all().unwrap(), t.min_all().unwrap()),
+        ];
+        if dtype.is_float() {
+            cases.push(("mean_all", h.mean_all().unwrap(), t.mean_all().unwrap()));
+        }
+        for (name, got, want) in cases {
+            assert_eq!(
+                got.shape().unwrap(),
+                Vec::<usize>::new(),
+                "{name} has shape []"
+            );
+            assert_same(&format!("{name} {dtype:?}"), &candle(&got), &want);
+        }
+    }
+    // A tensor without dimensions reduces to itself; one with a zero dimension has a sum and a
+    // mean but no extremes.
+    let scalar = handle(&CT::new(2.5f32, &Device::Cpu).unwrap());
+    assert_eq!(scalar.max_all().unwrap().to_scalar().unwrap(), 2.5);
+    assert_eq!(
+        scalar.sum_all().unwrap().shape().unwrap(),
+        Vec::<usize>::new()
+    );
+    let empty = handle(&CT::zeros((2, 0), CD::F32, &Device::Cpu).unwrap());
+    assert_eq!(empty.sum_all().unwrap().to_scalar().unwrap(), 0.0);
+    assert!(empty.mean_all().unwrap().to_scalar().unwrap().is_nan());
+    for e in [err_of(empty.max_all()), err_of(empty.min_all())] {
+        assert!(e.starts_with("reduce_all: ") && e.contains("empty"), "{e}");
+    }
+    let e = err_of(u32_handle(&[1, 2], &[2]).mean_all());
+    assert!(e.starts_with("reduce_all: ") && e.contains("U32"), "{e}");
+}
+
+#[test]
+fn scalar_operands_match_candle_with_a_scalar_tensor() {
+    type Case = (
+        &'static str,
+        fn(&Tensor, f64) -> ApiResult<Tensor>,
+        fn(&CT, &CT) -> CandleResult<CT>,
+    );
+    use codex_plugin_api::tensor::ScalarOp;
+    let cases: [Case; 8] = [
+        ("add", Tensor::add_scalar, |x, s| x.broadcast_add(s)),
+        ("sub", Tensor::sub_scalar, |x, s| x.broadcast_sub(s)),
+        (
+            "rsub",
+            |x, s| x.scalar_op(ScalarOp::RSub, s),
+            |x, s| s.broadcast_sub(x),
+        ),
+        ("mul", Tensor::mul_scalar, |x, s| x.broadcast_mul(s)),
+        ("div", Tensor::div_scalar, |x, s| x.broadcast_div(s)),
+        (
+            "rdiv",
+            |x, s| x.scalar_op(ScalarOp::RDiv, s),
+            |x, s| s.broadcast_div(x),
+        ),
+        ("maximum", Tensor::maximum_scalar, |x, s| {
+            x.broadcast_maximum(s)
+        }),
+        ("minimum", Tensor::minimum_scalar, |x, s| {
+            x.broadcast_minimum(s)
+        }),
+    ];
+    for (name, via_api, in_candle) in cases {
+        for s in [0.3, -1.75, 0.0] {
+            check(
+                &format!("{name} {s}"),
+                &[pos(&[3, 4])],
+                |x| via_api(&x[0], s),
+                |x| in_candle(&x[0], &CT::new(s as f32, &Device::Cpu)?),
+            );
+        }
+        for dtype in [CD::F64, CD::BF16, CD::F16, CD::U32] {
+            // Unsigned differences would wrap (candle refuses them in debug builds).
+            if dtype == CD::U32 && name.contains("sub") {
+                continue;
+            }
+            let t = with_ties(&[2, 5], 0.8, CD::F32)
+                .affine(4.0, 9.5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let s = 3.0;
+            let st = CT::new(s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            assert_same(
+                &format!("{name} {dtype:?}"),
+                &candle(&via_api(&handle(&t), s).unwrap()),
+                &in_candle(&t, &st).unwrap(),
+            );
+        }
+    }
+    // A true division: x / 3 is not x · (1/3).
+    let x = handle(&CT::new(&[1.0f32, 5.0, 7.0, 10.0], &Device::Cpu).unwrap());
+    let third: Vec<f32> = [1.0f32, 5.0, 7.0, 10.0].iter().map(|v| v / 3.0).collect();
+    assert_eq!(x.div_scalar(3.0).unwrap().to_vec_f32().unwrap(), third);
+}

@@ -14,7 +14,9 @@
 //! lets the primitive composition run. While a kernel is active, `fusion` also lets a matmul's
 //! consumer (a bias add, a cross-entropy) and causal attention on split heads take over the
 //! backward pass of the ops before them, so candle's autograd gives fewer large intermediates
-//! a gradient. `profile` times op-table entries and kernel calls for `codex-ml bench --profile`.
+//! a gradient. `elementwise` runs element-wise programs (an optimizer's whole step) in one pass
+//! over declared tensors, writing them in place. `profile` times op-table entries and kernel
+//! calls for `codex-ml bench --profile`.
 //!
 //! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] (`store`) and
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
@@ -24,6 +26,7 @@
 
 pub(crate) mod autograd;
 pub(crate) mod dispatch;
+pub(crate) mod elementwise;
 pub(crate) mod fusion;
 pub(crate) mod handles;
 pub(crate) mod nn;

@@ -7,6 +7,7 @@
 //! and sums over leading dimensions go to the active kernel when there is one (`dispatch`).
 
 use candle_core::{DType, Device, Tensor, D};
+use codex_plugin_api::tensor::{CmpOp, ReduceOp, ScalarOp};
 use half::{bf16, f16};
 
 use super::{Result, TensorError};
@@ -144,6 +145,9 @@ pub(crate) enum Unary {
     Recip,
     Abs,
     Tanh,
+    Sign,
+    /// `1/√x`, as the reciprocal of the square root (candle has no single op for it).
+    Rsqrt,
 }
 
 pub(crate) fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
@@ -156,6 +160,113 @@ pub(crate) fn unary(op: Unary, x: &Tensor) -> Result<Tensor> {
         Unary::Recip => x.recip()?,
         Unary::Abs => x.abs()?,
         Unary::Tanh => x.tanh()?,
+        Unary::Sign => x.sign()?,
+        Unary::Rsqrt => x.sqrt()?.recip()?,
+    })
+}
+
+/// `min(max(x, lo), hi)`, candle's clamp.
+pub(crate) fn clamp(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    Ok(x.clamp(lo, hi)?)
+}
+
+/// Whether `dtype` can be a mask: candle selects on integers only.
+fn is_mask_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::U8 | DType::U32 | DType::I64)
+}
+
+/// `a` where `mask` is non-zero, `b` elsewhere, the three broadcast to one shape.
+pub(crate) fn select(mask: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !is_mask_dtype(mask.dtype()) {
+        return Err(invalid(format!(
+            "the mask is {:?}; a mask is u8, u32 or i64, such as a comparison gives",
+            mask.dtype()
+        )));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(invalid(format!(
+            "the two branches are {:?} and {:?}; cast one so they share a dtype",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    let shape = mask
+        .shape()
+        .broadcast_shape_binary_op(a.shape(), "select")?
+        .broadcast_shape_binary_op(b.shape(), "select")?;
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        if t.shape() == &shape {
+            Ok(t.clone())
+        } else {
+            Ok(t.broadcast_as(&shape)?)
+        }
+    };
+    Ok(expand(mask)?.where_cond(&expand(a)?, &expand(b)?)?)
+}
+
+/// Broadcasting comparison, u8.
+pub(crate) fn compare(a: &Tensor, b: &Tensor, op: CmpOp) -> Result<Tensor> {
+    Ok(match op {
+        CmpOp::Eq => a.broadcast_eq(b)?,
+        CmpOp::Ne => a.broadcast_ne(b)?,
+        CmpOp::Lt => a.broadcast_lt(b)?,
+        CmpOp::Le => a.broadcast_le(b)?,
+        CmpOp::Gt => a.broadcast_gt(b)?,
+        CmpOp::Ge => a.broadcast_ge(b)?,
+    })
+}
+
+/// A reduction over every element, as a tensor of shape `[]`.
+pub(crate) fn reduce_all(x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+    let empty = x.elem_count() == 0;
+    let y = match op {
+        ReduceOp::Sum => x.sum_all()?,
+        ReduceOp::Mean => {
+            if !x.dtype().is_float() {
+                return Err(invalid(format!(
+                    "the mean of a {:?} tensor; cast it to a float dtype first",
+                    x.dtype()
+                )));
+            }
+            if empty {
+                full(&[], f64::NAN, x.dtype(), x.device())?
+            } else {
+                x.mean_all()?
+            }
+        }
+        ReduceOp::Max | ReduceOp::Min if empty => {
+            return Err(invalid(format!(
+                "an empty tensor (shape {:?}) has no {}",
+                x.dims(),
+                if matches!(op, ReduceOp::Max) {
+                    "largest element"
+                } else {
+                    "smallest element"
+                }
+            )))
+        }
+        ReduceOp::Max => x.max_all()?,
+        ReduceOp::Min => x.min_all()?,
+    };
+    // candle keeps a rank-0 input as it is; every result has shape `[]`.
+    Ok(y.reshape(())?)
+}
+
+/// `x` op `s`, the scalar converted to `x`'s dtype like a tensor operand of that dtype. Sums
+/// and products go through a one-element tensor rather than candle's `affine`, which computes
+/// `x · 1 + s` and `x · (1/s)`: those differ from `x + s` and `x / s` in rounding and in the sign
+/// of zeros.
+pub(crate) fn scalar(x: &Tensor, op: ScalarOp, s: f64) -> Result<Tensor> {
+    let s = Tensor::new(s, x.device())?.to_dtype(x.dtype())?;
+    Ok(match op {
+        ScalarOp::Add => x.broadcast_add(&s)?,
+        ScalarOp::Sub => x.broadcast_sub(&s)?,
+        ScalarOp::RSub => s.broadcast_sub(x)?,
+        ScalarOp::Mul => x.broadcast_mul(&s)?,
+        ScalarOp::Div => x.broadcast_div(&s)?,
+        ScalarOp::RDiv => s.broadcast_div(x)?,
+        ScalarOp::Maximum => x.broadcast_maximum(&s)?,
+        ScalarOp::Minimum => x.broadcast_minimum(&s)?,
     })
 }
 

@@ -12,13 +12,17 @@ use std::sync::OnceLock;
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{ROption, RResult, RSlice, RString, RVec};
 use candle_core::{Device, Tensor};
-use codex_plugin_api::{DType, GeluForm, OpTable, OpTableRef, PluginError, TensorId};
-
-use codex_plugin_api::tensor::{AdamWHyper, CrossEntropyIds};
+use codex_plugin_api::elementwise::ElemInstr;
+use codex_plugin_api::tensor::{AdamWHyper, CmpOp, CrossEntropyIds, ReduceOp, ScalarOp};
+use codex_plugin_api::{
+    DType, GeluForm, OpTable, OpTableExt, OpTableExtRef, OpTableRef, PluginError, TensorId,
+};
 
 use super::ops::{self, Binary, Reduce, Unary};
 use super::profile::{self, Kind};
-use super::{autograd, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result};
+use super::{
+    autograd, elementwise, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result,
+};
 
 type R<T> = RResult<T, PluginError>;
 
@@ -353,6 +357,61 @@ extern "C" fn assign(target: TensorId, value: TensorId) -> R<()> {
     guarded("assign", || autograd::assign(target, &t(value)?))
 }
 
+// -- the table's continuation: element-wise and whole-tensor ops, the fused update -------------
+
+extern "C" fn sign(x: TensorId) -> R<TensorId> {
+    produce("sign", || ops::unary(Unary::Sign, &t(x)?))
+}
+
+extern "C" fn rsqrt(x: TensorId) -> R<TensorId> {
+    produce("rsqrt", || ops::unary(Unary::Rsqrt, &t(x)?))
+}
+
+extern "C" fn clamp(x: TensorId, min: f64, max: f64) -> R<TensorId> {
+    produce("clamp", || ops::clamp(&t(x)?, min, max))
+}
+
+extern "C" fn select(mask: TensorId, a: TensorId, b: TensorId) -> R<TensorId> {
+    produce("select", || ops::select(&t(mask)?, &t(a)?, &t(b)?))
+}
+
+extern "C" fn compare(a: TensorId, b: TensorId, op: CmpOp) -> R<TensorId> {
+    produce("compare", || ops::compare(&t(a)?, &t(b)?, op))
+}
+
+extern "C" fn reduce_all(x: TensorId, op: ReduceOp) -> R<TensorId> {
+    produce("reduce_all", || ops::reduce_all(&t(x)?, op))
+}
+
+extern "C" fn scalar(x: TensorId, op: ScalarOp, s: f64) -> R<TensorId> {
+    produce("scalar", || ops::scalar(&t(x)?, op, s))
+}
+
+extern "C" fn elementwise_update(
+    program: RSlice<'_, ElemInstr>,
+    inputs: RSlice<'_, TensorId>,
+    scalars: RSlice<'_, f64>,
+    targets: RSlice<'_, TensorId>,
+) -> R<()> {
+    guarded("elementwise_update", || {
+        elementwise::update(&program, &inputs, &scalars, &targets)
+    })
+}
+
+fn build_ext() -> OpTableExtRef {
+    OpTableExt {
+        sign,
+        rsqrt,
+        clamp,
+        select,
+        compare,
+        reduce_all,
+        scalar,
+        elementwise_update,
+    }
+    .leak_into_prefix()
+}
+
 fn build() -> OpTableRef {
     OpTable {
         release,
@@ -415,6 +474,7 @@ fn build() -> OpTableRef {
         zero_grad,
         adamw_update,
         assign,
+        ext: build_ext(),
     }
     .leak_into_prefix()
 }

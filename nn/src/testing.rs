@@ -16,10 +16,12 @@ use std::sync::Once;
 use codex_plugin_api::abi_stable::prefix_type::PrefixTypeTrait;
 use codex_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use codex_plugin_api::abi_stable::std_types::{ROption, RResult, RSlice, RStr, RVec};
+use codex_plugin_api::elementwise::ElemInstr;
 use codex_plugin_api::params::{TensorStore, TensorStoreRef, TensorStore_TO};
-use codex_plugin_api::tensor::{AdamWHyper, CrossEntropyIds};
+use codex_plugin_api::tensor::{AdamWHyper, CmpOp, CrossEntropyIds, ReduceOp, ScalarOp};
 use codex_plugin_api::{
-    DType, GeluForm, Init, OpTable, ParamRole, PluginError, Result, Store, Tensor, TensorId,
+    DType, GeluForm, Init, OpTable, OpTableExt, ParamRole, PluginError, Result, Store, Tensor,
+    TensorId,
 };
 
 type R<T> = RResult<T, PluginError>;
@@ -137,7 +139,7 @@ macro_rules! binary {
         }
     )*};
 }
-unary!(neg, exp, log, sqrt, sqr, recip, abs, tanh, silu, relu, contiguous, detach);
+unary!(neg, exp, log, sqrt, sqr, recip, abs, tanh, silu, relu, contiguous, detach, sign, rsqrt);
 binary!(matmul, add, sub, mul, div, maximum, minimum, eq, embedding);
 
 extern "C" fn affine(x: T, mul: f64, add: f64) -> R<T> {
@@ -238,6 +240,33 @@ extern "C" fn assign(_: T, _: T) -> R<()> {
     refused("assign")
 }
 
+extern "C" fn clamp(x: T, min: f64, max: f64) -> R<T> {
+    op("clamp", format!("{}, {min}, {max}", name(x)))
+}
+extern "C" fn select(mask: T, a: T, b: T) -> R<T> {
+    op(
+        "select",
+        format!("{}, {}, {}", name(mask), name(a), name(b)),
+    )
+}
+extern "C" fn compare(a: T, b: T, cmp: CmpOp) -> R<T> {
+    op("compare", format!("{}, {}, {cmp:?}", name(a), name(b)))
+}
+extern "C" fn reduce_all(x: T, reduce: ReduceOp) -> R<T> {
+    op("reduce_all", format!("{}, {reduce:?}", name(x)))
+}
+extern "C" fn scalar(x: T, s_op: ScalarOp, s: f64) -> R<T> {
+    op("scalar", format!("{}, {s_op:?}, {s}", name(x)))
+}
+extern "C" fn elementwise_update(
+    _: RSlice<'_, ElemInstr>,
+    _: RSlice<'_, T>,
+    _: RSlice<'_, f64>,
+    _: RSlice<'_, T>,
+) -> R<()> {
+    refused("elementwise_update")
+}
+
 fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -302,6 +331,17 @@ fn install() {
             zero_grad,
             adamw_update,
             assign,
+            ext: OpTableExt {
+                sign,
+                rsqrt,
+                clamp,
+                select,
+                compare,
+                reduce_all,
+                scalar,
+                elementwise_update,
+            }
+            .leak_into_prefix(),
         }
         .leak_into_prefix();
         codex_plugin_api::ops::install_ops(table);

@@ -6,16 +6,18 @@
 //! [`TensorId`] handles and the host's [`OpTable`].
 //!
 //! Layers, from the wire up:
-//! - **ABI types** (`*Abi` traits, [`OpTable`], [`ComponentDecl`]): `abi_stable` prefix types
-//!   and `#[sabi_trait]` objects whose layouts the host checks when it loads a plugin.
+//! - **ABI types** (`*Abi` traits, [`OpTable`] and [`OpTableExt`], [`ComponentDecl`]):
+//!   `abi_stable` prefix types and `#[sabi_trait]` objects whose layouts the host checks when it
+//!   loads a plugin.
 //! - **Authoring traits** ([`Model`], [`Optimizer`], [`Tokenizer`], [`Sink`], [`Tracker`],
 //!   [`Trainer`], [`Kernel`]): plain Rust traits plugin authors implement, with [`Tensor`]
 //!   and [`Result`]. They take and return plain Rust types (`&str`, `String`, slices, `Vec`,
 //!   `Option`) and so do the types they are handed ([`ParamInfo`], [`Record`], [`RunInfo`],
-//!   [`BufferView`], ...); `abi_stable`'s `RStr`, `RVec`, ... appear only in the ABI layer
-//!   (`ParamInfoAbi`, `RecordAbi`, ...). Each kind's `declare::<T>()` wraps an implementation
-//!   in an adapter that converts between the two and catches panics on the plugin side
-//!   ([`guard`]) — a panic must never cross the ABI.
+//!   [`BufferView`], ...), and so does the builder of element-wise updates ([`Program`],
+//!   [`Expr`]; see [`elementwise`]); `abi_stable`'s `RStr`, `RVec`, ... appear only in the ABI
+//!   layer (`ParamInfoAbi`, `RecordAbi`, [`elementwise::ElemInstr`], ...). Each kind's
+//!   `declare::<T>()` wraps an implementation in an adapter that converts between the two and
+//!   catches panics on the plugin side ([`guard`]) — a panic must never cross the ABI.
 //! - **Registration**: `builtin!` (feature `builtin`) for components compiled into codex-ml, and
 //!   [`export_plugin!`] for native plugins.
 //!
@@ -26,6 +28,7 @@
 #![allow(non_local_definitions)]
 
 pub mod component;
+pub mod elementwise;
 pub mod error;
 pub mod kernel;
 pub mod model;
@@ -42,10 +45,11 @@ pub mod tracker;
 pub mod trainer;
 
 pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck, Registrar};
+pub use elementwise::{Expr, Program};
 pub use error::{guard, Error, PluginError, Result};
 pub use kernel::{BufferMut, BufferView, DeviceKind, Kernel};
 pub use model::{ForwardCtx, KvCache, Model};
-pub use ops::{ops, OpTable, OpTableRef};
+pub use ops::{ops, OpTable, OpTableExt, OpTableExtRef, OpTableRef};
 pub use optimizer::{Grad, OptimStep, Optimizer};
 pub use params::{Init, ParamInfo, ParamRole, Store};
 pub use plugin::{ApiVersion, API_VERSION};

@@ -1,8 +1,11 @@
 //! The op table: every tensor operation a plugin can ask of the host.
 //!
-//! It is an `abi_stable` prefix type. Version 1 of the plugin API ends at the field marked
-//! `last_prefix_field`; later versions add entries *after* it, and a plugin built against an
-//! older API simply does not see them. Never reorder, remove or retype an entry.
+//! It is an `abi_stable` prefix type, in two parts: [`OpTable`], whose last entry `ext` leads
+//! to [`OpTableExt`] (a prefix type holds at most 64 entries, and the first part is full).
+//! Plugin API 2.0 ends at the fields marked `last_prefix_field` (`OpTable::ext` and
+//! `OpTableExt::elementwise_update`); a later minor version adds entries at the end of
+//! `OpTableExt`, after its marked field, and a plugin built against an older minor simply does
+//! not see them. Never reorder, remove or retype an entry within a major version.
 //!
 //! Conventions for every entry: tensor arguments are borrowed handles; a returned handle is
 //! owned by the caller. Errors come back as [`PluginError`] with the op's name in the message.
@@ -15,8 +18,11 @@ use std::sync::OnceLock;
 use abi_stable::std_types::{ROption, RResult, RSlice, RVec};
 use abi_stable::StableAbi;
 
+use crate::elementwise::ElemInstr;
 use crate::error::PluginError;
-use crate::tensor::{AdamWHyper, CrossEntropyIds, DType, GeluForm, TensorId};
+use crate::tensor::{
+    AdamWHyper, CmpOp, CrossEntropyIds, DType, GeluForm, ReduceOp, ScalarOp, TensorId,
+};
 
 type R<T> = RResult<T, PluginError>;
 type T = TensorId;
@@ -163,8 +169,51 @@ pub struct OpTable {
     /// parameter and both moment tensors (declared, f32) in place; not recorded by autograd.
     pub adamw_update: extern "C" fn(T, T, T, T, AdamWHyper) -> R<()>,
     /// `(target, value)`: overwrite a parameter or state tensor in place.
-    #[sabi(last_prefix_field)]
     pub assign: extern "C" fn(T, T) -> R<()>,
+
+    // -- the rest -------------------------------------------------------------------------------
+    /// Every entry added since plugin API 2.0: element-wise and whole-tensor ops, the fused
+    /// element-wise update. A prefix type holds at most 64 fields (abi_stable keeps a 64-bit
+    /// mask of them), and this one has 61, so it takes no more entries: new ones go at the end
+    /// of [`OpTableExt`].
+    #[sabi(last_prefix_field)]
+    pub ext: OpTableExtRef,
+}
+
+/// The op table's continuation, reached through [`OpTable::ext`]: the same conventions, its
+/// own 64 entries. Later minor versions add entries at its end, after the field marked
+/// `last_prefix_field`.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = OpTableExtRef)))]
+#[sabi(missing_field(panic))]
+pub struct OpTableExt {
+    /// −1, 0 or 1 per element (0 at ±0 and NaN); its gradient is zero.
+    pub sign: extern "C" fn(T) -> R<T>,
+    /// `1/√x`.
+    pub rsqrt: extern "C" fn(T) -> R<T>,
+    /// `(x, min, max)`: `min(max(x, min), max)` with scalar bounds.
+    pub clamp: extern "C" fn(T, f64, f64) -> R<T>,
+    /// `(mask, a, b)`: `a` where the integer `mask` is non-zero, `b` elsewhere; all three
+    /// broadcast, `a` and `b` share a dtype.
+    pub select: extern "C" fn(T, T, T) -> R<T>,
+    /// `(a, b, op)`: broadcasting comparison, u8 (1 where it holds).
+    pub compare: extern "C" fn(T, T, CmpOp) -> R<T>,
+    /// `(x, op)`: a reduction over every element, as a tensor with no dimensions.
+    pub reduce_all: extern "C" fn(T, ReduceOp) -> R<T>,
+    /// `(x, op, s)`: `x` with the f64 scalar `s`, element-wise, without a tensor for `s`.
+    pub scalar: extern "C" fn(T, ScalarOp, f64) -> R<T>,
+    /// `(program, inputs, scalars, targets)`: evaluate an element-wise program
+    /// ([`crate::elementwise`]) in one pass over the elements and write its results into the
+    /// targets — declared parameters or state tensors, all of one shape — in place; not
+    /// recorded by autograd. Inputs have the targets' shape or one element.
+    #[sabi(last_prefix_field)]
+    pub elementwise_update: extern "C" fn(
+        RSlice<'_, ElemInstr>,
+        RSlice<'_, T>,
+        RSlice<'_, f64>,
+        RSlice<'_, T>,
+    ) -> R<()>,
 }
 
 static OPS: OnceLock<OpTableRef> = OnceLock::new();

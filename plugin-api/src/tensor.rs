@@ -11,6 +11,7 @@ use std::fmt;
 use abi_stable::std_types::{RResult, RSlice, RVec};
 use abi_stable::StableAbi;
 
+use crate::elementwise::Program;
 use crate::error::{from_abi, Result};
 use crate::ops::ops;
 
@@ -66,6 +67,64 @@ pub enum GeluForm {
     Erf,
     /// The tanh approximation used by GPT-2.
     Tanh,
+}
+
+/// The comparisons of [`Tensor::ne`], [`Tensor::lt`], [`Tensor::le`], [`Tensor::gt`] and
+/// [`Tensor::ge`] (the op table's `compare`); each gives a u8 mask, 1 where it holds.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    /// `a == b`.
+    Eq,
+    /// `a != b` (1 where either is NaN).
+    Ne,
+    /// `a < b`.
+    Lt,
+    /// `a <= b`.
+    Le,
+    /// `a > b`.
+    Gt,
+    /// `a >= b`.
+    Ge,
+}
+
+/// The reductions over every element of [`Tensor::sum_all`], [`Tensor::mean_all`],
+/// [`Tensor::max_all`] and [`Tensor::min_all`] (the op table's `reduce_all`).
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Σ x, in the tensor's dtype.
+    Sum,
+    /// Σ x / n (float dtypes only).
+    Mean,
+    /// The largest element (not of an empty tensor).
+    Max,
+    /// The smallest element (not of an empty tensor).
+    Min,
+}
+
+/// Element-wise ops between a tensor `x` and an f64 scalar `s` (the op table's `scalar`),
+/// behind [`Tensor::add_scalar`] and its siblings. `s` is converted to `x`'s dtype first, as
+/// a tensor operand of that dtype would be; no tensor is allocated for it.
+#[repr(u8)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ScalarOp {
+    /// `x + s`.
+    Add,
+    /// `x − s`.
+    Sub,
+    /// `s − x`.
+    RSub,
+    /// `x · s`.
+    Mul,
+    /// `x / s` (a true division, not a product with `1/s`).
+    Div,
+    /// `s / x`.
+    RDiv,
+    /// `max(x, s)`.
+    Maximum,
+    /// `min(x, s)`.
+    Minimum,
 }
 
 /// Result of [`Tensor::cross_entropy`]: sums, never means, so that accumulation over
@@ -299,6 +358,118 @@ impl Tensor {
         wrap((ops().powf())(self.id, e))
     }
 
+    /// −1, 0 or 1 per element (0 at ±0 and NaN), like `torch.sign`; the gradient is zero.
+    pub fn sign(&self) -> Result<Tensor> {
+        wrap((ops().ext().sign())(self.id))
+    }
+
+    /// `1/√x`, like `torch.rsqrt`.
+    pub fn rsqrt(&self) -> Result<Tensor> {
+        wrap((ops().ext().rsqrt())(self.id))
+    }
+
+    /// `min(max(x, min), max)` element-wise, like `torch.clamp` (where `min > max` every element
+    /// becomes `max`).
+    pub fn clamp(&self, min: f64, max: f64) -> Result<Tensor> {
+        wrap((ops().ext().clamp())(self.id, min, max))
+    }
+
+    /// `on_true` where `self` (an integer mask, such as a comparison's) is non-zero, `on_false`
+    /// elsewhere, like `torch.where`. The three broadcast; `on_true` and `on_false` have one
+    /// dtype, which the result has.
+    pub fn select(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
+        wrap((ops().ext().select())(self.id, on_true.id, on_false.id))
+    }
+
+    fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor> {
+        wrap((ops().ext().compare())(self.id, rhs.id, op))
+    }
+
+    /// Element-wise `self != rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn ne(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ne)
+    }
+
+    /// Element-wise `self < rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn lt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Lt)
+    }
+
+    /// Element-wise `self <= rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn le(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Le)
+    }
+
+    /// Element-wise `self > rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn gt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Gt)
+    }
+
+    /// Element-wise `self >= rhs` with broadcasting, as u8 (1 where it holds).
+    pub fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ge)
+    }
+
+    fn reduce_all(&self, op: ReduceOp) -> Result<Tensor> {
+        wrap((ops().ext().reduce_all())(self.id, op))
+    }
+
+    /// The sum of every element, as a tensor with no dimensions (shape `[]`).
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Sum)
+    }
+
+    /// The mean of every element, as a tensor with no dimensions (float dtypes; NaN for an
+    /// empty tensor).
+    pub fn mean_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Mean)
+    }
+
+    /// The largest element, as a tensor with no dimensions (an error for an empty tensor).
+    pub fn max_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Max)
+    }
+
+    /// The smallest element, as a tensor with no dimensions (an error for an empty tensor).
+    pub fn min_all(&self) -> Result<Tensor> {
+        self.reduce_all(ReduceOp::Min)
+    }
+
+    /// `self` op `s` for a scalar `s`, element-wise; see [`ScalarOp`].
+    pub fn scalar_op(&self, op: ScalarOp, s: f64) -> Result<Tensor> {
+        wrap((ops().ext().scalar())(self.id, op, s))
+    }
+
+    /// `x + s`.
+    pub fn add_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Add, s)
+    }
+
+    /// `x − s`.
+    pub fn sub_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Sub, s)
+    }
+
+    /// `x · s`.
+    pub fn mul_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Mul, s)
+    }
+
+    /// `x / s`.
+    pub fn div_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Div, s)
+    }
+
+    /// `max(x, s)`.
+    pub fn maximum_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Maximum, s)
+    }
+
+    /// `min(x, s)`.
+    pub fn minimum_scalar(&self, s: f64) -> Result<Tensor> {
+        self.scalar_op(ScalarOp::Minimum, s)
+    }
+
     /// GELU in the given form.
     pub fn gelu(&self, form: GeluForm) -> Result<Tensor> {
         wrap((ops().gelu())(self.id, form))
@@ -445,6 +616,32 @@ impl Tensor {
             exp_avg.id,
             exp_avg_sq.id,
             hyper,
+        ))
+    }
+
+    /// Run an element-wise [`Program`] over `inputs` and `scalars` and write its results into
+    /// `targets` in place, in one pass over the elements (see [`crate::elementwise`]).
+    ///
+    /// Targets are declared parameters or state tensors of one shape, each listed once; inputs
+    /// have that shape or one element (broadcast), and may be targets too (they give their
+    /// value from before the call). Not recorded by autograd, like [`Tensor::assign`]. The
+    /// host checks the program against the call before it writes anything: an unknown
+    /// instruction, a stack that runs dry or is left with values, an input, scalar or target
+    /// the call does not have, a target missed or written twice, a shape or a dtype that does
+    /// not fit — each is an error naming the problem.
+    pub fn elementwise_update(
+        program: &Program,
+        inputs: &[&Tensor],
+        scalars: &[f64],
+        targets: &[&Tensor],
+    ) -> Result<()> {
+        let inputs: Vec<TensorId> = inputs.iter().map(|t| t.id).collect();
+        let targets: Vec<TensorId> = targets.iter().map(|t| t.id).collect();
+        from_abi((ops().ext().elementwise_update())(
+            RSlice::from_slice(program.instructions()),
+            RSlice::from_slice(&inputs),
+            RSlice::from_slice(scalars),
+            RSlice::from_slice(&targets),
         ))
     }
 
