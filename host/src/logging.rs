@@ -4,7 +4,9 @@
 //! The subscriber is installed once, at start-up, before anything knows where a run will be
 //! written; so the file layer writes into a slot that [`attach_run_log`] fills later (and
 //! [`detach_run_log`] empties). Until then the file layer is disabled and costs nothing.
-//! stdout is never written here: it is reserved for machine output (`--json`).
+//! stdout is never written here: it is reserved for machine output (`--json`). While a run
+//! shows a progress bar ([`show_progress_bar`]), lines for stderr are written with the bar
+//! hidden, so they scroll above it instead of leaving frozen copies of it behind.
 //!
 //! Level: `info` by default, `-v` debug, `-vv` trace, `-q` warnings only; `RUST_LOG`, when set,
 //! takes precedence (`RUST_LOG=codex_host=debug`).
@@ -15,6 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use indicatif::ProgressBar;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::fmt::MakeWriter;
@@ -24,6 +27,7 @@ use tracing_subscriber::Layer;
 
 static RUN_LOG: Mutex<Option<File>> = Mutex::new(None);
 static ATTACHED: AtomicBool = AtomicBool::new(false);
+static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// The level the command-line flags ask for.
 pub fn level(verbose: u8, quiet: bool) -> LevelFilter {
@@ -48,7 +52,7 @@ pub fn init(verbose: u8, quiet: bool) {
         .with_default_directive(level(verbose, quiet).into())
         .from_env_lossy();
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(io::stderr)
+        .with_writer(|| StderrWriter)
         .with_ansi(colour())
         .with_target(verbose > 0)
         .without_time();
@@ -85,6 +89,32 @@ pub fn detach_run_log() -> io::Result<()> {
     match slot.take() {
         Some(file) => file.sync_all(),
         None => Ok(()),
+    }
+}
+
+/// Write log lines for stderr around `bar` from now on (`None`: no bar any more).
+pub fn show_progress_bar(bar: Option<ProgressBar>) {
+    *BAR.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = bar;
+}
+
+/// Writes to stderr, with the progress bar (if one is shown) hidden meanwhile.
+struct StderrWriter;
+
+impl Write for StderrWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let bar = BAR
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match bar {
+            // The fmt layer writes a whole line per call, so the bar is hidden once per line.
+            Some(bar) => bar.suspend(|| io::stderr().write_all(buf).map(|()| buf.len())),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
     }
 }
 

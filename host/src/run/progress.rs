@@ -21,10 +21,11 @@ impl Progress {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
             if let Ok(style) = ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+                "{elapsed_precise} [{wide_bar}] {pos}/{len} {msg} eta {eta}",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
+            crate::logging::show_progress_bar(Some(bar.clone()));
             bar
         });
         Progress {
@@ -41,8 +42,10 @@ impl Progress {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
+                // The bar takes what the terminal's width leaves: this stays short, so that
+                // the line fits 80 columns with room for a bar.
                 bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+                    "loss {loss:.4} lr {lr:.1e} {tokens_per_s:.0} tok/s"
                 ));
             }
             None if step.is_multiple_of(self.every) || step == self.total => {
@@ -74,8 +77,16 @@ impl Progress {
 
     pub(crate) fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
+            crate::logging::show_progress_bar(None);
             bar.finish_and_clear();
         }
+    }
+}
+
+impl Drop for Progress {
+    /// A run that fails mid-way leaves no bar behind for later lines to be written around.
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
