@@ -388,7 +388,7 @@ fn resume_latest_passes_over_runs_without_a_checkpoint() {
     assert_eq!(runs.len(), 2, "{runs:?}");
     let stderr = fx.ok(&["run", "tiny.ron", "--resume", "latest"]);
     assert!(
-        stderr.contains(&format!("runs/tiny/{} (the newest of experiment `tiny` with a checkpoint; newer runs without a checkpoint: {})", runs[0], runs[1])),
+        stderr.contains(&format!("runs/tiny/{} (the newest of experiment `tiny` with a checkpoint; newer runs without one: tiny/{})", runs[0], runs[1])),
         "{stderr}"
     );
     assert_same_as(&fx, "straight", &format!("runs/tiny/{}", runs[0]));
@@ -1025,5 +1025,220 @@ fn retune_changes_only_the_steps_to_come_and_skip_batches_moves_the_data_on() {
     assert!(
         fx.model_bytes("skipped", STEPS) != fx.model_bytes("straight", STEPS),
         "skipping batches changed nothing"
+    );
+}
+
+/// Parse stdout as exactly one JSON document.
+fn one_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// For scripts: `latest` wherever a run directory goes, each command's `--json` document, and
+/// a failure's document with its exit code; a batch larger than the data says what it trains on.
+#[test]
+fn latest_and_json_work_in_every_command_that_takes_a_run() {
+    let fx = Fixture::new("constant", "");
+    let out = fx.codex(&["eval", "latest", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let failure = one_json(&out);
+    assert_eq!(failure["exit_code"], 2, "{failure}");
+    assert!(
+        failure["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("latest: no runs under runs"),
+        "{failure}"
+    );
+    let stderr = fx.fails(&["generate", "no-such-run", "--prompt", "x"], 2);
+    assert!(stderr.contains("no-such-run: no such run"), "{stderr}");
+
+    let out = fx.codex(&["run", "tiny.ron", "-q", "--json"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = one_json(&out);
+    assert_eq!(first["status"], "finished", "{first}");
+    assert_eq!(first["signal"], Value::Null, "{first}");
+    assert_eq!(first["steps"], STEPS, "{first}");
+    let first_dir = first["run_dir"].as_str().unwrap().to_owned();
+    assert!(first_dir.starts_with("runs/tiny/"), "{first}");
+    assert_eq!(
+        first["last_checkpoint"],
+        format!("{first_dir}/checkpoints/step-{STEPS:08}"),
+        "{first}"
+    );
+    let loss = first["val_loss"].as_f64().unwrap();
+    assert!((first["val_perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+
+    // A newer run, half as long, with a batch larger than the data: it says what it uses.
+    let half = format!("train.max_steps={}", STEPS / 2);
+    let out = fx.codex(
+        &[
+            "run",
+            "tiny.ron",
+            "--set",
+            &half,
+            "--set",
+            "train.batch_size=100000",
+            "--json",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("train.batch_size is 100000 but the training data holds only"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("of 100000 x"), "{stderr}");
+    assert!(stderr.contains("each of 2 micro-batches of "), "{stderr}");
+    let second = one_json(&out)["run_dir"].as_str().unwrap().to_owned();
+    assert!(
+        second > first_dir,
+        "{second} should be newer than {first_dir}"
+    );
+
+    let out = fx.codex(&["eval", "latest", "--json", "-q"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let eval = one_json(&out);
+    assert_eq!(
+        eval["checkpoint"],
+        format!("{second}/checkpoints/step-{:08}", STEPS / 2),
+        "{eval}"
+    );
+    assert_eq!(eval["data"], Value::Null);
+    assert!(eval["tokens"].as_u64().unwrap() > 0 && eval["accuracy"].as_f64().unwrap() <= 1.0);
+
+    let gen = [
+        "generate",
+        "latest",
+        "--prompt",
+        "fn ",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ];
+    let out = fx.codex(&[&gen[..], &["--json"]].concat(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = one_json(&out);
+    let text = generated["text"].as_str().unwrap();
+    assert_eq!(
+        text,
+        format!("fn {}", generated["completion"].as_str().unwrap())
+    );
+    assert!(generated["tokens"].as_u64().unwrap() <= 5, "{generated}");
+    assert_eq!(generated["seed"], 7);
+    let plain = fx.codex(&gen, &[]);
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), format!("{text}\n"));
+
+    let out = fx.codex(&["verify", "latest", "--json"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verified = one_json(&out);
+    assert_eq!(verified["path"], second, "{verified}");
+    assert_eq!(verified["corrupt"], 0, "{verified}");
+    let listed = verified["checkpoints"].as_array().unwrap().clone();
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["step"] == STEPS / 2 && c["valid"] == true),
+        "{verified}"
+    );
+    let oldest = listed.iter().min_by_key(|c| c["step"].as_u64()).unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        oldest,
+        format!("{second}/checkpoints/step-{:08}", STEPS / 2)
+    );
+    flip_byte(&fx.path(&oldest).join("model.safetensors"));
+    let out = fx.codex(&["verify", "latest", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let verified = one_json(&out);
+    assert_eq!(verified["corrupt"], 1, "{verified}");
+    let entry = verified["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == oldest.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["valid"], false, "{verified}");
+    assert!(
+        entry["problem"]
+            .as_str()
+            .unwrap()
+            .contains("model.safetensors"),
+        "{entry}"
+    );
+
+    // `resume latest` continues the newest run, to the end of the first one's length.
+    let full = format!("train.max_steps={STEPS}");
+    let out = fx.codex(&["resume", "latest", "--set", &full, "--json"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "latest: run {second} (the newest with a checkpoint)"
+        )),
+        "{stderr}"
+    );
+    let resumed = one_json(&out);
+    assert_eq!(resumed["run_dir"], second, "{resumed}");
+    assert_eq!(resumed["steps"], STEPS, "{resumed}");
+}
+
+/// What a scheduler does: `timeout --signal=TERM` (as Slurm, Kubernetes or systemd would) ends
+/// a long run with a checkpoint at the step it stopped after, exit code 143 and a `--json`
+/// document that says so; the run then continues from there.
+#[test]
+fn a_run_under_timeout_signal_term_stops_with_a_checkpoint_and_continues() {
+    let fx = Fixture::new("constant", "");
+    let out = std::process::Command::new("timeout")
+        .current_dir(fx.path(""))
+        .args(["--preserve-status", "--signal=TERM", "--kill-after=60", "8"])
+        .arg(codex_ml_path())
+        .args(["run", "tiny.ron", "--run-dir", "scheduled", "-q", "--json"])
+        .args(["--set", "train.max_steps=10000000"])
+        .env("CODEX_ML_CACHE", token_cache())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run timeout");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let stopped = one_json(&out);
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert_eq!(stopped["signal"], "SIGTERM", "{stopped}");
+    let steps = stopped["steps"].as_u64().expect("steps");
+    assert!(steps > 0, "{stopped}\n{stderr}");
+    let checkpoint = format!("scheduled/checkpoints/step-{steps:08}");
+    assert_eq!(stopped["last_checkpoint"], checkpoint.as_str(), "{stopped}");
+    fx.ok(&["verify", "scheduled"]);
+    let more = format!("train.max_steps={}", steps + 2);
+    let stderr = fx.ok(&["resume", "scheduled", "--set", &more]);
+    assert!(
+        stderr.contains(&format!("finished {} steps", steps + 2)),
+        "{stderr}"
     );
 }

@@ -453,7 +453,6 @@ fn check_experiment(name: &str) -> Result<(), RunDirError> {
     }
 }
 
-/// The experiment recorded in `dir/metadata.json`, if it holds a readable one.
 /// The experiment of the run in `dir`: from `metadata.json`, or, for a run stopped before it
 /// got that far, from the `config.ron` it writes first.
 fn recorded_experiment(dir: &Path) -> Option<String> {
@@ -476,6 +475,46 @@ fn recorded_experiment(dir: &Path) -> Option<String> {
 /// Whether `dir` holds a run (its `metadata.json`, or the `config.ron` a run writes first).
 pub fn holds_run(dir: &Path) -> bool {
     recorded_experiment(dir).is_some()
+}
+
+/// The run directories under `runs_root` (`<experiment>/<run-id>`), of `experiment` or, with
+/// `None`, of every experiment, oldest first. Run ids are UTC start times, so they order runs
+/// across experiments too; `20261124-201500-2` comes after `20261124-201500`, as it started
+/// later. Directories that hold no run (the token cache of older versions, say) are left out.
+pub fn runs(runs_root: &Path, experiment: Option<&str>) -> io::Result<Vec<PathBuf>> {
+    let experiments: Vec<PathBuf> = match experiment {
+        Some(name) => vec![runs_root.join(name)],
+        None => fs::read_dir(runs_root)?
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect(),
+    };
+    let mut found = Vec::new();
+    for parent in experiments {
+        for entry in fs::read_dir(&parent)?.filter_map(Result::ok) {
+            let path = entry.path();
+            if holds_run(&path) {
+                found.push((run_id_key(&entry.file_name().to_string_lossy()), path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, path)| path).collect())
+}
+
+/// `(timestamp, suffix)` of a run id, so `-10` sorts after `-9`.
+fn run_id_key(id: &str) -> (String, u32) {
+    match id.get(..15).zip(id.get(15..)) {
+        Some((stamp, rest)) => (
+            stamp.to_string(),
+            rest.strip_prefix('-')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(if rest.is_empty() { 1 } else { 0 }),
+        ),
+        None => (id.to_string(), 0),
+    }
 }
 
 /// `YYYYMMDD-HHMMSS` of `t` in UTC.
@@ -718,6 +757,52 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn run_ids_sort_by_start_then_suffix() {
+        let mut ids = vec![
+            "20261124-201500-10",
+            "20261124-201500-2",
+            "20261124-201500",
+            "20261123-235959",
+            "20261124-201501",
+        ];
+        ids.sort_by_key(|id| run_id_key(id));
+        assert_eq!(
+            ids,
+            [
+                "20261123-235959",
+                "20261124-201500",
+                "20261124-201500-2",
+                "20261124-201500-10",
+                "20261124-201501",
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_are_listed_oldest_first_across_experiments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let make = |experiment: &str, id: &str| {
+            let dir = tmp.path().join(experiment).join(id);
+            fs::create_dir_all(&dir).unwrap();
+            let config = format!("(experiment: \"{experiment}\")");
+            fs::write(dir.join(CONFIG), config).unwrap();
+            dir
+        };
+        let b2 = make("b", "20261124-201500-2");
+        let a1 = make("a", "20261124-201500");
+        let b1 = make("b", "20261123-235959");
+        let a2 = make("a", "20261125-000000");
+        fs::create_dir_all(tmp.path().join("a/not-a-run")).unwrap();
+        fs::create_dir_all(tmp.path().join(".cache/x")).unwrap();
+        assert_eq!(
+            runs(tmp.path(), None).unwrap(),
+            [&b1, &a1, &b2, &a2].map(Clone::clone)
+        );
+        assert_eq!(runs(tmp.path(), Some("a")).unwrap(), [a1, a2]);
+        assert!(runs(tmp.path(), Some("c")).is_err());
     }
 
     #[test]

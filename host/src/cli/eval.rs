@@ -7,11 +7,13 @@ use anyhow::{bail, Result};
 use super::EvalArgs;
 use crate::data::{self, BatchShape, Source, ValBatches};
 use crate::inference;
+use crate::run::Latest;
 
 /// Evaluate a run's newest valid checkpoint (or a named checkpoint).
 pub fn eval(args: EvalArgs) -> Result<()> {
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
-    let loaded = inference::load(&args.target, &registry)?;
+    let target = super::run_target(&args.target, Latest::WithCheckpoint)?;
+    let loaded = inference::load(&target, &registry)?;
     let config = &loaded.config;
     let docs = if args.data.is_empty() {
         let split = data::load_documents(&config.data, &config.dir)?;
@@ -38,6 +40,17 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let val = ValBatches::new(tokens.into(), shape, data::pad_id(&loaded.tokenizer))?;
     let totals = inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)?;
     super::say!("checkpoint {}", loaded.checkpoint.display());
+    if args.json {
+        return super::print_json(&serde_json::json!({
+            "checkpoint": loaded.checkpoint,
+            "data": if args.data.is_empty() { None } else { Some(&args.data) },
+            "loss": totals.loss(),
+            "perplexity": totals.perplexity(),
+            "accuracy": totals.accuracy(),
+            "tokens": totals.tokens as u64,
+            "batches": totals.batches,
+        }));
+    }
     writeln!(
         std::io::stdout().lock(),
         "loss {:.4}  perplexity {:.3}  accuracy {:.4}  tokens {}  batches {}",

@@ -7,11 +7,13 @@ use anyhow::Result;
 use super::GenerateArgs;
 use crate::inference::sampling::Sampling;
 use crate::inference::{self, GenerateOptions};
+use crate::run::Latest;
 
 /// Print a continuation of the prompt; the same seed gives the same text.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
-    let loaded = inference::load(&args.target, &registry)?;
+    let target = super::run_target(&args.target, Latest::WithCheckpoint)?;
+    let loaded = inference::load(&target, &registry)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: Sampling {
@@ -21,13 +23,24 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         },
         seed: args.seed.unwrap_or(loaded.config.seed),
     };
-    let text = inference::generate(
+    let generated = inference::generate(
         &loaded.model,
         &loaded.tokenizer,
         &loaded.device,
         &args.prompt,
         &options,
     )?;
-    writeln!(std::io::stdout().lock(), "{text}")?;
+    if args.json {
+        return super::print_json(&serde_json::json!({
+            "checkpoint": loaded.checkpoint,
+            "prompt": args.prompt,
+            "completion": generated.completion,
+            "text": generated.text,
+            "tokens": generated.tokens,
+            "end_of_text": generated.end_of_text,
+            "seed": options.seed,
+        }));
+    }
+    writeln!(std::io::stdout().lock(), "{}", generated.text)?;
     Ok(())
 }

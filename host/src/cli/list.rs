@@ -251,20 +251,17 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         }
     }
 
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
     if args.json {
         let rows: Vec<&Row> = groups.iter().flat_map(|(_, rows)| rows).collect();
-        serde_json::to_writer_pretty(&mut out, &rows)?;
-        writeln!(out)?;
-    } else {
-        write_table(
-            &mut out,
-            &groups,
-            manifest.as_ref(),
-            args.kind == Some(KindFilter::Plugin),
-        )?;
+        return super::print_json(&rows);
     }
+    let mut out = io::stdout().lock();
+    write_table(
+        &mut out,
+        &groups,
+        manifest.as_ref(),
+        args.kind == Some(KindFilter::Plugin),
+    )?;
     out.flush()?;
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -20,6 +20,7 @@ use crate::diagnostics::Diagnostic;
 use crate::plugins::manifest::ManifestError;
 use crate::plugins::native::NativeError;
 use crate::plugins::registry::RegistryError;
+use crate::run::{Latest, RunError};
 
 pub mod bench;
 pub mod eval;
@@ -95,8 +96,9 @@ const RESUME_LONG_ABOUT: &str = "Continue an interrupted run from its newest val
 /// `codex-ml resume`.
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
-    /// The run directory to continue, e.g. runs/quickstart/20261124-201500
-    #[arg(value_name = "RUN_DIR")]
+    /// The run directory to continue, e.g. runs/quickstart/20261124-201500, or `latest` (the
+    /// newest run under runs/ with a valid checkpoint)
+    #[arg(value_name = "RUN_DIR|latest")]
     pub run_dir: PathBuf,
     /// Override one value of the run's config, e.g. `--set train.max_steps=800`; only
     /// settings that leave the steps already taken unchanged may differ
@@ -117,14 +119,23 @@ pub struct ResumeArgs {
     /// data around a divergence, say)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub skip_batches: u64,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `codex-ml verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// A checkpoint directory, or a run directory (every checkpoint in it is checked)
-    #[arg(value_name = "CHECKPOINT_OR_RUN")]
+    /// A checkpoint directory, a run directory (every checkpoint in it is checked), or
+    /// `latest` (the newest run under runs/ that has written a checkpoint)
+    #[arg(value_name = "CHECKPOINT_OR_RUN|latest")]
     pub path: PathBuf,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `codex-ml run`.
@@ -161,13 +172,18 @@ pub struct RunArgs {
     /// checkpoint
     #[arg(long, value_name = "N", default_value_t = 0, requires = "resume")]
     pub skip_batches: u64,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `codex-ml eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A run directory (its newest valid checkpoint is used) or a checkpoint directory
-    #[arg(value_name = "RUN_OR_CHECKPOINT")]
+    /// A run directory (its newest valid checkpoint is used), a checkpoint directory, or
+    /// `latest` (the newest run under runs/ with a valid checkpoint)
+    #[arg(value_name = "RUN_OR_CHECKPOINT|latest")]
     pub target: PathBuf,
     /// Evaluate on these files or globs instead of the run's validation split; repeatable
     #[arg(long, value_name = "FILE_OR_GLOB")]
@@ -179,13 +195,18 @@ pub struct EvalArgs {
     /// tokenizer comes from a plugin)
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `codex-ml generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A run directory (its newest valid checkpoint is used) or a checkpoint directory
-    #[arg(value_name = "RUN_OR_CHECKPOINT")]
+    /// A run directory (its newest valid checkpoint is used), a checkpoint directory, or
+    /// `latest` (the newest run under runs/ with a valid checkpoint)
+    #[arg(value_name = "RUN_OR_CHECKPOINT|latest")]
     pub target: PathBuf,
     /// Text to continue
     #[arg(long, value_name = "TEXT")]
@@ -210,6 +231,10 @@ pub struct GenerateArgs {
     /// tokenizer comes from a plugin)
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `codex-ml bench`.
@@ -295,6 +320,46 @@ pub(crate) use say;
 #[error("stopped by {}", crate::run::signal_name(*.0))]
 pub struct Stopped(pub i32);
 
+/// Where runs go (`runs/<experiment>/<run-id>`) and where `latest` looks: under the current
+/// directory.
+pub(crate) const RUNS_ROOT: &str = "runs";
+
+/// A command's run or checkpoint argument: `latest` stands for the newest run under `runs/`
+/// the command can use (named in the log); any other path must exist.
+pub(crate) fn run_target(target: &Path, latest: Latest) -> anyhow::Result<PathBuf> {
+    if target == Path::new("latest") {
+        return crate::run::latest_run(Path::new(RUNS_ROOT), None, latest);
+    }
+    if !target.exists() {
+        return Err(RunError::NoSuchRun(target.to_path_buf()).into());
+    }
+    Ok(target.to_path_buf())
+}
+
+/// Whether the command has printed its JSON document (so a failure after it adds none).
+static JSON_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Write `value` to stdout as the command's one JSON document (`--json`).
+pub(crate) fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The JSON document of a failed command: the error, its causes and the exit code.
+pub fn error_json(error: &anyhow::Error, exit_code: i32) -> serde_json::Value {
+    let mut chain = error.chain().map(|cause| cause.to_string());
+    serde_json::json!({
+        "error": chain.next().unwrap_or_default(),
+        "causes": chain.collect::<Vec<_>>(),
+        "exit_code": exit_code,
+    })
+}
+
 /// A problem with how codex-ml was invoked; exits with code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -311,6 +376,7 @@ pub fn main() -> i32 {
         }
     };
     crate::logging::init(cli.verbose, cli.quiet);
+    let json = cli.command.json();
     let result = match cli.command {
         Command::List(args) => list::list(args),
         Command::Run(args) => run::run(args),
@@ -328,7 +394,29 @@ pub fn main() -> i32 {
         Err(e) if e.is::<Stopped>() => exit_code(&e),
         Err(e) => {
             say!("{}", report(&e));
-            exit_code(&e)
+            let code = exit_code(&e);
+            if json && !JSON_PRINTED.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = print_json(&error_json(&e, code));
+            }
+            code
+        }
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for `--json` output.
+    fn json(&self) -> bool {
+        match self {
+            Command::List(args) => args.json,
+            Command::Run(args) => args.json,
+            Command::Resume(args) => args.json,
+            Command::Verify(args) => args.json,
+            Command::Eval(args) => args.json,
+            Command::Generate(args) => args.json,
+            Command::Plugin(args) => match &args.command {
+                plugin::PluginCommand::Inspect(args) => args.json,
+            },
+            Command::Bench(_) => false,
         }
     }
 }

@@ -100,14 +100,11 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
             })
             .collect(),
     };
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        write_report(&mut out, &report)?;
+        return super::print_json(&report);
     }
+    let mut out = io::stdout().lock();
+    write_report(&mut out, &report)?;
     out.flush()?;
     Ok(())
 }

@@ -8,10 +8,11 @@ use anyhow::Result;
 
 use super::ResumeArgs;
 use crate::config::Config;
-use crate::run::{continue_from, is_restartable, locate, RunOptions};
+use crate::run::{continue_from, is_restartable, locate, Latest, RunOptions};
 
 /// `codex-ml resume RUN_DIR`.
-pub fn resume(args: ResumeArgs) -> Result<()> {
+pub fn resume(mut args: ResumeArgs) -> Result<()> {
+    args.run_dir = super::run_target(&args.run_dir, Latest::Resumable)?;
     if is_restartable(&args.run_dir) {
         return restart(args);
     }
@@ -26,7 +27,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     config.check_components(&registry)?;
     let options = options(&args, point.run_dir.clone());
     let summary = continue_from(&config, &saved, &registry, &options, &point)?;
-    super::run::report(&summary)?;
+    super::run::report(&summary, args.json)?;
     super::run::stopped(&summary)
 }
 
@@ -39,7 +40,7 @@ fn restart(args: ResumeArgs) -> Result<()> {
     crate::run::install_interrupt_handler();
     let options = options(&args, args.run_dir.clone());
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
-    super::run::report(&summary)?;
+    super::run::report(&summary, args.json)?;
     super::run::stopped(&summary)
 }
 

@@ -26,7 +26,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(target) => session::continue_config(&config, &registry, &options, target)?,
         None => session::run(&config, &registry, &options)?,
     };
-    report(&summary)?;
+    report(&summary, args.json)?;
     stopped(&summary)
 }
 
@@ -39,7 +39,7 @@ pub(super) fn options(
 ) -> RunOptions {
     RunOptions {
         run_dir,
-        runs_root: PathBuf::from("runs"),
+        runs_root: PathBuf::from(super::RUNS_ROOT),
         stop: None,
         progress: true,
         allow_plugin_change,
@@ -60,8 +60,9 @@ pub(crate) fn stopped(summary: &RunSummary) -> Result<()> {
 }
 
 /// Tell the user how the run ended and where its results are (on stderr), and a script the
-/// run directory (alone on stdout, whatever the outcome, so `dir=$(codex-ml run …)` works).
-pub(crate) fn report(summary: &RunSummary) -> Result<()> {
+/// run directory (alone on stdout, or with `json` as part of one JSON object, whatever the
+/// outcome, so `dir=$(codex-ml run …)` works).
+pub(crate) fn report(summary: &RunSummary, json: bool) -> Result<()> {
     let dir = summary.run_dir.display();
     if let Some(sample) = &summary.sample {
         super::say!("\n--- sample ---\n{sample}\n--------------");
@@ -69,8 +70,10 @@ pub(crate) fn report(summary: &RunSummary) -> Result<()> {
     if let Some(loss) = summary.val_loss {
         super::say!("validation loss {loss:.4} (perplexity {:.2})", loss.exp());
     }
-    if summary.interrupted {
-        let by = session::stop_signal().map_or("request", session::signal_name);
+    let signal = summary
+        .interrupted
+        .then(|| session::stop_signal().map_or("request", session::signal_name));
+    if let Some(by) = signal {
         super::say!(
             "stopped by {by} after step {}; results are in {dir}; continue with `codex-ml resume {dir}`",
             summary.steps
@@ -80,6 +83,18 @@ pub(crate) fn report(summary: &RunSummary) -> Result<()> {
         }
     } else {
         super::say!("finished {} steps; results are in {dir}", summary.steps);
+    }
+    if json {
+        return super::print_json(&serde_json::json!({
+            "run_dir": summary.run_dir,
+            "status": if summary.interrupted { "stopped" } else { "finished" },
+            "signal": signal,
+            "steps": summary.steps,
+            "last_checkpoint": summary.last_checkpoint,
+            "val_loss": summary.val_loss,
+            "val_perplexity": summary.val_loss.map(f64::exp),
+            "sample": summary.sample,
+        }));
     }
     writeln!(std::io::stdout().lock(), "{dir}")?;
     Ok(())

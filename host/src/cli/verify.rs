@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 
 use super::{UsageError, VerifyArgs};
 use crate::checkpoint;
+use crate::run::Latest;
 
 /// The verdict on one checkpoint.
 #[derive(Debug)]
@@ -60,33 +61,58 @@ pub fn check(path: &Path) -> Result<Vec<Verdict>> {
 
 /// `codex-ml verify`.
 pub fn verify(args: VerifyArgs) -> Result<()> {
-    let verdicts = check(&args.path)?;
-    let mut out = std::io::stdout().lock();
-    for v in &verdicts {
-        match &v.problem {
-            None => writeln!(out, "valid    {}", v.path.display())?,
-            Some(why) => writeln!(out, "corrupt  {}: {why}", v.path.display())?,
-        }
-    }
-    let root = args.path.join("checkpoints");
-    if let Ok(entries) = std::fs::read_dir(&root) {
+    let path = super::run_target(&args.path, Latest::WithCheckpoints)?;
+    let verdicts = check(&path)?;
+    let mut incomplete = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(path.join("checkpoints")) {
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") {
-                writeln!(
-                    out,
-                    "incomplete  {}: an interrupted write, never a checkpoint (resume removes it)",
-                    entry.path().display()
-                )?;
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                incomplete.push(entry.path());
             }
         }
     }
-    out.flush()?;
+    incomplete.sort();
     let corrupt = verdicts.iter().filter(|v| v.problem.is_some()).count();
+    if args.json {
+        let checkpoints: Vec<_> = verdicts
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "path": v.path,
+                    "step": v.path.file_name().and_then(|n| n.to_str()).and_then(checkpoint::parse_step),
+                    "valid": v.problem.is_none(),
+                    "problem": v.problem,
+                })
+            })
+            .collect();
+        super::print_json(&serde_json::json!({
+            "path": path,
+            "checkpoints": checkpoints,
+            "incomplete": incomplete,
+            "valid": verdicts.len() - corrupt,
+            "corrupt": corrupt,
+        }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        for v in &verdicts {
+            match &v.problem {
+                None => writeln!(out, "valid    {}", v.path.display())?,
+                Some(why) => writeln!(out, "corrupt  {}: {why}", v.path.display())?,
+            }
+        }
+        for dir in &incomplete {
+            writeln!(
+                out,
+                "incomplete  {}: an interrupted write, never a checkpoint (resume removes it)",
+                dir.display()
+            )?;
+        }
+        out.flush()?;
+    }
     if verdicts.is_empty() {
         bail!(
             "{}: no checkpoints to verify (a run writes one every train.checkpoint_every steps and at its end)",
-            args.path.display()
+            path.display()
         );
     }
     if corrupt > 0 {

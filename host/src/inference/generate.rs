@@ -37,14 +37,27 @@ pub struct GenerateOptions {
     pub seed: u64,
 }
 
-/// Continue `prompt`; returns the prompt followed by the generated text.
+/// What [`generate`] made of a prompt.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The prompt followed by the generated text.
+    pub text: String,
+    /// The generated text alone.
+    pub completion: String,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Whether generation stopped at end-of-text rather than after `max_tokens`.
+    pub end_of_text: bool,
+}
+
+/// Continue `prompt`.
 pub fn generate(
     model: &ModelBox,
     tokenizer: &TokenizerBox,
     device: &Device,
     prompt: &str,
     options: &GenerateOptions,
-) -> Result<String> {
+) -> Result<Generated> {
     options.sampling.validate().map_err(|e| anyhow!(e))?;
     let eot = tokenizer.eot_id();
     let ids: Vec<u32> = tokenizer
@@ -53,11 +66,17 @@ pub fn generate(
         .map_err(|e| anyhow!("tokenizer: {e}"))?
         .into_vec();
     let new = generate_ids(model, device, &ids, eot, options)?;
-    let continuation = tokenizer
+    let completion = tokenizer
         .decode(new.as_slice().into())
         .into_result()
-        .map_err(|e| anyhow!("tokenizer: {e}"))?;
-    Ok(format!("{prompt}{continuation}"))
+        .map_err(|e| anyhow!("tokenizer: {e}"))?
+        .to_string();
+    Ok(Generated {
+        text: format!("{prompt}{completion}"),
+        tokens: new.len(),
+        end_of_text: new.len() < options.max_tokens,
+        completion,
+    })
 }
 
 /// Continue the token ids `prompt` (`[eot]` when empty) until `options.max_tokens` tokens or

@@ -20,7 +20,7 @@ use codex_plugin_api::tokenizer::TokenizerBox;
 pub use codex_plugin_api::EvalTotals;
 pub use eval::evaluate;
 pub(crate) use eval::sums as evaluation_sums;
-pub use generate::{generate, generate_ids, GenerateOptions};
+pub use generate::{generate, generate_ids, GenerateOptions, Generated};
 
 use crate::config::Config;
 use crate::plugins::build;

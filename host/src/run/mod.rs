@@ -50,7 +50,9 @@ use crate::plugins::registry::Registry;
 use crate::rundir::{Metadata, MetadataInput, RunDir};
 
 pub use interrupt::{install_interrupt_handler, signal_name, stop_signal};
-pub use resume::{continue_config, continue_from, is_restartable, locate, ResumePoint};
+pub use resume::{
+    continue_config, continue_from, is_restartable, latest_run, locate, Latest, ResumePoint,
+};
 pub use steps::run_params;
 
 /// A run refused because of what it was asked to do: nothing was trained, nothing changed on
@@ -95,15 +97,23 @@ pub enum RunError {
     /// A path that is neither a run directory nor a checkpoint.
     #[error("{}: no such run or checkpoint directory; pass a run directory (runs/<experiment>/<run-id>) or one of its checkpoints", .0.display())]
     NoSuchRun(PathBuf),
-    /// `--resume latest` with no run of the experiment to continue.
-    #[error("--resume latest: no runs of experiment `{experiment}` under {}{reason}; pass --run-dir or a path to --resume", dir.display())]
+    /// `latest` with no run to stand for.
+    #[error("latest: no runs{of} under {}{reason}; start one with `codex-ml run CONFIG`, or pass a run directory", dir.display())]
     NoRuns {
-        /// The experiment.
-        experiment: String,
-        /// Where its runs would be.
+        /// ` of experiment `name``, or empty for runs of any experiment.
+        of: String,
+        /// Where the runs would be.
         dir: PathBuf,
         /// Why the directory could not be read, if it could not (` (…)`), else empty.
         reason: String,
+    },
+    /// `latest` where a checkpoint is needed, and no run has one.
+    #[error("latest: no run{of} under {} has a checkpoint yet (a run writes one every train.checkpoint_every steps and at its end); pass a run or checkpoint directory", dir.display())]
+    NoCheckpoints {
+        /// ` of experiment `name``, or empty for runs of any experiment.
+        of: String,
+        /// Where the runs are.
+        dir: PathBuf,
     },
 }
 
@@ -370,12 +380,24 @@ fn run_in(
             .into());
         }
     }
+    // A batch cannot hold more windows than the data has: say what a step really trains on.
+    let rows = config.train.batch_size.min(train_batches.windows());
+    if rows < config.train.batch_size {
+        tracing::warn!(
+            "train.batch_size is {} but the training data holds only {rows} windows of {} tokens, so every batch is those {rows}; add data, or lower train.batch_size or train.seq_len",
+            config.train.batch_size,
+            config.train.seq_len
+        );
+    }
+    // Two short lines rather than one that wraps at 80 columns.
     tracing::info!(
-        "training: {} steps of {} x {} tokens x {} micro-batches; {} batches per epoch",
-        total_steps,
-        config.train.batch_size,
-        config.train.seq_len,
+        "training: {total_steps} steps, each of {} micro-batch{} of {rows} x {} tokens",
         config.train.grad_accum,
+        if config.train.grad_accum == 1 { "" } else { "es" },
+        config.train.seq_len,
+    );
+    tracing::info!(
+        "an epoch is {} batches",
         train_batches.batches_per_epoch()
     );
 
@@ -493,21 +515,24 @@ fn run_in(
         })
         .and_then(|outcome| {
             let sample = match (&config.generate, outcome.interrupted) {
-                (Some(g), false) => Some(inference::generate(
-                    &model,
-                    &tokenizer,
-                    &device,
-                    &g.prompt,
-                    &inference::GenerateOptions {
-                        max_tokens: g.max_tokens,
-                        sampling: crate::inference::sampling::Sampling {
-                            temperature: g.temperature,
-                            top_k: g.top_k.unwrap_or(0),
-                            top_p: g.top_p.unwrap_or(1.0),
+                (Some(g), false) => Some(
+                    inference::generate(
+                        &model,
+                        &tokenizer,
+                        &device,
+                        &g.prompt,
+                        &inference::GenerateOptions {
+                            max_tokens: g.max_tokens,
+                            sampling: crate::inference::sampling::Sampling {
+                                temperature: g.temperature,
+                                top_k: g.top_k.unwrap_or(0),
+                                top_p: g.top_p.unwrap_or(1.0),
+                            },
+                            seed: config.seed,
                         },
-                        seed: config.seed,
-                    },
-                )?),
+                    )?
+                    .text,
+                ),
                 _ => None,
             };
             Ok(RunSummary {

@@ -81,7 +81,11 @@ pub fn continue_config(
     let target = if target == Path::new("latest") {
         match &options.run_dir {
             Some(dir) => dir.clone(),
-            None => newest_run(&options.runs_root, &config.experiment)?,
+            None => latest_run(
+                &options.runs_root,
+                Some(&config.experiment),
+                Latest::Resumable,
+            )?,
         }
     } else {
         target.to_path_buf()
@@ -184,68 +188,71 @@ pub fn is_restartable(target: &Path) -> bool {
         && !has_checkpoint(target)
 }
 
-/// The run `--resume latest` continues: the newest run of `experiment` under `runs_root`
-/// (run ids sort by start time) that has a checkpoint, naming the newer ones it passed over;
-/// when none has one, the newest run, which is then started again in place.
-fn newest_run(runs_root: &Path, experiment: &str) -> Result<PathBuf> {
-    let parent = runs_root.join(experiment);
-    let mut runs: Vec<(String, PathBuf)> = std::fs::read_dir(&parent)
-        .map_err(|e| RunError::NoRuns {
-            experiment: experiment.to_string(),
-            dir: parent.clone(),
-            reason: format!(" ({e})"),
-        })?
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| crate::rundir::holds_run(&entry.path()))
-        .map(|entry| {
-            (
-                entry.file_name().to_string_lossy().into_owned(),
-                entry.path(),
-            )
-        })
-        .collect();
-    // `20261124-201500-2` sorts after `20261124-201500`, as it started later.
-    runs.sort_by_key(|(id, _)| run_id_key(id));
-    let Some((_, newest)) = runs.last().cloned() else {
-        return Err(RunError::NoRuns {
-            experiment: experiment.to_string(),
-            dir: parent.clone(),
-            reason: String::new(),
-        }
-        .into());
-    };
-    let mut passed = Vec::new();
-    for (id, path) in runs.iter().rev() {
-        if has_checkpoint(path) {
-            let passed = match passed.len() {
-                0 => String::new(),
-                _ => format!("; newer runs without a checkpoint: {}", passed.join(", ")),
-            };
-            tracing::info!(
-                "--resume latest: run {} (the newest of experiment `{experiment}` with a checkpoint{passed})",
-                path.display()
-            );
-            return Ok(path.clone());
-        }
-        passed.push(id.clone());
-    }
-    tracing::info!(
-        "--resume latest: run {}, the newest of experiment `{experiment}`; no run has a checkpoint",
-        newest.display()
-    );
-    Ok(newest)
+/// What `latest` stands for in a command that takes a run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Latest {
+    /// The newest run with a valid checkpoint; when none has one, the newest run, to be
+    /// started again in place (`resume`, `run --resume`).
+    Resumable,
+    /// The newest run with a valid checkpoint (`eval`, `generate`).
+    WithCheckpoint,
+    /// The newest run that has written a checkpoint, valid or not (`verify`).
+    WithCheckpoints,
 }
 
-/// `(timestamp, suffix)` of a run id, so `-10` sorts after `-9`.
-fn run_id_key(id: &str) -> (String, u32) {
-    match id.get(..15).zip(id.get(15..)) {
-        Some((stamp, rest)) => (
-            stamp.to_string(),
-            rest.strip_prefix('-')
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(if rest.is_empty() { 1 } else { 0 }),
-        ),
-        None => (id.to_string(), 0),
+/// The run `latest` names: the newest run under `runs_root` (of `experiment`, or of any
+/// experiment) that `latest` can use, logging which and the newer runs it passed over.
+pub fn latest_run(runs_root: &Path, experiment: Option<&str>, latest: Latest) -> Result<PathBuf> {
+    let of = experiment
+        .map(|e| format!(" of experiment `{e}`"))
+        .unwrap_or_default();
+    let dir = experiment.map_or_else(|| runs_root.to_path_buf(), |e| runs_root.join(e));
+    let no_runs = |reason: String| RunError::NoRuns {
+        of: of.clone(),
+        dir: dir.clone(),
+        reason,
+    };
+    let runs =
+        crate::rundir::runs(runs_root, experiment).map_err(|e| no_runs(format!(" ({e})")))?;
+    let Some(newest) = runs.last().cloned() else {
+        return Err(no_runs(String::new()).into());
+    };
+    let usable = |run: &Path| match latest {
+        Latest::Resumable | Latest::WithCheckpoint => has_checkpoint(run),
+        Latest::WithCheckpoints => {
+            checkpoint::list(&run.join("checkpoints")).is_ok_and(|found| !found.is_empty())
+        }
+    };
+    let name = |run: &Path| {
+        run.strip_prefix(runs_root)
+            .unwrap_or(run)
+            .display()
+            .to_string()
+    };
+    let mut passed = Vec::new();
+    for run in runs.iter().rev() {
+        if usable(run) {
+            let passed = match passed.len() {
+                0 => String::new(),
+                _ => format!("; newer runs without one: {}", passed.join(", ")),
+            };
+            tracing::info!(
+                "latest: run {} (the newest{of} with a checkpoint{passed})",
+                run.display()
+            );
+            return Ok(run.clone());
+        }
+        passed.push(name(run));
+    }
+    match latest {
+        Latest::Resumable => {
+            tracing::info!(
+                "latest: run {}, the newest{of}; no run has a checkpoint, so it starts again",
+                newest.display()
+            );
+            Ok(newest)
+        }
+        _ => Err(RunError::NoCheckpoints { of, dir }.into()),
     }
 }
 
@@ -297,31 +304,4 @@ pub(crate) fn restore(
         train.next_batch();
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_ids_sort_by_start_then_suffix() {
-        let mut ids = vec![
-            "20261124-201500-10",
-            "20261124-201500-2",
-            "20261124-201500",
-            "20261123-235959",
-            "20261124-201501",
-        ];
-        ids.sort_by_key(|id| run_id_key(id));
-        assert_eq!(
-            ids,
-            [
-                "20261123-235959",
-                "20261124-201500",
-                "20261124-201500-2",
-                "20261124-201500-10",
-                "20261124-201501",
-            ]
-        );
-    }
 }
