@@ -1235,10 +1235,109 @@ fn a_run_under_timeout_signal_term_stops_with_a_checkpoint_and_continues() {
     let checkpoint = format!("scheduled/checkpoints/step-{steps:08}");
     assert_eq!(stopped["last_checkpoint"], checkpoint.as_str(), "{stopped}");
     fx.ok(&["verify", "scheduled"]);
+    let status = status_of(&fx, "scheduled");
+    assert_eq!(status["status"], "interrupted", "{status}");
+    assert_eq!(status["signal"], "SIGTERM", "{status}");
+    assert_eq!(status["step"], steps, "{status}");
+    let log = std::fs::read_to_string(fx.path("scheduled/log.txt")).expect("log.txt");
+    assert!(
+        log.trim_end()
+            .ends_with(&format!("stopped by SIGTERM after step {steps}")),
+        "{log}"
+    );
     let more = format!("train.max_steps={}", steps + 2);
     let stderr = fx.ok(&["resume", "scheduled", "--set", &more]);
     assert!(
         stderr.contains(&format!("finished {} steps", steps + 2)),
         "{stderr}"
+    );
+}
+
+/// `status.json` of a run directory.
+fn status_of(fx: &Fixture, run: &str) -> Value {
+    let path = fx.path(run).join("status.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("status.json is JSON")
+}
+
+/// A finished run and a failed one each leave a directory that says how the run ended, and a
+/// `log.txt` that holds its steps, validations and checkpoints under `-q` and ends with the
+/// outcome (the interrupted run is the `timeout` test's).
+#[test]
+fn the_run_directory_says_how_the_run_ended() {
+    let fx = Fixture::new("constant", "");
+    fx.straight("finished");
+    let status = status_of(&fx, "finished");
+    assert_eq!(status["status"], "finished", "{status}");
+    assert_eq!(status["step"], STEPS, "{status}");
+    assert_eq!(status["error"], Value::Null, "{status}");
+    assert_eq!(
+        status["last_checkpoint"],
+        format!("checkpoints/step-{STEPS:08}"),
+        "{status}"
+    );
+    assert!(
+        status["ended_unix"].as_f64() >= status["started_unix"].as_f64(),
+        "{status}"
+    );
+    assert!(status["tokens_seen"].as_u64().unwrap() > 0, "{status}");
+    let records = records(&fx.path("finished"));
+    let last = |split: &str, name: &str| {
+        records
+            .iter()
+            .rev()
+            .find(|r| r.1 == split && r.2 == name)
+            .map(|r| f64::from_bits(r.3))
+            .expect("a record")
+    };
+    assert_eq!(status["final_metrics"]["train/loss"], last("train", "loss"));
+    assert_eq!(status["final_metrics"]["val/loss"], last("val", "loss"));
+    let best = records
+        .iter()
+        .filter(|r| r.1 == "val" && r.2 == "loss")
+        .map(|r| f64::from_bits(r.3))
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(status["best_val_loss"], best, "{status}");
+    let best_checkpoint = status["best_checkpoint"]
+        .as_str()
+        .expect("a best checkpoint");
+    assert!(
+        fx.path("finished").join(best_checkpoint).is_dir(),
+        "{status}"
+    );
+    let log = std::fs::read_to_string(fx.path("finished/log.txt")).expect("log.txt");
+    for line in [
+        &format!("step {STEPS}/{STEPS} loss"),
+        "validation loss",
+        "checkpoint: ",
+    ] {
+        assert!(
+            log.contains(line),
+            "no `{line}` in log.txt under -q:\n{log}"
+        );
+    }
+    assert!(
+        log.trim_end().ends_with(&format!("finished {STEPS} steps")),
+        "{log}"
+    );
+
+    let out = fx.codex(
+        &["run", "tiny.ron", "--run-dir", "failed", "-q"],
+        &[("CODEX_ML_TEST_RECORD_FULL_AFTER", "2500")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let status = status_of(&fx, "failed");
+    assert_eq!(status["status"], "failed", "{status}");
+    let error = status["error"].as_str().expect("an error");
+    assert!(
+        error.contains("metrics.ndjson, the run's record, could not be written"),
+        "{status}"
+    );
+    assert!(status["step"].as_u64().unwrap() < STEPS, "{status}");
+    let log = std::fs::read_to_string(fx.path("failed/log.txt")).expect("log.txt");
+    let last_line = log.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last_line.contains("the run failed: ") && last_line.contains("metrics.ndjson"),
+        "{log}"
     );
 }

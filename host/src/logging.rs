@@ -6,7 +6,9 @@
 //! [`detach_run_log`] empties). Until then the file layer is disabled and costs nothing.
 //! stdout is never written here: it is reserved for machine output (`--json`). While a run
 //! shows a progress bar ([`show_progress_bar`]), lines for stderr are written with the bar
-//! hidden, so they scroll above it instead of leaving frozen copies of it behind.
+//! hidden, so they scroll above it instead of leaving frozen copies of it behind; the step
+//! and validation lines the bar stands for ([`PROGRESS`]) still go to `log.txt`, which gets
+//! `info` lines even under `-q`, and the run's outcome ([`RUN_LOG_ONLY`]).
 //!
 //! Level: `info` by default, `-v` debug, `-vv` trace, `-q` warnings only; `RUST_LOG`, when set,
 //! takes precedence (`RUST_LOG=codex_host=debug`).
@@ -28,6 +30,7 @@ use tracing_subscriber::Layer;
 static RUN_LOG: Mutex<Option<File>> = Mutex::new(None);
 static ATTACHED: AtomicBool = AtomicBool::new(false);
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+static BAR_SHOWN: AtomicBool = AtomicBool::new(false);
 
 /// The level the command-line flags ask for.
 pub fn level(verbose: u8, quiet: bool) -> LevelFilter {
@@ -46,23 +49,43 @@ fn colour() -> bool {
     io::stderr().is_terminal() && !no_color
 }
 
+/// Log lines with this target go to the run's `log.txt` only: the outcome of a run, which
+/// the command line prints on stderr in its own words.
+pub const RUN_LOG_ONLY: &str = "codex_host::run_log";
+
+/// Log lines with this target report progress (steps, validation): on stderr only while no
+/// progress bar shows them, always in `log.txt`.
+pub const PROGRESS: &str = "codex_host::progress";
+
 /// Install the global subscriber. Calling it again (tests, embedding) changes nothing.
+///
+/// stderr shows what the flags (or `RUST_LOG`) ask for; `log.txt` holds at least every
+/// `info` line whatever they say (`-q` quiets the terminal, not the run's record), and the
+/// `-v` levels when asked.
 pub fn init(verbose: u8, quiet: bool) {
-    let filter = EnvFilter::builder()
+    let on_stderr = EnvFilter::builder()
         .with_default_directive(level(verbose, quiet).into())
         .from_env_lossy();
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(|| StderrWriter)
         .with_ansi(colour())
         .with_target(verbose > 0)
-        .without_time();
+        .without_time()
+        .with_filter(on_stderr)
+        .with_filter(filter_fn(|meta| match meta.target() {
+            RUN_LOG_ONLY => false,
+            PROGRESS => !BAR_SHOWN.load(Ordering::Relaxed),
+            _ => true,
+        }));
+    let in_file = level(verbose, false);
     let file = tracing_subscriber::fmt::layer()
         .with_writer(RunLogWriter)
         .with_ansi(false)
-        .with_filter(filter_fn(|_| ATTACHED.load(Ordering::Relaxed)));
+        .with_filter(filter_fn(move |meta| {
+            ATTACHED.load(Ordering::Relaxed) && *meta.level() <= in_file
+        }));
     // Fails only when a subscriber is already installed, which is fine.
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(stderr)
         .with(file)
         .try_init();
@@ -94,6 +117,7 @@ pub fn detach_run_log() -> io::Result<()> {
 
 /// Write log lines for stderr around `bar` from now on (`None`: no bar any more).
 pub fn show_progress_bar(bar: Option<ProgressBar>) {
+    BAR_SHOWN.store(bar.is_some(), Ordering::Relaxed);
     *BAR.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = bar;
 }
 

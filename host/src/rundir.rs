@@ -2,8 +2,8 @@
 //! reproduce it.
 //!
 //! ```text
-//! runs/<experiment>/<run-id>/   config.ron  metadata.json  metrics.ndjson  metrics.csv
-//!                               log.txt  tokenizer.json  checkpoints/
+//! runs/<experiment>/<run-id>/   config.ron  metadata.json  status.json  metrics.ndjson
+//!                               metrics.csv  log.txt  tokenizer.json  checkpoints/
 //! ```
 //!
 //! Rules, all in service of "never clobber data":
@@ -529,7 +529,8 @@ pub fn rfc3339(t: SystemTime) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
-fn unix_seconds(t: SystemTime) -> f64 {
+/// `t` as seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)

@@ -105,6 +105,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError +
         source,
     }
 }
+
 /// The directory name of the checkpoint at `step`.
 pub fn dir_name(step: u64) -> String {
     format!("{PREFIX}{step:08}")

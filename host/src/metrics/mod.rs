@@ -61,7 +61,7 @@ pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 mod record;
 
-pub use record::{RunRecord, RUN_RECORD, RUN_RECORD_FILE};
+pub use record::{finals, Finals, RunRecord, RUN_RECORD, RUN_RECORD_FILE};
 
 /// Errors of starting the hub or opening a sink.
 #[derive(Debug, thiserror::Error)]

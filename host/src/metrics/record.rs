@@ -105,6 +105,50 @@ impl LineFormat for Format {
     }
 }
 
+/// What a run's record says at its end: the last value of each `split/name`, and the lowest
+/// validation loss with its step.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Finals {
+    /// The last finite value of each metric, keyed `split/name` (`train/loss`, `val/loss`).
+    pub last: std::collections::BTreeMap<String, f64>,
+    /// The lowest `val/loss` and the step it was recorded at.
+    pub best_val_loss: Option<(u64, f64)>,
+    /// The highest step recorded.
+    pub last_step: Option<u64>,
+}
+
+/// Read the run's record at `path` for [`Finals`]. The record holds no superseded lines (a
+/// resume drops them), so the last line of each metric is its final value. A torn last line
+/// is skipped, as resume would drop it.
+pub fn finals(path: &Path) -> std::io::Result<Finals> {
+    #[derive(Deserialize)]
+    struct Entry {
+        step: u64,
+        split: String,
+        name: String,
+        value: Option<f64>,
+    }
+    let text = std::fs::read_to_string(path)?;
+    let mut finals = Finals::default();
+    for line in text.lines() {
+        let Ok(entry) = serde_json::from_str::<Entry>(line) else {
+            continue;
+        };
+        finals.last_step = finals.last_step.max(Some(entry.step));
+        let Some(value) = entry.value else { continue };
+        if entry.split == "val"
+            && entry.name == "loss"
+            && finals.best_val_loss.is_none_or(|(_, best)| value < best)
+        {
+            finals.best_val_loss = Some((entry.step, value));
+        }
+        finals
+            .last
+            .insert(format!("{}/{}", entry.split, entry.name), value);
+    }
+    Ok(finals)
+}
+
 fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }

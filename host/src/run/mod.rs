@@ -29,6 +29,7 @@ mod interrupt;
 mod progress;
 pub mod resume;
 mod session;
+mod status;
 mod steps;
 
 use std::path::PathBuf;
@@ -150,6 +151,10 @@ pub struct RunSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// The last validation loss, if evaluated.
     pub val_loss: Option<f64>,
+    /// The kept checkpoint with the lowest validation loss, if any was evaluated.
+    pub best_checkpoint: Option<PathBuf>,
+    /// Training tokens the data stream has served, over every session of the run.
+    pub tokens_seen: u64,
     /// The generated sample, if the config asked for one.
     pub sample: Option<String>,
 }
@@ -195,7 +200,33 @@ fn session(
     started: SystemTime,
     start: Start<'_>,
 ) -> Result<RunSummary> {
-    let result = run_in(config, registry, options, run, device, started, start);
+    // A new run's directory is its own from the start; a resumed or restarted one only once
+    // `run_in` has decided to go on (a refused resume changes nothing).
+    let mut status = status::Session::new(run, started);
+    if let Start::Fresh = start {
+        status.running()?;
+    }
+    let result = run_in(config, registry, options, run, device, &mut status, start);
+    if status.is_running() {
+        // The log file gets the outcome the command line prints.
+        match &result {
+            Ok(summary) if summary.interrupted => tracing::info!(
+                target: crate::logging::RUN_LOG_ONLY,
+                "stopped by {} after step {}",
+                stop_signal().map_or("request", signal_name),
+                summary.steps
+            ),
+            Ok(summary) => tracing::info!(
+                target: crate::logging::RUN_LOG_ONLY,
+                "finished {} steps",
+                summary.steps
+            ),
+            Err(e) => {
+                tracing::error!(target: crate::logging::RUN_LOG_ONLY, "the run failed: {e:#}")
+            }
+        }
+    }
+    status.end(&result);
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }
@@ -329,9 +360,10 @@ fn run_in(
     options: &RunOptions,
     run: &RunDir,
     device: Device,
-    started: SystemTime,
+    status: &mut status::Session,
     start: Start<'_>,
 ) -> Result<RunSummary> {
+    let started = status.started();
     let resume_from = start.point();
     if let Start::Resume(_) = start {
         check_plugins(config, registry, run, options.allow_plugin_change)?;
@@ -393,13 +425,14 @@ fn run_in(
     tracing::info!(
         "training: {total_steps} steps, each of {} micro-batch{} of {rows} x {} tokens",
         config.train.grad_accum,
-        if config.train.grad_accum == 1 { "" } else { "es" },
+        if config.train.grad_accum == 1 {
+            ""
+        } else {
+            "es"
+        },
         config.train.seq_len,
     );
-    tracing::info!(
-        "an epoch is {} batches",
-        train_batches.batches_per_epoch()
-    );
+    tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
 
     let optimizer = build::optimizer(
         registry,
@@ -425,6 +458,7 @@ fn run_in(
         );
         resume::prepare_checkpoints(&run.checkpoints_dir(), point.step())?;
         commit(tokenizer_json.as_deref())?;
+        status.running()?;
     }
     if let Start::Restart = start {
         crate::logging::attach_run_log(&run.log_path())
@@ -435,6 +469,7 @@ fn run_in(
         );
         resume::prepare_checkpoints(&run.checkpoints_dir(), 0)?;
         commit(tokenizer_json.as_deref())?;
+        status.running()?;
     }
 
     // A restart supersedes every record its first session made, as a resume at step 0 would.
@@ -504,6 +539,19 @@ fn run_in(
     session.progress.finish();
     let last_checkpoint = session.last_checkpoint.clone();
     let val_loss = session.val_loss;
+    let best_checkpoint = session
+        .known_checkpoints
+        .iter()
+        .filter(|c| c.valid)
+        .filter_map(|c| Some((c.val_loss.filter(|l| l.is_finite())?, c.step)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| {
+            run.checkpoints_dir()
+                .join(crate::checkpoint::dir_name(step))
+        });
+    let cursor = session.train.cursor();
+    let tokens_seen = (cursor.epoch * session.train.windows() as u64 + cursor.position)
+        * config.train.seq_len as u64;
     drop(session);
     let result = outcome
         .map_err(|e| {
@@ -541,6 +589,8 @@ fn run_in(
                 interrupted: outcome.interrupted,
                 last_checkpoint,
                 val_loss,
+                best_checkpoint,
+                tokens_seen,
                 sample,
             })
         });

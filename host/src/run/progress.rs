@@ -1,6 +1,6 @@
 //! The progress display of a run: a bar on a terminal (validation results printed above it),
-//! plain log lines every `log_every` steps otherwise, so `log.txt` and a redirected stderr
-//! read well too.
+//! plain log lines every `log_every` steps otherwise, so a redirected stderr reads well too;
+//! `log.txt` gets the lines either way.
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -39,40 +39,40 @@ impl Progress {
 
     pub(crate) fn update(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
         let first = *self.first_step.get_or_insert(step.saturating_sub(1));
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(step);
-                // The bar takes what the terminal's width leaves: this stays short, so that
-                // the line fits 80 columns with room for a bar.
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.1e} {tokens_per_s:.0} tok/s"
-                ));
-            }
-            None if step.is_multiple_of(self.every) || step == self.total => {
-                let done = step.saturating_sub(first).max(1) as f64;
-                let per_step = self.started.elapsed().as_secs_f64() / done;
-                let eta = per_step * self.total.saturating_sub(step) as f64;
-                tracing::info!(
-                    "step {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s eta {}",
-                    self.total,
-                    format_duration(eta)
-                );
-            }
-            None => {}
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            // The bar takes what the terminal's width leaves: this stays short, so that the
+            // line fits 80 columns with room for a bar.
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.1e} {tokens_per_s:.0} tok/s"
+            ));
+        }
+        // Every `log_every` steps a line: on stderr when no bar stands for it, in `log.txt`
+        // always.
+        if step.is_multiple_of(self.every) || step == self.total {
+            let done = step.saturating_sub(first).max(1) as f64;
+            let per_step = self.started.elapsed().as_secs_f64() / done;
+            let eta = per_step * self.total.saturating_sub(step) as f64;
+            tracing::info!(
+                target: crate::logging::PROGRESS,
+                "step {step}/{} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s eta {}",
+                self.total,
+                format_duration(eta)
+            );
         }
     }
 
-    /// Report an evaluation: above the bar on a terminal, a log line otherwise.
+    /// Report an evaluation: above the bar on a terminal, and as a log line.
     pub(crate) fn evaluated(&self, step: u64, loss: f64) {
         let line = format!(
             "step {step}/{} validation loss {loss:.4} (perplexity {:.2})",
             self.total,
             loss.exp()
         );
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => tracing::info!("{line}"),
+        if let Some(bar) = &self.bar {
+            bar.println(&line);
         }
+        tracing::info!(target: crate::logging::PROGRESS, "{line}");
     }
 
     pub(crate) fn finish(&mut self) {
