@@ -124,6 +124,70 @@ fn params_after_one_step(dir: &Path, batch: usize, accum: usize) -> Vec<(String,
     out
 }
 
+/// The recorded training loss is Hugging Face Trainer's: the token-weighted mean over the
+/// steps since the last record, not the last step's value; `tokens_seen` counts the targets.
+#[test]
+fn the_logged_loss_is_the_token_weighted_mean_of_its_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The data's last batch of each epoch is short, so steps differ in tokens.
+    let train_section = "max_steps: 12, seq_len: 32, batch_size: 5, eval_every: 0";
+    let each = load(
+        tmp.path(),
+        &config_text(
+            &format!("{train_section}, log_every: 1"),
+            r#"(name: "adamw", lr: 3e-3)"#,
+        ),
+        &[],
+    );
+    let windowed = load(
+        tmp.path(),
+        &config_text(
+            &format!("{train_section}, log_every: 4"),
+            r#"(name: "adamw", lr: 3e-3)"#,
+        ),
+        &[],
+    );
+    train(tmp.path(), &each, "each");
+    train(tmp.path(), &windowed, "windowed");
+    let step_loss = records(&tmp.path().join("each"), "train", "loss");
+    let seen = records(&tmp.path().join("each"), "train", "tokens_seen");
+    assert_eq!(step_loss.len(), 12);
+    let tokens: Vec<f64> = seen
+        .iter()
+        .scan(0.0, |before, &(_, total)| {
+            let n = total - *before;
+            *before = total;
+            Some(n)
+        })
+        .collect();
+    assert!(
+        tokens.iter().any(|&n| n != tokens[0]),
+        "every step has {} tokens: the test cannot tell a weighted mean",
+        tokens[0]
+    );
+    let logged = records(&tmp.path().join("windowed"), "train", "loss");
+    assert_eq!(logged.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 8, 12]);
+    for (window, &(step, value)) in logged.iter().enumerate() {
+        let range = window * 4..window * 4 + 4;
+        let nll: f64 = range.clone().map(|i| step_loss[i].1 * tokens[i]).sum();
+        let n: f64 = range.map(|i| tokens[i]).sum();
+        let expected = nll / n;
+        assert!(
+            (value - expected).abs() <= 1e-9 * expected,
+            "step {step}: logged {value}, the window's token-weighted mean is {expected}"
+        );
+        assert_ne!(
+            value,
+            step_loss[step as usize - 1].1,
+            "step {step}: one step's value"
+        );
+    }
+    assert_eq!(
+        records(&tmp.path().join("windowed"), "train", "tokens_seen").last(),
+        seen.last()
+    );
+}
+
 #[test]
 fn accumulation_is_token_weighted_batch_8_equals_2_times_4() {
     let tmp = tempfile::tempdir().unwrap();

@@ -13,7 +13,12 @@
 //!    every gradient.
 //!
 //! Evaluation, checkpointing and metric records follow the cadences of the `train`
-//! settings. Losses, perplexity and accuracy are Σ over tokens / Σ tokens; padding is never
+//! settings. Every `log_every` steps the loop records, under split `train`: `loss`, the
+//! token-weighted mean loss over the steps since the last record (as Hugging Face's Trainer
+//! logs it, so a curve does not hang on one step's luck), `lr` and `grad_norm` of the step,
+//! `tokens_per_s` over the window, and `tokens_seen` (target tokens trained on so far). The
+//! window's sums are part of the checkpoint, so a resumed run records what the uninterrupted
+//! one does. Losses, perplexity and accuracy are Σ over tokens / Σ tokens; padding is never
 //! counted because the cross-entropy op skips `ignore_index`. The step itself does no IO and
 //! no logging: records go to the host's queue, and scalars are read back once per step.
 
@@ -279,6 +284,8 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
 
         self.state.step = step;
         self.state.tokens_seen += n;
+        self.state.window_nll += nll;
+        self.state.window_tokens += n;
         let seconds = started.elapsed().as_secs_f64();
         self.log_tokens += n;
         self.log_seconds += seconds;
@@ -286,13 +293,18 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
         self.session.progress(step, loss, lr, step_rate);
         if due(step, self.settings.log_every) || step == self.settings.total_steps {
             let tokens_per_s = rate(self.log_tokens, self.log_seconds);
-            self.session.record(step, "train", "loss", loss);
+            let mean_loss = self.state.window_nll / self.state.window_tokens.max(1) as f64;
+            self.session.record(step, "train", "loss", mean_loss);
             self.session.record(step, "train", "lr", lr);
             self.session.record(step, "train", "grad_norm", grad_norm);
             self.session
                 .record(step, "train", "tokens_per_s", tokens_per_s);
+            self.session
+                .record(step, "train", "tokens_seen", self.state.tokens_seen as f64);
             self.log_tokens = 0;
             self.log_seconds = 0.0;
+            self.state.window_nll = 0.0;
+            self.state.window_tokens = 0;
         }
         Ok(())
     }

@@ -24,6 +24,13 @@ pub(crate) struct TrainerState {
     pub(crate) best_val_loss: Option<f64>,
     /// The step of the last evaluation.
     pub(crate) last_eval_step: Option<u64>,
+    /// Summed loss and target tokens of the steps since the last `loss` record, whose mean
+    /// the next one records. Checkpoints of earlier versions lack them: their window starts
+    /// empty.
+    #[serde(default)]
+    pub(crate) window_nll: f64,
+    #[serde(default)]
+    pub(crate) window_tokens: u64,
 }
 
 impl Default for TrainerState {
@@ -34,6 +41,8 @@ impl Default for TrainerState {
             tokens_seen: 0,
             best_val_loss: None,
             last_eval_step: None,
+            window_nll: 0.0,
+            window_tokens: 0,
         }
     }
 }
@@ -76,11 +85,23 @@ mod tests {
         let mut s = TrainerState {
             step: 200,
             tokens_seen: 123_456,
+            window_nll: 0.1 + 0.2,
+            window_tokens: 96,
             ..TrainerState::default()
         };
         s.observe_val_loss(200, 2.5);
         let back = TrainerState::from_json(&s.to_json().map_err(|e| e.to_string()).unwrap());
         assert_eq!(back.map_err(|e| e.to_string()), Ok(s));
+    }
+
+    #[test]
+    fn reads_states_without_a_logging_window_as_an_empty_one() {
+        let old =
+            r#"{"format":1,"step":9,"tokens_seen":90,"best_val_loss":null,"last_eval_step":null}"#;
+        let s = TrainerState::from_json(old)
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!((s.step, s.window_nll, s.window_tokens), (9, 0.0, 0));
     }
 
     #[test]
