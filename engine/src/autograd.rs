@@ -10,6 +10,9 @@
 //! [`adamw_update`] runs the active kernel's fused step directly on their storage, or else the
 //! primitive composition followed by three assignments.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use candle_core::Tensor;
 use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::TensorId;
@@ -17,7 +20,23 @@ use codex_plugin_api::TensorId;
 use super::handles::{self, Leaf};
 use super::{dispatch, Result, TensorError};
 
+/// Nanoseconds spent in [`backward`] since the process started, for the run's system metrics.
+static BACKWARD_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Time spent in backward passes since the process started (every thread together).
+pub fn backward_time() -> Duration {
+    Duration::from_nanos(BACKWARD_NANOS.load(Ordering::Relaxed))
+}
+
 pub(crate) fn backward(loss: &Tensor) -> Result<()> {
+    let started = Instant::now();
+    let result = backward_into_slots(loss);
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    BACKWARD_NANOS.fetch_add(nanos, Ordering::Relaxed);
+    result
+}
+
+fn backward_into_slots(loss: &Tensor) -> Result<()> {
     if loss.elem_count() != 1 {
         return Err(TensorError::Invalid(format!(
             "the loss must have one element, found shape {:?}; reduce it with sum or mean first",

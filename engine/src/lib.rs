@@ -48,6 +48,7 @@ pub use candle_core as candle;
 /// Parse a user's device string with [`parse_device`].
 pub use candle_core::Device;
 
+pub use autograd::backward_time;
 pub use dispatch::{kernel_active, scoped_kernel, set_kernel, KernelScope};
 pub use store::{ExportedTensor, ParamStore, TensorGroup};
 

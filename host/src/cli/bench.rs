@@ -63,20 +63,6 @@ const SHAPES: [Shape; 2] = [
     },
 ];
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`; 0 where unavailable).
-pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -318,7 +304,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         median(&fw),
         median(&bw),
         median(&op),
-        peak_rss_mib(),
+        crate::metrics::peak_rss_mib(),
         last
     )?;
     Ok(())

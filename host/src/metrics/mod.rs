@@ -60,8 +60,10 @@ pub const MAX_BATCH: usize = 1_024;
 pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 mod record;
+mod system;
 
 pub use record::{finals, Finals, RunRecord, RUN_RECORD, RUN_RECORD_FILE};
+pub use system::{peak_rss_mib, SystemMetrics, SYS_SPLIT};
 
 /// Errors of starting the hub or opening a sink.
 #[derive(Debug, thiserror::Error)]

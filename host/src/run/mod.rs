@@ -530,6 +530,7 @@ fn run_in(
         val_loss: None,
         val_loss_at: None,
         last_lr: None,
+        system: crate::metrics::SystemMetrics::new(),
     };
     // The whole loop runs on a worker of the pool its parallel sections use (see `on_pool`).
     let outcome = engine::on_pool(|| {

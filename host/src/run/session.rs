@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use anyhow::{Context, Result};
@@ -20,7 +20,7 @@ use codex_plugin_api::{EvalTotals, ForwardCtx, OptimStep, PluginError, TensorId,
 use super::progress::Progress;
 use crate::checkpoint;
 use crate::data::{TokenBatch, TrainBatches, ValBatches};
-use crate::metrics::Recorder;
+use crate::metrics::{Recorder, SystemMetrics, SYS_SPLIT};
 
 /// The host side of the trainer's session.
 pub(crate) struct HostSession<'r> {
@@ -47,6 +47,8 @@ pub(crate) struct HostSession<'r> {
     /// The step `val_loss` was recorded at.
     pub(crate) val_loss_at: Option<u64>,
     pub(crate) last_lr: Option<f64>,
+    /// CPU, memory and step times, recorded every `log_every` steps.
+    pub(crate) system: SystemMetrics,
 }
 
 fn err(e: impl std::fmt::Display) -> PluginError {
@@ -163,6 +165,7 @@ impl TrainSession for HostSession<'_> {
     }
 
     fn next_batch(&mut self) -> RResult<ROption<BatchIds>, PluginError> {
+        self.system.step_begins();
         let batch = self.train.next_batch();
         batch_ids(batch, &self.device)
             .map(ROption::RSome)
@@ -184,7 +187,10 @@ impl TrainSession for HostSession<'_> {
     }
 
     fn forward(&mut self, inputs: TensorId, ctx: ForwardCtx) -> RResult<TensorId, PluginError> {
-        self.model.forward(inputs, ctx)
+        let started = Instant::now();
+        let logits = self.model.forward(inputs, ctx);
+        self.system.forward(started.elapsed());
+        logits
     }
 
     fn optimizer_step(
@@ -192,7 +198,10 @@ impl TrainSession for HostSession<'_> {
         grads: RSlice<'_, ParamGrad>,
         step: OptimStep,
     ) -> RResult<(), PluginError> {
-        self.optimizer.step(grads, step)
+        let started = Instant::now();
+        let done = self.optimizer.step(grads, step);
+        self.system.optimizer(started.elapsed());
+        done
     }
 
     fn record(&mut self, step: u64, split: RStr<'_>, name: RStr<'_>, value: f64) {
@@ -208,6 +217,13 @@ impl TrainSession for HostSession<'_> {
     fn progress(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
         self.last_lr = Some(lr);
         self.progress.update(step, loss, lr, tokens_per_s);
+        self.system.step_ends();
+        let every = self.settings.log_every;
+        if (every > 0 && step.is_multiple_of(every)) || step == self.settings.total_steps {
+            for (name, value) in self.system.sample() {
+                self.recorder.record(step, SYS_SPLIT, name, value);
+            }
+        }
     }
 
     fn checkpoint(&mut self, step: u64, trainer_state: RStr<'_>) -> RResult<(), PluginError> {

@@ -1,0 +1,170 @@
+//! System metrics of a training run, recorded under split `sys` every `log_every` steps:
+//! the process's CPU use and memory, and where a step's time goes.
+//!
+//! | Name | What |
+//! |---|---|
+//! | `cpu_percent` | CPU time of the process over the window, as a percentage of one core (200 = two cores busy) |
+//! | `rss_mib` | resident memory now |
+//! | `peak_rss_mib` | the highest resident memory so far |
+//! | `step_ms` | mean wall time of a training step over the window, from its first batch to its update (evaluation and checkpoints come between steps, so they are left out) |
+//! | `forward_ms` | of which the model's forward passes (the loss included when a kernel fuses it) |
+//! | `backward_ms` | of which backward passes |
+//! | `optimizer_ms` | of which the optimizer's updates |
+//!
+//! What a step spends elsewhere (data, the loss, clipping) is `step_ms` less the three. The
+//! figures are wall-clock measurements: they differ between runs and are left out of every
+//! comparison of a resumed run with an uninterrupted one.
+
+use std::time::{Duration, Instant};
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// The split system metrics are recorded under.
+pub const SYS_SPLIT: &str = "sys";
+
+/// Measures the process and the steps between two samples.
+pub struct SystemMetrics {
+    system: System,
+    pid: Pid,
+    /// When the step under way began, if one is.
+    step_started: Option<Instant>,
+    /// The sums of the current window.
+    window: Window,
+    backward_at_start: Duration,
+}
+
+#[derive(Default)]
+struct Window {
+    steps: u32,
+    step: Duration,
+    forward: Duration,
+    optimizer: Duration,
+}
+
+impl Default for SystemMetrics {
+    fn default() -> Self {
+        SystemMetrics::new()
+    }
+}
+
+impl SystemMetrics {
+    /// Start measuring: the first window begins now.
+    pub fn new() -> SystemMetrics {
+        let mut metrics = SystemMetrics {
+            system: System::new(),
+            pid: Pid::from_u32(std::process::id()),
+            step_started: None,
+            window: Window::default(),
+            backward_at_start: codex_engine::backward_time(),
+        };
+        // CPU use is measured between two refreshes: this one is the window's start.
+        metrics.refresh();
+        metrics
+    }
+
+    fn refresh(&mut self) {
+        self.system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[self.pid]),
+            false,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+    }
+
+    /// A training step begins (its first batch is asked for), unless one is under way.
+    pub fn step_begins(&mut self) {
+        self.step_started.get_or_insert_with(Instant::now);
+    }
+
+    /// A training step ended.
+    pub fn step_ends(&mut self) {
+        if let Some(started) = self.step_started.take() {
+            self.window.step += started.elapsed();
+            self.window.steps += 1;
+        }
+    }
+
+    /// A forward pass of training took `spent`.
+    pub fn forward(&mut self, spent: Duration) {
+        self.window.forward += spent;
+    }
+
+    /// An optimizer update took `spent`.
+    pub fn optimizer(&mut self, spent: Duration) {
+        self.window.optimizer += spent;
+    }
+
+    /// The window's figures as `(name, value)`, and a new window from now.
+    pub fn sample(&mut self) -> Vec<(&'static str, f64)> {
+        self.refresh();
+        let mut out = Vec::with_capacity(7);
+        if let Some(process) = self.system.process(self.pid) {
+            out.push(("cpu_percent", f64::from(process.cpu_usage())));
+            out.push(("rss_mib", process.memory() as f64 / MIB));
+        }
+        if let Some(peak) = peak_rss_bytes() {
+            out.push(("peak_rss_mib", peak as f64 / MIB));
+        }
+        let backward_now = codex_engine::backward_time();
+        let backward = backward_now.saturating_sub(self.backward_at_start);
+        self.backward_at_start = backward_now;
+        let window = std::mem::take(&mut self.window);
+        if window.steps > 0 {
+            let per_step = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(window.steps);
+            out.push(("step_ms", per_step(window.step)));
+            out.push(("forward_ms", per_step(window.forward)));
+            out.push(("backward_ms", per_step(backward)));
+            out.push(("optimizer_ms", per_step(window.optimizer)));
+        }
+        out
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The process's peak resident set size, from `getrusage` (the kernel's high-water mark).
+fn peak_rss_bytes() -> Option<u64> {
+    // SAFETY: `getrusage` writes a `rusage` into the zeroed struct it is given and reads
+    // nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0).then_some(usage)
+    }?;
+    // Kilobytes on Linux, bytes on macOS.
+    let scale = if cfg!(target_os = "macos") { 1 } else { 1024 };
+    u64::try_from(usage.ru_maxrss).ok().map(|kb| kb * scale)
+}
+
+/// The peak resident memory of this process so far, in MiB (0 when the system cannot say).
+pub fn peak_rss_mib() -> f64 {
+    peak_rss_bytes().map_or(0.0, |b| b as f64 / MIB)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_reports_memory_cpu_and_per_step_times() {
+        let mut metrics = SystemMetrics::new();
+        for _ in 0..2 {
+            metrics.step_begins();
+            metrics.forward(Duration::from_millis(3));
+            metrics.optimizer(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(10));
+            metrics.step_ends();
+        }
+        let sample: std::collections::BTreeMap<_, _> = metrics.sample().into_iter().collect();
+        assert!(sample["rss_mib"] > 1.0, "{sample:?}");
+        assert!(
+            sample["peak_rss_mib"] >= sample["rss_mib"] * 0.5,
+            "{sample:?}"
+        );
+        assert!(sample["cpu_percent"] >= 0.0, "{sample:?}");
+        assert!((sample["forward_ms"] - 3.0).abs() < 1e-9, "{sample:?}");
+        assert!((sample["optimizer_ms"] - 1.0).abs() < 1e-9, "{sample:?}");
+        assert!(sample["step_ms"] >= 10.0, "{sample:?}");
+        // A window without steps has no step times.
+        let empty: Vec<&str> = metrics.sample().into_iter().map(|(n, _)| n).collect();
+        assert!(!empty.contains(&"step_ms"), "{empty:?}");
+    }
+}
