@@ -46,16 +46,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice, RStr, RString, Tuple2};
 use codex_plugin_api::sink::{RecordAbi, SinkBox};
 use codex_plugin_api::tracker::{RunInfoAbi, TrackerBox};
-use codex_plugin_api::untrusted::clean;
 use codex_plugin_api::{ComponentDecl, PluginError, Record, RunInfo, RunStatus};
 
 use crate::plugins::build;
 
 /// Records each sink may fall behind before its records are dropped.
 pub const DEFAULT_CAPACITY: usize = 16_384;
-
-/// Longest part of a plugin's error message shown in a warning; the rest is cut.
-const MAX_PLUGIN_MESSAGE: usize = 4096;
 
 /// The most records handed to a sink in one `write`.
 pub const MAX_BATCH: usize = 1_024;
@@ -800,7 +796,7 @@ impl LaneState {
     /// Disable the endpoint for the rest of the run, with one warning naming it and the call.
     fn fail<E: Endpoint>(&mut self, what: &str, e: PluginError) {
         // The message is the plugin's own text: cleaned before it reaches a terminal or a log.
-        let message = clean(&e.message, MAX_PLUGIN_MESSAGE);
+        let message = crate::plugins::plugin_message(&e);
         let reason = if e.panicked {
             format!("panicked in {what}: {message}")
         } else if E::NAMES_ITS_CALL {
