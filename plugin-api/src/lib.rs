@@ -43,6 +43,8 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod tracker;
 pub mod trainer;
+#[doc(hidden)]
+pub mod untrusted;
 
 pub use component::{ComponentDecl, ComponentKind, Describe, Factory, ParamsCheck, Registrar};
 pub use elementwise::{Expr, Program};

@@ -14,11 +14,16 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::component::{Component, HasData, Linker, Resource, ResourceTable, WasmList, WasmStr};
+use wasmtime::{Config, Engine, Store, StoreContextMut, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::clocks::WasiClocksCtxView;
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView};
+
+use codex_plugin_api::untrusted::clean;
 
 use crate::{Grants, Limits, SinkPlugin, WasmError, TICK};
 
@@ -42,6 +47,12 @@ const MAX_LOG_LINE: usize = 1024;
 
 /// Longest name or version a guest may declare.
 const MAX_LABEL: usize = 64;
+
+/// Longest error text of a guest's kept; the rest is cut.
+const MAX_ERROR: usize = 4096;
+
+/// The interface of the `host` functions, as the guest imports it.
+const HOST_INTERFACE: &str = "codex:sink/host@0.1.0";
 
 fn engine(fuel: bool) -> Result<&'static Engine, WasmError> {
     static PLAIN: OnceLock<Result<Engine, String>> = OnceLock::new();
@@ -91,6 +102,14 @@ pub(crate) struct State {
     output: Option<Output>,
     log_left: Option<u64>,
     max_return_bytes: u64,
+    /// Whether the guest may wait on the clock (`capabilities.clock`).
+    clock: bool,
+    /// When the call in progress must be over; re-armed before every call.
+    deadline: Instant,
+    /// The per-call limit, for messages.
+    call_timeout: Duration,
+    /// Set when a wait of the call in progress was cut short at its deadline.
+    wait_cut: bool,
 }
 
 impl wasmtime_wasi::WasiView for State {
@@ -102,24 +121,29 @@ impl wasmtime_wasi::WasiView for State {
     }
 }
 
-impl codex::sink::host::Host for State {
-    fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {
-        let max = self.max_return_bytes;
-        let Some(out) = self.output.as_mut() else {
+impl State {
+    /// `write-output`: `bytes` is still in the guest's memory; its length is checked before
+    /// anything is copied, and what fits the quota goes straight from there into the file.
+    fn write_output(
+        mut store: StoreContextMut<'_, State>,
+        bytes: WasmList<u8>,
+    ) -> wasmtime::Result<()> {
+        let len = bytes.len() as u64;
+        let state = store.data_mut();
+        let max = state.max_return_bytes;
+        let Some(out) = state.output.as_mut() else {
             return Err(violation(
                 "wrote output but no output file is granted; grant \
                  `capabilities.output_file` in the manifest",
             ));
         };
-        if bytes.len() as u64 > max {
+        if len > max {
             return Err(violation(format!(
-                "handed over {} bytes of output in one call, more than limits.max_return_bytes \
-                 ({max})",
-                bytes.len()
+                "handed over {len} bytes of output in one call, more than limits.max_return_bytes \
+                 ({max})"
             )));
         }
-        let room = out.quota.saturating_sub(out.written);
-        let fits = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let fits = len.min(out.quota.saturating_sub(out.written));
         if out.file.is_none() {
             if let Some(dir) = out.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| output_error(&out.path, e))?;
@@ -127,50 +151,153 @@ impl codex::sink::host::Host for State {
             let file = File::create(&out.path).map_err(|e| output_error(&out.path, e))?;
             out.file = Some(file);
         }
-        if let Some(file) = out.file.as_mut() {
-            file.write_all(&bytes[..fits])
-                .map_err(|e| output_error(&out.path, e))?;
-        }
-        out.written += fits as u64;
-        if fits < bytes.len() {
+        let (quota, path) = (out.quota, out.path.clone());
+        let mut file = out.file.take();
+        let written = match file.as_mut() {
+            Some(f) => {
+                let bytes = bytes.as_le_slice(&store);
+                let fits = usize::try_from(fits)
+                    .unwrap_or(bytes.len())
+                    .min(bytes.len());
+                f.write_all(&bytes[..fits]).map(|()| fits as u64)
+            }
+            None => Ok(0),
+        };
+        let out = store.data_mut().output.as_mut();
+        let Some(out) = out else { return Ok(()) };
+        out.file = file;
+        out.written += written.map_err(|e| output_error(&path, e))?;
+        if fits < len {
             return Err(violation(format!(
-                "went past its output quota of {} bytes ({} kept); raise \
+                "went past its output quota of {quota} bytes ({} kept); raise \
                  `capabilities.output_file.quota_bytes` if that much output is expected",
-                out.quota,
-                out.path.display()
+                path.display()
             )));
         }
         Ok(())
     }
 
-    fn log(&mut self, line: String) -> wasmtime::Result<()> {
-        match self.log_left.as_mut() {
-            None => Err(violation(
-                "tried to log but no log lines are granted; grant `capabilities.log_lines` in \
-                 the manifest",
-            )),
-            Some(0) => Err(violation(
-                "went past its quota of log lines; raise `capabilities.log_lines`",
-            )),
-            Some(left) => {
-                *left -= 1;
-                let mut end = line.len().min(MAX_LOG_LINE);
-                while !line.is_char_boundary(end) {
-                    end -= 1;
-                }
-                // One guest line is one log line: no forged lines through embedded newlines.
-                let clean: String = line[..end]
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect();
-                tracing::warn!(target: "codex_wasm::guest", sink = %self.sink, "[{}] {clean}", self.sink);
-                Ok(())
+    /// `log`: one guest line is one log line, cleaned and cut while it is still in the
+    /// guest's memory, so a line of many megabytes is never copied whole.
+    fn log(mut store: StoreContextMut<'_, State>, line: WasmStr) -> wasmtime::Result<()> {
+        let state = store.data_mut();
+        match state.log_left.as_mut() {
+            None => {
+                return Err(violation(
+                    "tried to log but no log lines are granted; grant `capabilities.log_lines` \
+                     in the manifest",
+                ))
             }
+            Some(0) => {
+                return Err(violation(
+                    "went past its quota of log lines; raise `capabilities.log_lines`",
+                ))
+            }
+            Some(left) => *left -= 1,
         }
+        let clean = clean(&line.to_str(&store)?, MAX_LOG_LINE);
+        let sink = &store.data().sink;
+        tracing::warn!(target: "codex_wasm::guest", sink = %sink, "[{sink}] {clean}");
+        Ok(())
     }
 }
 
-impl codex::sink::types::Host for State {}
+/// The `host` interface, defined by hand rather than through the generated bindings so that
+/// its functions see the guest's strings and lists in place (`WasmStr`, `WasmList`) instead of
+/// as copies.
+fn add_host_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    let mut host = linker.instance(HOST_INTERFACE)?;
+    host.func_wrap("write-output", |store, (bytes,): (WasmList<u8>,)| {
+        State::write_output(store, bytes)
+    })?;
+    host.func_wrap("log", |store, (line,): (WasmStr,)| State::log(store, line))?;
+    Ok(())
+}
+
+/// The monotonic clock as a guest sees it: reading it is free (frozen unless granted), but
+/// waiting on it is the one way WASI lets a guest block inside a host call, where the epoch
+/// deadline cannot reach it. So a guest without `capabilities.clock` may not wait at all, and
+/// one with it waits at most until the end of its call's time limit.
+struct GuardedClock<'a> {
+    clocks: WasiClocksCtxView<'a>,
+    granted: bool,
+    left: Duration,
+    call_timeout: Duration,
+    wait_cut: &'a mut bool,
+}
+
+struct GuardedClocks;
+
+impl HasData for GuardedClocks {
+    type Data<'a> = GuardedClock<'a>;
+}
+
+fn guarded_clock(state: &mut State) -> GuardedClock<'_> {
+    let left = state.deadline.saturating_duration_since(Instant::now());
+    GuardedClock {
+        clocks: WasiClocksCtxView {
+            ctx: state.wasi.clocks(),
+            table: &mut state.table,
+        },
+        granted: state.clock,
+        left,
+        call_timeout: state.call_timeout,
+        wait_cut: &mut state.wait_cut,
+    }
+}
+
+impl GuardedClock<'_> {
+    fn wait(&mut self, wanted: Duration) -> wasmtime::Result<Resource<DynPollable>> {
+        if wanted.is_zero() {
+            // Ready at once: what a non-blocking poll asks for.
+            return monotonic_clock::Host::subscribe_duration(&mut self.clocks, 0);
+        }
+        if !self.granted {
+            return Err(violation(
+                "tried to wait on the clock (a sleep, or a poll with a timeout), which needs \
+                 `capabilities.clock`; a sink should return instead of waiting",
+            ));
+        }
+        if self.left.is_zero() {
+            return Err(violation(format!(
+                "waited past its time limit of {} ms per call; raise `limits.call_timeout_ms` \
+                 if the sink is slow rather than stuck",
+                self.call_timeout.as_millis()
+            )));
+        }
+        if wanted > self.left {
+            // The call fails once it returns, whatever the guest does after the wait.
+            *self.wait_cut = true;
+        }
+        let nanos = u64::try_from(wanted.min(self.left).as_nanos()).unwrap_or(u64::MAX);
+        monotonic_clock::Host::subscribe_duration(&mut self.clocks, nanos)
+    }
+}
+
+impl monotonic_clock::Host for GuardedClock<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        monotonic_clock::Host::now(&mut self.clocks)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        monotonic_clock::Host::resolution(&mut self.clocks)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        when: monotonic_clock::Instant,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        let now = monotonic_clock::Host::now(&mut self.clocks)?;
+        self.wait(Duration::from_nanos(when.saturating_sub(now)))
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        duration: monotonic_clock::Duration,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        self.wait(Duration::from_nanos(duration))
+    }
+}
 
 fn violation(message: impl Into<String>) -> wasmtime::Error {
     wasmtime::Error::new(Violation(message.into()))
@@ -260,8 +387,12 @@ impl Loaded {
             message: short(&e),
         };
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(interface)?;
-        MetricSink::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+        // The clock's waiting functions are replaced by bounded ones (see `GuardedClock`).
+        linker.allow_shadowing(true);
+        monotonic_clock::add_to_linker::<State, GuardedClocks>(&mut linker, guarded_clock)
             .map_err(interface)?;
+        linker.allow_shadowing(false);
+        add_host_to_linker(&mut linker).map_err(interface)?;
         let pre = linker.instantiate_pre(&component).map_err(interface)?;
         let pre = MetricSinkPre::new(pre).map_err(interface)?;
         Ok(Loaded {
@@ -300,6 +431,10 @@ impl Loaded {
                 }),
             log_left: plugin.grants.log_lines,
             max_return_bytes: limits.max_return_bytes,
+            clock: plugin.grants.clock,
+            deadline: Instant::now() + limits.call_timeout,
+            call_timeout: limits.call_timeout,
+            wait_cut: false,
         };
         let mut store = Store::new(self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -345,6 +480,9 @@ impl Guest {
             + 1;
         self.store
             .set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        let state = self.store.data_mut();
+        state.deadline = Instant::now() + self.limits.call_timeout;
+        state.wait_cut = false;
         if let Some(fuel) = self.limits.fuel {
             self.store
                 .set_fuel(fuel)
@@ -363,23 +501,33 @@ impl Guest {
         let Some(bindings) = self.bindings.as_ref() else {
             return Err("the instance failed to start".to_owned());
         };
-        f(bindings, &mut self.store).map_err(|e| explain(&e, what, &self.limits))
+        let result = f(bindings, &mut self.store).map_err(|e| explain(&e, what, &self.limits));
+        if result.is_ok() && self.store.data().wait_cut {
+            return Err(format!(
+                "`{what}` waited past its time limit of {} ms per call (the wait was cut short); \
+                 raise `limits.call_timeout_ms` if the sink is slow rather than stuck",
+                self.limits.call_timeout.as_millis()
+            ));
+        }
+        result
     }
 
+    /// A string the guest returned, refused when longer than `max` (and `max_return_bytes`),
+    /// else cleaned for printing.
     fn checked(&self, what: &str, text: String, max: u64) -> Result<String, String> {
         let max = max.min(self.limits.max_return_bytes);
         if text.len() as u64 > max {
             return Err(format!(
-                "returned {} bytes from `{what}`, more than the {max} allowed",
+                "`{what}` returned {} bytes, more than the {max} allowed",
                 text.len()
             ));
         }
-        Ok(text)
+        Ok(clean(&text, usize::try_from(max).unwrap_or(usize::MAX)))
     }
 
-    /// The guest's `err` text, capped.
+    /// The guest's `err` text, capped and cleaned.
     fn guest_error(&self, what: &str, message: String) -> String {
-        match self.checked(what, message, u64::MAX) {
+        match self.checked(what, message, MAX_ERROR as u64) {
             Ok(m) => format!("`{what}` returned an error: {m}"),
             Err(too_long) => too_long,
         }
@@ -434,7 +582,7 @@ fn short(e: &wasmtime::Error) -> String {
 /// Why a call failed, in words that name the limit to change.
 fn explain(e: &wasmtime::Error, what: &str, limits: &Limits) -> String {
     if let Some(v) = e.downcast_ref::<Violation>() {
-        return format!("{} (in `{what}`)", v.0);
+        return format!("`{what}` {}", v.0);
     }
     let reason = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => format!(
@@ -470,9 +618,9 @@ fn explain(e: &wasmtime::Error, what: &str, limits: &Limits) -> String {
                     short(e)
                 )
             } else {
-                short(e)
+                format!("failed: {}", clean(&short(e), MAX_ERROR))
             }
         }
     };
-    format!("{reason} (in `{what}`)")
+    format!("`{what}` {reason}")
 }

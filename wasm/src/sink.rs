@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use codex_plugin_api::abi_stable::sabi_trait::TD_Opaque;
 use codex_plugin_api::abi_stable::std_types::{RResult, RSlice};
@@ -73,13 +74,27 @@ impl std::fmt::Debug for PreparedSink {
 impl PreparedSink {
     /// Compile `plugin`, check that it is a sink of [`crate::WORLD`], and ask a throwaway
     /// instance (under the plugin's limits, with no output file) for its name and version.
+    ///
+    /// Waits at most `startup_bound` for the three calls (instantiate, `name`, `version`):
+    /// each is bounded by the call time limit already, and this bound holds whatever happens
+    /// inside the guest's thread.
     pub fn prepare(plugin: &SinkPlugin) -> Result<PreparedSink, WasmError> {
         let loaded = Arc::new(Loaded::load(plugin)?);
         let probe = Arc::clone(&loaded);
-        let described = on_guest_thread(&plugin.name, move || {
+        let bound = startup_bound(plugin, 3);
+        let described = on_guest_thread(&plugin.name, bound, move || {
             let mut guest = probe.start(None)?;
             guest.describe(&probe.plugin)
-        })??;
+        })
+        .and_then(|r| r.map_err(Wait::Failed))
+        .map_err(|e| match e {
+            Wait::Failed(e) => e,
+            Wait::Late => loaded.start_error(format!(
+                "did not describe itself within {} ms (instantiate, `name` and `version`, each \
+                 limited by `limits.call_timeout_ms`)",
+                bound.as_millis()
+            )),
+        })?;
         Ok(PreparedSink { loaded, described })
     }
 
@@ -95,7 +110,9 @@ impl PreparedSink {
 
     /// Start the sink for a run writing into `run_dir`: a fresh instance under the plugin's
     /// limits, `init` called with `params_json`. Returns once the guest is ready (or failed to
-    /// start); it then runs on a thread of its own behind the returned [`SinkBox`].
+    /// start), or after `startup_bound` for its two calls (instantiate, `init`) at most: a
+    /// guest that misses it is left behind and the run goes on without it. It then runs on a
+    /// thread of its own behind the returned [`SinkBox`].
     pub fn open(
         &self,
         params_json: &str,
@@ -118,6 +135,7 @@ impl PreparedSink {
             .name(format!("wasm-{}", plugin.name))
             .stack_size(GUEST_THREAD_STACK)
             .spawn(move || {
+                lower_priority();
                 let started = loaded.start(Some(&run_dir)).and_then(|mut guest| {
                     guest
                         .init(&params, resume_step)
@@ -140,10 +158,19 @@ impl PreparedSink {
                 name: plugin.name.clone(),
                 source,
             })?;
-        match ready_rx.recv() {
+        let bound = startup_bound(plugin, 2);
+        match ready_rx.recv_timeout(bound) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Its thread finds nobody waiting when it returns, and ends.
+                return Err(self.loaded.start_error(format!(
+                    "did not start within {} ms (instantiate and `init`, each limited by \
+                     `limits.call_timeout_ms`); the run goes on without it",
+                    bound.as_millis()
+                )));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(self
                     .loaded
                     .start_error("its thread ended while starting".to_owned()))
@@ -159,23 +186,74 @@ impl PreparedSink {
     }
 }
 
-/// Run `f` on a thread whose native stack is far deeper than the wasm stack limit.
+/// The longest the host waits for `calls` calls into a guest in a row: each is bounded by the
+/// call time limit (the epoch deadline for wasm code, the guarded clock for waits), plus
+/// [`STARTUP_GRACE`] for the host's own work around them.
+pub(crate) fn startup_bound(plugin: &SinkPlugin, calls: u32) -> Duration {
+    plugin
+        .limits
+        .call_timeout
+        .saturating_add(crate::TICK * 2)
+        .saturating_mul(calls)
+        .saturating_add(STARTUP_GRACE)
+}
+
+/// Host-side slack in [`startup_bound`]: creating the store and the thread, lowering params.
+const STARTUP_GRACE: Duration = Duration::from_millis(250);
+
+/// Why waiting on a guest thread ended without its result.
+enum Wait {
+    /// The thread could not be started or panicked.
+    Failed(WasmError),
+    /// It is still running after the bound; it was left behind.
+    Late,
+}
+
+/// Run `f` on a thread whose native stack is far deeper than the wasm stack limit, waiting at
+/// most `bound` for its result.
 fn on_guest_thread<T: Send + 'static>(
     name: &str,
+    bound: Duration,
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, WasmError> {
-    let spawn_error = |source| WasmError::Spawn {
-        name: name.to_owned(),
-        source,
+) -> Result<T, Wait> {
+    let spawn_error = |source| {
+        Wait::Failed(WasmError::Spawn {
+            name: name.to_owned(),
+            source,
+        })
     };
-    let handle = std::thread::Builder::new()
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
         .name(format!("wasm-{name}"))
         .stack_size(GUEST_THREAD_STACK)
-        .spawn(f)
+        .spawn(move || {
+            lower_priority();
+            // Nobody may be waiting any more.
+            let _ = tx.send(f());
+        })
         .map_err(spawn_error)?;
-    handle
-        .join()
-        .map_err(|_| spawn_error(std::io::Error::other("the thread panicked")))
+    match rx.recv_timeout(bound) {
+        Ok(value) => Ok(value),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Wait::Late),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(spawn_error(std::io::Error::other("the thread panicked")))
+        }
+    }
+}
+
+/// Lower the calling thread's scheduling priority to the lowest (nice 19), so that a busy
+/// guest takes only the CPU that training leaves idle. Linux only (there a thread's nice value
+/// is its own); elsewhere the guest competes as an equal.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `gettid` has no preconditions; `setpriority` on the calling thread's own id
+        // only lowers its priority, which any process may do, and failure leaves it as it was.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
 }
 
 /// A sink that failed before it ran: its first call returns `reason`, so the hub disables it

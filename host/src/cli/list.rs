@@ -145,7 +145,36 @@ impl WasmCheck {
     }
 }
 
+/// Longest text of a plugin's shown in the table; the rest is cut.
+const MAX_SHOWN: usize = 1024;
+
 impl Row {
+    /// Every text field that may come from a plugin, made safe for a terminal.
+    fn clean(&mut self) {
+        let clean = |text: &mut String| *text = codex_plugin_api::untrusted::clean(text, MAX_SHOWN);
+        clean(&mut self.name);
+        for text in [
+            &mut self.source,
+            &mut self.path,
+            &mut self.version,
+            &mut self.api_version,
+            &mut self.description,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(text);
+        }
+        if let Some(w) = &mut self.component {
+            for text in [&mut w.sink_name, &mut w.sink_version, &mut w.error]
+                .into_iter()
+                .flatten()
+            {
+                clean(text);
+            }
+        }
+    }
+
     fn component(entry: &Entry) -> Row {
         let (source, path) = match &entry.origin {
             Origin::Builtin { source } => (Some(source.clone()), None),
@@ -254,6 +283,11 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     if args.json {
         let rows: Vec<&Row> = groups.iter().flat_map(|(_, rows)| rows).collect();
         return super::print_json(&rows);
+    }
+    // Names, versions, descriptions and errors come from plugins: clean them before they
+    // reach a terminal. JSON needs nothing more, its escaping is already exact.
+    for row in groups.iter_mut().flat_map(|(_, rows)| rows.iter_mut()) {
+        row.clean();
     }
     let mut out = io::stdout().lock();
     write_table(

@@ -535,9 +535,15 @@ fn spawn_lane<E: Endpoint>(
         Role::Tracker => format!("tracker-{name}"),
     };
     let worker_name = name.clone();
+    // The run's record is the host's own cheap code and checkpoints wait for it; every other
+    // endpoint may be someone else's slow code.
+    let background = failure.is_none();
     let handle = thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
+            if background {
+                lower_priority();
+            }
             let report = run_lane(worker_name, endpoint, rx, failure);
             // The hub may have stopped waiting; nobody to tell then.
             let _ = done_tx.send(report);
@@ -562,6 +568,22 @@ fn spawn_lane<E: Endpoint>(
     ))
 }
 
+/// Lower the calling thread's scheduling priority to the lowest (nice 19), so that a busy sink
+/// or tracker takes only the CPU that training leaves idle. Linux only (there a thread's nice
+/// value is its own); elsewhere the thread competes as an equal. `codex-wasm` does the same
+/// for the threads that run guests.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `gettid` has no preconditions; `setpriority` on the calling thread's own id
+        // only lowers its priority, which any process may do, and failure leaves it as it was.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        }
+    }
+}
+
 /// One consumer of the record stream, as its thread drives it.
 trait Endpoint: Send + 'static {
     /// How warnings call it.
@@ -570,6 +592,11 @@ trait Endpoint: Send + 'static {
     const WRITE: &'static str;
     /// What goes on once it is disabled, for warnings.
     const OTHERS: &'static str;
+    /// Whether its errors already name the call that failed, so the hub adds none. A sink's
+    /// do: the plugin-side guard names the call, and a sandboxed sink, which runs behind a
+    /// queue and reports a guest's failure on a later call, names the guest's call (saying
+    /// `flush` for a guest that failed in `write` would send its author the wrong way).
+    const NAMES_ITS_CALL: bool;
     /// What happens before the first record; on failure, the call that failed and why.
     fn open(&mut self) -> Result<(), (&'static str, PluginError)>;
     fn write(&mut self, records: &[Record]) -> RResult<(), PluginError>;
@@ -582,6 +609,7 @@ impl Endpoint for SinkBox {
     const NOUN: &'static str = "metric sink";
     const WRITE: &'static str = "write";
     const OTHERS: &'static str = "the other sinks continue";
+    const NAMES_ITS_CALL: bool = true;
     fn open(&mut self) -> Result<(), (&'static str, PluginError)> {
         Ok(())
     }
@@ -620,6 +648,7 @@ impl Endpoint for TrackerEndpoint {
     const NOUN: &'static str = "tracker";
     const WRITE: &'static str = "log_metrics";
     const OTHERS: &'static str = "training goes on";
+    const NAMES_ITS_CALL: bool = false;
     fn open(&mut self) -> Result<(), (&'static str, PluginError)> {
         let Some(o) = self.opening.take() else {
             return Ok(());
@@ -768,10 +797,14 @@ impl LaneState {
 
     /// Disable the endpoint for the rest of the run, with one warning naming it and the call.
     fn fail<E: Endpoint>(&mut self, what: &str, e: PluginError) {
+        // The message is the plugin's own text: cleaned before it reaches a terminal or a log.
+        let message = crate::plugins::plugin_message(&e);
         let reason = if e.panicked {
-            format!("panicked in {what}: {}", e.message)
+            format!("panicked in {what}: {message}")
+        } else if E::NAMES_ITS_CALL {
+            message
         } else {
-            format!("{what} failed: {}", e.message)
+            format!("{what} failed: {message}")
         };
         match &self.failure {
             Some(failure) => {

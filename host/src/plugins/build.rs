@@ -32,7 +32,7 @@ fn failed(entry: &Entry, e: PluginError) -> anyhow::Error {
         entry.kind.as_str(),
         entry.name,
         entry.origin,
-        e.message
+        super::plugin_message(&e)
     )
 }
 
@@ -189,7 +189,7 @@ pub fn open_sink(
     };
     factory(RStr::from(params_json), env)
         .into_result()
-        .map_err(|e| SinkOpenError::Failed(e.message.into_string()))
+        .map_err(|e| SinkOpenError::Failed(super::plugin_message(&e)))
 }
 
 /// Build a tracker. It is told about the run later, from its own thread (see
@@ -246,7 +246,7 @@ pub fn check_params(entry: &Entry, params: &serde_json::Value) -> Result<(), Str
             // A plugin's component is named with the plugin, as its other errors are.
             Origin::Native { .. } | Origin::Wasm { .. } => format!(
                 "{} ({} `{}` of plugin `{}`)",
-                e.message,
+                super::plugin_message(&e),
                 entry.kind.as_str(),
                 entry.name,
                 entry.name.split('/').next().unwrap_or_default()

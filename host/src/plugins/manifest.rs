@@ -441,6 +441,41 @@ impl Manifest {
                         .map_err(|(f, m)| invalid(field(&format!("capabilities.{f}")), m))?,
                 },
             };
+            if let PluginOrigin::Wasm {
+                capabilities:
+                    Capabilities {
+                        output_file: Some(out),
+                        ..
+                    },
+                ..
+            } = &origin
+            {
+                let other = plugins
+                    .iter()
+                    .enumerate()
+                    .find_map(|(j, p)| match &p.origin {
+                        PluginOrigin::Wasm {
+                            capabilities:
+                                Capabilities {
+                                    output_file: Some(theirs),
+                                    ..
+                                },
+                            ..
+                        } if grants_overlap(&out.path, &theirs.path) => Some((j, p, &theirs.path)),
+                        _ => None,
+                    });
+                if let Some((j, p, theirs)) = other {
+                    return Err(invalid(
+                        field("capabilities.output_file.path"),
+                        format!(
+                            "`{}` is also granted to plugin `{}` (plugins[{j}]: `{theirs}`); two \
+                             plugins may not share an output file or write inside each other's \
+                             directory: give each plugin a path of its own",
+                            out.path, p.name
+                        ),
+                    ));
+                }
+            }
             if entry.path.trim().is_empty() {
                 return Err(invalid(
                     field("path"),
@@ -480,6 +515,55 @@ impl Manifest {
             plugins,
         })
     }
+}
+
+/// The parts of a granted path that name something, for comparing paths: `./a//b` and `a/b`
+/// are one file. Compared without case, since a run directory may live on a file system that
+/// ignores it.
+fn path_parts(path: &str) -> Vec<String> {
+    Path::new(path)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(part) => Some(part.to_string_lossy().to_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What the host writes at `path` in a run directory (a granted path, already known to stay
+/// inside it), if anything: `rundir.rs` and the run record name these files, and the host's
+/// temporary files start with a dot (`fsio`).
+fn host_file(path: &str) -> Option<&'static str> {
+    let parts = path_parts(path);
+    let first = parts.first()?.as_str();
+    let numbered = |stem: &str, ext: &str| {
+        first
+            .strip_prefix(stem)
+            .and_then(|rest| rest.strip_suffix(ext))
+            .and_then(|n| n.strip_prefix("resume-"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    Some(match first {
+        "metrics.ndjson" => "the run's record of metrics",
+        "metrics.csv" => "the metrics table of the `csv` sink",
+        "config.ron" => "the run's resolved config",
+        "metadata.json" => "the run's metadata",
+        "log.txt" => "the run's log",
+        "tokenizer.json" => "the run's tokenizer",
+        "checkpoints" => "the checkpoints directory",
+        "run.lock" => "the run directory's lock",
+        _ if numbered("config.", ".ron") => "the config of a resumed session",
+        _ if numbered("metadata.", ".json") => "the metadata of a resumed session",
+        _ if first.starts_with('.') => "a hidden file, the form of the host's temporary files",
+        _ => return None,
+    })
+}
+
+/// Two output grants that would share a file: the same path, or one inside the other.
+fn grants_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (path_parts(a), path_parts(b));
+    let n = a.len().min(b.len());
+    a[..n] == b[..n]
 }
 
 /// Plugin names prefix their components' names (`lion/lion`), so they stay simple.
@@ -564,6 +648,18 @@ fn capabilities(raw: Option<RawCapabilities>) -> Result<Capabilities, (&'static 
                     ),
                 ));
             }
+            if let Some(what) = host_file(&out.path) {
+                return Err((
+                    "output_file.path",
+                    format!(
+                        "`{}` names {what}, which codex-ml writes in the run directory; a grant \
+                         may not name a file or directory the host writes: grant a path of the \
+                         plugin's own, such as `<plugin>/{}`",
+                        out.path,
+                        out.path.trim_start_matches("./")
+                    ),
+                ));
+            }
             Some(OutputFile {
                 path: out.path,
                 quota_bytes: positive(
@@ -639,6 +735,47 @@ mod tests {
                 ..WasmLimits::default()
             }
         );
+    }
+
+    #[test]
+    fn output_grants_may_not_name_what_the_host_writes() {
+        for (path, host) in [
+            ("metrics.ndjson", true),
+            ("./metrics.ndjson", true),
+            ("Metrics.NDJSON", true),
+            ("metrics.csv", true),
+            ("config.ron", true),
+            ("config.resume-2.ron", true),
+            ("metadata.json", true),
+            ("metadata.resume-1.json", true),
+            ("log.txt", true),
+            ("tokenizer.json", true),
+            ("checkpoints", true),
+            ("checkpoints/step-00000010/model.safetensors", true),
+            ("run.lock", true),
+            (".metrics.ndjson.tmp-abc", true),
+            ("summary.md", false),
+            ("reports/metrics.ndjson", false),
+            ("config.resume-x.ron", false),
+            ("checkpoints.md", false),
+        ] {
+            assert_eq!(host_file(path).is_some(), host, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn overlapping_grants_are_detected() {
+        for (a, b, overlap) in [
+            ("a.md", "a.md", true),
+            ("./a.md", "a.md", true),
+            ("out", "out/a.md", true),
+            ("out/a.md", "OUT", true),
+            ("a.md", "b.md", false),
+            ("out/a.md", "out/b.md", false),
+            ("out", "output", false),
+        ] {
+            assert_eq!(grants_overlap(a, b), overlap, "{a:?} {b:?}");
+        }
     }
 
     #[test]

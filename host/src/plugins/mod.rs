@@ -28,6 +28,15 @@ pub fn registry_for(manifest: Option<&Path>) -> anyhow::Result<Registry> {
     Ok(registry)
 }
 
+/// Longest part of a plugin's error message shown; the rest is cut.
+const MAX_PLUGIN_MESSAGE: usize = 4096;
+
+/// A plugin's error message, cleaned for a terminal and a log (see
+/// [`codex_plugin_api::untrusted::clean`]).
+pub(crate) fn plugin_message(e: &codex_plugin_api::PluginError) -> String {
+    codex_plugin_api::untrusted::clean(&e.message, MAX_PLUGIN_MESSAGE)
+}
+
 /// What loading one manifest plugin found.
 pub enum Loaded {
     /// A native plugin, loaded; its components are registered as `PLUGIN/NAME`.

@@ -144,16 +144,17 @@ pub enum NativeError {
     },
     /// The plugin's `register` returned an error (a panic inside it included).
     #[error(
-        "plugin `{plugin}`: registration failed ({}): {source}; the plugin is not loaded",
-        path.display()
+        "plugin `{plugin}`: registration failed ({}): {}; the plugin is not loaded",
+        path.display(),
+        super::plugin_message(error)
     )]
     Register {
         /// The plugin's name.
         plugin: String,
         /// The file.
         path: PathBuf,
-        /// The plugin's error.
-        source: PluginError,
+        /// The plugin's error (not a `source`: its text is the plugin's, shown cleaned only).
+        error: PluginError,
     },
     /// The plugin declares two components of one kind under one name.
     #[error(
@@ -300,11 +301,11 @@ pub fn open(plugin: &str, path: &Path) -> Result<PluginInfo, NativeError> {
         Registrar_TO::from_ptr(&mut collector, TD_Opaque),
         codex_engine::op_table(),
     );
-    if let RResult::RErr(source) = registered {
+    if let RResult::RErr(error) = registered {
         return Err(NativeError::Register {
             plugin: plugin.to_owned(),
             path: path.to_path_buf(),
-            source,
+            error,
         });
     }
     Ok(PluginInfo {

@@ -157,7 +157,7 @@ pub enum RegistryError {
         unloaded_plugin: Option<String>,
     },
     /// A registration with an empty or malformed name.
-    #[error("{kind} from {origin} has an invalid name `{name}`: names are non-empty and contain no whitespace", kind = kind.as_str())]
+    #[error("{kind} from {origin} has an invalid name `{}`: names are non-empty and contain no whitespace, control or bidirectional characters", codex_plugin_api::untrusted::clean(name, 256), kind = kind.as_str())]
     InvalidName {
         /// The kind.
         kind: ComponentKind,
@@ -293,7 +293,9 @@ impl Registry {
 
     fn insert(&mut self, entry: Entry) -> Result<(), RegistryError> {
         let (kind, name) = (entry.kind, entry.name.clone());
-        if name.is_empty() || name.chars().any(char::is_whitespace) {
+        // A name is printed as is everywhere: nothing in it may act on a terminal.
+        let printable = codex_plugin_api::untrusted::clean(&name, name.len()) == name;
+        if name.is_empty() || name.chars().any(char::is_whitespace) || !printable {
             return Err(RegistryError::InvalidName {
                 kind,
                 name,
@@ -550,7 +552,7 @@ mod tests {
     #[test]
     fn invalid_names_are_refused() {
         let mut r = Registry::new();
-        for name in ["", "two words"] {
+        for name in ["", "two words", "esc\u{1b}[31m", "rlo\u{202e}"] {
             let error = r
                 .add(trainer(name), builtin("tests"), API_VERSION)
                 .expect_err("invalid");

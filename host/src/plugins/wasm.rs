@@ -76,8 +76,9 @@ pub fn register_wasm_sink(
             let found = reason.clone();
             tracing::debug!("wasm plugin `{}` cannot be loaded: {reason}", spec.name);
             let description = format!("cannot be loaded: {reason}");
+            let refusal = format!("wasm plugin `{}` cannot be loaded: {reason}", spec.name);
             let factory: registry::HostSinkFactory =
-                std::sync::Arc::new(move |_, _, _| Ok(codex_wasm::failed_sink(reason.clone())));
+                std::sync::Arc::new(move |_, _, _| Ok(codex_wasm::failed_sink(refusal.clone())));
             registry.add_sandboxed_sink(
                 &spec.name,
                 "unknown",
