@@ -393,13 +393,14 @@ fn run_in(
     tracing::info!(
         "training: {total_steps} steps, each of {} micro-batch{} of {rows} x {} tokens",
         config.train.grad_accum,
-        if config.train.grad_accum == 1 { "" } else { "es" },
+        if config.train.grad_accum == 1 {
+            ""
+        } else {
+            "es"
+        },
         config.train.seq_len,
     );
-    tracing::info!(
-        "an epoch is {} batches",
-        train_batches.batches_per_epoch()
-    );
+    tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
 
     let optimizer = build::optimizer(
         registry,
