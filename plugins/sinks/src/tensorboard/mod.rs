@@ -280,8 +280,8 @@ mod tests {
         let mut out = Vec::new();
         for (_, path) in event_files(dir).unwrap() {
             let bytes = fs::read(&path).unwrap();
-            for (_, _, data) in record::records(&bytes).unwrap() {
-                let e = Event::decode(data).unwrap();
+            for r in record::records(&bytes).unwrap() {
+                let e = Event::decode(r.data).unwrap();
                 let (what, value) = match e.what.unwrap() {
                     What::FileVersion(v) => ("file_version".to_string(), v),
                     What::SessionLog(l) => ("session_log".to_string(), l.status.to_string()),

@@ -49,9 +49,19 @@ pub struct Damaged {
     pub problem: &'static str,
 }
 
-/// The records of `bytes`, each as `(offset, framed length, data)`, in order. A last record
-/// cut short is left out.
-pub fn records(bytes: &[u8]) -> std::result::Result<Vec<(usize, usize, &[u8])>, Damaged> {
+/// One record of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framed<'a> {
+    /// Where the record starts, in bytes from the start of the file.
+    pub offset: usize,
+    /// Its length with the framing.
+    pub len: usize,
+    /// Its data.
+    pub data: &'a [u8],
+}
+
+/// The records of `bytes`, in order. A last record cut short is left out.
+pub fn records(bytes: &[u8]) -> std::result::Result<Vec<Framed<'_>>, Damaged> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -82,7 +92,11 @@ pub fn records(bytes: &[u8]) -> std::result::Result<Vec<(usize, usize, &[u8])>, 
         if rest[total - 4..total] != masked_crc32c(data).to_le_bytes() {
             return Err(damaged("the CRC of its data does not match"));
         }
-        out.push((at, total, data));
+        out.push(Framed {
+            offset: at,
+            len: total,
+            data,
+        });
         at += total;
     }
     Ok(out)
@@ -101,10 +115,10 @@ pub(crate) fn truncate_after(path: &Path, resume_step: u64) -> Result<()> {
     };
     let records = records(&bytes).map_err(|d| damaged(d.offset, d.problem))?;
     let mut kept = Vec::with_capacity(bytes.len());
-    for (offset, total, data) in records {
-        let event = Event::decode(data).map_err(|_| damaged(offset, "not an event"))?;
+    for r in records {
+        let event = Event::decode(r.data).map_err(|_| damaged(r.offset, "not an event"))?;
         if u64::try_from(event.step).map_or(true, |s| s <= resume_step) {
-            kept.extend_from_slice(&bytes[offset..offset + total]);
+            kept.extend_from_slice(&bytes[r.offset..r.offset + r.len]);
         }
     }
     if kept.len() == bytes.len() {
@@ -169,7 +183,11 @@ mod tests {
         for data in [&b"first"[..], b"", b"third record"] {
             frame(data, &mut file);
         }
-        let got: Vec<&[u8]> = records(&file).unwrap().into_iter().map(|r| r.2).collect();
+        let got: Vec<&[u8]> = records(&file)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.data)
+            .collect();
         assert_eq!(got, [&b"first"[..], b"", b"third record"]);
     }
 
