@@ -23,7 +23,7 @@
 //! TensorBoard reads a folder's event files in name order.
 //!
 //! The messages are the few fields of TensorFlow's `Event`, `Summary` and `TensorProto` that
-//! these files use, declared with `prost`'s derive ([`proto`]); the framing is TFRecord's
+//! these files use, declared with `prost`'s derive (in `proto.rs`); the framing is TFRecord's
 //! ([`record`]).
 
 mod proto;
