@@ -15,6 +15,7 @@ const EXPECTED: &[(ComponentKind, &str)] = &[
     (ComponentKind::Optimizer, "sgd"),
     (ComponentKind::Sink, "ndjson"),
     (ComponentKind::Sink, "csv"),
+    (ComponentKind::Sink, "tensorboard"),
     (ComponentKind::Sink, "console"),
     (ComponentKind::Tracker, "mlflow"),
     (ComponentKind::Trainer, "default"),

@@ -82,6 +82,63 @@ fn ndjson_lines_have_the_documented_form() {
     );
 }
 
+/// The records of a TFRecord file (`u64` length, masked CRC-32C of it, data, masked CRC-32C
+/// of the data), read here independently of the sink, every CRC checked.
+fn tfrecords(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let masked = |b: &[u8]| {
+        crc32c::crc32c(b)
+            .rotate_right(15)
+            .wrapping_add(0xa282_ead8)
+            .to_le_bytes()
+    };
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+        assert_eq!(rest[8..12], masked(&rest[..8]), "length CRC");
+        let data = &rest[12..12 + len];
+        assert_eq!(rest[12 + len..16 + len], masked(data), "data CRC");
+        out.push(data.to_vec());
+        rest = &rest[16 + len..];
+    }
+    out
+}
+
+#[test]
+fn tensorboard_event_files_are_framed_records() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.ron"), "(seed: 7)\n").unwrap();
+    let hub = start(
+        dir.path(),
+        None,
+        vec![sink(
+            "tensorboard",
+            &builtin("tensorboard"),
+            dir.path(),
+            None,
+        )],
+    );
+    hub.recorder().send(rec(120, "loss", 2.31));
+    hub.recorder().send(rec(121, "lr", 3e-7));
+    let report = hub.finish();
+    assert_eq!(report.sink("tensorboard").map(|s| s.written), Some(2));
+    let files: Vec<_> = fs::read_dir(dir.path().join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let records = tfrecords(&fs::read(&files[0]).unwrap());
+    // file_version, the config text, two scalars.
+    assert_eq!(records.len(), 4);
+    let has = |record: &[u8], text: &[u8]| record.windows(text.len()).any(|w| w == text);
+    assert!(has(&records[0], b"brain.Event:2"));
+    assert!(has(&records[1], b"    (seed: 7)") && has(&records[1], b"text"));
+    assert!(has(&records[2], b"train/loss") && has(&records[2], &2.31f32.to_le_bytes()));
+    assert!(has(&records[3], b"train/lr") && has(&records[3], &3e-7f32.to_le_bytes()));
+}
+
 #[test]
 fn csv_rows_have_the_documented_form() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,4 @@
-//! The built-in metric sinks `csv` and `console`, and the helpers every sink that keeps a
+//! The built-in metric sinks `csv`, `tensorboard` and `console`, and the helpers every sink that keeps a
 //! line-oriented file in the run directory shares: strict parameters and file names
 //! ([`params`]) and the rule for resumed runs ([`resume`]). The run's own record,
 //! `metrics.ndjson`, is the host's (it is written whatever the config says), and uses the
@@ -16,9 +16,12 @@ mod console;
 mod csv_sink;
 pub mod params;
 pub mod resume;
+pub mod tensorboard;
 
 pub use console::ConsoleSink;
 pub use csv_sink::CsvSink;
+pub use tensorboard::TensorboardSink;
 
 codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<CsvSink>);
+codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<TensorboardSink>);
 codex_plugin_api::builtin!(codex_plugin_api::sink::declare::<ConsoleSink>);

@@ -19,6 +19,15 @@ pub fn parse<T: DeserializeOwned>(sink: &str, params: &str) -> Result<T> {
 
 /// Check that a file name stays inside the run directory.
 pub fn check_file_name(sink: &str, file: &str) -> Result<()> {
+    check_plain_name(sink, "file", file, "file")
+}
+
+/// Check that a folder name (the `dir` parameter) stays inside the run directory.
+pub fn check_dir_name(sink: &str, dir: &str) -> Result<()> {
+    check_plain_name(sink, "dir", dir, "folder")
+}
+
+fn check_plain_name(sink: &str, field: &str, file: &str, what: &str) -> Result<()> {
     let path = std::path::Path::new(file);
     let plain = path.components().count() == 1
         && matches!(
@@ -29,7 +38,7 @@ pub fn check_file_name(sink: &str, file: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::msg(format!(
-            "invalid `file` for sink `{sink}`: `{file}` must be a plain file name inside the run directory"
+            "invalid `{field}` for sink `{sink}`: `{file}` must be a plain {what} name inside the run directory"
         )))
     }
 }
@@ -68,6 +77,12 @@ mod tests {
         assert!(check_file_name("x", "metrics.ndjson").is_ok());
         for bad in ["", "../m.ndjson", "/tmp/m", "a/b", "."] {
             assert!(check_file_name("x", bad).is_err(), "{bad:?}");
+            assert!(check_dir_name("x", bad).is_err(), "{bad:?}");
         }
+        let e = check_dir_name("tensorboard", "..").unwrap_err().to_string();
+        assert!(
+            e.contains("invalid `dir`") && e.contains("folder name"),
+            "{e}"
+        );
     }
 }
