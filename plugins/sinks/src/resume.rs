@@ -107,8 +107,9 @@ fn kept_lines(
     Ok(out)
 }
 
-/// Atomically replace `path` with `bytes`.
-fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Atomically replace `path` with `bytes`: a temporary `.NAME.resume-tmp` beside it, fsync,
+/// rename, fsync of the directory.
+pub(crate) fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

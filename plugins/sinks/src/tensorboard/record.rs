@@ -13,7 +13,6 @@
 //! match is damage, and an error.
 
 use std::fs;
-use std::io::{self, Write};
 use std::path::Path;
 
 use codex_plugin_api::{Error, Result};
@@ -124,30 +123,9 @@ pub(crate) fn truncate_after(path: &Path, resume_step: u64) -> Result<()> {
     if kept.len() == bytes.len() {
         return Ok(());
     }
-    replace(path, &kept)
+    // The temporary file's name starts with `.`, so TensorBoard does not read it.
+    crate::resume::replace(path, &kept)
         .map_err(|e| Error::msg(format!("cannot rewrite {} for resume: {e}", path.display())))
-}
-
-/// Atomically replace `path` with `bytes` (a temporary file that TensorBoard does not read,
-/// fsync, rename).
-fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("events");
-    let tmp = path.with_file_name(format!(".{name}.resume-tmp"));
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
