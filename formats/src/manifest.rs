@@ -19,7 +19,6 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::diagnostics::{parse_ron, Diagnostic};
-use crate::plugins::registry::Origin;
 
 /// A plugin manifest as written on disk.
 #[derive(Debug, Deserialize)]
@@ -262,18 +261,6 @@ impl PluginSpec {
             PluginOrigin::Wasm { .. } => PluginKind::Wasm,
         }
     }
-
-    /// The registry origin of this plugin's components.
-    pub fn registry_origin(&self) -> Origin {
-        match self.origin {
-            PluginOrigin::Native => Origin::Native {
-                path: self.path.clone(),
-            },
-            PluginOrigin::Wasm { .. } => Origin::Wasm {
-                path: self.path.clone(),
-            },
-        }
-    }
 }
 
 /// Resource limits of one WASM plugin.
@@ -448,13 +435,12 @@ impl Manifest {
                 ));
             }
             let file = dir.join(&entry.path);
-            let sha256 =
-                crate::fsio::sha256_file(&file).map_err(|source| ManifestError::PluginFile {
-                    manifest: path.to_owned(),
-                    name: entry.name.clone(),
-                    path: file.clone(),
-                    source,
-                })?;
+            let sha256 = crate::sha256_file(&file).map_err(|source| ManifestError::PluginFile {
+                manifest: path.to_owned(),
+                name: entry.name.clone(),
+                path: file.clone(),
+                source,
+            })?;
             if let Some(expected) = &pin {
                 if *expected != sha256 {
                     return Err(ManifestError::Sha256Mismatch {

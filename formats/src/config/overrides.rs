@@ -71,7 +71,7 @@ fn canonical(segments: &[Segment]) -> String {
 }
 
 /// Whether `field` is `path`, inside it, or contains it (`train` and `train.seq_len`).
-pub(super) fn related(field: &str, path: &str) -> bool {
+pub fn related(field: &str, path: &str) -> bool {
     let inside = |outer: &str, inner: &str| {
         inner == outer
             || outer.is_empty()
@@ -137,10 +137,9 @@ fn parse_value(text: &str) -> Value {
         .unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
-pub(super) fn apply_overrides(
-    raw: RawConfig,
-    overrides: &[Override],
-) -> Result<RawConfig, ConfigError> {
+/// Apply `overrides` in order to `raw`, then read the result back into the raw types; a bad
+/// value is reported by its field path and blamed on the override that set it.
+pub fn apply_overrides(raw: RawConfig, overrides: &[Override]) -> Result<RawConfig, ConfigError> {
     let mut tree = serde_json::to_value(&raw).map_err(|e| ConfigError::Override {
         arg: overrides.first().map(|o| o.arg.clone()).unwrap_or_default(),
         message: format!("the config cannot take overrides: {e}"),

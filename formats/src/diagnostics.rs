@@ -152,16 +152,13 @@ fn caret_line(line: &str, start: Position, end: Option<Position>) -> (String, us
 
 /// The ron options every user-written file is parsed with: `IMPLICIT_SOME`, so optional
 /// fields are written `max_steps: 200` rather than `max_steps: Some(200)` (both work).
-pub(crate) fn ron_options() -> ron::Options {
+pub fn ron_options() -> ron::Options {
     ron::Options::default().with_default_extension(Extensions::IMPLICIT_SOME)
 }
 
 /// Parse `source` (the text of `file`) strictly into `T`: any syntax error, unknown or
 /// missing field, wrong type or trailing text becomes a [`Diagnostic`] with position and field.
-pub(crate) fn parse_ron<T: DeserializeOwned>(
-    file: &Path,
-    source: &str,
-) -> Result<T, Box<Diagnostic>> {
+pub fn parse_ron<T: DeserializeOwned>(file: &Path, source: &str) -> Result<T, Box<Diagnostic>> {
     let options = ron_options();
     let mut de = ron::Deserializer::from_str_with_options(source, &options)
         .map_err(|e| spanned(file, source, &e, String::new()))?;
@@ -215,7 +212,7 @@ fn spanned(
 /// What [`at_field`] points at: the key of a field (an unknown or misspelt name) or its value
 /// (a value of the wrong type or out of range).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Point {
+pub enum Point {
     /// The field's key.
     Key,
     /// The field's value.
@@ -226,7 +223,7 @@ pub(crate) enum Point {
 /// `source`, the text of `file`, found after parsing: positioned at the field's key or value
 /// when the field is written in the file, else (a value that came from a default or a `--set`)
 /// naming the file and the field only.
-pub(crate) fn at_field(
+pub fn at_field(
     file: &Path,
     source: &str,
     path: &str,
@@ -497,7 +494,7 @@ fn skip_blanks(source: &str, start: Position) -> Position {
 }
 
 /// The dotted path of a `serde_path_to_error` path, without its unknown (`?`) segments.
-pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for segment in path.iter() {
@@ -512,7 +509,7 @@ pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
 }
 
 /// `path.key`, or `key` when `path` is empty.
-pub(crate) fn join_field(path: &str, key: &str) -> String {
+pub fn join_field(path: &str, key: &str) -> String {
     let mut out = path.to_owned();
     push_key(&mut out, key);
     out
@@ -595,7 +592,7 @@ fn unknown_message(what: &str, found: &str, expected: &[&str]) -> String {
 }
 
 /// `` `a`, `b`, `c` `` for a list of names.
-pub(crate) fn backticked<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+pub fn backticked<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     names
         .into_iter()
         .map(|n| format!("`{n}`"))
