@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostics::{parse_ron, Diagnostic};
+use crate::diagnostics::{parse_ron, shorten, Diagnostic};
 
 pub mod data;
 mod overrides;
@@ -45,6 +45,11 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+/// Longest `--set` argument or field path an error quotes, in chars.
+const MAX_ARG: usize = 120;
+/// Longest message an error quotes, in chars.
+const MAX_MESSAGE: usize = 400;
+
 /// Errors loading an experiment config.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -61,7 +66,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Invalid(Box<Diagnostic>),
     /// An override that cannot be applied.
-    #[error("--set {arg}: {message}")]
+    #[error("--set {}: {}", shorten(arg, MAX_ARG), shorten(message, MAX_MESSAGE))]
     Override {
         /// The override as given.
         arg: String,
@@ -72,7 +77,12 @@ pub enum ConfigError {
     #[error("the resolved config cannot be written as JSON: {0}")]
     Json(String),
     /// A value given by overrides has the wrong type or shape.
-    #[error("{field}: {message} (from --set {arg})")]
+    #[error(
+        "{}: {} (from --set {})",
+        shorten(field, MAX_ARG),
+        shorten(message, MAX_MESSAGE),
+        shorten(arg, MAX_ARG)
+    )]
     OverrideValue {
         /// The override that set it.
         arg: String,
@@ -91,5 +101,117 @@ pub fn parse(path: &Path, source: &str, overrides: &[Override]) -> Result<RawCon
         Ok(raw)
     } else {
         apply_overrides(raw, overrides)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"(
+    experiment: "x",
+    data: (train: [Text(paths: ["*.txt"])]),
+    tokenizer: (name: "bytes"),
+    model: (name: "gpt2"),
+    optimizer: (name: "adamw", lr: 1e-3),
+    train: (max_steps: 1),
+)"#;
+
+    /// What a user sees for a broken config: a few short lines, in the user's words.
+    fn check_plain(source: &str, overrides: &[&str], expect: &str) {
+        let overrides: Vec<Override> = overrides
+            .iter()
+            .map(|a| a.parse().unwrap_or_else(|e| panic!("{a}: {e}")))
+            .collect();
+        let error = parse(Path::new("c.ron"), source, &overrides).expect_err("invalid");
+        let text = error.to_string();
+        assert!(text.contains(expect), "`{expect}` missing from: {text}");
+        assert!(
+            text.lines().count() <= 4,
+            "{} lines: {text}",
+            text.lines().count()
+        );
+        assert!(text.len() <= 1000, "{} bytes: {text}", text.len());
+        for internal in [
+            "Raw", "ron::", "serde", "struct ", "enum ", "usize", "u64", "f64",
+        ] {
+            assert!(!text.contains(internal), "`{internal}` in: {text}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_top_level_value_is_named_in_plain_words() {
+        let structure = "expected a structure `(field: value, ...)`";
+        check_plain("5", &[], structure);
+        check_plain("[1, 2]", &[], structure);
+        check_plain("\"config\"", &[], structure);
+        check_plain("{\"experiment\": \"x\"}", &[], structure);
+        check_plain(
+            "Config(experiment: \"x\")",
+            &[],
+            "unexpected name `Config` before `(`",
+        );
+        check_plain("", &[], structure);
+    }
+
+    #[test]
+    fn wrong_values_inside_are_named_in_plain_words() {
+        let train = MINIMAL.replace("train: (max_steps: 1)", "train: 5");
+        check_plain(&train, &[], "train: expected a structure");
+        let data = MINIMAL.replace("[Text(paths: [\"*.txt\"])]", "[5]");
+        check_plain(&data, &[], "data.train[0]: expected a name, found `5`");
+        check_plain(MINIMAL, &["train=5"], "expected a structure");
+        check_plain(
+            MINIMAL,
+            &["train.batch_size=abc"],
+            "expected a non-negative integer",
+        );
+        check_plain(MINIMAL, &["optimizer.lr=fast"], "expected a number");
+        check_plain(MINIMAL, &["seed=-1"], "expected a non-negative integer");
+    }
+
+    #[test]
+    fn deeply_nested_input_gives_a_short_error() {
+        for depth in [200, 20_000] {
+            let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let one_line = MINIMAL.replace(
+                "(name: \"gpt2\")",
+                &format!("(name: \"gpt2\", params: (a: {deep}))"),
+            );
+            check_plain(&one_line, &[], "nested too deeply");
+            let deep = format!("{}{}", "[\n".repeat(depth), "]\n".repeat(depth));
+            let lines = MINIMAL.replace(
+                "(name: \"gpt2\")",
+                &format!("(name: \"gpt2\", params: (a: {deep}))"),
+            );
+            check_plain(&lines, &[], "nested too deeply");
+        }
+        let deep_path = format!("model.params{}=1", ".a".repeat(1000));
+        let refused = deep_path.parse::<Override>().expect_err("too deep");
+        assert!(refused.contains("levels deep"), "{refused}");
+        assert!(refused.len() < 300, "{refused}");
+    }
+
+    #[test]
+    fn long_lines_are_cut_around_the_caret() {
+        let long = MINIMAL.replace(
+            "experiment: \"x\",",
+            &format!("experiment: \"x\", {}: 1,", "k".repeat(50_000)),
+        );
+        check_plain(&long, &[], "unknown field `kkkk");
+        let value = format!("experiment: \"{}\", seed: \"x\",", "v".repeat(50_000));
+        let long_value = MINIMAL.replace("experiment: \"x\",", &value);
+        check_plain(&long_value, &[], "seed: expected");
+        let text = parse(Path::new("c.ron"), &long_value, &[])
+            .expect_err("invalid")
+            .to_string();
+        let caret = text.lines().last().expect("caret line");
+        let excerpt = &text.lines().nth(2).expect("excerpt line");
+        let at = caret.find('^').expect("caret");
+        assert_eq!(
+            excerpt.chars().nth(at),
+            Some('"'),
+            "the caret points at the value:\n{text}"
+        );
     }
 }

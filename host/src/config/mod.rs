@@ -35,7 +35,7 @@ use codex_plugin_api::{ComponentKind, Schedule, TrainSettings};
 use serde_json::Value;
 
 use crate::data::DataConfig;
-use crate::diagnostics::{at_field, ron_options, Diagnostic, Point};
+use crate::diagnostics::{at_field, plain_words, ron_options, Diagnostic, Point};
 use crate::plugins::registry::Registry;
 
 mod reference;
@@ -347,7 +347,8 @@ impl Config {
         } else {
             Point::Value
         };
-        let mut what = what.to_owned();
+        // Components word their errors as serde does (`expected f64`); in the user's words.
+        let mut what = plain_words(what);
         if let Some(o) = self
             .written
             .overrides
