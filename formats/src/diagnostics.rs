@@ -712,8 +712,8 @@ pub(crate) fn plain_expected(expected: &str) -> String {
     plain.to_owned()
 }
 
-/// A serde message (`invalid type: integer `5`, expected struct RawTrain`) with what it
-/// expects in the user's words ([`plain_expected`]).
+/// A serde message (``invalid type: integer `5`, expected struct RawTrain``) with what it
+/// expects in the user's words (as `plain_expected` words them).
 pub fn plain_words(message: &str) -> String {
     match message.rsplit_once(", expected ") {
         Some((head, expected)) => format!("{head}, expected {}", plain_expected(expected)),
