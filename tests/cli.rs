@@ -329,7 +329,7 @@ fn bad_component_parameters_are_config_errors_at_their_place() {
         ),
         (
             &["model.params=(n_layer: 1)"],
-            "bad.ron:7:64: optimizer.params.betas[1]: invalid type: string \"high\", expected f64",
+            "bad.ron:7:64: optimizer.params.betas[1]: invalid type: string \"high\", expected a number",
             "^",
         ),
         (
@@ -371,4 +371,55 @@ fn bad_component_parameters_are_config_errors_at_their_place() {
         !dir.path().join("runs").exists(),
         "a refused config made a run directory"
     );
+}
+
+#[test]
+fn malformed_configs_get_short_errors_in_plain_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
+    let files = [
+        ("number.ron", "5".to_owned()),
+        ("list.ron", "[1, 2, 3]".to_owned()),
+        ("named.ron", "Config(experiment: \"x\")".to_owned()),
+        (
+            "deep.ron",
+            format!("(experiment: \"x\", model: (name: \"gpt2\", params: (a: {deep})))"),
+        ),
+        (
+            "long.ron",
+            format!("(experiment: \"{}\", seed: \"x\")", "e".repeat(100_000)),
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let out = codex_ml()
+            .current_dir(dir.path())
+            .args(["run", name])
+            .assert()
+            .code(2)
+            .get_output()
+            .stderr
+            .clone();
+        let stderr = String::from_utf8(out).expect("utf-8");
+        assert!(stderr.starts_with(&format!("error: {name}:1:")), "{stderr}");
+        assert!(
+            stderr.len() < 1500,
+            "{name}: {} bytes:\n{stderr}",
+            stderr.len()
+        );
+        assert!(stderr.lines().count() <= 6, "{name}:\n{stderr}");
+        for internal in [
+            "Raw",
+            "ron::",
+            "recursion_limit",
+            "serde_stacker",
+            "u64",
+            "struct ",
+        ] {
+            assert!(
+                !stderr.contains(internal),
+                "{name}: `{internal}` in:\n{stderr}"
+            );
+        }
+    }
 }

@@ -442,14 +442,14 @@ fn bad_override_values_name_the_path() {
         QUICKSTART,
         &["train.batch_size=abc"],
         &[
-            "train.batch_size: invalid type: string \"abc\", expected usize",
+            "train.batch_size: invalid type: string \"abc\", expected a non-negative integer",
             "--set train.batch_size=abc",
         ],
     );
     check_error(
         QUICKSTART,
         &["seed=-1"],
-        &["seed: invalid value: integer `-1`, expected u64"],
+        &["seed: invalid value: integer `-1`, expected a non-negative integer"],
     );
     check_error(
         QUICKSTART,
@@ -459,7 +459,7 @@ fn bad_override_values_name_the_path() {
     check_error(
         QUICKSTART,
         &["optimizer.lr=fast"],
-        &["optimizer.lr: invalid type: string \"fast\", expected f64"],
+        &["optimizer.lr: invalid type: string \"fast\", expected a number"],
     );
 }
 

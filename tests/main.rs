@@ -8,6 +8,7 @@ mod config;
 mod data;
 mod docs;
 mod elementwise;
+mod fuzz;
 mod generate;
 mod kernels;
 mod manifest;

@@ -13,16 +13,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// sha256 of a regular file, as 64 lowercase hex digits.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
-}
+pub use codex_formats::sha256_file;
 
 /// sha256 of bytes in memory, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

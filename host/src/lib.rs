@@ -10,7 +10,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
-pub mod diagnostics;
+pub use codex_formats::diagnostics;
 pub mod fsio;
 pub mod inference;
 pub mod logging;

@@ -24,36 +24,29 @@
 //! are carried as a JSON object; in the file they are written as a RON struct
 //! (`(n_layer: 2)`) or map (`{"n_layer": 2}`).
 //!
-//! One file per concern: `raw.rs` holds the on-disk types, `overrides.rs` parses and applies
-//! `--set`, `resolve.rs` fills defaults and validates, `write.rs` writes the config back as RON,
-//! `resume.rs` compares a config with a checkpoint's, and `reference.rs` renders the field
-//! reference. This file holds the resolved types and the entry points.
+//! The on-disk types, their strict parsing and `--set` live in `codex_formats::config`, a crate
+//! small enough to fuzz; here, `resolve.rs` fills defaults and validates, `resume.rs` compares
+//! a config with a checkpoint's, and `reference.rs` renders the field reference. This file
+//! holds the resolved types and the entry points.
 
 use std::path::{Path, PathBuf};
 
 use codex_plugin_api::{ComponentKind, Schedule, TrainSettings};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::DataConfig;
-use crate::diagnostics::{at_field, parse_ron, ron_options, Diagnostic, Point};
+use crate::diagnostics::{at_field, plain_words, ron_options, Diagnostic, Point};
 use crate::plugins::registry::Registry;
 
-mod overrides;
-mod raw;
 mod reference;
 mod resolve;
 mod resume;
-mod write;
 
-pub use overrides::Override;
+pub use codex_formats::config::{ConfigError, Override, ScheduleKind};
 pub use reference::reference;
 
-use overrides::{apply_overrides, related};
-use raw::RawConfig;
+use codex_formats::config::{related, Params, RawConfig};
 use resolve::{config_dir, Resolver};
-use write::Params;
 
 /// Seed used when the config gives none.
 pub const DEFAULT_SEED: u64 = 1337;
@@ -61,29 +54,6 @@ pub const DEFAULT_SEED: u64 = 1337;
 const DEFAULT_CPU_KERNEL: &str = "cpu";
 /// The `kernel` value that runs plain tensor ops.
 pub const NO_KERNEL: &str = "none";
-
-/// Shape of the learning-rate schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    /// Constant at `optimizer.lr`.
-    Constant,
-    /// Linear decay to `min_lr` at the last step.
-    Linear,
-    /// Cosine decay to `min_lr` at the last step.
-    Cosine,
-}
-
-impl ScheduleKind {
-    /// The plugin-API form handed to trainers.
-    pub fn to_api(self) -> codex_plugin_api::ScheduleKind {
-        match self {
-            ScheduleKind::Constant => codex_plugin_api::ScheduleKind::Constant,
-            ScheduleKind::Linear => codex_plugin_api::ScheduleKind::Linear,
-            ScheduleKind::Cosine => codex_plugin_api::ScheduleKind::Cosine,
-        }
-    }
-}
 
 /// A resolved experiment config: defaults filled, validated. Relative data paths have been
 /// made absolute against [`Config::dir`], so the config means the same wherever it is stored.
@@ -269,7 +239,7 @@ impl ScheduleConfig {
     /// The plugin-API form.
     pub fn to_api(self) -> Schedule {
         Schedule {
-            kind: self.kind.to_api(),
+            kind: schedule_kind_to_api(self.kind),
             warmup_steps: self.warmup_steps,
             min_lr: self.min_lr,
         }
@@ -289,44 +259,6 @@ pub struct GenerateConfig {
     pub top_k: Option<usize>,
     /// Nucleus sampling threshold in (0, 1].
     pub top_p: Option<f64>,
-}
-
-/// Errors loading an experiment config.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {}: {source}; check the path", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A parse or validation error in the file.
-    #[error("{0}")]
-    Invalid(Box<Diagnostic>),
-    /// An override that cannot be applied.
-    #[error("--set {arg}: {message}")]
-    Override {
-        /// The override as given.
-        arg: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The resolved config has no JSON form (a bug: it is plain data).
-    #[error("the resolved config cannot be written as JSON: {0}")]
-    Json(String),
-    /// A value given by overrides has the wrong type or shape.
-    #[error("{field}: {message} (from --set {arg})")]
-    OverrideValue {
-        /// The override that set it.
-        arg: String,
-        /// Path of the field.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
 }
 
 impl Config {
@@ -352,10 +284,7 @@ impl Config {
         source: &str,
         overrides: &[Override],
     ) -> Result<Config, ConfigError> {
-        let mut raw: RawConfig = parse_ron(path, source).map_err(ConfigError::Invalid)?;
-        if !overrides.is_empty() {
-            raw = apply_overrides(raw, overrides)?;
-        }
+        let raw = codex_formats::config::parse(path, source, overrides)?;
         let dir = config_dir(path);
         let mut config = Resolver { path, overrides }.resolve(raw, dir)?;
         config.written.source = source.to_owned();
@@ -418,7 +347,8 @@ impl Config {
         } else {
             Point::Value
         };
-        let mut what = what.to_owned();
+        // Components word their errors as serde does (`expected f64`); in the user's words.
+        let mut what = plain_words(what);
         if let Some(o) = self
             .written
             .overrides
@@ -505,6 +435,15 @@ impl Config {
     /// lossless form overrides work on): what run trackers record as the run's parameters.
     pub fn to_json(&self) -> Result<Value, ConfigError> {
         serde_json::to_value(&self.raw).map_err(|e| ConfigError::Json(e.to_string()))
+    }
+}
+
+/// The plugin-API form of a schedule kind, handed to trainers.
+fn schedule_kind_to_api(kind: ScheduleKind) -> codex_plugin_api::ScheduleKind {
+    match kind {
+        ScheduleKind::Constant => codex_plugin_api::ScheduleKind::Constant,
+        ScheduleKind::Linear => codex_plugin_api::ScheduleKind::Linear,
+        ScheduleKind::Cosine => codex_plugin_api::ScheduleKind::Cosine,
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::raw::RawConfig;
 use crate::diagnostics::join_field;
+use codex_formats::config::RawConfig;
 
 /// The field reference of `docs/config.md`, rendered from the raw types: a table per section
 /// in the order the file is written, each row from a field's doc comment (its meaning, and

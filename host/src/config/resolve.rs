@@ -5,9 +5,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::overrides::related;
-use super::raw::{RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawTrain};
-use super::write::Params;
+use codex_formats::config::{
+    related, Params, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawTrain,
+};
+
 use super::Override;
 use super::{
     ComponentSpec, Config, ConfigError, GenerateConfig, OptimizerSpec, ScheduleConfig,

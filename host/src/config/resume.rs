@@ -3,10 +3,10 @@
 
 use serde_json::Value;
 
-use super::raw::RawConfig;
 use super::reference::shape;
 use super::{Config, ConfigError};
 use crate::diagnostics::{join_field, Diagnostic};
+use codex_formats::config::RawConfig;
 
 impl Config {
     /// Check that this config may continue a run whose checkpoint was written under `saved`,

@@ -17,7 +17,6 @@
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::cache::Tokens;
@@ -72,15 +71,7 @@ pub struct TokenBatch {
     pub epoch: u64,
 }
 
-/// Where the training stream stands: the next window to serve is `position` in the order of
-/// `epoch`. Saved in checkpoints; restoring it with [`TrainBatches::seek`] continues exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct DataCursor {
-    /// The epoch, from 0.
-    pub epoch: u64,
-    /// Windows of this epoch already served.
-    pub position: u64,
-}
+pub use codex_formats::checkpoint::DataCursor;
 
 /// The order of `windows` training windows in `epoch`: a pure function of its arguments.
 pub fn window_order(seed: u64, epoch: u64, windows: usize) -> Vec<usize> {

@@ -18,7 +18,6 @@
 
 pub mod batch;
 pub mod cache;
-pub mod config;
 pub mod error;
 pub mod select;
 pub mod source;
@@ -34,10 +33,11 @@ pub use batch::{
     window_order, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches, IGNORE_INDEX,
 };
 pub use cache::{CacheKey, CacheOutcome, Cached, TokenCache, Tokens};
-pub use config::{DataConfig, Preprocess, Source, Undecodable};
+pub use codex_formats::config::data as config;
+pub use config::{DataConfig, Preprocess, ReadSettings, Source, Undecodable};
 pub use error::DataError;
 pub use select::check_glob;
-pub use source::{read_sources, DataReport, Document, Read, ReadSettings, Skipped, SkippedFile};
+pub use source::{read_sources, DataReport, Document, Read, Skipped, SkippedFile};
 pub use split::{hold_out, load_documents, preprocess, SplitDocuments};
 pub use tokenize::{tokenize, TokenizerFingerprint};
 
@@ -75,14 +75,12 @@ pub fn pad_id(tokenizer: &TokenizerBox) -> u32 {
         .unwrap_or(tokenizer.eot_id())
 }
 
-impl DataConfig {
-    /// The token cache directory: `cache_dir` relative to `base_dir` when set, else
-    /// [`default_cache_dir`].
-    pub fn cache_dir(&self, base_dir: &Path) -> Result<PathBuf, DataError> {
-        match &self.cache_dir {
-            Some(dir) => Ok(base_dir.join(dir)),
-            None => default_cache_dir(),
-        }
+/// The token cache directory of `config`: its `cache_dir` relative to `base_dir` when set,
+/// else [`default_cache_dir`].
+pub fn cache_dir(config: &DataConfig, base_dir: &Path) -> Result<PathBuf, DataError> {
+    match &config.cache_dir {
+        Some(dir) => Ok(base_dir.join(dir)),
+        None => default_cache_dir(),
     }
 }
 

@@ -16,9 +16,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::config::{DataConfig, Source, Undecodable};
 use super::error::DataError;
 use super::select;
+use codex_formats::config::{ReadSettings, Source, Undecodable};
 
 /// How many skipped files a report names (it counts them all).
 const EXAMPLES: usize = 5;
@@ -32,34 +32,6 @@ pub struct Document {
     pub origin: String,
     /// The text.
     pub text: String,
-}
-
-/// How `Text` sources choose and read their files: `data.gitignore` and `data.undecodable`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadSettings {
-    /// Skip what `.gitignore`, `.ignore` and git's exclude files ignore.
-    pub gitignore: bool,
-    /// Skip, or refuse, files that are not UTF-8 text.
-    pub undecodable: Undecodable,
-}
-
-impl Default for ReadSettings {
-    fn default() -> Self {
-        ReadSettings {
-            gitignore: true,
-            undecodable: Undecodable::Skip,
-        }
-    }
-}
-
-impl DataConfig {
-    /// The settings [`read_sources`] takes from this config.
-    pub fn read_settings(&self) -> ReadSettings {
-        ReadSettings {
-            gitignore: self.gitignore,
-            undecodable: self.undecodable,
-        }
-    }
 }
 
 /// What reading the sources found besides documents; recorded in the run's `metadata.json`.

@@ -6,7 +6,7 @@
 //! factories are called (the metrics hub opens the run's own record through it too).
 
 pub mod build;
-pub mod manifest;
+pub use codex_formats::manifest;
 pub mod native;
 pub mod registry;
 pub mod wasm;

@@ -18,6 +18,7 @@ use codex_plugin_api::sink::SinkBox;
 use codex_plugin_api::{ApiVersion, ComponentDecl, ComponentKind, API_VERSION};
 
 use crate::diagnostics::{backticked, did_you_mean};
+use crate::plugins::manifest::{PluginOrigin, PluginSpec};
 
 /// Where a registered component comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,18 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The origin of the components of the manifest plugin `spec`.
+    pub fn of_plugin(spec: &PluginSpec) -> Origin {
+        match spec.origin {
+            PluginOrigin::Native => Origin::Native {
+                path: spec.path.clone(),
+            },
+            PluginOrigin::Wasm { .. } => Origin::Wasm {
+                path: spec.path.clone(),
+            },
+        }
+    }
+
     /// `built-in`, `native` or `wasm`.
     pub fn label(&self) -> &'static str {
         match self {

@@ -3,7 +3,7 @@
 //! opens, isolated like any other sink.
 
 use super::manifest::{Capabilities, PluginSpec, WasmLimits};
-use super::registry::{self, Registry};
+use super::registry::{self, Origin, Registry};
 
 /// The sandbox settings of a WASM plugin, from its manifest entry.
 pub fn wasm_sink_plugin(
@@ -66,7 +66,7 @@ pub fn register_wasm_sink(
                 &spec.name,
                 &d.version,
                 &description,
-                spec.registry_origin(),
+                Origin::of_plugin(spec),
                 factory,
             )?;
             Ok(Ok(found))
@@ -83,7 +83,7 @@ pub fn register_wasm_sink(
                 &spec.name,
                 "unknown",
                 &description,
-                spec.registry_origin(),
+                Origin::of_plugin(spec),
                 factory,
             )?;
             Ok(Err(found))

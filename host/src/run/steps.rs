@@ -124,7 +124,7 @@ pub(crate) fn batches(
         &config.tokenizer.name,
         &config.tokenizer.params_json(),
     )?;
-    let cache = data::TokenCache::new(config.data.cache_dir(&config.dir)?);
+    let cache = data::TokenCache::new(data::cache_dir(&config.data, &config.dir)?);
     let streams = data::token_streams(
         &docs,
         tokenizer,

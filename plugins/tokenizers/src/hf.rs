@@ -34,8 +34,7 @@ impl Loaded {
         component: &str,
     ) -> Result<Loaded> {
         let origin = format!("the `{component}` tokenizer saved with the run");
-        let inner: tokenizers::Tokenizer = saved
-            .parse()
+        let inner = parse_json(saved)
             .map_err(|e| Error::msg(format!("{origin} is not a valid tokenizer.json: {e}")))?;
         Loaded::new(inner, eot_token, pad_token, origin)
     }
@@ -111,6 +110,14 @@ impl Loaded {
             .to_string(true)
             .map_err(|e| Error::msg(format!("{}: cannot serialise tokenizer: {e}", self.origin)))
     }
+}
+
+/// Parse a `tokenizer.json`. Its JSON syntax is checked first: tokenizers 0.23 panics, rather
+/// than returning an error, on a syntax error inside the `decoder` object (found by the
+/// `tokenizer_json` fuzz target; its input is in tests/fixtures/fuzz/tokenizer_json/).
+fn parse_json(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())?;
+    text.parse().map_err(|e: tokenizers::Error| e.to_string())
 }
 
 fn lookup(inner: &tokenizers::Tokenizer, token: &str, field: &str, origin: &str) -> Result<u32> {
@@ -213,7 +220,7 @@ impl Tokenizer for Hf {
             ),
             Err(e) => bail!("cannot read tokenizer file {shown}: {e}"),
         };
-        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+        let mut inner = parse_json(&text).map_err(|e| {
             Error::msg(format!(
                 "{shown}: not a valid tokenizer.json: {e}: point `path` at a file saved by \
                  Hugging Face tokenizers"
@@ -324,4 +331,16 @@ fn configure_padding(
         p.pad_to_multiple_of = None;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// tokenizers 0.23 panics on this (a syntax error inside `decoder`); loading must fail
+    /// with the parser's message instead.
+    #[test]
+    fn a_syntax_error_in_the_decoder_is_an_error_not_a_panic() {
+        let text = r#"{"version": "1.0", "decoder": {"type": "ByteLevel", "x"}}"#;
+        let error = super::parse_json(text).expect_err("not JSON");
+        assert!(error.contains("expected `:`"), "{error}");
+    }
 }

@@ -10,13 +10,13 @@ use serde_json::Value;
 
 /// A component's own parameters: free-form here, read and checked by the component. Carried
 /// as JSON — an object, or null for none (`params: ()`, or left out) — and written by
-/// [`Config::to_ron`](super::Config::to_ron) as a one-line RON struct (`(n_layer: 2)`).
+/// the host's `Config::to_ron` as a one-line RON struct (`(n_layer: 2)`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(transparent)]
-pub(super) struct Params(pub(super) Value);
+pub struct Params(pub Value);
 
 thread_local! {
-    /// Set while [`Config::to_ron`](super::Config::to_ron) serialises: params are then written
+    /// Set while the host's `Config::to_ron` serialises: params are then written
     /// as RON structs, and left out when there are none. Every other serialisation (the JSON
     /// tree overrides and trackers work on) carries them as they are.
     static WRITING_RON: Cell<bool> = const { Cell::new(false) };
@@ -24,7 +24,7 @@ thread_local! {
 
 impl Params {
     /// Serialise with `f` as RON: params as RON literals, empty ones left out.
-    pub(super) fn writing_ron<T>(f: impl FnOnce() -> T) -> T {
+    pub fn writing_ron<T>(f: impl FnOnce() -> T) -> T {
         struct Restore(bool);
         impl Drop for Restore {
             fn drop(&mut self) {
@@ -40,7 +40,7 @@ impl Params {
     }
 
     /// Left out of the RON form when there are none, as the file may do.
-    pub(super) fn omitted(&self) -> bool {
+    pub fn omitted(&self) -> bool {
         WRITING_RON.get() && self.is_empty()
     }
 }

@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use super::raw::RawConfig;
 use super::ConfigError;
-use crate::diagnostics::{backticked, did_you_mean, field_path, join_field, ron_options};
+use crate::diagnostics::{
+    backticked, did_you_mean, field_path, join_field, plain_words, ron_options, shorten,
+};
 
 /// One `--set PATH=VALUE` override.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,11 +38,13 @@ impl FromStr for Override {
     fn from_str(arg: &str) -> Result<Self, Self::Err> {
         let Some((path, value)) = arg.split_once('=') else {
             return Err(format!(
-                "`{arg}` is not PATH=VALUE; write it like `train.max_steps=500`"
+                "`{}` is not PATH=VALUE; write it like `train.max_steps=500`",
+                shorten(arg, 120)
             ));
         };
         let path = path.trim();
-        let segments = parse_path(path).map_err(|why| format!("bad path `{path}`: {why}"))?;
+        let segments =
+            parse_path(path).map_err(|why| format!("bad path `{}`: {why}", shorten(path, 120)))?;
         Ok(Override {
             arg: arg.to_owned(),
             path: canonical(&segments),
@@ -71,7 +75,7 @@ fn canonical(segments: &[Segment]) -> String {
 }
 
 /// Whether `field` is `path`, inside it, or contains it (`train` and `train.seq_len`).
-pub(super) fn related(field: &str, path: &str) -> bool {
+pub fn related(field: &str, path: &str) -> bool {
     let inside = |outer: &str, inner: &str| {
         inner == outer
             || outer.is_empty()
@@ -81,6 +85,10 @@ pub(super) fn related(field: &str, path: &str) -> bool {
     };
     inside(path, field) || inside(field, path)
 }
+
+/// Deepest override path accepted: far more than any config needs, and few enough that the
+/// nested value it builds cannot exhaust the stack when it is read back.
+const MAX_DEPTH: usize = 64;
 
 /// `a.b[2].c` or `a.b.2.c` → keys and indices.
 fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
@@ -108,13 +116,18 @@ fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
                 .ok_or_else(|| "unclosed `[`; write indices like `sinks[0]`".to_owned())?;
             let index = rest[1..close]
                 .parse::<usize>()
-                .map_err(|_| format!("`{}` is not a list index", &rest[..=close]))?;
+                .map_err(|_| format!("`{}` is not a list index", shorten(&rest[..=close], 40)))?;
             segments.push(Segment::Index(index));
             rest = &rest[close + 1..];
             if !rest.is_empty() && !rest.starts_with('[') {
-                return Err(format!("unexpected `{rest}` after an index"));
+                return Err(format!("unexpected `{}` after an index", shorten(rest, 40)));
             }
         }
+    }
+    if segments.len() > MAX_DEPTH {
+        return Err(format!(
+            "more than {MAX_DEPTH} levels deep; no config field is nested that deeply"
+        ));
     }
     Ok(segments)
 }
@@ -137,10 +150,9 @@ fn parse_value(text: &str) -> Value {
         .unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
-pub(super) fn apply_overrides(
-    raw: RawConfig,
-    overrides: &[Override],
-) -> Result<RawConfig, ConfigError> {
+/// Apply `overrides` in order to `raw`, then read the result back into the raw types; a bad
+/// value is reported by its field path and blamed on the override that set it.
+pub fn apply_overrides(raw: RawConfig, overrides: &[Override]) -> Result<RawConfig, ConfigError> {
     let mut tree = serde_json::to_value(&raw).map_err(|e| ConfigError::Override {
         arg: overrides.first().map(|o| o.arg.clone()).unwrap_or_default(),
         message: format!("the config cannot take overrides: {e}"),
@@ -156,7 +168,7 @@ pub(super) fn apply_overrides(
     }
     serde_path_to_error::deserialize::<_, RawConfig>(tree).map_err(|e| {
         let field = field_path(e.path());
-        let message = e.into_inner().to_string();
+        let message = plain_words(&e.into_inner().to_string());
         // The last override touching this field (or a parent of it) is the one to blame.
         let culprit = overrides.iter().rev().find(|o| related(&field, &o.path));
         match culprit {

@@ -18,8 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostics::{parse_ron, Diagnostic};
-use crate::plugins::registry::Origin;
+use crate::diagnostics::{parse_ron, shorten, Diagnostic};
 
 /// A plugin manifest as written on disk.
 #[derive(Debug, Deserialize)]
@@ -262,18 +261,6 @@ impl PluginSpec {
             PluginOrigin::Wasm { .. } => PluginKind::Wasm,
         }
     }
-
-    /// The registry origin of this plugin's components.
-    pub fn registry_origin(&self) -> Origin {
-        match self.origin {
-            PluginOrigin::Native => Origin::Native {
-                path: self.path.clone(),
-            },
-            PluginOrigin::Wasm { .. } => Origin::Wasm {
-                path: self.path.clone(),
-            },
-        }
-    }
 }
 
 /// Resource limits of one WASM plugin.
@@ -356,7 +343,7 @@ pub enum ManifestError {
         "{}: plugin `{name}`: cannot read {}: {source}; build the plugin or fix its `path` \
          (relative to the manifest)",
         manifest.display(),
-        path.display()
+        shown(path)
     )]
     PluginFile {
         /// The manifest.
@@ -373,7 +360,7 @@ pub enum ManifestError {
         "{}: plugin `{name}`: sha256 mismatch for {}: expected {expected}, actual {actual}; \
          if the file was rebuilt on purpose, update `sha256` in the manifest",
         manifest.display(),
-        path.display()
+        shown(path)
     )]
     Sha256Mismatch {
         /// The manifest.
@@ -387,6 +374,12 @@ pub enum ManifestError {
         /// The file's digest.
         actual: String,
     },
+}
+
+/// A plugin path as written in the manifest, for a message: on one line (a RON string may hold
+/// newlines and control characters, which would forge or garble terminal lines) and short.
+fn shown(path: &Path) -> String {
+    shorten(&path.display().to_string(), 200)
 }
 
 impl Manifest {
@@ -483,13 +476,12 @@ impl Manifest {
                 ));
             }
             let file = dir.join(&entry.path);
-            let sha256 =
-                crate::fsio::sha256_file(&file).map_err(|source| ManifestError::PluginFile {
-                    manifest: path.to_owned(),
-                    name: entry.name.clone(),
-                    path: file.clone(),
-                    source,
-                })?;
+            let sha256 = crate::sha256_file(&file).map_err(|source| ManifestError::PluginFile {
+                manifest: path.to_owned(),
+                name: entry.name.clone(),
+                path: file.clone(),
+                source,
+            })?;
             if let Some(expected) = &pin {
                 if *expected != sha256 {
                     return Err(ManifestError::Sha256Mismatch {
@@ -691,6 +683,27 @@ fn capabilities(raw: Option<RawCapabilities>) -> Result<Capabilities, (&'static 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `manifest` fuzz target: a plugin path holding newlines and control
+    /// characters was printed raw in the "cannot read" error, over nine lines.
+    #[test]
+    fn a_plugin_path_is_shown_on_one_short_line() {
+        let source =
+            include_str!("../../tests/fixtures/fuzz/manifest/control-characters-in-path.ron");
+        let error = Manifest::from_source(Path::new("/nonexistent/plugins.ron"), source)
+            .expect_err("no such plugin file")
+            .to_string();
+        assert_eq!(error.lines().count(), 1, "{error}");
+        assert!(!error.contains(['\0', '\u{1}']), "{error}");
+        let long = format!(
+            "(plugins: [(name: \"a\", origin: native, path: \"{}\")])",
+            "p".repeat(5000)
+        );
+        let error = Manifest::from_source(Path::new("/nonexistent/plugins.ron"), &long)
+            .expect_err("no such plugin file")
+            .to_string();
+        assert!(error.len() < 600, "{} bytes: {error}", error.len());
+    }
 
     #[test]
     fn plugin_names_are_checked() {

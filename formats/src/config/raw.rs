@@ -5,81 +5,82 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::data::DataConfig;
 use super::write::Params;
 use super::ScheduleKind;
-use crate::data::DataConfig;
 
 /// An experiment config as written on disk.
 ///
 /// Its doc comments, and those of the types it holds, are the field reference of
-/// `docs/config.md` ([`reference()`](super::reference())): each says what the field means and
-/// ends with its default ("Default: ...") or with "Required.". The resolver fills each default
-/// into this value as it resolves it, so the resolved [`Config`](super::Config) keeps the file
-/// with every default written out.
+/// `docs/config.md` (rendered by the host): each says what the field means and ends with its
+/// default ("Default: ...") or with "Required.". The host's resolver fills each default into
+/// this value as it resolves it, so the resolved config keeps the file with every default
+/// written out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawConfig {
+pub struct RawConfig {
     /// Name of the experiment; runs go to `runs/<experiment>/<run-id>/`. Letters, digits, `-`,
     /// `_` and `.` (not first). Required.
-    pub(super) experiment: String,
+    pub experiment: String,
     /// Seed of every random stream: initialisation, data order, dropout, sampling.
     /// Default: `1337`.
     #[serde(default)]
-    pub(super) seed: Option<u64>,
+    pub seed: Option<u64>,
     /// `cpu`, `cuda`, `cuda:N`, `metal` or `metal:N`. Default: `"cpu"`.
     #[serde(default)]
-    pub(super) device: Option<String>,
+    pub device: Option<String>,
     /// Training and validation data. Required.
-    pub(super) data: DataConfig,
+    pub data: DataConfig,
     /// The tokenizer, e.g. `(name: "bpe", params: (vocab_size: 1024))`. Required.
-    pub(super) tokenizer: RawComponent,
+    pub tokenizer: RawComponent,
     /// The model. Required.
-    pub(super) model: RawComponent,
+    pub model: RawComponent,
     /// The optimizer and the peak learning rate. Required.
-    pub(super) optimizer: RawOptimizer,
+    pub optimizer: RawOptimizer,
     /// The training loop. Default: `(name: "default")`.
     #[serde(default)]
-    pub(super) trainer: Option<RawComponent>,
+    pub trainer: Option<RawComponent>,
     /// Training settings. Required.
-    pub(super) train: RawTrain,
+    pub train: RawTrain,
     /// Metric sinks, e.g. `[(name: "csv"), (name: "console")]`. The run's record,
     /// `metrics.ndjson` (sink `ndjson`), is always written and listed first; `(name: "ndjson",
     /// params: (file: "copy.ndjson"))` adds a copy of it. A sink may appear once.
     /// Default: `[]`.
     #[serde(default)]
-    pub(super) sinks: Vec<RawComponent>,
+    pub sinks: Vec<RawComponent>,
     /// Run trackers, e.g. `[(name: "mlflow", params: (root: "/data/mlruns"))]`: each is told
     /// the run started (or resumed) with the config flattened to dotted keys, gets every metric
     /// record, each checkpoint and the run's files, and how the run ended (finished, failed,
     /// killed). A tracker that fails is disabled with one warning; training goes on. See
     /// [components.md](components.md). Default: `[]`.
     #[serde(default)]
-    pub(super) trackers: Vec<RawComponent>,
+    pub trackers: Vec<RawComponent>,
     /// Kernel component providing fused ops ([performance.md](performance.md)); `"none"` runs
     /// plain tensor ops. The run's stored `config.ron` always says which, so a resumed run
     /// keeps it. Default: `"cpu"` on the CPU, `"none"` elsewhere.
     // A string, not an option, so that `None` cannot be read as either "off" or "the default".
     #[serde(default)]
-    pub(super) kernel: String,
+    pub kernel: String,
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
-    pub(super) generate: Option<RawGenerate>,
+    pub generate: Option<RawGenerate>,
 }
 
 /// A component chosen by registry name (see `codex-ml list`), with its parameters:
 /// `(name: "NAME", params: (...))`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawComponent {
+pub struct RawComponent {
     /// Registry name. Required.
-    pub(super) name: String,
+    pub name: String,
     /// The component's own parameters, read and checked by the component. Default: none.
     #[serde(default, skip_serializing_if = "Params::omitted")]
-    pub(super) params: Params,
+    pub params: Params,
 }
 
 impl RawComponent {
-    pub(super) fn named(name: &str) -> Self {
+    /// The component `name` with no parameters.
+    pub fn named(name: &str) -> Self {
         RawComponent {
             name: name.to_owned(),
             params: Params::default(),
@@ -90,99 +91,99 @@ impl RawComponent {
 /// The optimizer: a component plus the peak learning rate the schedule scales.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawOptimizer {
+pub struct RawOptimizer {
     /// Registry name (`adamw`, `sgd`, ...). Required.
-    pub(super) name: String,
+    pub name: String,
     /// Peak learning rate, positive; the schedule scales it. Required.
-    pub(super) lr: f64,
+    pub lr: f64,
     /// The optimizer's own parameters (`weight_decay`, `betas`, ...). Default: none.
     #[serde(default, skip_serializing_if = "Params::omitted")]
-    pub(super) params: Params,
+    pub params: Params,
 }
 
 /// Training settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawTrain {
+pub struct RawTrain {
     /// Optimizer steps to run, at least 1. At least one of `max_steps` and `epochs` is
     /// required. Default: none.
     #[serde(default)]
-    pub(super) max_steps: Option<u64>,
+    pub max_steps: Option<u64>,
     /// Passes over the training data, at least 1; with `max_steps` too, whichever ends first.
     /// Default: none.
     #[serde(default)]
-    pub(super) epochs: Option<u64>,
+    pub epochs: Option<u64>,
     /// Tokens per sequence, at least 1. Default: `128`.
     #[serde(default)]
-    pub(super) seq_len: Option<usize>,
+    pub seq_len: Option<usize>,
     /// Sequences per micro-batch, at least 1. Default: `8`.
     #[serde(default)]
-    pub(super) batch_size: Option<usize>,
+    pub batch_size: Option<usize>,
     /// Micro-batches per optimizer step, at least 1 (gradients are token-weighted).
     /// Default: `1`.
     #[serde(default)]
-    pub(super) grad_accum: Option<usize>,
+    pub grad_accum: Option<usize>,
     /// Evaluate every N optimizer steps; `0` evaluates only at the end. Default: `0`.
     #[serde(default)]
-    pub(super) eval_every: Option<u64>,
+    pub eval_every: Option<u64>,
     /// Validation batches per evaluation; `0` uses the whole validation split. Default: `16`.
     #[serde(default)]
-    pub(super) eval_batches: Option<usize>,
+    pub eval_batches: Option<usize>,
     /// Checkpoint every N optimizer steps; `0` checkpoints only at the end. Default: `0`.
     #[serde(default)]
-    pub(super) checkpoint_every: Option<u64>,
+    pub checkpoint_every: Option<u64>,
     /// Checkpoints to keep: the newest N valid ones, plus the one with the lowest validation
     /// loss; `0` keeps every checkpoint. The newest valid checkpoint is never deleted, nor is
     /// one that fails verification ([checkpoints.md](checkpoints.md)). Default: `3`.
     #[serde(default)]
-    pub(super) keep_checkpoints: Option<usize>,
+    pub keep_checkpoints: Option<usize>,
     /// Emit training metrics every N optimizer steps, at least 1. Default: `10`.
     #[serde(default)]
-    pub(super) log_every: Option<u64>,
+    pub log_every: Option<u64>,
     /// Clip gradients to this global L2 norm; `0` disables clipping (the norm is logged
     /// anyway). Default: `1.0`.
     #[serde(default)]
-    pub(super) clip_norm: Option<f64>,
+    pub clip_norm: Option<f64>,
     /// The learning-rate schedule, stepped once per optimizer step.
     /// Default: `(kind: constant, warmup_steps: 0, min_lr: 0.0)`.
     #[serde(default)]
-    pub(super) schedule: Option<RawSchedule>,
+    pub schedule: Option<RawSchedule>,
 }
 
 /// The learning-rate schedule: linear warmup, then constant or decaying.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawSchedule {
+pub struct RawSchedule {
     /// Shape after warmup: constant at `optimizer.lr`, or linear / cosine decay to `min_lr` at
     /// the last step. Default: `constant`.
     #[serde(default)]
-    pub(super) kind: Option<ScheduleKind>,
+    pub kind: Option<ScheduleKind>,
     /// Steps of linear warmup from 0 to `optimizer.lr`; at most `train.max_steps` when that is
     /// set. Default: `0`.
     #[serde(default)]
-    pub(super) warmup_steps: Option<u64>,
+    pub warmup_steps: Option<u64>,
     /// The floor of the decay; between 0 and `optimizer.lr`. Default: `0.0`.
     #[serde(default)]
-    pub(super) min_lr: Option<f64>,
+    pub min_lr: Option<f64>,
 }
 
 /// A sample generated at the end of the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawGenerate {
+pub struct RawGenerate {
     /// Text the sample continues. Required.
-    pub(super) prompt: String,
+    pub prompt: String,
     /// Tokens to generate, at least 1. Default: `128`.
     #[serde(default)]
-    pub(super) max_tokens: Option<usize>,
+    pub max_tokens: Option<usize>,
     /// Softmax temperature; `0` always picks the most likely token. Default: `1.0`.
     #[serde(default)]
-    pub(super) temperature: Option<f64>,
+    pub temperature: Option<f64>,
     /// Sample only among the K most likely tokens; K is at least 1. Default: none, every token.
     #[serde(default)]
-    pub(super) top_k: Option<usize>,
+    pub top_k: Option<usize>,
     /// Sample only among the most likely tokens whose probabilities add up to P, in (0, 1].
     /// Default: none.
     #[serde(default)]
-    pub(super) top_p: Option<f64>,
+    pub top_p: Option<f64>,
 }

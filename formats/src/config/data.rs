@@ -1,7 +1,7 @@
 //! The `data` section of an experiment config, as written on disk.
 //!
-//! The doc comment of each field is also its entry in `docs/config.md` (rendered by
-//! [`crate::config::reference`]): it says what the field means and ends with its default, or
+//! The doc comment of each field is also its entry in `docs/config.md` (rendered by the
+//! host's config reference): it says what the field means and ends with its default, or
 //! with "Required.".
 
 use schemars::JsonSchema;
@@ -128,4 +128,32 @@ pub enum Source {
         /// The column holding the text.
         column: String,
     },
+}
+
+/// How `Text` sources choose and read their files: `data.gitignore` and `data.undecodable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSettings {
+    /// Skip what `.gitignore`, `.ignore` and git's exclude files ignore.
+    pub gitignore: bool,
+    /// Skip, or refuse, files that are not UTF-8 text.
+    pub undecodable: Undecodable,
+}
+
+impl Default for ReadSettings {
+    fn default() -> Self {
+        ReadSettings {
+            gitignore: true,
+            undecodable: Undecodable::Skip,
+        }
+    }
+}
+
+impl DataConfig {
+    /// The settings the host's source reader takes from this config.
+    pub fn read_settings(&self) -> ReadSettings {
+        ReadSettings {
+            gitignore: self.gitignore,
+            undecodable: self.undecodable,
+        }
+    }
 }

@@ -100,12 +100,14 @@ impl Diagnostic {
 }
 
 impl fmt::Display for Diagnostic {
+    /// At most four lines, each of bounded length whatever the input: a deeply nested or
+    /// minified file must not turn one error into kilobytes of terminal output.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.location())?;
         if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
+            write!(f, "{}: ", shorten_middle(field, MAX_FIELD))?;
         }
-        f.write_str(&self.message)?;
+        f.write_str(&shorten(&self.message, MAX_MESSAGE))?;
         if let (Some(start), Some(line)) = (self.start, &self.snippet) {
             let number = start.line.to_string();
             let gutter = " ".repeat(number.len());
@@ -123,9 +125,86 @@ impl fmt::Display for Diagnostic {
 
 impl std::error::Error for Diagnostic {}
 
+/// Longest field path shown; longer ones (deep nesting) keep their start and end.
+const MAX_FIELD: usize = 120;
+/// Longest message shown, in chars.
+const MAX_MESSAGE: usize = 400;
+/// Widest excerpt of the offending line shown, in display columns.
+const MAX_EXCERPT: usize = 100;
+/// Columns of context kept left of the caret when the line is cut.
+const EXCERPT_BEFORE: usize = 40;
+
+/// `text` on one line, cut to `max` chars with `…`: control characters (a newline in a
+/// quoted value) are escaped.
+pub(crate) fn shorten(text: &str, max: usize) -> String {
+    let cut = text.chars().nth(max).is_some();
+    let keep = if cut { max.saturating_sub(1) } else { max };
+    let mut out = escape_controls(text.chars().take(keep));
+    if cut {
+        out.push('…');
+    }
+    out
+}
+
+/// `text` on one line, cut in the middle to `max` chars, keeping both ends
+/// (`data.train[0]…[0].x`).
+fn shorten_middle(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    if count <= max {
+        return escape_controls(text.chars());
+    }
+    let head = (max - 1) / 2;
+    let tail = max - 1 - head;
+    let mut out = escape_controls(text.chars().take(head));
+    out.push('…');
+    out.push_str(&escape_controls(text.chars().skip(count - tail)));
+    out
+}
+
+fn escape_controls(chars: impl Iterator<Item = char>) -> String {
+    let mut out = String::new();
+    for c in chars {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The line with tabs expanded, and where (in display columns) the caret starts and how long
-/// it is. A span that runs onto later lines is underlined to the end of its first line.
+/// it is. A span that runs onto later lines is underlined to the end of its first line. A
+/// line wider than [`MAX_EXCERPT`] is cut to a window around the caret, marked with `…`.
 fn caret_line(line: &str, start: Position, end: Option<Position>) -> (String, usize, usize) {
+    let (text, from, len) = full_caret_line(line, start, end);
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= MAX_EXCERPT {
+        return (text, from, len);
+    }
+    let first = from
+        .saturating_sub(EXCERPT_BEFORE)
+        .min(chars.len().saturating_sub(MAX_EXCERPT));
+    let last = (first + MAX_EXCERPT).min(chars.len());
+    let mut window = String::new();
+    let mut caret_at = from - first;
+    if first > 0 {
+        window.push('…');
+        caret_at += 1;
+    }
+    window.extend(
+        chars[first..last]
+            .iter()
+            .map(|&c| if c.is_control() { ' ' } else { c }),
+    );
+    if last < chars.len() {
+        window.push('…');
+    }
+    let caret_len = len.min(last.saturating_sub(from)).max(1);
+    (window, caret_at, caret_len)
+}
+
+fn full_caret_line(line: &str, start: Position, end: Option<Position>) -> (String, usize, usize) {
     const TAB: &str = "    ";
     let mut text = String::with_capacity(line.len());
     // Display column where each char starts, plus one entry for the end of the line.
@@ -152,16 +231,13 @@ fn caret_line(line: &str, start: Position, end: Option<Position>) -> (String, us
 
 /// The ron options every user-written file is parsed with: `IMPLICIT_SOME`, so optional
 /// fields are written `max_steps: 200` rather than `max_steps: Some(200)` (both work).
-pub(crate) fn ron_options() -> ron::Options {
+pub fn ron_options() -> ron::Options {
     ron::Options::default().with_default_extension(Extensions::IMPLICIT_SOME)
 }
 
 /// Parse `source` (the text of `file`) strictly into `T`: any syntax error, unknown or
 /// missing field, wrong type or trailing text becomes a [`Diagnostic`] with position and field.
-pub(crate) fn parse_ron<T: DeserializeOwned>(
-    file: &Path,
-    source: &str,
-) -> Result<T, Box<Diagnostic>> {
+pub fn parse_ron<T: DeserializeOwned>(file: &Path, source: &str) -> Result<T, Box<Diagnostic>> {
     let options = ron_options();
     let mut de = ron::Deserializer::from_str_with_options(source, &options)
         .map_err(|e| spanned(file, source, &e, String::new()))?;
@@ -215,7 +291,7 @@ fn spanned(
 /// What [`at_field`] points at: the key of a field (an unknown or misspelt name) or its value
 /// (a value of the wrong type or out of range).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Point {
+pub enum Point {
     /// The field's key.
     Key,
     /// The field's value.
@@ -226,7 +302,7 @@ pub(crate) enum Point {
 /// `source`, the text of `file`, found after parsing: positioned at the field's key or value
 /// when the field is written in the file, else (a value that came from a default or a `--set`)
 /// naming the file and the field only.
-pub(crate) fn at_field(
+pub fn at_field(
     file: &Path,
     source: &str,
     path: &str,
@@ -497,7 +573,7 @@ fn skip_blanks(source: &str, start: Position) -> Position {
 }
 
 /// The dotted path of a `serde_path_to_error` path, without its unknown (`?`) segments.
-pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for segment in path.iter() {
@@ -512,7 +588,7 @@ pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
 }
 
 /// `path.key`, or `key` when `path` is empty.
-pub(crate) fn join_field(path: &str, key: &str) -> String {
+pub fn join_field(path: &str, key: &str) -> String {
     let mut out = path.to_owned();
     push_key(&mut out, key);
     out
@@ -556,12 +632,37 @@ fn describe(code: &ron::Error, path: String) -> (Option<String>, String) {
         } => (non_empty(path), unknown_message("variant", found, expected)),
         E::InvalidValueForType { expected, found } => (
             non_empty(path),
-            format!("expected {expected}, found {found}"),
+            format!("expected {}, found {found}", plain_expected(expected)),
         ),
         E::ExpectedDifferentLength { expected, found } => (
             non_empty(path),
-            format!("expected {expected}, found {found} element(s)"),
+            format!(
+                "expected {}, found {found} element(s)",
+                plain_expected(expected)
+            ),
         ),
+        E::ExpectedNamedStructLike(_) | E::ExpectedStructLike => (
+            non_empty(path),
+            format!("expected {}", plain_expected("struct")),
+        ),
+        E::ExpectedDifferentStructName { found, .. } => (
+            non_empty(path),
+            format!("unexpected name `{found}` before `(`; write the structure without a name"),
+        ),
+        E::ExpectedStructName(_) => (
+            non_empty(path),
+            "expected a structure `(field: value, ...)`".to_owned(),
+        ),
+        E::ExceededRecursionLimit => (
+            non_empty(path),
+            "nested too deeply (brackets inside brackets, more than 128 levels); no config \
+             needs that many, check for unclosed or repeated brackets"
+                .to_owned(),
+        ),
+        E::Message(message) => (non_empty(path), plain_words(message)),
+        E::SuggestRawIdentifier(found) | E::InvalidIdentifier(found) => {
+            (non_empty(path), format!("expected a name, found `{found}`"))
+        }
         E::TrailingCharacters => (
             None,
             "unexpected text after the end of the document; remove it".to_owned(),
@@ -575,6 +676,51 @@ fn describe(code: &ron::Error, path: String) -> (Option<String>, String) {
             "integer out of range for this field".to_owned(),
         ),
         other => (non_empty(path), lowercase_first(&other.to_string())),
+    }
+}
+
+/// What a serde or ron "expected ..." names, in the user's words: serde derives describe a
+/// value by its Rust type (`struct RawTrain`, `u64`), which means nothing to someone writing
+/// a config.
+pub(crate) fn plain_expected(expected: &str) -> String {
+    let expected = expected.trim();
+    let word = |prefix: &str| expected == prefix || expected.starts_with(&format!("{prefix} "));
+    let plain = if word("struct") {
+        "a structure `(field: value, ...)`"
+    } else if word("tuple struct") || word("tuple variant") || word("tuple") {
+        "a tuple `(value, ...)`"
+    } else if word("unit struct") || word("unit variant") {
+        "`()`"
+    } else if word("struct variant") {
+        "a variant with fields `Name(field: value, ...)`"
+    } else if word("enum") {
+        "one of the variants this field accepts (see docs/config.md)"
+    } else {
+        match expected {
+            "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer",
+            "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer",
+            "f32" | "f64" => "a number",
+            "variant identifier" => "a variant name",
+            "field identifier" => "a field name",
+            "option" => "a value or `None`",
+            "a sequence" => "a list `[...]`",
+            "a map" => "a map `{...}`",
+            "path string" => "a path (a string)",
+            other => return other.to_owned(),
+        }
+    };
+    plain.to_owned()
+}
+
+/// A serde message (``invalid type: integer `5`, expected struct RawTrain``) with what it
+/// expects in the user's words (as `plain_expected` words them).
+pub fn plain_words(message: &str) -> String {
+    match message.rsplit_once(", expected ") {
+        Some((head, expected)) => format!("{head}, expected {}", plain_expected(expected)),
+        None => match message.strip_prefix("expected ") {
+            Some(expected) => format!("expected {}", plain_expected(expected)),
+            None => message.to_owned(),
+        },
     }
 }
 
@@ -595,7 +741,7 @@ fn unknown_message(what: &str, found: &str, expected: &[&str]) -> String {
 }
 
 /// `` `a`, `b`, `c` `` for a list of names.
-pub(crate) fn backticked<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+pub fn backticked<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     names
         .into_iter()
         .map(|n| format!("`{n}`"))
