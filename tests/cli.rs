@@ -373,6 +373,52 @@ fn bad_component_parameters_are_config_errors_at_their_place() {
     );
 }
 
+/// A component that cannot be built from what the config names (a broken `tokenizer.json`) is
+/// the user's to fix: exit 2, naming the component, and the run directory says it failed.
+#[test]
+fn a_component_that_cannot_be_built_from_its_files_is_an_input_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.json"), "{\"model\": {\"type\": ").unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
+    std::fs::write(
+        dir.path().join("hf.ron"),
+        format!(
+            r#"(
+    experiment: "hf",
+    data: (train: [Text(paths: ["{}"])]),
+    tokenizer: (name: "hf", params: (path: "broken.json")),
+    model: (name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32)),
+    optimizer: (name: "adamw", lr: 1e-3),
+    train: (max_steps: 1, seq_len: 16, batch_size: 2),
+)"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = codex_ml()
+        .current_dir(dir.path())
+        .args(["run", "hf.ron", "--run-dir", "hf-run", "--json"])
+        .env("CODEX_ML_CACHE", codex_tests::token_cache())
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tokenizer `hf` (built-in")
+            && stderr.contains("could not be created")
+            && stderr.contains("broken.json: not a valid tokenizer.json"),
+        "{stderr}"
+    );
+    let failure: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(failure["exit_code"], 2, "{failure}");
+    let status: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("hf-run/status.json")).expect("status.json"),
+    )
+    .unwrap();
+    assert_eq!(status["status"], "failed", "{status}");
+}
+
 #[test]
 fn malformed_configs_get_short_errors_in_plain_words() {
     let dir = tempfile::tempdir().unwrap();

@@ -422,8 +422,9 @@ impl Command {
 }
 
 /// 2 when the failure is the user's input (arguments, config, manifest, component names, a
-/// plugin that cannot be loaded, data files and their selection), 128 + n for a run stopped by
-/// signal n, else 1.
+/// plugin that cannot be loaded, a component that cannot be built from its parameters or the
+/// files they name, data files and their selection), 128 + n for a run stopped by signal n,
+/// else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     if let Some(Stopped(signal)) = error.downcast_ref::<Stopped>() {
         return 128 + signal;
@@ -439,6 +440,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
             || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
             || cause.is::<crate::run::RunError>()
+            || cause
+                .downcast_ref::<crate::plugins::build::NotCreated>()
+                .is_some_and(|e| !e.panicked)
     });
     if usage {
         2

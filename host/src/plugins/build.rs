@@ -26,14 +26,31 @@ fn params_text(params: &serde_json::Value) -> String {
     }
 }
 
+/// A component's factory refused to build it from what the config gave it (its parameters, a
+/// file they name): the user's to fix, exit code 2. A factory that panicked is a bug in the
+/// component instead, exit code 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} could not be created: {message}")]
+pub struct NotCreated {
+    /// `tokenizer `hf` (built-in)`.
+    what: String,
+    /// Why, cleaned for the terminal.
+    message: String,
+    /// Whether the factory panicked rather than returned an error.
+    pub panicked: bool,
+}
+
 fn failed(entry: &Entry, e: PluginError) -> anyhow::Error {
-    anyhow!(
-        "{} `{}` ({}) could not be created: {}",
-        entry.kind.as_str(),
-        entry.name,
-        entry.origin,
-        super::plugin_message(&e)
-    )
+    anyhow::Error::new(NotCreated {
+        what: format!(
+            "{} `{}` ({})",
+            entry.kind.as_str(),
+            entry.name,
+            entry.origin
+        ),
+        message: super::plugin_message(&e),
+        panicked: e.panicked,
+    })
 }
 
 fn lookup<'r>(registry: &'r Registry, kind: ComponentKind, name: &str) -> Result<&'r Entry> {
