@@ -1300,6 +1300,29 @@ fn the_run_directory_says_how_the_run_ended() {
         .map(|r| f64::from_bits(r.3))
         .fold(f64::INFINITY, f64::min);
     assert_eq!(status["best_val_loss"], best, "{status}");
+    // System metrics at every record step, with plausible values.
+    let text = std::fs::read_to_string(fx.path("finished/metrics.ndjson")).expect("records");
+    let sys: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|v| v["split"] == "sys" && v["step"] == STEPS)
+        .collect();
+    let at = |name: &str| {
+        sys.iter()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["value"].as_f64())
+            .unwrap_or_else(|| panic!("no sys/{name} at step {STEPS}: {sys:?}"))
+    };
+    assert!(at("cpu_percent") >= 0.0);
+    assert!(at("rss_mib") > 1.0 && at("peak_rss_mib") >= at("rss_mib"));
+    let parts = at("forward_ms") + at("backward_ms") + at("optimizer_ms");
+    assert!(at("forward_ms") > 0.0 && at("backward_ms") > 0.0 && at("optimizer_ms") > 0.0);
+    assert!(at("step_ms") >= parts - 1e-6, "{sys:?}");
+    assert_eq!(
+        status["final_metrics"]["sys/step_ms"],
+        at("step_ms"),
+        "{status}"
+    );
     let best_checkpoint = status["best_checkpoint"]
         .as_str()
         .expect("a best checkpoint");

@@ -97,11 +97,15 @@ impl SystemMetrics {
     pub fn sample(&mut self) -> Vec<(&'static str, f64)> {
         self.refresh();
         let mut out = Vec::with_capacity(7);
+        let mut rss = None;
         if let Some(process) = self.system.process(self.pid) {
             out.push(("cpu_percent", f64::from(process.cpu_usage())));
+            rss = Some(process.memory());
             out.push(("rss_mib", process.memory() as f64 / MIB));
         }
-        if let Some(peak) = peak_rss_bytes() {
+        // The kernel's high-water mark and the current size are read at different moments
+        // and rounded differently: a peak is never below the size now.
+        if let Some(peak) = peak_rss_bytes().map(|peak| peak.max(rss.unwrap_or(0))) {
             out.push(("peak_rss_mib", peak as f64 / MIB));
         }
         let backward_now = codex_engine::backward_time();
