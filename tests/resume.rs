@@ -1211,15 +1211,21 @@ fn latest_and_json_work_in_every_command_that_takes_a_run() {
     assert_eq!(resumed["steps"], STEPS, "{resumed}");
 }
 
-/// What a scheduler does: `timeout --signal=TERM` (as Slurm, Kubernetes or systemd would) ends
-/// a long run with a checkpoint at the step it stopped after, exit code 143 and a `--json`
-/// document that says so; the run then continues from there.
+/// What a scheduler does: `timeout --signal=TERM`, as Slurm, Kubernetes or systemd would,
+/// ends a long run with a checkpoint at the step it stopped after, exit code 143 and a `--json`
+/// document that says so; the run then continues from there. The signal comes after 15 s, so
+/// that even a loaded machine has started training by then.
 #[test]
 fn a_run_under_timeout_signal_term_stops_with_a_checkpoint_and_continues() {
     let fx = Fixture::new("constant", "");
     let out = std::process::Command::new("timeout")
         .current_dir(fx.path(""))
-        .args(["--preserve-status", "--signal=TERM", "--kill-after=60", "8"])
+        .args([
+            "--preserve-status",
+            "--signal=TERM",
+            "--kill-after=60",
+            "15",
+        ])
         .arg(codex_ml_path())
         .args(["run", "tiny.ron", "--run-dir", "scheduled", "-q", "--json"])
         .args(["--set", "train.max_steps=10000000"])
@@ -1294,6 +1300,10 @@ fn the_run_directory_says_how_the_run_ended() {
     };
     assert_eq!(status["final_metrics"]["train/loss"], last("train", "loss"));
     assert_eq!(status["final_metrics"]["val/loss"], last("val", "loss"));
+    assert_eq!(
+        status["tokens_seen"].as_f64(),
+        Some(last("train", "tokens_seen"))
+    );
     let best = records
         .iter()
         .filter(|r| r.1 == "val" && r.2 == "loss")

@@ -12,6 +12,8 @@ use crate::run::{continue_from, is_restartable, locate, Latest, RunOptions};
 
 /// `codex-ml resume RUN_DIR`.
 pub fn resume(mut args: ResumeArgs) -> Result<()> {
+    // A signal while the checkpoint is chosen and verified stops at the first step boundary.
+    crate::run::install_interrupt_handler();
     args.run_dir = super::run_target(&args.run_dir, Latest::Resumable)?;
     if is_restartable(&args.run_dir) {
         return restart(args);
@@ -37,7 +39,6 @@ fn restart(args: ResumeArgs) -> Result<()> {
     let config = Config::load(&args.run_dir.join("config.ron"), &args.set)?;
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
-    crate::run::install_interrupt_handler();
     let options = options(&args, args.run_dir.clone());
     let summary = crate::run::restart(&config, &registry, &options, &args.run_dir)?;
     super::run::report(&summary, args.json)?;

@@ -12,10 +12,12 @@ use crate::run::{self as session, RunOptions, RunSummary};
 
 /// Train as the config describes.
 pub fn run(args: RunArgs) -> Result<()> {
+    // First of all: a scheduler's SIGTERM that comes while the config and plugins load must
+    // stop the run at its first step boundary, not kill the process.
+    session::install_interrupt_handler();
     let config = Config::load(&args.config, &args.set)?;
     let registry = crate::plugins::registry_for(args.manifest.as_deref())?;
     config.check_components(&registry)?;
-    session::install_interrupt_handler();
     let options = options(
         args.run_dir,
         args.allow_plugin_change,

@@ -153,8 +153,6 @@ pub struct RunSummary {
     pub val_loss: Option<f64>,
     /// The kept checkpoint with the lowest validation loss, if any was evaluated.
     pub best_checkpoint: Option<PathBuf>,
-    /// Training tokens the data stream has served, over every session of the run.
-    pub tokens_seen: u64,
     /// The generated sample, if the config asked for one.
     pub sample: Option<String>,
 }
@@ -550,9 +548,6 @@ fn run_in(
             run.checkpoints_dir()
                 .join(crate::checkpoint::dir_name(step))
         });
-    let cursor = session.train.cursor();
-    let tokens_seen = (cursor.epoch * session.train.windows() as u64 + cursor.position)
-        * config.train.seq_len as u64;
     drop(session);
     let result = outcome
         .map_err(|e| {
@@ -591,7 +586,6 @@ fn run_in(
                 last_checkpoint,
                 val_loss,
                 best_checkpoint,
-                tokens_seen,
                 sample,
             })
         });

@@ -49,7 +49,7 @@ struct Status {
     /// The lowest validation loss recorded, and its step.
     best_val_loss: Option<f64>,
     best_val_loss_step: Option<u64>,
-    /// Training tokens the data stream served, over every session.
+    /// Target tokens trained on over every session: the last `train/tokens_seen` record.
     tokens_seen: Option<u64>,
     /// The last value of each metric in `metrics.ndjson`, keyed `split/name`.
     final_metrics: BTreeMap<String, f64>,
@@ -110,6 +110,7 @@ impl Session {
             .ok()
             .map(|d| d.as_secs_f64());
         let finals = crate::metrics::finals(&self.record).unwrap_or_default();
+        status.tokens_seen = finals.last.get("train/tokens_seen").map(|&n| n as u64);
         status.final_metrics = finals.last;
         status.best_val_loss = finals.best_val_loss.map(|(_, loss)| loss);
         status.best_val_loss_step = finals.best_val_loss.map(|(step, _)| step);
@@ -125,7 +126,6 @@ impl Session {
                     summary.last_checkpoint.as_deref().map(|p| self.relative(p));
                 status.best_checkpoint =
                     summary.best_checkpoint.as_deref().map(|p| self.relative(p));
-                status.tokens_seen = Some(summary.tokens_seen);
             }
             Err(e) => {
                 status.status = "failed";
