@@ -10,7 +10,7 @@
 //! those steps again.
 
 use abi_stable::sabi_trait;
-use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, Tuple2};
+use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use abi_stable::StableAbi;
 
 use crate::component::{decl, ComponentDecl, Describe, Factory};
@@ -92,6 +92,11 @@ pub trait TrackerAbi: Send {
     /// The run ended.
     #[sabi(last_prefix_field)]
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
+    /// Messages for the person running the run since the last call (API 2.1; a 2.0 plugin
+    /// has none).
+    fn take_notices(&mut self) -> RVec<RString> {
+        RVec::new()
+    }
 }
 
 /// An owned tracker object.
@@ -121,6 +126,13 @@ pub trait Tracker: Describe + Send + Sized + 'static {
     fn log_artifact(&mut self, path: &str) -> Result<()>;
     /// The run ended.
     fn finish(&mut self, status: RunStatus) -> Result<()>;
+    /// Messages for the person running the run, gathered since the last call: what they
+    /// should know but that is no reason to stop tracking (the tracker's server went away,
+    /// and came back). The host asks after every call and shows each message once, as a
+    /// warning naming the tracker. Default: none.
+    fn take_notices(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 struct Adapter<T>(T);
@@ -156,6 +168,13 @@ impl<T: Tracker> TrackerAbi for Adapter<T> {
     }
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
         guard(T::NAME, "finish", || self.0.finish(status))
+    }
+    fn take_notices(&mut self) -> RVec<RString> {
+        // A panic here loses the notices, nothing else.
+        guard(T::NAME, "take_notices", || Ok(self.0.take_notices()))
+            .into_result()
+            .map(|notices| notices.into_iter().map(RString::from).collect())
+            .unwrap_or_default()
     }
 }
 

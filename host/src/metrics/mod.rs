@@ -59,6 +59,13 @@ pub const MAX_BATCH: usize = 1_024;
 /// How long [`MetricsHub::finish`] waits for all sinks together before abandoning the stuck ones.
 pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a finishing sink or tracker may take before the run says it is waiting for it.
+const SAY_WAITING_AFTER: Duration = Duration::from_secs(2);
+
+/// How long [`MetricsHub::finish`] waits for the trackers: longer, as one may still be sending
+/// what it kept while its server was away.
+pub const DEFAULT_TRACKER_FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+
 mod record;
 mod system;
 
@@ -128,6 +135,9 @@ pub struct HubOptions {
     pub capacity: usize,
     /// How long [`MetricsHub::finish`] waits for the sinks to finish.
     pub finish_timeout: Duration,
+    /// How long [`MetricsHub::finish`] waits for the trackers to finish (at least
+    /// `finish_timeout`).
+    pub tracker_finish_timeout: Duration,
 }
 
 impl HubOptions {
@@ -138,6 +148,7 @@ impl HubOptions {
             resume_step,
             capacity: DEFAULT_CAPACITY,
             finish_timeout: DEFAULT_FINISH_TIMEOUT,
+            tracker_finish_timeout: DEFAULT_TRACKER_FINISH_TIMEOUT,
         }
     }
 }
@@ -347,6 +358,7 @@ pub struct MetricsHub {
     recorder: Recorder,
     workers: Vec<Worker>,
     finish_timeout: Duration,
+    tracker_finish_timeout: Duration,
     capacity: usize,
 }
 
@@ -414,6 +426,7 @@ impl MetricsHub {
             },
             workers,
             finish_timeout: options.finish_timeout,
+            tracker_finish_timeout: options.tracker_finish_timeout.max(options.finish_timeout),
             capacity,
         })
     }
@@ -452,16 +465,38 @@ impl MetricsHub {
     /// timeout are abandoned with a warning. Records sent through a [`Recorder`] after this
     /// call reach nobody. A hub dropped without this call tells its trackers the run failed.
     pub fn finish_as(self, status: RunStatus) -> HubReport {
-        let deadline = Instant::now() + self.finish_timeout;
+        let start = Instant::now();
+        let timeout = |role| match role {
+            Role::Sink => self.finish_timeout,
+            Role::Tracker => self.tracker_finish_timeout,
+        };
         for lane in self.recorder.lanes.iter() {
             // A lane that is gone has a disabled sink; one that times out is reported below.
-            let _ = send_until(&lane.tx, Msg::Finish(status), deadline);
+            let _ = send_until(&lane.tx, Msg::Finish(status), start + timeout(lane.role));
         }
         let mut sinks = Vec::with_capacity(self.workers.len());
         let mut trackers = Vec::new();
         for (worker, lane) in self.workers.into_iter().zip(self.recorder.lanes.iter()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut report = match worker.done.recv_timeout(left) {
+            let deadline = start + timeout(worker.role);
+            let mut outcome = worker.done.recv_timeout(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(SAY_WAITING_AFTER),
+            );
+            if matches!(outcome, Err(RecvTimeoutError::Timeout)) && Instant::now() < deadline {
+                // A tracker may still be sending to a slow server: say why the run waits.
+                tracing::info!(
+                    sink = %worker.name,
+                    "waiting up to {:.0} s for {} `{}` to finish",
+                    deadline.saturating_duration_since(Instant::now()).as_secs_f64(),
+                    noun(worker.role),
+                    worker.name
+                );
+                outcome = worker
+                    .done
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            }
+            let mut report = match outcome {
                 Ok(report) => {
                     // The thread has handed over its report and is returning.
                     let _ = worker.handle.join();
@@ -473,7 +508,7 @@ impl MetricsHub {
                         "{} `{}` did not finish within {:?} and was abandoned; its output may be incomplete",
                         noun(worker.role),
                         worker.name,
-                        self.finish_timeout
+                        timeout(worker.role)
                     );
                     SinkReport {
                         name: worker.name,
@@ -603,6 +638,10 @@ trait Endpoint: Send + 'static {
     fn flush(&mut self) -> RResult<(), PluginError>;
     fn artifact(&mut self, path: &str) -> RResult<(), PluginError>;
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError>;
+    /// What it has to tell the person running the run since it was last asked.
+    fn notices(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Endpoint for SinkBox {
@@ -684,6 +723,13 @@ impl Endpoint for TrackerEndpoint {
     fn finish(&mut self, status: RunStatus) -> RResult<(), PluginError> {
         self.tracker.finish(status)
     }
+    fn notices(&mut self) -> Vec<String> {
+        self.tracker
+            .take_notices()
+            .into_iter()
+            .map(RString::into_string)
+            .collect()
+    }
 }
 
 /// The body of one sink's or tracker's thread.
@@ -699,7 +745,9 @@ fn run_lane<E: Endpoint>(
         disabled: None,
         failure,
     };
-    if let Err((what, e)) = endpoint.open() {
+    let opened = endpoint.open();
+    state.tell(&mut endpoint);
+    if let Err((what, e)) = opened {
         state.fail::<E>(what, e);
         return state.report();
     }
@@ -786,12 +834,23 @@ impl LaneState {
         if self.disabled.is_some() {
             return false;
         }
-        match f(endpoint) {
+        let outcome = f(endpoint);
+        self.tell(endpoint);
+        match outcome {
             RResult::ROk(()) => true,
             RResult::RErr(e) => {
                 self.fail::<E>(what, e);
                 false
             }
+        }
+    }
+
+    /// Show what the endpoint has to tell, one warning each, naming it.
+    fn tell<E: Endpoint>(&self, endpoint: &mut E) {
+        for notice in endpoint.notices() {
+            // The plugin's own text: cleaned before it reaches a terminal or a log.
+            let notice = crate::plugins::plugin_text(&notice);
+            tracing::warn!(sink = %self.name, "{} `{}`: {notice}", E::NOUN, self.name);
         }
     }
 

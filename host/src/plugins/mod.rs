@@ -34,7 +34,12 @@ const MAX_PLUGIN_MESSAGE: usize = 4096;
 /// A plugin's error message, cleaned for a terminal and a log (see
 /// [`codex_plugin_api::untrusted::clean`]).
 pub(crate) fn plugin_message(e: &codex_plugin_api::PluginError) -> String {
-    codex_plugin_api::untrusted::clean(&e.message, MAX_PLUGIN_MESSAGE)
+    plugin_text(&e.message)
+}
+
+/// Any other text a plugin hands the host for a person to read, made safe to print.
+pub(crate) fn plugin_text(text: &str) -> String {
+    codex_plugin_api::untrusted::clean(text, MAX_PLUGIN_MESSAGE)
 }
 
 /// What loading one manifest plugin found.
