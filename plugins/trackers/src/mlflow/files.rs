@@ -1,4 +1,5 @@
-//! `mlflow`: the run recorded in an MLflow file store, offline, for `mlflow ui` to read.
+//! The `mlflow` tracker's file store: the run recorded in a directory, offline, for `mlflow ui`
+//! to read.
 //!
 //! The layout is MLflow's own (`mlflow/store/tracking/file_store.py`):
 //!
@@ -12,8 +13,8 @@
 //! ```
 //!
 //! Choices, and why:
-//! - **Where.** `root` defaults to `mlruns` in the parent of the run directory (beside the
-//!   runs of the experiment: `runs/<experiment>/mlruns`); a relative `root` resolves there too.
+//! - **Where.** The store defaults to `mlruns` in the parent of the run directory (beside the
+//!   runs of the experiment: `runs/<experiment>/mlruns`); a relative path resolves there too.
 //!   A store created here also gets MLflow's `Default` experiment `0` and `.trash`, as MLflow
 //!   itself would create them.
 //! - **Which run.** Every run is tagged `codex.run_id` (the run directory's name) and
@@ -38,29 +39,13 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use codex_plugin_api::{Describe, Error, Record, Result, RunInfo, RunStatus, Tracker};
-use serde::Deserialize;
+use codex_plugin_api::{Error, Record, Result, RunInfo, RunStatus};
 
+use super::{now_ms, safe_key, RUN_DIR_TAG, RUN_ID_TAG};
 use crate::yaml::{self, Scalar};
 
-/// Parameters of the `mlflow` tracker.
-#[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields, default)]
-struct MlflowParams {
-    /// The store's root directory. Default: `mlruns` in the parent of the run directory; a
-    /// relative path resolves against that parent too.
-    root: Option<String>,
-    /// The MLflow experiment. Default: the config's `experiment`.
-    experiment_name: Option<String>,
-    /// Files up to this size are copied into the run's artifacts; larger ones are recorded by
-    /// path. Default: 16 MiB.
-    max_copy_bytes: Option<u64>,
-}
-
 const DEFAULT_ROOT: &str = "mlruns";
-const DEFAULT_MAX_COPY_BYTES: u64 = 16 << 20;
 
 /// MLflow's `RunStatus` values, as stored in `meta.yaml`.
 const RUNNING: i64 = 1;
@@ -70,13 +55,8 @@ const KILLED: i64 = 5;
 /// MLflow's `SourceType.LOCAL`.
 const SOURCE_LOCAL: i64 = 4;
 
-/// Tag holding the codex-ml run id, by which a resumed run finds its MLflow run.
-pub(crate) const RUN_ID_TAG: &str = "codex.run_id";
-/// Tag holding the codex-ml run directory.
-pub(crate) const RUN_DIR_TAG: &str = "codex.run_dir";
-
 /// Records a run in an MLflow file store.
-pub struct MlflowTracker {
+pub(super) struct FileStore {
     root: Option<PathBuf>,
     experiment_name: Option<String>,
     max_copy_bytes: u64,
@@ -91,17 +71,6 @@ struct OpenRun {
     run_dir: PathBuf,
 }
 
-impl Describe for MlflowTracker {
-    const NAME: &'static str = "mlflow";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str =
-        "the run in an MLflow file store (params, metrics, artifacts, status) for `mlflow ui`";
-
-    fn check_params(params: &str) -> codex_plugin_api::Result<()> {
-        codex_plugin_api::strict::parse_params::<MlflowParams>(params).map(drop)
-    }
-}
-
 fn fail(what: impl std::fmt::Display) -> Error {
     Error::msg(format!("mlflow: {what}"))
 }
@@ -110,42 +79,23 @@ fn io_fail(action: &str, path: &Path, e: io::Error) -> Error {
     fail(format!("cannot {action} {}: {e}", path.display()))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-impl Tracker for MlflowTracker {
-    fn create(params: &str) -> Result<Self> {
-        let p: MlflowParams = codex_plugin_api::strict::parse_params(params).map_err(|e| {
-            Error::msg(format!(
-                "invalid parameters for tracker `mlflow`: {}; accepted: root, experiment_name, max_copy_bytes",
-                e.message()
-            ))
-        })?;
-        if p.root.as_deref().is_some_and(|r| r.trim().is_empty()) {
-            return Err(Error::msg(
-                "invalid `root` for tracker `mlflow`: empty; give a directory or leave it out for `mlruns` beside the run",
-            ));
-        }
-        if let Some(name) = &p.experiment_name {
-            if name.trim().is_empty() || name.chars().any(char::is_control) {
-                return Err(Error::msg(format!(
-                    "invalid `experiment_name` for tracker `mlflow`: {name:?}; give a non-empty name without control characters, or leave it out for the config's experiment"
-                )));
-            }
-        }
-        Ok(MlflowTracker {
-            root: p.root.map(PathBuf::from),
-            experiment_name: p.experiment_name,
-            max_copy_bytes: p.max_copy_bytes.unwrap_or(DEFAULT_MAX_COPY_BYTES),
+impl FileStore {
+    /// A store at `root` (see the module's choices for the default), recording into
+    /// `experiment_name` (default: the config's experiment).
+    pub(super) fn new(
+        root: Option<PathBuf>,
+        experiment_name: Option<String>,
+        max_copy_bytes: u64,
+    ) -> FileStore {
+        FileStore {
+            root,
+            experiment_name,
+            max_copy_bytes,
             run: None,
-        })
+        }
     }
 
-    fn start(&mut self, run: &RunInfo) -> Result<()> {
+    pub(super) fn start(&mut self, run: &RunInfo) -> Result<()> {
         let experiment = self.experiment(run)?;
         let dir = create_run(&experiment, run)?;
         self.run = Some(OpenRun {
@@ -155,7 +105,7 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn resume(&mut self, run: &RunInfo, step: u64) -> Result<()> {
+    pub(super) fn resume(&mut self, run: &RunInfo, step: u64) -> Result<()> {
         let experiment = self.experiment(run)?;
         let dir = match find_run(&experiment.dir, run)? {
             Some(dir) => {
@@ -181,7 +131,7 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn log_params(&mut self, params: &[(String, String)]) -> Result<()> {
+    pub(super) fn log_params(&mut self, params: &[(String, String)]) -> Result<()> {
         let run = self.open("log_params")?;
         let dir = run.dir.join("params");
         for (key, value) in params {
@@ -190,7 +140,7 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn log_metrics(&mut self, records: &[Record]) -> Result<()> {
+    pub(super) fn log_metrics(&mut self, records: &[Record]) -> Result<()> {
         let run = self.open("log_metrics")?;
         let dir = run.dir.join("metrics");
         // One open per metric per batch: records arrive grouped by step, each step naming a
@@ -220,7 +170,7 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn log_artifact(&mut self, path: &str) -> Result<()> {
+    pub(super) fn log_artifact(&mut self, path: &str) -> Result<()> {
         let limit = self.max_copy_bytes;
         let run = self.open("log_artifact")?;
         let source = PathBuf::from(path);
@@ -231,7 +181,7 @@ impl Tracker for MlflowTracker {
         copy_artifact(&source, &rel, &run.dir, limit)
     }
 
-    fn finish(&mut self, status: RunStatus) -> Result<()> {
+    pub(super) fn finish(&mut self, status: RunStatus) -> Result<()> {
         let run = self.open("finish")?;
         let code = match status {
             RunStatus::Finished => FINISHED,
@@ -254,7 +204,7 @@ struct Experiment {
     dir: PathBuf,
 }
 
-impl MlflowTracker {
+impl FileStore {
     fn open(&self, call: &str) -> Result<&OpenRun> {
         self.run
             .as_ref()
@@ -523,29 +473,6 @@ fn rel_key(rel: &Path) -> String {
         .join("/")
 }
 
-/// A key as MLflow accepts it (letters, digits, `_ - . /` and space), safe as a relative path:
-/// other characters become `_`, and so do empty, `.` and `..` segments.
-pub(crate) fn safe_key(key: &str) -> String {
-    let cleaned: String = key
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ' ') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    cleaned
-        .split('/')
-        .map(|segment| match segment {
-            "" | "." | ".." => "_",
-            s => s,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// Write one param or tag: the raw value, no newline.
 fn write_value(dir: &Path, key: &str, value: &str) -> Result<()> {
     let path = dir.join(safe_key(key));
@@ -612,42 +539,6 @@ mod tests {
         check(1e-7, "1764000000123 1e-7 12\n");
         check(f64::NAN, "1764000000123 NaN 12\n");
         check(f64::NEG_INFINITY, "1764000000123 -inf 12\n");
-    }
-
-    #[test]
-    fn keys_stay_inside_their_folder() {
-        let check = |key: &str, expect: &str| assert_eq!(safe_key(key), expect, "{key:?}");
-        check("optimizer.lr", "optimizer.lr");
-        check("train/loss", "train/loss");
-        check("../../etc/passwd", "_/_/etc/passwd");
-        check("/abs", "_/abs");
-        check("a//b", "a/_/b");
-        check("model.params.\"q\":x", "model.params._q__x");
-        check("", "_");
-    }
-
-    #[test]
-    fn strict_params_with_clear_errors() {
-        let err = |params: &str| match MlflowTracker::create(params) {
-            Ok(_) => panic!("{params} accepted"),
-            Err(e) => e.to_string(),
-        };
-        let e = err(r#"{"rot": "x"}"#);
-        assert!(e.contains("tracker `mlflow`") && e.contains("rot"), "{e}");
-        let e = err(r#"{"max_copy_bytes": "big"}"#);
-        assert!(e.contains("max_copy_bytes"), "{e}");
-        let e = err(r#"{"root": " "}"#);
-        assert!(e.contains("`root`"), "{e}");
-        let e = err(r#"{"experiment_name": ""}"#);
-        assert!(e.contains("`experiment_name`"), "{e}");
-        for ok in [
-            "",
-            "null",
-            "{}",
-            r#"{"root": "/tmp/x", "experiment_name": "e"}"#,
-        ] {
-            assert!(MlflowTracker::create(ok).is_ok(), "{ok}");
-        }
     }
 
     #[test]
