@@ -221,7 +221,7 @@ impl TrainSession for HostSession<'_> {
         let every = self.settings.log_every;
         if (every > 0 && step.is_multiple_of(every)) || step == self.settings.total_steps {
             for (name, value) in self.system.sample() {
-                self.recorder.record(step, SYS_SPLIT, name, value);
+                self.recorder.record(step, SYS_SPLIT, &name, value);
             }
         }
     }
