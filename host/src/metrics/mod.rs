@@ -62,7 +62,9 @@ pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 mod record;
 mod system;
 
-pub use record::{finals, Finals, RunRecord, RUN_RECORD, RUN_RECORD_FILE};
+pub use record::{
+    finals, read_series, Finals, RecordError, RunRecord, Series, RUN_RECORD, RUN_RECORD_FILE,
+};
 pub use system::{peak_rss_mib, SystemMetrics, SYS_SPLIT};
 
 /// Errors of starting the hub or opening a sink.
