@@ -257,7 +257,7 @@ fn bad_input_gets_clear_errors_and_a_torn_record_is_not() {
         }
     };
     refused(&["report"], &["RUN_DIR"]);
-    refused(&["report", "nowhere"], &["nowhere: no such run"]);
+    refused(&["report", "nowhere"], &["nowhere: no such directory"]);
     std::fs::create_dir(dir.join("empty")).unwrap();
     refused(
         &["report", "a", "empty"],

@@ -11,15 +11,9 @@ use anyhow::{Context as _, Result};
 
 use super::{ReportArgs, UsageError};
 use crate::report;
-use crate::run::RunError;
 
 /// Write the report that `args` asks for.
 pub fn report(args: ReportArgs) -> Result<()> {
-    for dir in &args.runs {
-        if !dir.exists() {
-            return Err(RunError::NoSuchRun(dir.clone()).into());
-        }
-    }
     check_output(&args.output)?;
     let runs = report::load_runs(&args.runs)?;
     for run in &runs {

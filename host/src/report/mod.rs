@@ -25,6 +25,12 @@ pub const LOSS_SVG: &str = "loss.svg";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReportError {
+    /// A path that does not exist.
+    #[error(
+        "{}: no such directory; pass a run directory, e.g. runs/<experiment>/<run-id>",
+        .0.display()
+    )]
+    Missing(PathBuf),
     /// A path that holds no run.
     #[error(
         "{}: not a run directory (no config.ron or metadata.json); pass a directory that \
@@ -53,7 +59,9 @@ impl ReportError {
     /// Whether the error is the user's to fix (exit 2) rather than a failure to read (exit 1).
     pub fn is_input(&self) -> bool {
         match self {
-            ReportError::NotARun(_) | ReportError::NothingToDraw { .. } => true,
+            ReportError::Missing(_)
+            | ReportError::NotARun(_)
+            | ReportError::NothingToDraw { .. } => true,
             ReportError::Record { source, .. } => matches!(source, RecordError::BadLine { .. }),
         }
     }
@@ -82,6 +90,9 @@ pub struct RunView {
 /// on the run (a run that has just started, or was killed); a path that holds no run, or a
 /// damaged record, is an error.
 pub fn load_run(dir: &Path) -> Result<RunView, ReportError> {
+    if !dir.exists() {
+        return Err(ReportError::Missing(dir.to_path_buf()));
+    }
     if !crate::rundir::holds_run(dir) {
         return Err(ReportError::NotARun(dir.to_path_buf()));
     }

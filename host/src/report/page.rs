@@ -171,9 +171,9 @@ fn figure(
         .filter(|r| r.metrics.get(metric).is_none_or(|p| p.is_empty()))
         .map(|r| r.label.as_str())
         .collect();
-    let _ = write!(
+    let _ = writeln!(
         w,
-        "<figure class=\"chart\" data-metric=\"{}\" data-curves=\"{}\">\n",
+        "<figure class=\"chart\" data-metric=\"{}\" data-curves=\"{}\">",
         esc(metric),
         curves.len()
     );
