@@ -16,6 +16,7 @@ mod model;
 mod native;
 mod optim;
 mod registry;
+mod report;
 mod resume;
 mod sinks;
 mod tensor_ops;

@@ -16,6 +16,7 @@ pub mod inference;
 pub mod logging;
 pub mod metrics;
 pub mod plugins;
+pub mod report;
 pub mod run;
 pub mod rundir;
 

@@ -129,7 +129,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RunDir
     }
 }
 
-const CONFIG: &str = "config.ron";
+pub(crate) const CONFIG: &str = "config.ron";
 const METADATA: &str = "metadata.json";
 
 /// The lock file of a run directory.

@@ -27,6 +27,7 @@ pub mod eval;
 pub mod generate;
 pub mod list;
 pub mod plugin;
+pub mod report;
 pub mod resume;
 pub mod run;
 pub mod verify;
@@ -77,6 +78,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
     Bench(BenchArgs),
+    /// Write an HTML page of one or more runs' curves, side by side with their differing config
+    #[command(long_about = REPORT_LONG_ABOUT)]
+    Report(ReportArgs),
     /// Work with plugin files: `plugin inspect FILE` shows what a native plugin declares
     Plugin(plugin::PluginArgs),
 }
@@ -92,6 +96,24 @@ const RESUME_LONG_ABOUT: &str = "Continue an interrupted run from its newest val
     with the config stored in the checkpoint; --set may change only what does not alter the \
     steps already taken (train.max_steps, cadences, sinks, ...). On CPU the result is \
     bitwise identical to an uninterrupted run. See docs/checkpoints.md.";
+
+const REPORT_LONG_ABOUT: &str = "Write an HTML page of one or more runs.\n\n\
+    The page shows each run's status (finished, failed, interrupted, running), the config \
+    values in which the runs differ, and a chart per metric (training and validation loss, \
+    learning rate, throughput, system metrics) with every run overlaid. It is one file that \
+    needs nothing else: open it in any browser, offline, or attach it. A run that is still \
+    going can be reported; its last, incomplete record is skipped. See docs/observability.md.";
+
+/// `codex-ml report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories to show, e.g. runs/quickstart/20261204-211500; several are overlaid
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub runs: Vec<PathBuf>,
+    /// The HTML file to write (replaced if it exists)
+    #[arg(short, long, value_name = "FILE", default_value = "report.html")]
+    pub output: PathBuf,
+}
 
 /// `codex-ml resume`.
 #[derive(Debug, Args)]
@@ -385,6 +407,7 @@ pub fn main() -> i32 {
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Report(args) => report::report(args),
         Command::Plugin(args) => plugin::plugin(args),
     };
     match result {
@@ -416,14 +439,15 @@ impl Command {
             Command::Plugin(args) => match &args.command {
                 plugin::PluginCommand::Inspect(args) => args.json,
             },
-            Command::Bench(_) => false,
+            Command::Bench(_) | Command::Report(_) => false,
         }
     }
 }
 
 /// 2 when the failure is the user's input (arguments, config, manifest, component names, a
 /// plugin that cannot be loaded, a component that cannot be built from its parameters or the
-/// files they name, data files and their selection), 128 + n for a run stopped by signal n,
+/// files they name, data files and their selection, a path that is not a run or whose record
+/// is damaged), 128 + n for a run stopped by signal n,
 /// else 1.
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     if let Some(Stopped(signal)) = error.downcast_ref::<Stopped>() {
@@ -440,6 +464,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
             || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
             || cause.is::<crate::run::RunError>()
+            || cause
+                .downcast_ref::<crate::report::ReportError>()
+                .is_some_and(crate::report::ReportError::is_input)
             || cause
                 .downcast_ref::<crate::plugins::build::NotCreated>()
                 .is_some_and(|e| !e.panicked)

@@ -60,7 +60,7 @@ pub const MAX_BATCH: usize = 1_024;
 pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a finishing sink or tracker may take before the run says it is waiting for it.
-const SAY_WAITING_AFTER: Duration = Duration::from_secs(2);
+const SAY_WAITING_AFTER: Duration = Duration::from_secs(3);
 
 /// How long [`MetricsHub::finish`] waits for the trackers: longer, as one may still be sending
 /// what it kept while its server was away.
@@ -69,7 +69,9 @@ pub const DEFAULT_TRACKER_FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 mod record;
 mod system;
 
-pub use record::{finals, Finals, RunRecord, RUN_RECORD, RUN_RECORD_FILE};
+pub use record::{
+    finals, read_series, Finals, RecordError, RunRecord, Series, RUN_RECORD, RUN_RECORD_FILE,
+};
 pub use system::{peak_rss_mib, SystemMetrics, SYS_SPLIT};
 
 /// Errors of starting the hub or opening a sink.

@@ -149,6 +149,86 @@ pub fn finals(path: &Path) -> std::io::Result<Finals> {
     Ok(finals)
 }
 
+/// A run's record read back for charts: the finite values of each metric, in record order.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Series {
+    /// `(step, value)` of each metric, keyed `split/name`; `null` values are left out.
+    pub metrics: std::collections::BTreeMap<String, Vec<(u64, f64)>>,
+    /// Whether the last line was skipped because it does not end with a newline: the run is
+    /// still writing it, or was killed in the middle of it.
+    pub torn_last_line: bool,
+}
+
+/// Why a run's record could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The file is missing or unreadable.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The record.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A whole line that is not a record.
+    #[error(
+        "{}:{line}: not a metric record ({message}); the file was changed by something other \
+         than codex-ml: restore it, or leave this run out",
+        path.display()
+    )]
+    BadLine {
+        /// The record.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Read every record of the run's record at `path`. A last line without its newline is a
+/// record still being written (the sink's buffer reaches the file in pieces) or cut short by
+/// a kill: it is skipped, and said so, never read as a number it may not be. Any other line
+/// that is not a record is an error.
+pub fn read_series(path: &Path) -> std::result::Result<Series, RecordError> {
+    #[derive(Deserialize)]
+    struct Entry {
+        step: u64,
+        split: String,
+        name: String,
+        value: Option<f64>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| RecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (whole, torn) = match text.rfind('\n') {
+        Some(end) => (&text[..=end], &text[end + 1..]),
+        None => ("", text.as_str()),
+    };
+    let mut series = Series {
+        torn_last_line: !torn.is_empty(),
+        ..Series::default()
+    };
+    for (i, line) in whole.lines().enumerate() {
+        let entry = serde_json::from_str::<Entry>(line).map_err(|e| RecordError::BadLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        if let Some(value) = entry.value.filter(|v| v.is_finite()) {
+            series
+                .metrics
+                .entry(format!("{}/{}", entry.split, entry.name))
+                .or_default()
+                .push((entry.step, value));
+        }
+    }
+    Ok(series)
+}
+
 fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
@@ -273,6 +353,37 @@ mod tests {
             Some(7)
         );
         assert_eq!(Format.step_of("{\"step\":"), None);
+    }
+
+    #[test]
+    fn series_skip_a_torn_last_line_and_refuse_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RUN_RECORD_FILE);
+        let line = |step: u64, name: &str, value: &str| {
+            format!(
+                "{{\"step\":{step},\"split\":\"train\",\"name\":\"{name}\",\"value\":{value},\"time\":1.0}}\n"
+            )
+        };
+        let whole = line(1, "loss", "3.5") + &line(1, "lr", "0.001") + &line(2, "loss", "null");
+        std::fs::write(&path, &whole).unwrap();
+        let series = read_series(&path).unwrap();
+        assert_eq!(series.metrics["train/loss"], [(1, 3.5)]);
+        assert_eq!(series.metrics["train/lr"], [(1, 0.001)]);
+        assert!(!series.torn_last_line);
+
+        // Cut inside a number: `2.31` must not be read as `2.3`.
+        let torn = whole.clone() + &line(3, "loss", "2.31")[..51];
+        std::fs::write(&path, &torn).unwrap();
+        let series = read_series(&path).unwrap();
+        assert_eq!(series.metrics["train/loss"], [(1, 3.5)]);
+        assert!(series.torn_last_line);
+
+        std::fs::write(&path, "not json\n".to_string() + &whole).unwrap();
+        let e = read_series(&path).unwrap_err().to_string();
+        assert!(e.contains("metrics.ndjson:1: not a metric record"), "{e}");
+
+        let e = read_series(&dir.path().join("missing")).unwrap_err();
+        assert!(matches!(e, RecordError::Io { .. }), "{e}");
     }
 
     #[test]

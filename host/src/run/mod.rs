@@ -30,6 +30,7 @@ mod progress;
 pub mod resume;
 mod session;
 mod status;
+pub use status::{read_outcome, Outcome};
 mod steps;
 
 use std::path::PathBuf;
@@ -225,6 +226,12 @@ fn session(
         }
     }
     status.end(&result);
+    if status.is_running() {
+        // The picture of the run so far, however the session ended; never the run's failure.
+        if let Err(e) = crate::report::write_loss_svg(run.path()) {
+            tracing::warn!("could not draw {}: {e:#}", crate::report::LOSS_SVG);
+        }
+    }
     if let Err(e) = crate::logging::detach_run_log() {
         tracing::warn!("closing the run log: {e}");
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::RunSummary;
 use crate::rundir::{rfc3339, unix_seconds, RunDir};
@@ -53,6 +53,41 @@ struct Status {
     tokens_seen: Option<u64>,
     /// The last value of each metric in `metrics.ndjson`, keyed `split/name`.
     final_metrics: BTreeMap<String, f64>,
+}
+
+/// How a run stands, as its `status.json` says: what `codex-ml report` shows of it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Outcome {
+    /// `running`, `finished`, `failed` or `interrupted`.
+    pub status: String,
+    /// The process that runs (or ran) the latest session.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The last step completed or recorded.
+    #[serde(default)]
+    pub step: Option<u64>,
+    /// The signal that stopped an interrupted run.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// The error that ended a failed run.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Read the `status.json` of the run in `run_dir`: `None` when there is none (a run from before
+/// the file existed, or one stopped before its session began), an error naming the file when
+/// it cannot be read or is not a status.
+pub fn read_outcome(run_dir: &Path) -> Result<Option<Outcome>> {
+    use anyhow::Context as _;
+    let path = run_dir.join(STATUS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{}: not a run status", path.display()))
 }
 
 /// The status file of one session of `run`, which started at `started`: written `running` by
