@@ -805,12 +805,57 @@ fn a_second_signal_exits_at_once_and_the_last_checkpoint_stands() {
         let n = rest.read_line(&mut seen).expect("read stderr");
         assert!(n > 0, "the first signal was not acknowledged:\n{seen}");
     }
+    // The same signal within a second is the same request (see the next test).
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     send("INT", child.id());
     let (status, stderr) = finish(child, rest);
     assert_eq!(status, Some(130), "{stderr}");
     assert!(stderr.contains("SIGINT again: exiting"), "{stderr}");
     fx.ok(&["resume", "twice", "-q"]);
     assert_same_as(&fx, "straight", "twice");
+}
+
+/// One request delivered twice — `timeout` signals the command and then its process group, a
+/// terminal's Ctrl-C reaches the whole foreground group — is one request: the run still stops
+/// at the end of its step with a checkpoint.
+#[test]
+fn the_same_signal_twice_at_once_is_one_request() {
+    let fx = Fixture::new("constant", "");
+    let mut child = fx.spawn(
+        &[
+            "run",
+            "tiny.ron",
+            "--run-dir",
+            "doubled",
+            "-q",
+            "--set",
+            "train.max_steps=100000",
+        ],
+        &[],
+    );
+    let metrics = fx.path("doubled/metrics.ndjson");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains("\"step\":3,")) {
+        assert!(std::time::Instant::now() < deadline, "no step 3");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    send("TERM", child.id());
+    send("TERM", child.id());
+    let rest = BufReader::new(child.stderr.take().expect("stderr"));
+    let (status, stderr) = finish(child, rest);
+    assert_eq!(status, Some(143), "{stderr}");
+    assert!(!stderr.contains("again: exiting"), "{stderr}");
+    let stopped_at: u64 = stderr
+        .split("stopped by SIGTERM after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no stop message:\n{stderr}"));
+    assert!(
+        fx.path(&format!("doubled/checkpoints/step-{stopped_at:08}"))
+            .is_dir(),
+        "no checkpoint at the stop step {stopped_at}"
+    );
 }
 
 /// Every file under `dir` but the lock, with its bytes, for comparing a directory before and

@@ -4,7 +4,10 @@
 //! run ends after a whole step, writes its final checkpoint, flushes its sinks and trackers,
 //! and reports how to continue; the process then exits with 128 + the signal's number (130
 //! for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal leaves at once with the same
-//! code; the last checkpoint stands.
+//! code; the last checkpoint stands. The same signal again within [`SAME_REQUEST`] of the first
+//! is the same request, not a second one: `timeout` sends its signal to the command and again
+//! to the command's process group, and a terminal's Ctrl-C reaches every process of the
+//! foreground group, so one request often arrives twice.
 //!
 //! The signals are turned into messages on a thread of their own (`signal-hook`'s iterator),
 //! so nothing but setting a flag happens inside a signal handler.
@@ -12,6 +15,7 @@
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -21,6 +25,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 /// The signal that asked for the stop, 0 before one did.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// How soon the same signal again counts as the same request.
+const SAME_REQUEST: Duration = Duration::from_secs(1);
 
 /// The signals that stop a run gracefully.
 const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
@@ -49,8 +56,13 @@ pub fn install_interrupt_handler() {
         let spawned = std::thread::Builder::new()
             .name("codex-signals".into())
             .spawn(move || {
+                let mut first: Option<(i32, Instant)> = None;
                 for signal in signals.forever() {
                     let name = signal_name(signal);
+                    if first.is_some_and(|(s, at)| s == signal && at.elapsed() < SAME_REQUEST) {
+                        continue;
+                    }
+                    first.get_or_insert((signal, Instant::now()));
                     if STOP.swap(true, Ordering::SeqCst) {
                         // Never a panic here: stderr may be a closed pipe.
                         let _ = writeln!(
