@@ -23,6 +23,7 @@ use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::{
     Describe, ForwardCtx, GeluForm, Init, KvCache, Model, Result, Store, Tensor,
 };
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 /// The activation of the MLP, by its HF `activation_function` name.
@@ -85,6 +86,54 @@ struct RawConfig {
     /// it divided by `sqrt(2 * n_layer)`, as HF does.
     #[serde(default = "default_initializer_range")]
     initializer_range: f64,
+    // The fields below are those of an HF `config.json` for `GPT2LMHeadModel` that a model
+    // loaded `from` a directory brings along: accepted where they describe this model,
+    // refused where they ask for something it does not do.
+    /// `gpt2`, as HF configs say. Default `gpt2`.
+    #[serde(default)]
+    model_type: Option<String>,
+    /// Must equal `n_positions` when given (older HF configs). Default: `n_positions`.
+    #[serde(default)]
+    n_ctx: Option<usize>,
+    /// Width of the MLP; only `4 * n_embd` is implemented. Default: `4 * n_embd`.
+    #[serde(default)]
+    n_inner: Option<usize>,
+    /// Must be true (the LM head is always tied). Default true.
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    /// Must be false. Default false.
+    #[serde(default)]
+    add_cross_attention: Option<bool>,
+    /// Must be true. Default true.
+    #[serde(default)]
+    scale_attn_weights: Option<bool>,
+    /// Must be false. Default false.
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    /// Only changes rounding in f16 training; accepted. Default false.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    reorder_and_upcast_attn: Option<IgnoredAny>,
+    /// The sequence-classification head's settings (unused by a causal LM); accepted.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    summary_type: Option<IgnoredAny>,
+    /// As `summary_type`.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    summary_use_proj: Option<IgnoredAny>,
+    /// As `summary_type`.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    summary_activation: Option<IgnoredAny>,
+    /// As `summary_type`.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    summary_proj_to_labels: Option<IgnoredAny>,
+    /// As `summary_type`.
+    #[serde(default)]
+    #[allow(dead_code, reason = "accepted from HF configs; nothing to read")]
+    summary_first_dropout: Option<IgnoredAny>,
 }
 
 fn default_n_layer() -> usize {
@@ -168,6 +217,46 @@ impl RawConfig {
         }
         if self.vocab_size == Some(0) {
             return Err(invalid("vocab_size", "must be at least 1, found 0"));
+        }
+        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "gpt2") {
+            return Err(invalid(
+                "model_type",
+                format!(
+                    "must be \"gpt2\", found \"{t}\"; the llama model takes LLaMA-family types"
+                ),
+            ));
+        }
+        if let Some(n) = self.n_ctx.filter(|n| *n != self.n_positions) {
+            return Err(invalid(
+                "n_ctx",
+                format!("must equal n_positions ({}), found {n}", self.n_positions),
+            ));
+        }
+        if let Some(n) = self.n_inner.filter(|n| *n != 4 * self.n_embd) {
+            return Err(invalid(
+                "n_inner",
+                format!(
+                    "only 4 * n_embd ({}) is implemented, found {n}",
+                    4 * self.n_embd
+                ),
+            ));
+        }
+        for (field, value, wanted) in [
+            ("tie_word_embeddings", self.tie_word_embeddings, true),
+            ("add_cross_attention", self.add_cross_attention, false),
+            ("scale_attn_weights", self.scale_attn_weights, true),
+            (
+                "scale_attn_by_inverse_layer_idx",
+                self.scale_attn_by_inverse_layer_idx,
+                false,
+            ),
+        ] {
+            if value.is_some_and(|v| v != wanted) {
+                return Err(invalid(
+                    field,
+                    format!("only {wanted} is implemented, found {}", !wanted),
+                ));
+            }
         }
         Ok(())
     }
