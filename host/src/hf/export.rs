@@ -271,6 +271,8 @@ fn write_all(
 
     // The tokenizer, with its special tokens where transformers looks for them.
     write("tokenizer.json", tokenizer_text.as_bytes())?;
+    // A tokenizer that came from a Hugging Face directory keeps that directory's settings
+    // (its own bos, chat template, class); one codex-ml made gets GPT-2's conventions.
     let mut tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eot_text,
@@ -279,6 +281,12 @@ fn write_all(
         "model_max_length": loaded.model.max_positions(),
         "clean_up_tokenization_spaces": false,
     });
+    if let Some(original) = original_tokenizer_config(loaded) {
+        if let (Value::Object(ours), Value::Object(theirs)) = (&mut tokenizer_config, original) {
+            ours.extend(theirs);
+            ours.insert("eos_token".into(), json!(eot_text));
+        }
+    }
     if let Some(pad) = pad {
         let tokenizer_json: Value = serde_json::from_str(tokenizer_text)?;
         if let Some(text) = token_text(&tokenizer_json, pad) {
@@ -289,6 +297,25 @@ fn write_all(
     write("README.md", model_card(loaded, &files).as_bytes())?;
     crate::fsio::fsync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
     Ok((files, total))
+}
+
+/// The `tokenizer_config.json` beside the `tokenizer.json` an `hf` tokenizer was read from,
+/// when it is still there.
+fn original_tokenizer_config(loaded: &Loaded) -> Option<Value> {
+    let config = &loaded.config;
+    if config.tokenizer.name != "hf" {
+        return None;
+    }
+    let path = config.tokenizer.params.get("path")?.as_str()?;
+    let dir = config.dir.join(path);
+    let text = std::fs::read_to_string(dir.parent()?.join("tokenizer_config.json")).ok()?;
+    let mut value: Value = serde_json::from_str(&text).ok()?;
+    if let Value::Object(map) = &mut value {
+        // Files of the original directory that are not copied.
+        map.remove("tokenizer_file");
+        map.remove("auto_map");
+    }
+    Some(value)
 }
 
 /// A model card stub: what the model is, what it started from, what it was trained on.
