@@ -346,6 +346,19 @@ fn a_run_starts_from_a_directory_and_exports_back_with_its_fields() {
     for f in files {
         assert!(sharded.join(f).is_file(), "{f}");
     }
+
+    // Both exports start runs again: shards through their index, bf16 converted to f32.
+    for (dir, name) in [(&sharded, "from-shards"), (&out, "from-bf16")] {
+        let config = write_config(tmp.path(), &format!("(from: \"{}\")", dir.display()), "");
+        crate::cli::codex_ml()
+            .arg("run")
+            .arg(&config)
+            .arg("--run-dir")
+            .arg(tmp.path().join(name))
+            .arg("-q")
+            .assert()
+            .success();
+    }
 }
 
 /// Run `config` expecting a refusal: exit 2, `message` on stderr, and no run directory.
