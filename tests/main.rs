@@ -10,6 +10,7 @@ mod docs;
 mod elementwise;
 mod fuzz;
 mod generate;
+mod hf;
 mod kernels;
 mod manifest;
 mod model;

@@ -11,6 +11,7 @@ const EXPECTED: &[(ComponentKind, &str)] = &[
     (ComponentKind::Tokenizer, "bpe"),
     (ComponentKind::Tokenizer, "bytes"),
     (ComponentKind::Model, "gpt2"),
+    (ComponentKind::Model, "llama"),
     (ComponentKind::Optimizer, "adamw"),
     (ComponentKind::Optimizer, "sgd"),
     (ComponentKind::Sink, "ndjson"),

@@ -50,7 +50,7 @@ pub use candle_core::Device;
 
 pub use autograd::backward_time;
 pub use dispatch::{kernel_active, scoped_kernel, set_kernel, KernelScope};
-pub use store::{ExportedTensor, ParamStore, TensorGroup};
+pub use store::{check_safetensors, write_safetensors, ExportedTensor, ParamStore, TensorGroup};
 
 /// Everything that can go wrong in the tensor engine and the parameter store.
 ///

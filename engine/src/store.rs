@@ -263,6 +263,23 @@ impl ParamStore {
             .collect()
     }
 
+    /// Like [`ParamStore::export`], every tensor cast to `dtype` (a Hugging Face export in
+    /// bf16 or f16).
+    pub fn export_as(&self, group: TensorGroup, dtype: DType) -> Result<Vec<ExportedTensor>> {
+        let want = to_candle_dtype(dtype);
+        self.group(group)
+            .map(|e| {
+                let t = e.leaf.var.as_tensor().to_dtype(want)?;
+                Ok(ExportedTensor {
+                    name: e.leaf.name.clone(),
+                    dtype,
+                    shape: t.dims().to_vec(),
+                    bytes: tensor_bytes(&t)?,
+                })
+            })
+            .collect()
+    }
+
     /// Write a group to a safetensors file, by name, in the tensors' own dtypes.
     pub fn save_safetensors(&self, path: &Path, group: TensorGroup) -> Result<()> {
         let exported = self.export(group)?;
@@ -333,6 +350,224 @@ impl ParamStore {
             let value =
                 Tensor::from_raw_buffer(view.data(), leaf.var.dtype(), view.shape(), &Device::Cpu)?;
             autograd::assign_leaf(&leaf, &value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Write exported tensors to a safetensors file with header metadata (Hugging Face expects
+/// `format: pt`).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[&ExportedTensor],
+    metadata: &[(&str, &str)],
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|e| {
+            let view = TensorView::new(st_dtype(e.dtype), e.shape.clone(), &e.bytes)
+                .map_err(|err| checkpoint_error(path, format!("`{}`: {err}", e.name)))?;
+            Ok((e.name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path)
+        .map_err(|err| checkpoint_error(path, format!("cannot write: {err}")))
+}
+
+/// A tensor in a pretrained file, from its header: where its bytes are.
+struct Stored {
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    name_in_file: String,
+}
+
+/// Buffers that Hugging Face models keep in their files but that are not parameters: rotary
+/// frequencies of older LLaMA checkpoints and GPT-2's attention masks. Skipped on load.
+fn is_hf_buffer(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+}
+
+/// Check that a safetensors file has a valid header and holds every byte the header promises
+/// (a truncated download fails here, naming the file), reading the header alone.
+pub fn check_safetensors(path: &Path) -> Result<()> {
+    read_header(path).map(drop)
+}
+
+/// Read the JSON header of a safetensors file and check that the file holds every byte the
+/// header promises.
+fn read_header(path: &Path) -> Result<safetensors::tensor::Metadata> {
+    use std::io::Read;
+    let fail = |m: String| checkpoint_error(path, m);
+    let mut file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let size = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read: {e}")))?
+        .len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| fail("not a safetensors file: shorter than its 8-byte header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 || n + 8 > size {
+        return Err(fail(format!(
+            "not a safetensors file, or truncated: the header claims {n} bytes, the file has {size}"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| fail(format!("not a valid safetensors header: {e}")))?;
+    let data = metadata
+        .tensors()
+        .values()
+        .map(|info| info.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    if 8 + n + data > size {
+        return Err(fail(format!(
+            "is truncated: its header describes {} bytes, the file has {size}; copy or \
+             download it again",
+            8 + n + data
+        )));
+    }
+    Ok(metadata)
+}
+
+impl ParamStore {
+    /// Overwrite every parameter from a pretrained model's safetensors files (one file, or the
+    /// shards of a Hugging Face index), converting f16, bf16 and f64 values to the
+    /// parameters' dtype. A parameter `PREFIX.NAME` may be stored as `NAME` (a base model's
+    /// file: GPT-2's hub weights say `h.0...` for `transformer.h.0...`). Names in `ignore`
+    /// (a tied head saved anyway) and Hugging Face buffers are skipped; anything else the
+    /// files hold that the model does not declare is an error, as is a missing parameter or a
+    /// shape that differs. Every header is checked before any value changes; `origin` (the
+    /// index, or the one file) is the file errors about the set as a whole name.
+    pub fn load_pretrained(
+        &mut self,
+        files: &[&Path],
+        origin: &Path,
+        ignore: &[&str],
+    ) -> Result<()> {
+        let mut stored: HashMap<String, Stored> = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let metadata = read_header(path)?;
+            for (name, info) in metadata.tensors() {
+                let entry = Stored {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    name_in_file: name.clone(),
+                };
+                if let Some(before) = stored.insert(name.clone(), entry) {
+                    return Err(checkpoint_error(
+                        path,
+                        format!(
+                            "holds `{name}`, which {} holds too",
+                            files[before.file].display()
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        let mut plan: Vec<(Arc<Leaf>, String)> = Vec::new();
+        let mut used = std::collections::HashSet::new();
+        for e in self.group(TensorGroup::Params) {
+            let name = &e.leaf.name;
+            let found = stored.get(name).map(|s| (name.as_str(), s)).or_else(|| {
+                let (_, rest) = name.split_once('.')?;
+                stored.get(rest).map(|s| (rest, s))
+            });
+            let Some((key, s)) = found else {
+                problems.push(format!("`{name}` is missing"));
+                continue;
+            };
+            used.insert(key.to_owned());
+            if s.shape != e.leaf.var.dims() {
+                problems.push(format!(
+                    "`{}` has shape {:?} in {}, but config.json makes it {:?}",
+                    s.name_in_file,
+                    s.shape,
+                    files[s.file].display(),
+                    e.leaf.var.dims()
+                ));
+                continue;
+            }
+            if !matches!(
+                s.dtype,
+                StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64
+            ) {
+                problems.push(format!(
+                    "`{}` is {:?} in {}; only float tensors can be loaded",
+                    s.name_in_file,
+                    s.dtype,
+                    files[s.file].display()
+                ));
+                continue;
+            }
+            plan.push((e.leaf.clone(), key.to_owned()));
+        }
+        let mut unexpected: Vec<&String> = stored
+            .keys()
+            .filter(|k| !used.contains(*k) && !ignore.contains(&k.as_str()) && !is_hf_buffer(k))
+            .collect();
+        unexpected.sort();
+        for name in unexpected.iter().take(5) {
+            problems.push(format!("`{name}` is not a parameter of the model"));
+        }
+        if unexpected.len() > 5 {
+            problems.push(format!(
+                "and {} more unexpected tensors",
+                unexpected.len() - 5
+            ));
+        }
+        if !problems.is_empty() {
+            let shown: Vec<&String> = problems.iter().take(8).collect();
+            let more = match problems.len() {
+                n if n > 8 => format!("; and {} more", n - 8),
+                _ => String::new(),
+            };
+            return Err(checkpoint_error(
+                origin,
+                format!(
+                    "the weights do not match the model config.json describes: {}{more}",
+                    shown
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ));
+        }
+        // One file in memory at a time.
+        for (i, path) in files.iter().enumerate() {
+            let bytes = std::fs::read(path)
+                .map_err(|err| checkpoint_error(path, format!("cannot read: {err}")))?;
+            let file = SafeTensors::deserialize(&bytes).map_err(|err| {
+                checkpoint_error(path, format!("not a valid safetensors file: {err}"))
+            })?;
+            for (leaf, key) in plan.iter().filter(|(_, k)| stored[k].file == i) {
+                let view = file
+                    .tensor(key)
+                    .map_err(|err| checkpoint_error(path, format!("`{key}`: {err}")))?;
+                let dtype = match view.dtype() {
+                    StDtype::F16 => CDType::F16,
+                    StDtype::BF16 => CDType::BF16,
+                    StDtype::F64 => CDType::F64,
+                    _ => CDType::F32,
+                };
+                let value =
+                    Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?
+                        .to_dtype(leaf.var.dtype())?;
+                autograd::assign_leaf(leaf, &value)?;
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub use codex_formats::diagnostics;
 pub mod fsio;
+pub mod hf;
 pub mod inference;
 pub mod logging;
 pub mod metrics;

@@ -97,6 +97,33 @@ impl Heads {
         q.attention(&keys, &values, true, self.scale())
     }
 
+    /// Grouped-query attention's keys or values for every query head:
+    /// `[batch, kv_heads, positions, head_dim]` → `[batch, heads, positions, head_dim]`, each
+    /// key/value head repeated for the `heads / kv_heads` query heads that share it, in the
+    /// order of transformers' `repeat_kv` (query head `h` reads key/value head
+    /// `h / (heads / kv_heads)`). `positions` is explicit because cached keys outnumber this
+    /// pass's positions. With `kv_heads == heads` `x` comes back as it is.
+    ///
+    /// Ops (when `kv_heads < heads`): `reshape(x, [b, kv, 1, p, d])`, `cat` of `heads / kv`
+    /// copies along dimension 2, `reshape(·, [b, heads, p, d])`.
+    pub fn repeat_kv(&self, x: Tensor, kv_heads: usize, positions: usize) -> Result<Tensor> {
+        if kv_heads == 0 || !self.heads.is_multiple_of(kv_heads) {
+            codex_plugin_api::bail!(
+                "{} query heads cannot share {kv_heads} key/value heads: the number of key/value \
+                 heads must divide the number of attention heads",
+                self.heads
+            );
+        }
+        let n_rep = self.heads / kv_heads;
+        if n_rep == 1 {
+            return Ok(x);
+        }
+        let (b, d) = (self.batch, self.head_dim);
+        let one = x.reshape(&[b, kv_heads, 1, positions, d])?;
+        let copies = vec![&one; n_rep];
+        Tensor::cat(&copies, 2)?.reshape(&[b, self.heads, positions, d])
+    }
+
     /// The attention probabilities `softmax(scale · q · kᵀ)` with the future masked out by
     /// `mask` (`[t, t]`, 1 above the diagonal, from `Tensor::causal_mask`): for a model that
     /// acts on them (dropout) before multiplying by `v`.
@@ -186,6 +213,28 @@ mod tests {
                 "layer 3 appended to the cache before layer 2: number the layers from 0 and \
                  append them in order",
             ]
+        );
+    }
+
+    #[test]
+    fn grouped_keys_are_repeated_per_query_head() {
+        let t = trace(|_| {
+            let heads = Heads {
+                heads: 6,
+                head_dim: 8,
+                ..HEADS
+            };
+            heads.repeat_kv(input("v"), 6, 3)?;
+            heads.repeat_kv(input("k"), 2, 5)?;
+            heads.repeat_kv(input("k"), 4, 5).map(drop)
+        });
+        check(
+            &t,
+            "reshape(k, [2, 2, 1, 5, 8]) -> %1
+             cat([%1, %1, %1], 2) -> %2
+             reshape(%2, [2, 6, 5, 8]) -> %3
+             error: 6 query heads cannot share 4 key/value heads: the number of key/value heads \
+             must divide the number of attention heads",
         );
     }
 

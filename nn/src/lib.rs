@@ -33,4 +33,6 @@ pub use embedding::Embedding;
 pub use linear::{Linear, WeightLayout};
 pub use mlp::{GeluMlp, SwiGlu};
 pub use norm::{LayerNorm, RmsNorm};
-pub use rotary::{rotary_tables, Rotary, RotaryWindow};
+pub use rotary::{
+    inverse_frequencies, rotary_tables, rotary_tables_from, RopeScaling, Rotary, RotaryWindow,
+};

@@ -11,14 +11,83 @@ use codex_plugin_api::{bail, DType, Result, Tensor};
 /// The rotary tables for positions `0..positions`: `cos` and `sin` of `p · θ^(−2i/d)` for
 /// `i < d/2`, each `[positions, d/2]` row-major, computed in f64 and rounded to f32.
 pub fn rotary_tables(positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f64> = (0..half)
+    rotary_tables_from(positions, &inverse_frequencies(head_dim, theta))
+}
+
+/// The default frequencies `θ^(−2i/d)` for `i < d/2`, in f64.
+pub fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f64> {
+    (0..head_dim / 2)
         .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
-        .collect();
+        .collect()
+}
+
+/// How a model stretches its rotary frequencies to reach past the context it was trained on:
+/// the `rope_scaling` of a Hugging Face config, for the kinds codex-ml implements.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (`"linear"`: positions interpolated).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// LLaMA 3.1's scaling (`"llama3"`): wavelengths longer than
+    /// `original_max_position_embeddings / low_freq_factor` divided by `factor`, shorter than
+    /// `original_max_position_embeddings / high_freq_factor` kept, smoothly blended between.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Where the low frequencies start, as a divisor of the original context.
+        low_freq_factor: f64,
+        /// Where the high frequencies start, as a divisor of the original context.
+        high_freq_factor: f64,
+        /// The context length the model was trained with before scaling.
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Apply the scaling to frequencies from [`inverse_frequencies`], as transformers'
+    /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` do.
+    pub fn apply(&self, inv_freq: &[f64]) -> Vec<f64> {
+        match *self {
+            RopeScaling::Linear { factor } => inv_freq.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_freq_wavelen = old / low_freq_factor;
+                let high_freq_wavelen = old / high_freq_factor;
+                inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_freq_wavelen {
+                            f
+                        } else if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The rotary tables for positions `0..positions` with the given frequencies (`head_dim / 2`
+/// of them): `cos` and `sin` of `p · f`, each `[positions, head_dim / 2]`, computed in f64 and
+/// rounded to f32.
+pub fn rotary_tables_from(positions: usize, inv_freq: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
     let mut cos = Vec::with_capacity(positions * half);
     let mut sin = Vec::with_capacity(positions * half);
     for p in 0..positions {
-        for f in &inv_freq {
+        for f in inv_freq {
             let angle = p as f64 * f;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
@@ -43,11 +112,28 @@ impl Rotary {
     ///
     /// Ops: `from_f32` for cos, then for sin.
     pub fn new(positions: usize, head_dim: usize, theta: f64, like: &Tensor) -> Result<Self> {
+        Self::scaled(positions, head_dim, theta, None, like)
+    }
+
+    /// Like [`Rotary::new`], with the frequencies stretched by `scaling` when there is one.
+    ///
+    /// Ops: `from_f32` for cos, then for sin.
+    pub fn scaled(
+        positions: usize,
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<RopeScaling>,
+        like: &Tensor,
+    ) -> Result<Self> {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("rotary embeddings rotate pairs of dimensions: head_dim must be even and positive, found {head_dim}");
         }
         let half = head_dim / 2;
-        let (cos, sin) = rotary_tables(positions, head_dim, theta);
+        let mut inv_freq = inverse_frequencies(head_dim, theta);
+        if let Some(scaling) = scaling {
+            inv_freq = scaling.apply(&inv_freq);
+        }
+        let (cos, sin) = rotary_tables_from(positions, &inv_freq);
         let cos = Tensor::from_f32(&cos, &[positions, half], DType::F32, like)?;
         let sin = Tensor::from_f32(&sin, &[positions, half], DType::F32, like)?;
         Ok(Rotary {
@@ -119,6 +205,26 @@ mod tests {
         // Position 2, frequencies 1 and 10000^(-1/2) = 0.01.
         assert!((cos[4] - 2f32.cos()).abs() < 1e-6 && (sin[4] - 2f32.sin()).abs() < 1e-6);
         assert!((cos[5] - 0.02f32.cos()).abs() < 1e-6 && (sin[5] - 0.02f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn scaling_follows_hf() {
+        let f = inverse_frequencies(8, 10_000.0);
+        assert_eq!(RopeScaling::Linear { factor: 4.0 }.apply(&f)[1], f[1] / 4.0);
+        // Wavelengths 2π, 2π·10, 2π·100, 2π·1000 against an original context of 64: high
+        // frequencies (wavelength < 64/4 = 16) kept, low ones (> 64/1 = 64) divided, the one
+        // between blended.
+        let llama3 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        };
+        let g = llama3.apply(&f);
+        assert_eq!((g[0], g[2], g[3]), (f[0], f[2] / 8.0, f[3] / 8.0));
+        let smooth = (64.0 / (2.0 * std::f64::consts::PI / f[1]) - 1.0) / 3.0;
+        assert!((g[1] - ((1.0 - smooth) * f[1] / 8.0 + smooth * f[1])).abs() < 1e-15);
+        assert!(g[1] < f[1] && g[1] > f[1] / 8.0);
     }
 
     #[test]

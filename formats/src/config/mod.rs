@@ -30,7 +30,9 @@ mod write;
 
 pub use data::{DataConfig, Preprocess, ReadSettings, Source, Undecodable};
 pub use overrides::{apply_overrides, related, Override};
-pub use raw::{RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawTrain};
+pub use raw::{
+    RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawSource, RawTrain,
+};
 pub use write::Params;
 
 /// Shape of the learning-rate schedule after warmup.

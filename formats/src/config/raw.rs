@@ -31,10 +31,14 @@ pub struct RawConfig {
     pub device: Option<String>,
     /// Training and validation data. Required.
     pub data: DataConfig,
-    /// The tokenizer, e.g. `(name: "bpe", params: (vocab_size: 1024))`. Required.
-    pub tokenizer: RawComponent,
-    /// The model. Required.
-    pub model: RawComponent,
+    /// The tokenizer, e.g. `(name: "bpe", params: (vocab_size: 1024))`, or the one of a
+    /// Hugging Face model directory, `(from: "models/smollm")`. Default: the model's own when
+    /// the model comes `from` a directory; otherwise required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<RawSource>,
+    /// The model, e.g. `(name: "gpt2", params: (n_layer: 4))`, or a pretrained Hugging Face
+    /// model to start from, `(from: "models/smollm")`. Required.
+    pub model: RawSource,
     /// The optimizer and the peak learning rate. Required.
     pub optimizer: RawOptimizer,
     /// The training loop. Default: `(name: "default")`.
@@ -64,6 +68,30 @@ pub struct RawConfig {
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
     pub generate: Option<RawGenerate>,
+}
+
+/// A model or tokenizer: chosen by registry name with its parameters, or read from a Hugging
+/// Face model directory: `(from: "DIR")`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Registry name (see `codex-ml list`). With `from`, give it only to load the directory's
+    /// weights into a plugin's model. Default: with `from`, the built-in that implements the
+    /// directory's `config.json` `model_type` (`gpt2`; `llama` for `llama`, `mistral` and
+    /// `qwen2`), and `hf` for a tokenizer; without `from`, required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The component's own parameters. With `from`, the model's are read from `config.json`
+    /// and those given here override them. Default: none.
+    #[serde(default, skip_serializing_if = "Params::omitted")]
+    pub params: Params,
+    /// A Hugging Face model directory (`config.json`, `model.safetensors` or a sharded index,
+    /// `tokenizer.json`, `tokenizer_config.json`), relative to the config's directory, or a
+    /// model id `org/name` found in the local Hugging Face cache (`$HF_HOME/hub`, else
+    /// `~/.cache/huggingface/hub`; nothing is downloaded). A fresh run starts from its
+    /// weights. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// A component chosen by registry name (see `codex-ml list`), with its parameters:

@@ -24,12 +24,14 @@ use crate::run::{Latest, RunError};
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod list;
 pub mod plugin;
 pub mod report;
 pub mod resume;
 pub mod run;
+pub mod tokenize;
 pub mod verify;
 
 pub use list::{KindFilter, ListArgs};
@@ -76,6 +78,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Generate text from a trained model
     Generate(GenerateArgs),
+    /// Print the token ids a run's tokenizer (or a Hugging Face directory's) gives a text
+    #[command(long_about = TOKENIZE_LONG_ABOUT)]
+    Tokenize(TokenizeArgs),
+    /// Write a checkpoint as a Hugging Face model directory (transformers, vLLM, llama.cpp)
+    #[command(long_about = EXPORT_LONG_ABOUT)]
+    Export(ExportArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
     Bench(BenchArgs),
     /// Write an HTML page of one or more runs' curves, side by side with their differing config
@@ -223,6 +231,68 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+const TOKENIZE_LONG_ABOUT: &str = "Print the token ids a tokenizer gives a text.\n\n\
+    TARGET is a run or checkpoint directory (the run's tokenizer) or a Hugging Face model \
+    directory (its tokenizer.json, as `model: (from: DIR)` uses it). The text is encoded \
+    exactly as training data is: special-token text such as <|endoftext|> stays text, and no \
+    bos or eos is added. See docs/finetune-hf.md.";
+
+/// `codex-ml tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// A run directory, a checkpoint directory, `latest`, or a Hugging Face model directory
+    #[arg(value_name = "TARGET")]
+    pub target: PathBuf,
+    /// The text to encode
+    #[arg(value_name = "TEXT")]
+    pub text: Option<String>,
+    /// Encode this file's text instead
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its tokenizer
+    /// comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Print one JSON object on stdout: the ids, their count, the end-of-text id and the
+    /// vocabulary size
+    #[arg(long)]
+    pub json: bool,
+}
+
+const EXPORT_LONG_ABOUT: &str = "Write a checkpoint as a Hugging Face model directory.\n\n\
+    OUT_DIR receives config.json, generation_config.json, the weights (model.safetensors, or \
+    shards with model.safetensors.index.json), tokenizer.json, tokenizer_config.json and a \
+    README.md model card; AutoModelForCausalLM.from_pretrained(OUT_DIR) and \
+    AutoTokenizer.from_pretrained(OUT_DIR) load it. OUT_DIR must not exist or be empty. See \
+    docs/finetune-hf.md.";
+
+/// `codex-ml export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run directory (its newest valid checkpoint is used), a checkpoint directory, or
+    /// `latest` (the newest run under runs/ with a valid checkpoint)
+    #[arg(value_name = "RUN_OR_CHECKPOINT|latest")]
+    pub target: PathBuf,
+    /// The directory to write; must not exist, or be empty
+    #[arg(value_name = "OUT_DIR")]
+    pub out: PathBuf,
+    /// The dtype of the written weights
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+    /// Largest weight file (`5GB`, `500MB`, `100KB`); more weights are split into shards
+    /// with model.safetensors.index.json
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+    /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
+    /// tokenizer comes from a plugin)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Print the outcome as one JSON object on stdout instead of text (docs/cli.md); a failure
+    /// too prints one, with the error and the exit code
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `codex-ml generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -299,6 +369,29 @@ pub enum BenchPreset {
 
 fn parse_override(arg: &str) -> Result<Override, String> {
     arg.parse()
+}
+
+/// `5GB`, `500MB`, `100KB` or a number of bytes (decimal units, as transformers'
+/// `max_shard_size`).
+fn parse_size(arg: &str) -> Result<u64, String> {
+    let upper = arg.trim().to_ascii_uppercase();
+    let (number, unit) = match upper.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => upper.split_at(i),
+        None => (upper.as_str(), "B"),
+    };
+    let scale: u64 = match unit {
+        "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("`{arg}`: give a size like 5GB, 500MB or 100KB")),
+    };
+    match number.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n.saturating_mul(scale)),
+        _ => Err(format!(
+            "`{arg}`: give a positive size like 5GB, 500MB or 100KB"
+        )),
+    }
 }
 
 fn parse_positive(arg: &str) -> Result<usize, String> {
@@ -406,6 +499,8 @@ pub fn main() -> i32 {
         Command::Verify(args) => verify::verify(args),
         Command::Eval(args) => eval::eval(args),
         Command::Generate(args) => generate::generate(args),
+        Command::Export(args) => export::export(args),
+        Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Bench(args) => bench::bench(args),
         Command::Report(args) => report::report(args),
         Command::Plugin(args) => plugin::plugin(args),
@@ -436,6 +531,8 @@ impl Command {
             Command::Verify(args) => args.json,
             Command::Eval(args) => args.json,
             Command::Generate(args) => args.json,
+            Command::Export(args) => args.json,
+            Command::Tokenize(args) => args.json,
             Command::Plugin(args) => match &args.command {
                 plugin::PluginCommand::Inspect(args) => args.json,
             },
@@ -464,6 +561,7 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
             || cause.is::<NativeError>()
             || cause.is::<Diagnostic>()
             || cause.is::<crate::run::RunError>()
+            || cause.is::<crate::hf::HfError>()
             || cause
                 .downcast_ref::<crate::report::ReportError>()
                 .is_some_and(crate::report::ReportError::is_input)

@@ -75,6 +75,9 @@ pub struct Config {
     pub tokenizer: ComponentSpec,
     /// The model.
     pub model: ComponentSpec,
+    /// The Hugging Face model directory (or model id) whose weights a fresh run starts from:
+    /// `model.from`.
+    pub model_from: Option<String>,
     /// The optimizer.
     pub optimizer: OptimizerSpec,
     /// The trainer.

@@ -6,7 +6,8 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::{Map, Value};
 
 use codex_formats::config::{
-    related, Params, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawTrain,
+    related, Params, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawSource,
+    RawTrain,
 };
 
 use super::Override;
@@ -78,8 +79,8 @@ impl Resolver<'_> {
         let seed = *raw.seed.get_or_insert(DEFAULT_SEED);
         let device = self.device(raw.device.get_or_insert_with(|| "cpu".to_owned()))?;
         self.data(&mut raw.data, &dir)?;
-        let tokenizer = self.component("tokenizer", &mut raw.tokenizer)?;
-        let model = self.component("model", &mut raw.model)?;
+        let (model, model_from) = self.model(&mut raw.model, &dir)?;
+        let tokenizer = self.tokenizer(&mut raw.tokenizer, &raw.model, &dir)?;
         let optimizer = self.optimizer(&mut raw.optimizer)?;
         let trainer = raw
             .trainer
@@ -148,6 +149,7 @@ impl Resolver<'_> {
             data: raw.data.clone(),
             tokenizer,
             model,
+            model_from,
             optimizer,
             trainer,
             train,
@@ -291,6 +293,109 @@ impl Resolver<'_> {
         Ok(ComponentSpec {
             name: raw.name.clone(),
             params: self.params(&join_field(section, "params"), &mut raw.params)?,
+        })
+    }
+
+    /// The model: by name, or from a Hugging Face directory. The directory's `config.json` is
+    /// read only while `name` is not set, and its name and parameters are then written into
+    /// the raw config: the resolved config that a run saves names them, so evaluating or
+    /// resuming the run never reads the directory again.
+    fn model(
+        &self,
+        raw: &mut RawSource,
+        dir: &Path,
+    ) -> Result<(ComponentSpec, Option<String>), ConfigError> {
+        let Some(from) = raw.from.clone() else {
+            let Some(name) = raw.name.clone() else {
+                return Err(self.invalid(
+                    "model",
+                    "give `name` (see `codex-ml list`) or `from` (a Hugging Face model \
+                     directory)",
+                ));
+            };
+            self.name("model.name", &name)?;
+            let params = self.params("model.params", &mut raw.params)?;
+            return Ok((ComponentSpec { name, params }, None));
+        };
+        if raw.name.is_none() {
+            let found = crate::hf::locate(&from, dir)
+                .and_then(|d| crate::hf::ModelDir::open(&d))
+                .and_then(|m| {
+                    // Checked now so that a missing shard is refused before a run starts.
+                    m.checked_weights()?;
+                    Ok(m)
+                })
+                .map_err(|e| self.invalid("model.from", e.to_string()))?;
+            let (name, mut params) = found
+                .model(None)
+                .map_err(|e| self.invalid("model.from", e.to_string()))?;
+            // Parameters written in the config override config.json's.
+            if let Value::Object(given) = &raw.params.0 {
+                params.extend(given.clone());
+            }
+            raw.name = Some(name);
+            raw.params = Params(Value::Object(params));
+            // A path is kept absolute (a model id stays an id).
+            if Path::new(&from).is_relative() && dir.join(&from).is_dir() {
+                raw.from = Some(absolute(dir, &from));
+            }
+        }
+        let name = raw.name.clone().unwrap_or_default();
+        self.name("model.name", &name)?;
+        let params = self.params("model.params", &mut raw.params)?;
+        Ok((ComponentSpec { name, params }, raw.from.clone()))
+    }
+
+    /// The tokenizer: by name, from a Hugging Face directory, or (when left out) the one of
+    /// the directory the model comes from. Directories are read only while `name` is not set,
+    /// as for the model.
+    fn tokenizer(
+        &self,
+        raw: &mut Option<RawSource>,
+        model: &RawSource,
+        dir: &Path,
+    ) -> Result<ComponentSpec, ConfigError> {
+        let raw =
+            match raw {
+                Some(raw) => raw,
+                None => match &model.from {
+                    Some(from) => raw.insert(RawSource {
+                        name: None,
+                        params: Params(Value::Null),
+                        from: Some(from.clone()),
+                    }),
+                    None => return Err(self.invalid(
+                        "tokenizer",
+                        "missing; give a tokenizer, e.g. `(name: \"bpe\")`, or start the model \
+                         `from` a Hugging Face directory, which brings its own",
+                    )),
+                },
+            };
+        if let (None, Some(from)) = (&raw.name, raw.from.clone()) {
+            let params = crate::hf::locate(&from, dir)
+                .and_then(|d| crate::hf::ModelDir::open(&d))
+                .and_then(|m| m.tokenizer_params())
+                .map_err(|e| self.invalid("tokenizer.from", e.to_string()))?;
+            let mut params = params;
+            if let Value::Object(given) = &raw.params.0 {
+                params.extend(given.clone());
+            }
+            raw.name = Some("hf".to_owned());
+            raw.params = Params(Value::Object(params));
+            if Path::new(&from).is_relative() && dir.join(&from).is_dir() {
+                raw.from = Some(absolute(dir, &from));
+            }
+        }
+        let Some(name) = raw.name.clone() else {
+            return Err(self.invalid(
+                "tokenizer",
+                "give `name` (see `codex-ml list`) or `from` (a Hugging Face model directory)",
+            ));
+        };
+        self.name("tokenizer.name", &name)?;
+        Ok(ComponentSpec {
+            name,
+            params: self.params("tokenizer.params", &mut raw.params)?,
         })
     }
 

@@ -404,6 +404,9 @@ fn run_in(
     let _kernel_scope = steps::kernel(config, registry, &device)?;
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = steps::model(config, registry, tokenizer.vocab_size(), &mut store)?;
+    if resume_from.is_none() {
+        steps::pretrained(config, &mut store)?;
+    }
     let (mut train_batches, val_batches) = steps::batches(config, docs, &tokenizer)?;
 
     let total_steps = steps::total_steps(config, &train_batches)?;

@@ -81,6 +81,18 @@ pub(crate) fn kernel(config: &Config, registry: &Registry, device: &Device) -> R
 }
 
 /// The model, its parameters declared into `store`; its context length bounds `seq_len`.
+/// Overwrite the freshly initialised parameters with the weights of the Hugging Face
+/// directory the model comes `from`, if any.
+pub(crate) fn pretrained(config: &Config, store: &mut ParamStore) -> Result<()> {
+    let Some(from) = &config.model_from else {
+        return Ok(());
+    };
+    let dir = crate::hf::ModelDir::open(&crate::hf::locate(from, &config.dir)?)?;
+    dir.load_weights(store)?;
+    tracing::info!("starting from the weights in {}", dir.dir.display());
+    Ok(())
+}
+
 pub(crate) fn model(
     config: &Config,
     registry: &Registry,

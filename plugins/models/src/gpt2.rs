@@ -85,6 +85,64 @@ struct RawConfig {
     /// it divided by `sqrt(2 * n_layer)`, as HF does.
     #[serde(default = "default_initializer_range")]
     initializer_range: f64,
+    /// The fields of an HF `GPT2Config` that are not parameters of their own (see
+    /// [`HfFields`]), taken out before the strict parse.
+    #[serde(skip)]
+    hf: HfFields,
+}
+
+/// The fields of an HF `config.json` for `GPT2LMHeadModel` that a model loaded `from` a
+/// directory brings along: accepted where they describe this model, refused where they ask
+/// for something it does not do. They are split off before the strict parse so that the list
+/// of parameters an unknown field is compared with stays the model's own.
+#[derive(Deserialize, Debug, Default)]
+struct HfFields {
+    model_type: Option<String>,
+    n_ctx: Option<usize>,
+    n_inner: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    add_cross_attention: Option<bool>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+}
+
+/// `HfFields`' names, and those accepted without a check: numerics of f16 attention and the
+/// sequence-classification head, which a causal LM does not have.
+const HF_FIELDS: &[&str] = &[
+    "model_type",
+    "n_ctx",
+    "n_inner",
+    "tie_word_embeddings",
+    "add_cross_attention",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+];
+
+/// Parse `params` strictly, with the HF config fields split off first.
+fn parse(params: &str) -> Result<RawConfig, codex_plugin_api::Error> {
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str(params) else {
+        // Not an object (or empty): the strict parse says what is wrong, or takes defaults.
+        return parse_strict(params);
+    };
+    let mut hf = serde_json::Map::new();
+    for field in HF_FIELDS {
+        if let Some(v) = map.remove(*field) {
+            hf.insert((*field).to_owned(), v);
+        }
+    }
+    let mut raw: RawConfig = parse_strict(&serde_json::Value::Object(map).to_string())?;
+    raw.hf = serde_json::from_value(serde_json::Value::Object(hf)).map_err(|e| {
+        codex_plugin_api::Error::msg(format!(
+            "a Hugging Face config field has the wrong type: {e}"
+        ))
+    })?;
+    Ok(raw)
 }
 
 fn default_n_layer() -> usize {
@@ -168,6 +226,46 @@ impl RawConfig {
         }
         if self.vocab_size == Some(0) {
             return Err(invalid("vocab_size", "must be at least 1, found 0"));
+        }
+        if let Some(t) = self.hf.model_type.as_deref().filter(|t| *t != "gpt2") {
+            return Err(invalid(
+                "model_type",
+                format!(
+                    "must be \"gpt2\", found \"{t}\"; the llama model takes LLaMA-family types"
+                ),
+            ));
+        }
+        if let Some(n) = self.hf.n_ctx.filter(|n| *n != self.n_positions) {
+            return Err(invalid(
+                "n_ctx",
+                format!("must equal n_positions ({}), found {n}", self.n_positions),
+            ));
+        }
+        if let Some(n) = self.hf.n_inner.filter(|n| *n != 4 * self.n_embd) {
+            return Err(invalid(
+                "n_inner",
+                format!(
+                    "only 4 * n_embd ({}) is implemented, found {n}",
+                    4 * self.n_embd
+                ),
+            ));
+        }
+        for (field, value, wanted) in [
+            ("tie_word_embeddings", self.hf.tie_word_embeddings, true),
+            ("add_cross_attention", self.hf.add_cross_attention, false),
+            ("scale_attn_weights", self.hf.scale_attn_weights, true),
+            (
+                "scale_attn_by_inverse_layer_idx",
+                self.hf.scale_attn_by_inverse_layer_idx,
+                false,
+            ),
+        ] {
+            if value.is_some_and(|v| v != wanted) {
+                return Err(invalid(
+                    field,
+                    format!("only {wanted} is implemented, found {}", !wanted),
+                ));
+            }
         }
         Ok(())
     }
@@ -259,7 +357,7 @@ impl Describe for Gpt2 {
         "GPT-2 decoder with Hugging Face parameter names and layouts, LM head tied to wte";
 
     fn check_params(params: &str) -> codex_plugin_api::Result<()> {
-        codex_plugin_api::strict::parse_params::<RawConfig>(params)?.check()
+        parse(params)?.check()
     }
 }
 
@@ -413,8 +511,7 @@ impl Gpt2 {
 
 impl Model for Gpt2 {
     fn create(params: &str, vocab_size: usize, store: &mut Store<'_, '_>) -> Result<Self> {
-        let raw: RawConfig = parse_strict(params)?;
-        let config = raw.resolve(vocab_size)?;
+        let config = parse(params)?.resolve(vocab_size)?;
         let std = config.initializer_range;
         // HF scales the residual projections so the residual stream's variance does not grow
         // with depth.
@@ -532,6 +629,31 @@ mod tests {
             site_seed(7, Site::Embeddings),
             site_seed(8, Site::Embeddings)
         );
+    }
+
+    #[test]
+    fn hf_config_fields_are_accepted_or_refused_apart_from_the_params() {
+        let hf = r#"{"model_type": "gpt2", "n_layer": 2, "n_positions": 64, "n_ctx": 64,
+            "n_inner": null, "summary_type": "cls_index", "reorder_and_upcast_attn": false,
+            "scale_attn_weights": true, "tie_word_embeddings": true}"#;
+        parse(hf)
+            .expect("parses")
+            .check()
+            .expect("an HF config of this model");
+        let err = |json: &str| {
+            parse(json)
+                .and_then(|r| r.check())
+                .expect_err(json)
+                .to_string()
+        };
+        assert!(err(r#"{"n_inner": 100}"#).starts_with("n_inner: only 4 * n_embd (3072)"));
+        assert!(err(r#"{"n_ctx": 5}"#).starts_with("n_ctx: must equal n_positions (1024)"));
+        assert!(err(r#"{"model_type": "llama"}"#).starts_with("model_type: must be \"gpt2\""));
+        assert!(err(r#"{"tie_word_embeddings": false}"#).starts_with("tie_word_embeddings"));
+        // An unknown field is compared with the model's own parameters only.
+        let unknown = err(r#"{"dropout": 0.1}"#);
+        assert!(unknown.contains("unknown field `dropout`"), "{unknown}");
+        assert!(!unknown.contains("summary_type"), "{unknown}");
     }
 
     #[test]

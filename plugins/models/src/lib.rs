@@ -6,7 +6,10 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod gpt2;
+mod llama;
 
 pub use gpt2::Gpt2;
+pub use llama::Llama;
 
 codex_plugin_api::builtin!(codex_plugin_api::model::declare::<Gpt2>);
+codex_plugin_api::builtin!(codex_plugin_api::model::declare::<Llama>);
