@@ -38,11 +38,11 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use codex_plugin_api::{Error, Record, Result, RunInfo, RunStatus};
 
-use super::{now_ms, safe_key, RUN_DIR_TAG, RUN_ID_TAG};
+use super::{now_ms, percent_encode, rel_key, safe_key, RUN_DIR_TAG, RUN_ID_TAG};
 use crate::yaml::{self, Scalar};
 
 const DEFAULT_ROOT: &str = "mlruns";
@@ -462,17 +462,6 @@ fn copy_artifact(source: &Path, rel: &Path, run: &Path, limit: u64) -> Result<()
     }
 }
 
-/// A relative path as a `/`-separated key.
-fn rel_key(rel: &Path) -> String {
-    rel.components()
-        .filter_map(|c| match c {
-            Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// Write one param or tag: the raw value, no newline.
 fn write_value(dir: &Path, key: &str, value: &str) -> Result<()> {
     let path = dir.join(safe_key(key));
@@ -505,13 +494,7 @@ fn file_uri(path: &Path) -> String {
     if !text.starts_with('/') {
         out.push('/'); // a Windows drive: file:///C:/...
     }
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~:".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    out.push_str(&percent_encode(&text, b":"));
     out
 }
 

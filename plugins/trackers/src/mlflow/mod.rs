@@ -12,7 +12,7 @@
 mod files;
 mod server;
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use codex_plugin_api::{Describe, Error, Record, Result, RunInfo, RunStatus, Tracker};
@@ -174,6 +174,30 @@ fn target_of(uri: &str, source: &str) -> Result<Target> {
         )));
     }
     Ok(Target::Files(Some(PathBuf::from(uri))))
+}
+
+/// A relative path as a `/`-separated key.
+pub(crate) fn rel_key(rel: &Path) -> String {
+    rel.components()
+        .filter_map(|c| match c {
+            Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `text` with every byte but letters, digits, `/ - . _ ~` and those of `keep` written `%XX`.
+pub(crate) fn percent_encode(text: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -40,7 +40,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ use base64::Engine as _;
 use codex_plugin_api::{Error, Record, Result, RunInfo, RunStatus};
 use serde_json::{json, Value};
 
-use super::{now_ms, record_ms, safe_key, RUN_DIR_TAG, RUN_ID_TAG};
+use super::{now_ms, percent_encode, record_ms, rel_key, safe_key, RUN_DIR_TAG, RUN_ID_TAG};
 
 /// The most metric points kept for a server that does not answer.
 pub(super) const MAX_PENDING_POINTS: usize = 1_000_000;
@@ -663,8 +663,10 @@ impl Server {
                 Some(location) if size <= self.max_copy_bytes => {
                     // Retention may remove a checkpoint before this thread reaches it.
                     let Ok(bytes) = fs::read(&file) else { continue };
-                    self.api
-                        .put_artifact(&format!("{location}/{}", encode_path(&key)), bytes)?;
+                    self.api.put_artifact(
+                        &format!("{location}/{}", percent_encode(&key, b"")),
+                        bytes,
+                    )?;
                 }
                 _ => {
                     let absolute = std::path::absolute(&file).unwrap_or(file);
@@ -770,17 +772,6 @@ fn walk(path: &Path, rel: &Path, out: &mut Vec<(PathBuf, PathBuf, u64)>) {
     }
 }
 
-/// A relative path as a `/`-separated key.
-fn rel_key(rel: &Path) -> String {
-    rel.components()
-        .filter_map(|c| match c {
-            Component::Normal(part) => Some(part.to_string_lossy().into_owned()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// The path under the server's artifact proxy of an `mlflow-artifacts:` artifact URI
 /// (`mlflow-artifacts:/1/<run>/artifacts`, or with a host: `mlflow-artifacts://host/1/...`).
 fn proxy_location(artifact_uri: &str) -> Option<String> {
@@ -791,19 +782,6 @@ fn proxy_location(artifact_uri: &str) -> Option<String> {
     };
     let rest = rest.trim_matches('/');
     (!rest.is_empty()).then(|| rest.to_string())
-}
-
-/// Percent-encode a `/`-separated path, keeping the separators.
-fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl Api {
@@ -1516,7 +1494,7 @@ mod tests {
         );
         assert_eq!(proxy_location("s3://bucket/7/r1/artifacts"), None);
         assert_eq!(proxy_location("mlflow-artifacts:"), None);
-        assert_eq!(encode_path("a b/c%d/é"), "a%20b/c%25d/%C3%A9");
+        assert_eq!(percent_encode("a b/c%d/é", b""), "a%20b/c%25d/%C3%A9");
         assert_eq!(cut("héllo", 2), "hé");
     }
 }
