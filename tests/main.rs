@@ -15,6 +15,7 @@ mod manifest;
 mod model;
 mod native;
 mod optim;
+mod precision;
 mod registry;
 mod resume;
 mod sinks;
