@@ -374,7 +374,11 @@ unsafe fn micro<const R: usize>(
                 _mm512_loadu_si512(bp.add(p * 2 * NR + 32) as *const _),
             )
         };
-        let (b0, b1): (__m512bh, __m512bh) = (std::mem::transmute(b0), std::mem::transmute(b1));
+        // SAFETY: both are 64 bytes of plain bits; the pairs are bf16 values.
+        let (b0, b1) = (
+            std::mem::transmute::<__m512i, __m512bh>(b0),
+            std::mem::transmute::<__m512i, __m512bh>(b1),
+        );
         for r in 0..R {
             let x = unsafe { *ap.add(r * kp + p) };
             let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(x as i32));
