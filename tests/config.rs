@@ -247,7 +247,10 @@ fn precision_is_f32_by_default_and_bf16_needs_a_kernel() {
     ] {
         let (_f, result) = load_with(QUICKSTART, args);
         let e = result.expect_err("refused").to_string();
-        assert!(e.contains("precision") && e.contains(needle), "{args:?}: {e}");
+        assert!(
+            e.contains("precision") && e.contains(needle),
+            "{args:?}: {e}"
+        );
     }
 }
 
