@@ -238,7 +238,10 @@ fn help_for_each_command_mentions_its_arguments() {
                 "--config",
                 "tiny",
                 "small",
+                "medium",
                 "all",
+                "--precision",
+                "bf16",
                 "--profile",
                 "--warmup",
                 "--windows",
@@ -271,6 +274,8 @@ fn usage_errors_exit_2() {
         &["run", "c.ron", "--set", "no-equals-sign"][..],
         &["generate", "run-dir"][..],
         &["generate", "run-dir", "--prompt", "x", "--top-p", "2"][..],
+        &["bench", "--precision", "f16"][..],
+        &["bench", "--precision", "bf16", "--no-kernel"][..],
     ] {
         codex_ml()
             .args(args)

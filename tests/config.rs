@@ -229,6 +229,31 @@ fn the_cpu_kernel_is_the_default_and_none_switches_it_off() {
     assert_eq!(c.kernel, None);
 }
 
+/// `precision` is f32 unless set; bf16 needs a kernel; f16 and anything else are refused with
+/// the field named; a stored config says which precision it used.
+#[test]
+fn precision_is_f32_by_default_and_bf16_needs_a_kernel() {
+    use codex_engine::Precision;
+    let c = load_ok(QUICKSTART, &[]);
+    assert_eq!(c.precision, Precision::F32);
+    assert!(c.to_ron().contains("precision: \"f32\""), "{}", c.to_ron());
+    let c = load_ok(QUICKSTART, &["precision=bf16"]);
+    assert_eq!(c.precision, Precision::Bf16);
+    assert!(c.to_ron().contains("precision: \"bf16\""), "{}", c.to_ron());
+    for (args, needle) in [
+        (&["precision=f16"][..], "not supported"),
+        (&["precision=fp8"][..], "not a precision"),
+        (&["precision=bf16", "kernel=\"none\""][..], "kernel"),
+    ] {
+        let (_f, result) = load_with(QUICKSTART, args);
+        let e = result.expect_err("refused").to_string();
+        assert!(
+            e.contains("precision") && e.contains(needle),
+            "{args:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn each_kind_of_override_applies() {
     let check =

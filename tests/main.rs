@@ -16,6 +16,7 @@ mod manifest;
 mod model;
 mod native;
 mod optim;
+mod precision;
 mod registry;
 mod report;
 mod resume;

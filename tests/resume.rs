@@ -280,6 +280,48 @@ fn with_the_fused_kernel_a_killed_run_resumes_bitwise() {
     assert_same_as(&fx, "straight", "killed");
 }
 
+/// Mixed precision keeps f32 master weights in the checkpoint and rounds the same way every
+/// time, so a bf16 run killed during a checkpoint write resumes bitwise too; its precision is
+/// part of the steps already taken, so a resume cannot change it.
+#[test]
+fn in_bf16_a_killed_run_resumes_bitwise_and_keeps_its_precision() {
+    let fx = Fixture::with_top("cosine", "", r#"kernel: "cpu", precision: "bf16","#);
+    fx.straight("straight");
+    fx.kill_at("killed", "9:model.safetensors");
+    let refused = fx.fails(
+        &[
+            "run",
+            "tiny.ron",
+            "--run-dir",
+            "killed",
+            "--resume",
+            "latest",
+            "--set",
+            "precision=f32",
+        ],
+        2,
+    );
+    assert!(refused.contains("precision"), "{refused}");
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "killed",
+        "--resume",
+        "latest",
+    ]);
+    assert_same_as(&fx, "straight", "killed");
+    // Where the CPU multiplies in bf16, the run is not the f32 run.
+    if crate::precision::bf16_here() {
+        let f32_run = Fixture::with_top("cosine", "", r#"kernel: "cpu","#);
+        f32_run.straight("straight");
+        assert!(
+            fx.model_bytes("straight", STEPS) != f32_run.model_bytes("straight", STEPS),
+            "the bf16 run ended with the f32 run's parameters"
+        );
+    }
+}
+
 #[test]
 fn kill_nine_anywhere_then_resume_latest_matches() {
     let fx = Fixture::new("cosine", "keep_checkpoints: 2,");

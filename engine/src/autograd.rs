@@ -90,6 +90,7 @@ pub(crate) fn assign_leaf(leaf: &Leaf, value: &Tensor) -> Result<()> {
         });
     }
     let value = value.to_dtype(var.dtype())?.to_device(var.device())?;
+    super::mixed::weights_changed(var.as_tensor());
     // `Var::set` refuses a value that shares the variable's storage (a view of it); copying
     // first is the only way to know, because candle keeps `same_storage` private.
     match var.set(&value) {

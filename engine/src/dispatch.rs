@@ -35,6 +35,7 @@ use codex_plugin_api::{DeviceKind, GeluForm};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::mixed::{self, Precision};
 use super::profile::{self, Kind};
 use super::{Result, TensorError};
 
@@ -44,6 +45,8 @@ type CResult<T> = candle_core::Result<T>;
 pub(crate) struct ActiveKernel {
     kernel: KernelBox,
     ops: Vec<String>,
+    /// Whether 2-D f32 matrix products run in bf16 (`mixed`).
+    bf16: bool,
 }
 
 impl ActiveKernel {
@@ -51,9 +54,14 @@ impl ActiveKernel {
         self.ops.iter().any(|o| o == op)
     }
 
+    /// Whether 2-D f32 matrix products run in bf16 through this kernel.
+    pub(crate) fn bf16(&self) -> bool {
+        self.bf16
+    }
+
     /// Run one kernel op; errors become candle errors naming the op, so they surface through
     /// candle's forward and backward like any other failure.
-    fn run(
+    pub(crate) fn run(
         &self,
         op: &'static str,
         inputs: &[BufferView<'_>],
@@ -81,7 +89,11 @@ thread_local! {
     static LOCAL_CPU: RefCell<Option<Option<Arc<ActiveKernel>>>> = const { RefCell::new(None) };
 }
 
-fn activate(device: &Device, kernel: Option<KernelBox>) -> Result<Option<Arc<ActiveKernel>>> {
+fn activate(
+    device: &Device,
+    kernel: Option<KernelBox>,
+    precision: Precision,
+) -> Result<Option<Arc<ActiveKernel>>> {
     let Some(kernel) = kernel else {
         return Ok(None);
     };
@@ -97,8 +109,12 @@ fn activate(device: &Device, kernel: Option<KernelBox>) -> Result<Option<Arc<Act
             "a cpu kernel cannot run ops on {device:?}; leave `kernel` unset or use device `cpu`"
         )));
     }
-    let ops = kernel.ops().into_iter().map(|s| s.into_string()).collect();
-    Ok(Some(Arc::new(ActiveKernel { kernel, ops })))
+    let ops: Vec<String> = kernel.ops().into_iter().map(|s| s.into_string()).collect();
+    let bf16 = precision == Precision::Bf16
+        && ["bf16_gemm.pack", "bf16_gemm"]
+            .iter()
+            .all(|op| ops.iter().any(|o| o == op));
+    Ok(Some(Arc::new(ActiveKernel { kernel, ops, bf16 })))
 }
 
 /// Make `kernel` the active kernel for `device`'s family in the whole process (`None`: plain
@@ -106,7 +122,7 @@ fn activate(device: &Device, kernel: Option<KernelBox>) -> Result<Option<Arc<Act
 ///
 /// Fails if the kernel is not for that device family, or the family is not the CPU.
 pub fn set_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<()> {
-    let active = activate(device, kernel)?;
+    let active = activate(device, kernel, Precision::F32)?;
     *GLOBAL_CPU.write().unwrap_or_else(PoisonError::into_inner) = active;
     Ok(())
 }
@@ -134,7 +150,18 @@ impl Drop for KernelScope {
 /// only, until the returned scope is dropped. Training runs and tests use this so that runs
 /// sharing a process do not see each other's kernels.
 pub fn scoped_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<KernelScope> {
-    let active = activate(device, kernel)?;
+    scoped_kernel_at(device, kernel, Precision::F32)
+}
+
+/// [`scoped_kernel`] with the precision of matrix products: with [`Precision::Bf16`] and a
+/// kernel that offers `bf16_gemm`, 2-D f32 products run in bf16 with f32 accumulation (see
+/// [`Precision`]); without such a kernel they stay f32 ([`bf16_active`] tells which).
+pub fn scoped_kernel_at(
+    device: &Device,
+    kernel: Option<KernelBox>,
+    precision: Precision,
+) -> Result<KernelScope> {
+    let active = activate(device, kernel, precision)?;
     let previous = LOCAL_CPU.with(|l| l.borrow_mut().replace(active));
     Ok(KernelScope { previous })
 }
@@ -167,6 +194,11 @@ pub(crate) fn active(device: &Device) -> Option<Arc<ActiveKernel>> {
         .clone()
 }
 
+/// Whether 2-D matrix products on `device` run in bf16 from the calling thread.
+pub fn bf16_active(device: &Device) -> bool {
+    active(device).is_some_and(|k| k.bf16())
+}
+
 /// Whether a kernel runs ops on `device` from the calling thread.
 pub fn kernel_active(device: &Device) -> bool {
     active(device).is_some()
@@ -193,7 +225,7 @@ fn api_dtype(d: DType) -> CResult<codex_plugin_api::DType> {
 }
 
 /// The contiguous bytes of a storage, as a kernel input.
-fn view<'a>(s: &'a CpuStorage, l: &'a Layout) -> CResult<BufferView<'a>> {
+pub(crate) fn view<'a>(s: &'a CpuStorage, l: &'a Layout) -> CResult<BufferView<'a>> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!(
             "kernel inputs must be contiguous, found strides {:?}",
@@ -230,18 +262,18 @@ fn dense<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<(Cow<'a, CpuStorage>, Lay
 }
 
 /// An output buffer the host allocates for a kernel.
-enum OutData {
+pub(crate) enum OutData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
 }
 
-struct Out {
+pub(crate) struct Out {
     shape: Vec<usize>,
     data: OutData,
 }
 
 impl Out {
-    fn new(dtype: DType, shape: &[usize]) -> CResult<Out> {
+    pub(crate) fn new(dtype: DType, shape: &[usize]) -> CResult<Out> {
         let n: usize = shape.iter().product();
         let data = match dtype {
             DType::F32 => OutData::F32(vec![0.0; n]),
@@ -254,14 +286,14 @@ impl Out {
         })
     }
 
-    fn f32(shape: &[usize]) -> Out {
+    pub(crate) fn f32(shape: &[usize]) -> Out {
         Out {
             shape: shape.to_vec(),
             data: OutData::F32(vec![0.0; shape.iter().product()]),
         }
     }
 
-    fn buffer(&mut self) -> BufferMut<'_> {
+    pub(crate) fn buffer(&mut self) -> BufferMut<'_> {
         let (dtype, data): (_, &mut [u8]) = match &mut self.data {
             OutData::F32(v) => (codex_plugin_api::DType::F32, bytemuck::cast_slice_mut(v)),
             OutData::Bf16(v) => (codex_plugin_api::DType::BF16, bytemuck::cast_slice_mut(v)),
@@ -273,7 +305,7 @@ impl Out {
         }
     }
 
-    fn into_storage(self) -> (CpuStorage, Shape) {
+    pub(crate) fn into_storage(self) -> (CpuStorage, Shape) {
         let shape = Shape::from(self.shape);
         match self.data {
             OutData::F32(v) => (CpuStorage::F32(v), shape),
@@ -281,7 +313,7 @@ impl Out {
         }
     }
 
-    fn into_tensor(self) -> CResult<Tensor> {
+    pub(crate) fn into_tensor(self) -> CResult<Tensor> {
         let shape = self.shape;
         match self.data {
             OutData::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
@@ -291,7 +323,7 @@ impl Out {
 }
 
 /// Run `op` on whole tensors (made contiguous first), filling `outs`.
-fn run_on_tensors(
+pub(crate) fn run_on_tensors(
     k: &ActiveKernel,
     op: &'static str,
     inputs: &[&Tensor],
@@ -694,6 +726,8 @@ struct LinearCrossEntropy {
     ce: CrossEntropy,
     /// The logits the matmul already computed, detached.
     logits: Tensor,
+    /// The kernel the product ran in bf16 with, if it did.
+    bf16: Option<Arc<ActiveKernel>>,
 }
 
 impl CustomOp3 for LinearCrossEntropy {
@@ -726,13 +760,22 @@ impl CustomOp3 for LinearCrossEntropy {
         dloss: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dl = self.ce.dlogits(&self.logits, targets, dloss)?;
-        let (dx, dw) = matmul_grads(x, w, &dl)?;
+        let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, &dl)?;
         Ok((Some(dx), Some(dw), None))
     }
 }
 
-/// The gradients of `x · w` for the output gradient `dy`.
-fn matmul_grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+/// The gradients of `x · w` for the output gradient `dy`; in bf16 with `bf16` (the kernel
+/// the forward product ran in bf16 with).
+fn matmul_grads(
+    bf16: Option<&ActiveKernel>,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> CResult<(Tensor, Tensor)> {
+    if let Some(k) = bf16 {
+        return mixed::matmul_grads(k, x, w, dy);
+    }
     let dx = dy.matmul(&w.detach().t()?)?;
     let dw = x.detach().t()?.matmul(dy)?;
     Ok((dx, dw))
@@ -767,6 +810,7 @@ pub(crate) fn cross_entropy(
             let op = LinearCrossEntropy {
                 ce,
                 logits: logits.detach(),
+                bf16: mixed::kernel_for(x, w),
             };
             x.apply_op3(w, &targets, op)?
         }
@@ -1073,6 +1117,8 @@ struct LinearBias {
     k: Arc<ActiveKernel>,
     /// `x · w` as the matmul computed it, detached and contiguous.
     a: Tensor,
+    /// The kernel the product ran in bf16 with, if it did.
+    bf16: Option<Arc<ActiveKernel>>,
 }
 
 impl CustomOp3 for LinearBias {
@@ -1107,7 +1153,7 @@ impl CustomOp3 for LinearBias {
         let mut db = [Out::new(b.dtype(), b.dims())?];
         run_on_tensors(&self.k, "sum_rows", &[dy], &[], &mut db)?;
         let [db] = db;
-        let (dx, dw) = matmul_grads(x, w, dy)?;
+        let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, dy)?;
         Ok((Some(dx), Some(dw), Some(db.into_tensor()?)))
     }
 }
@@ -1129,7 +1175,11 @@ pub(crate) fn linear_bias(
     let Some(k) = kernel_for(a, "sum_rows") else {
         return Ok(None);
     };
-    let op = LinearBias { k, a: a.detach() };
+    let op = LinearBias {
+        k,
+        a: a.detach(),
+        bf16: mixed::kernel_for(x, w),
+    };
     Ok(Some(x.apply_op3(w, &b.contiguous()?, op)?))
 }
 
@@ -1312,5 +1362,6 @@ pub(crate) fn adamw_update(
         attrs: [h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.step as f64],
     };
     param.inplace_op1(&op)?;
+    mixed::weights_changed(param);
     Ok(Some(()))
 }

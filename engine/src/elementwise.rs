@@ -240,6 +240,9 @@ pub(crate) fn update(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    for leaf in &leaves {
+        super::mixed::weights_changed(leaf.var.as_tensor());
+    }
     let first = &leaves[0];
     let shape = first.var.dims().to_vec();
     let device = first.var.device().clone();

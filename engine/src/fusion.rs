@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use codex_plugin_api::TensorId;
 
-use super::{dispatch, handles, ops, Result};
+use super::{dispatch, handles, mixed, ops, Result};
 
 /// How a tensor behind a handle was made, for fusions with later ops.
 pub(crate) enum Origin {
@@ -46,7 +46,22 @@ pub(crate) enum Origin {
 /// Op-table `matmul`: the product, remembering its operands while a kernel is active.
 pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<TensorId> {
     let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
-    let y = ops::matmul(&ta, &tb)?;
+    let y = match mixed::kernel_for(&ta, &tb) {
+        Some(k) => {
+            let var = if tb.is_variable() {
+                Some((tb.clone(), false))
+            } else {
+                match handles::entry(b)?.origin().as_deref() {
+                    Some(Origin::Transpose {
+                        src, dims: (0, 1), ..
+                    }) if src.is_variable() && src.rank() == 2 => Some((src.clone(), true)),
+                    _ => None,
+                }
+            };
+            mixed::matmul(k, &ta, &tb, var.as_ref().map(|(v, t)| (v, *t)))?
+        }
+        None => ops::matmul(&ta, &tb)?,
+    };
     let origin = (ta.rank() == 2 && tb.rank() == 2 && dispatch::kernel_active(y.device()))
         .then(|| Arc::new(Origin::Matmul { a: ta, b: tb }));
     Ok(handles::insert_derived(y, origin))

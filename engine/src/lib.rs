@@ -29,6 +29,7 @@ pub(crate) mod dispatch;
 pub(crate) mod elementwise;
 pub(crate) mod fusion;
 pub(crate) mod handles;
+pub(crate) mod mixed;
 pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod profile;
@@ -49,7 +50,10 @@ pub use candle_core as candle;
 pub use candle_core::Device;
 
 pub use autograd::backward_time;
-pub use dispatch::{kernel_active, scoped_kernel, set_kernel, KernelScope};
+pub use dispatch::{
+    bf16_active, kernel_active, scoped_kernel, scoped_kernel_at, set_kernel, KernelScope,
+};
+pub use mixed::{matmul_rate, packed_operands, Precision};
 pub use store::{check_safetensors, write_safetensors, ExportedTensor, ParamStore, TensorGroup};
 
 /// Everything that can go wrong in the tensor engine and the parameter store.

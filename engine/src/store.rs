@@ -82,6 +82,12 @@ impl std::fmt::Debug for ParamStore {
 
 impl Drop for ParamStore {
     fn drop(&mut self) {
+        let vars: Vec<_> = self
+            .entries
+            .iter()
+            .map(|e| e.leaf.var.as_tensor().id())
+            .collect();
+        super::mixed::forget(&vars);
         for e in &self.entries {
             handles::release(e.id);
         }

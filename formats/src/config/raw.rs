@@ -65,6 +65,15 @@ pub struct RawConfig {
     // A string, not an option, so that `None` cannot be read as either "off" or "the default".
     #[serde(default)]
     pub kernel: String,
+    /// Precision of the training step: `"f32"`, or `"bf16"` for mixed precision — matrix
+    /// products in bf16 with f32 accumulation, on f32 weights, gradients and optimizer state
+    /// (checkpoints keep the f32 weights); norms, softmax, attention, the loss and reductions
+    /// stay f32. `"bf16"` needs a kernel (`kernel: "cpu"`) and runs in bf16 only where the
+    /// CPU has AVX512-BF16, in f32 elsewhere (the log says which). A resumed run keeps it
+    /// ([performance.md](performance.md)). Default: `"f32"`.
+    // A string, as `kernel`, so that `--set precision=bf16` needs no quoting.
+    #[serde(default)]
+    pub precision: String,
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
     pub generate: Option<RawGenerate>,

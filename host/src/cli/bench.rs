@@ -7,9 +7,18 @@
 //! every parameter), random tokens from a fixed seed, warm-up steps then timed windows.
 //!
 //! The built-in `cpu` kernel is active unless `--no-kernel`, so both engines can be measured
-//! from one binary. `--profile` times every op-table entry and kernel call during the timed
-//! windows and prints the costliest per step (kernel calls made inside `backward` are also
-//! part of `op backward`).
+//! from one binary. `--precision bf16` runs the matrix products in bf16 with f32 accumulation
+//! (the engine's mixed precision), where the kernel offers them on this CPU.
+//!
+//! Besides tokens/s, each configuration reports its model FLOP/s — `6·(12·L·d² + V·d) +
+//! 12·L·d·T` per token, the matmul parameters' forward and backward plus attention's scores and
+//! weighted sums, as nanoGPT and PaLM count them — and the MFU, that rate over the matmul peak
+//! `bench` measures on this machine for the precision (`[1024, 768] · [768, 3072]`, an MLP
+//! product of `medium`, the best of repeated products before and after the timed windows).
+//!
+//! `--profile` times every op-table entry and kernel call during the timed windows and prints
+//! the costliest per step (kernel calls made inside `backward` are also part of `op
+//! backward`).
 
 use std::time::Instant;
 
@@ -21,10 +30,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::{BenchArgs, BenchPreset};
+use super::{BenchArgs, BenchPrecision, BenchPreset};
 use crate::plugins::build::{self, ApiResultExt};
 use crate::plugins::registry::Registry;
-use codex_engine::{self as engine, profile, Device, ParamStore};
+use codex_engine::{self as engine, profile, Device, ParamStore, Precision};
 
 /// One benchmark configuration (the reference's `CFGS`).
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +49,7 @@ struct Shape {
     protocol: (usize, usize, usize),
 }
 
-const SHAPES: [Shape; 2] = [
+const SHAPES: [Shape; 3] = [
     Shape {
         name: "tiny",
         vocab: 4096,
@@ -61,7 +70,33 @@ const SHAPES: [Shape; 2] = [
         batch: 8,
         protocol: (2, 5, 3),
     },
+    Shape {
+        name: "medium",
+        vocab: 50257,
+        d: 768,
+        layers: 12,
+        heads: 12,
+        seq: 256,
+        batch: 4,
+        protocol: (1, 3, 1),
+    },
 ];
+
+impl Shape {
+    /// Model FLOPs of one token's forward and backward pass (see the module documentation).
+    fn flops_per_token(&self) -> f64 {
+        let (l, d, v, t) = (
+            self.layers as f64,
+            self.d as f64,
+            self.vocab as f64,
+            self.seq as f64,
+        );
+        6.0 * (12.0 * l * d * d + v * d) + 12.0 * l * d * t
+    }
+}
+
+/// The shape of the product whose rate is the matmul peak.
+const PEAK_SHAPE: (usize, usize, usize) = (1024, 768, 3072);
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -207,7 +242,12 @@ impl Bench {
     }
 }
 
-fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> {
+fn run_shape(
+    registry: &Registry,
+    shape: Shape,
+    args: &BenchArgs,
+    precision: Precision,
+) -> Result<()> {
     let (warmup, windows, steps) = (
         args.warmup.unwrap_or(shape.protocol.0),
         args.windows.unwrap_or(shape.protocol.1),
@@ -222,7 +262,20 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         Some(build::kernel(registry, "cpu", &serde_json::Value::Null)?)
     };
     let kernel_name = if kernel.is_some() { "cpu" } else { "none" };
-    let _kernel_scope = engine::scoped_kernel(&Device::Cpu, kernel)?;
+    let _kernel_scope = engine::scoped_kernel_at(&Device::Cpu, kernel, precision)?;
+    let precision_name =
+        match precision {
+            Precision::Bf16 if engine::bf16_active(&Device::Cpu) => "bf16",
+            Precision::Bf16 => return Err(super::UsageError(
+                "--precision bf16 needs bf16 matrix products, which the `cpu` kernel offers only \
+                 on CPUs with AVX512-BF16 (this one has none); use --precision f32"
+                    .into(),
+            )
+            .into()),
+            Precision::F32 => "f32",
+        };
+    let peak =
+        engine::matmul_rate(precision, PEAK_SHAPE, 2.0).context("measuring the matmul peak")?;
     let mut bench =
         Bench::new(registry, shape).with_context(|| format!("setting up cfg={}", shape.name))?;
     let params: usize = bench
@@ -232,7 +285,7 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
     super::say!(
-        "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={} kernel={}",
+        "codex-ml {} cfg={} vocab={} d={} layers={} heads={} seq={} batch={} threads={} params={} kernel={} precision={}",
         env!("CARGO_PKG_VERSION"),
         shape.name,
         shape.vocab,
@@ -243,7 +296,16 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         shape.batch,
         rayon::current_num_threads(),
         params,
-        kernel_name
+        kernel_name,
+        precision_name
+    );
+    super::say!(
+        "matmul peak ({precision_name}, {}x{}x{}): {:.1} GFLOP/s; model {:.1} MFLOP per token",
+        PEAK_SHAPE.0,
+        PEAK_SHAPE.1,
+        PEAK_SHAPE.2,
+        peak / 1e9,
+        shape.flops_per_token() / 1e6
     );
     let mut scratch = [0.0; 3];
     let first = Instant::now();
@@ -275,8 +337,9 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         bw.push(ms(split[1]));
         op.push(ms(split[2]));
         super::say!(
-            "window {w}: {:9.1} tok/s  step {:.1} ms (fwd {:.1} / bwd {:.1} / opt {:.1} ms)",
+            "window {w}: {:9.1} tok/s  {:6.1} GFLOP/s  step {:.1} ms (fwd {:.1} / bwd {:.1} / opt {:.1} ms)",
             tokens / dt,
+            tokens / dt * shape.flops_per_token() / 1e9,
             dt / steps as f64 * 1e3,
             fw[w],
             bw[w],
@@ -284,6 +347,10 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         );
     }
     profile::set_enabled(false);
+    // Measured again after the windows: on a shared machine the higher of the two is the
+    // nearer to what the cores can do.
+    let peak = peak
+        .max(engine::matmul_rate(precision, PEAK_SHAPE, 2.0).context("measuring the matmul peak")?);
     if args.profile {
         print_profile(
             &profile::take(),
@@ -293,11 +360,13 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
     }
     let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
     let max = rates.iter().copied().fold(0.0, f64::max);
+    let flops = median(&rates) * shape.flops_per_token();
     writeln!(
         std::io::stdout().lock(),
-        "RESULT framework=codex-ml cfg={} kernel={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4}",
+        "RESULT framework=codex-ml cfg={} kernel={} precision={} tok_s_median={:.1} min={:.1} max={:.1} fwd_ms={:.1} bwd_ms={:.1} opt_ms={:.1} peak_rss_mib={:.1} last_loss={:.4} model_gflop_s={:.1} peak_gflop_s={:.1} mfu={:.3}",
         shape.name,
         kernel_name,
+        precision_name,
         median(&rates),
         min,
         max,
@@ -305,7 +374,10 @@ fn run_shape(registry: &Registry, shape: Shape, args: &BenchArgs) -> Result<()> 
         median(&bw),
         median(&op),
         crate::metrics::peak_rss_mib(),
-        last
+        last,
+        flops / 1e9,
+        peak / 1e9,
+        flops / peak
     )?;
     Ok(())
 }
@@ -357,9 +429,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         BenchPreset::All => SHAPES.to_vec(),
         BenchPreset::Tiny => vec![SHAPES[0]],
         BenchPreset::Small => vec![SHAPES[1]],
+        BenchPreset::Medium => vec![SHAPES[2]],
+    };
+    let precision = match args.precision {
+        BenchPrecision::F32 => Precision::F32,
+        BenchPrecision::Bf16 if args.no_kernel => {
+            return Err(super::UsageError(
+                "--precision bf16 multiplies through the `cpu` kernel; drop --no-kernel".into(),
+            )
+            .into())
+        }
+        BenchPrecision::Bf16 => Precision::Bf16,
     };
     for shape in chosen {
-        engine::on_pool(|| run_shape(&registry, shape, &args))?;
+        engine::on_pool(|| run_shape(&registry, shape, &args, precision))?;
     }
     Ok(())
 }
@@ -373,5 +456,13 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn model_flops_per_token_follow_the_formula() {
+        // small: 6·(12·6·384² + 8192·384) + 12·6·384·256 = 89 653 248
+        assert_eq!(SHAPES[1].flops_per_token(), 89_653_248.0);
+        // medium: 6·(12·12·768² + 50257·768) + 12·12·768·256
+        assert_eq!(SHAPES[2].flops_per_token(), 741_192_192.0 + 28_311_552.0);
     }
 }

@@ -339,13 +339,13 @@ pub struct BenchArgs {
     /// that take the most of it
     #[arg(long)]
     pub profile: bool,
-    /// Untimed steps before measuring [default: 5 for tiny, 2 for small, as the reference]
+    /// Untimed steps before measuring [default: 5 for tiny, 2 for small, 1 for medium, as the reference]
     #[arg(long, value_name = "N")]
     pub warmup: Option<usize>,
-    /// Timed windows; the median window is reported [default: 7 for tiny, 5 for small]
+    /// Timed windows; the median window is reported [default: 7 for tiny, 5 for small, 3 for medium]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub windows: Option<usize>,
-    /// Optimizer steps per window [default: 10 for tiny, 3 for small]
+    /// Optimizer steps per window [default: 10 for tiny, 3 for small, 1 for medium]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub steps: Option<usize>,
     /// Worker threads [default: one per core]
@@ -354,6 +354,19 @@ pub struct BenchArgs {
     /// Compose every op from candle primitives instead of the built-in `cpu` kernel's fused ops
     #[arg(long)]
     pub no_kernel: bool,
+    /// Precision of the matrix products: `bf16` multiplies in bf16 with f32 accumulation
+    /// (f32 weights and optimizer state), where the CPU has AVX512-BF16
+    #[arg(long, value_enum, default_value_t = BenchPrecision::F32)]
+    pub precision: BenchPrecision,
+}
+
+/// The precisions `codex-ml bench --precision` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPrecision {
+    /// Everything in f32
+    F32,
+    /// Matrix products in bf16, accumulated in f32
+    Bf16,
 }
 
 /// The model sizes `codex-ml bench` knows.
@@ -363,6 +376,8 @@ pub enum BenchPreset {
     Tiny,
     /// A GPT-2 of a few million parameters
     Small,
+    /// GPT-2 124M's shapes (vocabulary 50257, width 768, 12 layers)
+    Medium,
     /// Every size, one after the other
     All,
 }

@@ -90,6 +90,8 @@ pub struct Config {
     pub trackers: Vec<ComponentSpec>,
     /// Kernel component for fused ops; `None` runs plain ops.
     pub kernel: Option<String>,
+    /// Precision of the training step's matrix products.
+    pub precision: codex_engine::Precision,
     /// Sample to generate at the end of the run.
     pub generate: Option<GenerateConfig>,
     /// The file as read, with `--set` applied and every default filled in by the resolver

@@ -135,6 +135,34 @@ impl Resolver<'_> {
         };
         // Explicit either way, so that a stored config means the same under a later default.
         raw.kernel = kernel.clone().unwrap_or_else(|| NO_KERNEL.to_owned());
+        let precision = match raw.precision.as_str() {
+            "" | "f32" => codex_engine::Precision::F32,
+            "bf16" if kernel.is_none() => {
+                return Err(self.invalid(
+                    "precision",
+                    "\"bf16\" multiplies through a kernel, and `kernel` is \"none\"; set \
+                     `kernel: \"cpu\"` or use `precision: \"f32\"`",
+                ))
+            }
+            "bf16" => codex_engine::Precision::Bf16,
+            "f16" => {
+                return Err(self.invalid(
+                    "precision",
+                    "\"f16\" (with loss scaling) is not supported; use \"bf16\" or \"f32\"",
+                ))
+            }
+            other => {
+                return Err(self.invalid(
+                    "precision",
+                    format!("\"{other}\" is not a precision; use \"f32\" or \"bf16\""),
+                ))
+            }
+        };
+        raw.precision = match precision {
+            codex_engine::Precision::F32 => "f32",
+            codex_engine::Precision::Bf16 => "bf16",
+        }
+        .to_owned();
         let generate = raw
             .generate
             .as_mut()
@@ -156,6 +184,7 @@ impl Resolver<'_> {
             sinks,
             trackers,
             kernel,
+            precision,
             generate,
             raw,
             written: Written {

@@ -77,7 +77,19 @@ pub(crate) fn kernel(config: &Config, registry: &Registry, device: &Device) -> R
         Some(name) => Some(build::kernel(registry, name, &serde_json::Value::Null)?),
         None => None,
     };
-    engine::scoped_kernel(device, kernel).context("in the config's `kernel`")
+    let scope = engine::scoped_kernel_at(device, kernel, config.precision)
+        .context("in the config's `kernel`")?;
+    if config.precision == engine::Precision::Bf16 {
+        if engine::bf16_active(device) {
+            tracing::info!("precision bf16: matrix products in bf16 with f32 accumulation");
+        } else {
+            tracing::warn!(
+                "precision bf16: the kernel offers no bf16 matrix products on this CPU (they \
+                 need AVX512-BF16), so they run in f32"
+            );
+        }
+    }
+    Ok(scope)
 }
 
 /// The model, its parameters declared into `store`; its context length bounds `seq_len`.

@@ -35,6 +35,8 @@
 //! | `cross_entropy.bwd` | logits: float `[.., v]`; targets: u32 `[..]`; lse: f32 `[..]` | ignore_index, grad_scale | dlogits: float like logits |
 //! | `sum_rows` | x: float `[.., s..]` | — | y: float `[s..]`, any trailing dims of x |
 //! | `adamw.step` | grad: float | lr, beta1, beta2, eps, weight_decay, step | param, m, v: f32 like grad, updated in place |
+//! | `bf16_gemm.pack` | b: f32 `[k, n]` (`[n, k]` if transposed) | transposed (0 or 1) | packed: bf16 `[ceil(n/32)·32 · ceil(k/2)·2]` |
+//! | `bf16_gemm` | a: f32 `[m, k]` (`[k, m]` if a_transposed); packed: bf16 from `bf16_gemm.pack` | a_transposed (0 or 1), n | c: f32 `[m, n]` |
 //!
 //! Semantics:
 //! - `causal_attention`: `out_i = Σ_{j≤s−t+i} softmax_j(scale·q_i·k_j) v_j`, the mask aligned
@@ -53,6 +55,11 @@
 //!   (`[B, T, C] → [C]` for a bias gradient, `[B, T, C] → [T, C]` for position embeddings).
 //! - `adamw.step`: `torch.optim.AdamW` — `p ← p·(1 − lr·wd)`; `m ← β₁m + (1−β₁)g`;
 //!   `v ← β₂v + (1−β₂)g²`; `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + eps)`, with `t = step ≥ 1`.
+//! - `bf16_gemm`: `c = a · b` with both operands rounded to bf16 (nearest even) and products
+//!   summed in f32; `b` is packed once by `bf16_gemm.pack` and may be reused for as long as
+//!   its values do not change (the layout is documented in `gemm.rs`). Offered only where
+//!   the CPU has AVX512-BF16 and `simd` is `"auto"`: elsewhere the op list leaves both out
+//!   and the host multiplies in f32.
 //!
 //! Reductions across rows (`dw`, `db`, `sum_rows`, the loss sums) are bit-identical for any
 //! thread count. Results depend on the instruction set chosen (FMA changes rounding); set
@@ -72,6 +79,7 @@ mod buffer;
 mod cross_entropy;
 mod error;
 mod gelu;
+mod gemm;
 mod norm;
 mod par;
 mod reduce;
@@ -105,6 +113,9 @@ pub const OPS: &[&str] = &[
     "sum_rows",
     "adamw.step",
 ];
+
+/// The bf16 matrix-product ops, offered only where the CPU can run them.
+pub const BF16_OPS: &[&str] = &["bf16_gemm.pack", "bf16_gemm"];
 
 /// What every op needs besides its buffers.
 pub(crate) struct Ctx {
@@ -194,6 +205,18 @@ impl CpuKernel {
         }
     }
 
+    /// Whether the bf16 products are offered: the CPU has AVX512-BF16 and `simd` is not
+    /// `"portable"`.
+    pub fn bf16(&self) -> bool {
+        self.ctx.level.isa() != simd::Isa::Portable && gemm::supported()
+    }
+
+    /// The ops this kernel offers on this CPU.
+    pub fn ops(&self) -> Vec<&'static str> {
+        let extra = if self.bf16() { BF16_OPS } else { &[] };
+        OPS.iter().chain(extra).copied().collect()
+    }
+
     fn dispatch(
         &self,
         op: &str,
@@ -219,9 +242,11 @@ impl CpuKernel {
             "cross_entropy.bwd" => cross_entropy::bwd(ctx, ins, attrs, outs),
             "sum_rows" => reduce::sum_rows(ctx, ins, attrs, outs),
             "adamw.step" => adamw::step(ctx, ins, attrs, outs),
+            "bf16_gemm.pack" if self.bf16() => gemm::pack(ins, attrs, outs),
+            "bf16_gemm" if self.bf16() => gemm::gemm(ins, attrs, outs),
             _ => Err(KernelError::UnknownOp {
                 op: op.to_string(),
-                known: OPS.join(", "),
+                known: self.ops().join(", "),
             }),
         }
     }
@@ -231,7 +256,7 @@ impl Describe for CpuKernel {
     const NAME: &'static str = "cpu";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
-        "fused multi-threaded CPU ops: attention, softmax, norms, GELU, cross-entropy, AdamW";
+        "fused multi-threaded CPU ops: attention, softmax, norms, GELU, cross-entropy, AdamW, bf16 matmul";
 }
 
 impl Kernel for CpuKernel {
@@ -244,7 +269,7 @@ impl Kernel for CpuKernel {
     }
 
     fn ops(&self) -> Vec<String> {
-        OPS.iter().map(|s| s.to_string()).collect()
+        CpuKernel::ops(self).iter().map(|s| s.to_string()).collect()
     }
 
     fn run(

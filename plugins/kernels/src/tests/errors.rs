@@ -246,12 +246,48 @@ fn params_are_strict() {
 fn every_listed_op_is_dispatched() {
     let k = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
     let ops = Kernel::ops(&k);
-    assert_eq!(ops.len(), crate::OPS.len());
+    let bf16 = if k.bf16() { crate::BF16_OPS.len() } else { 0 };
+    assert_eq!(ops.len(), crate::OPS.len() + bf16);
     for op in ops {
         // No buffers: every implemented op refuses with a count error, not "unknown op".
         match k.call(&op, &[], &[], &mut []) {
             Ok(()) => panic!("{op}: accepted an empty call"),
             Err(e) => assert!(!e.to_string().contains("unknown op"), "{op}: {e}"),
         }
+    }
+}
+
+#[test]
+fn bf16_products_are_offered_only_where_they_run() {
+    // A portable kernel never offers them, whatever the CPU, and refuses them as unknown.
+    let portable = CpuKernel::new(r#"{"simd": "portable"}"#).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!portable.bf16());
+    for op in crate::BF16_OPS {
+        assert!(
+            !Kernel::ops(&portable).iter().any(|o| o == op),
+            "{op} offered"
+        );
+        let e = portable.call(op, &[], &[], &mut []).unwrap_err();
+        assert!(e.to_string().contains("unknown op"), "{op}: {e}");
+    }
+    let auto = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
+    let has = is_x86_feature_detected_bf16();
+    assert_eq!(auto.bf16(), has);
+}
+
+fn is_x86_feature_detected_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
