@@ -81,7 +81,7 @@ pub enum Command {
     /// Print the token ids a run's tokenizer (or a Hugging Face directory's) gives a text
     #[command(long_about = TOKENIZE_LONG_ABOUT)]
     Tokenize(TokenizeArgs),
-    /// Write a checkpoint as a Hugging Face model directory (transformers, vLLM, llama.cpp)
+    /// Write a checkpoint as a Hugging Face model directory, as transformers saves one
     #[command(long_about = EXPORT_LONG_ABOUT)]
     Export(ExportArgs),
     /// Measure training throughput (tokens/s) on built-in model sizes
