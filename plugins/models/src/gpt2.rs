@@ -272,25 +272,7 @@ impl RawConfig {
 
     fn resolve(self, tokenizer_vocab: usize) -> Result<Config, codex_plugin_api::Error> {
         self.check()?;
-        let vocab_size = match self.vocab_size {
-            None => tokenizer_vocab,
-            Some(v) if v < tokenizer_vocab => {
-                return Err(invalid(
-                    "vocab_size",
-                    format!(
-                        "must be at least the tokenizer's vocabulary size ({tokenizer_vocab}), \
-                         found {v}; leave it out to use the tokenizer's"
-                    ),
-                ))
-            }
-            Some(v) => v,
-        };
-        if vocab_size == 0 {
-            return Err(invalid(
-                "vocab_size",
-                "must be at least 1, found 0 (the tokenizer has an empty vocabulary)",
-            ));
-        }
+        let vocab_size = crate::vocab_size(self.vocab_size, tokenizer_vocab)?;
         Ok(Config {
             n_layer: self.n_layer,
             n_head: self.n_head,
