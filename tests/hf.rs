@@ -61,6 +61,14 @@ struct Expected {
     greedy: Vec<u32>,
 }
 
+/// Little-endian f32 values.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 fn expected(dir: &Path) -> Expected {
     let bytes = std::fs::read(dir.join("expected.safetensors")).expect("expected.safetensors");
     let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
@@ -69,11 +77,6 @@ fn expected(dir: &Path) -> Expected {
     let ints = |b: &[u8]| -> Vec<u32> {
         b.chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
-            .collect()
-    };
-    let floats = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     };
     let json: Value = serde_json::from_str(
@@ -91,7 +94,7 @@ fn expected(dir: &Path) -> Expected {
     Expected {
         ids: ints(ids.data()),
         shape: logits.shape().to_vec(),
-        logits: floats(logits.data()),
+        logits: f32s(logits.data()),
         loss: json["loss"].as_f64().expect("loss"),
         prompt: list("prompt"),
         greedy: list("greedy"),
@@ -111,6 +114,22 @@ fn forward(store: &ParamStore, model: &ModelBox, ids: &[u32], b: usize, t: usize
     }
 }
 
+/// Logits within 1e-4 of transformers' relative to the largest logit.
+fn assert_close_logits(name: &str, logits: &Tensor, want: &[f32]) {
+    let got = logits.to_vec_f32().expect("logits");
+    assert_eq!(got.len(), want.len(), "{name}: logits shape");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "{name}: logits differ from transformers' by up to {worst} (largest logit {scale})"
+    );
+}
+
 /// Logits within 1e-4 of transformers' relative to the largest logit, the loss within 1e-4
 /// relative, and the greedy continuation identical.
 fn check_parity(name: &str) {
@@ -119,18 +138,7 @@ fn check_parity(name: &str) {
     let (store, model) = load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (b, t, vocab) = (want.shape[0], want.shape[1], want.shape[2]);
     let logits = forward(&store, &model, &want.ids, b, t);
-    let got = logits.to_vec_f32().expect("logits");
-    assert_eq!(got.len(), want.logits.len(), "{name}: logits shape");
-    let scale = want.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(&want.logits)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 1e-4 * scale,
-        "{name}: logits differ from transformers' by up to {worst} (largest logit {scale})"
-    );
+    assert_close_logits(name, &logits, &want.logits);
 
     // transformers' loss: labels = ids, shifted inside the model, mean over the predictions.
     let mut inputs = Vec::new();
@@ -211,6 +219,113 @@ fn import_then_export_reproduces_the_fixture_tensors_bitwise() {
             assert!(t.bytes == original.data(), "{name}: {} changed", t.name);
         }
     }
+}
+
+/// Fine-tune the fixture `name` for 5 steps as `make_hf_fixtures.py` did with torch (its
+/// settings are in `finetune/settings.json`), export the run, and check the loss of every step
+/// and the exported model's logits against what torch recorded.
+fn check_finetune(name: &str) {
+    let dir = fixture(name);
+    let data = fixture("finetune");
+    let settings: Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("settings.json")).expect("settings.json"),
+    )
+    .expect("settings");
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
+    )
+    .expect("expected.json");
+    let recorded = &json["finetune"];
+    let losses: Vec<f64> = recorded["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|v| v.as_f64().expect("loss"))
+        .collect();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // One batch holds every window, so the order codex-ml draws them in cannot matter.
+    let config = format!(
+        r#"(
+    experiment: "finetune",
+    data: (train: [Text(paths: ["{train}"])], val: [Text(paths: ["{val}"])]),
+    model: (from: "{model}"),
+    optimizer: (name: "adamw", lr: {lr},
+                params: (betas: {betas}, eps: {eps}, weight_decay: {wd}, no_decay: [])),
+    train: (max_steps: {steps}, seq_len: {seq}, batch_size: {windows}, clip_norm: {clip},
+            eval_every: {steps}, eval_batches: 1, checkpoint_every: {steps}, log_every: 1),
+)"#,
+        train = data.join("train.txt").display(),
+        val = data.join("val.txt").display(),
+        model = dir.display(),
+        lr = settings["lr"],
+        betas = settings["betas"],
+        eps = settings["eps"],
+        wd = settings["weight_decay"],
+        steps = settings["steps"],
+        seq = settings["seq_len"],
+        windows = recorded["windows"],
+        clip = settings["clip_norm"],
+    );
+    let config_path = tmp.path().join("config.ron");
+    std::fs::write(&config_path, config).expect("config");
+    let run_dir = tmp.path().join("run");
+    crate::cli::codex_ml()
+        .arg("run")
+        .arg(&config_path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("-q")
+        .assert()
+        .success();
+
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.ndjson")).expect("metrics");
+    let got: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("record"))
+        .filter(|r| r["split"] == "train" && r["name"] == "loss")
+        .map(|r| r["value"].as_f64().expect("value"))
+        .collect();
+    assert_eq!(
+        got.len(),
+        losses.len(),
+        "{name}: one loss per step: {got:?}"
+    );
+    for (step, (g, w)) in got.iter().zip(&losses).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs(),
+            "{name}: step {} loss {g}, torch {w}",
+            step + 1
+        );
+    }
+
+    let out = tmp.path().join("exported");
+    crate::cli::codex_ml()
+        .arg("export")
+        .arg(&run_dir)
+        .arg(&out)
+        .assert()
+        .success();
+    let want = expected(&dir);
+    let bytes = std::fs::read(dir.join("expected.safetensors")).expect("expected.safetensors");
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let tuned = f32s(
+        file.tensor("finetuned_logits")
+            .expect("finetuned_logits")
+            .data(),
+    );
+    let (store, model) = load(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits = forward(&store, &model, &want.ids, want.shape[0], want.shape[1]);
+    assert_close_logits(name, &logits, &tuned);
+}
+
+#[test]
+fn llama_fine_tuned_and_exported_matches_torch() {
+    check_finetune("llama");
+}
+
+#[test]
+fn qwen2_fine_tuned_and_exported_matches_torch() {
+    check_finetune("qwen2");
 }
 
 /// A config training `model` (a config value) for two steps on the committed code files.

@@ -7,7 +7,11 @@ transformers computes on fixed inputs, and expected.json with the same in small 
 
 - `ids` ([2, 24], u32): the inputs; `logits` ([2, 24, vocab], f32): the model's logits on them;
 - `loss`: transformers' causal LM loss with labels = ids (mean over the 2 * 23 predicted tokens);
-- `prompt` (8 ids) and `greedy` (the 32 tokens greedy decoding adds to it, no early stop).
+- `prompt` (8 ids) and `greedy` (the 32 tokens greedy decoding adds to it, no early stop);
+- for llama and qwen2, `finetune`: the model trained by torch for 5 AdamW steps on
+  `finetune/train.txt` (the settings in `finetune/settings.json`, which the codex-ml run of the
+  test repeats), with the loss of each step, and `finetuned_logits` in expected.safetensors: the
+  trained model's logits on `ids`.
 
 The models are small (2 layers, width 64) and their weights random, drawn with a fixed seed and
 then perturbed away from transformers' initialisation so that every parameter matters (biases
@@ -116,7 +120,7 @@ def perturb(model, seed):
                 p.copy_(0.08 * noise)
 
 
-def record(model, tokenizer, name, seed):
+def record(model, tokenizer, name, seed, tune):
     model.eval()
     g = torch.Generator().manual_seed(seed + 1)
     vocab = model.config.vocab_size
@@ -136,28 +140,94 @@ def record(model, tokenizer, name, seed):
     greedy = generated[0, 8:].tolist()
     assert len(greedy) == 32
     d = os.path.join(OUT, name)
-    save_file(
-        {"ids": ids.to(torch.int32).contiguous(), "logits": out.logits.float().contiguous()},
-        os.path.join(d, "expected.safetensors"),
-    )
+    tensors = {"ids": ids.to(torch.int32).contiguous(), "logits": out.logits.float().contiguous()}
     expected = {
         "versions": PINNED,
         "loss": out.loss.item(),
         "prompt": prompt[0].tolist(),
         "greedy": greedy,
     }
+    if tune:
+        # Last: training changes the model's weights.
+        expected["finetune"], tensors["finetuned_logits"] = finetune(model, tokenizer, ids)
+    save_file(tensors, os.path.join(d, "expected.safetensors"))
     with open(os.path.join(d, "expected.json"), "w") as f:
         json.dump(expected, f, indent=2)
         f.write("\n")
 
 
-def save(model, tokenizer, name, seed):
+# Fine-tuning: what the codex-ml run of the parity test repeats. The text is cut as codex-ml cuts
+# a stream: the document's ids and the end-of-text id, windows of SEQ_LEN + 1 tokens starting at
+# multiples of SEQ_LEN, and one batch holding every window, so that the order codex-ml draws
+# cannot matter. Weight decay applies to every parameter (codex-ml's `no_decay: []`).
+FINETUNE = {
+    "seq_len": 16,
+    "steps": 5,
+    "lr": 1e-3,
+    "betas": [0.9, 0.95],
+    "eps": 1e-8,
+    "weight_decay": 0.1,
+    "clip_norm": 1.0,
+}
+TRAIN_TEXT = (
+    "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n"
+    "    return total / len(xs)\n\n\nclass Stack:\n    def __init__(self):\n"
+    "        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n\n"
+    "    def pop(self):\n        return self.items.pop()\n"
+)
+VAL_TEXT = "def square(x):\n    return x * x\n"
+
+
+def write_finetune_data():
+    d = os.path.join(OUT, "finetune")
+    os.makedirs(d, exist_ok=True)
+    for file, text in (("train.txt", TRAIN_TEXT), ("val.txt", VAL_TEXT)):
+        with open(os.path.join(d, file), "w", newline="\n") as f:
+            f.write(text)
+    with open(os.path.join(d, "settings.json"), "w") as f:
+        json.dump(FINETUNE, f, indent=2)
+        f.write("\n")
+
+
+def finetune(model, tokenizer, ids):
+    """Train 5 steps as the codex-ml run of the test does; the losses and the logits on `ids`."""
+    stream = tokenizer(TRAIN_TEXT)["input_ids"] + [tokenizer.convert_tokens_to_ids(EOT)]
+    seq = FINETUNE["seq_len"]
+    n = (len(stream) - 1) // seq
+    batch = torch.tensor([stream[i * seq : i * seq + seq + 1] for i in range(n)])
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=FINETUNE["lr"],
+        betas=tuple(FINETUNE["betas"]),
+        eps=FINETUNE["eps"],
+        weight_decay=FINETUNE["weight_decay"],
+    )
+    model.train()
+    losses = []
+    for _ in range(FINETUNE["steps"]):
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), FINETUNE["clip_norm"])
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return {"windows": n, "losses": losses}, logits.float().contiguous()
+
+
+def save(model, tokenizer, name, seed, tune=False):
     perturb(model, seed)
     d = os.path.join(OUT, name)
     shutil.rmtree(d, ignore_errors=True)
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
-    record(model, tokenizer, name, seed)
+    record(model, tokenizer, name, seed, tune)
 
 
 def main():
@@ -193,7 +263,7 @@ def main():
         },
         **special,
     )
-    save(LlamaForCausalLM(llama), tokenizer, "llama", 2)
+    save(LlamaForCausalLM(llama), tokenizer, "llama", 2, tune=True)
 
     qwen2 = Qwen2Config(
         vocab_size=VOCAB,
@@ -208,7 +278,8 @@ def main():
         tie_word_embeddings=False,
         **special,
     )
-    save(Qwen2ForCausalLM(qwen2), tokenizer, "qwen2", 3)
+    save(Qwen2ForCausalLM(qwen2), tokenizer, "qwen2", 3, tune=True)
+    write_finetune_data()
 
 
 if __name__ == "__main__":
