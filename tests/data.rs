@@ -781,6 +781,37 @@ fn corrupt_or_truncated_cache_files_are_rebuilt() {
     }
 }
 
+/// Every document ends with the end-of-text id exactly once, and a template's bos starts it.
+#[test]
+fn documents_end_with_one_end_of_text_even_when_the_template_adds_it() {
+    let base = fixtures().join("tokenizers");
+    let docs = vec![
+        Document {
+            origin: "a.rs".into(),
+            text: "fn main".into(),
+        },
+        Document {
+            origin: "b.rs".into(),
+            text: "return x".into(),
+        },
+    ];
+    let stream = |params: &str| {
+        let t = ok(tokenizer("hf", params, &base, &[]));
+        ok(data::tokenize(&docs, &t))
+    };
+    assert_eq!(
+        stream(r#"{"path": "wordlevel.json", "eot_token": "</s>"}"#),
+        [4, 5, 2, 11, 12, 2]
+    );
+    assert_eq!(
+        stream(
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "bos_token": "<s>",
+                "add_bos_token": true, "add_eos_token": true}"#
+        ),
+        [1, 4, 5, 2, 1, 11, 12, 2]
+    );
+}
+
 #[test]
 fn tokenizer_fingerprint_uses_json_or_canonical_params() {
     let bytes = bytes_tokenizer();
@@ -804,6 +835,16 @@ fn tokenizer_fingerprint_uses_json_or_canonical_params() {
         by_json("bpe", "{}"),
         by_json("hf", r#"{"path": "x"}"#),
         "same json, same tokenizer"
+    );
+    assert_eq!(
+        by_json("hf", r#"{"path": "x"}"#),
+        by_json("hf", r#"{"path": "elsewhere/y"}"#),
+        "the path is not the tokenizer"
+    );
+    assert_ne!(
+        by_json("hf", r#"{"path": "x"}"#),
+        by_json("hf", r#"{"path": "x", "split_special_tokens": false}"#),
+        "a setting the file does not record is part of the key"
     );
 }
 

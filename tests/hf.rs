@@ -658,3 +658,39 @@ fn tokenize_prints_the_ids_python_gives_with_special_token_text_kept_as_text() {
             "give the text to encode, or --file FILE",
         ));
 }
+
+/// A `tokenizer.json` whose post-processor adds a bos token (as LLaMA 3's does) adds it to
+/// every text, as transformers' `tokenizer(text)` does; `tokenizer_config.json`'s
+/// `add_bos_token` is not what decides (transformers 5 ignores it beside a tokenizer.json).
+#[test]
+fn the_tokenizer_template_adds_bos_as_transformers_does() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("bos");
+    copy_dir(&fixture("gpt2"), &dir);
+    let path = dir.join("tokenizer.json");
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let bos = |type_id: u32| serde_json::json!({"SpecialToken": {"id": "<|endoftext|>", "type_id": type_id}});
+    let seq =
+        |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [bos(0), seq("A", 0)],
+        "pair": [bos(0), seq("A", 0), bos(1), seq("B", 1)],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}},
+    });
+    std::fs::write(&path, json.to_string()).expect("write");
+    let config_path = dir.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("read")).expect("json");
+    config["add_bos_token"] = false.into();
+    std::fs::write(&config_path, config.to_string()).expect("write");
+    // AutoTokenizer.from_pretrained(dir)(text).input_ids with transformers 5.25.0.
+    crate::cli::codex_ml()
+        .arg("tokenize")
+        .arg(&dir)
+        .arg("def add(a, b):\n    return a + b")
+        .assert()
+        .success()
+        .stdout("0 279 292 313 8 65 12 274 261 260 282 292 289 274\n");
+}

@@ -266,21 +266,37 @@ fn hf_options_on_a_wordlevel_file() {
     );
     assert!(decode(&plain, &[99]).is_err_and(|e| e.contains("id 99 is not in the vocabulary")));
 
-    let padded = make(
-        r#"{"path": "wordlevel.json", "eot_token": "</s>", "pad_token": "<pad>",
-            "padding_side": "left", "truncation": {"max_length": 2}}"#,
-    );
+    let padded = make(r#"{"path": "wordlevel.json", "eot_token": "</s>", "pad_token": "<pad>"}"#);
     assert_eq!(padded.pad_id().into_option(), Some(3));
-    assert_eq!(
-        encode(&padded, "fn main x"),
-        vec![4, 5],
-        "truncated to max_length"
-    );
     let json = to_json(&padded).unwrap_or_default();
     assert!(
-        json.contains(r#""direction": "Left""#),
-        "padding side saved: {json}"
+        json.contains(r#""pad_token": "<pad>""#),
+        "padding token saved: {json}"
     );
+
+    // transformers' default: special-token text is the special token.
+    let markup =
+        make(r#"{"path": "wordlevel.json", "eot_token": "</s>", "split_special_tokens": false}"#);
+    assert_eq!(encode(&markup, "fn </s> x"), vec![4, 2, 12]);
+
+    // tokenizer_config.json's add_bos_token / add_eos_token, as transformers applies them.
+    let bos = make(
+        r#"{"path": "wordlevel.json", "eot_token": "</s>", "bos_token": "<s>",
+            "add_bos_token": true}"#,
+    );
+    assert_eq!(encode(&bos, "fn main"), vec![1, 4, 5]);
+    let both = make(
+        r#"{"path": "wordlevel.json", "eot_token": "</s>", "bos_token": "<s>",
+            "add_bos_token": true, "add_eos_token": true}"#,
+    );
+    assert_eq!(encode(&both, "fn main"), vec![1, 4, 5, 2]);
+    let json = to_json(&both).unwrap_or_default();
+    assert!(
+        json.contains("TemplateProcessing"),
+        "template saved: {json}"
+    );
+    let off = make(r#"{"path": "wordlevel.json", "eot_token": "</s>", "add_bos_token": false}"#);
+    assert_eq!(encode(&off, "fn main"), vec![4, 5]);
 
     let added = make(r#"{"path": "wordlevel.json", "add_special_tokens": ["<|endoftext|>"]}"#);
     assert_eq!(added.eot_id(), 13, "an added token takes the next id");
@@ -346,14 +362,22 @@ fn creation_errors_say_what_and_where() {
             r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "left"}"#,
             &words,
             &[],
-            &["padding_side needs a padding token"],
+            &["padding_side has no effect", "padded on the right only"],
         ),
         (
             "hf",
-            r#"{"path": "wordlevel.json", "eot_token": "</s>", "padding_side": "middle"}"#,
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "add_bos_token": true}"#,
             &words,
             &[],
-            &["padding_side", "unknown variant `middle`"],
+            &["add_bos_token needs the token to add", "bos_token"],
+        ),
+        (
+            "hf",
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "add_bos_token": true,
+                "bos_token": "<bos>"}"#,
+            &words,
+            &[],
+            &["bos_token \"<bos>\" is not in the vocabulary"],
         ),
         (
             "hf",
@@ -364,10 +388,10 @@ fn creation_errors_say_what_and_where() {
         ),
         (
             "hf",
-            r#"{"path": "wordlevel.json", "eot_token": "</s>", "truncation": {"max_length": 0}}"#,
+            r#"{"path": "wordlevel.json", "eot_token": "</s>", "truncation": {"max_length": 9}}"#,
             &words,
             &[],
-            &["max_length must be at least 1"],
+            &["truncation is not applied", "split into windows"],
         ),
         ("hf", "{}", tmp, &[], &["missing field `path`"]),
         (

@@ -30,7 +30,9 @@ pub struct TokenizerEnv<'a> {
 /// The ABI face of a tokenizer.
 #[sabi_trait]
 pub trait TokenizerAbi: Send + Sync {
-    /// Text → ids (no special tokens added).
+    /// Text → the ids of one document: with the special tokens the tokenizer's own template
+    /// adds (a bos token), if any; the host appends the end-of-text id unless the ids already
+    /// end with it.
     fn encode(&self, text: RStr<'_>) -> RResult<RVec<u32>, PluginError>;
     /// Ids → text (special tokens skipped).
     fn decode(&self, ids: RSlice<'_, u32>) -> RResult<RString, PluginError>;

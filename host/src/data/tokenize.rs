@@ -1,8 +1,8 @@
 //! Documents → one stream of token ids, in parallel.
 //!
 //! Documents are encoded independently on rayon's pool and concatenated in document order,
-//! each followed by the tokenizer's end-of-text id, so the stream is the same whatever the
-//! thread count. Ids are checked against the vocabulary here, where the document that
+//! each followed by the tokenizer's end-of-text id (unless its template already ended it with
+//! that id), so the stream is the same whatever the thread count. Ids are checked against the vocabulary here, where the document that
 //! produced a bad one can still be named.
 
 use abi_stable::std_types::{RResult, RStr};
@@ -12,7 +12,8 @@ use rayon::prelude::*;
 use super::error::DataError;
 use super::source::Document;
 
-/// Encode `docs` and join them, each followed by the end-of-text id.
+/// Encode `docs` and join them, each followed by the end-of-text id (once: a tokenizer whose
+/// template adds it, as `add_eos_token` does, gets no second one).
 pub fn tokenize(docs: &[Document], tokenizer: &TokenizerBox) -> Result<Vec<u32>, DataError> {
     let vocab = tokenizer.vocab_size();
     let eot = tokenizer.eot_id();
@@ -46,14 +47,17 @@ pub fn tokenize(docs: &[Document], tokenizer: &TokenizerBox) -> Result<Vec<u32>,
     let mut stream = Vec::with_capacity(total);
     for ids in encoded {
         stream.extend_from_slice(&ids);
-        stream.push(eot);
+        if ids.last() != Some(&eot) {
+            stream.push(eot);
+        }
     }
     Ok(stream)
 }
 
 /// What identifies a tokenizer's behaviour, for the token cache key: its `tokenizer.json`
-/// when it has one (so the same vocabulary under another registry name or path is the same
-/// tokenizer), otherwise its registry name and parameters.
+/// when it has one, with its parameters but `path` (so the same vocabulary under another
+/// registry name or path is the same tokenizer, and a setting the file does not record, such
+/// as `split_special_tokens`, still counts), otherwise its registry name and parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenizerFingerprint(String);
 
@@ -64,14 +68,23 @@ impl TokenizerFingerprint {
             RResult::ROk(json) => json.into_option(),
             RResult::RErr(e) => return Err(DataError::Tokenizer(e.message.into_string())),
         };
+        // Key order and spacing in the config must not matter: re-serialise (serde_json's
+        // maps are sorted).
+        let parsed = serde_json::from_str::<serde_json::Value>(params);
         let text = match json {
-            Some(json) => format!("json\n{json}"),
+            Some(json) => {
+                let settings = match parsed {
+                    Ok(serde_json::Value::Object(mut map)) => {
+                        map.remove("path");
+                        serde_json::Value::Object(map).to_string()
+                    }
+                    Ok(other) => other.to_string(),
+                    Err(_) => params.to_string(),
+                };
+                format!("json\n{json}\nsettings\n{settings}")
+            }
             None => {
-                // Key order and spacing in the config must not matter: re-serialise
-                // (serde_json's maps are sorted).
-                let canonical = serde_json::from_str::<serde_json::Value>(params)
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|_| params.to_string());
+                let canonical = parsed.map_or_else(|_| params.to_string(), |v| v.to_string());
                 format!("name\n{name}\nparams\n{canonical}")
             }
         };

@@ -70,7 +70,7 @@ impl Tokenizer for Bpe {
     /// The vocabulary and merges learnt by the run, from its saved `tokenizer.json`.
     fn restore(params: &str, _base_dir: &str, saved: &str) -> Result<Self> {
         let _: BpeParams = params::parse(Self::NAME, params)?;
-        Loaded::restore(saved, EOT_TOKEN, Some(PAD_TOKEN), Self::NAME).map(Bpe)
+        Loaded::restore(saved, EOT_TOKEN, Some(PAD_TOKEN), true, Self::NAME).map(Bpe)
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -135,6 +135,7 @@ fn train(p: &BpeParams, corpus: &[&str]) -> Result<Loaded> {
         tokenizer,
         EOT_TOKEN,
         Some(PAD_TOKEN),
+        true,
         "the trained bpe".to_string(),
     )
 }

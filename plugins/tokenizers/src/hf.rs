@@ -1,15 +1,23 @@
 //! `hf`: any Hugging Face `tokenizer.json`, plus [`Loaded`], the wrapper `bpe` shares.
 //!
-//! The file is used as written, except for what the parameters ask for (extra special
-//! tokens, padding, truncation). The end-of-text token must exist, because the data
-//! pipeline cannot join documents without it; the error lists the file's special tokens so
-//! the user can pick the right one.
+//! The file is used as written, except for what the parameters ask for (extra special tokens,
+//! the padding token, the bos/eos template of `tokenizer_config.json`, whether special-token
+//! text is text) and its `truncation` section, which is dropped: documents are split into
+//! windows, never cut. The end-of-text token must exist, because the data pipeline cannot join
+//! documents without it; the error lists the file's special tokens so the user can pick the
+//! right one.
+//!
+//! Encoding applies the file's post-processor, as transformers' `tokenizer(text)` does: a
+//! LLaMA-3 `tokenizer.json` adds its bos token to every document. `add_bos_token` and
+//! `add_eos_token` replace that template the way transformers does when `tokenizer_config.json`
+//! sets either of them.
 
 use std::path::{Path, PathBuf};
 
 use codex_plugin_api::{bail, Describe, Error, Result, Tokenizer};
 use serde::Deserialize;
-use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, TruncationParams};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, PaddingParams, PaddingStrategy};
 
 use crate::{params, EOT_TOKEN};
 
@@ -31,25 +39,33 @@ impl Loaded {
         saved: &str,
         eot_token: &str,
         pad_token: Option<&str>,
+        split_special_tokens: bool,
         component: &str,
     ) -> Result<Loaded> {
         let origin = format!("the `{component}` tokenizer saved with the run");
         let inner = parse_json(saved)
             .map_err(|e| Error::msg(format!("{origin} is not a valid tokenizer.json: {e}")))?;
-        Loaded::new(inner, eot_token, pad_token, origin)
+        Loaded::new(inner, eot_token, pad_token, split_special_tokens, origin)
     }
 
-    /// Wrap `inner`; `eot_token` and `pad_token` must be in its vocabulary.
+    /// Wrap `inner`; `eot_token` and `pad_token` must be in its vocabulary. With
+    /// `split_special_tokens`, text that spells a special token is encoded as text.
     pub(crate) fn new(
         mut inner: tokenizers::Tokenizer,
         eot_token: &str,
         pad_token: Option<&str>,
+        split_special_tokens: bool,
         origin: String,
     ) -> Result<Loaded> {
-        // Documents are text, never markup: a document spelling `<|endoftext|>` must not
-        // produce the boundary id. This flag is runtime-only (not in tokenizer.json), so it
-        // is set on every load.
-        inner.set_encode_special_tokens(true);
+        // By default documents are text, never markup: a document spelling `<|endoftext|>`
+        // must not produce the boundary id. This flag is runtime-only (not in
+        // tokenizer.json), so it is set on every load.
+        inner.set_encode_special_tokens(split_special_tokens);
+        // A saved file may ask for truncation; the pipeline splits documents into windows
+        // instead, so no text is ever cut.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::msg(format!("{origin}: {e}")))?;
         let eot_id = lookup(&inner, eot_token, "eot_token", &origin)?;
         let pad_id = match pad_token {
             Some(t) => Some(lookup(&inner, t, "pad_token", &origin)?),
@@ -72,7 +88,7 @@ impl Loaded {
     pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self
             .inner
-            .encode(text, false)
+            .encode(text, true)
             .map_err(|e| Error::msg(format!("{}: cannot encode text: {e}", self.origin)))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -142,43 +158,51 @@ fn lookup(inner: &tokenizers::Tokenizer, token: &str, field: &str, origin: &str)
     )
 }
 
-/// Which side `hf` pads batches on.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum PaddingSide {
-    Right,
-    Left,
-}
-
-/// Truncation of every encoding.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Truncation {
-    /// Keep at most this many ids of each encoded text (the end is cut). Required.
-    max_length: usize,
-}
-
 /// The parameters of `hf`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HfParams {
     /// The `tokenizer.json`, relative to the config's directory. Required.
     path: String,
-    /// The token that separates documents. Default: `<|endoftext|>`.
+    /// The token that separates documents, appended to each one. Default: `<|endoftext|>`.
     #[serde(default = "default_eot")]
     eot_token: String,
-    /// The padding token. Default: the one in the file's `padding` section, else none.
+    /// The token of padding positions (the tail of the last validation window): their
+    /// targets are ignored, so it never changes a loss. Default: the one in the file's
+    /// `padding` section, else `eot_token`.
     #[serde(default)]
     pad_token: Option<String>,
-    /// `right` or `left`. Default: the file's, else `right`. Needs a padding token.
+    /// `true` encodes text that spells a special token (`<|endoftext|>` inside a document) as
+    /// plain text, so training data can never inject a boundary; `false` turns it into the
+    /// special token, as transformers' tokenizers do by default. Default: `true`.
+    #[serde(default = "default_true")]
+    split_special_tokens: bool,
+    /// Add `bos_token` before every text, as `tokenizer_config.json`'s `add_bos_token`: when
+    /// this or `add_eos_token` is set, the two replace the file's post-processor, as in
+    /// transformers. Default: unset, the file's post-processor decides.
     #[serde(default)]
-    padding_side: Option<PaddingSide>,
-    /// Truncation. Default: the file's, else none.
+    add_bos_token: Option<bool>,
+    /// Add `eot_token` after every text, as `tokenizer_config.json`'s `add_eos_token` (a
+    /// document already ending with it gets no second one). Default: unset.
     #[serde(default)]
-    truncation: Option<Truncation>,
+    add_eos_token: Option<bool>,
+    /// The token `add_bos_token` adds. Required with `add_bos_token: true`.
+    #[serde(default)]
+    bos_token: Option<String>,
     /// Special tokens added to the vocabulary (ids after the existing ones). Default: none.
     #[serde(default)]
     add_special_tokens: Vec<String>,
+    /// Refused: windows are padded on the right only, where causal attention cannot see the
+    /// padding, so a side has no effect.
+    #[serde(default)]
+    padding_side: Option<serde::de::IgnoredAny>,
+    /// Refused: documents are split into windows, never cut.
+    #[serde(default)]
+    truncation: Option<serde::de::IgnoredAny>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_eot() -> String {
@@ -236,27 +260,25 @@ impl Tokenizer for Hf {
                 .add_special_tokens(added)
                 .map_err(|e| Error::msg(format!("{shown}: cannot add special tokens: {e}")))?;
         }
-        configure_padding(&mut inner, p.pad_token.as_deref(), p.padding_side, &shown)?;
-        if let Some(t) = &p.truncation {
-            if t.max_length == 0 {
-                bail!("truncation.max_length must be at least 1, found 0");
-            }
-            inner
-                .with_truncation(Some(TruncationParams {
-                    max_length: t.max_length,
-                    ..TruncationParams::default()
-                }))
-                .map_err(|e| Error::msg(format!("truncation: {e}")))?;
-        }
+        configure_padding(&mut inner, p.pad_token.as_deref());
+        configure_template(&mut inner, &p, &shown)?;
         let pad_token = p.pad_token.as_deref();
-        Ok(Hf(Loaded::new(inner, &p.eot_token, pad_token, shown)?))
+        let split = p.split_special_tokens;
+        Ok(Hf(Loaded::new(
+            inner,
+            &p.eot_token,
+            pad_token,
+            split,
+            shown,
+        )?))
     }
 
     /// The saved form already holds the added tokens, padding and truncation the parameters
     /// asked for; the file at `path` may have changed since.
     fn restore(params: &str, _base_dir: &str, saved: &str) -> Result<Self> {
         let p: HfParams = params::parse(Self::NAME, params)?;
-        Loaded::restore(saved, &p.eot_token, p.pad_token.as_deref(), Self::NAME).map(Hf)
+        let (eot, pad) = (&p.eot_token, p.pad_token.as_deref());
+        Loaded::restore(saved, eot, pad, p.split_special_tokens, Self::NAME).map(Hf)
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -284,43 +306,18 @@ impl Tokenizer for Hf {
     }
 }
 
-/// Padding lives in the tokenizer itself so that `to_json` carries it into the run
-/// directory. The strategy is "longest in the batch", so encoding one text never pads.
-fn configure_padding(
-    inner: &mut tokenizers::Tokenizer,
-    pad_token: Option<&str>,
-    side: Option<PaddingSide>,
-    shown: &str,
-) -> Result<()> {
-    let direction = side.map(|s| match s {
-        PaddingSide::Right => PaddingDirection::Right,
-        PaddingSide::Left => PaddingDirection::Left,
-    });
-    match pad_token {
-        Some(token) => {
-            let Some(pad_id) = inner.token_to_id(token) else {
-                // Reported with the list of special tokens by `Loaded::new`.
-                return Ok(());
-            };
+/// Padding lives in the tokenizer itself so that `to_json` carries the padding token into the
+/// run directory. The strategy is "longest in the batch", so encoding one text never pads.
+fn configure_padding(inner: &mut tokenizers::Tokenizer, pad_token: Option<&str>) {
+    if let Some(token) = pad_token {
+        // An unknown token is reported with the list of special tokens by `Loaded::new`.
+        if let Some(pad_id) = inner.token_to_id(token) {
             let previous = inner.get_padding().cloned().unwrap_or_default();
             inner.with_padding(Some(PaddingParams {
-                strategy: PaddingStrategy::BatchLongest,
-                direction: direction.unwrap_or(previous.direction),
                 pad_id,
                 pad_token: token.to_string(),
                 ..previous
             }));
-        }
-        None => {
-            if let Some(direction) = direction {
-                match inner.get_padding_mut() {
-                    Some(p) => p.direction = direction,
-                    None => bail!(
-                        "padding_side needs a padding token, and {shown} defines none: set \
-                         `pad_token` too"
-                    ),
-                }
-            }
         }
     }
     // A file may ask for fixed-length padding; encoding one document must never pad (the
@@ -330,6 +327,62 @@ fn configure_padding(
         p.strategy = PaddingStrategy::BatchLongest;
         p.pad_to_multiple_of = None;
     }
+}
+
+/// Refuse the settings that mean nothing here, and replace the post-processor with a bos/eos
+/// template when `add_bos_token` or `add_eos_token` is set, as transformers does.
+fn configure_template(inner: &mut tokenizers::Tokenizer, p: &HfParams, shown: &str) -> Result<()> {
+    if p.padding_side.is_some() {
+        bail!(
+            "padding_side has no effect in codex-ml: windows are padded on the right only,              where causal attention never sees the padding and its targets are ignored; remove              `padding_side` (an exported tokenizer.json keeps the file's own padding side)"
+        );
+    }
+    if p.truncation.is_some() {
+        bail!(
+            "truncation is not applied to training text: a document longer than a window is              split into windows, so no token is dropped; remove `truncation` (the file's own              truncation section is ignored for the same reason)"
+        );
+    }
+    if p.add_bos_token.is_none() && p.add_eos_token.is_none() {
+        return Ok(());
+    }
+    let id_of = |field: &str, token: &str| {
+        inner.token_to_id(token).ok_or_else(|| {
+            Error::msg(format!(
+                "{field} {token:?} is not in the vocabulary of {shown}: set `{field}` to one of                  its tokens"
+            ))
+        })
+    };
+    let mut single = Vec::new();
+    let mut specials = Vec::new();
+    if p.add_bos_token == Some(true) {
+        let Some(bos) = &p.bos_token else {
+            bail!("add_bos_token needs the token to add: set `bos_token` too");
+        };
+        specials.push((bos.clone(), id_of("bos_token", bos)?));
+        single.push(format!("{bos}:0"));
+    }
+    single.push("$A:0".to_string());
+    if p.add_eos_token == Some(true) {
+        specials.push((p.eot_token.clone(), id_of("eot_token", &p.eot_token)?));
+        single.push(format!("{}:0", p.eot_token));
+    }
+    let pair: Vec<String> = single
+        .iter()
+        .cloned()
+        .chain(
+            single
+                .iter()
+                .map(|piece| piece.replace(":0", ":1").replace("$A", "$B")),
+        )
+        .collect();
+    let template = TemplateProcessing::builder()
+        .try_single(single)
+        .and_then(|b| b.try_pair(pair))
+        .map_err(|e| Error::msg(format!("{shown}: cannot build the bos/eos template: {e}")))?
+        .special_tokens(specials)
+        .build()
+        .map_err(|e| Error::msg(format!("{shown}: cannot build the bos/eos template: {e}")))?;
+    inner.with_post_processor(Some(template));
     Ok(())
 }
 

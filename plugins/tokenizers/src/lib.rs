@@ -5,11 +5,13 @@
 //! (`hf::Loaded`), so a trained `bpe` and the same `tokenizer.json` reloaded with `hf`
 //! encode through exactly the same code: that is what makes a saved run reproducible.
 //!
-//! Conventions every tokenizer here keeps, because the data pipeline relies on them:
-//! encoding adds no special tokens, and text that happens to spell a special token
-//! (`<|endoftext|>` inside a document) is encoded as ordinary text, so a document can never
-//! inject a document boundary; decoding skips special tokens; `decode(encode(x)) == x` for
-//! any text the vocabulary covers (all text, for the byte-level ones).
+//! Conventions every tokenizer here keeps, because the data pipeline relies on them: encoding
+//! adds only the special tokens a `tokenizer.json`'s own template asks for (none for `bpe` and
+//! `bytes`), and text that happens to spell a special token (`<|endoftext|>` inside a
+//! document) is encoded as ordinary text unless `hf`'s `split_special_tokens` says otherwise,
+//! so a document cannot inject a document boundary by accident; decoding skips special tokens;
+//! `decode(encode(x)) == x` for any text the vocabulary covers (all text, for the byte-level
+//! ones).
 
 #![warn(missing_docs, unreachable_pub)]
 
