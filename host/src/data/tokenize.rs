@@ -2,8 +2,8 @@
 //!
 //! Documents are encoded independently on rayon's pool and concatenated in document order,
 //! each followed by the tokenizer's end-of-text id (unless its template already ended it with
-//! that id), so the stream is the same whatever the thread count. Ids are checked against the vocabulary here, where the document that
-//! produced a bad one can still be named.
+//! that id), so the stream is the same whatever the thread count. Ids are checked against
+//! the vocabulary here, where the document that produced a bad one can still be named.
 
 use abi_stable::std_types::{RResult, RStr};
 use codex_plugin_api::tokenizer::TokenizerBox;

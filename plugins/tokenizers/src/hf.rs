@@ -218,7 +218,7 @@ impl Describe for Hf {
     const DESCRIPTION: &'static str = "any Hugging Face tokenizer.json (BPE, WordPiece, Unigram)";
 
     fn check_params(params: &str) -> codex_plugin_api::Result<()> {
-        codex_plugin_api::strict::parse_params::<HfParams>(params).map(drop)
+        refuse_meaningless(&codex_plugin_api::strict::parse_params::<HfParams>(params)?)
     }
 }
 
@@ -329,26 +329,37 @@ fn configure_padding(inner: &mut tokenizers::Tokenizer, pad_token: Option<&str>)
     }
 }
 
-/// Refuse the settings that mean nothing here, and replace the post-processor with a bos/eos
-/// template when `add_bos_token` or `add_eos_token` is set, as transformers does.
-fn configure_template(inner: &mut tokenizers::Tokenizer, p: &HfParams, shown: &str) -> Result<()> {
+/// Refuse the settings that mean nothing for training windows.
+fn refuse_meaningless(p: &HfParams) -> Result<()> {
     if p.padding_side.is_some() {
         bail!(
-            "padding_side has no effect in codex-ml: windows are padded on the right only,              where causal attention never sees the padding and its targets are ignored; remove              `padding_side` (an exported tokenizer.json keeps the file's own padding side)"
+            "padding_side has no effect in codex-ml: windows are padded on the right only, \
+             where causal attention never sees the padding and its targets are ignored; remove \
+             `padding_side` (an exported tokenizer.json keeps the file's own padding side)"
         );
     }
     if p.truncation.is_some() {
         bail!(
-            "truncation is not applied to training text: a document longer than a window is              split into windows, so no token is dropped; remove `truncation` (the file's own              truncation section is ignored for the same reason)"
+            "truncation is not applied to training text: a document longer than a window is \
+             split into windows, so no token is dropped; remove `truncation` (the file's own \
+             truncation section is ignored for the same reason)"
         );
     }
+    Ok(())
+}
+
+/// Refuse the settings that mean nothing here, and replace the post-processor with a bos/eos
+/// template when `add_bos_token` or `add_eos_token` is set, as transformers does.
+fn configure_template(inner: &mut tokenizers::Tokenizer, p: &HfParams, shown: &str) -> Result<()> {
+    refuse_meaningless(p)?;
     if p.add_bos_token.is_none() && p.add_eos_token.is_none() {
         return Ok(());
     }
     let id_of = |field: &str, token: &str| {
         inner.token_to_id(token).ok_or_else(|| {
             Error::msg(format!(
-                "{field} {token:?} is not in the vocabulary of {shown}: set `{field}` to one of                  its tokens"
+                "{field} {token:?} is not in the vocabulary of {shown}: set `{field}` to one of \
+                 its tokens"
             ))
         })
     };
