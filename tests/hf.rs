@@ -416,7 +416,20 @@ fn a_run_starts_from_a_directory_and_exports_back_with_its_fields() {
     .expect("json");
     assert_eq!(tokenizer_config["eos_token"], "<|endoftext|>");
     assert!(out.join("tokenizer.json").is_file() && out.join("README.md").is_file());
-    assert!(out.join("generation_config.json").is_file());
+    let generation: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("generation_config.json")).expect("generation"),
+    )
+    .expect("json");
+    // The imported model's generation settings survive, with the run's ids.
+    assert_eq!(generation["use_cache"], true);
+    assert_eq!(generation["output_attentions"], false);
+    assert_eq!(
+        (
+            generation["bos_token_id"].clone(),
+            generation["eos_token_id"].clone()
+        ),
+        (0.into(), 0.into())
+    );
     // The weights: the fixture's names and shapes, in bf16, the tied head absent.
     let bytes = std::fs::read(out.join("model.safetensors")).expect("weights");
     let exported = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");

@@ -223,7 +223,18 @@ fn write_all(
         Ok(text.into_bytes())
     };
     write("config.json", &pretty(&Value::Object(hf.clone()))?)?;
-    let mut generation = json!({"bos_token_id": bos, "eos_token_id": eos});
+    // The imported model's generation settings (sampling defaults, stop ids) survive, with
+    // the run's bos and eos ids over them.
+    let mut generation = original_generation_config(loaded).unwrap_or_else(|| json!({}));
+    generation["bos_token_id"] = json!(bos);
+    if generation
+        .get("eos_token_id")
+        .and_then(Value::as_array)
+        .is_none_or(|ids| !ids.iter().any(|id| id.as_u64() == Some(u64::from(eos))))
+    {
+        // A list of stop ids (LLaMA 3's) is kept when it holds the run's eos id.
+        generation["eos_token_id"] = json!(eos);
+    }
     if let Some(pad) = pad {
         generation["pad_token_id"] = json!(pad);
     }
@@ -316,6 +327,18 @@ fn original_tokenizer_config(loaded: &Loaded) -> Option<Value> {
         map.remove("auto_map");
     }
     Some(value)
+}
+
+/// The `generation_config.json` of the directory the run's model started from, when it is
+/// still there.
+fn original_generation_config(loaded: &Loaded) -> Option<Value> {
+    let config = &loaded.config;
+    let dir = super::locate(config.model_from.as_deref()?, &config.dir).ok()?;
+    let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
+    match serde_json::from_str(&text).ok()? {
+        Value::Object(map) => Some(Value::Object(map)),
+        _ => None,
+    }
 }
 
 /// A model card stub: what the model is, what it started from, what it was trained on.
