@@ -149,6 +149,31 @@ pub(crate) fn batches(
         &config.tokenizer.params_json(),
     )?;
     let cache = data::TokenCache::new(data::cache_dir(&config.data, &config.dir)?);
+    let shape = BatchShape {
+        batch_size: config.train.batch_size,
+        seq_len: config.train.seq_len,
+    };
+    if config.data.is_sft() {
+        let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
+        let encoder = data::SftEncoder::new(&config.data, tokenizer, dir.as_deref())?;
+        let (seq_len, overlong) = (config.train.seq_len, config.data.sft.overlong);
+        let rows = data::sft_rows("train", &docs.train, &encoder, &fingerprint, &cache, seq_len, overlong)?;
+        let pad = data::pad_id(tokenizer);
+        let train = TrainBatches::examples(rows.tokens, rows.rows, shape, config.seed, pad)?;
+        tracing::info!(
+            "data: {} training examples, {} tokens the loss counts per epoch",
+            train.windows(),
+            train.tokens_per_epoch()
+        );
+        let val = if docs.val.is_empty() {
+            tracing::warn!("no validation examples: evaluation is skipped (set data.val_fraction or data.val)");
+            None
+        } else {
+            let rows = data::sft_rows("val", &docs.val, &encoder, &fingerprint, &cache, seq_len, overlong)?;
+            Some(ValBatches::examples(rows.tokens, rows.rows, shape, pad)?)
+        };
+        return Ok((train, val));
+    }
     let streams = data::token_streams(
         &docs,
         tokenizer,
@@ -157,10 +182,6 @@ pub(crate) fn batches(
         &config.data.preprocess,
     )?;
     drop(docs);
-    let shape = BatchShape {
-        batch_size: config.train.batch_size,
-        seq_len: config.train.seq_len,
-    };
     let train = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
     let val = match streams.val {
         Some(v) => Some(ValBatches::new(v.tokens, shape, data::pad_id(tokenizer))?),
