@@ -232,7 +232,9 @@ impl TrainBatches {
         if rows.is_empty() {
             return Err(DataError::Empty {
                 split: "train",
-                what: "no example has a token the loss counts".to_string(),
+                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
+                       tokens; a longer train.seq_len may keep some"
+                    .to_string(),
             });
         }
         let windows = rows.len();
@@ -378,7 +380,9 @@ impl ValBatches {
         if rows.is_empty() {
             return Err(DataError::Empty {
                 split: "val",
-                what: "no example has a token the loss counts".to_string(),
+                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
+                       tokens; a longer train.seq_len may keep some"
+                    .to_string(),
             });
         }
         let windows = rows.len();

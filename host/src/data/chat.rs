@@ -29,6 +29,8 @@ const START: char = '\u{FDD0}';
 const END: char = '\u{FDD1}';
 const NAME: &str = "chat template";
 const GENERATION_FILTER: &str = "__codex_generation";
+/// Starts the detail of an error `raise_exception` raised.
+const RAISED: &str = "raise_exception: ";
 
 /// A chat template, ready to render.
 #[derive(Debug)]
@@ -64,7 +66,10 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
+            Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("{RAISED}{message}"),
+            ))
         });
         env.add_filter("tojson", tojson);
         env.add_filter(GENERATION_FILTER, |body: String| {
@@ -121,15 +126,25 @@ impl ChatTemplate {
         context.insert("tools".into(), Json::Null);
         context.insert("documents".into(), Json::Null);
         let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
-        let out = template.render(Value::from_serialize(&context)).map_err(|e| {
-            let mut message = e.to_string();
-            if e.kind() == ErrorKind::InvalidOperation {
-                // raise_exception's message is the template author's words: keep them first.
-                message = format!("{message} (the template refused the conversation)");
-            }
-            message
-        })?;
+        let out = template
+            .render(Value::from_serialize(&context))
+            .map_err(|e| self.explain(&e))?;
         split_marks(&out)
+    }
+}
+
+impl ChatTemplate {
+    /// A rendering error in a user's words: what went wrong and where in the template.
+    fn explain(&self, e: &Error) -> String {
+        let line = e.line().map(|l| format!(", line {l}")).unwrap_or_default();
+        let detail = e.detail().unwrap_or_default();
+        match detail.strip_prefix(RAISED) {
+            Some(words) if e.kind() == ErrorKind::InvalidOperation => {
+                format!("the template refused it: {words} ({}{line})", self.origin)
+            }
+            _ if detail.is_empty() => format!("{} ({}{line})", e.kind(), self.origin),
+            _ => format!("{}: {detail} ({}{line})", e.kind(), self.origin),
+        }
     }
 }
 
@@ -417,10 +432,15 @@ mod tests {
 
     #[test]
     fn marks_keep_whitespace_control_and_trim_blocks() {
+        // What Jinja2 renders for the same template with `filter` blocks in their place.
         let t = "A\n  {%- generation -%}\n  B  \n{%- endgeneration %}\nC";
         let r = render(t, json!([]), false).expect("render");
-        assert_eq!(r.text, "AB  C");
-        assert_eq!(r.assistant, vec![1..4]);
+        assert_eq!(r.text, "ABC");
+        assert_eq!(r.assistant, vec![1..2]);
+        let r = render("A\n  {% generation %}\n  B  \n{% endgeneration %}\nC", json!([]), false)
+            .expect("render");
+        assert_eq!(r.text, "A\n  B  \nC");
+        assert_eq!(r.assistant, vec![2..8]);
         assert!(
             ChatTemplate::new(t, "t".into(), Map::new())
                 .expect("compiles")

@@ -291,7 +291,7 @@ impl SftEncoder {
             .render(messages, gen)
             .map_err(|message| DataError::Render {
                 origin: doc.origin.clone(),
-                message: format!("{} ({})", message, template.origin()),
+                message,
             })
     }
 
@@ -412,7 +412,7 @@ pub struct SftReport {
     pub truncated_tokens: u64,
     /// Examples left out because no token of theirs carries the loss (within the row).
     pub without_targets: usize,
-    /// The first few of those examples (`path:line`).
+    /// The first few examples cut or left out (`path:line`), each once.
     pub examples_named: Vec<String>,
 }
 
@@ -464,7 +464,9 @@ pub fn fit_examples(
             .count();
         if targets == 0 {
             report.without_targets += 1;
-            if report.examples_named.len() < 5 {
+            if report.examples_named.len() < 5
+                && report.examples_named.last() != Some(&origin(index))
+            {
                 report.examples_named.push(origin(index));
             }
         } else {

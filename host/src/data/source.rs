@@ -43,6 +43,10 @@ pub struct DataReport {
     pub undecodable: Skipped,
     /// Globs that matched no file (each was warned about).
     pub unmatched_globs: Vec<String>,
+    /// Supervised fine-tuning: training examples cut to fit a row, or left out because no
+    /// token of theirs carries the loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sft: Option<super::sft::SftReport>,
 }
 
 /// Files left out, counted, with the first few named.
