@@ -26,7 +26,9 @@ fn dir() -> PathBuf {
 }
 
 fn expected() -> Value {
-    ok(serde_json::from_str(&ok(fs::read_to_string(dir().join("expected.json")))))
+    ok(serde_json::from_str(&ok(fs::read_to_string(
+        dir().join("expected.json"),
+    ))))
 }
 
 fn chat_tokenizer() -> TokenizerBox {
@@ -67,11 +69,7 @@ fn pc_source() -> Source {
 /// template).
 fn encoder(sources: Vec<Source>, sft: Sft) -> Result<SftEncoder, DataError> {
     let tok = chat_tokenizer();
-    SftEncoder::new(
-        &config(sources, sft),
-        &tok,
-        Some(&dir().join("chatml")),
-    )
+    SftEncoder::new(&config(sources, sft), &tok, Some(&dir().join("chatml")))
 }
 
 fn doc(value: Value) -> Document {
@@ -100,8 +98,14 @@ fn first_learned(learn: &[bool]) -> usize {
 fn chatml_renders_and_masks_as_transformers_does() {
     let e = expected();
     let conversation = &e["conversation"];
-    let source = ok(fs::read_to_string(dir().join("chatml").join("chat_template.jinja")));
-    let template = ok(ChatTemplate::new(&source, "chatml".into(), Default::default()));
+    let source = ok(fs::read_to_string(
+        dir().join("chatml").join("chat_template.jinja"),
+    ));
+    let template = ok(ChatTemplate::new(
+        &source,
+        "chatml".into(),
+        Default::default(),
+    ));
     assert!(template.marks_generation());
     let whole = ok(template.render(conversation, false));
     assert_eq!(whole.text, e["chatml"]["text"].as_str().expect("text"));
@@ -119,7 +123,10 @@ fn chatml_renders_and_masks_as_transformers_does() {
         .iter()
         .map(|&m| m == 1)
         .collect();
-    assert_eq!(example.learn, mask, "the assistant tokens are transformers'");
+    assert_eq!(
+        example.learn, mask,
+        "the assistant tokens are transformers'"
+    );
     let prompt_ids = ok(enc.text_ids(e["chatml"]["prompt_text"].as_str().expect("t"), false));
     assert_eq!(prompt_ids, ids(&e["chatml"]["prompt_ids"]));
 
@@ -151,8 +158,14 @@ fn a_llama3_template_renders_as_transformers_does() {
     assert_eq!(whole.text, e["llama3"]["text"].as_str().expect("text"));
     let turns = conversation.as_array().expect("list");
     let prompt = ok(t.render(&Value::Array(turns[..turns.len() - 1].to_vec()), true));
-    assert_eq!(prompt.text, e["llama3"]["prompt_text"].as_str().expect("text"));
-    assert_eq!(ok(enc.text_ids(&whole.text, false)), ids(&e["llama3"]["ids"]));
+    assert_eq!(
+        prompt.text,
+        e["llama3"]["prompt_text"].as_str().expect("text")
+    );
+    assert_eq!(
+        ok(enc.text_ids(&whole.text, false)),
+        ids(&e["llama3"]["ids"])
+    );
     assert_eq!(
         ok(enc.text_ids(&prompt.text, false)),
         ids(&e["llama3"]["prompt_ids"])
@@ -221,14 +234,28 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
     let enc = ok(SftEncoder::new(&cfg, &tok, None));
     let fp = ok(TokenizerFingerprint::of(&tok, "hf", "{}"));
     let cache = TokenCache::new(tmp.path().join("cache"));
-    let rows = ok(data::sft_rows("train", &docs.train, &enc, &fp, &cache, 64, Overlong::Truncate));
+    let rows = ok(data::sft_rows(
+        "train",
+        &docs.train,
+        &enc,
+        &fp,
+        &cache,
+        64,
+        Overlong::Truncate,
+    ));
     assert_eq!(rows.report.truncated, 0);
     let shape = BatchShape {
         batch_size: 3,
         seq_len: 64,
     };
     let pad = data::pad_id(&tok);
-    let mut train = ok(TrainBatches::examples(rows.tokens, rows.rows.clone(), shape, 5, pad));
+    let mut train = ok(TrainBatches::examples(
+        rows.tokens,
+        rows.rows.clone(),
+        shape,
+        5,
+        pad,
+    ));
     assert_eq!(train.windows(), 7);
     assert_eq!(train.batches_per_epoch(), 3);
 
@@ -243,17 +270,34 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
         assert_eq!(counted, b.tokens);
         for r in 0..b.rows {
             let row = &b.targets[r * b.seq_len..(r + 1) * b.seq_len];
-            let first = row.iter().position(|&t| t != IGNORE_INDEX).expect("targets");
+            let first = row
+                .iter()
+                .position(|&t| t != IGNORE_INDEX)
+                .expect("targets");
             assert!(first > 0, "the prompt carries no loss");
         }
         seen_targets += b.tokens;
         batches.push(b);
     }
     assert_eq!(seen_targets, train.tokens_per_epoch());
-    assert_eq!(train.cursor(), DataCursor { epoch: 0, position: 7 });
+    assert_eq!(
+        train.cursor(),
+        DataCursor {
+            epoch: 0,
+            position: 7
+        }
+    );
 
     // Resuming from a cursor gives the same batches.
-    let cache_again = ok(data::sft_rows("train", &docs.train, &enc, &fp, &cache, 64, Overlong::Truncate));
+    let cache_again = ok(data::sft_rows(
+        "train",
+        &docs.train,
+        &enc,
+        &fp,
+        &cache,
+        64,
+        Overlong::Truncate,
+    ));
     let mut resumed = ok(TrainBatches::examples(
         cache_again.tokens,
         cache_again.rows,
@@ -261,21 +305,38 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
         5,
         pad,
     ));
-    ok(resumed.seek(DataCursor { epoch: 0, position: 3 }));
+    ok(resumed.seek(DataCursor {
+        epoch: 0,
+        position: 3,
+    }));
     assert_eq!(resumed.next_batch(), batches[1]);
     let next = train.next_batch();
     assert_eq!(next.epoch, 1);
-    ok(resumed.seek(DataCursor { epoch: 1, position: 0 }));
+    ok(resumed.seek(DataCursor {
+        epoch: 1,
+        position: 0,
+    }));
     assert_eq!(resumed.next_batch(), next);
 
     // Validation counts the same tokens, in order.
     let val = ok(ValBatches::examples(
-        ok(data::sft_rows("val", &docs.train, &enc, &fp, &cache, 64, Overlong::Truncate)).tokens,
+        ok(data::sft_rows(
+            "val",
+            &docs.train,
+            &enc,
+            &fp,
+            &cache,
+            64,
+            Overlong::Truncate,
+        ))
+        .tokens,
         rows.rows,
         shape,
         pad,
     ));
-    let total: u64 = (0..val.len()).map(|i| val.batch(i).expect("batch").tokens).sum();
+    let total: u64 = (0..val.len())
+        .map(|i| val.batch(i).expect("batch").tokens)
+        .sum();
     assert_eq!(total, val.target_tokens());
     assert_eq!(total, train.tokens_per_epoch());
 }
@@ -301,7 +362,15 @@ fn long_examples_are_cut_and_counted_or_refused() {
         .map(|d| ok(enc.encode(d)).ids.len())
         .collect();
     let seq_len = lens.iter().min().copied().expect("lens");
-    let rows = ok(data::sft_rows("train", &docs.train, &enc, &fp, &cache, seq_len, Overlong::Truncate));
+    let rows = ok(data::sft_rows(
+        "train",
+        &docs.train,
+        &enc,
+        &fp,
+        &cache,
+        seq_len,
+        Overlong::Truncate,
+    ));
     let longer = lens.iter().filter(|&&l| l > seq_len + 1).count();
     assert!(longer > 0);
     assert_eq!(rows.report.truncated, longer);
@@ -309,8 +378,16 @@ fn long_examples_are_cut_and_counted_or_refused() {
     assert_eq!(rows.report.truncated_tokens, lost as u64);
     assert!(rows.rows.iter().all(|&(_, len)| len <= seq_len + 1));
 
-    let err = data::sft_rows("train", &docs.train, &enc, &fp, &cache, seq_len, Overlong::Error)
-        .expect_err("refused");
+    let err = data::sft_rows(
+        "train",
+        &docs.train,
+        &enc,
+        &fp,
+        &cache,
+        seq_len,
+        Overlong::Error,
+    )
+    .expect_err("refused");
     let text = err.to_string();
     assert!(text.contains("train.jsonl:"), "{text}");
     assert!(text.contains("data.sft.overlong"), "{text}");
@@ -342,14 +419,37 @@ fn bad_records_name_their_file_line_and_field() {
     let good = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
     let cases: &[(&str, bool, &str)] = &[
         ("not json", true, ":2: invalid JSON"),
-        (r#"{"text": "x"}"#, true, ":2: no field `messages`; the record's fields are: text"),
-        (r#"{"messages": "hi"}"#, true, ":2: field `messages` is a string, expected a list"),
-        (r#"{"messages": [{"content": "x"}]}"#, true, ":2: `messages[0]` has no `role`"),
-        (r#"{"messages": [{"role": "user"}]}"#, true, ":2: `messages[0]` has no `content`"),
-        (r#"{"messages": []}"#, true, ":2: `messages` is an empty list"),
+        (
+            r#"{"text": "x"}"#,
+            true,
+            ":2: no field `messages`; the record's fields are: text",
+        ),
+        (
+            r#"{"messages": "hi"}"#,
+            true,
+            ":2: field `messages` is a string, expected a list",
+        ),
+        (
+            r#"{"messages": [{"content": "x"}]}"#,
+            true,
+            ":2: `messages[0]` has no `role`",
+        ),
+        (
+            r#"{"messages": [{"role": "user"}]}"#,
+            true,
+            ":2: `messages[0]` has no `content`",
+        ),
+        (
+            r#"{"messages": []}"#,
+            true,
+            ":2: `messages` is an empty list",
+        ),
         (r#"{"prompt": "a"}"#, false, ":2: no field `completion`"),
-        (r#"{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}"#, false,
-         ":2: `prompt` is a string and `completion` is an array"),
+        (
+            r#"{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}"#,
+            false,
+            ":2: `prompt` is a string and `completion` is an array",
+        ),
     ];
     for &(line, is_chat, expected) in cases {
         let first = if is_chat {
@@ -360,7 +460,10 @@ fn bad_records_name_their_file_line_and_field() {
         ok(fs::write(&path, format!("{first}\n{line}\n")));
         let source = if is_chat { chat(&path) } else { pc(&path) };
         let text = read_err(source);
-        assert!(text.contains(&format!("d.jsonl{expected}")), "{line}: {text}");
+        assert!(
+            text.contains(&format!("d.jsonl{expected}")),
+            "{line}: {text}"
+        );
     }
 }
 
@@ -372,20 +475,37 @@ fn templates_that_cannot_serve_are_refused_with_what_to_do() {
         ..Sft::default()
     };
     let err = encoder(vec![chat_source()], sft).expect_err("refused");
-    assert!(matches!(err, DataError::Setting { field: "data.sft.assistant_only_loss", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::Setting {
+                field: "data.sft.assistant_only_loss",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.is_input());
 
     // A tokenizer directory without a chat template, for chat data.
     let tok = chat_tokenizer();
     let bare = fixtures().join("hf").join("qwen2");
-    let err = SftEncoder::new(&config(vec![chat_source()], Sft::default()), &tok, Some(&bare))
-        .expect_err("no template");
+    let err = SftEncoder::new(
+        &config(vec![chat_source()], Sft::default()),
+        &tok,
+        Some(&bare),
+    )
+    .expect_err("no template");
     let text = err.to_string();
     assert!(text.starts_with("data.sft.chat_template: "), "{text}");
     assert!(text.contains("has no `chat_template`"), "{text}");
 
     // Without a template, a conversational prompt/completion names its example.
-    let enc = ok(SftEncoder::new(&config(vec![pc_source()], Sft::default()), &tok, Some(&bare)));
+    let enc = ok(SftEncoder::new(
+        &config(vec![pc_source()], Sft::default()),
+        &tok,
+        Some(&bare),
+    ));
     let err = enc
         .encode(&doc(json!({"prompt": [{"role": "user", "content": "a"}],
                             "completion": [{"role": "assistant", "content": "b"}]})))
@@ -395,10 +515,15 @@ fn templates_that_cannot_serve_are_refused_with_what_to_do() {
     // A template that refuses a conversation: the example's line and the template's words.
     let enc = ok(encoder(vec![chat_source()], Sft::default()));
     let err = enc
-        .encode(&doc(json!({"messages": [{"role": "tool", "content": "x"}]})))
+        .encode(&doc(
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+        ))
         .expect_err("refused");
     let text = err.to_string();
-    assert!(text.starts_with("train.jsonl:1: the chat template cannot render"), "{text}");
+    assert!(
+        text.starts_with("train.jsonl:1: the chat template cannot render"),
+        "{text}"
+    );
     assert!(text.contains("unknown role: tool"), "{text}");
     assert!(err.is_input());
 

@@ -150,12 +150,13 @@ impl Examples {
     }
 
     /// The batch of rows `which`, padded to the longest.
-    fn batch(&self, tokens: &[u32], which: impl Iterator<Item = usize> + Clone, epoch: u64) -> TokenBatch {
-        let seq_len = which
-            .clone()
-            .map(|r| self.rows[r].1 - 1)
-            .max()
-            .unwrap_or(0);
+    fn batch(
+        &self,
+        tokens: &[u32],
+        which: impl Iterator<Item = usize> + Clone,
+        epoch: u64,
+    ) -> TokenBatch {
+        let seq_len = which.clone().map(|r| self.rows[r].1 - 1).max().unwrap_or(0);
         let mut inputs = Vec::new();
         let mut targets = Vec::new();
         let mut counted = 0u64;

@@ -65,12 +65,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-            Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("{RAISED}{message}"),
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, Error> {
+                Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("{RAISED}{message}"),
+                ))
+            },
+        );
         env.add_filter("tojson", tojson);
         env.add_filter(GENERATION_FILTER, |body: String| {
             format!("{START}{body}{END}")
@@ -344,8 +347,7 @@ pub fn read_template(file: &Path) -> Result<Option<String>, String> {
     if file.extension().is_none_or(|e| e != "json") {
         return Ok(Some(text));
     }
-    let value: Json =
-        serde_json::from_str(&text).map_err(|e| format!("is not valid JSON: {e}"))?;
+    let value: Json = serde_json::from_str(&text).map_err(|e| format!("is not valid JSON: {e}"))?;
     match value.get("chat_template") {
         None | Some(Json::Null) => Ok(None),
         Some(Json::String(s)) => Ok(Some(s.clone())),
@@ -437,15 +439,17 @@ mod tests {
         let r = render(t, json!([]), false).expect("render");
         assert_eq!(r.text, "ABC");
         assert_eq!(r.assistant, vec![1..2]);
-        let r = render("A\n  {% generation %}\n  B  \n{% endgeneration %}\nC", json!([]), false)
-            .expect("render");
+        let r = render(
+            "A\n  {% generation %}\n  B  \n{% endgeneration %}\nC",
+            json!([]),
+            false,
+        )
+        .expect("render");
         assert_eq!(r.text, "A\n  B  \nC");
         assert_eq!(r.assistant, vec![2..8]);
-        assert!(
-            ChatTemplate::new(t, "t".into(), Map::new())
-                .expect("compiles")
-                .marks_generation()
-        );
+        assert!(ChatTemplate::new(t, "t".into(), Map::new())
+            .expect("compiles")
+            .marks_generation());
     }
 
     #[test]
@@ -493,8 +497,11 @@ mod tests {
         )
         .expect("write");
         assert_eq!(read_template(&file).expect("read").as_deref(), Some("D"));
-        std::fs::write(&file, r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#)
-            .expect("write");
+        std::fs::write(
+            &file,
+            r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#,
+        )
+        .expect("write");
         let err = read_template(&file).expect_err("no default");
         assert!(err.contains("rag"), "{err}");
         std::fs::write(&file, r#"{"eos_token": "x"}"#).expect("write");

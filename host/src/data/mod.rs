@@ -111,7 +111,11 @@ pub fn sft_rows(
             "{split}: {} of {} examples have no token the loss counts{} and are left out",
             report.without_targets,
             report.examples,
-            if report.truncated > 0 { " (after cutting)" } else { "" }
+            if report.truncated > 0 {
+                " (after cutting)"
+            } else {
+                ""
+            }
         );
     }
     if !report.examples_named.is_empty() {

@@ -70,7 +70,10 @@ pub struct SftEncoder {
 impl std::fmt::Debug for SftEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SftEncoder")
-            .field("template", &self.template.as_ref().map(ChatTemplate::origin))
+            .field(
+                "template",
+                &self.template.as_ref().map(ChatTemplate::origin),
+            )
             .field("settings", &self.settings)
             .finish()
     }
@@ -114,9 +117,9 @@ impl SftEncoder {
             .map_err(|e| DataError::Tokenizer(e.to_string()))?;
         inner.with_padding(None);
         let eot = tokenizer.eot_id();
-        let eos = inner.id_to_token(eot).ok_or_else(|| {
-            DataError::Tokenizer(format!("end-of-text id {eot} has no token"))
-        })?;
+        let eos = inner
+            .id_to_token(eot)
+            .ok_or_else(|| DataError::Tokenizer(format!("end-of-text id {eot} has no token")))?;
         let (template, no_template) = load_template(&config.sft, tokenizer_dir)?;
         let chat_sources = config
             .train
@@ -205,8 +208,8 @@ impl SftEncoder {
             origin: doc.origin.clone(),
             message,
         };
-        let value: Json = serde_json::from_str(&doc.text)
-            .map_err(|e| record(format!("not an example: {e}")))?;
+        let value: Json =
+            serde_json::from_str(&doc.text).map_err(|e| record(format!("not an example: {e}")))?;
         let example = if let Some(messages) = value.get(MESSAGES) {
             let rendered = self.render(doc, messages, false)?;
             let (ids, offsets) = self.ids(&rendered.text, false, doc)?;
@@ -357,10 +360,7 @@ fn load_template(
         return Err(DataError::MissingFile { path: file });
     }
     let Some(source) = chat::read_template(&file).map_err(bad)? else {
-        return Ok((
-            None,
-            format!("{} has no `chat_template`", file.display()),
-        ));
+        return Ok((None, format!("{} has no `chat_template`", file.display())));
     };
     let specials = match tokenizer_dir {
         Some(dir) => chat::read_specials(dir).map_err(|message| DataError::Setting {
@@ -369,13 +369,8 @@ fn load_template(
         })?,
         None => serde_json::Map::new(),
     };
-    let template =
-        ChatTemplate::new(&source, file.display().to_string(), specials).map_err(|message| {
-            DataError::Setting {
-                field,
-                message,
-            }
-        })?;
+    let template = ChatTemplate::new(&source, file.display().to_string(), specials)
+        .map_err(|message| DataError::Setting { field, message })?;
     Ok((Some(template), String::new()))
 }
 
@@ -429,7 +424,12 @@ pub fn fit_examples(
     let mut rows = Vec::new();
     let mut at = 0usize;
     let mut index = 0usize;
-    let origin = |i: usize| origins.get(i).cloned().unwrap_or_else(|| format!("example {i}"));
+    let origin = |i: usize| {
+        origins
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("example {i}"))
+    };
     while at < stream.len() {
         let len = stream[at] as usize;
         let start = at + 1;

@@ -353,7 +353,10 @@ fn messages(
                 return Err(record_error(
                     path,
                     line,
-                    format!("`{field}[{i}].role` is {}, expected a string", json_kind(other)),
+                    format!(
+                        "`{field}[{i}].role` is {}, expected a string",
+                        json_kind(other)
+                    ),
                 ))
             }
             None => {

@@ -163,7 +163,15 @@ pub(crate) fn batches(
         let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
         let encoder = data::SftEncoder::new(&config.data, tokenizer, dir.as_deref())?;
         let (seq_len, overlong) = (config.train.seq_len, config.data.sft.overlong);
-        let rows = data::sft_rows("train", &docs.train, &encoder, &fingerprint, &cache, seq_len, overlong)?;
+        let rows = data::sft_rows(
+            "train",
+            &docs.train,
+            &encoder,
+            &fingerprint,
+            &cache,
+            seq_len,
+            overlong,
+        )?;
         let pad = data::pad_id(tokenizer);
         let report = rows.report;
         let train = TrainBatches::examples(rows.tokens, rows.rows, shape, config.seed, pad)?;
@@ -173,10 +181,20 @@ pub(crate) fn batches(
             train.tokens_per_epoch()
         );
         let val = if docs.val.is_empty() {
-            tracing::warn!("no validation examples: evaluation is skipped (set data.val_fraction or data.val)");
+            tracing::warn!(
+                "no validation examples: evaluation is skipped (set data.val_fraction or data.val)"
+            );
             None
         } else {
-            let rows = data::sft_rows("val", &docs.val, &encoder, &fingerprint, &cache, seq_len, overlong)?;
+            let rows = data::sft_rows(
+                "val",
+                &docs.val,
+                &encoder,
+                &fingerprint,
+                &cache,
+                seq_len,
+                overlong,
+            )?;
             Some(ValBatches::examples(rows.tokens, rows.rows, shape, pad)?)
         };
         return Ok((train, val, Some(report)));
