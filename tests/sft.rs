@@ -565,3 +565,123 @@ fn the_cache_key_follows_the_template_and_the_loss_settings() {
         })
     );
 }
+
+// ---- the command line ----
+
+/// A config training the chatml fixture on `data` (written to `train.jsonl`) in `dir`.
+fn cli_config(dir: &Path, data: &[Value]) -> PathBuf {
+    write(dir, "train.jsonl", data);
+    let model = fixtures().join("sft").join("chatml");
+    let config = dir.join("sft.ron");
+    let text = format!(
+        r#"(
+    experiment: "sft",
+    seed: 3,
+    data: (train: [Chat(path: "train.jsonl")], val_fraction: 0.3),
+    model: (from: {model:?}),
+    optimizer: (name: "adamw", lr: 3e-3),
+    train: (max_steps: 4, seq_len: 128, batch_size: 2, eval_every: 4, checkpoint_every: 4, log_every: 2),
+)"#
+    );
+    ok(fs::write(&config, text));
+    config
+}
+
+fn conversations(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({"messages": [
+                {"role": "user", "content": format!("Return {i}.")},
+                {"role": "assistant", "content": format!("def f():\n    return {i}")},
+            ]})
+        })
+        .collect()
+}
+
+#[test]
+fn a_chat_run_trains_and_evaluates_on_assistant_tokens() {
+    let tmp = ok(tempfile::tempdir());
+    let config = cli_config(tmp.path(), &conversations(8));
+    crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args(["run", "sft.ron"])
+        .assert()
+        .success();
+    let out = crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args(["eval", "latest", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let eval: Value = ok(serde_json::from_slice(&out));
+    // The validation examples' assistant tokens: what the template's generation block holds.
+    let cfg = config_of(&config);
+    let docs = ok(data::load_documents(&cfg, tmp.path()));
+    let tok = chat_tokenizer();
+    let enc = ok(SftEncoder::new(&cfg, &tok, Some(&dir().join("chatml"))));
+    let counted: usize = docs
+        .val
+        .iter()
+        .map(|d| {
+            let e = ok(enc.encode(d));
+            e.learn.iter().skip(1).filter(|&&l| l).count()
+        })
+        .sum();
+    assert!(counted > 0);
+    assert_eq!(eval["tokens"], counted as u64, "{eval}");
+    assert!(eval["accuracy"].as_f64().is_some(), "{eval}");
+}
+
+/// The data section of the test config, as the run reads it.
+fn config_of(config: &Path) -> DataConfig {
+    let dir = config.parent().expect("dir");
+    let mut cfg = config_of_sources(vec![Source::Chat {
+        path: dir.join("train.jsonl").to_string_lossy().into_owned(),
+        field: "messages".into(),
+    }]);
+    cfg.val_fraction = 0.3;
+    cfg
+}
+
+fn config_of_sources(train: Vec<Source>) -> DataConfig {
+    config(train, Sft::default())
+}
+
+#[test]
+fn bad_sft_input_exits_2_naming_what_to_fix() {
+    let tmp = ok(tempfile::tempdir());
+    cli_config(tmp.path(), &conversations(4));
+    let run = |sets: &[&str]| {
+        let mut cmd = crate::cli::codex_ml();
+        cmd.current_dir(tmp.path()).args(["run", "sft.ron"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.assert().code(2).get_output().stderr.clone();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let text = run(&["data.sft.packing=true"]);
+    assert!(
+        text.contains("data.sft.packing: packing is not available"),
+        "{text}"
+    );
+    let text = run(&[
+        "data.train=[{\"Text\": (paths: [\"train.jsonl\"])}, {\"Chat\": (path: \"train.jsonl\")}]",
+    ]);
+    assert!(text.contains("data.train[1]"), "{text}");
+    let text = run(&["train.seq_len=8", "data.sft.overlong=error"]);
+    assert!(text.contains("train.jsonl:"), "{text}");
+    assert!(text.contains("data.sft.overlong: truncate"), "{text}");
+
+    let mut bad = conversations(3);
+    bad.push(json!({"messages": [{"role": "tool", "content": "x"}]}));
+    write(tmp.path(), "train.jsonl", &bad);
+    let text = run(&["data.val_fraction=0"]);
+    assert!(
+        text.contains("train.jsonl:4: the chat template cannot render"),
+        "{text}"
+    );
+    assert!(text.contains("unknown role: tool"), "{text}");
+}

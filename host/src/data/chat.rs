@@ -413,6 +413,11 @@ pub fn read_specials(tokenizer_dir: &Path) -> Result<Map<String, Json>, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One byte range, as a list.
+    fn one(start: usize, end: usize) -> Vec<std::ops::Range<usize>> {
+        std::iter::once(start..end).collect()
+    }
     use serde_json::json;
 
     fn render(source: &str, messages: Json, gen: bool) -> Result<Rendered, String> {
@@ -429,7 +434,7 @@ mod tests {
         let m = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]);
         let r = render(t, m, false).expect("render");
         assert_eq!(r.text, "<s>[hi]yo");
-        assert_eq!(r.assistant, vec![7..9]);
+        assert_eq!(r.assistant, one(7, 9));
     }
 
     #[test]
@@ -438,7 +443,7 @@ mod tests {
         let t = "A\n  {%- generation -%}\n  B  \n{%- endgeneration %}\nC";
         let r = render(t, json!([]), false).expect("render");
         assert_eq!(r.text, "ABC");
-        assert_eq!(r.assistant, vec![1..2]);
+        assert_eq!(r.assistant, one(1, 2));
         let r = render(
             "A\n  {% generation %}\n  B  \n{% endgeneration %}\nC",
             json!([]),
@@ -446,7 +451,7 @@ mod tests {
         )
         .expect("render");
         assert_eq!(r.text, "A\n  B  \nC");
-        assert_eq!(r.assistant, vec![2..8]);
+        assert_eq!(r.assistant, one(2, 8));
         assert!(ChatTemplate::new(t, "t".into(), Map::new())
             .expect("compiles")
             .marks_generation());

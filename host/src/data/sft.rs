@@ -47,6 +47,9 @@ pub(crate) const COMPLETION: &str = "completion";
 /// Set on an id in the stream when the loss counts it as a target.
 pub const LEARN: u32 = 1 << 31;
 
+/// Byte offsets `(start, end)` of a token in the text it came from.
+type Span = (usize, usize);
+
 /// One tokenized example.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
@@ -305,7 +308,7 @@ impl SftEncoder {
         text: &str,
         add_special: bool,
         doc: &Document,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), DataError> {
+    ) -> Result<(Vec<u32>, Vec<Span>), DataError> {
         let encoding = self
             .inner
             .encode(text, add_special)
@@ -482,18 +485,23 @@ pub fn fit_examples(
 mod tests {
     use super::*;
 
+    /// One byte range, as a list.
+    fn one(start: usize, end: usize) -> Vec<std::ops::Range<usize>> {
+        std::iter::once(start..end).collect()
+    }
+
     #[test]
     fn the_mask_runs_from_the_first_to_the_last_token_of_each_block() {
         let rendered = Rendered {
             text: "ab cd ef".into(),
-            assistant: vec![3..5],
+            assistant: one(3, 5),
         };
         // tokens: "ab", " cd", " ef"
         let offsets = [(0, 2), (2, 5), (5, 8)];
         assert_eq!(assistant_mask(&rendered, &offsets), [false, true, false]);
         let tail = Rendered {
             text: "ab cd ef".into(),
-            assistant: vec![6..8],
+            assistant: one(6, 8),
         };
         assert_eq!(assistant_mask(&tail, &offsets), [false, false, true]);
     }
