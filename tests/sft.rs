@@ -685,3 +685,46 @@ fn bad_sft_input_exits_2_naming_what_to_fix() {
     );
     assert!(text.contains("unknown role: tool"), "{text}");
 }
+
+#[test]
+fn a_chat_run_stopped_halfway_resumes_bitwise() {
+    let tmp = ok(tempfile::tempdir());
+    cli_config(tmp.path(), &conversations(9));
+    // Batches of 2 over 6 training examples: the halves cross an epoch boundary.
+    let common = [
+        "--set",
+        "train.schedule=(kind: constant, warmup_steps: 2, min_lr: 1e-3)",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "train.eval_every=5",
+        "-q",
+    ];
+    let run = |args: &[&str]| {
+        crate::cli::codex_ml()
+            .current_dir(tmp.path())
+            .args(["run", "sft.ron"])
+            .args(common)
+            .args(args)
+            .assert()
+            .success();
+    };
+    run(&["--run-dir", "straight", "--set", "train.max_steps=10"]);
+    run(&["--run-dir", "halves", "--set", "train.max_steps=5"]);
+    run(&[
+        "--run-dir",
+        "halves",
+        "--resume",
+        "latest",
+        "--set",
+        "train.max_steps=10",
+    ]);
+    let weights = |run: &str| {
+        ok(fs::read(
+            tmp.path()
+                .join(run)
+                .join("checkpoints/step-00000010/model.safetensors"),
+        ))
+    };
+    assert!(weights("straight") == weights("halves"), "the resumed run differs");
+}
