@@ -726,5 +726,8 @@ fn a_chat_run_stopped_halfway_resumes_bitwise() {
                 .join("checkpoints/step-00000010/model.safetensors"),
         ))
     };
-    assert!(weights("straight") == weights("halves"), "the resumed run differs");
+    assert!(
+        weights("straight") == weights("halves"),
+        "the resumed run differs"
+    );
 }
