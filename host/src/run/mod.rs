@@ -439,10 +439,8 @@ fn run_in(
     };
     if config.data.is_sft() {
         tracing::info!(
-            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} examples \
-             (up to {} tokens, padded per batch)",
+            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} examples",
             config.train.grad_accum,
-            config.train.seq_len,
         );
     } else {
         tracing::info!(
@@ -451,7 +449,15 @@ fn run_in(
             config.train.seq_len,
         );
     }
-    tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
+    if config.data.is_sft() {
+        tracing::info!(
+            "an epoch is {} batches; rows padded to the batch's longest, at most {}",
+            train_batches.batches_per_epoch(),
+            config.train.seq_len
+        );
+    } else {
+        tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
+    }
 
     let optimizer = build::optimizer(
         registry,
