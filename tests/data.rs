@@ -34,6 +34,7 @@ fn config(train: Vec<Source>) -> DataConfig {
         gitignore: true,
         undecodable: Undecodable::Skip,
         preprocess: Preprocess::default(),
+        sft: Default::default(),
     }
 }
 

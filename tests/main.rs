@@ -20,6 +20,7 @@ mod precision;
 mod registry;
 mod report;
 mod resume;
+mod sft;
 mod sinks;
 mod tensor_ops;
 mod tokenizers;

@@ -46,6 +46,73 @@ pub struct DataConfig {
     /// key: changing a setting re-tokenizes. Default: `(normalize_newlines: true, min_chars: 1)`.
     #[serde(default)]
     pub preprocess: Preprocess,
+    /// Supervised fine-tuning: how `Chat` and `PromptCompletion` examples become batches
+    /// (which tokens carry the loss, the chat template, padding, what happens to an example
+    /// longer than the window). Read only when the sources are `Chat` or `PromptCompletion`.
+    /// Default: `(packing: false, assistant_only_loss: true, completion_only_loss: true,
+    /// overlong: truncate)`.
+    #[serde(default)]
+    pub sft: Sft,
+}
+
+/// How supervised fine-tuning examples are tokenized, masked and batched.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sft {
+    /// Pack several examples into one window, each attending only to itself. Not available:
+    /// the model interface has no way yet to confine attention to one example, and packing
+    /// without it would let examples see each other, so `true` is refused. `false` puts one
+    /// example in each row and pads every batch to its longest example, as TRL's
+    /// `SFTTrainer` does by default. Default: `false`.
+    #[serde(default)]
+    pub packing: bool,
+    /// `Chat` sources: the loss counts only the tokens the chat template marks as the
+    /// assistant's with `{% generation %}` ... `{% endgeneration %}`, as TRL's
+    /// `assistant_only_loss` does; a template with no such marks is refused (write them in,
+    /// or use `PromptCompletion` sources whose completion is the assistant's message).
+    /// `false` counts every token of the conversation (TRL's default). Default: `true`.
+    #[serde(default = "default_true")]
+    pub assistant_only_loss: bool,
+    /// `PromptCompletion` sources: the loss counts only the completion's tokens, as TRL's
+    /// `completion_only_loss` does for prompt-completion data; `false` counts the prompt's
+    /// too. Default: `true`.
+    #[serde(default = "default_true")]
+    pub completion_only_loss: bool,
+    /// The chat template, a file relative to the config: a Jinja template, or a
+    /// `tokenizer_config.json` whose `chat_template` holds one. Default: the `hf`
+    /// tokenizer's own, from `chat_template.jinja` or `tokenizer_config.json` beside its
+    /// `tokenizer.json`.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// An example with more tokens than a row holds (`train.seq_len + 1`): `truncate` keeps
+    /// its start, as TRL does, and the run counts the examples and tokens cut (log and
+    /// `metadata.json`); `error` stops the run naming the example's file and line.
+    /// Default: `truncate`.
+    #[serde(default)]
+    pub overlong: Overlong,
+}
+
+impl Default for Sft {
+    fn default() -> Self {
+        Sft {
+            packing: false,
+            assistant_only_loss: true,
+            completion_only_loss: true,
+            chat_template: None,
+            overlong: Overlong::default(),
+        }
+    }
+}
+
+/// What happens to a supervised fine-tuning example longer than a row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// Keep the start, cut the rest, and count what was cut.
+    #[default]
+    Truncate,
+    /// Stop with an error naming the example.
+    Error,
 }
 
 /// What happens to a file that is not UTF-8 text.
@@ -90,6 +157,18 @@ fn default_min_chars() -> usize {
     1
 }
 
+fn default_messages() -> String {
+    "messages".to_string()
+}
+
+fn default_prompt() -> String {
+    "prompt".to_string()
+}
+
+fn default_completion() -> String {
+    "completion".to_string()
+}
+
 fn default_val_fraction() -> f64 {
     0.1
 }
@@ -121,6 +200,32 @@ pub enum Source {
         /// The field holding the text.
         field: String,
     },
+    /// Supervised fine-tuning: JSON Lines of conversations, one per line, `field` (default
+    /// `messages`) holding a list of `{"role": ..., "content": ...}` objects, rendered by the
+    /// chat template (`data.sft.chat_template`). Which tokens carry the loss:
+    /// `data.sft.assistant_only_loss`.
+    Chat {
+        /// The file.
+        path: String,
+        /// The field holding the messages.
+        #[serde(default = "default_messages")]
+        field: String,
+    },
+    /// Supervised fine-tuning: JSON Lines of prompt/completion pairs, one per line, in the
+    /// fields `prompt` and `completion` (defaults `prompt` and `completion`). Both are
+    /// strings, or both lists of messages rendered by the chat template (the prompt with the
+    /// generation prompt, as TRL does). Which tokens carry the loss:
+    /// `data.sft.completion_only_loss`.
+    PromptCompletion {
+        /// The file.
+        path: String,
+        /// The field holding the prompt.
+        #[serde(default = "default_prompt")]
+        prompt: String,
+        /// The field holding the completion.
+        #[serde(default = "default_completion")]
+        completion: String,
+    },
     /// CSV with a header row, one document per row, the text in `column`.
     Csv {
         /// The file.
@@ -148,7 +253,21 @@ impl Default for ReadSettings {
     }
 }
 
+impl Source {
+    /// Whether the source holds supervised fine-tuning examples (`Chat`, `PromptCompletion`)
+    /// rather than documents.
+    pub fn is_sft(&self) -> bool {
+        matches!(self, Source::Chat { .. } | Source::PromptCompletion { .. })
+    }
+}
+
 impl DataConfig {
+    /// Whether the data is supervised fine-tuning examples: every training source is `Chat`
+    /// or `PromptCompletion` (the resolver refuses a mixture).
+    pub fn is_sft(&self) -> bool {
+        self.train.first().is_some_and(Source::is_sft)
+    }
+
     /// The settings the host's source reader takes from this config.
     pub fn read_settings(&self) -> ReadSettings {
         ReadSettings {

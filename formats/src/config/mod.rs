@@ -28,7 +28,7 @@ mod overrides;
 mod raw;
 mod write;
 
-pub use data::{DataConfig, Preprocess, ReadSettings, Source, Undecodable};
+pub use data::{DataConfig, Overlong, Preprocess, ReadSettings, Sft, Source, Undecodable};
 pub use overrides::{apply_overrides, related, Override};
 pub use raw::{
     RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawSource, RawTrain,

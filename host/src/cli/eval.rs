@@ -15,6 +15,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let target = super::run_target(&args.target, Latest::WithCheckpoint)?;
     let loaded = inference::load(&target, &registry)?;
     let config = &loaded.config;
+    let sft = config.data.is_sft();
     let docs = if args.data.is_empty() {
         let split = data::load_documents(&config.data, &config.dir)?;
         if split.val.is_empty() {
@@ -23,6 +24,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             );
         }
         split.val
+    } else if sft {
+        // Supervised fine-tuning runs read other files as they read their training sources.
+        let cwd = std::env::current_dir()?;
+        let sources: Vec<Source> = args
+            .data
+            .iter()
+            .map(|path| sft_source_like(&config.data.train[0], path))
+            .collect();
+        data::read_sources(&sources, &cwd, &config.data.read_settings())?.documents
     } else {
         let cwd = std::env::current_dir()?;
         let sources = [Source::Text {
@@ -32,12 +42,34 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let read = data::read_sources(&sources, &cwd, &config.data.read_settings())?;
         data::preprocess(read.documents, &config.data.preprocess)
     };
-    let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
     let shape = BatchShape {
         batch_size: config.train.batch_size,
         seq_len: config.train.seq_len,
     };
-    let val = ValBatches::new(tokens.into(), shape, data::pad_id(&loaded.tokenizer))?;
+    let pad = data::pad_id(&loaded.tokenizer);
+    let val = if sft {
+        let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
+        let encoder = data::SftEncoder::new(&config.data, &loaded.tokenizer, dir.as_deref())?;
+        let fingerprint = data::TokenizerFingerprint::of(
+            &loaded.tokenizer,
+            &config.tokenizer.name,
+            &config.tokenizer.params_json(),
+        )?;
+        let cache = data::TokenCache::new(data::cache_dir(&config.data, &config.dir)?);
+        let rows = data::sft_rows(
+            "eval",
+            &docs,
+            &encoder,
+            &fingerprint,
+            &cache,
+            config.train.seq_len,
+            config.data.sft.overlong,
+        )?;
+        ValBatches::examples(rows.tokens, rows.rows, shape, pad)?
+    } else {
+        let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
+        ValBatches::new(tokens.into(), shape, pad)?
+    };
     let totals = inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)?;
     super::say!("checkpoint {}", loaded.checkpoint.display());
     if args.json {
@@ -61,4 +93,26 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         totals.batches
     )?;
     Ok(())
+}
+
+/// A source of the same kind and fields as the run's training source `like`, reading `path`.
+fn sft_source_like(like: &Source, path: &str) -> Source {
+    let path = path.to_string();
+    match like {
+        Source::PromptCompletion {
+            prompt, completion, ..
+        } => Source::PromptCompletion {
+            path,
+            prompt: prompt.clone(),
+            completion: completion.clone(),
+        },
+        Source::Chat { field, .. } => Source::Chat {
+            path,
+            field: field.clone(),
+        },
+        _ => Source::Chat {
+            path,
+            field: "messages".to_string(),
+        },
+    }
 }

@@ -215,7 +215,9 @@ pub struct EvalArgs {
     /// `latest` (the newest run under runs/ with a valid checkpoint)
     #[arg(value_name = "RUN_OR_CHECKPOINT|latest")]
     pub target: PathBuf,
-    /// Evaluate on these files or globs instead of the run's validation split; repeatable
+    /// Evaluate on these files or globs instead of the run's validation split; repeatable. A
+    /// supervised fine-tuning run reads them (JSON Lines files, not globs) as its training
+    /// sources, and counts completion or assistant tokens only
     #[arg(long, value_name = "FILE_OR_GLOB")]
     pub data: Vec<String>,
     /// Evaluate at most N batches [default: all of them]

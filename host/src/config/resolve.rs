@@ -271,11 +271,38 @@ impl Resolver<'_> {
                             }
                         }
                     }
-                    Source::Jsonl { path, .. } | Source::Csv { path, .. } => {
-                        *path = absolute(dir, path)
-                    }
+                    Source::Jsonl { path, .. }
+                    | Source::Csv { path, .. }
+                    | Source::Chat { path, .. }
+                    | Source::PromptCompletion { path, .. } => *path = absolute(dir, path),
                 }
             }
+        }
+        let sft = data.is_sft();
+        for (section, sources) in [("train", &data.train), ("val", &data.val)] {
+            if let Some(i) = sources.iter().position(|s| s.is_sft() != sft) {
+                return Err(self.invalid(
+                    &format!("data.{section}[{i}]"),
+                    if sft {
+                        "a document source among supervised fine-tuning sources: list only \
+                         `Chat` and `PromptCompletion` sources, or only `Text`, `Jsonl` and `Csv`"
+                    } else {
+                        "a supervised fine-tuning source among document sources: list only \
+                         `Chat` and `PromptCompletion` sources, or only `Text`, `Jsonl` and `Csv`"
+                    },
+                ));
+            }
+        }
+        if sft && data.sft.packing {
+            return Err(self.invalid(
+                "data.sft.packing",
+                "packing is not available: the model interface cannot yet confine attention \
+                 to one example, and packed examples would attend to each other; remove it \
+                 (one example per row, padded per batch)",
+            ));
+        }
+        if let Some(template) = &mut data.sft.chat_template {
+            *template = absolute(dir, template);
         }
         if let Some(cache) = &mut data.cache_dir {
             *cache = absolute(dir, cache);

@@ -11,6 +11,12 @@
 //! serialisable [`DataCursor`], this makes a resumed run see exactly the batches an
 //! uninterrupted one would.
 //!
+//! Supervised fine-tuning data is examples rather than one stream: each is a row of its own
+//! (its ids but the last as inputs, its ids but the first as targets, [`IGNORE_INDEX`] where
+//! the loss does not count the token), and a batch is padded to its longest row — TRL's
+//! default (`packing=False`, padding to the longest in the batch). Their order is drawn as
+//! the windows' is, over examples instead of windows, so [`DataCursor`] counts examples.
+//!
 //! Validation windows are in stream order; the stream's tail becomes one last, shorter
 //! window padded to `seq_len` with inputs = the pad id and targets = [`IGNORE_INDEX`], so
 //! every validation token is evaluated exactly once and padding is never counted.
@@ -21,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::cache::Tokens;
 use super::error::DataError;
+use super::sft::LEARN;
 
 /// The target id of padding positions: never a real token, skipped by the loss.
 pub const IGNORE_INDEX: u32 = u32::MAX;
@@ -109,6 +116,76 @@ pub struct TrainBatches {
     cursor: DataCursor,
     /// The window order of `cursor.epoch`.
     order: Vec<usize>,
+    /// Supervised fine-tuning examples, when the data is examples.
+    examples: Option<Examples>,
+}
+
+/// Supervised fine-tuning examples in a token stream: where each row's ids are, and what
+/// pads the rows.
+#[derive(Debug)]
+struct Examples {
+    /// (start, length) of each example's ids in the stream, cut to fit a row.
+    rows: Vec<(usize, usize)>,
+    pad_id: u32,
+    /// Targets the loss counts, over all rows.
+    targets: u64,
+}
+
+impl Examples {
+    fn new(tokens: &[u32], rows: Vec<(usize, usize)>, pad_id: u32) -> Self {
+        let targets = rows
+            .iter()
+            .map(|&(start, len)| {
+                tokens[start + 1..start + len]
+                    .iter()
+                    .filter(|&&id| id & LEARN != 0)
+                    .count() as u64
+            })
+            .sum();
+        Examples {
+            rows,
+            pad_id,
+            targets,
+        }
+    }
+
+    /// The batch of rows `which`, padded to the longest.
+    fn batch(
+        &self,
+        tokens: &[u32],
+        which: impl Iterator<Item = usize> + Clone,
+        epoch: u64,
+    ) -> TokenBatch {
+        let seq_len = which.clone().map(|r| self.rows[r].1 - 1).max().unwrap_or(0);
+        let mut inputs = Vec::new();
+        let mut targets = Vec::new();
+        let mut counted = 0u64;
+        let mut rows = 0;
+        for r in which {
+            let (start, len) = self.rows[r];
+            let ids = &tokens[start..start + len];
+            inputs.extend(ids[..len - 1].iter().map(|&id| id & !LEARN));
+            inputs.extend(std::iter::repeat_n(self.pad_id, seq_len - (len - 1)));
+            for &id in &ids[1..] {
+                if id & LEARN != 0 {
+                    targets.push(id & !LEARN);
+                    counted += 1;
+                } else {
+                    targets.push(IGNORE_INDEX);
+                }
+            }
+            targets.extend(std::iter::repeat_n(IGNORE_INDEX, seq_len - (len - 1)));
+            rows += 1;
+        }
+        TokenBatch {
+            inputs,
+            targets,
+            rows,
+            seq_len,
+            tokens: counted,
+            epoch,
+        }
+    }
 }
 
 impl TrainBatches {
@@ -138,10 +215,43 @@ impl TrainBatches {
             seed,
             windows,
             cursor: DataCursor::default(),
+            examples: None,
         })
     }
 
-    /// Windows per epoch.
+    /// Batches of supervised fine-tuning examples: `rows` are (start, length) of each
+    /// example's ids in `tokens` (at least 2, and at most `seq_len + 1`: what
+    /// [`super::sft::fit_examples`] returns); rows are padded with `pad_id`.
+    pub fn examples(
+        tokens: Tokens,
+        rows: Vec<(usize, usize)>,
+        shape: BatchShape,
+        seed: u64,
+        pad_id: u32,
+    ) -> Result<Self, DataError> {
+        let shape = shape.check()?;
+        if rows.is_empty() {
+            return Err(DataError::Empty {
+                split: "train",
+                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
+                       tokens; a longer train.seq_len may keep some"
+                    .to_string(),
+            });
+        }
+        let windows = rows.len();
+        let examples = Examples::new(&tokens, rows, pad_id);
+        Ok(TrainBatches {
+            order: window_order(seed, 0, windows),
+            tokens,
+            shape,
+            seed,
+            windows,
+            cursor: DataCursor::default(),
+            examples: Some(examples),
+        })
+    }
+
+    /// Windows (or examples) per epoch.
     pub fn windows(&self) -> usize {
         self.windows
     }
@@ -151,9 +261,12 @@ impl TrainBatches {
         self.windows.div_ceil(self.shape.batch_size)
     }
 
-    /// Training tokens (targets) per epoch.
+    /// Training tokens (targets the loss counts) per epoch.
     pub fn tokens_per_epoch(&self) -> u64 {
-        (self.windows * self.shape.seq_len) as u64
+        match &self.examples {
+            Some(e) => e.targets,
+            None => (self.windows * self.shape.seq_len) as u64,
+        }
     }
 
     /// The shape.
@@ -196,6 +309,12 @@ impl TrainBatches {
         }
         let start = self.cursor.position as usize;
         let rows = self.shape.batch_size.min(self.windows - start);
+        if let Some(examples) = &self.examples {
+            let which = self.order[start..start + rows].iter().copied();
+            let batch = examples.batch(&self.tokens, which, self.cursor.epoch);
+            self.cursor.position += rows as u64;
+            return batch;
+        }
         let seq_len = self.shape.seq_len;
         let mut inputs = Vec::with_capacity(rows * seq_len);
         let mut targets = Vec::with_capacity(rows * seq_len);
@@ -223,6 +342,8 @@ pub struct ValBatches {
     shape: BatchShape,
     pad_id: u32,
     windows: usize,
+    /// Supervised fine-tuning examples, when the data is examples.
+    examples: Option<Examples>,
 }
 
 impl ValBatches {
@@ -245,6 +366,34 @@ impl ValBatches {
             shape,
             pad_id,
             windows,
+            examples: None,
+        })
+    }
+
+    /// Batches of supervised fine-tuning examples, in order; as [`TrainBatches::examples`].
+    pub fn examples(
+        tokens: Tokens,
+        rows: Vec<(usize, usize)>,
+        shape: BatchShape,
+        pad_id: u32,
+    ) -> Result<Self, DataError> {
+        let shape = shape.check()?;
+        if rows.is_empty() {
+            return Err(DataError::Empty {
+                split: "val",
+                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
+                       tokens; a longer train.seq_len may keep some"
+                    .to_string(),
+            });
+        }
+        let windows = rows.len();
+        let examples = Examples::new(&tokens, rows, pad_id);
+        Ok(ValBatches {
+            tokens,
+            shape,
+            pad_id,
+            windows,
+            examples: Some(examples),
         })
     }
 
@@ -263,9 +412,13 @@ impl ValBatches {
         self.windows
     }
 
-    /// Targets over all batches (every token but the first).
+    /// Targets over all batches (every token but the first; for examples, those the loss
+    /// counts).
     pub fn target_tokens(&self) -> u64 {
-        self.tokens.len() as u64 - 1
+        match &self.examples {
+            Some(e) => e.targets,
+            None => self.tokens.len() as u64 - 1,
+        }
     }
 
     /// Batch `index`, or `None` past the end.
@@ -275,6 +428,9 @@ impl ValBatches {
             return None;
         }
         let rows = self.shape.batch_size.min(self.windows - first);
+        if let Some(examples) = &self.examples {
+            return Some(examples.batch(&self.tokens, first..first + rows, 0));
+        }
         let seq_len = self.shape.seq_len;
         let mut inputs = Vec::with_capacity(rows * seq_len);
         let mut targets = Vec::with_capacity(rows * seq_len);

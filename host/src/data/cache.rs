@@ -28,6 +28,7 @@ use super::tokenize::{tokenize, TokenizerFingerprint};
 const MAGIC: &[u8; 8] = b"CDXTOK\0\x01";
 const HEADER: usize = 48;
 const KEY_DOMAIN: &[u8] = b"codex-ml token cache v1";
+const SFT_DOMAIN: &[u8] = b"codex-ml sft examples v1";
 
 /// A stream of token ids, owned or mapped from a cache file.
 pub struct Tokens(Repr);
@@ -105,6 +106,22 @@ impl CacheKey {
         fingerprint: &TokenizerFingerprint,
         preprocess: &Preprocess,
     ) -> Self {
+        let settings = serde_json::to_string(preprocess).unwrap_or_default();
+        Self::keyed(KEY_DOMAIN, docs, fingerprint, &settings)
+    }
+
+    /// The key of supervised fine-tuning examples `docs` encoded by `fingerprint` with
+    /// `settings` (the chat template and the loss settings: [`super::sft::SftEncoder::settings_key`]).
+    pub fn sft(docs: &[Document], fingerprint: &TokenizerFingerprint, settings: &str) -> Self {
+        Self::keyed(SFT_DOMAIN, docs, fingerprint, settings)
+    }
+
+    fn keyed(
+        domain: &[u8],
+        docs: &[Document],
+        fingerprint: &TokenizerFingerprint,
+        settings: &str,
+    ) -> Self {
         let mut h = Sha256::new();
         // Every field is length-prefixed so that no two different inputs hash alike
         // (["ab", "c"] and ["a", "bc"] differ).
@@ -112,13 +129,12 @@ impl CacheKey {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
-        field(KEY_DOMAIN);
+        field(domain);
         field(&(docs.len() as u64).to_le_bytes());
         for d in docs {
             field(d.text.as_bytes());
         }
         field(fingerprint.as_str().as_bytes());
-        let settings = serde_json::to_string(preprocess).unwrap_or_default();
         field(settings.as_bytes());
         CacheKey(hex::encode(h.finalize()))
     }
@@ -161,7 +177,18 @@ impl TokenCache {
         preprocess: &Preprocess,
     ) -> Result<Cached, DataError> {
         let key = CacheKey::new(docs, fingerprint, preprocess);
-        let path = self.path(&key);
+        self.load_or_build_with(&key, docs.len(), || tokenize(docs, tokenizer))
+    }
+
+    /// The stream named `key`: from the cache when a valid file exists, otherwise made by
+    /// `build` (from `count` documents) and written to the cache.
+    pub fn load_or_build_with(
+        &self,
+        key: &CacheKey,
+        count: usize,
+        build: impl FnOnce() -> Result<Vec<u32>, DataError>,
+    ) -> Result<Cached, DataError> {
+        let path = self.path(key);
         let outcome = match open(&path) {
             Ok(Some(tokens)) => {
                 tracing::info!(
@@ -178,8 +205,7 @@ impl TokenCache {
             }
             Ok(None) => {
                 tracing::info!(
-                    "token cache miss: tokenizing {} documents into {}",
-                    docs.len(),
+                    "token cache miss: tokenizing {count} documents into {}",
                     shown(&self.dir)
                 );
                 tracing::debug!("token cache file: {}", path.display());
@@ -190,7 +216,7 @@ impl TokenCache {
                 CacheOutcome::Rebuilt(reason)
             }
         };
-        let tokens = tokenize(docs, tokenizer)?;
+        let tokens = build()?;
         self.write(&path, &tokens)?;
         Ok(Cached {
             tokens: Tokens::from(tokens),

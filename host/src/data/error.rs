@@ -118,6 +118,25 @@ pub enum DataError {
         /// The tokenizer's message.
         message: String,
     },
+    /// The chat template cannot render a conversation.
+    #[error("{origin}: the chat template cannot render this example: {message}")]
+    Render {
+        /// The example (`path:line`).
+        origin: String,
+        /// What the template engine said.
+        message: String,
+    },
+    /// A supervised fine-tuning example is longer than a row, and `data.sft.overlong` is
+    /// `error`.
+    #[error("{origin}: the example has {tokens} tokens and a row holds {max} (train.seq_len + 1): raise `train.seq_len`, shorten the example, or set `data.sft.overlong: truncate` to cut it (the run counts what it cuts)")]
+    Overlong {
+        /// The example (`path:line`).
+        origin: String,
+        /// Its tokens.
+        tokens: usize,
+        /// Tokens a row holds.
+        max: usize,
+    },
     /// The tokenizer failed outside any document.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -139,7 +158,9 @@ impl DataError {
             | DataError::UnknownColumn { .. }
             | DataError::Setting { .. }
             | DataError::Empty { .. }
-            | DataError::TooFewTokens { .. } => true,
+            | DataError::TooFewTokens { .. }
+            | DataError::Render { .. }
+            | DataError::Overlong { .. } => true,
         }
     }
 

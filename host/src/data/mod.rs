@@ -18,8 +18,10 @@
 
 pub mod batch;
 pub mod cache;
+pub mod chat;
 pub mod error;
 pub mod select;
+pub mod sft;
 pub mod source;
 pub mod split;
 pub mod tokenize;
@@ -34,9 +36,10 @@ pub use batch::{
 };
 pub use cache::{CacheKey, CacheOutcome, Cached, TokenCache, Tokens};
 pub use codex_formats::config::data as config;
-pub use config::{DataConfig, Preprocess, ReadSettings, Source, Undecodable};
+pub use config::{DataConfig, Overlong, Preprocess, ReadSettings, Sft, Source, Undecodable};
 pub use error::DataError;
 pub use select::check_glob;
+pub use sft::{SftEncoder, SftReport};
 pub use source::{read_sources, DataReport, Document, Read, Skipped, SkippedFile};
 pub use split::{hold_out, load_documents, preprocess, SplitDocuments};
 pub use tokenize::{tokenize, TokenizerFingerprint};
@@ -65,6 +68,64 @@ pub fn token_streams(
         Some(cache.load_or_build(&docs.val, tokenizer, fingerprint, preprocess)?)
     };
     Ok(TokenStreams { train, val })
+}
+
+/// Supervised fine-tuning examples fitted into rows: the stream, where each row is in it,
+/// and what fitting them did.
+#[derive(Debug)]
+pub struct SftRows {
+    /// The stream of examples ([`sft::LEARN`] marks what the loss counts).
+    pub tokens: Tokens,
+    /// (start, length) of each row's ids in `tokens`.
+    pub rows: Vec<(usize, usize)>,
+    /// Examples cut or left out.
+    pub report: sft::SftReport,
+}
+
+/// The examples `docs` of `split` encoded by `encoder` through `cache`, fitted into rows of
+/// `seq_len + 1` ids as `overlong` says; what was cut or left out is logged.
+pub fn sft_rows(
+    split: &'static str,
+    docs: &[Document],
+    encoder: &sft::SftEncoder,
+    fingerprint: &TokenizerFingerprint,
+    cache: &TokenCache,
+    seq_len: usize,
+    overlong: Overlong,
+) -> Result<SftRows, DataError> {
+    let key = CacheKey::sft(docs, fingerprint, &encoder.settings_key());
+    let cached = cache.load_or_build_with(&key, docs.len(), || encoder.encode_all(docs))?;
+    let origins: Vec<String> = docs.iter().map(|d| d.origin.clone()).collect();
+    let (rows, report) = sft::fit_examples(&cached.tokens, seq_len + 1, overlong, &origins)?;
+    if report.truncated > 0 {
+        tracing::warn!(
+            "{split}: {} of {} examples are longer than a row (seq_len {seq_len} + 1 tokens) and \
+             were cut, losing {} tokens (`data.sft.overlong: error` refuses them)",
+            report.truncated,
+            report.examples,
+            report.truncated_tokens
+        );
+    }
+    if report.without_targets > 0 {
+        tracing::warn!(
+            "{split}: {} of {} examples have no token the loss counts{} and are left out",
+            report.without_targets,
+            report.examples,
+            if report.truncated > 0 {
+                " (after cutting)"
+            } else {
+                ""
+            }
+        );
+    }
+    if !report.examples_named.is_empty() {
+        tracing::warn!("  e.g. {}", report.examples_named.join(", "));
+    }
+    Ok(SftRows {
+        tokens: cached.tokens,
+        rows,
+        report,
+    })
 }
 
 /// The id that pads validation inputs: the tokenizer's pad id, else its end-of-text id.

@@ -43,6 +43,10 @@ pub struct DataReport {
     pub undecodable: Skipped,
     /// Globs that matched no file (each was warned about).
     pub unmatched_globs: Vec<String>,
+    /// Supervised fine-tuning: training examples cut to fit a row, or left out because no
+    /// token of theirs carries the loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sft: Option<super::sft::SftReport>,
 }
 
 /// Files left out, counted, with the first few named.
@@ -118,6 +122,23 @@ pub fn read_sources(
             Source::Jsonl { path, field } => {
                 found_files = true;
                 read_jsonl(&base_dir.join(path), field, &mut read.documents)?
+            }
+            Source::Chat { path, field } => {
+                found_files = true;
+                read_chat(&base_dir.join(path), field, &mut read.documents)?
+            }
+            Source::PromptCompletion {
+                path,
+                prompt,
+                completion,
+            } => {
+                found_files = true;
+                read_prompt_completion(
+                    &base_dir.join(path),
+                    prompt,
+                    completion,
+                    &mut read.documents,
+                )?
             }
             Source::Csv { path, column } => {
                 found_files = true;
@@ -228,7 +249,12 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn read_jsonl(path: &Path, field: &str, docs: &mut Vec<Document>) -> Result<(), DataError> {
+/// Each JSON object of a JSON Lines file with its 1-based line number; blank lines are
+/// skipped, anything else that is not an object is an error naming the line.
+fn jsonl_records(
+    path: &Path,
+    mut each: impl FnMut(u64, &serde_json::Map<String, serde_json::Value>) -> Result<(), DataError>,
+) -> Result<(), DataError> {
     let bytes = read_bytes(path)?;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i as u64 + 1;
@@ -249,33 +275,170 @@ fn read_jsonl(path: &Path, field: &str, docs: &mut Vec<Document>) -> Result<(), 
                 format!("expected a JSON object, found {}", json_kind(&value)),
             ));
         };
-        match map.get(field) {
-            Some(serde_json::Value::String(s)) => docs.push(Document {
+        each(line, map)?;
+    }
+    Ok(())
+}
+
+/// The value of `field` in a record, or an error listing the record's fields.
+fn required<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    path: &Path,
+    line: u64,
+) -> Result<&'a serde_json::Value, DataError> {
+    map.get(field).ok_or_else(|| {
+        let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        record_error(
+            path,
+            line,
+            format!(
+                "no field `{field}`; the record's fields are: {}",
+                keys.join(", ")
+            ),
+        )
+    })
+}
+
+fn read_jsonl(path: &Path, field: &str, docs: &mut Vec<Document>) -> Result<(), DataError> {
+    jsonl_records(path, |line, map| match required(map, field, path, line)? {
+        serde_json::Value::String(s) => {
+            docs.push(Document {
                 origin: format!("{}:{line}", path.display()),
                 text: s.clone(),
-            }),
+            });
+            Ok(())
+        }
+        other => Err(record_error(
+            path,
+            line,
+            format!("field `{field}` is {}, expected a string", json_kind(other)),
+        )),
+    })
+}
+
+/// A list of chat messages, checked: objects with a string `role` and a `content`.
+fn messages(
+    value: &serde_json::Value,
+    field: &str,
+    path: &Path,
+    line: u64,
+) -> Result<serde_json::Value, DataError> {
+    let serde_json::Value::Array(items) = value else {
+        return Err(record_error(
+            path,
+            line,
+            format!(
+                "field `{field}` is {}, expected a list of messages like \
+                 [{{\"role\": \"user\", \"content\": \"...\"}}]",
+                json_kind(value)
+            ),
+        ));
+    };
+    for (i, item) in items.iter().enumerate() {
+        let serde_json::Value::Object(message) = item else {
+            return Err(record_error(
+                path,
+                line,
+                format!(
+                    "`{field}[{i}]` is {}, expected an object with `role` and `content`",
+                    json_kind(item)
+                ),
+            ));
+        };
+        match message.get("role") {
+            Some(serde_json::Value::String(_)) => {}
             Some(other) => {
                 return Err(record_error(
                     path,
                     line,
-                    format!("field `{field}` is {}, expected a string", json_kind(other)),
+                    format!(
+                        "`{field}[{i}].role` is {}, expected a string",
+                        json_kind(other)
+                    ),
                 ))
             }
             None => {
-                let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
-                keys.sort_unstable();
+                return Err(record_error(
+                    path,
+                    line,
+                    format!("`{field}[{i}]` has no `role`"),
+                ))
+            }
+        }
+        if !message.contains_key("content") {
+            return Err(record_error(
+                path,
+                line,
+                format!("`{field}[{i}]` has no `content`"),
+            ));
+        }
+    }
+    Ok(value.clone())
+}
+
+/// A supervised fine-tuning example as a document: its fields under their canonical names
+/// (`messages`, or `prompt` and `completion`), as one line of JSON. The text is what the
+/// validation split and the token cache hash, so an example is held out by its content.
+fn example(origin: String, fields: serde_json::Map<String, serde_json::Value>) -> Document {
+    Document {
+        origin,
+        text: serde_json::Value::Object(fields).to_string(),
+    }
+}
+
+fn read_chat(path: &Path, field: &str, docs: &mut Vec<Document>) -> Result<(), DataError> {
+    jsonl_records(path, |line, map| {
+        let list = messages(required(map, field, path, line)?, field, path, line)?;
+        if list.as_array().is_some_and(Vec::is_empty) {
+            return Err(record_error(
+                path,
+                line,
+                format!("`{field}` is an empty list: a conversation needs a message"),
+            ));
+        }
+        let mut fields = serde_json::Map::new();
+        fields.insert(super::sft::MESSAGES.to_string(), list);
+        docs.push(example(format!("{}:{line}", path.display()), fields));
+        Ok(())
+    })
+}
+
+fn read_prompt_completion(
+    path: &Path,
+    prompt: &str,
+    completion: &str,
+    docs: &mut Vec<Document>,
+) -> Result<(), DataError> {
+    jsonl_records(path, |line, map| {
+        let p = required(map, prompt, path, line)?;
+        let c = required(map, completion, path, line)?;
+        let (p, c) = match (p, c) {
+            (serde_json::Value::String(_), serde_json::Value::String(_)) => (p.clone(), c.clone()),
+            (serde_json::Value::Array(_), serde_json::Value::Array(_)) => (
+                messages(p, prompt, path, line)?,
+                messages(c, completion, path, line)?,
+            ),
+            _ => {
                 return Err(record_error(
                     path,
                     line,
                     format!(
-                        "no field `{field}`; the record's fields are: {}",
-                        keys.join(", ")
+                        "`{prompt}` is {} and `{completion}` is {}: both must be strings, or \
+                         both lists of messages",
+                        json_kind(p),
+                        json_kind(c)
                     ),
-                ));
+                ))
             }
-        }
-    }
-    Ok(())
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert(super::sft::PROMPT.to_string(), p);
+        fields.insert(super::sft::COMPLETION.to_string(), c);
+        docs.push(example(format!("{}:{line}", path.display()), fields));
+        Ok(())
+    })
 }
 
 fn csv_error(path: &Path, e: csv::Error) -> DataError {

@@ -56,7 +56,15 @@ pub fn load_documents(config: &DataConfig, base_dir: &Path) -> Result<SplitDocum
     let read = read_sources(&config.train, base_dir, &settings)?;
     let mut report = read.report;
     let read_count = read.documents.len();
-    let train = preprocess(read.documents, &config.preprocess);
+    // Supervised fine-tuning examples are records, not text: preprocessing does not apply.
+    let clean = |docs| {
+        if config.is_sft() {
+            docs
+        } else {
+            preprocess(docs, &config.preprocess)
+        }
+    };
+    let train = clean(read.documents);
     if train.is_empty() {
         return Err(DataError::Empty {
             split: "train",
@@ -68,7 +76,7 @@ pub fn load_documents(config: &DataConfig, base_dir: &Path) -> Result<SplitDocum
     } else {
         let read = read_sources(&config.val, base_dir, &settings)?;
         let read_count = read.documents.len();
-        let val = preprocess(read.documents, &config.preprocess);
+        let val = clean(read.documents);
         if val.is_empty() {
             return Err(DataError::Empty {
                 split: "val",

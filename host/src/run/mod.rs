@@ -396,7 +396,7 @@ fn run_in(
 
     let trackers = steps::trackers(config, registry)?;
     let docs = steps::documents(config)?;
-    let data_report = docs.report.clone();
+    let mut data_report = docs.report.clone();
     let (tokenizer, tokenizer_json) = steps::tokenizer(config, registry, &docs.corpus())?;
     if let Start::Fresh = start {
         write_tokenizer(tokenizer_json.as_deref())?;
@@ -407,7 +407,8 @@ fn run_in(
     if resume_from.is_none() {
         steps::pretrained(config, &mut store)?;
     }
-    let (mut train_batches, val_batches) = steps::batches(config, docs, &tokenizer)?;
+    let (mut train_batches, val_batches, sft_report) = steps::batches(config, docs, &tokenizer)?;
+    data_report.sft = sft_report;
 
     let total_steps = steps::total_steps(config, &train_batches)?;
     if let Some(point) = resume_from {
@@ -424,23 +425,39 @@ fn run_in(
     let rows = config.train.batch_size.min(train_batches.windows());
     if rows < config.train.batch_size {
         tracing::warn!(
-            "train.batch_size is {} but the training data holds only {rows} windows of {} tokens, so every batch is those {rows}; add data, or lower train.batch_size or train.seq_len",
+            "train.batch_size is {} but the training data holds only {rows} {} of {} tokens, so every batch is those {rows}; add data, or lower train.batch_size or train.seq_len",
             config.train.batch_size,
+            if config.data.is_sft() { "examples" } else { "windows" },
             config.train.seq_len
         );
     }
     // Two short lines rather than one that wraps at 80 columns.
-    tracing::info!(
-        "training: {total_steps} steps, each of {} micro-batch{} of {rows} x {} tokens",
-        config.train.grad_accum,
-        if config.train.grad_accum == 1 {
-            ""
-        } else {
-            "es"
-        },
-        config.train.seq_len,
-    );
-    tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
+    let plural = if config.train.grad_accum == 1 {
+        ""
+    } else {
+        "es"
+    };
+    if config.data.is_sft() {
+        tracing::info!(
+            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} examples",
+            config.train.grad_accum,
+        );
+    } else {
+        tracing::info!(
+            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} x {} tokens",
+            config.train.grad_accum,
+            config.train.seq_len,
+        );
+    }
+    if config.data.is_sft() {
+        tracing::info!(
+            "an epoch is {} batches; rows padded to the batch's longest, at most {}",
+            train_batches.batches_per_epoch(),
+            config.train.seq_len
+        );
+    } else {
+        tracing::info!("an epoch is {} batches", train_batches.batches_per_epoch());
+    }
 
     let optimizer = build::optimizer(
         registry,

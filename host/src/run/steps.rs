@@ -38,9 +38,14 @@ pub(crate) fn trackers(config: &Config, registry: &Registry) -> Result<Vec<(Stri
 pub(crate) fn documents(config: &Config) -> Result<SplitDocuments> {
     let docs = data::load_documents(&config.data, &config.dir)?;
     tracing::info!(
-        "data: {} training and {} validation documents",
+        "data: {} training and {} validation {}",
         docs.train.len(),
-        docs.val.len()
+        docs.val.len(),
+        if config.data.is_sft() {
+            "examples"
+        } else {
+            "documents"
+        }
     );
     Ok(docs)
 }
@@ -137,18 +142,63 @@ pub(crate) fn model(
 }
 
 /// Token streams through the content-addressed cache, then batches: the training batches in
-/// their (seed, epoch) order and the validation batches, if there is validation data.
+/// their (seed, epoch) order and the validation batches, if there is validation data; for
+/// supervised fine-tuning data, also what fitting the training examples into rows did.
 pub(crate) fn batches(
     config: &Config,
     docs: SplitDocuments,
     tokenizer: &TokenizerBox,
-) -> Result<(TrainBatches, Option<ValBatches>)> {
+) -> Result<(TrainBatches, Option<ValBatches>, Option<data::SftReport>)> {
     let fingerprint = data::TokenizerFingerprint::of(
         tokenizer,
         &config.tokenizer.name,
         &config.tokenizer.params_json(),
     )?;
     let cache = data::TokenCache::new(data::cache_dir(&config.data, &config.dir)?);
+    let shape = BatchShape {
+        batch_size: config.train.batch_size,
+        seq_len: config.train.seq_len,
+    };
+    if config.data.is_sft() {
+        let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
+        let encoder = data::SftEncoder::new(&config.data, tokenizer, dir.as_deref())?;
+        let (seq_len, overlong) = (config.train.seq_len, config.data.sft.overlong);
+        let rows = data::sft_rows(
+            "train",
+            &docs.train,
+            &encoder,
+            &fingerprint,
+            &cache,
+            seq_len,
+            overlong,
+        )?;
+        let pad = data::pad_id(tokenizer);
+        let report = rows.report;
+        let train = TrainBatches::examples(rows.tokens, rows.rows, shape, config.seed, pad)?;
+        tracing::info!(
+            "data: {} training examples, {} tokens the loss counts per epoch",
+            train.windows(),
+            train.tokens_per_epoch()
+        );
+        let val = if docs.val.is_empty() {
+            tracing::warn!(
+                "no validation examples: evaluation is skipped (set data.val_fraction or data.val)"
+            );
+            None
+        } else {
+            let rows = data::sft_rows(
+                "val",
+                &docs.val,
+                &encoder,
+                &fingerprint,
+                &cache,
+                seq_len,
+                overlong,
+            )?;
+            Some(ValBatches::examples(rows.tokens, rows.rows, shape, pad)?)
+        };
+        return Ok((train, val, Some(report)));
+    }
     let streams = data::token_streams(
         &docs,
         tokenizer,
@@ -157,10 +207,6 @@ pub(crate) fn batches(
         &config.data.preprocess,
     )?;
     drop(docs);
-    let shape = BatchShape {
-        batch_size: config.train.batch_size,
-        seq_len: config.train.seq_len,
-    };
     let train = TrainBatches::new(streams.train.tokens, shape, config.seed)?;
     let val = match streams.val {
         Some(v) => Some(ValBatches::new(v.tokens, shape, data::pad_id(tokenizer))?),
@@ -169,7 +215,7 @@ pub(crate) fn batches(
             None
         }
     };
-    Ok((train, val))
+    Ok((train, val, None))
 }
 
 /// Open the config's sinks and start the metrics hub with them and the trackers; a resumed
