@@ -467,26 +467,98 @@ fn bad_records_name_their_file_line_and_field() {
     }
 }
 
+/// Without generation marks, the assistant's tokens are found by rendering the conversation
+/// before and through each assistant message: transformers' mask for the same template with
+/// marks, plus the newline ChatML writes after each `<|im_end|>`.
 #[test]
-fn templates_that_cannot_serve_are_refused_with_what_to_do() {
-    // No generation marks and assistant_only_loss: refused, naming the setting.
+fn without_generation_marks_the_assistant_turns_are_found_by_rendering_prefixes() {
+    let e = expected();
+    let conversation = &e["conversation"];
+    let marked = ok(fs::read_to_string(
+        dir().join("chatml").join("chat_template.jinja"),
+    ));
+    let plain: String = marked
+        .lines()
+        .filter(|l| !l.contains("generation %}"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = ok(tempfile::tempdir());
+    let path = tmp.path().join("plain.jinja");
+    ok(fs::write(&path, plain));
+    let sft = Sft {
+        chat_template: Some(path.to_string_lossy().into_owned()),
+        ..Sft::default()
+    };
+    let enc = ok(encoder(vec![chat_source()], sft));
+    assert!(!enc.template().expect("a template").marks_generation());
+    let example = ok(enc.encode(&doc(json!({"messages": conversation}))));
+    assert_eq!(example.ids, ids(&e["chatml"]["ids"]), "same text, same ids");
+    let marked_mask: Vec<bool> = ids(&e["chatml"]["assistant_masks"])
+        .iter()
+        .map(|&m| m == 1)
+        .collect();
+    let mut want = marked_mask.clone();
+    for i in 1..want.len() {
+        if marked_mask[i - 1] && !marked_mask[i] {
+            want[i] = true;
+        }
+    }
+    assert_eq!(example.learn, want);
+
+    // LLaMA 3's template: each assistant message and its <|eot_id|>.
     let sft = Sft {
         chat_template: Some(dir().join("llama3.jinja").to_string_lossy().into_owned()),
         ..Sft::default()
     };
-    let err = encoder(vec![chat_source()], sft).expect_err("refused");
-    assert!(
-        matches!(
-            err,
-            DataError::Setting {
-                field: "data.sft.assistant_only_loss",
-                ..
+    let enc = ok(encoder(vec![chat_source()], sft));
+    let example = ok(enc.encode(&doc(json!({"messages": conversation}))));
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    for (i, (&id, &learn)) in example.ids.iter().zip(&example.learn).enumerate() {
+        if learn {
+            if i == 0 || !example.learn[i - 1] {
+                runs.push(Vec::new());
             }
-        ),
-        "{err}"
-    );
-    assert!(err.is_input());
+            runs.last_mut().expect("a run").push(id);
+        }
+    }
+    let turns: Vec<Vec<u32>> = conversation
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|m| m["role"] == "assistant")
+        .map(|m| {
+            let text = format!("{}<|eot_id|>", m["content"].as_str().expect("text").trim());
+            ok(enc.text_ids(&text, false))
+        })
+        .collect();
+    assert_eq!(runs, turns);
 
+    // A template that rewrites earlier turns as the conversation grows is refused, naming
+    // the message.
+    let rewriting = tmp.path().join("rewriting.jinja");
+    ok(fs::write(
+        &rewriting,
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m.content }}\n{% endfor %}",
+    ));
+    let sft = Sft {
+        chat_template: Some(rewriting.to_string_lossy().into_owned()),
+        ..Sft::default()
+    };
+    let enc = ok(encoder(vec![chat_source()], sft));
+    let err = enc
+        .encode(&doc(json!({"messages": conversation})))
+        .expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("train.jsonl:1: ") && text.contains("rewrites earlier turns"),
+        "{text}"
+    );
+    assert!(text.contains("message 3"), "{text}");
+    assert!(err.is_input());
+}
+
+#[test]
+fn templates_that_cannot_serve_are_refused_with_what_to_do() {
     // A tokenizer directory without a chat template, for chat data.
     let tok = chat_tokenizer();
     let bare = fixtures().join("hf").join("qwen2");

@@ -66,11 +66,12 @@ pub struct Sft {
     /// `SFTTrainer` does by default. Default: `false`.
     #[serde(default)]
     pub packing: bool,
-    /// `Chat` sources: the loss counts only the tokens the chat template marks as the
-    /// assistant's with `{% generation %}` ... `{% endgeneration %}`, as TRL's
-    /// `assistant_only_loss` does; a template with no such marks is refused (write them in,
-    /// or use `PromptCompletion` sources whose completion is the assistant's message).
-    /// `false` counts every token of the conversation (TRL's default). Default: `true`.
+    /// `Chat` sources: the loss counts only the assistant's tokens: those the chat template
+    /// marks with `{% generation %}` ... `{% endgeneration %}`, as TRL's
+    /// `assistant_only_loss` does; with a template that has no such marks (LLaMA 3's,
+    /// Qwen2's), each assistant message and the end-of-turn text after it, found by rendering
+    /// the conversation up to it. `false` counts every token of the conversation (TRL's
+    /// default). Default: `true`.
     #[serde(default = "default_true")]
     pub assistant_only_loss: bool,
     /// `PromptCompletion` sources: the loss counts only the completion's tokens, as TRL's

@@ -134,6 +134,47 @@ impl ChatTemplate {
             .map_err(|e| self.explain(&e))?;
         split_marks(&out)
     }
+
+    /// Render a conversation with the assistant's text found: the `{% generation %}` blocks
+    /// when the template has them; otherwise, for each assistant message, the text the
+    /// conversation through it adds to the conversation before it with the generation prompt
+    /// (the message and the end-of-turn text the template writes after it). A template whose
+    /// rendering of a shorter conversation is not the start of the whole one (it rewrites
+    /// earlier turns as later ones come) cannot be read that way, and is refused.
+    pub fn render_assistant(&self, messages: &Json) -> Result<Rendered, String> {
+        if self.marks_generation {
+            return self.render(messages, false);
+        }
+        let whole = self.render(messages, false)?;
+        let Some(turns) = messages.as_array() else {
+            return Ok(whole);
+        };
+        let mut assistant = Vec::new();
+        for (i, turn) in turns.iter().enumerate() {
+            if turn.get("role").and_then(Json::as_str) != Some("assistant") {
+                continue;
+            }
+            let before = self.render(&Json::Array(turns[..i].to_vec()), true)?.text;
+            let through = self.render(&Json::Array(turns[..=i].to_vec()), false)?.text;
+            if !through.starts_with(&before) || !whole.text.starts_with(&through) {
+                return Err(format!(
+                    "the chat template rewrites earlier turns as the conversation grows (message \
+                     {} changes what comes before it), so the assistant's tokens cannot be told \
+                     apart: mark them with {{% generation %}} ... {{% endgeneration %}} in a \
+                     template of your own (`data.sft.chat_template`), or set \
+                     `assistant_only_loss: false`",
+                    i + 1
+                ));
+            }
+            if through.len() > before.len() {
+                assistant.push(before.len()..through.len());
+            }
+        }
+        Ok(Rendered {
+            text: whole.text,
+            assistant,
+        })
+    }
 }
 
 impl ChatTemplate {

@@ -9,7 +9,9 @@
 //!   with special tokens parsed and none added (`apply_chat_template(tokenize=True)`); with
 //!   `assistant_only_loss` the loss is on the tokens the template's `{% generation %}` blocks
 //!   cover, found as transformers finds them (the token holding a block's first character
-//!   through the one holding its last);
+//!   through the one holding its last), or, with a template that has no such blocks, on each
+//!   assistant message and its end-of-turn text, found by rendering the conversation before
+//!   and through it;
 //! - a prompt/completion pair of strings is encoded as `prompt` and as `prompt + completion`
 //!   (the completion ending in the end-of-sequence token, added when missing), both with the
 //!   tokenizer's own special tokens; one of lists of messages is rendered as the prompt with
@@ -129,34 +131,15 @@ impl SftEncoder {
             .iter()
             .chain(&config.val)
             .any(|s| matches!(s, Source::Chat { .. }));
-        if chat_sources {
-            match &template {
-                None => {
-                    return Err(DataError::Setting {
-                        field: "data.sft.chat_template",
-                        message: format!(
-                            "`Chat` sources need a chat template, and {no_template}: set \
-                             `data.sft.chat_template` to a Jinja file (or a \
-                             tokenizer_config.json that has one)"
-                        ),
-                    })
-                }
-                Some(t) if config.sft.assistant_only_loss && !t.marks_generation() => {
-                    return Err(DataError::Setting {
-                        field: "data.sft.assistant_only_loss",
-                        message: format!(
-                            "the chat template of {} does not mark the assistant's text with \
-                             {{% generation %}} ... {{% endgeneration %}}, so its tokens cannot \
-                             be told apart: use a template that does (`data.sft.chat_template`), \
-                             write the data as `PromptCompletion` with the assistant's message \
-                             as the completion, or set `assistant_only_loss: false` to train on \
-                             every token",
-                            t.origin()
-                        ),
-                    })
-                }
-                Some(_) => {}
-            }
+        if chat_sources && template.is_none() {
+            return Err(DataError::Setting {
+                field: "data.sft.chat_template",
+                message: format!(
+                    "`Chat` sources need a chat template, and {no_template}: set \
+                     `data.sft.chat_template` to a Jinja file (or a tokenizer_config.json that \
+                     has one)"
+                ),
+            });
         }
         Ok(SftEncoder {
             vocab: tokenizer.vocab_size(),
@@ -214,9 +197,14 @@ impl SftEncoder {
         let value: Json =
             serde_json::from_str(&doc.text).map_err(|e| record(format!("not an example: {e}")))?;
         let example = if let Some(messages) = value.get(MESSAGES) {
-            let rendered = self.render(doc, messages, false)?;
+            let only = self.settings.assistant_only_loss;
+            let rendered = if only {
+                self.render_assistant(doc, messages)?
+            } else {
+                self.render(doc, messages, false)?
+            };
             let (ids, offsets) = self.ids(&rendered.text, false, doc)?;
-            let learn = if self.settings.assistant_only_loss {
+            let learn = if only {
                 assistant_mask(&rendered, &offsets)
             } else {
                 vec![true; ids.len()]
@@ -295,6 +283,19 @@ impl SftEncoder {
         };
         template
             .render(messages, gen)
+            .map_err(|message| DataError::Render {
+                origin: doc.origin.clone(),
+                message,
+            })
+    }
+
+    /// `messages` rendered with the assistant's text found ([`ChatTemplate::render_assistant`]).
+    fn render_assistant(&self, doc: &Document, messages: &Json) -> Result<Rendered, DataError> {
+        let Some(template) = &self.template else {
+            return self.render(doc, messages, false);
+        };
+        template
+            .render_assistant(messages)
             .map_err(|message| DataError::Render {
                 origin: doc.origin.clone(),
                 message,
