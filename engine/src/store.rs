@@ -419,6 +419,17 @@ impl ParamStore {
     /// The file must hold exactly the group's names, with the same shapes and dtypes; otherwise
     /// nothing is changed and the error lists every difference.
     pub fn load_safetensors(&mut self, path: &Path, group: TensorGroup) -> Result<()> {
+        self.load_safetensors_as(path, group, &|name| name.to_owned())
+    }
+
+    /// [`ParamStore::load_safetensors`] from a file that holds each tensor `name` under
+    /// `key_of(name)` (a PEFT adapter's `base_model.model.` names); errors use the file's keys.
+    pub fn load_safetensors_as(
+        &mut self,
+        path: &Path,
+        group: TensorGroup,
+        key_of: &dyn Fn(&str) -> String,
+    ) -> Result<()> {
         let bytes = std::fs::read(path)
             .map_err(|err| checkpoint_error(path, format!("cannot read: {err}")))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|err| {
@@ -428,7 +439,7 @@ impl ParamStore {
         let mut problems = Vec::new();
         let mut updates = Vec::new();
         for e in self.group(group) {
-            let name = &e.leaf.name;
+            let name = &key_of(&e.leaf.name);
             let Some(view) = in_file.get(name) else {
                 problems.push(format!("missing tensor `{name}`"));
                 continue;
@@ -451,9 +462,9 @@ impl ParamStore {
             }
             updates.push((e.leaf.clone(), view));
         }
-        let known: Vec<&str> = self.group(group).map(|e| e.leaf.name.as_str()).collect();
+        let known: Vec<String> = self.group(group).map(|e| key_of(&e.leaf.name)).collect();
         for name in in_file.keys() {
-            if !known.contains(&name.as_str()) {
+            if !known.contains(name) {
                 problems.push(format!("unexpected tensor `{name}`"));
             }
         }

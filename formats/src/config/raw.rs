@@ -92,6 +92,13 @@ pub struct RawAdapter {
     /// The kind of adapter; `"lora"` is the one there is. Default: `"lora"`.
     #[serde(default)]
     pub kind: Option<String>,
+    /// A PEFT adapter directory to continue training (`adapter_config.json` and
+    /// `adapter_model.safetensors`, as `save_pretrained` writes them), relative to the config
+    /// file. Its `adapter_config.json` gives `r`, `alpha`, `target_modules`,
+    /// `modules_to_save`, `bias` and `use_rslora`: leave them out, or give the same values.
+    /// Default: none, the adapters start as PEFT initialises them (A Kaiming-uniform, B zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     /// Rank of the adapters, at least 1. Default: `8`.
     #[serde(default)]
     pub r: Option<i64>,

@@ -10,9 +10,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use codex_engine::{write_safetensors, TensorGroup};
+use codex_engine::{write_safetensors, ParamStore, TensorGroup};
 use codex_plugin_api::DType;
 use serde_json::{json, Value};
+
+use crate::config::RawTargets;
 
 use crate::config::{AdapterConfig, Targets};
 use crate::inference::Loaded;
@@ -60,6 +62,109 @@ pub fn adapter_config(config: &AdapterConfig, in_out: bool, base: Option<&str>) 
         "init_lora_weights": true,
         "inference_mode": true,
     })
+}
+
+/// The settings of a PEFT adapter directory's `adapter_config.json`, in the config's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftSettings {
+    /// `r`.
+    pub r: i64,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// `lora_dropout`.
+    pub dropout: f64,
+    /// `target_modules`.
+    pub targets: RawTargets,
+    /// `modules_to_save`.
+    pub modules_to_save: Vec<String>,
+    /// `bias`.
+    pub bias: String,
+    /// `use_rslora`.
+    pub use_rslora: bool,
+}
+
+/// Read `dir/adapter_config.json`, refusing what codex-ml cannot continue training (another
+/// PEFT method, DoRA, per-layer ranks, ...). Errors name the file and the field.
+pub fn read_config(dir: &Path) -> Result<PeftSettings> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read it; adapter.from names a directory PEFT's save_pretrained wrote",
+            path.display()
+        )
+    })?;
+    let json: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let field = |k: &str| json.get(k).filter(|v| !v.is_null());
+    let fail = |k: &str, what: &str| anyhow::anyhow!("{}: {k}: {what}", path.display());
+    match field("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {}
+        Some(other) => return Err(fail("peft_type", &format!("\"{other}\" is not a LoRA adapter"))),
+        None => return Err(fail("peft_type", "missing; is this a PEFT adapter directory?")),
+    }
+    let off = |k: &str, what: &str| -> Result<()> {
+        match field(k) {
+            None | Some(Value::Bool(false)) => Ok(()),
+            Some(Value::Object(m)) if m.is_empty() => Ok(()),
+            Some(_) => Err(fail(k, &format!("{what} is not supported; only plain LoRA adapters continue training"))),
+        }
+    };
+    off("use_dora", "DoRA")?;
+    off("rank_pattern", "a rank per module")?;
+    off("alpha_pattern", "an alpha per module")?;
+    off("layers_to_transform", "adapting some layers only")?;
+    off("exclude_modules", "excluding modules")?;
+    off("target_parameters", "adapting parameters")?;
+    off("trainable_token_indices", "trainable tokens")?;
+    off("lora_bias", "a bias on lora_B")?;
+    let r = field("r")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| fail("r", "missing or not an integer"))?;
+    let alpha = field("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| fail("lora_alpha", "missing or not a number"))?;
+    let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    let targets = match field("target_modules") {
+        Some(Value::String(p)) => RawTargets::Regex(p.clone()),
+        Some(Value::Array(items)) => RawTargets::Names(
+            items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| fail("target_modules", "holds something other than names"))?,
+        ),
+        _ => return Err(fail("target_modules", "missing: name the modules the adapter adapts")),
+    };
+    let modules_to_save = match field("modules_to_save") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| fail("modules_to_save", "holds something other than names"))?,
+        Some(_) => return Err(fail("modules_to_save", "is not a list of names")),
+    };
+    Ok(PeftSettings {
+        r,
+        alpha,
+        dropout,
+        targets,
+        modules_to_save,
+        bias: field("bias").and_then(Value::as_str).unwrap_or("none").to_owned(),
+        use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+/// Overwrite the trainable parameters of `store` (adapters attached as the directory's
+/// config says) with `dir/adapter_model.safetensors`: every key must be there with its
+/// shape, and nothing else, or nothing changes and the error lists the differences.
+pub fn load_weights(dir: &Path, store: &mut ParamStore) -> Result<()> {
+    let adapted: Vec<String> = store.lora_weights().into_iter().map(|(n, _)| n).collect();
+    let path = dir.join("adapter_model.safetensors");
+    store
+        .load_safetensors_as(&path, TensorGroup::Trainable, &|name| peft_key(name, &adapted))
+        .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+    Ok(())
 }
 
 /// What [`export`] wrote.

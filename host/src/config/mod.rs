@@ -42,7 +42,7 @@ mod reference;
 mod resolve;
 mod resume;
 
-pub use codex_formats::config::{ConfigError, Override, ScheduleKind};
+pub use codex_formats::config::{ConfigError, Override, RawTargets, ScheduleKind};
 pub use reference::reference;
 
 use codex_formats::config::{related, Params, RawConfig};
@@ -141,6 +141,8 @@ pub struct AdapterConfig {
     pub bias: LoraBias,
     /// Scale by `alpha / √r` rather than `alpha / r`.
     pub use_rslora: bool,
+    /// The PEFT adapter directory a fresh run starts from, absolute.
+    pub from: Option<PathBuf>,
 }
 
 impl AdapterConfig {

@@ -79,7 +79,7 @@ pub fn load(target: &Path, registry: &Registry) -> Result<Loaded> {
     if config.adapter.is_some() {
         crate::run::steps_pretrained(&config, &mut store)?;
     }
-    let base = crate::run::steps_adapter(&config, &mut store, &model, &device)?;
+    let base = crate::run::steps_adapter(&config, &mut store, &model, &device, false)?;
     crate::run::check_base(&checkpoint, state.base_sha256.as_deref(), base.as_deref())?;
     store
         .load_safetensors(

@@ -421,7 +421,7 @@ fn run_in(
     if resume_from.is_none() || config.adapter.is_some() {
         steps::pretrained(config, &mut store)?;
     }
-    let base_sha256 = steps::adapter(config, &mut store, &model, &device)?;
+    let base_sha256 = steps::adapter(config, &mut store, &model, &device, resume_from.is_none())?;
     let (mut train_batches, val_batches) = steps::batches(config, docs, &tokenizer)?;
 
     let total_steps = steps::total_steps(config, &train_batches)?;
