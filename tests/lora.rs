@@ -72,8 +72,7 @@ fn check_parity(name: &str) {
             .expect("expected.json");
     let bytes = std::fs::read(dir.join("expected.safetensors")).expect("expected.safetensors");
     let want = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let hf_bytes =
-        std::fs::read(fixture(name).join("expected.safetensors")).expect("hf expected");
+    let hf_bytes = std::fs::read(fixture(name).join("expected.safetensors")).expect("hf expected");
     let hf = safetensors::SafeTensors::deserialize(&hf_bytes).expect("safetensors");
     let ids_view = hf.tensor("ids").expect("ids");
     let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
@@ -98,7 +97,10 @@ fn check_parity(name: &str) {
         .iter()
         .map(|k| k.as_str().expect("key").to_owned())
         .collect();
-    assert_eq!(keys, want_keys, "{name}: the trained tensors and PEFT's keys");
+    assert_eq!(
+        keys, want_keys,
+        "{name}: the trained tensors and PEFT's keys"
+    );
 
     let like = Tensor::retain(store.param_infos()[0].id);
     let input = Tensor::from_u32(&ids, &[b, t], &like).expect("ids");
@@ -171,7 +173,10 @@ fn check_parity(name: &str) {
             .get(param)
             .unwrap_or_else(|| panic!("{name}: {param} is not among the merged weights"));
         for (i, (a, w)) in ours.iter().zip(floats(view.data())).enumerate() {
-            assert!((a - w).abs() <= 1e-6, "{name}: merged {param}[{i}] is {a}, PEFT's {w}");
+            assert!(
+                (a - w).abs() <= 1e-6,
+                "{name}: merged {param}[{i}] is {a}, PEFT's {w}"
+            );
         }
         compared += 1;
     }
@@ -207,7 +212,10 @@ fn the_base_is_frozen_and_the_optimizer_state_is_the_adapters_only() {
         .map(|p| p.name.to_string())
         .collect();
     assert_eq!(trainable.len(), 8);
-    assert!(trainable.iter().all(|n| n.contains(".lora_")), "{trainable:?}");
+    assert!(
+        trainable.iter().all(|n| n.contains(".lora_")),
+        "{trainable:?}"
+    );
     assert_eq!(
         store.export(TensorGroup::Trainable).expect("export").len(),
         8
@@ -250,7 +258,10 @@ fn an_adapter_for_another_shape_is_refused_naming_the_file() {
         peft::load_weights(&peft_fixture("llama"), &mut store).expect_err("r differs")
     );
     assert!(e.contains("adapter_model.safetensors"), "{e}");
-    assert!(e.contains("has shape [4, 64] in the file, [2, 64] in the model"), "{e}");
+    assert!(
+        e.contains("has shape [4, 64] in the file, [2, 64] in the model"),
+        "{e}"
+    );
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -314,11 +325,15 @@ fn a_lora_run_resumes_exactly_and_exports_its_adapter_and_the_merged_model() {
         .map(str::to_owned)
         .collect();
     assert_eq!(names.len(), 6, "{names:?}");
-    assert!(names.iter().all(|n| n.contains(".lora_") || n.ends_with("c_attn.bias")));
+    assert!(names
+        .iter()
+        .all(|n| n.contains(".lora_") || n.ends_with("c_attn.bias")));
     let opt = std::fs::read(last.join("optimizer.safetensors")).expect("optimizer");
     let opt = safetensors::SafeTensors::deserialize(&opt).expect("safetensors");
     assert!(
-        opt.names().iter().all(|n| n.contains(".lora_") || n.contains("c_attn.bias")),
+        opt.names()
+            .iter()
+            .all(|n| n.contains(".lora_") || n.contains("c_attn.bias")),
         "{:?}",
         opt.names()
     );
@@ -391,16 +406,25 @@ fn a_lora_run_resumes_exactly_and_exports_its_adapter_and_the_merged_model() {
         "--merge".as_ref(),
     ]);
     let read = |p: &Path| std::fs::read(p).expect("safetensors");
-    let (m, b) = (read(&merged.join("model.safetensors")), read(&gpt2.join("model.safetensors")));
+    let (m, b) = (
+        read(&merged.join("model.safetensors")),
+        read(&gpt2.join("model.safetensors")),
+    );
     let (m, b) = (
         safetensors::SafeTensors::deserialize(&m).expect("merged"),
         safetensors::SafeTensors::deserialize(&b).expect("base"),
     );
     assert!(m.names().iter().all(|n| !n.contains("lora_")));
     let w = "transformer.h.0.attn.c_attn.weight";
-    assert_ne!(m.tensor(w).expect("merged").data(), b.tensor(w).expect("base").data());
+    assert_ne!(
+        m.tensor(w).expect("merged").data(),
+        b.tensor(w).expect("base").data()
+    );
     let w = "transformer.h.0.mlp.c_fc.weight";
-    assert_eq!(m.tensor(w).expect("merged").data(), b.tensor(w).expect("base").data());
+    assert_eq!(
+        m.tensor(w).expect("merged").data(),
+        b.tensor(w).expect("base").data()
+    );
 
     // The adapter changed the model: its loss is not the base's (a fresh LoRA run at step 0).
     assert!(adapted_loss.is_finite());
@@ -413,15 +437,39 @@ fn bad_adapter_sections_are_refused_before_training() {
     let llama = fixture("llama");
     let model = format!("(from: \"{}\")", llama.display());
     let cases: &[(&str, &str)] = &[
-        (r#"adapter: (r: 0, target_modules: ["q_proj"]),"#, "adapter.r: the rank must be at least 1, found 0"),
-        (r#"adapter: (r: -3, target_modules: ["q_proj"]),"#, "found -3"),
+        (
+            r#"adapter: (r: 0, target_modules: ["q_proj"]),"#,
+            "adapter.r: the rank must be at least 1, found 0",
+        ),
+        (
+            r#"adapter: (r: -3, target_modules: ["q_proj"]),"#,
+            "found -3",
+        ),
         (r#"adapter: (r: 4),"#, "adapter.target_modules"),
-        (r#"adapter: (r: 4, target_modules: ["query"]),"#, "matches none of the model's modules"),
-        (r#"adapter: (r: 4, target_modules: "q_proj"),"#, "matches none of the model's modules"),
-        (r#"adapter: (r: 4, target_modules: "(unclosed"),"#, "not a valid regular expression"),
-        (r#"adapter: (r: 4, target_modules: ["q_proj"], bias: "some"),"#, "adapter.bias"),
-        (r#"adapter: (r: 4, target_modules: ["q_proj"], rank: 3),"#, "rank"),
-        (r#"adapter: (kind: "ia3", target_modules: ["q_proj"]),"#, "adapter.kind"),
+        (
+            r#"adapter: (r: 4, target_modules: ["query"]),"#,
+            "matches none of the model's modules",
+        ),
+        (
+            r#"adapter: (r: 4, target_modules: "q_proj"),"#,
+            "matches none of the model's modules",
+        ),
+        (
+            r#"adapter: (r: 4, target_modules: "(unclosed"),"#,
+            "not a valid regular expression",
+        ),
+        (
+            r#"adapter: (r: 4, target_modules: ["q_proj"], bias: "some"),"#,
+            "adapter.bias",
+        ),
+        (
+            r#"adapter: (r: 4, target_modules: ["q_proj"], rank: 3),"#,
+            "rank",
+        ),
+        (
+            r#"adapter: (kind: "ia3", target_modules: ["q_proj"]),"#,
+            "adapter.kind",
+        ),
         (r#"adapter: (from: "no/such/dir"),"#, "adapter_config.json"),
     ];
     for (i, (adapter, message)) in cases.iter().enumerate() {
@@ -438,7 +486,10 @@ fn bad_adapter_sections_are_refused_before_training() {
             .expect("run");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{adapter}: {stderr}");
-        assert!(stderr.contains(message), "{adapter}: expected `{message}` in:\n{stderr}");
+        assert!(
+            stderr.contains(message),
+            "{adapter}: expected `{message}` in:\n{stderr}"
+        );
         assert!(
             !run_dir.join("checkpoints").exists(),
             "{adapter}: a checkpoint was written"
@@ -468,7 +519,10 @@ fn a_run_continues_a_peft_adapter_directory() {
         "-q".as_ref(),
     ]);
     let saved = std::fs::read_to_string(run.join("config.ron")).expect("config.ron");
-    assert!(saved.contains("r: Some(4)") || saved.contains("r: 4"), "{saved}");
+    assert!(
+        saved.contains("r: Some(4)") || saved.contains("r: 4"),
+        "{saved}"
+    );
     assert!(saved.contains("q_proj"), "{saved}");
 
     let bad = tmp.path().join("bad");
@@ -487,7 +541,10 @@ fn a_run_continues_a_peft_adapter_directory() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("adapter.r") && stderr.contains("adapter_config.json"), "{stderr}");
+    assert!(
+        stderr.contains("adapter.r") && stderr.contains("adapter_config.json"),
+        "{stderr}"
+    );
 }
 
 /// The third-party `native-llama` plugin gets adapters without knowing: only the adapters
@@ -498,7 +555,8 @@ fn a_native_plugin_model_trains_a_lora_adapter() {
     let dir = tempfile::tempdir().expect("temp dir");
     let llama = plugin(dir.path(), "native-llama");
     let manifest = write_manifest(dir.path(), &[entry("llama", &llama)]);
-    let config = crate::native::write_config(dir.path(), LLAMA, r#"(name: "adamw", lr: 1e-2)"#, &[], 5);
+    let config =
+        crate::native::write_config(dir.path(), LLAMA, r#"(name: "adamw", lr: 1e-2)"#, &[], 5);
     let text_config = std::fs::read_to_string(&config).expect("config").replace(
         "    optimizer:",
         "    adapter: (r: 2, alpha: 4, dropout: 0.1, target_modules: [\"q_proj\", \"v_proj\", \"down_proj\"]),\n    optimizer:",
@@ -508,7 +566,10 @@ fn a_native_plugin_model_trains_a_lora_adapter() {
     let out = run_experiment(&config, &manifest, &run_dir);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("LoRA: 3 weights adapted (r 2, scale 2)"), "{stderr}");
+    assert!(
+        stderr.contains("LoRA: 3 weights adapted (r 2, scale 2)"),
+        "{stderr}"
+    );
     let st = std::fs::read(run_dir.join("checkpoints/step-00000005/model.safetensors"))
         .expect("checkpoint");
     let st = safetensors::SafeTensors::deserialize(&st).expect("safetensors");
@@ -524,4 +585,58 @@ fn a_native_plugin_model_trains_a_lora_adapter() {
         "--json".as_ref(),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A LoRA checkpoint is valid for the base it was trained on only: once the base directory's
+/// weights change, resume and eval refuse it naming both hashes, and nothing is written.
+#[test]
+fn a_changed_base_is_refused_by_resume_and_eval() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().join("base");
+    copy_tree(&fixture("llama"), &base);
+    let config = crate::hf::write_config(
+        tmp.path(),
+        &format!("(from: \"{}\")", base.display()),
+        r#"adapter: (r: 2, target_modules: ["v_proj"]),"#,
+    );
+    let run = tmp.path().join("run");
+    codex_ml_ok(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--run-dir".as_ref(),
+        run.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    // One weight of the base changes: the last value of the file.
+    let weights = base.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("weights");
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&0.5f32.to_le_bytes());
+    std::fs::write(&weights, bytes).expect("weights");
+    let before = std::fs::read_to_string(run.join("metrics.ndjson")).expect("metrics");
+    for args in [
+        vec![
+            "resume".as_ref(),
+            run.as_os_str(),
+            "--set".as_ref(),
+            "train.max_steps=4".as_ref(),
+        ],
+        vec!["eval".as_ref(), run.as_os_str()],
+    ] {
+        let output = crate::cli::codex_ml()
+            .args(&args)
+            .output()
+            .expect("codex-ml");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("the adapter was trained on base weights with sha256"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.ndjson")).expect("metrics"),
+        before
+    );
+    assert!(!run.join("checkpoints/step-00000004").exists());
 }

@@ -203,9 +203,10 @@ pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<Option<TensorId>> {
     } else {
         ta
     };
-    let h = ops::matmul(&x, &lora.a.tensor().t()?)?;
-    let delta = ops::matmul(&h, &b_rows.t()?)?;
-    let y = (base + (delta * lora.scale)?)?;
+    // Scaled at rank width, where it costs least: every `[rows, out]` intermediate stays
+    // alive in the graph until the backward pass.
+    let h = (ops::matmul(&x, &lora.a.tensor().t()?)? * lora.scale)?;
+    let y = (base + ops::matmul(&h, &b_rows.t()?)?)?;
     Ok(Some(handles::insert(y)))
 }
 

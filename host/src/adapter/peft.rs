@@ -99,14 +99,27 @@ pub fn read_config(dir: &Path) -> Result<PeftSettings> {
     let fail = |k: &str, what: &str| anyhow::anyhow!("{}: {k}: {what}", path.display());
     match field("peft_type").and_then(Value::as_str) {
         Some("LORA") => {}
-        Some(other) => return Err(fail("peft_type", &format!("\"{other}\" is not a LoRA adapter"))),
-        None => return Err(fail("peft_type", "missing; is this a PEFT adapter directory?")),
+        Some(other) => {
+            return Err(fail(
+                "peft_type",
+                &format!("\"{other}\" is not a LoRA adapter"),
+            ))
+        }
+        None => {
+            return Err(fail(
+                "peft_type",
+                "missing; is this a PEFT adapter directory?",
+            ))
+        }
     }
     let off = |k: &str, what: &str| -> Result<()> {
         match field(k) {
             None | Some(Value::Bool(false)) => Ok(()),
             Some(Value::Object(m)) if m.is_empty() => Ok(()),
-            Some(_) => Err(fail(k, &format!("{what} is not supported; only plain LoRA adapters continue training"))),
+            Some(_) => Err(fail(
+                k,
+                &format!("{what} is not supported; only plain LoRA adapters continue training"),
+            )),
         }
     };
     off("use_dora", "DoRA")?;
@@ -133,7 +146,12 @@ pub fn read_config(dir: &Path) -> Result<PeftSettings> {
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| fail("target_modules", "holds something other than names"))?,
         ),
-        _ => return Err(fail("target_modules", "missing: name the modules the adapter adapts")),
+        _ => {
+            return Err(fail(
+                "target_modules",
+                "missing: name the modules the adapter adapts",
+            ))
+        }
     };
     let modules_to_save = match field("modules_to_save") {
         None => Vec::new(),
@@ -150,8 +168,13 @@ pub fn read_config(dir: &Path) -> Result<PeftSettings> {
         dropout,
         targets,
         modules_to_save,
-        bias: field("bias").and_then(Value::as_str).unwrap_or("none").to_owned(),
-        use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        bias: field("bias")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_owned(),
+        use_rslora: field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     })
 }
 
@@ -162,7 +185,9 @@ pub fn load_weights(dir: &Path, store: &mut ParamStore) -> Result<()> {
     let adapted: Vec<String> = store.lora_weights().into_iter().map(|(n, _)| n).collect();
     let path = dir.join("adapter_model.safetensors");
     store
-        .load_safetensors_as(&path, TensorGroup::Trainable, &|name| peft_key(name, &adapted))
+        .load_safetensors_as(&path, TensorGroup::Trainable, &|name| {
+            peft_key(name, &adapted)
+        })
         .with_context(|| format!("loading the adapter in {}", dir.display()))?;
     Ok(())
 }

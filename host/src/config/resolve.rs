@@ -169,7 +169,11 @@ impl Resolver<'_> {
             .as_mut()
             .map(|g| self.generate(g))
             .transpose()?;
-        let adapter = raw.adapter.as_mut().map(|a| self.adapter(a, &dir)).transpose()?;
+        let adapter = raw
+            .adapter
+            .as_mut()
+            .map(|a| self.adapter(a, &dir))
+            .transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
             dir,
@@ -637,9 +641,21 @@ impl Resolver<'_> {
         }
         same(self, "adapter.r", &mut raw.r, peft.r, path)?;
         same(self, "adapter.alpha", &mut raw.alpha, peft.alpha, path)?;
-        same(self, "adapter.target_modules", &mut raw.target_modules, peft.targets, path)?;
+        same(
+            self,
+            "adapter.target_modules",
+            &mut raw.target_modules,
+            peft.targets,
+            path,
+        )?;
         same(self, "adapter.bias", &mut raw.bias, peft.bias, path)?;
-        same(self, "adapter.use_rslora", &mut raw.use_rslora, peft.use_rslora, path)?;
+        same(
+            self,
+            "adapter.use_rslora",
+            &mut raw.use_rslora,
+            peft.use_rslora,
+            path,
+        )?;
         if raw.dropout.is_none() {
             raw.dropout = Some(peft.dropout);
         }
