@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::model::builtin;
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join("hf")
@@ -27,7 +27,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// The model a directory describes, with its weights loaded.
-fn load(dir: &Path) -> Result<(ParamStore, ModelBox), String> {
+pub(crate) fn load(dir: &Path) -> Result<(ParamStore, ModelBox), String> {
     codex_engine::install();
     let dir = ModelDir::open(dir).map_err(|e| e.to_string())?;
     let (name, params) = dir.model(None).map_err(|e| e.to_string())?;
@@ -329,7 +329,7 @@ fn qwen2_fine_tuned_and_exported_matches_torch() {
 }
 
 /// A config training `model` (a config value) for two steps on the committed code files.
-fn write_config(dir: &Path, model: &str, extra: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, model: &str, extra: &str) -> PathBuf {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/data/code/*");
     let text = format!(
         r#"(

@@ -12,6 +12,7 @@ mod fuzz;
 mod generate;
 mod hf;
 mod kernels;
+mod lora;
 mod manifest;
 mod model;
 mod native;

@@ -90,10 +90,10 @@ const GPT2: &str =
     r#"(name: "gpt2", params: (n_layer: 1, n_head: 2, n_embd: 32, n_positions: 32))"#;
 
 /// The LLaMA-style plugin model at the same size, under the manifest name `llama`.
-const LLAMA: &str = r#"(name: "llama/llama", params: (hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, max_position_embeddings: 32))"#;
+pub(crate) const LLAMA: &str = r#"(name: "llama/llama", params: (hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, max_position_embeddings: 32))"#;
 
 /// A short training run's config: a tiny `model` (RON) on the byte tokenizer and the test data.
-fn write_config(
+pub(crate) fn write_config(
     dir: &Path,
     model: &str,
     optimizer: &str,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use codex_plugin_api::TensorId;
 
-use super::{dispatch, handles, mixed, ops, Result};
+use super::{adapter, dispatch, handles, mixed, ops, Result};
 
 /// How a tensor behind a handle was made, for fusions with later ops.
 pub(crate) enum Origin {
@@ -41,10 +41,15 @@ pub(crate) enum Origin {
         dims: (usize, usize),
         origin: Option<Arc<Origin>>,
     },
+    /// A view of a declared weight that an adapter follows (`adapter`).
+    Weight(adapter::View),
 }
 
 /// Op-table `matmul`: the product, remembering its operands while a kernel is active.
 pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<TensorId> {
+    if let Some(y) = adapter::matmul(a, b)? {
+        return Ok(y);
+    }
     let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
     let y = match mixed::kernel_for(&ta, &tb) {
         Some(k) => {
@@ -109,6 +114,9 @@ pub(crate) fn add(a: TensorId, b: TensorId) -> Result<TensorId> {
 
 /// Op-table `transpose`, remembering its source while a kernel is active.
 pub(crate) fn transpose(x: TensorId, d1: usize, d2: usize) -> Result<TensorId> {
+    if let Some(y) = adapter::transpose(x, d1, d2)? {
+        return Ok(y);
+    }
     let entry = handles::entry(x)?;
     let tx = entry.tensor();
     let y = ops::transpose(&tx, d1, d2)?;

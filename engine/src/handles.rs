@@ -14,12 +14,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::ThreadId;
 
 use candle_core::{Tensor, Var};
 use codex_plugin_api::{ParamRole, TensorId};
 
+use super::adapter::Lora;
 use super::fusion::Origin;
 use super::{Result, TensorError};
 
@@ -39,6 +40,8 @@ pub(crate) struct Leaf {
     pub(crate) var: Var,
     trainable: AtomicBool,
     grad: Mutex<Option<Tensor>>,
+    /// The LoRA adapter attached to this weight, if any (set once, before training).
+    lora: OnceLock<Arc<Lora>>,
 }
 
 impl Leaf {
@@ -49,7 +52,17 @@ impl Leaf {
             kind,
             var,
             grad: Mutex::new(None),
+            lora: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn lora(&self) -> Option<&Arc<Lora>> {
+        self.lora.get()
+    }
+
+    /// Attach `lora`; false when the weight already has an adapter.
+    pub(crate) fn attach_lora(&self, lora: Arc<Lora>) -> bool {
+        self.lora.set(lora).is_ok()
     }
 
     pub(crate) fn is_param(&self) -> bool {

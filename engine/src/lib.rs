@@ -24,6 +24,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub(crate) mod adapter;
 pub(crate) mod autograd;
 pub(crate) mod dispatch;
 pub(crate) mod elementwise;
@@ -49,6 +50,7 @@ pub use candle_core as candle;
 /// Parse a user's device string with [`parse_device`].
 pub use candle_core::Device;
 
+pub use adapter::{probe, set_forward, WeightUse};
 pub use autograd::backward_time;
 pub use dispatch::{
     bf16_active, kernel_active, scoped_kernel, scoped_kernel_at, set_kernel, KernelScope,

@@ -37,6 +37,9 @@ pub enum TensorGroup {
     Params,
     /// The state tensors (`optimizer.safetensors`).
     State,
+    /// The trainable parameters only (a LoRA run's `model.safetensors`: the adapters and the
+    /// parameters it trains besides them).
+    Trainable,
 }
 
 /// One tensor's exact value: its name, dtype, shape and little-endian bytes.
@@ -197,6 +200,7 @@ impl ParamStore {
         self.entries.iter().filter(move |e| match group {
             TensorGroup::Params => e.leaf.is_param(),
             TensorGroup::State => !e.leaf.is_param(),
+            TensorGroup::Trainable => e.leaf.trainable(),
         })
     }
 
@@ -244,6 +248,116 @@ impl ParamStore {
             leaf.clear_grad();
         }
         Ok(())
+    }
+
+    /// Attach a LoRA adapter of rank `r` to the 2-D weight `base` (`MODULE.weight`), stored
+    /// `[in, out]` when `in_out`: declare `MODULE.lora_A.weight` (`[r, in]`, uniform on
+    /// `±1/√in`, which is PyTorch's Kaiming-uniform with `a = √5`, PEFT's default) and
+    /// `MODULE.lora_B.weight` (`[out, r]`, zeros), and freeze `base`. Its products then gain
+    /// `scale · dropout(x) · Aᵀ · Bᵀ` (see the `adapter` module). Returns the two names.
+    pub fn attach_lora(
+        &mut self,
+        base: &str,
+        r: usize,
+        scale: f64,
+        dropout: f64,
+        in_out: bool,
+    ) -> Result<(String, String)> {
+        let leaf = self.find(base)?.leaf.clone();
+        let (&[d0, d1], true) = (leaf.var.dims(), leaf.is_param()) else {
+            return Err(TensorError::Invalid(format!(
+                "`{base}` is not a matrix parameter: LoRA adapts the weights of linear layers"
+            )));
+        };
+        if leaf.lora().is_some() {
+            return Err(TensorError::Invalid(format!(
+                "`{base}` already has an adapter"
+            )));
+        }
+        let (d_in, d_out) = if in_out { (d0, d1) } else { (d1, d0) };
+        let module = base.strip_suffix(".weight").unwrap_or(base);
+        let (a_name, b_name) = (
+            format!("{module}.lora_A.weight"),
+            format!("{module}.lora_B.weight"),
+        );
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = self.declare_param(
+            &a_name,
+            &[r, d_in],
+            ParamRole::Weight,
+            Init::Uniform { bound },
+        )?;
+        handles::release(a);
+        let b = self.declare_param(&b_name, &[d_out, r], ParamRole::Weight, Init::Zeros)?;
+        handles::release(b);
+        let lora = super::adapter::Lora::new(
+            self.find(&a_name)?.leaf.clone(),
+            self.find(&b_name)?.leaf.clone(),
+            scale,
+            dropout,
+            in_out,
+            base,
+        );
+        leaf.attach_lora(Arc::new(lora));
+        self.set_trainable(base, false)?;
+        Ok((a_name, b_name))
+    }
+
+    /// The weights that have an adapter, in declaration order, each with whether it is stored
+    /// `[in, out]`.
+    pub fn lora_weights(&self) -> Vec<(String, bool)> {
+        self.entries
+            .iter()
+            .filter_map(|e| Some((e.leaf.name.clone(), e.leaf.lora()?.in_out)))
+            .collect()
+    }
+
+    /// Every parameter that is not an adapter, with adapters merged into their weights
+    /// (`W + scale · B·A`), cast to `dtype`: a full model to export.
+    pub fn export_merged(&self, dtype: DType) -> Result<Vec<ExportedTensor>> {
+        let adapters: std::collections::HashSet<&str> = self
+            .entries
+            .iter()
+            .filter_map(|e| e.leaf.lora())
+            .flat_map(|l| [l.a.name.as_str(), l.b.name.as_str()])
+            .collect();
+        let want = to_candle_dtype(dtype);
+        self.group(TensorGroup::Params)
+            .filter(|e| !adapters.contains(e.leaf.name.as_str()))
+            .map(|e| {
+                let t = match super::adapter::merged(&e.leaf)? {
+                    Some(t) => t,
+                    None => e.leaf.var.as_tensor().detach(),
+                }
+                .to_dtype(want)?;
+                Ok(ExportedTensor {
+                    name: e.leaf.name.clone(),
+                    dtype,
+                    shape: t.dims().to_vec(),
+                    bytes: tensor_bytes(&t)?,
+                })
+            })
+            .collect()
+    }
+
+    /// SHA-256 over the frozen parameters (name, dtype, shape and bytes of each, in
+    /// declaration order): the base a LoRA run's checkpoints are valid for.
+    pub fn frozen_sha256(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        for e in self
+            .group(TensorGroup::Params)
+            .filter(|e| !e.leaf.trainable())
+        {
+            let t = e.leaf.var.as_tensor();
+            h.update((e.leaf.name.len() as u64).to_le_bytes());
+            h.update(e.leaf.name.as_bytes());
+            h.update(from_candle_dtype(t.dtype())?.as_str().as_bytes());
+            for d in t.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            h.update(tensor_bytes(t)?);
+        }
+        Ok(format!("{:x}", h.finalize()))
     }
 
     /// Clear the gradient slot of every parameter.
@@ -305,6 +419,17 @@ impl ParamStore {
     /// The file must hold exactly the group's names, with the same shapes and dtypes; otherwise
     /// nothing is changed and the error lists every difference.
     pub fn load_safetensors(&mut self, path: &Path, group: TensorGroup) -> Result<()> {
+        self.load_safetensors_as(path, group, &|name| name.to_owned())
+    }
+
+    /// [`ParamStore::load_safetensors`] from a file that holds each tensor `name` under
+    /// `key_of(name)` (a PEFT adapter's `base_model.model.` names); errors use the file's keys.
+    pub fn load_safetensors_as(
+        &mut self,
+        path: &Path,
+        group: TensorGroup,
+        key_of: &dyn Fn(&str) -> String,
+    ) -> Result<()> {
         let bytes = std::fs::read(path)
             .map_err(|err| checkpoint_error(path, format!("cannot read: {err}")))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|err| {
@@ -314,7 +439,7 @@ impl ParamStore {
         let mut problems = Vec::new();
         let mut updates = Vec::new();
         for e in self.group(group) {
-            let name = &e.leaf.name;
+            let name = &key_of(&e.leaf.name);
             let Some(view) = in_file.get(name) else {
                 problems.push(format!("missing tensor `{name}`"));
                 continue;
@@ -337,9 +462,9 @@ impl ParamStore {
             }
             updates.push((e.leaf.clone(), view));
         }
-        let known: Vec<&str> = self.group(group).map(|e| e.leaf.name.as_str()).collect();
+        let known: Vec<String> = self.group(group).map(|e| key_of(&e.leaf.name)).collect();
         for name in in_file.keys() {
-            if !known.contains(&name.as_str()) {
+            if !known.contains(name) {
                 problems.push(format!("unexpected tensor `{name}`"));
             }
         }

@@ -21,7 +21,7 @@ use codex_plugin_api::{
 use super::ops::{self, Binary, Reduce, Unary};
 use super::profile::{self, Kind};
 use super::{
-    autograd, elementwise, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result,
+    adapter, autograd, elementwise, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result,
 };
 
 type R<T> = RResult<T, PluginError>;
@@ -227,7 +227,7 @@ extern "C" fn permute(x: TensorId, dims: RSlice<'_, usize>) -> R<TensorId> {
 }
 
 extern "C" fn narrow(x: TensorId, dim: usize, start: usize, len: usize) -> R<TensorId> {
-    produce("narrow", || ops::narrow(&t(x)?, dim, start, len))
+    guarded("narrow", || adapter::narrow(x, dim, start, len))
 }
 
 extern "C" fn cat(xs: RSlice<'_, TensorId>, dim: usize) -> R<TensorId> {

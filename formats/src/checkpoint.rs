@@ -42,6 +42,10 @@ pub struct HostState {
     pub rng: RngStreams,
     /// The learning-rate schedule the steps so far followed.
     pub schedule: ScheduleState,
+    /// A LoRA run's checkpoint: the sha256 of the frozen base weights its adapters were
+    /// trained on (`model.safetensors` then holds only what trains). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
     /// The validation loss recorded at this step, if the run evaluated here; retention keeps
     /// the checkpoint with the lowest one.
     pub val_loss: Option<f64>,

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

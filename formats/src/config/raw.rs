@@ -77,6 +77,65 @@ pub struct RawConfig {
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
     pub generate: Option<RawGenerate>,
+    /// Train a LoRA adapter instead of the whole model, e.g. `(kind: "lora", r: 16, alpha: 32,
+    /// target_modules: ["q_proj", "v_proj"])`: the model's weights are frozen and only the
+    /// adapters (and what `modules_to_save` and `bias` name) train
+    /// ([finetune-hf.md](finetune-hf.md#lora)). Default: none, every parameter trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<RawAdapter>,
+}
+
+/// A LoRA adapter, with PEFT's `LoraConfig` names and meanings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdapter {
+    /// The kind of adapter; `"lora"` is the one there is. Default: `"lora"`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// A PEFT adapter directory to continue training (`adapter_config.json` and
+    /// `adapter_model.safetensors`, as `save_pretrained` writes them), relative to the config
+    /// file. Its `adapter_config.json` gives `r`, `alpha`, `target_modules`,
+    /// `modules_to_save`, `bias` and `use_rslora`: leave them out, or give the same values.
+    /// Default: none, the adapters start as PEFT initialises them (A Kaiming-uniform, B zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Rank of the adapters, at least 1. Default: `8`.
+    #[serde(default)]
+    pub r: Option<i64>,
+    /// Scale numerator: the adapter's output is multiplied by `alpha / r` (`alpha / √r` with
+    /// `use_rslora`). Default: `8`.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Dropout probability on the adapters' input while training, in [0, 1). Default: `0.0`.
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    /// Modules to adapt: a list of names, each matching a module whose name is it or ends
+    /// with `.` and it (`["q_proj", "v_proj"]`), or one string, a regular expression the whole
+    /// module name must match (`".*\\.(q|v)_proj"`). The modules are the model's parameter
+    /// names without their last part (`model.layers.0.self_attn.q_proj`). Required.
+    #[serde(default)]
+    pub target_modules: Option<RawTargets>,
+    /// Modules trained in full beside the adapters and saved with them (e.g. `["lm_head"]`):
+    /// a module matches when its name ends with the entry. Default: `[]`.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+    /// Which biases train: `"none"`, `"lora_only"` (those of adapted modules) or `"all"`.
+    /// Default: `"none"`.
+    #[serde(default)]
+    pub bias: Option<String>,
+    /// Scale by `alpha / √r` instead of `alpha / r` (rank-stabilised LoRA). Default: `false`.
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+}
+
+/// `target_modules`: names matched as suffixes, or one regular expression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawTargets {
+    /// Names: a module matches one when its name is it or ends with `.` and it.
+    Names(Vec<String>),
+    /// A regular expression the whole module name must match.
+    Regex(String),
 }
 
 /// A model or tokenizer: chosen by registry name with its parameters, or read from a Hugging

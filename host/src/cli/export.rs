@@ -20,9 +20,39 @@ pub fn export(args: ExportArgs) -> Result<()> {
         "f16" => DType::F16,
         _ => DType::F32,
     };
+    if args.adapter {
+        let exported = crate::adapter::peft::export(&loaded, &args.out, dtype)?;
+        super::say!("checkpoint {}", loaded.checkpoint.display());
+        if args.json {
+            return super::print_json(&serde_json::json!({
+                "checkpoint": loaded.checkpoint,
+                "out": exported.dir,
+                "dtype": args.dtype,
+                "tensors": exported.tensors,
+                "bytes": exported.bytes,
+            }));
+        }
+        writeln!(
+            std::io::stdout().lock(),
+            "exported the adapter to {} ({} tensors, {:.1} MB, {})",
+            exported.dir.display(),
+            exported.tensors,
+            exported.bytes as f64 / 1e6,
+            args.dtype
+        )?;
+        return Ok(());
+    }
+    if args.merge && loaded.config.adapter.is_none() {
+        anyhow::bail!(
+            "{}: the run trained the whole model, so there is no adapter to merge; export it \
+             without --merge",
+            loaded.checkpoint.display()
+        );
+    }
     let options = ExportOptions {
         dtype,
         max_shard_bytes: args.max_shard_size,
+        merge: args.merge,
     };
     let exported = hf::export(&loaded, &args.out, &options)?;
     super::say!("checkpoint {}", loaded.checkpoint.display());

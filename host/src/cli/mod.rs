@@ -265,8 +265,9 @@ const EXPORT_LONG_ABOUT: &str = "Write a checkpoint as a Hugging Face model dire
     OUT_DIR receives config.json, generation_config.json, the weights (model.safetensors, or \
     shards with model.safetensors.index.json), tokenizer.json, tokenizer_config.json and a \
     README.md model card; AutoModelForCausalLM.from_pretrained(OUT_DIR) and \
-    AutoTokenizer.from_pretrained(OUT_DIR) load it. OUT_DIR must not exist or be empty. See \
-    docs/finetune-hf.md.";
+    AutoTokenizer.from_pretrained(OUT_DIR) load it. A LoRA run exports its adapter (--adapter: \
+    adapter_config.json and adapter_model.safetensors, which PEFT loads) or the model with the \
+    adapter merged (--merge). OUT_DIR must not exist or be empty. See docs/finetune-hf.md.";
 
 /// `codex-ml export`.
 #[derive(Debug, Args)]
@@ -285,6 +286,13 @@ pub struct ExportArgs {
     /// with model.safetensors.index.json
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: u64,
+    /// For a LoRA run: write the adapter as PEFT saves one (adapter_config.json and
+    /// adapter_model.safetensors), for PeftModel.from_pretrained(base, OUT_DIR)
+    #[arg(long, conflicts_with = "merge")]
+    pub adapter: bool,
+    /// For a LoRA run: write the whole model with the adapter merged into its weights
+    #[arg(long)]
+    pub merge: bool,
     /// Plugin manifest (RON) declaring the plugins the run used (needed when its model or
     /// tokenizer comes from a plugin)
     #[arg(long, value_name = "FILE")]

@@ -42,7 +42,7 @@ mod reference;
 mod resolve;
 mod resume;
 
-pub use codex_formats::config::{ConfigError, Override, ScheduleKind};
+pub use codex_formats::config::{ConfigError, Override, RawTargets, ScheduleKind};
 pub use reference::reference;
 
 use codex_formats::config::{related, Params, RawConfig};
@@ -94,6 +94,8 @@ pub struct Config {
     pub precision: codex_engine::Precision,
     /// Sample to generate at the end of the run.
     pub generate: Option<GenerateConfig>,
+    /// The LoRA adapter trained instead of the whole model, if any.
+    pub adapter: Option<AdapterConfig>,
     /// The file as read, with `--set` applied and every default filled in by the resolver
     /// (paths absolute, `kernel` explicit, `ndjson` among the sinks): what [`Config::to_ron`],
     /// [`Config::to_json`] and [`Config::resume_differences`] read, so each setting is defined
@@ -119,6 +121,84 @@ struct Written {
 impl PartialEq for Written {
     fn eq(&self, _: &Written) -> bool {
         true
+    }
+}
+
+/// A LoRA adapter (`adapter`), validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// Rank, at least 1.
+    pub r: usize,
+    /// Scale numerator.
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training.
+    pub dropout: f64,
+    /// Which modules get adapters.
+    pub targets: Targets,
+    /// Modules trained in full (suffixes of module names).
+    pub modules_to_save: Vec<String>,
+    /// Which biases train.
+    pub bias: LoraBias,
+    /// Scale by `alpha / √r` rather than `alpha / r`.
+    pub use_rslora: bool,
+    /// The PEFT adapter directory a fresh run starts from, absolute.
+    pub from: Option<PathBuf>,
+}
+
+impl AdapterConfig {
+    /// The factor the adapters' output is multiplied by.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// `adapter.target_modules`, with PEFT's matching rules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// A module matches a name when it is the name or ends with `.` and the name.
+    Names(Vec<String>),
+    /// A module matches when the whole name matches the regular expression.
+    Regex(String),
+}
+
+impl Targets {
+    /// Whether `module` (a module name: a parameter name without its last part) is targeted.
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            Targets::Names(names) => names
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            // Checked when the config was resolved.
+            Targets::Regex(pattern) => {
+                regex::Regex::new(&format!("^(?:{pattern})$")).is_ok_and(|re| re.is_match(module))
+            }
+        }
+    }
+}
+
+/// `adapter.bias`: which biases train beside the adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraBias {
+    /// None.
+    None,
+    /// Those of the adapted modules.
+    LoraOnly,
+    /// Every bias.
+    All,
+}
+
+impl LoraBias {
+    /// PEFT's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoraBias::None => "none",
+            LoraBias::LoraOnly => "lora_only",
+            LoraBias::All => "all",
+        }
     }
 }
 

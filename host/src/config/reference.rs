@@ -166,6 +166,10 @@ impl<'a> Reference<'a> {
                     Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
                     None => String::new(),
                 }
+            } else if let Some(choices) = definition["anyOf"].as_array() {
+                // An untagged enum: one of several shapes.
+                let kinds: Vec<String> = choices.iter().map(|c| self.type_of(c)).collect();
+                kinds.join(" or ")
             } else if self.shared(name) {
                 label(name)
             } else {

@@ -6,11 +6,12 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::{Map, Value};
 
 use codex_formats::config::{
-    related, Params, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawSource,
-    RawTrain,
+    related, Params, RawAdapter, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule,
+    RawSource, RawTargets, RawTrain,
 };
 
 use super::Override;
+use super::{AdapterConfig, LoraBias, Targets};
 use super::{
     ComponentSpec, Config, ConfigError, GenerateConfig, OptimizerSpec, ScheduleConfig,
     ScheduleKind, TrainConfig, Written, DEFAULT_CPU_KERNEL, DEFAULT_SEED, NO_KERNEL,
@@ -168,6 +169,11 @@ impl Resolver<'_> {
             .as_mut()
             .map(|g| self.generate(g))
             .transpose()?;
+        let adapter = raw
+            .adapter
+            .as_mut()
+            .map(|a| self.adapter(a, &dir))
+            .transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
             dir,
@@ -186,6 +192,7 @@ impl Resolver<'_> {
             kernel,
             precision,
             generate,
+            adapter,
             raw,
             written: Written {
                 source: String::new(),
@@ -547,6 +554,150 @@ impl Resolver<'_> {
             clip_norm,
             schedule,
         })
+    }
+
+    fn adapter(&self, raw: &mut RawAdapter, dir: &Path) -> Result<AdapterConfig, ConfigError> {
+        let kind = raw.kind.get_or_insert_with(|| "lora".to_owned());
+        if kind != "lora" {
+            return Err(self.invalid(
+                "adapter.kind",
+                format!("\"{kind}\" is not an adapter kind; the one there is is \"lora\""),
+            ));
+        }
+        let from = match raw.from.clone() {
+            Some(from) => {
+                let path = dir.join(&from);
+                // A config that already names everything (a run's own, saved) needs no second
+                // reading of the directory, which may be gone by then.
+                if raw.r.is_none() || raw.alpha.is_none() || raw.target_modules.is_none() {
+                    self.adapter_from(raw, &path)?;
+                }
+                raw.from = Some(path.to_string_lossy().into_owned());
+                Some(path)
+            }
+            None => None,
+        };
+        let r = *raw.r.get_or_insert(8);
+        if r <= 0 {
+            return Err(self.invalid(
+                "adapter.r",
+                format!("the rank must be at least 1, found {r}"),
+            ));
+        }
+        let alpha = *raw.alpha.get_or_insert(8.0);
+        if !alpha.is_finite() {
+            return Err(self.invalid("adapter.alpha", format!("{alpha} must be finite")));
+        }
+        let dropout = *raw.dropout.get_or_insert(0.0);
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(self.invalid("adapter.dropout", format!("{dropout} is outside [0, 1)")));
+        }
+        let targets = match &raw.target_modules {
+            None => {
+                return Err(self.invalid(
+                    "adapter.target_modules",
+                    "required: name the modules to adapt, e.g. [\"q_proj\", \"v_proj\"]",
+                ))
+            }
+            Some(RawTargets::Names(names)) if names.is_empty() => {
+                return Err(self.invalid(
+                    "adapter.target_modules",
+                    "is empty: name at least one module to adapt",
+                ))
+            }
+            Some(RawTargets::Names(names)) => Targets::Names(names.clone()),
+            Some(RawTargets::Regex(pattern)) => {
+                regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+                    self.invalid(
+                        "adapter.target_modules",
+                        format!("is not a valid regular expression: {e}"),
+                    )
+                })?;
+                Targets::Regex(pattern.clone())
+            }
+        };
+        let bias = match raw.bias.get_or_insert_with(|| "none".to_owned()).as_str() {
+            "none" => LoraBias::None,
+            "lora_only" => LoraBias::LoraOnly,
+            "all" => LoraBias::All,
+            other => {
+                return Err(self.invalid(
+                    "adapter.bias",
+                    format!("\"{other}\" is not one of \"none\", \"lora_only\", \"all\""),
+                ))
+            }
+        };
+        Ok(AdapterConfig {
+            r: r as usize,
+            alpha,
+            dropout,
+            targets,
+            modules_to_save: raw.modules_to_save.clone(),
+            bias,
+            use_rslora: *raw.use_rslora.get_or_insert(false),
+            from,
+        })
+    }
+
+    /// Fill `raw` from the PEFT adapter directory `path`; a value the config gives too must
+    /// be the directory's.
+    fn adapter_from(&self, raw: &mut RawAdapter, path: &Path) -> Result<(), ConfigError> {
+        let peft = crate::adapter::peft::read_config(path)
+            .map_err(|e| self.invalid("adapter.from", format!("{e:#}")))?;
+        fn same<T: PartialEq + std::fmt::Debug + Clone>(
+            this: &Resolver<'_>,
+            field: &str,
+            slot: &mut Option<T>,
+            theirs: T,
+            path: &Path,
+        ) -> Result<(), ConfigError> {
+            match slot {
+                Some(ours) if *ours != theirs => Err(this.invalid(
+                    field,
+                    format!(
+                        "{ours:?} here, but {} says {theirs:?}; leave it out to continue the \
+                         adapter as it is",
+                        path.join("adapter_config.json").display()
+                    ),
+                )),
+                _ => {
+                    *slot = Some(theirs);
+                    Ok(())
+                }
+            }
+        }
+        same(self, "adapter.r", &mut raw.r, peft.r, path)?;
+        same(self, "adapter.alpha", &mut raw.alpha, peft.alpha, path)?;
+        same(
+            self,
+            "adapter.target_modules",
+            &mut raw.target_modules,
+            peft.targets,
+            path,
+        )?;
+        same(self, "adapter.bias", &mut raw.bias, peft.bias, path)?;
+        same(
+            self,
+            "adapter.use_rslora",
+            &mut raw.use_rslora,
+            peft.use_rslora,
+            path,
+        )?;
+        if raw.dropout.is_none() {
+            raw.dropout = Some(peft.dropout);
+        }
+        if raw.modules_to_save.is_empty() {
+            raw.modules_to_save = peft.modules_to_save;
+        } else if raw.modules_to_save != peft.modules_to_save {
+            return Err(self.invalid(
+                "adapter.modules_to_save",
+                format!(
+                    "differs from {}; leave it out to continue the adapter as it is",
+                    path.join("adapter_config.json").display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn generate(&self, raw: &mut RawGenerate) -> Result<GenerateConfig, ConfigError> {

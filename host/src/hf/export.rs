@@ -29,6 +29,8 @@ pub struct ExportOptions {
     pub dtype: DType,
     /// Largest shard, in bytes; more weights than this are split into shards with an index.
     pub max_shard_bytes: u64,
+    /// Merge a LoRA run's adapters into the weights they adapt (`W + scale · B·A`).
+    pub merge: bool,
 }
 
 /// What an export wrote.
@@ -69,20 +71,7 @@ fn token_text(tokenizer_json: &Value, id: u32) -> Option<String> {
 
 /// Export `loaded` (a verified checkpoint) to `out`.
 pub fn export(loaded: &Loaded, out: &Path, options: &ExportOptions) -> Result<Exported> {
-    if out.exists() {
-        let empty = out.is_dir()
-            && std::fs::read_dir(out)
-                .with_context(|| format!("reading {}", out.display()))?
-                .next()
-                .is_none();
-        if !empty {
-            return Err(super::error(
-                out,
-                "already exists and is not an empty directory; choose a new OUT_DIR",
-            )
-            .into());
-        }
-    }
+    check_out_dir(out)?;
     let config = &loaded.config;
     let model_json = loaded.model.config_json().to_string();
     let Ok(Value::Object(own)) = serde_json::from_str::<Value>(&model_json) else {
@@ -153,6 +142,51 @@ pub fn export(loaded: &Loaded, out: &Path, options: &ExportOptions) -> Result<Ex
         hf.insert("pad_token_id".into(), json!(pad));
     }
 
+    let mut written = (Vec::new(), 0);
+    write_dir(out, |staging| {
+        written = write_all(
+            loaded,
+            staging,
+            options,
+            &hf,
+            &tokenizer_text,
+            &eot_text,
+            bos,
+            eos,
+            pad,
+        )?;
+        Ok(())
+    })?;
+    let (weight_files, bytes) = written;
+    Ok(Exported {
+        dir: out.to_path_buf(),
+        weight_files: weight_files.iter().map(|f| out.join(f)).collect(),
+        bytes,
+    })
+}
+
+/// Refuse an `out` that exists and is not an empty directory: an export never overwrites.
+pub(crate) fn check_out_dir(out: &Path) -> Result<()> {
+    if out.exists() {
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)
+                .with_context(|| format!("reading {}", out.display()))?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(super::error(
+                out,
+                "already exists and is not an empty directory; choose a new OUT_DIR",
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Assemble a directory beside `out` with `fill`, then rename it into place, so an
+/// interrupted export leaves no directory that looks whole.
+pub(crate) fn write_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     // Assembled beside the destination, then renamed into place.
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -170,35 +204,17 @@ pub fn export(loaded: &Loaded, out: &Path, options: &ExportOptions) -> Result<Ex
             .with_context(|| format!("clearing {}", staging.display()))?;
     }
     std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    let result = write_all(
-        loaded,
-        &staging,
-        options,
-        &hf,
-        &tokenizer_text,
-        &eot_text,
-        bos,
-        eos,
-        pad,
-    );
-    let (weight_files, bytes) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    if let Err(e) = fill(&staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
     if out.exists() {
         std::fs::remove_dir(out).with_context(|| format!("replacing {}", out.display()))?;
     }
     std::fs::rename(&staging, out)
         .with_context(|| format!("moving {} to {}", staging.display(), out.display()))?;
     crate::fsio::fsync_dir(&parent).with_context(|| format!("syncing {}", parent.display()))?;
-    Ok(Exported {
-        dir: out.to_path_buf(),
-        weight_files: weight_files.iter().map(|f| out.join(f)).collect(),
-        bytes,
-    })
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -241,10 +257,16 @@ fn write_all(
     write("generation_config.json", &pretty(&generation)?)?;
 
     // Weights, in declaration order, split into shards of at most max_shard_bytes.
-    let tensors = loaded
-        .store
-        .export_as(TensorGroup::Params, options.dtype)
-        .context("reading the weights")?;
+    let tensors = match (&loaded.config.adapter, options.merge) {
+        (Some(_), true) => loaded.store.export_merged(options.dtype),
+        (None, _) => loaded.store.export_as(TensorGroup::Params, options.dtype),
+        (Some(_), false) => bail!(
+            "{} is a LoRA run's checkpoint: pass --adapter to write the adapter (PEFT's \
+             format), or --merge to write the model with the adapter merged into it",
+            loaded.checkpoint.display()
+        ),
+    }
+    .context("reading the weights")?;
     let total: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
     let mut shards: Vec<Vec<&ExportedTensor>> = vec![Vec::new()];
     let mut size = 0u64;

@@ -20,6 +20,7 @@ use codex_engine::ParamStore;
 
 mod export;
 
+pub(crate) use export::{check_out_dir, write_dir};
 pub use export::{export, ExportOptions, Exported};
 
 /// Bad or missing files in a Hugging Face model directory: the user's input (exit 2).

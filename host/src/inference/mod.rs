@@ -13,7 +13,7 @@ pub mod sampling;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use codex_engine::{self as engine, Device, ParamStore, TensorGroup};
+use codex_engine::{self as engine, Device, ParamStore};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::tokenizer::TokenizerBox;
 
@@ -74,8 +74,18 @@ pub fn load(target: &Path, registry: &Registry) -> Result<Loaded> {
         tokenizer.vocab_size(),
         store.as_tensor_store(),
     )?;
+    // A LoRA run's checkpoint holds its adapters; the base comes from `model.from`.
+    let state = crate::checkpoint::read_state(&checkpoint)?;
+    if config.adapter.is_some() {
+        crate::run::steps_pretrained(&config, &mut store)?;
+    }
+    let base = crate::run::steps_adapter(&config, &mut store, &model, &device, false)?;
+    crate::run::check_base(&checkpoint, state.base_sha256.as_deref(), base.as_deref())?;
     store
-        .load_safetensors(&checkpoint.join("model.safetensors"), TensorGroup::Params)
+        .load_safetensors(
+            &checkpoint.join("model.safetensors"),
+            crate::run::params_group(base.as_deref()),
+        )
         .with_context(|| format!("loading the weights of {}", checkpoint.display()))?;
     Ok(Loaded {
         checkpoint,

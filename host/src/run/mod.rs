@@ -117,6 +117,19 @@ pub enum RunError {
         /// Where the runs are.
         dir: PathBuf,
     },
+    /// The `adapter` section does not fit the model.
+    #[error("{0}")]
+    Adapter(String),
+    /// A LoRA checkpoint was written for other base weights than the run's model has now.
+    #[error("{checkpoint}: the adapter was trained on base weights with sha256 {then}, but the model's weights now have {now}; resume with the base model the run started from (model.from)", checkpoint = .checkpoint.display())]
+    BaseChanged {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// The base hash the checkpoint records.
+        then: String,
+        /// The base hash now.
+        now: String,
+    },
 }
 
 /// What a run needs besides its config.
@@ -404,9 +417,11 @@ fn run_in(
     let _kernel_scope = steps::kernel(config, registry, &device)?;
     let mut store = ParamStore::new(device.clone(), config.seed);
     let model = steps::model(config, registry, tokenizer.vocab_size(), &mut store)?;
-    if resume_from.is_none() {
+    // A LoRA checkpoint holds the adapters alone: the base comes from where it always does.
+    if resume_from.is_none() || config.adapter.is_some() {
         steps::pretrained(config, &mut store)?;
     }
+    let base_sha256 = steps::adapter(config, &mut store, &model, &device, resume_from.is_none())?;
     let (mut train_batches, val_batches, sft_report) = steps::batches(config, docs, &tokenizer)?;
     data_report.sft = sft_report;
 
@@ -471,6 +486,7 @@ fn run_in(
             &mut store,
             &mut train_batches,
             tokenizer_json.as_deref(),
+            base_sha256.as_deref(),
             options.skip_batches * config.train.grad_accum.max(1) as u64,
         )?;
         // Decided: from here on the resume changes the run directory.
@@ -550,6 +566,7 @@ fn run_in(
         config_text,
         config_dir: config.dir.clone(),
         tokenizer_json: tokenizer_json.clone(),
+        base_sha256,
         resume_state: resume_from.map(|p| p.state.trainer.to_string()),
         last_checkpoint: None,
         val_loss: None,
@@ -666,3 +683,6 @@ fn run_in(
     // A tracker is named in one warning when it is disabled or abandoned; none is repeated.
     result
 }
+
+pub(crate) use resume::{check_base, params_group};
+pub(crate) use steps::{adapter as steps_adapter, pretrained as steps_pretrained};

@@ -280,8 +280,14 @@ pub(crate) fn restore(
     store: &mut ParamStore,
     train: &mut TrainBatches,
     tokenizer_json: Option<&str>,
+    base_sha256: Option<&str>,
     skip: u64,
 ) -> Result<()> {
+    check_base(
+        &point.checkpoint,
+        point.state.base_sha256.as_deref(),
+        base_sha256,
+    )?;
     let saved_tokenizer = point.checkpoint.join("tokenizer.json");
     if let (Some(now), Ok(then)) = (tokenizer_json, std::fs::read_to_string(&saved_tokenizer)) {
         if now != then {
@@ -293,7 +299,7 @@ pub(crate) fn restore(
     }
     store.load_safetensors(
         &point.checkpoint.join("model.safetensors"),
-        TensorGroup::Params,
+        params_group(base_sha256),
     )?;
     store.load_safetensors(
         &point.checkpoint.join("optimizer.safetensors"),
@@ -304,4 +310,36 @@ pub(crate) fn restore(
         train.next_batch();
     }
     Ok(())
+}
+
+/// The parameters a checkpoint holds: only what trains for a LoRA run (one with a base hash).
+pub(crate) fn params_group(base_sha256: Option<&str>) -> TensorGroup {
+    match base_sha256 {
+        Some(_) => TensorGroup::Trainable,
+        None => TensorGroup::Params,
+    }
+}
+
+/// Refuse a checkpoint whose adapters were trained on other base weights than the model has
+/// now (`now`, the hash of the frozen parameters, for a LoRA config), or one that does not
+/// match the config's kind of run.
+pub(crate) fn check_base(checkpoint: &Path, then: Option<&str>, now: Option<&str>) -> Result<()> {
+    match (then, now) {
+        (None, None) => Ok(()),
+        (Some(then), Some(now)) if then == now => Ok(()),
+        (Some(then), Some(now)) => Err(RunError::BaseChanged {
+            checkpoint: checkpoint.to_owned(),
+            then: then.to_owned(),
+            now: now.to_owned(),
+        }
+        .into()),
+        (Some(_), None) => bail!(
+            "{}: the checkpoint holds a LoRA adapter, but the config has no `adapter` section",
+            checkpoint.display()
+        ),
+        (None, Some(_)) => bail!(
+            "{}: the checkpoint holds a whole model, but the config trains a LoRA adapter",
+            checkpoint.display()
+        ),
+    }
 }

@@ -41,6 +41,8 @@ pub(crate) struct HostSession<'r> {
     pub(crate) config_text: String,
     pub(crate) config_dir: PathBuf,
     pub(crate) tokenizer_json: Option<String>,
+    /// A LoRA run's base hash (see `steps::adapter`); `None` when every parameter trains.
+    pub(crate) base_sha256: Option<String>,
     pub(crate) resume_state: Option<String>,
     pub(crate) last_checkpoint: Option<PathBuf>,
     pub(crate) val_loss: Option<f64>,
@@ -102,14 +104,21 @@ impl HostSession<'_> {
                 total_steps: self.settings.total_steps,
                 last_lr: self.last_lr,
             },
+            base_sha256: self.base_sha256.clone(),
             val_loss: self.val_loss.filter(|_| self.val_loss_at == Some(step)),
             config_dir: self.config_dir.clone(),
             trainer: serde_json::from_str(trainer_state)
                 .with_context(|| format!("the trainer's state at step {step} is not JSON"))?,
         };
         let mut w = checkpoint::Writer::begin(&self.checkpoints, step)?;
+        // A LoRA run's base is frozen and comes from `model.from`: its checkpoints hold what
+        // trains, and the hash of the base it trained on.
+        let params = match self.base_sha256 {
+            Some(_) => TensorGroup::Trainable,
+            None => TensorGroup::Params,
+        };
         self.store
-            .save_safetensors(&w.path_for("model.safetensors"), TensorGroup::Params)?;
+            .save_safetensors(&w.path_for("model.safetensors"), params)?;
         w.add_written("model.safetensors")?;
         self.store
             .save_safetensors(&w.path_for("optimizer.safetensors"), TensorGroup::State)?;
@@ -188,7 +197,9 @@ impl TrainSession for HostSession<'_> {
 
     fn forward(&mut self, inputs: TensorId, ctx: ForwardCtx) -> RResult<TensorId, PluginError> {
         let started = Instant::now();
+        engine::set_forward(ctx.train, ctx.seed);
         let logits = self.model.forward(inputs, ctx);
+        engine::set_forward(false, 0);
         self.system.forward(started.elapsed());
         logits
     }

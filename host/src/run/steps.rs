@@ -110,6 +110,37 @@ pub(crate) fn pretrained(config: &Config, store: &mut ParamStore) -> Result<()> 
     Ok(())
 }
 
+/// Freeze the model and attach the config's LoRA adapters, if it has any, once the base
+/// weights are in place (on a `fresh` start, with the values of the PEFT adapter the config
+/// comes `from`); the sha256 of the frozen base, which its checkpoints record.
+pub(crate) fn adapter(
+    config: &Config,
+    store: &mut ParamStore,
+    model: &ModelBox,
+    device: &Device,
+    fresh: bool,
+) -> Result<Option<String>> {
+    let Some(adapter) = &config.adapter else {
+        return Ok(None);
+    };
+    let attached = crate::adapter::attach(adapter, store, model, device)?;
+    if let (Some(from), true) = (&adapter.from, fresh) {
+        crate::adapter::peft::load_weights(from, store)
+            .map_err(|e| super::RunError::Adapter(format!("adapter.from: {e:#}")))?;
+        tracing::info!("continuing the adapter in {}", from.display());
+    }
+    tracing::info!(
+        "LoRA: {} weights adapted (r {}, scale {}); {} of {} parameters train ({:.2}%)",
+        attached.weights.len(),
+        adapter.r,
+        adapter.scale(),
+        attached.trainable,
+        attached.total,
+        100.0 * attached.trainable as f64 / attached.total.max(1) as f64
+    );
+    Ok(Some(store.frozen_sha256()?))
+}
+
 pub(crate) fn model(
     config: &Config,
     registry: &Registry,
