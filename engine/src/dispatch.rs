@@ -761,23 +761,32 @@ impl CustomOp3 for LinearCrossEntropy {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dl = self.ce.dlogits(&self.logits, targets, dloss)?;
         let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, &dl)?;
-        Ok((Some(dx), Some(dw), None))
+        Ok((dx, dw, None))
     }
 }
 
-/// The gradients of `x · w` for the output gradient `dy`; in bf16 with `bf16` (the kernel
-/// the forward product ran in bf16 with).
+/// The gradients of `x · w` for the output gradient `dy`, each only for an operand that takes
+/// part in the graph (a frozen weight gets none); in bf16 with `bf16` (the kernel the forward
+/// product ran in bf16 with).
 fn matmul_grads(
     bf16: Option<&ActiveKernel>,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-) -> CResult<(Tensor, Tensor)> {
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
     if let Some(k) = bf16 {
         return mixed::matmul_grads(k, x, w, dy);
     }
-    let dx = dy.matmul(&w.detach().t()?)?;
-    let dw = x.detach().t()?.matmul(dy)?;
+    let dx = if x.track_op() {
+        Some(dy.matmul(&w.detach().t()?)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(x.detach().t()?.matmul(dy)?)
+    } else {
+        None
+    };
     Ok((dx, dw))
 }
 
@@ -1150,11 +1159,16 @@ impl CustomOp3 for LinearBias {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut db = [Out::new(b.dtype(), b.dims())?];
-        run_on_tensors(&self.k, "sum_rows", &[dy], &[], &mut db)?;
-        let [db] = db;
+        let db = if b.track_op() {
+            let mut db = [Out::new(b.dtype(), b.dims())?];
+            run_on_tensors(&self.k, "sum_rows", &[dy], &[], &mut db)?;
+            let [db] = db;
+            Some(db.into_tensor()?)
+        } else {
+            None
+        };
         let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, dy)?;
-        Ok((Some(dx), Some(dw), Some(db.into_tensor()?)))
+        Ok((dx, dw, db))
     }
 }
 

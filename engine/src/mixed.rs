@@ -137,16 +137,26 @@ fn gemm(k: &ActiveKernel, a: &Tensor, packed: &Tensor, n: usize) -> CResult<Tens
     out.into_tensor()
 }
 
-/// The gradients of `x · w` for the output gradient `dy`, both products in bf16.
+/// The gradients of `x · w` for the output gradient `dy`, both products in bf16, each only
+/// for an operand that takes part in the graph (a frozen weight gets none).
 pub(crate) fn matmul_grads(
     k: &ActiveKernel,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
-) -> CResult<(Tensor, Tensor)> {
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let (want_dx, want_dw) = (x.track_op(), w.track_op());
     let (w, x, dy) = (w.detach(), x.detach(), dy.contiguous()?);
-    let dx = gemm(k, &dy, &pack(k, &w.t()?)?, x.dim(1)?)?;
-    let dw = gemm(k, &x.t()?, &pack(k, &dy)?, dy.dim(1)?)?;
+    let dx = if want_dx {
+        Some(gemm(k, &dy, &pack(k, &w.t()?)?, x.dim(1)?)?)
+    } else {
+        None
+    };
+    let dw = if want_dw {
+        Some(gemm(k, &x.t()?, &pack(k, &dy)?, dy.dim(1)?)?)
+    } else {
+        None
+    };
     Ok((dx, dw))
 }
 
@@ -224,8 +234,7 @@ impl CustomOp2 for Bf16Matmul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (da, db) = matmul_grads(&self.k, a, b, dy)?;
-        Ok((Some(da), Some(db)))
+        matmul_grads(&self.k, a, b, dy)
     }
 }
 

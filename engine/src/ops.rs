@@ -96,12 +96,59 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         )));
     }
+    if a.rank() == 2
+        && b.rank() == 2
+        && a.track_op()
+        && !b.track_op()
+        && a.device().is_cpu()
+        && a.dtype() == b.dtype()
+        && a.dims()[1] == b.dims()[0]
+        && a.is_contiguous()
+        && (b.is_contiguous() || b.t()?.is_contiguous())
+    {
+        return Ok(a.apply_op2(b, ConstRhsMatmul)?);
+    }
     match a.broadcast_matmul(b) {
         Ok(c) => Ok(c),
         Err(_) if !a.is_contiguous() || !b.is_contiguous() => {
             Ok(a.contiguous()?.broadcast_matmul(&b.contiguous()?)?)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `a · b` for a right operand that takes no part in the graph (a frozen weight, or its
+/// transpose), as a node whose backward gives `a` alone its gradient. candle's own product
+/// would also compute `aᵀ · dy` for `b` and keep it to the end of the backward pass: a full
+/// weight gradient, for every frozen weight, that nothing reads.
+struct ConstRhsMatmul;
+
+impl candle_core::CustomOp2 for ConstRhsMatmul {
+    fn name(&self) -> &'static str {
+        "matmul_const_rhs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage as _;
+        let (m, k) = (al.dims()[0], al.dims()[1]);
+        let n = bl.dims()[1];
+        Ok((a.matmul(b, (1, m, n, k), al, bl)?, (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dy.matmul(&b.t()?)?), None))
     }
 }
 
