@@ -80,6 +80,27 @@ pub struct TokenBatch {
 
 pub use codex_formats::checkpoint::DataCursor;
 
+/// The checked shape, the number of rows and the rows of examples batches of `split` serve.
+fn example_rows(
+    tokens: &Tokens,
+    rows: Vec<(usize, usize)>,
+    shape: BatchShape,
+    pad_id: u32,
+    split: &'static str,
+) -> Result<(BatchShape, usize, Examples), DataError> {
+    let shape = shape.check()?;
+    if rows.is_empty() {
+        return Err(DataError::Empty {
+            split,
+            what: "no example has a token the loss counts within a row of train.seq_len + 1 \
+                   tokens; a longer train.seq_len may keep some"
+                .to_string(),
+        });
+    }
+    let windows = rows.len();
+    Ok((shape, windows, Examples::new(tokens, rows, pad_id)))
+}
+
 /// The order of `windows` training windows in `epoch`: a pure function of its arguments.
 pub fn window_order(seed: u64, epoch: u64, windows: usize) -> Vec<usize> {
     let mut h = Sha256::new();
@@ -229,17 +250,7 @@ impl TrainBatches {
         seed: u64,
         pad_id: u32,
     ) -> Result<Self, DataError> {
-        let shape = shape.check()?;
-        if rows.is_empty() {
-            return Err(DataError::Empty {
-                split: "train",
-                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
-                       tokens; a longer train.seq_len may keep some"
-                    .to_string(),
-            });
-        }
-        let windows = rows.len();
-        let examples = Examples::new(&tokens, rows, pad_id);
+        let (shape, windows, examples) = example_rows(&tokens, rows, shape, pad_id, "train")?;
         Ok(TrainBatches {
             order: window_order(seed, 0, windows),
             tokens,
@@ -377,17 +388,7 @@ impl ValBatches {
         shape: BatchShape,
         pad_id: u32,
     ) -> Result<Self, DataError> {
-        let shape = shape.check()?;
-        if rows.is_empty() {
-            return Err(DataError::Empty {
-                split: "val",
-                what: "no example has a token the loss counts within a row of train.seq_len + 1 \
-                       tokens; a longer train.seq_len may keep some"
-                    .to_string(),
-            });
-        }
-        let windows = rows.len();
-        let examples = Examples::new(&tokens, rows, pad_id);
+        let (shape, windows, examples) = example_rows(&tokens, rows, shape, pad_id, "val")?;
         Ok(ValBatches {
             tokens,
             shape,
