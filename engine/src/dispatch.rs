@@ -36,6 +36,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::mixed::{self, Precision};
+use super::packed::Packing;
 use super::profile::{self, Kind};
 use super::{Result, TensorError};
 
@@ -840,6 +841,45 @@ struct Attention {
     k: Arc<ActiveKernel>,
     scale: f64,
     lse: Mutex<Option<Tensor>>,
+    /// u32 `[b, t]`, where each query's example starts in its row, when the rows are packed
+    /// (`packed_attention` then, which confines each query to its example).
+    starts: Option<Tensor>,
+}
+
+impl Attention {
+    fn new(k: Arc<ActiveKernel>, scale: f64, packing: Option<&Packing>) -> Self {
+        Attention {
+            k,
+            scale,
+            lse: Mutex::new(None),
+            starts: packing.map(|p| p.starts().clone()),
+        }
+    }
+
+    /// The kernel op for `pass` (`fwd` or `bwd`).
+    fn op(&self, pass: Pass) -> &'static str {
+        match (&self.starts, pass) {
+            (None, Pass::Fwd) => "causal_attention.fwd",
+            (None, Pass::Bwd) => "causal_attention.bwd",
+            (Some(_), Pass::Fwd) => "packed_attention.fwd",
+            (Some(_), Pass::Bwd) => "packed_attention.bwd",
+        }
+    }
+
+    /// The active kernel for attention on `q`, when it has both passes of the op needed.
+    fn kernel(q: &Tensor, packing: Option<&Packing>) -> Option<Arc<ActiveKernel>> {
+        let (fwd, bwd) = match packing {
+            None => ("causal_attention.fwd", "causal_attention.bwd"),
+            Some(_) => ("packed_attention.fwd", "packed_attention.bwd"),
+        };
+        kernel_for(q, fwd).filter(|k| k.has(bwd))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pass {
+    Fwd,
+    Bwd,
 }
 
 impl CustomOp3 for Attention {
@@ -859,9 +899,17 @@ impl CustomOp3 for Attention {
         let ((qs, ql), (ks, kl), (vs, vl)) = (dense(qs, ql)?, dense(ks, kl)?, dense(vs, vl)?);
         let mut out = Out::new(qs.dtype(), ql.dims())?;
         let mut lse = Out::f32(lead(ql.dims()));
+        let starts = self.starts.as_ref().map(|s| s.storage_and_layout());
+        let mut ins = vec![view(&qs, &ql)?, view(&ks, &kl)?, view(&vs, &vl)?];
+        if let Some((storage, layout)) = &starts {
+            let Storage::Cpu(s) = &**storage else {
+                candle_core::bail!("packed_attention: the rows' layout is not on the cpu");
+            };
+            ins.push(view(s, layout)?);
+        }
         self.k.run(
-            "causal_attention.fwd",
-            &[view(&qs, &ql)?, view(&ks, &kl)?, view(&vs, &vl)?],
+            self.op(Pass::Fwd),
+            &ins,
             &[self.scale],
             &mut [out.buffer(), lse.buffer()],
         )?;
@@ -883,13 +931,9 @@ impl CustomOp3 for Attention {
             Out::new(k.dtype(), k.dims())?,
             Out::new(v.dtype(), v.dims())?,
         ];
-        run_on_tensors(
-            &self.k,
-            "causal_attention.bwd",
-            &[q, k, v, out, &lse, dout],
-            &[self.scale],
-            &mut outs,
-        )?;
+        let mut ins = vec![q, k, v, out, &lse, dout];
+        ins.extend(&self.starts);
+        run_on_tensors(&self.k, self.op(Pass::Bwd), &ins, &[self.scale], &mut outs)?;
         let [dq, dk, dv] = outs;
         Ok((
             Some(dq.into_tensor()?),
@@ -900,13 +944,15 @@ impl CustomOp3 for Attention {
 }
 
 /// Causal attention through the kernel: q `[.., t, d]`, k and v `[.., s, d]` with `s ≥ t`
-/// (the mask aligned to the last key), one dtype.
+/// (the mask aligned to the last key), one dtype; confined to each example of packed rows
+/// when `packing` is given.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     causal: bool,
     scale: f64,
+    packing: Option<&Packing>,
 ) -> Result<Option<Tensor>> {
     let r = q.rank();
     if !causal || r < 2 || q.elem_count() == 0 {
@@ -923,17 +969,10 @@ pub(crate) fn attention(
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         return Ok(None);
     }
-    let Some(kernel) = kernel_for(q, "causal_attention.fwd") else {
+    let Some(kernel) = Attention::kernel(q, packing) else {
         return Ok(None);
     };
-    if !kernel.has("causal_attention.bwd") {
-        return Ok(None);
-    }
-    let op = Attention {
-        k: kernel,
-        scale,
-        lse: Mutex::new(None),
-    };
+    let op = Attention::new(kernel, scale, packing);
     // Strided q, k and v (heads split off a projection by a reshape and a transpose) go in as
     // they are: the op gathers them itself, where `contiguous` would add three copies to the
     // graph, each with a gradient of its own in backward.
@@ -1012,6 +1051,7 @@ pub(crate) fn attention_rows(
     v: &Tensor,
     dims: [usize; 4],
     scale: f64,
+    packing: Option<&Packing>,
 ) -> Result<Option<Tensor>> {
     let [b, t, h, d] = dims;
     let rows = [b * t, h * d];
@@ -1025,18 +1065,11 @@ pub(crate) fn attention_rows(
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         return Ok(None);
     }
-    let Some(kernel) = kernel_for(q, "causal_attention.fwd") else {
+    let Some(kernel) = Attention::kernel(q, packing) else {
         return Ok(None);
     };
-    if !kernel.has("causal_attention.bwd") {
-        return Ok(None);
-    }
     let op = AttentionRows {
-        inner: Attention {
-            k: kernel,
-            scale,
-            lse: Mutex::new(None),
-        },
+        inner: Attention::new(kernel, scale, packing),
         dims,
     };
     Ok(Some(q.apply_op3(k, v, op)?))

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use codex_plugin_api::TensorId;
 
-use super::{adapter, dispatch, handles, mixed, ops, Result};
+use super::{adapter, dispatch, handles, mixed, ops, packed, Result};
 
 /// How a tensor behind a handle was made, for fusions with later ops.
 pub(crate) enum Origin {
@@ -43,6 +43,8 @@ pub(crate) enum Origin {
     },
     /// A view of a declared weight that an adapter follows (`adapter`).
     Weight(adapter::View),
+    /// The input ids of rows packed with several examples (`packed`).
+    Packed(Arc<packed::Packing>),
 }
 
 /// Op-table `matmul`: the product, remembering its operands while a kernel is active.
@@ -171,5 +173,10 @@ pub(crate) fn attention_on_rows(
     if dk != dims || dv != dims {
         return Ok(None);
     }
-    Ok(dispatch::attention_rows(&rq, &rk, &rv, dims, scale)?.map(handles::insert))
+    let [b, t, h, d] = dims;
+    let packing = packed::active_starts(&[b, h, t, d], t)?;
+    Ok(
+        dispatch::attention_rows(&rq, &rk, &rv, dims, scale, packing.as_deref())?
+            .map(handles::insert),
+    )
 }

@@ -16,7 +16,8 @@
 //! backward pass of the ops before them, so candle's autograd gives fewer large intermediates
 //! a gradient. `elementwise` runs element-wise programs (an optimizer's whole step) in one pass
 //! over declared tensors, writing them in place. `profile` times op-table entries and kernel
-//! calls for `codex-ml bench --profile`.
+//! calls for `codex-ml bench --profile`. `packed` carries the layout of rows packed with several
+//! examples and confines causal attention to each example.
 //!
 //! Parameters and optimizer state are candle `Var`s owned by a [`ParamStore`] (`store`) and
 //! reachable through handles like any tensor; only parameters have gradient slots, filled by
@@ -33,6 +34,7 @@ pub(crate) mod handles;
 pub(crate) mod mixed;
 pub(crate) mod nn;
 pub(crate) mod ops;
+pub(crate) mod packed;
 pub mod profile;
 pub(crate) mod store;
 pub(crate) mod table;
@@ -56,6 +58,7 @@ pub use dispatch::{
     bf16_active, kernel_active, scoped_kernel, scoped_kernel_at, set_kernel, KernelScope,
 };
 pub use mixed::{matmul_rate, packed_operands, Precision};
+pub use packed::{forward_pass, upload_packed, PassReport};
 pub use store::{check_safetensors, write_safetensors, ExportedTensor, ParamStore, TensorGroup};
 
 /// Everything that can go wrong in the tensor engine and the parameter store.

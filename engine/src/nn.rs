@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ops::{check_dim, full, last_dim};
-use super::{dispatch, Result, TensorError};
+use super::{dispatch, packed, Result, TensorError};
 
 fn invalid(message: impl Into<String>) -> TensorError {
     TensorError::Invalid(message.into())
@@ -216,20 +216,29 @@ pub(crate) fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return Err(invalid(format!("head_dim {d} must be even")));
     }
     let half = d / 2;
+    let b = x.dim(0)?;
+    // One table for every row, or one per row (packed rows, whose positions differ).
+    let per_row = cos.dims() == [b, t, half];
     for (what, c) in [("cos", cos), ("sin", sin)] {
-        if c.dims() != [t, half] {
+        if c.dims() != [t, half] && (c.dims() != [b, t, half] || !per_row) {
             return Err(invalid(format!(
-                "{what} has shape {:?}, expected [{t}, {half}] for input {:?} \
-                 (narrow a longer table to the positions used)",
+                "{what} has shape {:?}, expected [{t}, {half}] or [{b}, {t}, {half}] for input \
+                 {:?} (narrow a longer table to the positions used, or look up each row's)",
                 c.dims(),
                 x.dims()
             )));
         }
     }
-    let cos = cos.to_dtype(x.dtype())?;
-    let sin = sin.to_dtype(x.dtype())?;
-    let cos = Tensor::cat(&[&cos, &cos], 1)?;
-    let sin = Tensor::cat(&[&sin, &sin], 1)?;
+    let table = |c: &Tensor| -> Result<Tensor> {
+        let c = c.to_dtype(x.dtype())?;
+        let last = c.rank() - 1;
+        let c = Tensor::cat(&[&c, &c], last)?;
+        Ok(match per_row {
+            true => c.unsqueeze(1)?,
+            false => c,
+        })
+    };
+    let (cos, sin) = (table(cos)?, table(sin)?);
     let x1 = x.narrow(3, 0, half)?;
     let x2 = x.narrow(3, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
@@ -370,19 +379,30 @@ pub(crate) fn attention(
     if !scale.is_finite() {
         return Err(invalid(format!("scale must be finite, found {scale}")));
     }
-    if let Some(y) = dispatch::attention(q, k, v, causal, scale)? {
+    let packing = match causal {
+        true => packed::active_starts(q.dims(), s)?,
+        false => None,
+    };
+    if let Some(y) = dispatch::attention(q, k, v, causal, scale, packing.as_deref())? {
         return Ok(y);
     }
     // Scaling q rather than the scores touches t·d instead of t·s values.
     let scores = super::ops::matmul(&q.affine(scale, 0.0)?, &k.transpose(r - 2, r - 1)?)?;
-    let scores = if causal {
-        masked_fill(
+    let scores = match (causal, packing) {
+        (false, _) => scores,
+        (true, None) => masked_fill(
             &scores,
             &causal_mask_over(t, s, q.device())?,
             f64::NEG_INFINITY,
-        )?
-    } else {
-        scores
+        )?,
+        (true, Some(packing)) => {
+            // [b, .., t, t] as [b, heads, t, t] against the [b, 1, t, t] mask of the rows.
+            let dims = scores.dims().to_vec();
+            let b = packing.dims()[0];
+            let heads = dims[..r - 2].iter().product::<usize>() / b.max(1);
+            let scores = scores.reshape((b, heads, t, s))?;
+            masked_fill(&scores, &packing.mask(q.device())?, f64::NEG_INFINITY)?.reshape(dims)?
+        }
     };
     super::ops::matmul(&softmax(&scores, r - 1)?, v)
 }

@@ -21,7 +21,8 @@ use codex_plugin_api::{
 use super::ops::{self, Binary, Reduce, Unary};
 use super::profile::{self, Kind};
 use super::{
-    adapter, autograd, elementwise, from_candle_dtype, fusion, handles, nn, to_candle_dtype, Result,
+    adapter, autograd, elementwise, from_candle_dtype, fusion, handles, nn, packed,
+    to_candle_dtype, Result,
 };
 
 type R<T> = RResult<T, PluginError>;
@@ -398,6 +399,10 @@ extern "C" fn elementwise_update(
     })
 }
 
+extern "C" fn packed_positions(input: TensorId) -> R<ROption<TensorId>> {
+    guarded("packed_positions", || Ok(packed::positions(input)?.into()))
+}
+
 fn build_ext() -> OpTableExtRef {
     OpTableExt {
         sign,
@@ -408,6 +413,7 @@ fn build_ext() -> OpTableExtRef {
         reduce_all,
         scalar,
         elementwise_update,
+        packed_positions,
     }
     .leak_into_prefix()
 }

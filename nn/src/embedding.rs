@@ -8,6 +8,8 @@
 
 use codex_plugin_api::{Init, ParamRole, Result, Store, Tensor};
 
+use crate::Positions;
+
 /// A `[rows, dim]` table declared as `NAME.weight` with role embedding.
 #[derive(Debug)]
 pub struct Embedding {
@@ -41,6 +43,18 @@ impl Embedding {
     /// Ops: `narrow(W, 0, start, len)`.
     pub fn rows(&self, start: usize, len: usize) -> Result<Tensor> {
         self.weight.narrow(0, start, len)
+    }
+
+    /// Learned positions for a forward pass: rows `start..start + t` as a view (`[t, dim]`,
+    /// added to every row of the batch), or for packed rows the row of each token's position
+    /// (`[b, t, dim]`).
+    ///
+    /// Ops: `narrow(W, 0, start, t)`; packed: `embedding(W, positions)`.
+    pub fn at(&self, positions: &Positions) -> Result<Tensor> {
+        match positions {
+            Positions::Span { start, t } => self.rows(*start, *t),
+            Positions::Packed(p) => self.forward(p),
+        }
     }
 
     /// `x · Wᵀ` for `x` `[n, dim]`: logits over the rows, the LM head tied to this table.

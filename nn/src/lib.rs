@@ -1,5 +1,6 @@
 //! Building blocks for codex-ml models: linear layers, embeddings, layer and RMS norms, rotary
-//! position embeddings, causal self-attention helpers, MLPs and seeded dropout.
+//! position embeddings, causal self-attention helpers, MLPs, seeded dropout, and the positions
+//! of a forward pass (packed rows included).
 //!
 //! Every block is a thin layer over [`codex_plugin_api`]: it declares its parameters by name
 //! through a [`Store`](codex_plugin_api::Store) — with the names Hugging Face models use, so
@@ -22,6 +23,7 @@ pub mod embedding;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod positions;
 pub mod rotary;
 
 #[cfg(test)]
@@ -33,6 +35,7 @@ pub use embedding::Embedding;
 pub use linear::{Linear, WeightLayout};
 pub use mlp::{GeluMlp, SwiGlu};
 pub use norm::{LayerNorm, RmsNorm};
+pub use positions::Positions;
 pub use rotary::{
     inverse_frequencies, rotary_tables, rotary_tables_from, RopeScaling, Rotary, RotaryWindow,
 };

@@ -8,6 +8,8 @@
 
 use codex_plugin_api::{bail, DType, Result, Tensor};
 
+use crate::Positions;
+
 /// The rotary tables for positions `0..positions`: `cos` and `sin` of `p · θ^(−2i/d)` for
 /// `i < d/2`, each `[positions, d/2]` row-major, computed in f64 and rounded to f32.
 pub fn rotary_tables(positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
@@ -172,6 +174,21 @@ impl Rotary {
             sin: self.sin.narrow(0, start, t)?,
         })
     }
+
+    /// The tables of a forward pass's positions: [`Rotary::window_at`] for a span, and for
+    /// packed rows each token's row of the tables (`[b, t, head_dim / 2]`).
+    ///
+    /// Ops: `narrow` twice as [`Rotary::window_at`]; packed: `embedding(cos, positions)`,
+    /// `embedding(sin, positions)`.
+    pub fn window_for(&self, positions: &Positions) -> Result<RotaryWindow> {
+        match positions {
+            Positions::Span { start, t } => self.window_at(*start, *t),
+            Positions::Packed(p) => Ok(RotaryWindow {
+                cos: self.cos.embedding(p)?,
+                sin: self.sin.embedding(p)?,
+            }),
+        }
+    }
 }
 
 /// The rotary tables of one sequence length.
@@ -182,7 +199,7 @@ pub struct RotaryWindow {
 }
 
 impl RotaryWindow {
-    /// Rotate `x`, `[batch, heads, t, head_dim]`.
+    /// Rotate `x`, `[batch, heads, t, head_dim]` (with tables per row for packed rows).
     ///
     /// Ops: `rotary(x, cos, sin)`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {

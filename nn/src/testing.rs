@@ -267,6 +267,19 @@ extern "C" fn elementwise_update(
     refused("elementwise_update")
 }
 
+/// The input of packed rows, for tests: an input whose name starts with `packed`.
+extern "C" fn packed_positions(input: T) -> R<ROption<T>> {
+    let input = name(input);
+    if !input.starts_with("packed") {
+        record(format!("packed_positions({input}) -> none"));
+        return RResult::ROk(ROption::RNone);
+    }
+    match op("packed_positions", input) {
+        RResult::ROk(positions) => RResult::ROk(ROption::RSome(positions)),
+        RResult::RErr(e) => RResult::RErr(e),
+    }
+}
+
 fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -340,6 +353,7 @@ fn install() {
                 reduce_all,
                 scalar,
                 elementwise_update,
+                packed_positions,
             }
             .leak_into_prefix(),
         }

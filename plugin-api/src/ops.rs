@@ -146,7 +146,7 @@ pub struct OpTable {
     pub layer_norm: extern "C" fn(T, T, T, f64) -> R<T>,
     /// `(x, weight, eps)` over the last dim.
     pub rms_norm: extern "C" fn(T, T, f64) -> R<T>,
-    /// `(x [b,h,t,d], cos [t,d/2], sin [t,d/2])`, rotate-half convention.
+    /// `(x [b,h,t,d], cos [t,d/2] or [b,t,d/2], sin like cos)`, rotate-half convention.
     pub rotary: extern "C" fn(T, T, T) -> R<T>,
     /// `(x, p, seed)`: inverted dropout with a seeded mask.
     pub dropout: extern "C" fn(T, f64, u64) -> R<T>,
@@ -155,7 +155,8 @@ pub struct OpTable {
     /// `(q, k, v, causal, scale)`: scaled dot-product attention over the last two dims,
     /// `softmax(scale·q·kᵀ [+ causal mask])·v`; q `[.., t, d]`, k `[.., s, d]`, v `[.., s, e]`
     /// (e.g. `[b, h, t, d]`); `causal` needs `t ≤ s` and aligns the mask to the last key
-    /// (query `i` sees keys `0..=s−t+i`).
+    /// (query `i` sees keys `0..=s−t+i`); over packed rows (see `packed_positions`), causal
+    /// attention is confined to each example.
     pub attention: extern "C" fn(T, T, T, bool, f64) -> R<T>,
 
     // -- autograd and in-place updates -----------------------------------------------------------
@@ -207,13 +208,18 @@ pub struct OpTableExt {
     /// ([`crate::elementwise`]) in one pass over the elements and write its results into the
     /// targets — declared parameters or state tensors, all of one shape — in place; not
     /// recorded by autograd. Inputs have the targets' shape or one element.
-    #[sabi(last_prefix_field)]
     pub elementwise_update: extern "C" fn(
         RSlice<'_, ElemInstr>,
         RSlice<'_, T>,
         RSlice<'_, f64>,
         RSlice<'_, T>,
     ) -> R<()>,
+    /// `(input)`: when the forward pass's input ids `[b, t]` are rows packed with several
+    /// examples each, the position of every token within its example (u32 `[b, t]`, 0 at each
+    /// example's first token); none when every row is one sequence from position 0. Added in
+    /// plugin API 2.2.
+    #[sabi(last_prefix_field)]
+    pub packed_positions: extern "C" fn(T) -> R<ROption<T>>,
 }
 
 static OPS: OnceLock<OpTableRef> = OnceLock::new();

@@ -558,7 +558,9 @@ impl Tensor {
     }
 
     /// Rotary position embedding in the "rotate half" convention of Hugging Face LLaMA:
-    /// `self` is `[b, h, t, d]`, `cos` and `sin` are `[t, d/2]`.
+    /// `self` is `[b, h, t, d]`, `cos` and `sin` are `[t, d/2]` (one table for every row) or
+    /// `[b, t, d/2]` (a table per row, for rows whose positions differ: packed rows, see
+    /// [`Tensor::packed_positions`]; since plugin API 2.2).
     pub fn rotary(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         wrap((ops().rotary())(self.id, cos.id, sin.id))
     }
@@ -594,8 +596,27 @@ impl Tensor {
     /// `0..=s − t + i` (with `t == s`, the usual `0..=i`; with `t < s`, new positions
     /// attending over a key/value cache and themselves). The host runs a fused kernel when
     /// one is active, else the composition from matmul, masked fill and softmax.
+    ///
+    /// In a forward pass over packed rows ([`Tensor::packed_positions`]), causal attention
+    /// over the rows' `t` positions is confined to each example: query `i` sees the keys of
+    /// its own example up to itself, never those of the example before it.
     pub fn attention(&self, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Tensor> {
         wrap((ops().attention())(self.id, k.id, v.id, causal, scale))
+    }
+
+    /// For the input ids of a forward pass (`[b, t]`, what [`crate::Model::forward`] gets):
+    /// the position of each token within its own sequence, u32 `[b, t]`, when the host packed
+    /// several examples into each row; `None` when every row is one sequence from position 0
+    /// (positions `0..t`, the usual case, for which a model keeps its cheaper path).
+    ///
+    /// A model with positions of its own (learned position embeddings, rotary tables) reads
+    /// them here, so that every example starts at position 0 as it would alone; causal
+    /// [`Tensor::attention`] confines itself to each example. Supervised fine-tuning with
+    /// `data.sft.packing: true` needs it: the host refuses to train a model on packed rows
+    /// when its forward pass did not ask. Since plugin API 2.2.
+    pub fn packed_positions(&self) -> Result<Option<Tensor>> {
+        from_abi((ops().ext().packed_positions())(self.id))
+            .map(|o| o.into_option().map(Tensor::from_id))
     }
 
     /// One `torch.optim.AdamW` step on this parameter, in place:

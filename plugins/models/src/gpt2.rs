@@ -18,7 +18,7 @@
 //! ([`Heads::causal_cached`]).
 
 use codex_nn::WeightLayout::InOut;
-use codex_nn::{Embedding, GeluMlp, Heads, LayerNorm, Linear};
+use codex_nn::{Embedding, GeluMlp, Heads, LayerNorm, Linear, Positions};
 use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::{
     Describe, ForwardCtx, GeluForm, Init, KvCache, Model, Result, Store, Tensor,
@@ -367,8 +367,8 @@ impl Site {
 #[derive(Copy, Clone)]
 struct Pass<'a> {
     ctx: ForwardCtx,
-    /// `[t, t]`, 1 above the diagonal, when attention is composed for dropout on its
-    /// probabilities.
+    /// Non-zero where a key is hidden from a query (`Positions::causal_mask`), when attention
+    /// is composed for dropout on its probabilities.
     mask: Option<&'a Tensor>,
     b: usize,
     t: usize,
@@ -458,15 +458,17 @@ impl Gpt2 {
         let c = self.config.n_embd;
 
         // Positions start..start + t are rows of wpe: a view, where a lookup by `arange`
-        // would gather (and scatter its gradient).
+        // would gather (and scatter its gradient). Packed rows look up each token's position
+        // within its example.
+        let positions = Positions::of(input, start, t)?;
         let x = self
             .wte
             .forward(input)?
-            .add(&self.wpe.rows(start, t)?)?
+            .add(&self.wpe.at(&positions)?)?
             .reshape(&[b * t, c])?;
         let mut x = self.dropout(x, self.config.embd_pdrop, ctx, Site::Embeddings)?;
         let mask = if ctx.train && self.config.attn_pdrop > 0.0 {
-            Some(Tensor::causal_mask(t, &x)?)
+            Some(positions.causal_mask(&x)?)
         } else {
             None
         };

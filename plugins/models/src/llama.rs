@@ -32,7 +32,9 @@
 //! key/value head, not repeated) to the cache and attends over all of them.
 
 use codex_nn::WeightLayout::OutIn;
-use codex_nn::{Embedding, Heads, Linear, RmsNorm, RopeScaling, Rotary, SwiGlu};
+use codex_nn::{
+    Embedding, Heads, Linear, Positions, RmsNorm, RopeScaling, Rotary, RotaryWindow, SwiGlu,
+};
 use codex_plugin_api::strict::{invalid, parse_params as parse_strict};
 use codex_plugin_api::{bail, Describe, ForwardCtx, Init, KvCache, Model, Result, Store, Tensor};
 use serde::de::IgnoredAny;
@@ -520,12 +522,15 @@ fn linear(
 }
 
 impl Llama {
-    /// Causal self-attention of layer `index` on the normalised stream `h` (`[b·t, c]`).
+    /// Causal self-attention of layer `index` on the normalised stream `h` (`[b·t, c]`), with
+    /// the pass's rotary tables.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         index: usize,
         layer: &Layer,
         h: &Tensor,
+        rotary: &RotaryWindow,
         cache: Option<&mut KvCache>,
         b: usize,
         t: usize,
@@ -542,7 +547,6 @@ impl Llama {
             ..heads
         };
         let start = cache.as_ref().map_or(0, |cache| cache.len());
-        let rotary = self.rotary.window_at(start, t)?;
         // `[b·t, h·d]` → `[b, h, t, d]`, contiguous: the layout rotary expects.
         let q = rotary.apply(&heads.split_contiguous(&layer.q_proj.forward(h)?)?)?;
         let k = rotary.apply(&kv_heads.split_contiguous(&layer.k_proj.forward(h)?)?)?;
@@ -587,9 +591,11 @@ impl Llama {
         }
         let c = self.config.hidden_size;
         let mut x = self.embed_tokens.forward(input)?.reshape(&[b * t, c])?;
+        // Positions start..start + t, or each token's within its example in packed rows.
+        let rotary = self.rotary.window_for(&Positions::of(input, start, t)?)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let a = self.attention(index, layer, &h, cache.as_deref_mut(), b, t)?;
+            let a = self.attention(index, layer, &h, &rotary, cache.as_deref_mut(), b, t)?;
             x = x.add(&a)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = x.add(&layer.mlp.forward(&h)?)?;

@@ -21,6 +21,11 @@
 //! composed from matmul, masked fill and softmax on contiguous heads. There is no dropout:
 //! LLaMA trains without it.
 //!
+//! Rows the host packed with several examples (supervised fine-tuning with packing) are read
+//! through `codex_nn::Positions`: each token's rotary tables are those of its position within
+//! its example, and the mask hides the examples before it as well as the future, so every
+//! example is computed as it would be alone.
+//!
 //! Generation goes through `forward_cached`, which runs the same layers on the new positions
 //! only: their rotary tables start at the cache's position count (`Rotary::window_at`), and each
 //! layer appends its rotated keys and its values to the cache and attends over all of them with
@@ -32,7 +37,7 @@
 //! model is then `llama/llama` when the manifest names the plugin `llama`.
 
 use codex_nn::WeightLayout::OutIn;
-use codex_nn::{Embedding, Heads, Linear, RmsNorm, Rotary, SwiGlu};
+use codex_nn::{Embedding, Heads, Linear, Positions, RmsNorm, Rotary, RotaryWindow, SwiGlu};
 use codex_plugin_api::{bail, Describe, ForwardCtx, Init, KvCache, Model, Result, Store, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -256,21 +261,25 @@ impl Describe for Llama {
     }
 }
 
-/// Where a forward call's positions start, and how it attends.
+/// How a forward call attends.
 enum Attend<'a> {
-    /// Positions `0..t`, the future masked out by this `[t, t]` mask.
+    /// Over this call's positions, the keys each query must not see masked out by this mask
+    /// (`Positions::causal_mask`: the future, and in packed rows the examples before).
     Masked(&'a Tensor),
     /// Positions `cache.len()..cache.len() + t`, over the cached keys and values too.
     Cached(&'a mut KvCache),
 }
 
 impl Llama {
-    /// Causal self-attention of layer `index` on the normalised stream `h` (`[b·t, c]`).
+    /// Causal self-attention of layer `index` on the normalised stream `h` (`[b·t, c]`), with
+    /// the call's rotary tables.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         index: usize,
         layer: &Layer,
         h: &Tensor,
+        rotary: &RotaryWindow,
         attend: &mut Attend<'_>,
         b: usize,
         t: usize,
@@ -281,11 +290,6 @@ impl Llama {
             heads: self.config.num_attention_heads,
             head_dim: self.config.head_dim(),
         };
-        let start = match attend {
-            Attend::Masked(_) => 0,
-            Attend::Cached(cache) => cache.len(),
-        };
-        let rotary = self.rotary.window_at(start, t)?;
         // `[b·t, c]` → `[b, heads, t, d]`, contiguous: the layout rotary and the batched
         // products expect.
         let q = rotary.apply(&heads.split_contiguous(&layer.q_proj.forward(h)?)?)?;
@@ -319,17 +323,21 @@ impl Llama {
         }
         let c = self.config.hidden_size;
         let mut x = self.embed_tokens.forward(input)?.reshape(&[b * t, c])?;
+        // Positions start..start + t, or in rows the host packed with several examples, each
+        // token's position within its own.
+        let positions = Positions::of(input, start, t)?;
+        let rotary = self.rotary.window_for(&positions)?;
         let mask;
         let mut attend = match cache {
             Some(cache) => Attend::Cached(cache),
             None => {
-                mask = Tensor::causal_mask(t, &x)?;
+                mask = positions.causal_mask(&x)?;
                 Attend::Masked(&mask)
             }
         };
         for (index, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            x = x.add(&self.attention(index, layer, &h, &mut attend, b, t)?)?;
+            x = x.add(&self.attention(index, layer, &h, &rotary, &mut attend, b, t)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = x.add(&layer.mlp.forward(&h)?)?;
         }
