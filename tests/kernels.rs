@@ -22,7 +22,7 @@ use codex_plugin_api::{ComponentKind, DType, Factory, GeluForm, Init, ParamRole,
 
 use crate::model::{batch, build_gpt2, builtin, TRAIN};
 
-fn cpu_kernel() -> KernelBox {
+pub(crate) fn cpu_kernel() -> KernelBox {
     let Factory::Kernel(factory) = builtin("cpu", ComponentKind::Kernel).factory else {
         panic!("cpu is registered with a factory of another kind");
     };
@@ -33,7 +33,7 @@ fn cpu_kernel() -> KernelBox {
 }
 
 /// Deterministic, irregular values in about [-2, 2].
-fn values(n: usize, salt: u32) -> Vec<f32> {
+pub(crate) fn values(n: usize, salt: u32) -> Vec<f32> {
     (0..n as u32)
         .map(|i| {
             let h = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
@@ -42,7 +42,7 @@ fn values(n: usize, salt: u32) -> Vec<f32> {
         .collect()
 }
 
-fn input(shape: &[usize], salt: u32, dtype: CD) -> Var {
+pub(crate) fn input(shape: &[usize], salt: u32, dtype: CD) -> Var {
     let n = shape.iter().product();
     let t = CT::from_vec(values(n, salt), shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(dtype))
@@ -50,7 +50,7 @@ fn input(shape: &[usize], salt: u32, dtype: CD) -> Var {
     Var::from_tensor(&t).expect("var")
 }
 
-fn flat(t: &CT) -> Vec<f32> {
+pub(crate) fn flat(t: &CT) -> Vec<f32> {
     t.to_dtype(CD::F32)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
@@ -102,7 +102,7 @@ fn tolerance(dtype: CD) -> f32 {
 }
 
 /// `|a − b| ≤ tol·(1 + max|b|)` element by element.
-fn assert_close(what: &str, found: &[f32], expected: &[f32], tol: f32) {
+pub(crate) fn assert_close(what: &str, found: &[f32], expected: &[f32], tol: f32) {
     assert_eq!(found.len(), expected.len(), "{what}: lengths differ");
     let scale = 1.0 + expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     for (i, (f, e)) in found.iter().zip(expected).enumerate() {

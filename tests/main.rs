@@ -17,6 +17,7 @@ mod manifest;
 mod model;
 mod native;
 mod optim;
+mod packing;
 mod precision;
 mod registry;
 mod report;

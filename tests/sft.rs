@@ -255,6 +255,7 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
         shape,
         5,
         pad,
+        false,
     ));
     assert_eq!(train.windows(), 7);
     assert_eq!(train.batches_per_epoch(), 3);
@@ -304,6 +305,7 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
         shape,
         5,
         pad,
+        false,
     ));
     ok(resumed.seek(DataCursor {
         epoch: 0,
@@ -333,6 +335,7 @@ fn examples_are_rows_padded_per_batch_in_a_resumable_order() {
         rows.rows,
         shape,
         pad,
+        false,
     ));
     let total: u64 = (0..val.len())
         .map(|i| val.batch(i).expect("batch").tokens)
@@ -734,11 +737,6 @@ fn bad_sft_input_exits_2_naming_what_to_fix() {
         let out = cmd.assert().code(2).get_output().stderr.clone();
         String::from_utf8_lossy(&out).into_owned()
     };
-    let text = run(&["data.sft.packing=true"]);
-    assert!(
-        text.contains("data.sft.packing: packing is not available"),
-        "{text}"
-    );
     let text = run(&[
         "data.train=[{\"Text\": (paths: [\"train.jsonl\"])}, {\"Chat\": (path: \"train.jsonl\")}]",
     ]);

@@ -65,7 +65,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             config.train.seq_len,
             config.data.sft.overlong,
         )?;
-        ValBatches::examples(rows.tokens, rows.rows, shape, pad)?
+        ValBatches::examples(rows.tokens, rows.rows, shape, pad, config.data.sft.packing)?
     } else {
         let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
         ValBatches::new(tokens.into(), shape, pad)?

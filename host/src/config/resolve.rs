@@ -300,14 +300,6 @@ impl Resolver<'_> {
                 ));
             }
         }
-        if sft && data.sft.packing {
-            return Err(self.invalid(
-                "data.sft.packing",
-                "packing is not available: the model interface cannot yet confine attention \
-                 to one example, and packed examples would attend to each other; remove it \
-                 (one example per row, padded per batch)",
-            ));
-        }
         if let Some(template) = &mut data.sft.chat_template {
             *template = absolute(dir, template);
         }

@@ -14,8 +14,13 @@
 //! Supervised fine-tuning data is examples rather than one stream: each is a row of its own
 //! (its ids but the last as inputs, its ids but the first as targets, [`IGNORE_INDEX`] where
 //! the loss does not count the token), and a batch is padded to its longest row — TRL's
-//! default (`packing=False`, padding to the longest in the batch). Their order is drawn as
-//! the windows' is, over examples instead of windows, so [`DataCursor`] counts examples.
+//! default (`packing=False`, padding to the longest in the batch). With packing, examples are
+//! first put into rows of at most `seq_len` positions by best-fit decreasing (TRL's `bfd`
+//! strategy): longest first, each into the row it fills best. A packed batch carries the
+//! position of every token within its example ([`TokenBatch::positions`]), from which the
+//! engine confines attention to each example and models restart their positions. Rows' order
+//! is drawn as the windows' is, over rows instead of windows, so [`DataCursor`] counts rows
+//! (examples, when they are not packed).
 //!
 //! Validation windows are in stream order; the stream's tail becomes one last, shorter
 //! window padded to `seq_len` with inputs = the pad id and targets = [`IGNORE_INDEX`], so
@@ -76,20 +81,26 @@ pub struct TokenBatch {
     pub tokens: u64,
     /// The epoch this batch belongs to (0 for validation).
     pub epoch: u64,
+    /// Rows packed with several examples: each input's position within its example,
+    /// `rows * seq_len` (padding continues the last example); `None` when each row is one
+    /// sequence.
+    pub positions: Option<Vec<u32>>,
 }
 
 pub use codex_formats::checkpoint::DataCursor;
 
-/// The checked shape, the number of rows and the rows of examples batches of `split` serve.
+/// The checked shape, the number of rows and the rows of examples batches of `split` serve,
+/// packed when `packing`.
 fn example_rows(
     tokens: &Tokens,
-    rows: Vec<(usize, usize)>,
+    examples: Vec<(usize, usize)>,
     shape: BatchShape,
     pad_id: u32,
+    packing: bool,
     split: &'static str,
 ) -> Result<(BatchShape, usize, Examples), DataError> {
     let shape = shape.check()?;
-    if rows.is_empty() {
+    if examples.is_empty() {
         return Err(DataError::Empty {
             split,
             what: "no example has a token the loss counts within a row of train.seq_len + 1 \
@@ -97,8 +108,40 @@ fn example_rows(
                 .to_string(),
         });
     }
-    let windows = rows.len();
-    Ok((shape, windows, Examples::new(tokens, rows, pad_id)))
+    let examples = Examples::new(tokens, examples, pad_id, packing.then_some(shape.seq_len));
+    Ok((shape, examples.rows.len(), examples))
+}
+
+/// Examples of `lens` positions each, put into rows of at most `capacity` positions by
+/// best-fit decreasing: longest first (the earlier of equals first), each into the row whose
+/// room it fills best, a new row when none has room. Rows are numbered in the order they were
+/// opened, and hold their examples' indices in the order they went in. Every length is at most
+/// `capacity`.
+pub fn pack_best_fit(lens: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    // (room left, row) for every row that has room.
+    let mut room = std::collections::BTreeSet::new();
+    for i in order {
+        let len = lens[i];
+        let fits = room.range((len, 0)..).next().copied();
+        let (left, row) = match fits {
+            Some((left, row)) => {
+                room.remove(&(left, row));
+                (left, row)
+            }
+            None => {
+                rows.push(Vec::new());
+                (capacity, rows.len() - 1)
+            }
+        };
+        rows[row].push(i);
+        if left > len {
+            room.insert((left - len, row));
+        }
+    }
+    rows
 }
 
 /// The order of `windows` training windows in `epoch`: a pure function of its arguments.
@@ -146,15 +189,24 @@ pub struct TrainBatches {
 #[derive(Debug)]
 struct Examples {
     /// (start, length) of each example's ids in the stream, cut to fit a row.
-    rows: Vec<(usize, usize)>,
+    examples: Vec<(usize, usize)>,
+    /// The examples of each row, in order: one each, or several when packed.
+    rows: Vec<Vec<usize>>,
+    packed: bool,
     pad_id: u32,
     /// Targets the loss counts, over all rows.
     targets: u64,
 }
 
 impl Examples {
-    fn new(tokens: &[u32], rows: Vec<(usize, usize)>, pad_id: u32) -> Self {
-        let targets = rows
+    /// `examples` one per row, or packed into rows of `packing` positions.
+    fn new(
+        tokens: &[u32],
+        examples: Vec<(usize, usize)>,
+        pad_id: u32,
+        packing: Option<usize>,
+    ) -> Self {
+        let targets = examples
             .iter()
             .map(|&(start, len)| {
                 tokens[start + 1..start + len]
@@ -163,11 +215,26 @@ impl Examples {
                     .count() as u64
             })
             .sum();
+        let rows = match packing {
+            // An example of `len` ids fills `len - 1` positions (inputs and targets).
+            Some(capacity) => {
+                let lens: Vec<usize> = examples.iter().map(|&(_, len)| len - 1).collect();
+                pack_best_fit(&lens, capacity)
+            }
+            None => (0..examples.len()).map(|i| vec![i]).collect(),
+        };
         Examples {
+            examples,
             rows,
+            packed: packing.is_some(),
             pad_id,
             targets,
         }
+    }
+
+    /// Positions a row fills.
+    fn fill(&self, row: usize) -> usize {
+        self.rows[row].iter().map(|&e| self.examples[e].1 - 1).sum()
     }
 
     /// The batch of rows `which`, padded to the longest.
@@ -177,25 +244,36 @@ impl Examples {
         which: impl Iterator<Item = usize> + Clone,
         epoch: u64,
     ) -> TokenBatch {
-        let seq_len = which.clone().map(|r| self.rows[r].1 - 1).max().unwrap_or(0);
+        let seq_len = which.clone().map(|r| self.fill(r)).max().unwrap_or(0);
         let mut inputs = Vec::new();
         let mut targets = Vec::new();
+        let mut positions = Vec::new();
         let mut counted = 0u64;
         let mut rows = 0;
         for r in which {
-            let (start, len) = self.rows[r];
-            let ids = &tokens[start..start + len];
-            inputs.extend(ids[..len - 1].iter().map(|&id| id & !LEARN));
-            inputs.extend(std::iter::repeat_n(self.pad_id, seq_len - (len - 1)));
-            for &id in &ids[1..] {
-                if id & LEARN != 0 {
-                    targets.push(id & !LEARN);
-                    counted += 1;
-                } else {
-                    targets.push(IGNORE_INDEX);
+            let mut filled = 0;
+            for &e in &self.rows[r] {
+                let (start, len) = self.examples[e];
+                let ids = &tokens[start..start + len];
+                inputs.extend(ids[..len - 1].iter().map(|&id| id & !LEARN));
+                for &id in &ids[1..] {
+                    if id & LEARN != 0 {
+                        targets.push(id & !LEARN);
+                        counted += 1;
+                    } else {
+                        targets.push(IGNORE_INDEX);
+                    }
                 }
+                positions.extend(0..(len - 1) as u32);
+                filled += len - 1;
             }
-            targets.extend(std::iter::repeat_n(IGNORE_INDEX, seq_len - (len - 1)));
+            let pad = seq_len - filled;
+            inputs.extend(std::iter::repeat_n(self.pad_id, pad));
+            targets.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
+            // Padding continues the row's last example: causal attention keeps the example
+            // from seeing it, and its targets are ignored.
+            let last = positions.last().map_or(0, |&p| p + 1);
+            positions.extend((0..pad as u32).map(|i| if filled == 0 { i } else { last + i }));
             rows += 1;
         }
         TokenBatch {
@@ -205,7 +283,19 @@ impl Examples {
             seq_len,
             tokens: counted,
             epoch,
+            positions: self.packed.then_some(positions),
         }
+    }
+
+    /// Examples, rows, and the share of the rows' positions that hold an example.
+    fn packing_stats(&self, seq_len: usize) -> (usize, usize, f64) {
+        let filled: usize = (0..self.rows.len()).map(|r| self.fill(r)).sum();
+        let room = (self.rows.len() * seq_len).max(1);
+        (
+            self.examples.len(),
+            self.rows.len(),
+            filled as f64 / room as f64,
+        )
     }
 }
 
@@ -240,17 +330,20 @@ impl TrainBatches {
         })
     }
 
-    /// Batches of supervised fine-tuning examples: `rows` are (start, length) of each
+    /// Batches of supervised fine-tuning examples: `examples` are (start, length) of each
     /// example's ids in `tokens` (at least 2, and at most `seq_len + 1`: what
-    /// [`super::sft::fit_examples`] returns); rows are padded with `pad_id`.
+    /// [`super::sft::fit_examples`] returns), one per row or, with `packing`, packed into
+    /// rows of `seq_len` positions; rows are padded with `pad_id`.
     pub fn examples(
         tokens: Tokens,
-        rows: Vec<(usize, usize)>,
+        examples: Vec<(usize, usize)>,
         shape: BatchShape,
         seed: u64,
         pad_id: u32,
+        packing: bool,
     ) -> Result<Self, DataError> {
-        let (shape, windows, examples) = example_rows(&tokens, rows, shape, pad_id, "train")?;
+        let (shape, windows, examples) =
+            example_rows(&tokens, examples, shape, pad_id, packing, "train")?;
         Ok(TrainBatches {
             order: window_order(seed, 0, windows),
             tokens,
@@ -262,9 +355,18 @@ impl TrainBatches {
         })
     }
 
-    /// Windows (or examples) per epoch.
+    /// Windows (or rows of examples) per epoch.
     pub fn windows(&self) -> usize {
         self.windows
+    }
+
+    /// For packed examples: how many examples went into how many rows, and the share of the
+    /// rows' positions they fill.
+    pub fn packing(&self) -> Option<(usize, usize, f64)> {
+        self.examples
+            .as_ref()
+            .filter(|e| e.packed)
+            .map(|e| e.packing_stats(self.shape.seq_len))
     }
 
     /// Batches per epoch (the last one may be short).
@@ -342,6 +444,7 @@ impl TrainBatches {
             seq_len,
             tokens: (rows * seq_len) as u64,
             epoch: self.cursor.epoch,
+            positions: None,
         }
     }
 }
@@ -384,11 +487,13 @@ impl ValBatches {
     /// Batches of supervised fine-tuning examples, in order; as [`TrainBatches::examples`].
     pub fn examples(
         tokens: Tokens,
-        rows: Vec<(usize, usize)>,
+        examples: Vec<(usize, usize)>,
         shape: BatchShape,
         pad_id: u32,
+        packing: bool,
     ) -> Result<Self, DataError> {
-        let (shape, windows, examples) = example_rows(&tokens, rows, shape, pad_id, "val")?;
+        let (shape, windows, examples) =
+            example_rows(&tokens, examples, shape, pad_id, packing, "val")?;
         Ok(ValBatches {
             tokens,
             shape,
@@ -454,6 +559,7 @@ impl ValBatches {
             seq_len,
             tokens: counted,
             epoch: 0,
+            positions: None,
         })
     }
 }

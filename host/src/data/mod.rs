@@ -32,7 +32,8 @@ use std::path::{Path, PathBuf};
 use codex_plugin_api::tokenizer::TokenizerBox;
 
 pub use batch::{
-    window_order, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches, IGNORE_INDEX,
+    pack_best_fit, window_order, BatchShape, DataCursor, TokenBatch, TrainBatches, ValBatches,
+    IGNORE_INDEX,
 };
 pub use cache::{CacheKey, CacheOutcome, Cached, TokenCache, Tokens};
 pub use codex_formats::config::data as config;

@@ -3,10 +3,11 @@
 //! (`TrainSession::evaluate`), so the validation records of a run and `eval` on its checkpoint
 //! count the same way.
 
+use abi_stable::std_types::RResult;
 use anyhow::{anyhow, bail, Result};
 use codex_engine::{self as engine, Device};
 use codex_plugin_api::model::ModelBox;
-use codex_plugin_api::{EvalTotals, ForwardCtx, Tensor};
+use codex_plugin_api::{EvalTotals, ForwardCtx, PluginError, Tensor, TensorId};
 
 use super::generate::model_err;
 use crate::data::{ValBatches, IGNORE_INDEX};
@@ -42,15 +43,20 @@ pub(crate) fn sums(
         let Some(batch) = val.batch(index) else { break };
         index += 1;
         let (rows, t) = (batch.rows, batch.seq_len);
-        let inputs = Tensor::from_id(engine::upload_ids(batch.inputs, &[rows, t], device)?);
         let targets = Tensor::from_id(engine::upload_ids(batch.targets, &[rows * t], device)?);
+        let inputs = Tensor::from_id(upload_inputs(
+            batch.inputs,
+            batch.positions,
+            rows,
+            t,
+            device,
+        )?);
         let ctx = ForwardCtx {
             train: false,
             seed: 0,
         };
         let logits = Tensor::from_id(
-            model
-                .forward(inputs.id(), ctx)
+            forward(model, inputs.id(), ctx)
                 .into_result()
                 .map_err(model_err)?,
         );
@@ -69,4 +75,66 @@ pub(crate) fn sums(
         totals.batches += 1;
     }
     Ok(totals)
+}
+
+/// Upload a batch's input ids, `[rows, t]`: with the position of each token within its
+/// example when the rows are packed (`positions`), so that the model reads them and attention
+/// stays within each example.
+pub(crate) fn upload_inputs(
+    ids: Vec<u32>,
+    positions: Option<Vec<u32>>,
+    rows: usize,
+    t: usize,
+    device: &Device,
+) -> Result<TensorId> {
+    Ok(match positions {
+        Some(positions) => engine::upload_packed(ids, positions, &[rows, t], device)?,
+        None => engine::upload_ids(ids, &[rows, t], device)?,
+    })
+}
+
+/// The model's forward pass over `inputs`: with attention confined to each example when they
+/// are packed rows, and refused when the model did not read their positions (every example
+/// after the first in a row would continue the positions of the one before).
+pub(crate) fn forward(
+    model: &ModelBox,
+    inputs: TensorId,
+    ctx: ForwardCtx,
+) -> RResult<TensorId, PluginError> {
+    let (logits, pass) = match engine::forward_pass(inputs, || model.forward(inputs, ctx)) {
+        Ok(done) => done,
+        Err(e) => return RResult::RErr(PluginError::new(e.to_string())),
+    };
+    if pass.packed && !pass.positions_read {
+        if let RResult::ROk(id) = logits {
+            drop(Tensor::from_id(id));
+        }
+        return RResult::RErr(PluginError::new(
+            "the model did not read the positions of packed rows (`Tensor::packed_positions`); \
+             set data.sft.packing: false"
+                .to_string(),
+        ));
+    }
+    logits
+}
+
+/// Refuse `data.sft.packing` for a model that does not read the positions of packed rows:
+/// one forward pass over a row packed with two one-token examples.
+pub(crate) fn check_packing(model: &ModelBox, name: &str, device: &Device) -> Result<()> {
+    let ids = Tensor::from_id(engine::upload_packed(
+        vec![0, 0],
+        vec![0, 0],
+        &[1, 2],
+        device,
+    )?);
+    let ctx = ForwardCtx {
+        train: false,
+        seed: 0,
+    };
+    let (logits, pass) = engine::forward_pass(ids.id(), || model.forward(ids.id(), ctx))?;
+    drop(Tensor::from_id(logits.into_result().map_err(model_err)?));
+    if !pass.positions_read {
+        return Err(crate::run::RunError::PackingUnread(name.to_string()).into());
+    }
+    Ok(())
 }

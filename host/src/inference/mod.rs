@@ -20,6 +20,7 @@ use codex_plugin_api::tokenizer::TokenizerBox;
 pub use codex_plugin_api::EvalTotals;
 pub use eval::evaluate;
 pub(crate) use eval::sums as evaluation_sums;
+pub(crate) use eval::{check_packing, forward, upload_inputs};
 pub use generate::{generate, generate_ids, GenerateOptions, Generated};
 
 use crate::config::Config;

@@ -120,6 +120,9 @@ pub enum RunError {
     /// The `adapter` section does not fit the model.
     #[error("{0}")]
     Adapter(String),
+    /// `data.sft.packing` with a model that does not read the positions of packed rows.
+    #[error("data.sft.packing: model `{0}` does not read the positions of packed rows (plugin API 2.2, `Tensor::packed_positions`), so every example after the first in a row would take the positions that follow the one before it; set data.sft.packing: false (one example per row), or use a model that reads them (the built-in gpt2 and llama do)")]
+    PackingUnread(String),
     /// A LoRA checkpoint was written for other base weights than the run's model has now.
     #[error("{checkpoint}: the adapter was trained on base weights with sha256 {then}, but the model's weights now have {now}; resume with the base model the run started from (model.from)", checkpoint = .checkpoint.display())]
     BaseChanged {

@@ -60,8 +60,8 @@ fn err(e: impl std::fmt::Display) -> PluginError {
 fn batch_ids(batch: TokenBatch, device: &Device) -> Result<BatchIds> {
     let (rows, t) = (batch.rows, batch.seq_len);
     Ok(BatchIds {
-        inputs: engine::upload_ids(batch.inputs, &[rows, t], device)?,
         targets: engine::upload_ids(batch.targets, &[rows, t], device)?,
+        inputs: crate::inference::upload_inputs(batch.inputs, batch.positions, rows, t, device)?,
         tokens: batch.tokens,
         epoch: batch.epoch,
     })
@@ -198,7 +198,7 @@ impl TrainSession for HostSession<'_> {
     fn forward(&mut self, inputs: TensorId, ctx: ForwardCtx) -> RResult<TensorId, PluginError> {
         let started = Instant::now();
         engine::set_forward(ctx.train, ctx.seed);
-        let logits = self.model.forward(inputs, ctx);
+        let logits = crate::inference::forward(self.model, inputs, ctx);
         engine::set_forward(false, 0);
         self.system.forward(started.elapsed());
         logits

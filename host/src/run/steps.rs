@@ -169,6 +169,9 @@ pub(crate) fn model(
         }
         .into());
     }
+    if config.data.is_sft() && config.data.sft.packing {
+        crate::inference::check_packing(&model, &config.model.name, store.device())?;
+    }
     Ok(model)
 }
 
@@ -205,12 +208,23 @@ pub(crate) fn batches(
         )?;
         let pad = data::pad_id(tokenizer);
         let report = rows.report;
-        let train = TrainBatches::examples(rows.tokens, rows.rows, shape, config.seed, pad)?;
-        tracing::info!(
-            "data: {} training examples, {} tokens the loss counts per epoch",
-            train.windows(),
-            train.tokens_per_epoch()
-        );
+        let packing = config.data.sft.packing;
+        let train =
+            TrainBatches::examples(rows.tokens, rows.rows, shape, config.seed, pad, packing)?;
+        match train.packing() {
+            Some((examples, rows, fill)) => tracing::info!(
+                "data: {examples} training examples packed into {rows} rows of {} positions \
+                 ({:.1}% filled), {} tokens the loss counts per epoch",
+                shape.seq_len,
+                fill * 100.0,
+                train.tokens_per_epoch()
+            ),
+            None => tracing::info!(
+                "data: {} training examples, {} tokens the loss counts per epoch",
+                train.windows(),
+                train.tokens_per_epoch()
+            ),
+        }
         let val = if docs.val.is_empty() {
             tracing::warn!(
                 "no validation examples: evaluation is skipped (set data.val_fraction or data.val)"
@@ -226,7 +240,13 @@ pub(crate) fn batches(
                 seq_len,
                 overlong,
             )?;
-            Some(ValBatches::examples(rows.tokens, rows.rows, shape, pad)?)
+            Some(ValBatches::examples(
+                rows.tokens,
+                rows.rows,
+                shape,
+                pad,
+                packing,
+            )?)
         };
         return Ok((train, val, Some(report)));
     }
