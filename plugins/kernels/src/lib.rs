@@ -53,7 +53,7 @@
 //!   row. A start after the query's own key `s − t + i` is refused (naming the row and
 //!   position), so every query sees at least itself. With every start 0 the results are
 //!   `causal_attention`'s, bit for bit. Keys before the smallest start of a block of queries
-//!   are never read, so the work shrinks with the length of the examples.
+//!   are never read, so the shorter the examples, the less work a row takes.
 //! - `layer_norm`: `y = (x − mean)·rstd·w + b` with the biased variance,
 //!   `rstd = 1/√(var + eps)`. `rms_norm`: `y = x·rstd·w`, `rstd = 1/√(mean(x²) + eps)`.
 //! - `gelu_erf`: `x·Φ(x)`; `gelu_tanh`: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
