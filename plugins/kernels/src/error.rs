@@ -97,6 +97,20 @@ pub enum KernelError {
         /// The ignore index in force.
         ignore: f64,
     },
+    /// A packed-attention query would see no key: its first key lies after its own position.
+    #[error("{op}: `starts` row {row}, position {position}: start {start} is beyond key {last}, the query's own position; each query must see itself, so a start is at most s − t + position")]
+    Start {
+        /// The op.
+        op: &'static str,
+        /// The row of `starts`.
+        row: usize,
+        /// The query's position among the `t` queries.
+        position: usize,
+        /// The start found there.
+        start: u32,
+        /// The query's own key position, `s − t + position`.
+        last: usize,
+    },
     /// The kernel's parameters are not valid JSON of the expected form.
     #[error("cpu kernel params: {0}; expected a JSON object such as {{\"threads\": 2, \"simd\": \"auto\"}}")]
     Params(String),

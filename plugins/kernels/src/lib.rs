@@ -25,6 +25,8 @@
 //! | `softmax_last_dim.bwd` | y, dy: float `[.., n]` | — | dx: float like y |
 //! | `causal_attention.fwd` | q: float `[.., t, d]` (e.g. `[b, h, t, d]`); k, v: float `[.., s, d]`, s ≥ t | scale | out: float like q; lse: f32 `[.., t]` |
 //! | `causal_attention.bwd` | q, out: float `[.., t, d]`; k, v: float `[.., s, d]`; lse: f32 `[.., t]`; dout: float like q | scale | dq: float like q; dk, dv: float like k |
+//! | `packed_attention.fwd` | q, k, v as `causal_attention.fwd`; starts: u32 `[r, t]`, r dividing the heads | scale | out: float like q; lse: f32 `[.., t]` |
+//! | `packed_attention.bwd` | q, k, v, out, lse, dout as `causal_attention.bwd`; starts: u32 `[r, t]` | scale | dq: float like q; dk, dv: float like k |
 //! | `layer_norm.fwd` | x: float `[.., c]`; w, b: float `[c]` | eps | y: float like x; mean, rstd: f32 `[..]` |
 //! | `layer_norm.bwd` | dy, x: float `[.., c]`; w: float `[c]`; mean, rstd: f32 `[..]` | — | dx: float like x; dw, db: float `[c]` |
 //! | `rms_norm.fwd` | x: float `[.., c]`; w: float `[c]` | eps | y: float like x; rstd: f32 `[..]` |
@@ -43,6 +45,15 @@
 //!   to the last key (with `s = t` the usual `j ≤ i`; with fewer queries than keys, the queries
 //!   are the last `t` positions, as when new tokens attend over a key/value cache); `lse_i` is
 //!   the natural log-sum-exp of row i's scaled scores, saved for the backward pass.
+//! - `packed_attention`: causal attention confined to each of several examples packed into
+//!   one row, `out_i = Σ_{starts_i≤j≤s−t+i} softmax_j(scale·q_i·k_j) v_j`, where `starts_i`
+//!   is the first key query i may see (the position of its example's first token). The heads
+//!   are the `H` slices of q's leading dimensions, in row-major order; head `g` takes its
+//!   starts from row `g / (H / r)` — for q `[b, h, t, d]` and starts `[b, t]`, its batch
+//!   row. A start after the query's own key `s − t + i` is refused (naming the row and
+//!   position), so every query sees at least itself. With every start 0 the results are
+//!   `causal_attention`'s, bit for bit. Keys before the smallest start of a block of queries
+//!   are never read, so the shorter the examples, the less work a row takes.
 //! - `layer_norm`: `y = (x − mean)·rstd·w + b` with the biased variance,
 //!   `rstd = 1/√(var + eps)`. `rms_norm`: `y = x·rstd·w`, `rstd = 1/√(mean(x²) + eps)`.
 //! - `gelu_erf`: `x·Φ(x)`; `gelu_tanh`: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
@@ -100,6 +111,8 @@ pub const OPS: &[&str] = &[
     "softmax_last_dim.bwd",
     "causal_attention.fwd",
     "causal_attention.bwd",
+    "packed_attention.fwd",
+    "packed_attention.bwd",
     "layer_norm.fwd",
     "layer_norm.bwd",
     "rms_norm.fwd",
@@ -224,12 +237,15 @@ impl CpuKernel {
         attrs: &[f64],
         outs: &mut [BufferMut<'_>],
     ) -> Result<(), KernelError> {
+        use attention::Mask;
         let ctx = &self.ctx;
         match op {
             "softmax_last_dim.fwd" => softmax::fwd(ctx, ins, attrs, outs),
             "softmax_last_dim.bwd" => softmax::bwd(ctx, ins, attrs, outs),
-            "causal_attention.fwd" => attention::fwd(ctx, ins, attrs, outs),
-            "causal_attention.bwd" => attention::bwd(ctx, ins, attrs, outs),
+            "causal_attention.fwd" => attention::fwd(Mask::Causal, ctx, ins, attrs, outs),
+            "causal_attention.bwd" => attention::bwd(Mask::Causal, ctx, ins, attrs, outs),
+            "packed_attention.fwd" => attention::fwd(Mask::Packed, ctx, ins, attrs, outs),
+            "packed_attention.bwd" => attention::bwd(Mask::Packed, ctx, ins, attrs, outs),
             "layer_norm.fwd" => norm::layer_norm_fwd(ctx, ins, attrs, outs),
             "layer_norm.bwd" => norm::layer_norm_bwd(ctx, ins, attrs, outs),
             "rms_norm.fwd" => norm::rms_norm_fwd(ctx, ins, attrs, outs),

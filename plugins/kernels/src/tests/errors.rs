@@ -185,6 +185,94 @@ fn malformed_calls_are_errors() {
         ],
         "`dk` has shape [1, 2, 4, 3], expected [1, 2, 6, 3]",
     );
+    // packed_attention: q [2, 3, 4, 3] is 6 heads of 4 queries; starts is [r, 4], r | 6.
+    let q = f32s(&[2, 3, 4, 3]);
+    let fwd_outs = || [f32s(&[2, 3, 4, 3]), f32s(&[2, 3, 4])];
+    let zeros = |shape: &[usize]| Buf::u32s(shape, &vec![0; shape.iter().product()]);
+    check(
+        "packed_attention.fwd",
+        &[&q, &q, &q],
+        &[0.5],
+        &mut fwd_outs(),
+        "packed_attention.fwd: expected 4 inputs, found 3",
+    );
+    for (shape, found) in [
+        (&[4, 4][..], "[4, 4]"),
+        (&[2, 5], "[2, 5]"),
+        (&[8], "[8]"),
+        (&[2, 1, 4], "[2, 1, 4]"),
+    ] {
+        check(
+            "packed_attention.fwd",
+            &[&q, &q, &q, &zeros(shape)],
+            &[0.5],
+            &mut fwd_outs(),
+            &format!("`starts` has shape {found}, expected [r, 4] with r dividing the 6 heads"),
+        );
+    }
+    check(
+        "packed_attention.fwd",
+        &[&q, &q, &q, &f32s(&[2, 4])],
+        &[0.5],
+        &mut fwd_outs(),
+        "`starts` has dtype f32, expected u32",
+    );
+    check(
+        "packed_attention.fwd",
+        &[&q, &q, &q, &Buf::raw(DType::U32, &[2, 4], 28)],
+        &[0.5],
+        &mut fwd_outs(),
+        "`starts` holds 28 bytes but shape [2, 4] of u32 needs 32",
+    );
+    // With s = t = 4, query 2 sees keys up to 2: a start of 3 would leave it nothing.
+    let late = Buf::u32s(&[2, 4], &[0, 1, 1, 0, 0, 0, 3, 3]);
+    check(
+        "packed_attention.fwd",
+        &[&q, &q, &q, &late],
+        &[0.5],
+        &mut fwd_outs(),
+        "packed_attention.fwd: `starts` row 1, position 2: start 3 is beyond key 2, \
+         the query's own position",
+    );
+    // With s = 6 keys, query 2 is key 4; one row of starts for all six heads.
+    let kv = f32s(&[2, 3, 6, 3]);
+    let lse = f32s(&[2, 3, 4]);
+    let bwd_outs = || {
+        [
+            f32s(&[2, 3, 4, 3]),
+            f32s(&[2, 3, 6, 3]),
+            f32s(&[2, 3, 6, 3]),
+        ]
+    };
+    check(
+        "packed_attention.bwd",
+        &[
+            &q,
+            &kv,
+            &kv,
+            &q,
+            &lse,
+            &q,
+            &Buf::u32s(&[1, 4], &[2, 3, 5, 5]),
+        ],
+        &[0.5],
+        &mut bwd_outs(),
+        "packed_attention.bwd: `starts` row 0, position 2: start 5 is beyond key 4",
+    );
+    check(
+        "packed_attention.bwd",
+        &[&q, &kv, &kv, &q, &lse, &q],
+        &[0.5],
+        &mut bwd_outs(),
+        "packed_attention.bwd: expected 7 inputs, found 6",
+    );
+    check(
+        "packed_attention.bwd",
+        &[&q, &kv, &kv, &q, &lse, &q, &zeros(&[5, 4])],
+        &[0.5],
+        &mut bwd_outs(),
+        "`starts` has shape [5, 4], expected [r, 4] with r dividing the 6 heads",
+    );
     check(
         "sum_rows",
         &[&x],
