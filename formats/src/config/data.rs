@@ -59,11 +59,13 @@ pub struct DataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sft {
-    /// Pack several examples into one window, each attending only to itself. Not available:
-    /// the model interface has no way yet to confine attention to one example, and packing
-    /// without it would let examples see each other, so `true` is refused. `false` puts one
-    /// example in each row and pads every batch to its longest example, as TRL's
-    /// `SFTTrainer` does by default. Default: `false`.
+    /// Pack several examples into each row of `train.seq_len` positions (best-fit
+    /// decreasing, as TRL's `packing=True` with its `bfd` strategy), each example from
+    /// position 0 and attending only to itself, so that it is computed as it would be alone
+    /// while rows waste little on padding; `train.batch_size` then counts rows. Needs a model
+    /// that reads packed positions (the built-in ones do). `false` puts one example in each
+    /// row and pads every batch to its longest example, as TRL's `SFTTrainer` does by
+    /// default. Default: `false`.
     #[serde(default)]
     pub packing: bool,
     /// `Chat` sources: the loss counts only the assistant's tokens: those the chat template

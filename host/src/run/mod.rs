@@ -441,11 +441,16 @@ fn run_in(
     }
     // A batch cannot hold more windows than the data has: say what a step really trains on.
     let rows = config.train.batch_size.min(train_batches.windows());
+    let unit = match (config.data.is_sft(), train_batches.packing().is_some()) {
+        (true, true) => "rows of packed examples",
+        (true, false) => "examples",
+        (false, _) => "windows",
+    };
     if rows < config.train.batch_size {
         tracing::warn!(
             "train.batch_size is {} but the training data holds only {rows} {} of {} tokens, so every batch is those {rows}; add data, or lower train.batch_size or train.seq_len",
             config.train.batch_size,
-            if config.data.is_sft() { "examples" } else { "windows" },
+            unit,
             config.train.seq_len
         );
     }
@@ -457,7 +462,7 @@ fn run_in(
     };
     if config.data.is_sft() {
         tracing::info!(
-            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} examples",
+            "training: {total_steps} steps, each of {} micro-batch{plural} of {rows} {unit}",
             config.train.grad_accum,
         );
     } else {
