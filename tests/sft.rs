@@ -801,3 +801,88 @@ fn a_chat_run_stopped_halfway_resumes_bitwise() {
         "the resumed run differs"
     );
 }
+
+#[test]
+fn resume_and_eval_render_with_the_template_the_run_trained_with() {
+    let tmp = ok(tempfile::tempdir());
+    // The model and its template in a directory of the test's own, to change afterwards.
+    let model = tmp.path().join("chatml");
+    ok(fs::create_dir_all(&model));
+    for entry in ok(fs::read_dir(dir().join("chatml"))) {
+        let path = ok(entry).path();
+        ok(fs::copy(&path, model.join(path.file_name().expect("name"))));
+    }
+    let config = cli_config(tmp.path(), &conversations(8));
+    let text = ok(fs::read_to_string(&config)).replace(
+        &format!("{:?}", fixtures().join("sft").join("chatml")),
+        &format!("{model:?}"),
+    );
+    ok(fs::write(&config, text));
+    crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args(["run", "sft.ron", "--run-dir", "run", "-q"])
+        .assert()
+        .success();
+    let checkpoint = tmp.path().join("run/checkpoints/step-00000004");
+    let saved: Value = ok(serde_json::from_str(&ok(fs::read_to_string(
+        checkpoint.join("chat_template.json"),
+    ))));
+    assert_eq!(
+        saved["chat_template"].as_str(),
+        Some(ok(fs::read_to_string(model.join("chat_template.jinja"))).as_str())
+    );
+    let recorded = ok(fs::read_to_string(tmp.path().join("run/metrics.ndjson")))
+        .lines()
+        .map(|l| ok(serde_json::from_str::<Value>(l)))
+        .find(|r| r["split"] == "val" && r["name"] == "loss")
+        .expect("a validation loss");
+
+    // The tokenizer's directory now has a template that refuses every conversation.
+    ok(fs::write(
+        model.join("chat_template.jinja"),
+        "{{ raise_exception('changed after the run') }}",
+    ));
+    crate::cli::codex_ml()
+        .args(["verify".as_ref(), checkpoint.as_os_str()])
+        .assert()
+        .success();
+    let out = crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args(["eval", "run", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let eval: Value = ok(serde_json::from_slice(&out));
+    let (a, b) = (
+        eval["loss"].as_f64().expect("loss"),
+        recorded["value"].as_f64().expect("value"),
+    );
+    assert!((a - b).abs() <= 1e-6 * b, "eval {a}, recorded {b}");
+    crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args([
+            "run",
+            "sft.ron",
+            "--run-dir",
+            "run",
+            "--resume",
+            "latest",
+            "-q",
+        ])
+        .args(["--set", "train.max_steps=6"])
+        .assert()
+        .success();
+    // A fresh run reads the directory again, and is refused by the new template.
+    let out = crate::cli::codex_ml()
+        .current_dir(tmp.path())
+        .args(["run", "sft.ron", "--run-dir", "fresh"])
+        .assert()
+        .code(2)
+        .get_output()
+        .stderr
+        .clone();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("changed after the run"), "{text}");
+}

@@ -49,7 +49,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let pad = data::pad_id(&loaded.tokenizer);
     let val = if sft {
         let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
-        let encoder = data::SftEncoder::new(&config.data, &loaded.tokenizer, dir.as_deref())?;
+        let encoder = data::SftEncoder::restored(
+            &config.data,
+            &loaded.tokenizer,
+            dir.as_deref(),
+            &loaded.checkpoint,
+        )?;
         let fingerprint = data::TokenizerFingerprint::of(
             &loaded.tokenizer,
             &config.tokenizer.name,

@@ -32,6 +32,20 @@ const GENERATION_FILTER: &str = "__codex_generation";
 /// Starts the detail of an error `raise_exception` raised.
 const RAISED: &str = "raise_exception: ";
 
+/// The file in which a run's checkpoints keep the chat template they were trained with
+/// ([`ChatTemplate::to_saved`]), so that resuming and evaluating render as the run did
+/// whatever has become of the tokenizer's directory since.
+pub const SAVED_FILE: &str = "chat_template.json";
+
+/// A chat template as a checkpoint keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    chat_template: String,
+    origin: String,
+    special_tokens: Map<String, Json>,
+}
+
 /// A chat template, ready to render.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -87,6 +101,25 @@ impl ChatTemplate {
             specials,
             marks_generation,
         })
+    }
+
+    /// The template, where it came from and the special tokens it sees, as JSON: what
+    /// [`ChatTemplate::from_saved`] reads back.
+    pub fn to_saved(&self) -> String {
+        let saved = Saved {
+            chat_template: self.source.clone(),
+            origin: self.origin.clone(),
+            special_tokens: self.specials.clone(),
+        };
+        // A struct of strings and JSON values always serialises.
+        serde_json::to_string_pretty(&saved).unwrap_or_default()
+    }
+
+    /// The template [`ChatTemplate::to_saved`] wrote into `path`.
+    pub fn from_saved(text: &str, path: &Path) -> Result<Self, String> {
+        let saved: Saved = serde_json::from_str(text)
+            .map_err(|e| format!("{}: not a saved chat template: {e}", path.display()))?;
+        ChatTemplate::new(&saved.chat_template, saved.origin, saved.special_tokens)
     }
 
     /// The template as written.

@@ -101,6 +101,48 @@ impl SftEncoder {
         tokenizer: &TokenizerBox,
         tokenizer_dir: Option<&Path>,
     ) -> Result<Self, DataError> {
+        Self::build(
+            config,
+            tokenizer,
+            load_template(&config.sft, tokenizer_dir)?,
+        )
+    }
+
+    /// The encoder of a run resumed or evaluated from `checkpoint`: with the chat template the
+    /// checkpoint keeps ([`chat::SAVED_FILE`]) when it has one, else as [`SftEncoder::new`].
+    pub fn restored(
+        config: &DataConfig,
+        tokenizer: &TokenizerBox,
+        tokenizer_dir: Option<&Path>,
+        checkpoint: &Path,
+    ) -> Result<Self, DataError> {
+        let path = checkpoint.join(chat::SAVED_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Self::new(config, tokenizer, tokenizer_dir)
+            }
+            Err(e) => {
+                return Err(DataError::Setting {
+                    field: "chat template",
+                    message: format!("reading {}: {e}", path.display()),
+                })
+            }
+        };
+        let template =
+            ChatTemplate::from_saved(&text, &path).map_err(|message| DataError::Setting {
+                field: "chat template",
+                message,
+            })?;
+        Self::build(config, tokenizer, (Some(template), String::new()))
+    }
+
+    /// The encoder with `template`, or without one for the reason given.
+    fn build(
+        config: &DataConfig,
+        tokenizer: &TokenizerBox,
+        (template, no_template): (Option<ChatTemplate>, String),
+    ) -> Result<Self, DataError> {
         let json = match tokenizer.to_json() {
             RResult::ROk(json) => json.into_option(),
             RResult::RErr(e) => return Err(DataError::Tokenizer(e.message.into_string())),
@@ -125,7 +167,6 @@ impl SftEncoder {
         let eos = inner
             .id_to_token(eot)
             .ok_or_else(|| DataError::Tokenizer(format!("end-of-text id {eot} has no token")))?;
-        let (template, no_template) = load_template(&config.sft, tokenizer_dir)?;
         let chat_sources = config
             .train
             .iter()

@@ -425,8 +425,10 @@ fn run_in(
         steps::pretrained(config, &mut store)?;
     }
     let base_sha256 = steps::adapter(config, &mut store, &model, &device, resume_from.is_none())?;
-    let (mut train_batches, val_batches, sft_report) = steps::batches(config, docs, &tokenizer)?;
-    data_report.sft = sft_report;
+    let resumed = resume_from.map(|p| p.checkpoint.as_path());
+    let (mut train_batches, val_batches, sft) = steps::batches(config, docs, &tokenizer, resumed)?;
+    let chat_template = sft.as_ref().and_then(|s| s.chat_template.clone());
+    data_report.sft = sft.map(|s| s.report);
 
     let total_steps = steps::total_steps(config, &train_batches)?;
     if let Some(point) = resume_from {
@@ -574,6 +576,7 @@ fn run_in(
         config_text,
         config_dir: config.dir.clone(),
         tokenizer_json: tokenizer_json.clone(),
+        chat_template,
         base_sha256,
         resume_state: resume_from.map(|p| p.state.trainer.to_string()),
         last_checkpoint: None,

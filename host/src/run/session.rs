@@ -41,6 +41,8 @@ pub(crate) struct HostSession<'r> {
     pub(crate) config_text: String,
     pub(crate) config_dir: PathBuf,
     pub(crate) tokenizer_json: Option<String>,
+    /// The chat template of supervised fine-tuning data (`data::chat::SAVED_FILE`).
+    pub(crate) chat_template: Option<String>,
     /// A LoRA run's base hash (see `steps::adapter`); `None` when every parameter trains.
     pub(crate) base_sha256: Option<String>,
     pub(crate) resume_state: Option<String>,
@@ -128,6 +130,9 @@ impl HostSession<'_> {
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
         w.write("config.ron", self.config_text.as_bytes())?;
+        if let Some(json) = &self.chat_template {
+            w.write(crate::data::chat::SAVED_FILE, json.as_bytes())?;
+        }
         if let Some(json) = &self.tokenizer_json {
             w.write("tokenizer.json", json.as_bytes())?;
         }

@@ -175,14 +175,24 @@ pub(crate) fn model(
     Ok(model)
 }
 
+/// What supervised fine-tuning data leaves for the run besides its batches.
+pub(crate) struct SftSetup {
+    /// What fitting the training examples into rows did.
+    pub(crate) report: data::SftReport,
+    /// The chat template the examples were rendered with, as checkpoints keep it.
+    pub(crate) chat_template: Option<String>,
+}
+
 /// Token streams through the content-addressed cache, then batches: the training batches in
 /// their (seed, epoch) order and the validation batches, if there is validation data; for
-/// supervised fine-tuning data, also what fitting the training examples into rows did.
+/// supervised fine-tuning data, also what fitting the training examples into rows did and the
+/// chat template (the one `resumed` from, a checkpoint, keeps, if it keeps one).
 pub(crate) fn batches(
     config: &Config,
     docs: SplitDocuments,
     tokenizer: &TokenizerBox,
-) -> Result<(TrainBatches, Option<ValBatches>, Option<data::SftReport>)> {
+    resumed: Option<&Path>,
+) -> Result<(TrainBatches, Option<ValBatches>, Option<SftSetup>)> {
     let fingerprint = data::TokenizerFingerprint::of(
         tokenizer,
         &config.tokenizer.name,
@@ -195,7 +205,12 @@ pub(crate) fn batches(
     };
     if config.data.is_sft() {
         let dir = data::sft::tokenizer_dir(&config.tokenizer.name, &config.tokenizer.params);
-        let encoder = data::SftEncoder::new(&config.data, tokenizer, dir.as_deref())?;
+        let encoder = match resumed {
+            Some(checkpoint) => {
+                data::SftEncoder::restored(&config.data, tokenizer, dir.as_deref(), checkpoint)?
+            }
+            None => data::SftEncoder::new(&config.data, tokenizer, dir.as_deref())?,
+        };
         let (seq_len, overlong) = (config.train.seq_len, config.data.sft.overlong);
         let rows = data::sft_rows(
             "train",
@@ -248,7 +263,11 @@ pub(crate) fn batches(
                 packing,
             )?)
         };
-        return Ok((train, val, Some(report)));
+        let setup = SftSetup {
+            report,
+            chat_template: encoder.template().map(|t| t.to_saved()),
+        };
+        return Ok((train, val, Some(setup)));
     }
     let streams = data::token_streams(
         &docs,
