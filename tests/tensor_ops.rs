@@ -1659,3 +1659,95 @@ fn scalar_operands_match_candle_with_a_scalar_tensor() {
     let third: Vec<f32> = [1.0f32, 5.0, 7.0, 10.0].iter().map(|v| v / 3.0).collect();
     assert_eq!(x.div_scalar(3.0).unwrap().to_vec_f32().unwrap(), third);
 }
+
+/// An adapter's product on `x` (`[4, 5]`, or its `[5, 4]` transpose read as `[4, 5]`, a strided
+/// input) in training, with dropout: the output and the gradients of the input and of `A`
+/// and `B`.
+fn adapter_product(strided: bool, train: bool) -> (Vec<f32>, Vec<Vec<f32>>) {
+    engine::install();
+    let mut store = ParamStore::new(Device::Cpu, 3);
+    let param = |store: &mut ParamStore, name: &str, shape: &[usize]| {
+        Tensor::from_id(
+            store
+                .declare_param(name, shape, ParamRole::Weight, Init::Normal { std: 0.5 })
+                .unwrap(),
+        )
+    };
+    let w = param(&mut store, "layer.weight", &[6, 5]);
+    let x_shape: &[usize] = if strided { &[5, 4] } else { &[4, 5] };
+    let x_param = param(&mut store, "x", x_shape);
+    let (a_name, b_name) = store
+        .attach_lora("layer.weight", 3, 2.0, 0.3, false)
+        .unwrap();
+    let (a, b) = (
+        Tensor::from_id(store.handle(&a_name).unwrap()),
+        Tensor::from_id(store.handle(&b_name).unwrap()),
+    );
+    // B starts at zero, which would leave A without a gradient.
+    b.assign(&handle(&ct(inp(&[6, 3]), 0.7, CD::F32))).unwrap();
+    let x_values = ct(inp(&[4, 5]), 0.3, CD::F32);
+    let x_init = if strided {
+        x_values.t().unwrap().contiguous().unwrap()
+    } else {
+        x_values
+    };
+    x_param.assign(&handle(&x_init)).unwrap();
+    let x = if strided {
+        x_param.transpose(0, 1).unwrap()
+    } else {
+        x_param.clone()
+    };
+
+    engine::set_forward(train, 41);
+    let y = x.matmul(&w.transpose(0, 1).unwrap()).unwrap();
+    engine::set_forward(false, 0);
+    let weights = handle(&weights(&[4, 6], CD::F32));
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |t: &Tensor| t.grad().unwrap().expect("a gradient").to_vec_f32().unwrap();
+    let gx = grad(&x_param);
+    let gx = if strided {
+        // Back to [4, 5] order.
+        (0..20).map(|i| gx[(i % 5) * 4 + i / 5]).collect()
+    } else {
+        gx
+    };
+    (y.to_vec_f32().unwrap(), vec![gx, grad(&a), grad(&b)])
+}
+
+#[test]
+fn adapter_dropout_in_one_node_equals_the_composed_path() {
+    // A contiguous input takes the node that draws its mask again in backward; a strided one
+    // the composition of dropout and a product, which keeps the mask and the dropped copy.
+    let (fused_y, fused_grads) = adapter_product(false, true);
+    let (plain_y, plain_grads) = adapter_product(true, true);
+    let close = |what: &str, a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    };
+    close("output", &fused_y, &plain_y);
+    for (what, (a, b)) in ["x", "A", "B"]
+        .iter()
+        .zip(fused_grads.iter().zip(&plain_grads))
+    {
+        close(&format!("gradient of {what}"), a, b);
+    }
+    // Dropout acted: without it (evaluation), the output is another.
+    let (eval_y, _) = adapter_product(false, false);
+    assert!(
+        fused_y
+            .iter()
+            .zip(&eval_y)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "dropout changed nothing"
+    );
+}

@@ -24,7 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use codex_plugin_api::TensorId;
 use sha2::{Digest, Sha256};
 
@@ -198,16 +198,113 @@ pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<Option<TensorId>> {
         }
     };
     let (train, seed) = CALL.with(Cell::get);
-    let x = if train && lora.dropout > 0.0 {
-        nn::dropout(&ta, lora.dropout, mix(seed, lora.site))?
-    } else {
-        ta
+    let a = lora.a.tensor();
+    let h = match (train && lora.dropout > 0.0, DroppedProduct::fits(&ta, &a)) {
+        (false, _) => ops::matmul(&ta, &a.t()?)?,
+        (true, true) => ta.apply_op2(
+            &a,
+            DroppedProduct {
+                p: lora.dropout,
+                seed: mix(seed, lora.site),
+            },
+        )?,
+        (true, false) => ops::matmul(
+            &nn::dropout(&ta, lora.dropout, mix(seed, lora.site))?,
+            &a.t()?,
+        )?,
     };
     // Scaled at rank width, where it costs least: every `[rows, out]` intermediate stays
     // alive in the graph until the backward pass.
-    let h = (ops::matmul(&x, &lora.a.tensor().t()?)? * lora.scale)?;
+    let h = (h * lora.scale)?;
     let y = (base + ops::matmul(&h, &b_rows.t()?)?)?;
     Ok(Some(handles::insert(y)))
+}
+
+/// `dropout(x) · Aᵀ` for an adapter's input `x` `[rows, in]` and `A` `[r, in]`, as one node
+/// that keeps no mask and no dropped copy of `x` for the backward pass: both are drawn again
+/// from the seed there (the mask is the one `nn::dropout` draws, the values those it gives).
+/// With the mask and the copy, dropout on the adapters' inputs held two activations' worth of
+/// memory per adapted weight until backward.
+struct DroppedProduct {
+    p: f64,
+    seed: u64,
+}
+
+impl DroppedProduct {
+    /// Whether the fused node takes `x · Aᵀ`: 2-D, f32 or bf16 on the CPU, one dtype.
+    fn fits(x: &Tensor, a: &Tensor) -> bool {
+        x.rank() == 2
+            && a.rank() == 2
+            && x.dim(1).ok() == a.dim(1).ok()
+            && x.device().is_cpu()
+            && x.dtype() == a.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && x.is_contiguous()
+    }
+
+    /// 0 where `x` is dropped, `1 / (1 − p)` elsewhere: `nn::dropout`'s mask.
+    fn mask(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let keep = nn::dropout_keep_mask(x.elem_count(), self.p, self.seed);
+        Tensor::from_vec(keep, x.shape(), x.device())?
+            .to_dtype(x.dtype())?
+            .affine(1.0 / (1.0 - self.p), 0.0)
+    }
+
+    /// `x` with its dropped elements zeroed and the others scaled by `1 / (1 − p)`.
+    fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.mul(&self.mask(x)?)
+    }
+}
+
+impl candle_core::CustomOp2 for DroppedProduct {
+    fn name(&self) -> &'static str {
+        "lora_dropout_matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        as_: &candle_core::CpuStorage,
+        al: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage as _;
+        // The dropped copy lives only for this product.
+        let x = match (xs, xl.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((start, end))) => {
+                Tensor::from_slice(&v[start..end], xl.dims(), &candle_core::Device::Cpu)?
+            }
+            (candle_core::CpuStorage::BF16(v), Some((start, end))) => {
+                Tensor::from_slice(&v[start..end], xl.dims(), &candle_core::Device::Cpu)?
+            }
+            _ => {
+                candle_core::bail!("lora_dropout_matmul: the input must be contiguous f32 or bf16")
+            }
+        };
+        let dropped = self.dropped(&x)?;
+        let (storage, layout) = dropped.storage_and_layout();
+        let candle_core::Storage::Cpu(ds) = &*storage else {
+            candle_core::bail!("lora_dropout_matmul: the input is not on the cpu");
+        };
+        let (m, k) = (xl.dims()[0], xl.dims()[1]);
+        let n = al.dims()[0];
+        // `A` is `[r, in]`; the product reads it as `Aᵀ` through a transposed layout.
+        let at = al.transpose(0, 1)?;
+        Ok((ds.matmul(as_, (1, m, n, k), &layout, &at)?, (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let mask = self.mask(x)?;
+        let dx = dh.matmul(a)?.mul(&mask)?;
+        let da = dh.t()?.matmul(&x.detach().mul(&mask)?)?;
+        Ok((Some(dx), Some(da)))
+    }
 }
 
 /// `W + scale · (B · A)` in `W`'s own layout (transposed for `[in, out]`): the weight with its
