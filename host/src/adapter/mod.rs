@@ -146,9 +146,11 @@ pub fn attach(
         store.attach_lora(weight, config.r, config.scale(), config.dropout, *in_out)?;
     }
     let adapted: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
+    // PEFT picks biases by name, whatever the layer: `all` trains every `*.bias` (a
+    // LayerNorm's shift too), `lora_only` the bias of each adapted module.
     for (module, params) in &modules {
-        for (name, role, _) in params {
-            let bias = *role == ParamRole::Bias && *name == format!("{module}.bias");
+        for (name, _, _) in params {
+            let bias = name == "bias" || *name == format!("{module}.bias");
             let trains = to_save.contains(module)
                 || (bias && config.bias == LoraBias::All)
                 || (bias
