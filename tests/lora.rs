@@ -92,6 +92,13 @@ fn check_parity(name: &str, base: &str) {
         .filter(|p| p.trainable)
         .map(|p| peft::peft_key(&p.name, &adapted_weights))
         .collect();
+    // A trained tied embedding is saved under the head's name too.
+    if adapter::tied_head(&store, &model, &Device::Cpu)
+        .expect("probe")
+        .is_some()
+    {
+        keys.push(peft::HEAD_KEY.to_owned());
+    }
     keys.sort();
     let want_keys: Vec<String> = expected["keys"]
         .as_array()
@@ -216,6 +223,13 @@ fn gpt2_bias_all_with_a_saved_embedding_matches_peft() {
 #[test]
 fn qwen2_modules_to_save_head_and_norm_with_bias_all_matches_peft() {
     check_parity("qwen2-modules-to-save", "qwen2");
+}
+
+/// LLaMA ties its head to its embedding: the saved embedding is one matrix trained by both
+/// uses, as PEFT trains it with `ensure_weight_tying`, and saved under both names.
+#[test]
+fn llama_tied_embedding_in_modules_to_save_matches_peft() {
+    check_parity("llama-tied-embeddings", "llama");
 }
 
 #[test]
@@ -613,15 +627,18 @@ fn shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
-/// A run continuing each PEFT fixture with `bias: all` and `modules_to_save` trains those
+/// A run continuing each PEFT fixture with `bias: all` and `modules_to_save` (a tied
+/// embedding among them, whose second copy under the head's name it reads) trains those
 /// tensors and exports exactly the keys and shapes peft saved for the same config (the keys
-/// `PeftModel.from_pretrained` looks for), with the config's `bias` and `modules_to_save`.
+/// `PeftModel.from_pretrained` looks for), with the config's `bias`, `modules_to_save` and
+/// `ensure_weight_tying`.
 #[test]
 fn bias_all_and_modules_to_save_export_the_keys_peft_saves() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for (name, base) in [
         ("gpt2-bias-all", "gpt2"),
         ("qwen2-modules-to-save", "qwen2"),
+        ("llama-tied-embeddings", "llama"),
     ] {
         let dir = tmp.path().join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -657,7 +674,12 @@ fn bias_all_and_modules_to_save_export_the_keys_peft_saves() {
             read(&out.join("adapter_config.json")),
             read(&from.join("adapter_config.json")),
         );
-        for field in ["bias", "modules_to_save", "fan_in_fan_out"] {
+        for field in [
+            "bias",
+            "modules_to_save",
+            "fan_in_fan_out",
+            "ensure_weight_tying",
+        ] {
             assert_eq!(
                 ours[field], theirs[field],
                 "{name}: adapter_config.json {field}"
@@ -683,6 +705,18 @@ fn bias_all_and_modules_to_save_export_the_keys_peft_saves() {
                 a.tensor(key).expect("ours").data(),
                 b.tensor(key).expect("peft's").data(),
                 "{name}: {key} did not train"
+            );
+        }
+        // A tied embedding's two copies stay one matrix.
+        if ours["ensure_weight_tying"] == true {
+            let head = a.tensor(peft::HEAD_KEY).expect("head");
+            let embedding = a
+                .tensor("base_model.model.model.embed_tokens.weight")
+                .expect("embedding");
+            assert_eq!(
+                head.data(),
+                embedding.data(),
+                "{name}: the tied copies differ"
             );
         }
     }

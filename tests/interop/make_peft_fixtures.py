@@ -2,7 +2,7 @@
 of tests/fixtures/hf/, and what peft computes with them.
 
 Writes one directory per case under tests/fixtures/peft/ (gpt2, llama, qwen2, gpt2-bias-all,
-qwen2-modules-to-save), each an adapter directory that
+qwen2-modules-to-save, llama-tied-embeddings), each an adapter directory that
 `PeftModel.from_pretrained(base, dir)` loads (adapter_config.json,
 adapter_model.safetensors, as `save_pretrained` writes them) plus:
 
@@ -30,7 +30,11 @@ mode, so dropout is off. What each fixture covers:
   `wte`, so neither of those can be saved alone), saved as `transformer.wpe.weight`;
 - qwen2-modules-to-save (base qwen2): `modules_to_save: ["lm_head", "model.norm"]`, the
   untied head and the final norm trained in full and saved under their own names, with
-  `bias: all` on the q/k/v biases (q and v adapted, k not).
+  `bias: all` on the q/k/v biases (q and v adapted, k not);
+- llama-tied-embeddings (base llama, whose head is its embedding matrix):
+  `modules_to_save: ["embed_tokens"]` with `ensure_weight_tying=True`, so the one trained
+  matrix serves both, saved twice (`model.embed_tokens.weight` and `lm_head.weight`; its
+  gradient is recorded under the first).
 
 Run from the repository root, in a virtual environment with exactly these versions:
 
@@ -89,6 +93,10 @@ CASES = {
                                                   target_modules=["q_proj", "v_proj"],
                                                   bias="all",
                                                   modules_to_save=["lm_head", "model.norm"])),
+    "llama-tied-embeddings": ("llama", True, dict(r=4, lora_alpha=8,
+                                                  target_modules=["q_proj", "v_proj"],
+                                                  modules_to_save=["embed_tokens"],
+                                                  ensure_weight_tying=True)),
 }
 
 
@@ -132,12 +140,17 @@ def make(name, base_name, perturb, options):
         if saved_key not in saved:
             sys.exit(f"{name}: trainable {key} is not among the saved keys {sorted(saved)}")
         grads[f"grad.{saved_key}"] = param.grad.detach().clone()
-    if len(grads) != len(saved):
-        sys.exit(f"{name}: {len(saved)} tensors saved, {len(grads)} trainable")
+    # A tied matrix is one parameter saved under each of its names.
+    copies = {k for k in saved if f"grad.{k}" not in grads}
+    for key in copies:
+        if not any(torch.equal(saved[key], saved[g[len("grad."):]]) for g in grads):
+            sys.exit(f"{name}: {key} is saved but neither trainable nor a copy of a trained tensor")
     adapted = {k[len("base_model.model."):].split(".lora_A")[0] for k in saved if ".lora_A" in k}
     merged = model.merge_and_unload()
     tensors = dict(grads)
     for key, value in merged.state_dict().items():
+        if f"base_model.model.{key}" in copies:
+            continue
         if key.rsplit(".", 1)[0] in adapted or f"base_model.model.{key}" in saved:
             tensors[f"merged.{key}"] = value.detach().clone().contiguous()
     save_file(tensors, os.path.join(out, "expected.safetensors"))

@@ -9,11 +9,13 @@ as one that does nothing), checks that the adapter changes the model, and compar
 on a data file with `codex-ml eval RUN_DIR --data FILE` on the same windows (the file's ids and
 the end-of-text id, cut into windows of the run's `seq_len`). Then exports the model with the
 adapter merged (`export --merge`) and checks it equals PEFT's `merge_and_unload()` within
-1e-6. Prints the losses and their relative difference; fails above 1e-4. Two runs:
+1e-6. Prints the losses and their relative difference; fails above 1e-4. Three runs:
 
 - llama (tests/fixtures/hf/llama): r 8 on q/k/v/o, dropout on;
 - qwen2 (tests/fixtures/hf/qwen2): r 4 on q/v, `bias: "all"` (q/k/v biases, two of them on
-  adapted modules) and `modules_to_save: ["lm_head", "model.norm"]` (the untied head).
+  adapted modules) and `modules_to_save: ["lm_head", "model.norm"]` (the untied head);
+- llama-tied: r 4 on q/v and `modules_to_save: ["embed_tokens"]`, the embedding LLaMA's
+  head is tied to (exported with `ensure_weight_tying`).
 
 Versions checked with: torch 2.15.0, transformers 5.25.0, tokenizers 0.23.3, peft 0.21.2 (CPU).
 """
@@ -36,11 +38,14 @@ CONFIG = """(
             checkpoint_every: 8),
 )"""
 
+# name: (fixture model, adapter section)
 ADAPTERS = {
-    "llama": """(kind: "lora", r: 8, alpha: 16, dropout: 0.05,
-              target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"])""",
-    "qwen2": """(kind: "lora", r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"],
-              bias: "all", modules_to_save: ["lm_head", "model.norm"])""",
+    "llama": ("llama", """(kind: "lora", r: 8, alpha: 16, dropout: 0.05,
+              target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"])"""),
+    "qwen2": ("qwen2", """(kind: "lora", r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"],
+              bias: "all", modules_to_save: ["lm_head", "model.norm"])"""),
+    "llama-tied": ("llama", """(kind: "lora", r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"],
+              modules_to_save: ["embed_tokens"])"""),
 }
 
 
@@ -61,17 +66,17 @@ def main():
     for name in ("transformers", "peft"):
         logger = logging.getLogger(name)
         logger.addHandler(FailOnWarning())
-    for model in ADAPTERS:
-        check(codex_ml, os.path.join(work, model), model)
+    for name, (model, adapter) in ADAPTERS.items():
+        check(codex_ml, os.path.join(work, name), name, model, adapter)
 
 
-def check(codex_ml, work, model_name):
+def check(codex_ml, work, name, model_name, adapter):
     os.makedirs(work, exist_ok=True)
     root = os.getcwd()
     base_dir = os.path.join(root, "tests", "fixtures", "hf", model_name)
     data_file = os.path.join(root, "tests", "fixtures", "data", "code", "window.rs")
     config = os.path.join(work, "lora.ron")
-    text = CONFIG.replace("{adapter}", ADAPTERS[model_name]).replace("{model}", model_name)
+    text = CONFIG.replace("{adapter}", adapter).replace("{model}", model_name)
     with open(config, "w", encoding="utf-8") as f:
         f.write(text.replace("{root}", root))
     run_dir = os.path.join(work, "run")
@@ -126,7 +131,7 @@ def check(codex_ml, work, model_name):
     ours = evaluated["loss"]
     rel = abs(ours - theirs) / abs(theirs)
     print(
-        f"{model_name}: peft {__import__('peft').__version__}, tokens {count}: codex-ml eval {ours:.6f}, "
+        f"{name}: peft {__import__('peft').__version__}, tokens {count}: codex-ml eval {ours:.6f}, "
         f"PEFT {theirs:.6f}, relative {rel:.2e} (base model {untouched:.6f})"
     )
     if count != evaluated["tokens"]:
@@ -139,7 +144,7 @@ def check(codex_ml, work, model_name):
     merged = model.merge_and_unload().state_dict()
     exported = AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
     worst = max((merged[k] - exported[k]).abs().max().item() for k in exported)
-    print(f"{model_name}: merged weights: largest difference from merge_and_unload {worst:.2e}")
+    print(f"{name}: merged weights: largest difference from merge_and_unload {worst:.2e}")
     if worst > 1e-6:
         raise RuntimeError("the merged export differs from PEFT's merge_and_unload")
 
