@@ -2,7 +2,7 @@
 //! the adapter gradients PEFT computes for the same adapter weights, and merge as PEFT's
 //! `merge_and_unload` does (`tests/fixtures/peft/`, made by
 //! `tests/interop/make_peft_fixtures.py`, whose versions it pins); runs train, resume,
-//! export and refuse bad adapters as a user sees them.
+//! export, generate and refuse bad adapters as a user sees them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,26 +53,28 @@ fn floats(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// The fixture model with the PEFT fixture's adapter attached and loaded.
-fn adapted(name: &str) -> (ParamStore, ModelBox) {
-    let (mut store, model) = load(&fixture(name)).expect("fixture model");
+/// The base fixture model with the PEFT fixture's adapter `name` attached and loaded.
+fn adapted(name: &str, base: &str) -> (ParamStore, ModelBox) {
+    let (mut store, model) = load(&fixture(base)).expect("fixture model");
     let config = config_of(&peft_fixture(name));
     adapter::attach(&config, &mut store, &model, &Device::Cpu).expect("attach");
     peft::load_weights(&peft_fixture(name), &mut store).expect("adapter weights");
     (store, model)
 }
 
-/// Loss within 1e-5 relative of PEFT's, every adapter (and trained bias) gradient within 1e-5
-/// of PEFT's relative to its largest, the trained tensors named as PEFT names them, and the
-/// merged weights within 1e-6 of `merge_and_unload`'s.
-fn check_parity(name: &str) {
+/// Loss within 1e-5 relative of PEFT's, the gradient of every trained tensor (adapters,
+/// biases, saved modules) within 1e-5 of PEFT's relative to its largest, the trained tensors
+/// named as PEFT names them, and the merged weights within 1e-6 of `merge_and_unload`'s.
+/// `name` is the adapter under `tests/fixtures/peft/`, `base` the model under
+/// `tests/fixtures/hf/`.
+fn check_parity(name: &str, base: &str) {
     let dir = peft_fixture(name);
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("json"))
             .expect("expected.json");
     let bytes = std::fs::read(dir.join("expected.safetensors")).expect("expected.safetensors");
     let want = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let hf_bytes = std::fs::read(fixture(name).join("expected.safetensors")).expect("hf expected");
+    let hf_bytes = std::fs::read(fixture(base).join("expected.safetensors")).expect("hf expected");
     let hf = safetensors::SafeTensors::deserialize(&hf_bytes).expect("safetensors");
     let ids_view = hf.tensor("ids").expect("ids");
     let (b, t) = (ids_view.shape()[0], ids_view.shape()[1]);
@@ -82,7 +84,7 @@ fn check_parity(name: &str) {
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
         .collect();
 
-    let (store, model) = adapted(name);
+    let (store, model) = adapted(name, base);
     let adapted_weights: Vec<String> = store.lora_weights().into_iter().map(|(n, _)| n).collect();
     let mut keys: Vec<String> = store
         .param_infos()
@@ -90,6 +92,13 @@ fn check_parity(name: &str) {
         .filter(|p| p.trainable)
         .map(|p| peft::peft_key(&p.name, &adapted_weights))
         .collect();
+    // A trained tied embedding is saved under the head's name too.
+    if adapter::tied_head(&store, &model, &Device::Cpu)
+        .expect("probe")
+        .is_some()
+    {
+        keys.push(peft::HEAD_KEY.to_owned());
+    }
     keys.sort();
     let want_keys: Vec<String> = expected["keys"]
         .as_array()
@@ -189,22 +198,43 @@ fn check_parity(name: &str) {
 
 #[test]
 fn gpt2_conv1d_with_split_c_attn_and_lora_only_biases_matches_peft() {
-    check_parity("gpt2");
+    check_parity("gpt2", "gpt2");
 }
 
 #[test]
 fn llama_q_and_v_matches_peft() {
-    check_parity("llama");
+    check_parity("llama", "llama");
 }
 
 #[test]
 fn qwen2_regex_targets_with_rslora_matches_peft() {
-    check_parity("qwen2");
+    check_parity("qwen2", "qwen2");
+}
+
+/// `bias: all` trains every `*.bias`, the LayerNorms' too, as PEFT does; a saved module (the
+/// position embedding) trains in full and saves under its own name.
+#[test]
+fn gpt2_bias_all_with_a_saved_embedding_matches_peft() {
+    check_parity("gpt2-bias-all", "gpt2");
+}
+
+/// The untied head and the final norm in `modules_to_save`, with `bias: all` on q/k/v biases
+/// of which q and v are adapted (`base_layer.bias`) and k is not.
+#[test]
+fn qwen2_modules_to_save_head_and_norm_with_bias_all_matches_peft() {
+    check_parity("qwen2-modules-to-save", "qwen2");
+}
+
+/// LLaMA ties its head to its embedding: the saved embedding is one matrix trained by both
+/// uses, as PEFT trains it with `ensure_weight_tying`, and saved under both names.
+#[test]
+fn llama_tied_embedding_in_modules_to_save_matches_peft() {
+    check_parity("llama-tied-embeddings", "llama");
 }
 
 #[test]
 fn the_base_is_frozen_and_the_optimizer_state_is_the_adapters_only() {
-    let (store, _model) = adapted("llama");
+    let (store, _model) = adapted("llama", "llama");
     let trainable: Vec<String> = store
         .param_infos()
         .iter()
@@ -587,10 +617,210 @@ fn a_native_plugin_model_trains_a_lora_adapter() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
-/// A LoRA checkpoint is valid for the base it was trained on only: once the base directory's
-/// weights change, resume and eval refuse it naming both hashes, and nothing is written.
+/// The tensors of a safetensors file: name and shape.
+fn shapes(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    let bytes = std::fs::read(path).expect("safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect()
+}
+
+/// A run continuing each PEFT fixture with `bias: all` and `modules_to_save` (a tied
+/// embedding among them, whose second copy under the head's name it reads) trains those
+/// tensors and exports exactly the keys and shapes peft saved for the same config (the keys
+/// `PeftModel.from_pretrained` looks for), with the config's `bias`, `modules_to_save` and
+/// `ensure_weight_tying`.
 #[test]
-fn a_changed_base_is_refused_by_resume_and_eval() {
+fn bias_all_and_modules_to_save_export_the_keys_peft_saves() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (name, base) in [
+        ("gpt2-bias-all", "gpt2"),
+        ("qwen2-modules-to-save", "qwen2"),
+        ("llama-tied-embeddings", "llama"),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let from = peft_fixture(name);
+        let config = crate::hf::write_config(
+            &dir,
+            &format!("(from: \"{}\")", fixture(base).display()),
+            &format!("adapter: (from: \"{}\"),", from.display()),
+        );
+        let run = dir.join("run");
+        codex_ml_ok(&[
+            "run".as_ref(),
+            config.as_os_str(),
+            "--run-dir".as_ref(),
+            run.as_os_str(),
+            "-q".as_ref(),
+        ]);
+        let out = dir.join("adapter");
+        codex_ml_ok(&[
+            "export".as_ref(),
+            run.as_os_str(),
+            out.as_os_str(),
+            "--adapter".as_ref(),
+        ]);
+        let want = shapes(&from.join("adapter_model.safetensors"));
+        let got = shapes(&out.join("adapter_model.safetensors"));
+        assert_eq!(got, want, "{name}: exported keys and shapes, and peft's");
+
+        let read = |p: &Path| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(p).expect("config")).expect("json")
+        };
+        let (ours, theirs) = (
+            read(&out.join("adapter_config.json")),
+            read(&from.join("adapter_config.json")),
+        );
+        for field in [
+            "bias",
+            "modules_to_save",
+            "fan_in_fan_out",
+            "ensure_weight_tying",
+        ] {
+            assert_eq!(
+                ours[field], theirs[field],
+                "{name}: adapter_config.json {field}"
+            );
+        }
+        for field in ["r", "lora_alpha"] {
+            assert_eq!(
+                ours[field].as_f64(),
+                theirs[field].as_f64(),
+                "{name}: adapter_config.json {field}"
+            );
+        }
+
+        // Training moved the biases and the saved modules, not only the adapters.
+        let bytes = |p: &Path| std::fs::read(p.join("adapter_model.safetensors")).expect("read");
+        let (a, b) = (bytes(&out), bytes(&from));
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&a).expect("ours"),
+            safetensors::SafeTensors::deserialize(&b).expect("peft's"),
+        );
+        for key in want.keys().filter(|k| !k.contains(".lora_")) {
+            assert_ne!(
+                a.tensor(key).expect("ours").data(),
+                b.tensor(key).expect("peft's").data(),
+                "{name}: {key} did not train"
+            );
+        }
+        // A tied embedding's two copies stay one matrix.
+        if ours["ensure_weight_tying"] == true {
+            let head = a.tensor(peft::HEAD_KEY).expect("head");
+            let embedding = a
+                .tensor("base_model.model.model.embed_tokens.weight")
+                .expect("embedding");
+            assert_eq!(
+                head.data(),
+                embedding.data(),
+                "{name}: the tied copies differ"
+            );
+        }
+    }
+}
+
+/// The greedy continuation of `prompt` by the model directory `dir` (weights and tokenizer),
+/// computed in this process.
+fn greedy(dir: &Path, prompt: &str, max_tokens: usize) -> (String, usize) {
+    let registry = codex_host::plugins::registry_for(None).expect("registry");
+    let params = codex_host::hf::ModelDir::open(dir)
+        .expect("model dir")
+        .tokenizer_params()
+        .expect("tokenizer params");
+    let tokenizer = codex_host::plugins::build::tokenizer(
+        &registry,
+        "hf",
+        &Value::Object(params),
+        &dir.to_string_lossy(),
+        &[],
+        None,
+    )
+    .expect("tokenizer");
+    let (_store, model) = load(dir).expect("model");
+    let options = codex_host::inference::GenerateOptions {
+        max_tokens,
+        sampling: codex_host::inference::sampling::Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: 0,
+    };
+    let out = codex_host::inference::generate(&model, &tokenizer, &Device::Cpu, prompt, &options)
+        .expect("generate");
+    (out.completion, out.tokens)
+}
+
+/// `codex-ml generate` on a LoRA run applies the adapter: its greedy continuation is the one
+/// the merged model (`export --merge`) gives, and not the base model's.
+#[test]
+fn generate_with_a_lora_run_continues_as_the_merged_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let llama = fixture("llama");
+    let config = crate::hf::write_config(
+        tmp.path(),
+        &format!("(from: \"{}\")", llama.display()),
+        r#"adapter: (r: 4, alpha: 16, target_modules: ["q_proj", "v_proj", "down_proj"]),"#,
+    );
+    // Enough training that the adapter changes what the model picks.
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("lr: 1e-3", "lr: 5e-2")
+        .replace("max_steps: 2", "max_steps: 6")
+        .replace("checkpoint_every: 2", "checkpoint_every: 6");
+    std::fs::write(&config, text).expect("config");
+    let run = tmp.path().join("run");
+    codex_ml_ok(&[
+        "run".as_ref(),
+        config.as_os_str(),
+        "--run-dir".as_ref(),
+        run.as_os_str(),
+        "-q".as_ref(),
+    ]);
+    let prompt = "fn main() {";
+    let out = codex_ml_ok(&[
+        "generate".as_ref(),
+        run.as_os_str(),
+        "--prompt".as_ref(),
+        prompt.as_ref(),
+        "--temperature".as_ref(),
+        "0".as_ref(),
+        "--max-tokens".as_ref(),
+        "12".as_ref(),
+        "--json".as_ref(),
+    ]);
+    let generated: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let completion = generated["completion"].as_str().expect("completion");
+    let tokens = generated["tokens"].as_u64().expect("tokens") as usize;
+    assert!(tokens > 0, "{generated}");
+
+    let merged = tmp.path().join("merged");
+    codex_ml_ok(&[
+        "export".as_ref(),
+        run.as_os_str(),
+        merged.as_os_str(),
+        "--merge".as_ref(),
+    ]);
+    assert_eq!(
+        greedy(&merged, prompt, 12),
+        (completion.to_owned(), tokens),
+        "generate with the adapter, and the merged model"
+    );
+    let (base, _) = greedy(&llama, prompt, 12);
+    assert_ne!(
+        base, completion,
+        "the adapter did not change the continuation"
+    );
+}
+
+/// A LoRA checkpoint is valid for the base it was trained on only: once the base directory's
+/// weights change, resume, eval and generate refuse it naming both hashes, and nothing is
+/// written.
+#[test]
+fn a_changed_base_is_refused_by_resume_eval_and_generate() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let base = tmp.path().join("base");
     copy_tree(&fixture("llama"), &base);
@@ -622,6 +852,12 @@ fn a_changed_base_is_refused_by_resume_and_eval() {
             "train.max_steps=4".as_ref(),
         ],
         vec!["eval".as_ref(), run.as_os_str()],
+        vec![
+            "generate".as_ref(),
+            run.as_os_str(),
+            "--prompt".as_ref(),
+            "fn".as_ref(),
+        ],
     ] {
         let output = crate::cli::codex_ml()
             .args(&args)

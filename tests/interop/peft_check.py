@@ -2,15 +2,20 @@
 
     python tests/interop/peft_check.py CODEX_ML WORK_DIR
 
-Run from the repository root. Trains a short LoRA run on the LLaMA fixture
-(tests/fixtures/hf/llama; r 8 on q/k/v/o, dropout on) in WORK_DIR, exports its adapter, loads
+Run from the repository root. Trains a short LoRA run in WORK_DIR, exports its adapter, loads
 it with `PeftModel.from_pretrained(base, dir)` with every warning turned into an error (PEFT
 only warns about adapter keys it cannot place, so a wrongly named adapter would otherwise load
 as one that does nothing), checks that the adapter changes the model, and compares PEFT's loss
 on a data file with `codex-ml eval RUN_DIR --data FILE` on the same windows (the file's ids and
 the end-of-text id, cut into windows of the run's `seq_len`). Then exports the model with the
 adapter merged (`export --merge`) and checks it equals PEFT's `merge_and_unload()` within
-1e-6. Prints the losses and their relative difference; fails above 1e-4.
+1e-6. Prints the losses and their relative difference; fails above 1e-4. Three runs:
+
+- llama (tests/fixtures/hf/llama): r 8 on q/k/v/o, dropout on;
+- qwen2 (tests/fixtures/hf/qwen2): r 4 on q/v, `bias: "all"` (q/k/v biases, two of them on
+  adapted modules) and `modules_to_save: ["lm_head", "model.norm"]` (the untied head);
+- llama-tied: r 4 on q/v and `modules_to_save: ["embed_tokens"]`, the embedding LLaMA's
+  head is tied to (exported with `ensure_weight_tying`).
 
 Versions checked with: torch 2.15.0, transformers 5.25.0, tokenizers 0.23.3, peft 0.21.2 (CPU).
 """
@@ -24,15 +29,24 @@ import sys
 import warnings
 
 CONFIG = """(
-    experiment: "peft-llama",
+    experiment: "peft-{model}",
     data: (train: [Text(paths: ["{root}/plugins/**/*.rs"])], val_fraction: 0.1),
-    model: (from: "{root}/tests/fixtures/hf/llama"),
-    adapter: (kind: "lora", r: 8, alpha: 16, dropout: 0.05,
-              target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    model: (from: "{root}/tests/fixtures/hf/{model}"),
+    adapter: {adapter},
     optimizer: (name: "adamw", lr: 1e-2),
     train: (max_steps: 8, seq_len: 64, batch_size: 4, eval_every: 8, eval_batches: 2,
             checkpoint_every: 8),
 )"""
+
+# name: (fixture model, adapter section)
+ADAPTERS = {
+    "llama": ("llama", """(kind: "lora", r: 8, alpha: 16, dropout: 0.05,
+              target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"])"""),
+    "qwen2": ("qwen2", """(kind: "lora", r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"],
+              bias: "all", modules_to_save: ["lm_head", "model.norm"])"""),
+    "llama-tied": ("llama", """(kind: "lora", r: 4, alpha: 8, target_modules: ["q_proj", "v_proj"],
+              modules_to_save: ["embed_tokens"])"""),
+}
 
 
 class FailOnWarning(logging.Handler):
@@ -43,12 +57,28 @@ class FailOnWarning(logging.Handler):
 
 def main():
     codex_ml, work = sys.argv[1:3]
+    warnings.simplefilter("error")
+    # transformers' own deprecation notices are not about the adapter.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    for name in ("transformers", "peft"):
+        logger = logging.getLogger(name)
+        logger.addHandler(FailOnWarning())
+    for name, (model, adapter) in ADAPTERS.items():
+        check(codex_ml, os.path.join(work, name), name, model, adapter)
+
+
+def check(codex_ml, work, name, model_name, adapter):
+    os.makedirs(work, exist_ok=True)
     root = os.getcwd()
-    base_dir = os.path.join(root, "tests", "fixtures", "hf", "llama")
+    base_dir = os.path.join(root, "tests", "fixtures", "hf", model_name)
     data_file = os.path.join(root, "tests", "fixtures", "data", "code", "window.rs")
     config = os.path.join(work, "lora.ron")
+    text = CONFIG.replace("{adapter}", adapter).replace("{model}", model_name)
     with open(config, "w", encoding="utf-8") as f:
-        f.write(CONFIG.replace("{root}", root))
+        f.write(text.replace("{root}", root))
     run_dir = os.path.join(work, "run")
     adapter_dir = os.path.join(work, "adapter")
     merged_dir = os.path.join(work, "merged")
@@ -66,19 +96,10 @@ def main():
         ).stdout
     )
 
-    warnings.simplefilter("error")
-    # transformers' own deprecation notices are not about the adapter.
-    warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
-    import transformers
     from peft import PeftModel
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
-
-    transformers.logging.set_verbosity_warning()
-    for name in ("transformers", "peft"):
-        logger = logging.getLogger(name)
-        logger.addHandler(FailOnWarning())
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(base, adapter_dir)
@@ -110,7 +131,7 @@ def main():
     ours = evaluated["loss"]
     rel = abs(ours - theirs) / abs(theirs)
     print(
-        f"peft {__import__('peft').__version__}, tokens {count}: codex-ml eval {ours:.6f}, "
+        f"{name}: peft {__import__('peft').__version__}, tokens {count}: codex-ml eval {ours:.6f}, "
         f"PEFT {theirs:.6f}, relative {rel:.2e} (base model {untouched:.6f})"
     )
     if count != evaluated["tokens"]:
@@ -123,7 +144,7 @@ def main():
     merged = model.merge_and_unload().state_dict()
     exported = AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
     worst = max((merged[k] - exported[k]).abs().max().item() for k in exported)
-    print(f"merged weights: largest difference from merge_and_unload {worst:.2e}")
+    print(f"{name}: merged weights: largest difference from merge_and_unload {worst:.2e}")
     if worst > 1e-6:
         raise RuntimeError("the merged export differs from PEFT's merge_and_unload")
 

@@ -14,7 +14,7 @@ pub mod peft;
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
-use codex_engine::{self as engine, Device, ParamStore};
+use codex_engine::{self as engine, Device, ParamStore, WeightUse};
 use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::{ForwardCtx, ParamRole, Tensor};
 
@@ -107,21 +107,7 @@ pub fn attach(
         to_save.extend(found.into_iter().cloned());
     }
 
-    // How the model reads each weight: one forward pass over one token.
-    let ids = Tensor::from_id(engine::upload_ids(vec![0], &[1, 1], device)?);
-    let (out, uses) = engine::probe(|| {
-        model.forward(
-            ids.id(),
-            ForwardCtx {
-                train: false,
-                seed: 0,
-            },
-        )
-    });
-    drop(Tensor::from_id(
-        out.into_result()
-            .map_err(|e| anyhow!("model `{}`: {e}", "forward pass"))?,
-    ));
+    let uses = weight_uses(model, device)?;
 
     let mut weights = Vec::new();
     for (module, weight) in &targets {
@@ -146,9 +132,11 @@ pub fn attach(
         store.attach_lora(weight, config.r, config.scale(), config.dropout, *in_out)?;
     }
     let adapted: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
+    // PEFT picks biases by name, whatever the layer: `all` trains every `*.bias` (a
+    // LayerNorm's shift too), `lora_only` the bias of each adapted module.
     for (module, params) in &modules {
-        for (name, role, _) in params {
-            let bias = *role == ParamRole::Bias && *name == format!("{module}.bias");
+        for (name, _, _) in params {
+            let bias = name == "bias" || *name == format!("{module}.bias");
             let trains = to_save.contains(module)
                 || (bias && config.bias == LoraBias::All)
                 || (bias
@@ -170,6 +158,43 @@ pub fn attach(
             .sum(),
         total: infos.iter().map(|p| count(&p.shape)).sum(),
     })
+}
+
+/// How the model reads each weight: one forward pass over one token, under the engine's
+/// probe.
+fn weight_uses(model: &ModelBox, device: &Device) -> Result<BTreeMap<String, Vec<WeightUse>>> {
+    let ids = Tensor::from_id(engine::upload_ids(vec![0], &[1, 1], device)?);
+    let (out, uses) = engine::probe(|| {
+        model.forward(
+            ids.id(),
+            ForwardCtx {
+                train: false,
+                seed: 0,
+            },
+        )
+    });
+    drop(Tensor::from_id(
+        out.into_result()
+            .map_err(|e| anyhow!("model `{}`: {e}", "forward pass"))?,
+    ));
+    Ok(uses)
+}
+
+/// The trained embedding matrix that the model also multiplies by as its head, if any: a
+/// model with tied embeddings whose `modules_to_save` holds the embedding. The one matrix
+/// then trains for both uses, which PEFT does with `ensure_weight_tying`.
+pub fn tied_head(store: &ParamStore, model: &ModelBox, device: &Device) -> Result<Option<String>> {
+    let trained: Vec<String> = store
+        .param_infos()
+        .iter()
+        .filter(|p| p.trainable && p.role == ParamRole::Embedding)
+        .map(|p| p.name.to_string())
+        .collect();
+    if trained.is_empty() {
+        return Ok(None);
+    }
+    let uses = weight_uses(model, device)?;
+    Ok(trained.into_iter().find(|n| uses.contains_key(n)))
 }
 
 /// A few of `names`, for an error message at 80 columns: every distinct last part (`q_proj`,

@@ -5,13 +5,16 @@
 //! and `...lora_B.weight` (`[out, r]`), the same shapes whatever the base layer's layout
 //! (`fan_in_fan_out` says the base is GPT-2's `Conv1D`). What trains besides the adapters is
 //! saved under its own name behind the same prefix, except the bias of an adapted module,
-//! which PEFT keeps on the wrapped layer (`<module>.base_layer.bias`).
+//! which PEFT keeps on the wrapped layer (`<module>.base_layer.bias`). A trained embedding
+//! that is also the head (tied embeddings) is saved under the head's name too
+//! (`lm_head.weight`, as Hugging Face causal LMs name it), with `ensure_weight_tying`, as
+//! PEFT saves it; PEFT would otherwise keep the head at the base's weights.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use codex_engine::{write_safetensors, ParamStore, TensorGroup};
-use codex_plugin_api::DType;
+use codex_plugin_api::{DType, ParamRole};
 use serde_json::{json, Value};
 
 use crate::config::RawTargets;
@@ -21,6 +24,9 @@ use crate::inference::Loaded;
 
 /// The prefix PEFT gives every key of a causal LM's adapter.
 pub const PREFIX: &str = "base_model.model.";
+
+/// PEFT's key for the head of a causal LM, where a tied embedding is saved a second time.
+pub const HEAD_KEY: &str = "base_model.model.lm_head.weight";
 
 /// PEFT's key for a trainable parameter of a model whose adapted weights are `adapted`
 /// (`MODULE.weight` names).
@@ -37,8 +43,14 @@ pub fn peft_key(name: &str, adapted: &[String]) -> String {
 }
 
 /// `adapter_config.json` for `config`; `in_out` says the adapted weights are stored
-/// `[in, out]` (`fan_in_fan_out`).
-pub fn adapter_config(config: &AdapterConfig, in_out: bool, base: Option<&str>) -> Value {
+/// `[in, out]` (`fan_in_fan_out`), `tied` that a trained embedding is also the head
+/// (`ensure_weight_tying`).
+pub fn adapter_config(
+    config: &AdapterConfig,
+    in_out: bool,
+    tied: bool,
+    base: Option<&str>,
+) -> Value {
     let targets = match &config.targets {
         Targets::Names(names) => json!(names),
         Targets::Regex(pattern) => json!(pattern),
@@ -59,6 +71,7 @@ pub fn adapter_config(config: &AdapterConfig, in_out: bool, base: Option<&str>) 
         "bias": config.bias.as_str(),
         "fan_in_fan_out": in_out,
         "use_rslora": config.use_rslora,
+        "ensure_weight_tying": tied,
         "init_lora_weights": true,
         "inference_mode": true,
     })
@@ -180,16 +193,59 @@ pub fn read_config(dir: &Path) -> Result<PeftSettings> {
 
 /// Overwrite the trainable parameters of `store` (adapters attached as the directory's
 /// config says) with `dir/adapter_model.safetensors`: every key must be there with its
-/// shape, and nothing else, or nothing changes and the error lists the differences.
+/// shape, and nothing else, or nothing changes and the error lists the differences. The one
+/// exception is the head's key holding the same values as a trained embedding (the copy PEFT
+/// saves of a tied embedding), which is left out.
 pub fn load_weights(dir: &Path, store: &mut ParamStore) -> Result<()> {
     let adapted: Vec<String> = store.lora_weights().into_iter().map(|(n, _)| n).collect();
     let path = dir.join("adapter_model.safetensors");
-    store
-        .load_safetensors_as(&path, TensorGroup::Trainable, &|name| {
-            peft_key(name, &adapted)
-        })
-        .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+    let key_of = |name: &str| peft_key(name, &adapted);
+    let context = || format!("loading the adapter in {}", dir.display());
+    match without_tied_head(&path, store, &key_of).with_context(context)? {
+        None => store.load_safetensors_as(&path, TensorGroup::Trainable, &key_of),
+        Some(copy) => store.load_safetensors_as(copy.path(), TensorGroup::Trainable, &key_of),
+    }
+    .with_context(context)?;
     Ok(())
+}
+
+/// When `path` holds [`HEAD_KEY`], no trained parameter is named so, and its values are those
+/// of a trained embedding's key: a temporary copy of the file without it.
+fn without_tied_head(
+    path: &Path,
+    store: &ParamStore,
+    key_of: &dyn Fn(&str) -> String,
+) -> Result<Option<tempfile::NamedTempFile>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{}: cannot read it", path.display()))?;
+    let Ok(file) = safetensors::SafeTensors::deserialize(&bytes) else {
+        // The loader reports what is wrong with the file.
+        return Ok(None);
+    };
+    let Ok(head) = file.tensor(HEAD_KEY) else {
+        return Ok(None);
+    };
+    let infos = store.param_infos();
+    let trained = infos.iter().filter(|p| p.trainable);
+    if trained.clone().any(|p| key_of(&p.name) == HEAD_KEY) {
+        return Ok(None);
+    }
+    let tied = trained.filter(|p| p.role == ParamRole::Embedding).any(|p| {
+        file.tensor(&key_of(&p.name))
+            .is_ok_and(|t| t.data() == head.data())
+    });
+    if !tied {
+        return Ok(None);
+    }
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = file
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != HEAD_KEY)
+        .collect();
+    let copy = tempfile::NamedTempFile::new().context("a temporary file")?;
+    safetensors::serialize_to_file(kept, None, copy.path())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", copy.path().display()))?;
+    Ok(Some(copy))
 }
 
 /// What [`export`] wrote.
@@ -225,12 +281,21 @@ pub fn export(loaded: &Loaded, out: &Path, dtype: DType) -> Result<ExportedAdapt
         .store
         .export_as(TensorGroup::Trainable, dtype)
         .context("reading the adapter")?;
+    let tied = super::tied_head(&loaded.store, &loaded.model, &loaded.device)?;
+    if let Some(embedding) = &tied {
+        if let Some(t) = tensors.iter().find(|t| t.name == *embedding) {
+            let mut head = t.clone();
+            head.name = HEAD_KEY[PREFIX.len()..].to_owned();
+            tensors.push(head);
+        }
+    }
     for t in &mut tensors {
         t.name = peft_key(&t.name, &names);
     }
     let bytes = tensors.iter().map(|t| t.bytes.len() as u64).sum();
     let base = loaded.config.model_from.as_deref();
-    let mut text = serde_json::to_string_pretty(&adapter_config(config, in_out, base))?;
+    let mut text =
+        serde_json::to_string_pretty(&adapter_config(config, in_out, tied.is_some(), base))?;
     text.push('\n');
     let refs: Vec<_> = tensors.iter().collect();
     crate::hf::write_dir(out, |dir| {
