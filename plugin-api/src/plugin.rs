@@ -39,7 +39,7 @@ impl std::fmt::Display for ApiVersion {
 }
 
 /// The version of the plugin API this crate defines.
-pub const API_VERSION: ApiVersion = ApiVersion { major: 2, minor: 1 };
+pub const API_VERSION: ApiVersion = ApiVersion { major: 2, minor: 2 };
 
 /// The root module a native plugin exports.
 #[repr(C)]
