@@ -551,6 +551,7 @@ fn run_in(
     );
     let mut session = session::HostSession {
         settings,
+        loss_scaling: config.loss_scale,
         store: &mut store,
         model: &model,
         optimizer,
