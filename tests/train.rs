@@ -337,6 +337,87 @@ fn generate_and_eval_from_the_command_line() {
         );
 }
 
+/// `eval` and `generate` run in the run's kernel and precision: `eval` on a bf16 or f16 run
+/// reports, bit for bit, the validation loss the run recorded at its last step (in another
+/// precision it would not), and `generate` continues the prompt as the run's own sample did.
+#[test]
+fn eval_and_generate_run_in_the_runs_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    for precision in ["f32", "bf16", "f16"] {
+        if precision == "bf16" && !crate::precision::bf16_here() {
+            eprintln!(
+                "this CPU has no AVX512-BF16: a bf16 run multiplies in f32, nothing to compare"
+            );
+            continue;
+        }
+        let path = tmp.path().join(format!("{precision}.ron"));
+        let text = config_text(
+            "max_steps: 6, seq_len: 16, batch_size: 4, eval_batches: 0",
+            r#"(name: "adamw", lr: 3e-3)"#,
+        )
+        .replace(
+            "sinks: [],",
+            &format!(
+                r#"kernel: "cpu", precision: "{precision}",
+    generate: (prompt: "fn main", max_tokens: 16),
+    sinks: [],"#
+            ),
+        );
+        std::fs::write(&path, text).unwrap();
+        let run = tmp.path().join(precision);
+        let out = codex_ml()
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--json",
+            ])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let recorded = records(&run, "val", "loss").last().unwrap().1;
+        let out_eval = codex_ml()
+            .args(["eval", run.to_str().unwrap(), "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let report: serde_json::Value = serde_json::from_slice(&out_eval.stdout).unwrap();
+        assert_eq!(
+            report["loss"].as_f64(),
+            Some(recorded),
+            "{precision}: eval's loss is not the run's validation loss"
+        );
+        losses.push((precision, recorded));
+        // `generate` with the run's seed makes the run's own sample again.
+        let generated = codex_ml()
+            .args(["generate", run.to_str().unwrap(), "--prompt", "fn main"])
+            .args(["--max-tokens", "16", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let generated: serde_json::Value = serde_json::from_slice(&generated).unwrap();
+        assert!(summary["sample"].is_string(), "{summary}");
+        assert_eq!(
+            generated["text"], summary["sample"],
+            "{precision}: generate differs from the run's sample"
+        );
+    }
+    // The half precisions are not f32 in disguise.
+    for (precision, loss) in &losses[1..] {
+        assert_ne!(
+            *loss, losses[0].1,
+            "{precision} recorded the f32 run's loss"
+        );
+    }
+}
+
 /// `codex-ml run` on `text` (with `--set` overrides) fails with exit `code` and a
 /// message containing every one of `expect`, never a panic.
 fn check_run_error(dir: &Path, text: &str, overrides: &[&str], code: i32, expect: &[&str]) {

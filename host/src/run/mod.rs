@@ -686,4 +686,6 @@ fn run_in(
 }
 
 pub(crate) use resume::{check_base, params_group};
-pub(crate) use steps::{adapter as steps_adapter, pretrained as steps_pretrained};
+pub(crate) use steps::{
+    adapter as steps_adapter, kernel as steps_kernel, pretrained as steps_pretrained,
+};
