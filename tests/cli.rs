@@ -242,6 +242,7 @@ fn help_for_each_command_mentions_its_arguments() {
                 "all",
                 "--precision",
                 "bf16",
+                "f16",
                 "--profile",
                 "--warmup",
                 "--windows",
@@ -274,8 +275,9 @@ fn usage_errors_exit_2() {
         &["run", "c.ron", "--set", "no-equals-sign"][..],
         &["generate", "run-dir"][..],
         &["generate", "run-dir", "--prompt", "x", "--top-p", "2"][..],
-        &["bench", "--precision", "f16"][..],
+        &["bench", "--precision", "fp8"][..],
         &["bench", "--precision", "bf16", "--no-kernel"][..],
+        &["bench", "--precision", "f16", "--no-kernel"][..],
     ] {
         codex_ml()
             .args(args)

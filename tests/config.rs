@@ -229,21 +229,23 @@ fn the_cpu_kernel_is_the_default_and_none_switches_it_off() {
     assert_eq!(c.kernel, None);
 }
 
-/// `precision` is f32 unless set; bf16 needs a kernel; f16 and anything else are refused with
-/// the field named; a stored config says which precision it used.
+/// `precision` is f32 unless set; bf16 and f16 need a kernel; anything else is refused with
+/// the field named; a stored config says which precision it used, and f16 its loss scaling.
 #[test]
-fn precision_is_f32_by_default_and_bf16_needs_a_kernel() {
+fn precision_is_f32_by_default_and_half_precisions_need_a_kernel() {
     use codex_engine::Precision;
     let c = load_ok(QUICKSTART, &[]);
     assert_eq!(c.precision, Precision::F32);
+    assert_eq!(c.loss_scale, None);
     assert!(c.to_ron().contains("precision: \"f32\""), "{}", c.to_ron());
+    assert!(c.to_ron().contains("loss_scale: None"), "{}", c.to_ron());
     let c = load_ok(QUICKSTART, &["precision=bf16"]);
     assert_eq!(c.precision, Precision::Bf16);
     assert!(c.to_ron().contains("precision: \"bf16\""), "{}", c.to_ron());
     for (args, needle) in [
-        (&["precision=f16"][..], "not supported"),
         (&["precision=fp8"][..], "not a precision"),
         (&["precision=bf16", "kernel=\"none\""][..], "kernel"),
+        (&["precision=f16", "kernel=\"none\""][..], "kernel"),
     ] {
         let (_f, result) = load_with(QUICKSTART, args);
         let e = result.expect_err("refused").to_string();
@@ -251,6 +253,64 @@ fn precision_is_f32_by_default_and_bf16_needs_a_kernel() {
             e.contains("precision") && e.contains(needle),
             "{args:?}: {e}"
         );
+    }
+}
+
+/// f16 scales the loss with GradScaler's defaults unless told otherwise; the settings are
+/// checked, and refused without f16.
+#[test]
+fn f16_has_loss_scaling_with_gradscalers_defaults() {
+    use codex_engine::Precision;
+    let c = load_ok(QUICKSTART, &["precision=f16"]);
+    assert_eq!(c.precision, Precision::F16);
+    assert_eq!(c.loss_scale, Some(codex_plugin_api::LossScaling::default()));
+    let ron = c.to_ron();
+    assert!(ron.contains("precision: \"f16\""), "{ron}");
+    assert!(
+        ron.contains("init_scale: 65536.0") && ron.contains("growth_interval: 2000"),
+        "{ron}"
+    );
+    let c = load_ok(
+        QUICKSTART,
+        &[
+            "precision=f16",
+            "loss_scale.init_scale=1024",
+            "loss_scale.growth_interval=5",
+        ],
+    );
+    let scaling = c.loss_scale.expect("loss scaling");
+    assert_eq!((scaling.init_scale, scaling.growth_interval), (1024.0, 5));
+    assert_eq!((scaling.growth_factor, scaling.backoff_factor), (2.0, 0.5));
+    for (args, field, needle) in [
+        (
+            &["precision=f16", "loss_scale.init_scale=0"][..],
+            "loss_scale.init_scale",
+            "positive",
+        ),
+        (
+            &["precision=f16", "loss_scale.init_scale=-2"][..],
+            "loss_scale.init_scale",
+            "positive",
+        ),
+        (
+            &["precision=f16", "loss_scale.init_scale=1e300"][..],
+            "loss_scale.init_scale",
+            "f32",
+        ),
+        (
+            &["precision=f16", "loss_scale.growth_interval=0"][..],
+            "loss_scale.growth_interval",
+            "at least 1",
+        ),
+        (
+            &["precision=bf16", "loss_scale.init_scale=8"][..],
+            "loss_scale",
+            "f16",
+        ),
+    ] {
+        let (_f, result) = load_with(QUICKSTART, args);
+        let e = result.expect_err("refused").to_string();
+        assert!(e.contains(field) && e.contains(needle), "{args:?}: {e}");
     }
 }
 

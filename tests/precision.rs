@@ -279,3 +279,90 @@ fn without_bf16_products_bf16_precision_is_the_f32_run_bit_for_bit() {
     let _plain = engine::scoped_kernel_at(&Device::Cpu, None, Precision::Bf16).expect("scope");
     assert!(!engine::bf16_active(&Device::Cpu));
 }
+
+/// The `cpu` kernel's f16 products run on every CPU (on its best path, or the portable one):
+/// within f16's tolerance of f32, the same bits on every path for a plain product and its
+/// gradients, and the same bits on every run.
+#[test]
+fn f16_products_and_gradients_are_within_f16_tolerance_of_f32_on_every_path() {
+    for params in ["{}", r#"{"simd": "portable"}"#] {
+        engine::install();
+        let _scope =
+            engine::scoped_kernel_at(&Device::Cpu, Some(cpu_kernel(params)), Precision::F16)
+                .expect("scope");
+        assert_eq!(
+            engine::products_precision(&Device::Cpu),
+            Precision::F16,
+            "{params}"
+        );
+    }
+    for (m, k, n) in [(1, 1, 1), (7, 13, 5), (33, 70, 65), (64, 31, 97)] {
+        for (c, (what, vars, f)) in cases(m, k, n).into_iter().enumerate() {
+            let inputs: Vec<&Var> = vars.iter().collect();
+            let half = run("{}", Precision::F16, &inputs, &*f);
+            let full = run("{}", Precision::F32, &inputs, &*f);
+            // Operands rounded to 11 significant bits, sums of up to 97 terms in f32.
+            let tol = 3e-3;
+            assert_close(&format!("{what} values"), &half.y, &full.y, tol);
+            for (i, (a, b)) in half.grads.iter().zip(&full.grads).enumerate() {
+                assert_close(&format!("{what} grad of input {i}"), a, b, tol);
+            }
+            if k > 1 {
+                assert!(half.y != full.y, "{what}: the f16 product is the f32 one");
+            }
+            // Plain products (no other fused op, whose rounding follows the instruction set):
+            // the portable path gives the same bits.
+            if [0, 2, 3].contains(&c) {
+                let portable = run(r#"{"simd": "portable"}"#, Precision::F16, &inputs, &*f);
+                assert!(
+                    portable.y == half.y,
+                    "{what}: the portable path's values differ"
+                );
+                assert!(
+                    portable.grads == half.grads,
+                    "{what}: the portable path's gradients differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_products_are_deterministic() {
+    for (what, vars, f) in cases(67, 129, 45) {
+        let inputs: Vec<&Var> = vars.iter().collect();
+        let a = run("{}", Precision::F16, &inputs, &*f);
+        let b = run(r#"{"threads": 1}"#, Precision::F16, &inputs, &*f);
+        assert!(a.y == b.y, "{what}: values differ between runs");
+        assert!(a.grads == b.grads, "{what}: gradients differ between runs");
+    }
+}
+
+/// f16 ends at 65504: a product whose operand lies beyond it is infinite, where f32 and bf16
+/// multiply it finitely. That is what loss scaling watches for.
+#[test]
+fn f16_products_overflow_to_infinity_beyond_f16s_range() {
+    let x = input(&[2, 3], 1);
+    let big = CT::from_vec(
+        vec![1.0e5f32, 1.0, 1.0, 2.0, 3.0, 4.0],
+        (3, 2),
+        &Device::Cpu,
+    )
+    .expect("w");
+    let w = Var::from_tensor(&big).expect("var");
+    let f = |t: &[Tensor]| t[0].matmul(&t[1]).expect("matmul");
+    let half = run("{}", Precision::F16, &[&x, &w], &f);
+    let full = run("{}", Precision::F32, &[&x, &w], &f);
+    assert!(full.y.iter().all(|v| v.is_finite()), "{:?}", full.y);
+    // Column 0 meets 1e5 (→ inf) for every row with a non-zero x[i][0].
+    assert!(
+        half.y[0].is_infinite() && half.y[2].is_infinite(),
+        "{:?}",
+        half.y
+    );
+    assert!(
+        half.y[1].is_finite() && half.y[3].is_finite(),
+        "{:?}",
+        half.y
+    );
+}

@@ -159,8 +159,12 @@ fn records(run_dir: &Path) -> Vec<(u64, String, String, u64)> {
         );
         // Wall-clock figures differ between any two runs.
         if name != "tokens_per_s" && split != "sys" {
-            let value = v["value"].as_f64().expect("value");
-            out.push((step, split, name, value.to_bits()));
+            // `null` is a value that was not finite (an f16 step's overflowed gradient norm).
+            let value = match &v["value"] {
+                Value::Null => u64::MAX,
+                x => x.as_f64().expect("value").to_bits(),
+            };
+            out.push((step, split, name, value));
         }
     }
     out
@@ -320,6 +324,45 @@ fn in_bf16_a_killed_run_resumes_bitwise_and_keeps_its_precision() {
             "the bf16 run ended with the f32 run's parameters"
         );
     }
+}
+
+/// f16 with dynamic loss scaling: the scaler's state (scale, growth count, steps skipped) is
+/// part of the checkpoint, so a run killed mid-checkpoint resumes bitwise — with a scale that
+/// overflows at first and a growth interval short enough that it overflows again after the
+/// checkpoint, so the restored state decides what the resumed steps do.
+#[test]
+fn in_f16_a_killed_run_resumes_bitwise_with_its_loss_scaler() {
+    let fx = Fixture::with_top(
+        "cosine",
+        "",
+        r#"kernel: "cpu", precision: "f16", loss_scale: (init_scale: 16777216.0, growth_interval: 2),"#,
+    );
+    fx.straight("straight");
+    let skipped: Vec<(u64, f64)> = std::fs::read_to_string(fx.path("straight/metrics.ndjson"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .filter(|r| r["name"] == "skipped_steps")
+        .map(|r| {
+            (
+                r["step"].as_u64().expect("step"),
+                r["value"].as_f64().expect("value"),
+            )
+        })
+        .collect();
+    // Steps were skipped both before and after the checkpoint the kill leaves (step 6).
+    let at = |step: u64| skipped.iter().find(|r| r.0 == step).map_or(0.0, |r| r.1);
+    assert!(at(6) > 0.0 && at(STEPS) > at(6), "{skipped:?}");
+    fx.kill_at("killed", "9:model.safetensors");
+    fx.ok(&[
+        "run",
+        "tiny.ron",
+        "--run-dir",
+        "killed",
+        "--resume",
+        "latest",
+    ]);
+    assert_same_as(&fx, "straight", "killed");
 }
 
 #[test]

@@ -337,6 +337,87 @@ fn generate_and_eval_from_the_command_line() {
         );
 }
 
+/// `eval` and `generate` run in the run's kernel and precision: `eval` on a bf16 or f16 run
+/// reports, bit for bit, the validation loss the run recorded at its last step (in another
+/// precision it would not), and `generate` continues the prompt as the run's own sample did.
+#[test]
+fn eval_and_generate_run_in_the_runs_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    for precision in ["f32", "bf16", "f16"] {
+        if precision == "bf16" && !crate::precision::bf16_here() {
+            eprintln!(
+                "this CPU has no AVX512-BF16: a bf16 run multiplies in f32, nothing to compare"
+            );
+            continue;
+        }
+        let path = tmp.path().join(format!("{precision}.ron"));
+        let text = config_text(
+            "max_steps: 6, seq_len: 16, batch_size: 4, eval_batches: 0",
+            r#"(name: "adamw", lr: 3e-3)"#,
+        )
+        .replace(
+            "sinks: [],",
+            &format!(
+                r#"kernel: "cpu", precision: "{precision}",
+    generate: (prompt: "fn main", max_tokens: 16),
+    sinks: [],"#
+            ),
+        );
+        std::fs::write(&path, text).unwrap();
+        let run = tmp.path().join(precision);
+        let out = codex_ml()
+            .args([
+                "run",
+                path.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--json",
+            ])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let recorded = records(&run, "val", "loss").last().unwrap().1;
+        let out_eval = codex_ml()
+            .args(["eval", run.to_str().unwrap(), "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let report: serde_json::Value = serde_json::from_slice(&out_eval.stdout).unwrap();
+        assert_eq!(
+            report["loss"].as_f64(),
+            Some(recorded),
+            "{precision}: eval's loss is not the run's validation loss"
+        );
+        losses.push((precision, recorded));
+        // `generate` with the run's seed makes the run's own sample again.
+        let generated = codex_ml()
+            .args(["generate", run.to_str().unwrap(), "--prompt", "fn main"])
+            .args(["--max-tokens", "16", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let generated: serde_json::Value = serde_json::from_slice(&generated).unwrap();
+        assert!(summary["sample"].is_string(), "{summary}");
+        assert_eq!(
+            generated["text"], summary["sample"],
+            "{precision}: generate differs from the run's sample"
+        );
+    }
+    // The half precisions are not f32 in disguise.
+    for (precision, loss) in &losses[1..] {
+        assert_ne!(
+            *loss, losses[0].1,
+            "{precision} recorded the f32 run's loss"
+        );
+    }
+}
+
 /// `codex-ml run` on `text` (with `--set` overrides) fails with exit `code` and a
 /// message containing every one of `expect`, never a panic.
 fn check_run_error(dir: &Path, text: &str, overrides: &[&str], code: i32, expect: &[&str]) {
@@ -416,4 +497,138 @@ fn metrics_ndjson_is_written_even_when_the_ndjson_sink_names_another_file() {
     let copy = std::fs::read_to_string(summary.run_dir.join("copy.ndjson")).unwrap();
     assert_eq!(records(&summary.run_dir, "train", "loss").len(), 3);
     assert_eq!(main, copy);
+}
+
+/// f16 with a loss scale far too large: the first steps' gradients overflow, so their
+/// optimizer steps are skipped, the scale halves each time and the log says so; then the
+/// run trains (and skips again now and then, as gradients grow). Skipped steps count towards
+/// `max_steps`, as the Trainer's `global_step` does, while the schedule moves only with
+/// applied steps, as the Trainer steps its scheduler only after them.
+#[test]
+fn f16_with_an_overflowing_loss_scale_skips_steps_backs_off_and_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("exp.ron");
+    let init = 1073741824.0; // 2³⁰
+    let text = config_text(
+        "max_steps: 40, seq_len: 32, batch_size: 8, eval_every: 10, log_every: 1, \
+         schedule: (kind: constant, warmup_steps: 4)",
+        r#"(name: "adamw", lr: 3e-3)"#,
+    )
+    .replace(
+        "sinks: [],",
+        &format!(
+            r#"kernel: "cpu", precision: "f16", loss_scale: (init_scale: {init:?}, growth_interval: 1000), sinks: [],"#
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    let run = tmp.path().join("run");
+    let out = codex_ml()
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("precision f16: matrix products in f16"),
+        "{stderr}"
+    );
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the optimizer step is skipped"))
+        .collect();
+    assert!(
+        warnings[0].contains("step 1: a gradient is not finite at loss scale 1073741824;")
+            && warnings[0].contains("backs off to 536870912"),
+        "{stderr}"
+    );
+
+    let scales = records(&run, "train", "loss_scale");
+    let skipped = records(&run, "train", "skipped_steps");
+    let lr = records(&run, "train", "lr");
+    assert_eq!((scales.len(), skipped.len(), lr.len()), (40, 40, 40));
+    // The first steps overflow one after another, halving the scale.
+    assert!(
+        skipped[..3].iter().map(|r| r.1).eq([1.0, 2.0, 3.0]),
+        "{skipped:?}"
+    );
+    // Step by step: a skip halves the scale (the growth interval is longer than the run),
+    // each is logged, and the learning rate is warmup's at the count of applied steps.
+    let (mut scale, mut before) = (init, 0.0);
+    for i in 0..40 {
+        let step = i as u64 + 1;
+        assert_eq!((scales[i].0, skipped[i].0, lr[i].0), (step, step, step));
+        let now = skipped[i].1;
+        assert!(now == before || now == before + 1.0, "{skipped:?}");
+        if now > before {
+            scale /= 2.0;
+        }
+        assert_eq!(scales[i].1, scale, "scale at step {step}");
+        let applied = step as f64 - before;
+        assert_eq!(lr[i].1, 3e-3 * applied.min(4.0) / 4.0, "lr at step {step}");
+        before = now;
+    }
+    assert_eq!(
+        warnings.len() as f64,
+        before,
+        "one warning per skipped step"
+    );
+    // And it trains.
+    let val = records(&run, "val", "loss");
+    assert_eq!(val.len(), 4, "{val:?}");
+    assert!(
+        val[3].1 < val[0].1 - 0.3,
+        "validation loss did not fall: {val:?}"
+    );
+    // The scaler's state is in the checkpoint.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-00000040/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["trainer"]["skipped_steps"].as_f64(),
+        Some(before),
+        "{state}"
+    );
+    assert_eq!(
+        state["trainer"]["loss_scale"].as_f64(),
+        Some(scale),
+        "{state}"
+    );
+}
+
+#[test]
+fn loss_scaling_settings_are_checked_with_their_place_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = config_text(
+        "max_steps: 2, seq_len: 16, batch_size: 2",
+        r#"(name: "adamw", lr: 1e-3)"#,
+    );
+    let bad = ok.replace(
+        "sinks: [],",
+        "kernel: \"cpu\", precision: \"f16\",\n    loss_scale: (init_scale: 0.0),\n    sinks: [],",
+    );
+    check_run_error(
+        tmp.path(),
+        &bad,
+        &[],
+        2,
+        &["bad.ron:", "loss_scale.init_scale", "positive"],
+    );
+    let without_f16 = ok.replace(
+        "sinks: [],",
+        "loss_scale: (growth_interval: 10),\n    sinks: [],",
+    );
+    check_run_error(
+        tmp.path(),
+        &without_f16,
+        &[],
+        2,
+        &["bad.ron:", "loss_scale", "f16"],
+    );
 }

@@ -32,7 +32,7 @@ use candle_core::{
 use codex_plugin_api::kernel::{BufferMutAbi as BufferMut, BufferViewAbi as BufferView, KernelBox};
 use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::{DeviceKind, GeluForm};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::mixed::{self, Precision};
@@ -46,8 +46,9 @@ type CResult<T> = candle_core::Result<T>;
 pub(crate) struct ActiveKernel {
     kernel: KernelBox,
     ops: Vec<String>,
-    /// Whether 2-D f32 matrix products run in bf16 (`mixed`).
-    bf16: bool,
+    /// The precision 2-D f32 matrix products run in (`mixed`): the run's, where the kernel
+    /// offers its products, else f32.
+    products: Precision,
 }
 
 impl ActiveKernel {
@@ -55,9 +56,9 @@ impl ActiveKernel {
         self.ops.iter().any(|o| o == op)
     }
 
-    /// Whether 2-D f32 matrix products run in bf16 through this kernel.
-    pub(crate) fn bf16(&self) -> bool {
-        self.bf16
+    /// The precision 2-D f32 matrix products run in through this kernel.
+    pub(crate) fn products(&self) -> Precision {
+        self.products
     }
 
     /// Run one kernel op; errors become candle errors naming the op, so they surface through
@@ -111,11 +112,15 @@ fn activate(
         )));
     }
     let ops: Vec<String> = kernel.ops().into_iter().map(|s| s.into_string()).collect();
-    let bf16 = precision == Precision::Bf16
-        && ["bf16_gemm.pack", "bf16_gemm"]
-            .iter()
-            .all(|op| ops.iter().any(|o| o == op));
-    Ok(Some(Arc::new(ActiveKernel { kernel, ops, bf16 })))
+    let offered = precision
+        .ops()
+        .is_some_and(|needed| needed.iter().all(|op| ops.iter().any(|o| o == op)));
+    let products = if offered { precision } else { Precision::F32 };
+    Ok(Some(Arc::new(ActiveKernel {
+        kernel,
+        ops,
+        products,
+    })))
 }
 
 /// Make `kernel` the active kernel for `device`'s family in the whole process (`None`: plain
@@ -155,8 +160,9 @@ pub fn scoped_kernel(device: &Device, kernel: Option<KernelBox>) -> Result<Kerne
 }
 
 /// [`scoped_kernel`] with the precision of matrix products: with [`Precision::Bf16`] and a
-/// kernel that offers `bf16_gemm`, 2-D f32 products run in bf16 with f32 accumulation (see
-/// [`Precision`]); without such a kernel they stay f32 ([`bf16_active`] tells which).
+/// kernel that offers `bf16_gemm` (or [`Precision::F16`] and `f16_gemm`), 2-D f32 products
+/// run in that precision with f32 accumulation (see [`Precision`]); without such a kernel
+/// they stay f32 ([`products_precision`] tells which).
 pub fn scoped_kernel_at(
     device: &Device,
     kernel: Option<KernelBox>,
@@ -197,7 +203,12 @@ pub(crate) fn active(device: &Device) -> Option<Arc<ActiveKernel>> {
 
 /// Whether 2-D matrix products on `device` run in bf16 from the calling thread.
 pub fn bf16_active(device: &Device) -> bool {
-    active(device).is_some_and(|k| k.bf16())
+    products_precision(device) == Precision::Bf16
+}
+
+/// The precision 2-D matrix products on `device` run in from the calling thread.
+pub fn products_precision(device: &Device) -> Precision {
+    active(device).map_or(Precision::F32, |k| k.products())
 }
 
 /// Whether a kernel runs ops on `device` from the calling thread.
@@ -220,8 +231,9 @@ fn api_dtype(d: DType) -> CResult<codex_plugin_api::DType> {
     Ok(match d {
         DType::F32 => codex_plugin_api::DType::F32,
         DType::BF16 => codex_plugin_api::DType::BF16,
+        DType::F16 => codex_plugin_api::DType::F16,
         DType::U32 => codex_plugin_api::DType::U32,
-        other => candle_core::bail!("kernel buffers are f32, bf16 or u32, found {other:?}"),
+        other => candle_core::bail!("kernel buffers are f32, bf16, f16 or u32, found {other:?}"),
     })
 }
 
@@ -236,9 +248,10 @@ pub(crate) fn view<'a>(s: &'a CpuStorage, l: &'a Layout) -> CResult<BufferView<'
     let (dtype, data): (_, &[u8]) = match s {
         CpuStorage::F32(v) => (DType::F32, bytemuck::cast_slice(&v[start..end])),
         CpuStorage::BF16(v) => (DType::BF16, bytemuck::cast_slice(&v[start..end])),
+        CpuStorage::F16(v) => (DType::F16, bytemuck::cast_slice(&v[start..end])),
         CpuStorage::U32(v) => (DType::U32, bytemuck::cast_slice(&v[start..end])),
         other => candle_core::bail!(
-            "kernel buffers are f32, bf16 or u32, found {:?}",
+            "kernel buffers are f32, bf16, f16 or u32, found {:?}",
             other.dtype()
         ),
     };
@@ -266,6 +279,7 @@ fn dense<'a>(s: &'a CpuStorage, l: &Layout) -> CResult<(Cow<'a, CpuStorage>, Lay
 pub(crate) enum OutData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    F16(Vec<f16>),
 }
 
 pub(crate) struct Out {
@@ -279,7 +293,8 @@ impl Out {
         let data = match dtype {
             DType::F32 => OutData::F32(vec![0.0; n]),
             DType::BF16 => OutData::Bf16(vec![bf16::ZERO; n]),
-            other => candle_core::bail!("kernel outputs are f32 or bf16, found {other:?}"),
+            DType::F16 => OutData::F16(vec![f16::ZERO; n]),
+            other => candle_core::bail!("kernel outputs are f32, bf16 or f16, found {other:?}"),
         };
         Ok(Out {
             shape: shape.to_vec(),
@@ -298,6 +313,7 @@ impl Out {
         let (dtype, data): (_, &mut [u8]) = match &mut self.data {
             OutData::F32(v) => (codex_plugin_api::DType::F32, bytemuck::cast_slice_mut(v)),
             OutData::Bf16(v) => (codex_plugin_api::DType::BF16, bytemuck::cast_slice_mut(v)),
+            OutData::F16(v) => (codex_plugin_api::DType::F16, bytemuck::cast_slice_mut(v)),
         };
         BufferMut {
             dtype,
@@ -311,6 +327,7 @@ impl Out {
         match self.data {
             OutData::F32(v) => (CpuStorage::F32(v), shape),
             OutData::Bf16(v) => (CpuStorage::BF16(v), shape),
+            OutData::F16(v) => (CpuStorage::F16(v), shape),
         }
     }
 
@@ -319,6 +336,7 @@ impl Out {
         match self.data {
             OutData::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
             OutData::Bf16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            OutData::F16(v) => Tensor::from_vec(v, shape, &Device::Cpu),
         }
     }
 }
@@ -727,8 +745,8 @@ struct LinearCrossEntropy {
     ce: CrossEntropy,
     /// The logits the matmul already computed, detached.
     logits: Tensor,
-    /// The kernel the product ran in bf16 with, if it did.
-    bf16: Option<Arc<ActiveKernel>>,
+    /// The kernel the product ran in half precision with, if it did.
+    half: Option<Arc<ActiveKernel>>,
 }
 
 impl CustomOp3 for LinearCrossEntropy {
@@ -761,21 +779,21 @@ impl CustomOp3 for LinearCrossEntropy {
         dloss: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dl = self.ce.dlogits(&self.logits, targets, dloss)?;
-        let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, &dl)?;
+        let (dx, dw) = matmul_grads(self.half.as_deref(), x, w, &dl)?;
         Ok((dx, dw, None))
     }
 }
 
 /// The gradients of `x · w` for the output gradient `dy`, each only for an operand that takes
-/// part in the graph (a frozen weight gets none); in bf16 with `bf16` (the kernel the forward
-/// product ran in bf16 with).
+/// part in the graph (a frozen weight gets none); in half precision with `half` (the kernel
+/// the forward product ran in half precision with).
 fn matmul_grads(
-    bf16: Option<&ActiveKernel>,
+    half: Option<&ActiveKernel>,
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
 ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    if let Some(k) = bf16 {
+    if let Some(k) = half {
         return mixed::matmul_grads(k, x, w, dy);
     }
     let dx = if x.track_op() {
@@ -820,7 +838,7 @@ pub(crate) fn cross_entropy(
             let op = LinearCrossEntropy {
                 ce,
                 logits: logits.detach(),
-                bf16: mixed::kernel_for(x, w),
+                half: mixed::kernel_for(x, w),
             };
             x.apply_op3(w, &targets, op)?
         }
@@ -1159,8 +1177,8 @@ struct LinearBias {
     k: Arc<ActiveKernel>,
     /// `x · w` as the matmul computed it, detached and contiguous.
     a: Tensor,
-    /// The kernel the product ran in bf16 with, if it did.
-    bf16: Option<Arc<ActiveKernel>>,
+    /// The kernel the product ran in half precision with, if it did.
+    half: Option<Arc<ActiveKernel>>,
 }
 
 impl CustomOp3 for LinearBias {
@@ -1200,7 +1218,7 @@ impl CustomOp3 for LinearBias {
         } else {
             None
         };
-        let (dx, dw) = matmul_grads(self.bf16.as_deref(), x, w, dy)?;
+        let (dx, dw) = matmul_grads(self.half.as_deref(), x, w, dy)?;
         Ok((dx, dw, db))
     }
 }
@@ -1225,7 +1243,7 @@ pub(crate) fn linear_bias(
     let op = LinearBias {
         k,
         a: a.detach(),
-        bf16: mixed::kernel_for(x, w),
+        half: mixed::kernel_for(x, w),
     };
     Ok(Some(x.apply_op3(w, &b.contiguous()?, op)?))
 }

@@ -55,7 +55,8 @@ pub use candle_core::Device;
 pub use adapter::{probe, set_forward, WeightUse};
 pub use autograd::backward_time;
 pub use dispatch::{
-    bf16_active, kernel_active, scoped_kernel, scoped_kernel_at, set_kernel, KernelScope,
+    bf16_active, kernel_active, products_precision, scoped_kernel, scoped_kernel_at, set_kernel,
+    KernelScope,
 };
 pub use mixed::{matmul_rate, packed_operands, Precision};
 pub use packed::{forward_pass, upload_packed, PassReport};

@@ -1,11 +1,13 @@
-//! Mixed precision: 2-D matrix products in bf16 with f32 accumulation, on f32 tensors.
+//! Mixed precision: 2-D matrix products in bf16 or f16 with f32 accumulation, on f32 tensors.
 //!
-//! With [`Precision::Bf16`] and a kernel that offers `bf16_gemm` (see [`scoped_kernel_at`]),
-//! every 2-D f32 matmul of the op table — a linear layer's product, the LM head — and the
-//! gradients of those products in backward round their operands to bf16 and sum the products
-//! in f32. Tensors stay f32 throughout: parameters, gradients and optimizer state are the f32
-//! master copies, and norms, softmax, attention, the loss and every reduction run in f32 as
-//! before. That is PyTorch's CPU autocast, less the casts around every op.
+//! With [`Precision::Bf16`] and a kernel that offers `bf16_gemm` (or [`Precision::F16`] and
+//! `f16_gemm`; see [`scoped_kernel_at`]), every 2-D f32 matmul of the op table — a linear
+//! layer's product, the LM head — and the gradients of those products in backward round their
+//! operands to the half format and sum the products in f32. Tensors stay f32 throughout:
+//! parameters, gradients and optimizer state are the f32 master copies, and norms, softmax,
+//! attention, the loss and every reduction run in f32 as before. That is PyTorch's CPU
+//! autocast, less the casts around every op. f16's range ends at 65504: an operand beyond it
+//! becomes ±inf, which is what a loss scaler (the trainer's) watches the gradients for.
 //!
 //! The right operand of a forward product is packed into the kernel's layout once and kept
 //! while its values are unchanged: a parameter is keyed by its variable (itself, or the
@@ -34,6 +36,28 @@ pub enum Precision {
     F32,
     /// Matrix products in bf16 with f32 accumulation; everything else in f32.
     Bf16,
+    /// Matrix products in f16 (IEEE half) with f32 accumulation; everything else in f32.
+    F16,
+}
+
+impl Precision {
+    /// Its name in configs and on the command line: `f32`, `bf16`, `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// The kernel ops its products need, `[pack, product]`; `None` for f32.
+    pub(crate) fn ops(self) -> Option<[&'static str; 2]> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(["bf16_gemm.pack", "bf16_gemm"]),
+            Precision::F16 => Some(["f16_gemm.pack", "f16_gemm"]),
+        }
+    }
 }
 
 /// Packed right operands of forward products, by the variable they were packed from.
@@ -77,15 +101,28 @@ fn operand(t: &Tensor) -> CResult<(Tensor, bool)> {
     Ok((t.contiguous()?, false))
 }
 
+/// The pack and product ops of `k`'s half precision, the packed dtype and its row group.
+fn half_ops(k: &ActiveKernel) -> CResult<([&'static str; 2], DType, usize)> {
+    let precision = k.products();
+    let Some(ops) = precision.ops() else {
+        candle_core::bail!("mixed precision: the kernel multiplies in f32");
+    };
+    Ok(match precision {
+        Precision::F16 => (ops, DType::F16, 1),
+        _ => (ops, DType::BF16, 2),
+    })
+}
+
 /// `b: [k, n]` packed by the kernel.
 fn pack(k: &ActiveKernel, b: &Tensor) -> CResult<Tensor> {
     let (src, transposed) = operand(b)?;
     let (kk, n) = b.dims2()?;
-    let len = codex_kernels_layout::packed_len(kk, n);
-    let mut out = [Out::new(DType::BF16, &[len])?];
+    let ([pack_op, _], dtype, group) = half_ops(k)?;
+    let len = codex_kernels_layout::packed_len(kk, n, group);
+    let mut out = [Out::new(dtype, &[len])?];
     dispatch::run_on_tensors(
         k,
-        "bf16_gemm.pack",
+        pack_op,
         &[&src],
         &[if transposed { 1.0 } else { 0.0 }],
         &mut out,
@@ -125,10 +162,11 @@ fn pack_cached(k: &ActiveKernel, b: &Tensor, key: Option<(&Tensor, bool)>) -> CR
 fn gemm(k: &ActiveKernel, a: &Tensor, packed: &Tensor, n: usize) -> CResult<Tensor> {
     let (src, transposed) = operand(a)?;
     let (m, _) = a.dims2()?;
+    let ([_, product_op], _, _) = half_ops(k)?;
     let mut out = [Out::f32(&[m, n])];
     dispatch::run_on_tensors(
         k,
-        "bf16_gemm",
+        product_op,
         &[&src, packed],
         &[if transposed { 1.0 } else { 0.0 }, n as f64],
         &mut out,
@@ -137,7 +175,8 @@ fn gemm(k: &ActiveKernel, a: &Tensor, packed: &Tensor, n: usize) -> CResult<Tens
     out.into_tensor()
 }
 
-/// The gradients of `x · w` for the output gradient `dy`, both products in bf16, each only
+/// The gradients of `x · w` for the output gradient `dy`, both products in the kernel's half
+/// precision, each only
 /// for an operand that takes part in the graph (a frozen weight gets none).
 pub(crate) fn matmul_grads(
     k: &ActiveKernel,
@@ -160,8 +199,9 @@ pub(crate) fn matmul_grads(
     Ok((dx, dw))
 }
 
-/// The kernel that runs bf16 products for `a · b` from the calling thread, if the products
-/// are to be in bf16: precision bf16, a kernel offering them, 2-D f32 operands on the cpu.
+/// The kernel that runs half-precision products for `a · b` from the calling thread, if the
+/// products are to be in half precision: precision bf16 or f16, a kernel offering them, 2-D
+/// f32 operands on the cpu.
 pub(crate) fn kernel_for(a: &Tensor, b: &Tensor) -> Option<Arc<ActiveKernel>> {
     let fits = a.rank() == 2
         && b.rank() == 2
@@ -171,10 +211,11 @@ pub(crate) fn kernel_for(a: &Tensor, b: &Tensor) -> Option<Arc<ActiveKernel>> {
     if !fits {
         return None;
     }
-    dispatch::active(a.device()).filter(|k| k.bf16())
+    dispatch::active(a.device()).filter(|k| k.products() != Precision::F32)
 }
 
-/// `a · b` in bf16 with f32 accumulation, with its own backward in bf16. `key` names the
+/// `a · b` in half precision with f32 accumulation, with its own backward in half precision.
+/// `key` names the
 /// variable `b` is (`false`) or is the transpose of (`true`), whose packed copy is kept.
 pub(crate) fn matmul(
     k: Arc<ActiveKernel>,
@@ -189,20 +230,24 @@ pub(crate) fn matmul(
     } else {
         a.contiguous()?
     };
-    a.apply_op2(b, Bf16Matmul { k, packed, n })
+    a.apply_op2(b, HalfMatmul { k, packed, n })
 }
 
-/// A product computed in bf16, as a node of candle's graph, with both gradients in bf16.
-struct Bf16Matmul {
+/// A product computed in half precision, as a node of candle's graph, with both gradients
+/// in half precision.
+struct HalfMatmul {
     k: Arc<ActiveKernel>,
     /// The right operand, packed.
     packed: Tensor,
     n: usize,
 }
 
-impl CustomOp2 for Bf16Matmul {
+impl CustomOp2 for HalfMatmul {
     fn name(&self) -> &'static str {
-        "bf16_matmul"
+        match self.k.products() {
+            Precision::F16 => "f16_matmul",
+            _ => "bf16_matmul",
+        }
     }
 
     fn cpu_fwd(
@@ -214,12 +259,13 @@ impl CustomOp2 for Bf16Matmul {
     ) -> CResult<(CpuStorage, Shape)> {
         let (guard, pl) = self.packed.storage_and_layout();
         let Storage::Cpu(ps) = &*guard else {
-            candle_core::bail!("bf16_matmul: a cpu kernel needs tensors on the cpu");
+            candle_core::bail!("{}: a cpu kernel needs tensors on the cpu", self.name());
         };
         let m = al.dims()[0];
+        let ([_, product_op], _, _) = half_ops(&self.k)?;
         let mut out = Out::f32(&[m, self.n]);
         self.k.run(
-            "bf16_gemm",
+            product_op,
             &[dispatch::view(as_, al)?, dispatch::view(ps, pl)?],
             &[0.0, self.n as f64],
             &mut [out.buffer()],
@@ -238,18 +284,21 @@ impl CustomOp2 for Bf16Matmul {
     }
 }
 
-/// The packed layout's size, as the `cpu` kernel documents it for `bf16_gemm.pack`.
+/// The packed layout's size, as the `cpu` kernel documents it for `bf16_gemm.pack` and
+/// `f16_gemm.pack`.
 mod codex_kernels_layout {
-    /// bf16 values for `b: [k, n]`: panels of 32 columns, rows in pairs.
-    pub(super) fn packed_len(k: usize, n: usize) -> usize {
-        n.div_ceil(32) * 32 * k.div_ceil(2) * 2
+    /// Half values for `b: [k, n]`: panels of 32 columns, rows in groups of `group` (bf16
+    /// pairs them, f16 does not).
+    pub(super) fn packed_len(k: usize, n: usize, group: usize) -> usize {
+        n.div_ceil(32) * 32 * k.div_ceil(group) * group
     }
 }
 
 /// The rate of `[m, k] · [k, n]` products on the cpu, in FLOP/s, at `precision`, measured for
 /// about `seconds` (the best of repeated products): the matmul peak a training step's model
-/// FLOP/s compare with. bf16 needs the calling thread's kernel to offer the bf16 products
-/// ([`bf16_active`](crate::bf16_active)); the right operand is packed once, as a weight is.
+/// FLOP/s compare with. bf16 and f16 need the calling thread's kernel to offer their products
+/// ([`products_precision`](crate::products_precision)); the right operand is packed once, as
+/// a weight is.
 pub fn matmul_rate(
     precision: Precision,
     (m, k, n): (usize, usize, usize),
@@ -264,11 +313,13 @@ pub fn matmul_rate(
     let b = Tensor::from_vec(draw(k * n), (k, n), &device)?;
     let product: Box<dyn Fn() -> CResult<Tensor>> = match precision {
         Precision::F32 => Box::new(|| a.matmul(&b)),
-        Precision::Bf16 => {
-            let Some(kernel) = dispatch::active(&device).filter(|k| k.bf16()) else {
-                return Err(crate::TensorError::Invalid(
-                    "bf16 products need a kernel that offers them on this CPU".into(),
-                ));
+        Precision::Bf16 | Precision::F16 => {
+            let Some(kernel) = dispatch::active(&device).filter(|k| k.products() == precision)
+            else {
+                return Err(crate::TensorError::Invalid(format!(
+                    "{} products need a kernel that offers them on this CPU",
+                    precision.name()
+                )));
             };
             let packed = pack(&kernel, &b)?;
             Box::new(move || gemm(&kernel, &a, &packed, n))

@@ -60,7 +60,8 @@ pub use tensor::{CrossEntropy, DType, GeluForm, Tensor, TensorId};
 pub use tokenizer::Tokenizer;
 pub use tracker::{RunInfo, RunStatus, Tracker};
 pub use trainer::{
-    Batch, EvalTotals, Schedule, ScheduleKind, Session, TrainOutcome, TrainSettings, Trainer,
+    Batch, EvalTotals, LossScaling, Schedule, ScheduleKind, Session, TrainOutcome, TrainSettings,
+    Trainer,
 };
 
 #[doc(hidden)]

@@ -121,6 +121,40 @@ pub trait TrainSession {
     /// `codex-ml eval` does; all zero when there is no validation data.
     #[sabi(last_prefix_field)]
     fn evaluate(&mut self, max_batches: u64) -> RResult<EvalTotals, PluginError>;
+    /// Dynamic loss scaling, when the run's matrix products are in f16 (API 2.2).
+    fn loss_scaling(&self) -> ROption<LossScaling>;
+    /// Write `message` to the run's log and terminal as a warning (API 2.2).
+    fn warn(&mut self, message: RStr<'_>);
+}
+
+/// Dynamic loss scaling, as PyTorch's `torch.amp.GradScaler` does it: the loss is multiplied
+/// by the scale before backward and the gradients divided by it before they are used; a step
+/// whose gradients are not all finite is skipped and the scale multiplied by
+/// `backoff_factor`; after `growth_interval` finite steps in a row it is multiplied by
+/// `growth_factor`.
+#[repr(C)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq)]
+pub struct LossScaling {
+    /// The scale of the first step (PyTorch: 2¹⁶).
+    pub init_scale: f64,
+    /// Factor after `growth_interval` finite steps in a row (PyTorch: 2).
+    pub growth_factor: f64,
+    /// Factor after a step with a non-finite gradient (PyTorch: 0.5).
+    pub backoff_factor: f64,
+    /// Finite steps in a row before the scale grows (PyTorch: 2000).
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaling {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        LossScaling {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
 }
 
 /// Sums over the counted (non-padding) targets of an evaluation, and what follows from them:
@@ -273,6 +307,14 @@ impl Session<'_, '_> {
     /// evaluation `codex-ml eval` runs too.
     pub fn evaluate(&mut self, max_batches: u64) -> Result<EvalTotals> {
         from_abi(self.inner.evaluate(max_batches))
+    }
+    /// Dynamic loss scaling, when the run's matrix products are in f16.
+    pub fn loss_scaling(&self) -> Option<LossScaling> {
+        self.inner.loss_scaling().into_option()
+    }
+    /// Write `message` to the run's log as a warning.
+    pub fn warn(&mut self, message: &str) {
+        self.inner.warn(message.into())
     }
 }
 

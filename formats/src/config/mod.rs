@@ -31,8 +31,8 @@ mod write;
 pub use data::{DataConfig, Overlong, Preprocess, ReadSettings, Sft, Source, Undecodable};
 pub use overrides::{apply_overrides, related, Override};
 pub use raw::{
-    RawAdapter, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule, RawSource,
-    RawTargets, RawTrain,
+    RawAdapter, RawComponent, RawConfig, RawGenerate, RawLossScale, RawOptimizer, RawSchedule,
+    RawSource, RawTargets, RawTrain,
 };
 pub use write::Params;
 

@@ -65,15 +65,25 @@ pub struct RawConfig {
     // A string, not an option, so that `None` cannot be read as either "off" or "the default".
     #[serde(default)]
     pub kernel: String,
-    /// Precision of the training step: `"f32"`, or `"bf16"` for mixed precision — matrix
-    /// products in bf16 with f32 accumulation, on f32 weights, gradients and optimizer state
-    /// (checkpoints keep the f32 weights); norms, softmax, attention, the loss and reductions
-    /// stay f32. `"bf16"` needs a kernel (`kernel: "cpu"`) and runs in bf16 only where the
-    /// CPU has AVX512-BF16, in f32 elsewhere (the log says which). A resumed run keeps it
+    /// Precision of the training step: `"f32"`, or mixed precision — `"bf16"` or `"f16"`:
+    /// matrix products with both operands rounded to bf16 or f16 and summed in f32, on f32
+    /// weights, gradients and optimizer state (checkpoints keep the f32 weights); norms,
+    /// softmax, attention, the loss and reductions stay f32. Both need a kernel
+    /// (`kernel: "cpu"`); `"bf16"` runs in bf16 only where the CPU has AVX512-BF16, in f32
+    /// elsewhere (the log says which), `"f16"` on every CPU. `"f16"` scales the loss
+    /// dynamically (`loss_scale`). A resumed run keeps it
     /// ([performance.md](performance.md)). Default: `"f32"`.
     // A string, as `kernel`, so that `--set precision=bf16` needs no quoting.
     #[serde(default)]
     pub precision: String,
+    /// Dynamic loss scaling of `precision: "f16"`, as PyTorch's `GradScaler`, e.g.
+    /// `(init_scale: 1024.0, growth_interval: 500)`: the loss is multiplied by the scale
+    /// before backward and the gradients divided by it; a step with a gradient that is not
+    /// finite is skipped and halves the scale, and `growth_interval` finite steps in a row
+    /// double it ([performance.md](performance.md#f16-and-loss-scaling)). Only with
+    /// `precision: "f16"`. Default: `(init_scale: 65536.0, growth_interval: 2000)` with f16.
+    #[serde(default)]
+    pub loss_scale: Option<RawLossScale>,
     /// A sample generated at the end of the run. Default: none.
     #[serde(default)]
     pub generate: Option<RawGenerate>,
@@ -83,6 +93,20 @@ pub struct RawConfig {
     /// ([finetune-hf.md](finetune-hf.md#lora)). Default: none, every parameter trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<RawAdapter>,
+}
+
+/// Dynamic loss scaling, with `GradScaler`'s names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLossScale {
+    /// The scale of the first step, a positive number; a power of two keeps the scaling
+    /// exact. Default: `65536.0`.
+    #[serde(default)]
+    pub init_scale: Option<f64>,
+    /// Steps in a row with finite gradients before the scale doubles, at least 1. Default:
+    /// `2000`.
+    #[serde(default)]
+    pub growth_interval: Option<u64>,
 }
 
 /// A LoRA adapter, with PEFT's `LoraConfig` names and meanings.

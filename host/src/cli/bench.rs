@@ -7,8 +7,10 @@
 //! every parameter), random tokens from a fixed seed, warm-up steps then timed windows.
 //!
 //! The built-in `cpu` kernel is active unless `--no-kernel`, so both engines can be measured
-//! from one binary. `--precision bf16` runs the matrix products in bf16 with f32 accumulation
-//! (the engine's mixed precision), where the kernel offers them on this CPU.
+//! from one binary. `--precision bf16` or `f16` runs the matrix products in that format with
+//! f32 accumulation (the engine's mixed precision), where the kernel offers them on this CPU.
+//! The step is the same as in f32: f16's loss scaling (a pass over the gradients) and its
+//! checks are the trainer's, not the benchmark's.
 //!
 //! Besides tokens/s, each configuration reports its model FLOP/s — `6·(12·L·d² + V·d) +
 //! 12·L·d·T` per token, the matmul parameters' forward and backward plus attention's scores and
@@ -265,14 +267,19 @@ fn run_shape(
     let _kernel_scope = engine::scoped_kernel_at(&Device::Cpu, kernel, precision)?;
     let precision_name =
         match precision {
-            Precision::Bf16 if engine::bf16_active(&Device::Cpu) => "bf16",
+            Precision::F32 => "f32",
+            half if engine::products_precision(&Device::Cpu) == half => half.name(),
             Precision::Bf16 => return Err(super::UsageError(
                 "--precision bf16 needs bf16 matrix products, which the `cpu` kernel offers only \
-                 on CPUs with AVX512-BF16 (this one has none); use --precision f32"
+                 on CPUs with AVX512-BF16 (this one has none); use --precision f32 or f16"
                     .into(),
             )
             .into()),
-            Precision::F32 => "f32",
+            Precision::F16 => return Err(super::UsageError(
+                "--precision f16 needs the `cpu` kernel's f16 matrix products; drop --no-kernel"
+                    .into(),
+            )
+            .into()),
         };
     let peak =
         engine::matmul_rate(precision, PEAK_SHAPE, 2.0).context("measuring the matmul peak")?;
@@ -433,14 +440,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let precision = match args.precision {
         BenchPrecision::F32 => Precision::F32,
-        BenchPrecision::Bf16 if args.no_kernel => {
-            return Err(super::UsageError(
-                "--precision bf16 multiplies through the `cpu` kernel; drop --no-kernel".into(),
-            )
-            .into())
-        }
         BenchPrecision::Bf16 => Precision::Bf16,
+        BenchPrecision::F16 => Precision::F16,
     };
+    if precision != Precision::F32 && args.no_kernel {
+        return Err(super::UsageError(format!(
+            "--precision {} multiplies through the `cpu` kernel; drop --no-kernel",
+            precision.name()
+        ))
+        .into());
+    }
     for shape in chosen {
         engine::on_pool(|| run_shape(&registry, shape, &args, precision))?;
     }

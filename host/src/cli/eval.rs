@@ -75,7 +75,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let tokens = data::tokenize(&docs, &loaded.tokenizer)?;
         ValBatches::new(tokens.into(), shape, pad)?
     };
-    let totals = inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)?;
+    // In the run's kernel and precision, on the pool as the run's own validation was.
+    let _kernel = inference::kernel(&loaded, &registry)?;
+    let totals = codex_engine::on_pool(|| {
+        inference::evaluate(&loaded.model, &val, &loaded.device, args.batches)
+    })?;
     super::say!("checkpoint {}", loaded.checkpoint.display());
     if args.json {
         return super::print_json(&serde_json::json!({

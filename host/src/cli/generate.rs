@@ -23,6 +23,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         },
         seed: args.seed.unwrap_or(loaded.config.seed),
     };
+    // In the run's kernel and precision, as the sample at the end of the run was made.
+    let _kernel = inference::kernel(&loaded, &registry)?;
     let generated = inference::generate(
         &loaded.model,
         &loaded.tokenizer,

@@ -364,8 +364,9 @@ pub struct BenchArgs {
     /// Compose every op from candle primitives instead of the built-in `cpu` kernel's fused ops
     #[arg(long)]
     pub no_kernel: bool,
-    /// Precision of the matrix products: `bf16` multiplies in bf16 with f32 accumulation
-    /// (f32 weights and optimizer state), where the CPU has AVX512-BF16
+    /// Precision of the matrix products: `bf16` or `f16` multiplies in that format with f32
+    /// accumulation (f32 weights and optimizer state); bf16 where the CPU has AVX512-BF16,
+    /// f16 everywhere
     #[arg(long, value_enum, default_value_t = BenchPrecision::F32)]
     pub precision: BenchPrecision,
 }
@@ -377,6 +378,8 @@ pub enum BenchPrecision {
     F32,
     /// Matrix products in bf16, accumulated in f32
     Bf16,
+    /// Matrix products in f16, accumulated in f32
+    F16,
 }
 
 /// The model sizes `codex-ml bench` knows.

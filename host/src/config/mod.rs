@@ -92,6 +92,8 @@ pub struct Config {
     pub kernel: Option<String>,
     /// Precision of the training step's matrix products.
     pub precision: codex_engine::Precision,
+    /// Dynamic loss scaling: set exactly when `precision` is f16.
+    pub loss_scale: Option<codex_plugin_api::LossScaling>,
     /// Sample to generate at the end of the run.
     pub generate: Option<GenerateConfig>,
     /// The LoRA adapter trained instead of the whole model, if any.

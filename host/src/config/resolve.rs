@@ -6,8 +6,8 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::{Map, Value};
 
 use codex_formats::config::{
-    related, Params, RawAdapter, RawComponent, RawConfig, RawGenerate, RawOptimizer, RawSchedule,
-    RawSource, RawTargets, RawTrain,
+    related, Params, RawAdapter, RawComponent, RawConfig, RawGenerate, RawLossScale, RawOptimizer,
+    RawSchedule, RawSource, RawTargets, RawTrain,
 };
 
 use super::Override;
@@ -138,32 +138,26 @@ impl Resolver<'_> {
         raw.kernel = kernel.clone().unwrap_or_else(|| NO_KERNEL.to_owned());
         let precision = match raw.precision.as_str() {
             "" | "f32" => codex_engine::Precision::F32,
-            "bf16" if kernel.is_none() => {
+            half @ ("bf16" | "f16") if kernel.is_none() => {
                 return Err(self.invalid(
                     "precision",
-                    "\"bf16\" multiplies through a kernel, and `kernel` is \"none\"; set \
-                     `kernel: \"cpu\"` or use `precision: \"f32\"`",
+                    format!(
+                        "\"{half}\" multiplies through a kernel, and `kernel` is \"none\"; set \
+                         `kernel: \"cpu\"` or use `precision: \"f32\"`"
+                    ),
                 ))
             }
             "bf16" => codex_engine::Precision::Bf16,
-            "f16" => {
-                return Err(self.invalid(
-                    "precision",
-                    "\"f16\" (with loss scaling) is not supported; use \"bf16\" or \"f32\"",
-                ))
-            }
+            "f16" => codex_engine::Precision::F16,
             other => {
                 return Err(self.invalid(
                     "precision",
-                    format!("\"{other}\" is not a precision; use \"f32\" or \"bf16\""),
+                    format!("\"{other}\" is not a precision; use \"f32\", \"bf16\" or \"f16\""),
                 ))
             }
         };
-        raw.precision = match precision {
-            codex_engine::Precision::F32 => "f32",
-            codex_engine::Precision::Bf16 => "bf16",
-        }
-        .to_owned();
+        raw.precision = precision.name().to_owned();
+        let loss_scale = self.loss_scale(precision, &mut raw.loss_scale)?;
         let generate = raw
             .generate
             .as_mut()
@@ -191,6 +185,7 @@ impl Resolver<'_> {
             trackers,
             kernel,
             precision,
+            loss_scale,
             generate,
             adapter,
             raw,
@@ -690,6 +685,51 @@ impl Resolver<'_> {
             ));
         }
         Ok(())
+    }
+
+    /// `loss_scale`, which only f16 has, with its defaults filled in.
+    fn loss_scale(
+        &self,
+        precision: codex_engine::Precision,
+        raw: &mut Option<RawLossScale>,
+    ) -> Result<Option<codex_plugin_api::LossScaling>, ConfigError> {
+        if precision != codex_engine::Precision::F16 {
+            if raw.is_some() {
+                return Err(self.invalid(
+                    "loss_scale",
+                    format!(
+                        "loss scaling is for `precision: \"f16\"`, and precision is \"{}\"; \
+                         remove `loss_scale` or set `precision: \"f16\"`",
+                        precision.name()
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        let defaults = codex_plugin_api::LossScaling::default();
+        let raw = raw.get_or_insert(RawLossScale {
+            init_scale: None,
+            growth_interval: None,
+        });
+        let init_scale = *raw.init_scale.get_or_insert(defaults.init_scale);
+        if !(init_scale.is_finite() && init_scale > 0.0 && (init_scale as f32).is_finite()) {
+            return Err(self.invalid(
+                "loss_scale.init_scale",
+                format!("{init_scale} must be a positive number within f32's range, e.g. 65536.0"),
+            ));
+        }
+        let growth_interval = *raw.growth_interval.get_or_insert(defaults.growth_interval);
+        if growth_interval == 0 {
+            return Err(self.invalid(
+                "loss_scale.growth_interval",
+                "must be at least 1 (steps in a row with finite gradients before the scale doubles)",
+            ));
+        }
+        Ok(Some(codex_plugin_api::LossScaling {
+            init_scale,
+            growth_interval,
+            ..defaults
+        }))
     }
 
     fn generate(&self, raw: &mut RawGenerate) -> Result<GenerateConfig, ConfigError> {

@@ -1,10 +1,11 @@
 //! Using a trained model: load a checkpoint ([`load`]), evaluate it ([`evaluate`]), generate
 //! text with it ([`generate`], sampling in [`sampling`]).
 //!
-//! `eval`, `generate` and the sample at the end of a run share these functions, so the numbers
-//! `eval` prints are computed exactly as the trainer's validation records are (Σ nll / Σ tokens
-//! over counted targets), and a sample from the command line equals the one printed at the end
-//! of training for the same seed.
+//! `eval`, `generate` and the sample at the end of a run share these functions, and `eval` and
+//! `generate` run in the run's kernel and precision ([`kernel`]), so the numbers `eval` prints
+//! are computed exactly as the trainer's validation records are (Σ nll / Σ tokens over counted
+//! targets, with the same products), and a sample from the command line equals the one printed
+//! at the end of training for the same seed.
 
 mod eval;
 mod generate;
@@ -41,6 +42,13 @@ pub struct Loaded {
     pub model: ModelBox,
     /// Where its tensors live.
     pub device: Device,
+}
+
+/// The run's kernel and precision (its config's `kernel` and `precision`), active for the
+/// calling thread's tensor work while the returned scope lives: `eval` and `generate` then
+/// compute as the run's validation and its sample did, bf16 or f16 products included.
+pub fn kernel(loaded: &Loaded, registry: &Registry) -> Result<engine::KernelScope> {
+    crate::run::steps_kernel(&loaded.config, registry, &loaded.device)
 }
 
 /// Load the newest valid checkpoint of a run directory, or a checkpoint directory.

@@ -561,6 +561,7 @@ fn run_in(
     );
     let mut session = session::HostSession {
         settings,
+        loss_scaling: config.loss_scale,
         store: &mut store,
         model: &model,
         optimizer,
@@ -696,4 +697,6 @@ fn run_in(
 }
 
 pub(crate) use resume::{check_base, params_group};
-pub(crate) use steps::{adapter as steps_adapter, pretrained as steps_pretrained};
+pub(crate) use steps::{
+    adapter as steps_adapter, kernel as steps_kernel, pretrained as steps_pretrained,
+};

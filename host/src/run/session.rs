@@ -15,7 +15,9 @@ use codex_plugin_api::model::ModelBox;
 use codex_plugin_api::optimizer::{OptimizerBox, ParamGrad};
 use codex_plugin_api::params::ParamInfoAbi;
 use codex_plugin_api::trainer::{BatchIds, TrainSession};
-use codex_plugin_api::{EvalTotals, ForwardCtx, OptimStep, PluginError, TensorId, TrainSettings};
+use codex_plugin_api::{
+    EvalTotals, ForwardCtx, LossScaling, OptimStep, PluginError, TensorId, TrainSettings,
+};
 
 use super::progress::Progress;
 use crate::checkpoint;
@@ -25,6 +27,8 @@ use crate::metrics::{Recorder, SystemMetrics, SYS_SPLIT};
 /// The host side of the trainer's session.
 pub(crate) struct HostSession<'r> {
     pub(crate) settings: TrainSettings,
+    /// Dynamic loss scaling for the trainer, with f16 products.
+    pub(crate) loss_scaling: Option<LossScaling>,
     pub(crate) store: &'r mut ParamStore,
     pub(crate) model: &'r ModelBox,
     pub(crate) optimizer: OptimizerBox,
@@ -269,5 +273,16 @@ impl TrainSession for HostSession<'_> {
         crate::inference::evaluation_sums(self.model, val, &self.device, limit)
             .map_err(|e| err(format!("{e:#}")))
             .into()
+    }
+
+    fn loss_scaling(&self) -> ROption<LossScaling> {
+        self.loss_scaling.into()
+    }
+
+    fn warn(&mut self, message: RStr<'_>) {
+        tracing::warn!(
+            "{}",
+            codex_plugin_api::untrusted::clean(message.as_str(), 1000)
+        );
     }
 }

@@ -84,15 +84,20 @@ pub(crate) fn kernel(config: &Config, registry: &Registry, device: &Device) -> R
     };
     let scope = engine::scoped_kernel_at(device, kernel, config.precision)
         .context("in the config's `kernel`")?;
-    if config.precision == engine::Precision::Bf16 {
-        if engine::bf16_active(device) {
-            tracing::info!("precision bf16: matrix products in bf16 with f32 accumulation");
-        } else {
-            tracing::warn!(
-                "precision bf16: the kernel offers no bf16 matrix products on this CPU (they \
-                 need AVX512-BF16), so they run in f32"
-            );
+    match config.precision {
+        engine::Precision::F32 => {}
+        half if engine::products_precision(device) == half => {
+            let name = half.name();
+            tracing::info!("precision {name}: matrix products in {name} with f32 accumulation");
         }
+        engine::Precision::Bf16 => tracing::warn!(
+            "precision bf16: the kernel offers no bf16 matrix products on this CPU (they \
+             need AVX512-BF16), so they run in f32"
+        ),
+        engine::Precision::F16 => tracing::warn!(
+            "precision f16: the kernel offers no f16 matrix products, so they run in f32 \
+             (the `cpu` kernel has them on every CPU)"
+        ),
     }
     Ok(scope)
 }

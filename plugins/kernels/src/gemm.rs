@@ -1,35 +1,45 @@
-//! bf16 matrix products with f32 accumulation: `c = a · b` with `a` and `b` rounded to bf16.
+//! Half-precision matrix products with f32 accumulation: `c = a · b` with `a` and `b` rounded
+//! to bf16 or to f16 (IEEE half), both to nearest even, and the products summed in f32.
 //!
 //! The right operand of a training step's matmuls is nearly always a weight that does not
-//! change between optimizer steps, so it is packed once by `bf16_gemm.pack` into the layout
-//! the micro-kernel reads, and the host keeps the packed buffer for as long as the weight is
-//! unchanged. The left operand (activations, or their gradients) is rounded to bf16 on every
-//! call, row by row, which costs one pass over it.
+//! change between optimizer steps, so it is packed once by `bf16_gemm.pack` (or
+//! `f16_gemm.pack`) into the layout the micro-kernel reads, and the host keeps the packed
+//! buffer for as long as the weight is unchanged. The left operand (activations, or their
+//! gradients) is rounded on every call, row by row, which costs one pass over it.
 //!
 //! # Packed layout
 //!
 //! `b: [k, n]` becomes panels of [`NR`] = 32 columns, the last one padded with zeros; in each
-//! panel, for every pair of rows `(2p, 2p + 1)` (k padded to even with a zero row), the 32
-//! columns' pairs `b[2p][j], b[2p + 1][j]` side by side: `ceil(n / 32) · 32 · ceil(k / 2) · 2`
-//! bf16 values in all ([`packed_len`]). That is the pair layout `vdpbf16ps` multiplies: one
-//! 32-bit broadcast of `a[i][2p], a[i][2p + 1]` against 16 such column pairs adds two products
-//! into each of 16 f32 accumulators.
+//! panel, rows in groups of `g` (k padded to a multiple of `g` with zero rows), and for each
+//! group the 32 columns' `g` values side by side: `ceil(n / 32) · 32 · ceil(k / g) · g`
+//! half values in all ([`packed_len`]). bf16 has `g = 2`, the pair layout `vdpbf16ps`
+//! multiplies: one 32-bit broadcast of `a[i][2p], a[i][2p + 1]` against 16 such column pairs
+//! adds two products into each of 16 f32 accumulators. f16 has `g = 1`: each row of a panel is
+//! 32 f16 values, which `vcvtph2ps` widens to f32 for an f32 FMA against a broadcast `a[i][k]`.
 //!
 //! # Paths
 //!
-//! The only path is AVX512-BF16 (`vdpbf16ps`), chosen when the CPU has it; the kernel does not
-//! offer the `bf16_gemm` ops otherwise, and the host then multiplies in f32. AMX tiles are
+//! bf16 has one path, AVX512-BF16 (`vdpbf16ps`), chosen when the CPU has it; the kernel does
+//! not offer the `bf16_gemm` ops otherwise, and the host then multiplies in f32. AMX tiles are
 //! not used.
 //!
-//! Each element of `c` is a sum in a fixed order (pairs of `k` in increasing order, within a
-//! pair as the instruction adds), independent of the thread count: results are reproducible
-//! on a machine.
+//! f16 has three, and is offered everywhere: AVX-512 (`vcvtph2ps` on 16 lanes, with the
+//! kernel's AVX-512 level), AVX2 with F16C (8 lanes, with its AVX2 level) and a portable one
+//! (scalar conversion, for `"simd": "portable"` or a CPU with neither). AVX512-FP16's f16
+//! arithmetic is not used: it would sum in f16. The product of two f16 values is exact in f32
+//! (11 + 11 significant bits, exponents well inside f32's range), so an FMA and a multiply
+//! followed by an add round alike, and the three paths give the same bits.
+//!
+//! Each element of `c` is a sum in a fixed order (`k` in increasing order; for bf16, pairs of
+//! `k`, within a pair as the instruction adds), independent of the thread count: results are
+//! reproducible on a machine.
 
 use codex_plugin_api::{BufferMut, BufferView, DType};
 use rayon::prelude::*;
 
 use crate::buffer::{expect_attrs, f32_to_bf16, floats, inputs, outputs, Floats, Out, Result};
 use crate::error::{dtype_name, KernelError};
+use crate::simd::{Isa, Level};
 
 /// Columns per packed panel (two 16-lane registers).
 pub(crate) const NR: usize = 32;
@@ -40,9 +50,66 @@ const MC: usize = 64;
 /// Panels of `b` per task.
 const PANELS_PER_TASK: usize = 4;
 
-/// The number of bf16 values `bf16_gemm.pack` writes for `b: [k, n]`.
-pub(crate) fn packed_len(k: usize, n: usize) -> usize {
-    n.div_ceil(NR) * NR * k.div_ceil(2) * 2
+/// The half-precision format a product rounds its operands to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Half {
+    /// bfloat16: 8 significant bits, f32's exponent range.
+    Bf16,
+    /// IEEE binary16: 11 significant bits, finite up to 65504.
+    F16,
+}
+
+impl Half {
+    /// The ops' names: `[pack, product]`.
+    pub(crate) fn ops(self) -> [&'static str; 2] {
+        match self {
+            Half::Bf16 => ["bf16_gemm.pack", "bf16_gemm"],
+            Half::F16 => ["f16_gemm.pack", "f16_gemm"],
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Half::Bf16 => DType::BF16,
+            Half::F16 => DType::F16,
+        }
+    }
+
+    /// Rows of `b` whose values sit side by side in a panel.
+    fn group(self) -> usize {
+        match self {
+            Half::Bf16 => 2,
+            Half::F16 => 1,
+        }
+    }
+
+    /// `x` rounded to this format, as its bits.
+    #[inline(always)]
+    fn round(self, x: f32) -> u16 {
+        match self {
+            Half::Bf16 => f32_to_bf16(x),
+            Half::F16 => f32_to_f16(x),
+        }
+    }
+}
+
+/// f32 to IEEE half bits, rounding to nearest even; beyond 65504 (after rounding) ±inf, NaN
+/// stays NaN.
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// IEEE half bits to f32 (exact).
+#[inline(always)]
+pub(crate) fn f16_to_f32(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
+/// The number of half values `*_gemm.pack` writes for `b: [k, n]`.
+pub(crate) fn packed_len(half: Half, k: usize, n: usize) -> usize {
+    let g = half.group();
+    n.div_ceil(NR) * NR * k.div_ceil(g) * g
 }
 
 /// Whether this CPU can run the bf16 products.
@@ -50,6 +117,49 @@ pub(crate) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// How the f16 products run on this CPU at a kernel's instruction-set level.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum F16Path {
+    /// `vcvtph2ps` on 16 lanes and FMA, with the AVX-512 level.
+    Avx512,
+    /// `vcvtph2ps` on 8 lanes (F16C) and FMA, with the AVX2 level.
+    Avx2,
+    /// Scalar conversion, multiply and add.
+    Portable,
+}
+
+impl F16Path {
+    /// The fastest path `level` allows. A `Level` naming AVX-512 or AVX2 proves the CPU has
+    /// it; F16C is checked here (every AVX2 CPU known has it, but nothing promises it).
+    pub(crate) fn for_level(level: Level) -> F16Path {
+        match level.isa() {
+            Isa::Avx512 => F16Path::Avx512,
+            Isa::Avx2 if f16c() => F16Path::Avx2,
+            _ => F16Path::Portable,
+        }
+    }
+
+    /// Its name, for the log and the tests.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            F16Path::Avx512 => "avx512",
+            F16Path::Avx2 => "avx2+f16c",
+            F16Path::Portable => "portable",
+        }
+    }
+}
+
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -82,66 +192,68 @@ fn shape2(op: &'static str, name: &'static str, shape: &[usize]) -> Result<(usiz
     }
 }
 
-/// `bf16_gemm.pack`: `b: f32 [k, n]` (with `transposed = 1`, `[n, k]` holding `bᵀ`) into the
-/// packed layout.
+/// `bf16_gemm.pack` / `f16_gemm.pack`: `b: f32 [k, n]` (with `transposed = 1`, `[n, k]`
+/// holding `bᵀ`) into the packed layout.
 pub(crate) fn pack(
+    half: Half,
     ins: &[BufferView<'_>],
     attrs: &[f64],
     outs: &mut [BufferMut<'_>],
 ) -> Result<()> {
-    const OP: &str = "bf16_gemm.pack";
-    let [b] = inputs::<1>(OP, ins)?;
-    let [packed] = outputs::<1>(OP, outs)?;
-    expect_attrs(OP, attrs, 1)?;
-    let transposed = flag(OP, "transposed", attrs[0])?;
-    let b = floats(OP, "b", b, Floats::F32)?;
-    let (r, c) = shape2(OP, "b", b.shape)?;
+    let op = half.ops()[0];
+    let [b] = inputs::<1>(op, ins)?;
+    let [packed] = outputs::<1>(op, outs)?;
+    expect_attrs(op, attrs, 1)?;
+    let transposed = flag(op, "transposed", attrs[0])?;
+    let b = floats(op, "b", b, Floats::F32)?;
+    let (r, c) = shape2(op, "b", b.shape)?;
     let (k, n) = if transposed { (c, r) } else { (r, c) };
-    let len = packed_len(k, n);
-    let out = packed_out(OP, packed, len)?;
+    let len = packed_len(half, k, n);
+    let out = packed_out(half, packed, len)?;
+    let g = half.group();
     let (rs, cs) = if transposed { (1, c) } else { (c, 1) };
     // b[kk][j] is at kk·rs + j·cs.
-    let panel_len = NR * k.div_ceil(2) * 2;
+    let panel_len = NR * k.div_ceil(g) * g;
     if len == 0 {
         return Ok(());
     }
     let fill = |p: usize, dst: &mut [u16]| {
         let j0 = p * NR;
+        // Rows of the panel's full groups; a last partial group takes the general path below.
+        let full = k / g;
         if j0 + NR <= n {
-            // A full panel: straight-line loops over contiguous memory, which the compiler
-            // vectorises; only a last odd row of `k` takes the general path below.
-            let full = k / 2;
+            // A full panel: straight-line loops over contiguous memory.
             if transposed {
-                // Column j of the panel is row j0 + j of the stored [n, k]: its pairs are
-                // adjacent values.
+                // Column j of the panel is row j0 + j of the stored [n, k].
                 for j in 0..NR {
-                    let row = &b.data[(j0 + j) * k..(j0 + j) * k + 2 * full];
-                    for (q, v) in row.chunks_exact(2).enumerate() {
-                        dst[q * 2 * NR + 2 * j] = f32_to_bf16(v[0]);
-                        dst[q * 2 * NR + 2 * j + 1] = f32_to_bf16(v[1]);
+                    let row = &b.data[(j0 + j) * k..(j0 + j) * k + g * full];
+                    for (q, v) in row.chunks_exact(g).enumerate() {
+                        for (e, &x) in v.iter().enumerate() {
+                            dst[q * g * NR + g * j + e] = half.round(x);
+                        }
                     }
                 }
             } else {
-                for (q, d) in dst.chunks_exact_mut(2 * NR).take(full).enumerate() {
-                    let lo = &b.data[2 * q * n + j0..2 * q * n + j0 + NR];
-                    let hi = &b.data[(2 * q + 1) * n + j0..(2 * q + 1) * n + j0 + NR];
-                    for ((d, &l), &h) in d.chunks_exact_mut(2).zip(lo).zip(hi) {
-                        d[0] = f32_to_bf16(l);
-                        d[1] = f32_to_bf16(h);
+                for (q, d) in dst.chunks_exact_mut(g * NR).take(full).enumerate() {
+                    for e in 0..g {
+                        let row = &b.data[(g * q + e) * n + j0..(g * q + e) * n + j0 + NR];
+                        for (j, &x) in row.iter().enumerate() {
+                            d[g * j + e] = half.round(x);
+                        }
                     }
                 }
             }
-            if full * 2 == k {
+            if full * g == k {
                 return;
             }
         }
-        for (pair, d) in dst.chunks_exact_mut(2 * NR).enumerate() {
+        for (q, d) in dst.chunks_exact_mut(g * NR).enumerate() {
             for j in 0..NR {
-                for e in 0..2 {
-                    let kk = 2 * pair + e;
+                for e in 0..g {
+                    let kk = g * q + e;
                     let col = j0 + j;
-                    d[2 * j + e] = if kk < k && col < n {
-                        f32_to_bf16(b.data[kk * rs + col * cs])
+                    d[g * j + e] = if kk < k && col < n {
+                        half.round(b.data[kk * rs + col * cs])
                     } else {
                         0
                     };
@@ -169,13 +281,14 @@ pub(crate) fn pack(
 }
 
 /// The output buffer of `pack` as bytes, after checking dtype and length.
-fn packed_out<'a>(op: &'static str, b: &'a mut BufferMut<'_>, len: usize) -> Result<&'a mut [u8]> {
-    if b.dtype != DType::BF16 {
+fn packed_out<'a>(half: Half, b: &'a mut BufferMut<'_>, len: usize) -> Result<&'a mut [u8]> {
+    let op = half.ops()[0];
+    if b.dtype != half.dtype() {
         return Err(KernelError::DType {
             op,
             name: "packed",
             found: dtype_name(b.dtype),
-            expected: "bf16",
+            expected: dtype_name(half.dtype()),
         });
     }
     let n: usize = b.shape.iter().product();
@@ -190,44 +303,48 @@ fn packed_out<'a>(op: &'static str, b: &'a mut BufferMut<'_>, len: usize) -> Res
     Ok(&mut *b.data)
 }
 
-/// `bf16_gemm`: `c = a · b` for `a: f32 [m, k]` (with `a_transposed = 1`, `[k, m]` holding
-/// `aᵀ`) and `b` packed for `[k, n]`; `c: f32 [m, n]`.
+/// `bf16_gemm` / `f16_gemm`: `c = a · b` for `a: f32 [m, k]` (with `a_transposed = 1`,
+/// `[k, m]` holding `aᵀ`) and `b` packed for `[k, n]`; `c: f32 [m, n]`. f16 runs on
+/// `path`; bf16 needs AVX512-BF16.
 pub(crate) fn gemm(
+    half: Half,
+    path: F16Path,
     ins: &[BufferView<'_>],
     attrs: &[f64],
     outs: &mut [BufferMut<'_>],
 ) -> Result<()> {
-    const OP: &str = "bf16_gemm";
-    if !supported() {
+    let op = half.ops()[1];
+    if half == Half::Bf16 && !supported() {
         return Err(KernelError::Params(
             "bf16_gemm needs a CPU with AVX512-BF16; multiply in f32 instead".into(),
         ));
     }
-    let [a, packed] = inputs::<2>(OP, ins)?;
-    let [c] = outputs::<1>(OP, outs)?;
-    expect_attrs(OP, attrs, 2)?;
-    let a_t = flag(OP, "a_transposed", attrs[0])?;
+    let [a, packed] = inputs::<2>(op, ins)?;
+    let [c] = outputs::<1>(op, outs)?;
+    expect_attrs(op, attrs, 2)?;
+    let a_t = flag(op, "a_transposed", attrs[0])?;
     let n = attrs[1];
     if !(n >= 0.0 && n.fract() == 0.0 && n < 1e15) {
         return Err(KernelError::Attr {
-            op: OP,
+            op,
             name: "n",
             found: n,
             expected: "a whole number of columns",
         });
     }
     let n = n as usize;
-    let a = floats(OP, "a", a, Floats::F32)?;
-    let (r, cc) = shape2(OP, "a", a.shape)?;
+    let a = floats(op, "a", a, Floats::F32)?;
+    let (r, cc) = shape2(op, "a", a.shape)?;
     let (m, k) = if a_t { (cc, r) } else { (r, cc) };
-    if packed.dtype != DType::BF16 || packed.data.len() != 2 * packed_len(k, n) {
+    let len = packed_len(half, k, n);
+    if packed.dtype != half.dtype() || packed.data.len() != 2 * len {
         return Err(KernelError::Shape {
-            op: OP,
+            op,
             name: "packed",
             found: packed.shape.to_vec(),
             expected: format!(
-                "bf16, {} values (b packed for [{k}, {n}])",
-                packed_len(k, n)
+                "{}, {len} values (b packed for [{k}, {n}])",
+                dtype_name(half.dtype())
             ),
         });
     }
@@ -243,22 +360,23 @@ pub(crate) fn gemm(
             &packed_b
         }
     };
-    let mut c = Out::open(OP, "c", c, Floats::F32, false)?;
+    let mut c = Out::open(op, "c", c, Floats::F32, false)?;
     if c.shape() != [m, n] {
         return Err(KernelError::Shape {
-            op: OP,
+            op,
             name: "c",
             found: c.shape().to_vec(),
             expected: format!("[{m}, {n}]"),
         });
     }
-    let kp = k.div_ceil(2);
-    let pa = pack_a(&a.data, m, k, a_t);
     let out = c.data();
-    if kp == 0 {
+    if k == 0 {
         out.fill(0.0);
     } else if m > 0 && n > 0 {
-        run(&pa, pb, out, m, n, kp);
+        match half {
+            Half::Bf16 => run_bf16(&pack_a_bf16(&a.data, m, k, a_t), pb, out, m, n, k),
+            Half::F16 => run_f16(path, &pack_a_f16(&a.data, m, k, a_t), pb, out, m, n, k),
+        }
     }
     c.finish();
     Ok(())
@@ -266,7 +384,7 @@ pub(crate) fn gemm(
 
 /// `a` as rows of bf16 pairs: row `i` is `kp` u32 words, word `p` holding `a[i][2p]` in its
 /// low half and `a[i][2p + 1]` in its high half (zero past `k`).
-fn pack_a(a: &[f32], m: usize, k: usize, transposed: bool) -> Vec<u32> {
+fn pack_a_bf16(a: &[f32], m: usize, k: usize, transposed: bool) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m * kp];
     if kp == 0 {
@@ -307,19 +425,64 @@ fn pack_a(a: &[f32], m: usize, k: usize, transposed: bool) -> Vec<u32> {
     out
 }
 
+/// `a` rounded to f16 and widened back, row-major `[m, k]`: the micro-kernels broadcast
+/// f32 values.
+fn pack_a_f16(a: &[f32], m: usize, k: usize, transposed: bool) -> Vec<f32> {
+    let round = |x: f32| f16_to_f32(f32_to_f16(x));
+    let mut out = vec![0f32; m * k];
+    if k == 0 {
+        return out;
+    }
+    if !transposed {
+        out.par_chunks_mut(k)
+            .zip(a.par_chunks(k))
+            .for_each(|(dst, row)| {
+                for (d, &x) in dst.iter_mut().zip(row) {
+                    *d = round(x);
+                }
+            });
+    } else {
+        const BLOCK: usize = 64;
+        out.par_chunks_mut(BLOCK * k)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let i0 = blk * BLOCK;
+                let rows = dst.len() / k;
+                for kk in 0..k {
+                    let src = &a[kk * m + i0..kk * m + i0 + rows];
+                    for (r, &x) in src.iter().enumerate() {
+                        dst[r * k + kk] = round(x);
+                    }
+                }
+            });
+    }
+    out
+}
+
 /// A raw pointer to `c` that tasks writing disjoint tiles share.
 #[derive(Copy, Clone)]
 struct CPtr(*mut f32);
-// SAFETY: every task writes only its own rows × panels of `c` (see `run`).
+// SAFETY: every task writes only its own rows × panels of `c` (see `tiles`).
 unsafe impl Send for CPtr {}
 unsafe impl Sync for CPtr {}
 
-fn run(pa: &[u32], pb: &[u16], c: &mut [f32], m: usize, n: usize, kp: usize) {
+/// Every tile of `c: [m, n]`, in parallel: `tile(i, rows, p, cols, dst)` computes rows
+/// `i..i + rows` (at most [`MR`]) of panel `p` (`cols` columns) into `dst`, the tile's first
+/// element of `c` (row stride `n`).
+///
+/// # Safety
+/// `tile` writes only its own tile, through `dst`.
+unsafe fn tiles(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    tile: impl Fn(usize, usize, usize, usize, *mut f32) + Sync,
+) {
     let panels = n.div_ceil(NR);
     let row_blocks = m.div_ceil(MC);
     let panel_groups = panels.div_ceil(PANELS_PER_TASK);
     let cp = CPtr(c.as_mut_ptr());
-    let panel_len = NR * 2 * kp;
+    let tile = &tile;
     (0..row_blocks * panel_groups)
         .into_par_iter()
         .for_each(move |task| {
@@ -329,31 +492,52 @@ fn run(pa: &[u32], pb: &[u16], c: &mut [f32], m: usize, n: usize, kp: usize) {
             let panel_range =
                 pg * PANELS_PER_TASK..(pg * PANELS_PER_TASK + PANELS_PER_TASK).min(panels);
             for p in panel_range {
-                let b = &pb[p * panel_len..(p + 1) * panel_len];
                 let cols = NR.min(n - p * NR);
                 let mut i = rows.start;
                 while i < rows.end {
                     let r = MR.min(rows.end - i);
-                    let a = &pa[i * kp..(i + r) * kp];
                     // SAFETY: rows i..i+r and columns p·NR..p·NR+cols of c belong to this
-                    // task alone; `supported()` was checked by the caller.
-                    unsafe {
-                        let dst = cp.0.add(i * n + p * NR);
-                        tile(r, a, b, kp, dst, n, cols);
-                    }
+                    // task alone.
+                    let dst = unsafe { cp.0.add(i * n + p * NR) };
+                    tile(i, r, p, cols, dst);
                     i += r;
                 }
             }
         });
 }
 
-/// One tile of up to [`MR`] rows × [`NR`] columns.
+fn run_bf16(pa: &[u32], pb: &[u16], c: &mut [f32], m: usize, n: usize, k: usize) {
+    let kp = k.div_ceil(2);
+    let panel_len = NR * 2 * kp;
+    // SAFETY: each call writes its own tile; `supported()` was checked by the caller.
+    unsafe {
+        tiles(c, m, n, |i, r, p, cols, dst| {
+            let a = &pa[i * kp..(i + r) * kp];
+            let b = &pb[p * panel_len..(p + 1) * panel_len];
+            tile_bf16(r, a, b, kp, dst, n, cols);
+        });
+    }
+}
+
+fn run_f16(path: F16Path, pa: &[f32], pb: &[u16], c: &mut [f32], m: usize, n: usize, k: usize) {
+    let panel_len = NR * k;
+    // SAFETY: each call writes its own tile; `path` was chosen from a detected level.
+    unsafe {
+        tiles(c, m, n, |i, r, p, cols, dst| {
+            let a = &pa[i * k..(i + r) * k];
+            let b = &pb[p * panel_len..(p + 1) * panel_len];
+            tile_f16(path, r, a, b, k, dst, n, cols);
+        });
+    }
+}
+
+/// One bf16 tile of up to [`MR`] rows × [`NR`] columns.
 ///
 /// # Safety
 /// The CPU has AVX512-BF16; `dst` points at `rows` rows of `ld` floats with `cols` writable
 /// columns each; `a` holds `rows · kp` words and `b` `kp` pairs of 32 bf16 columns.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tile(
+unsafe fn tile_bf16(
     rows: usize,
     a: &[u32],
     b: &[u16],
@@ -365,7 +549,7 @@ unsafe fn tile(
     macro_rules! dispatch {
         ($($r:literal)*) => {
             match rows {
-                $($r => unsafe { micro::<$r>(a, b, kp, dst, ld, cols) },)*
+                $($r => unsafe { micro_bf16::<$r>(a, b, kp, dst, ld, cols) },)*
                 _ => unreachable!("tiles have 1 to MR rows"),
             }
         };
@@ -374,14 +558,32 @@ unsafe fn tile(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile(_: usize, _: &[u32], _: &[u16], _: usize, _: *mut f32, _: usize, _: usize) {
+unsafe fn tile_bf16(_: usize, _: &[u32], _: &[u16], _: usize, _: *mut f32, _: usize, _: usize) {
     unreachable!("bf16_gemm is only offered on x86-64 CPUs with AVX512-BF16")
 }
 
-/// The micro-kernel: `R` rows, two 16-column registers, accumulated over all of `k`.
+/// The store masks of a 32-column tile with `cols` columns written.
+#[cfg(target_arch = "x86_64")]
+fn masks(cols: usize) -> (u16, u16) {
+    let m0 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u32 << cols) as u16 - 1
+    };
+    let m1 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u32 << (cols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    (m0, m1)
+}
+
+/// The bf16 micro-kernel: `R` rows, two 16-column registers, accumulated over all of `k`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro<const R: usize>(
+unsafe fn micro_bf16<const R: usize>(
     a: &[u32],
     b: &[u16],
     kp: usize,
@@ -414,18 +616,7 @@ unsafe fn micro<const R: usize>(
             acc1[r] = _mm512_dpbf16_ps(acc1[r], x, b1);
         }
     }
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u32 << cols) as u16 - 1
-    };
-    let m1: __mmask16 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        (1u32 << (cols - 16)) as u16 - 1
-    } else {
-        0
-    };
+    let (m0, m1) = masks(cols);
     for r in 0..R {
         // SAFETY: row r of the tile has `cols` writable floats at dst + r·ld (caller's contract);
         // masked lanes are not touched.
@@ -437,18 +628,191 @@ unsafe fn micro<const R: usize>(
     }
 }
 
+/// One f16 tile of up to [`MR`] rows × [`NR`] columns on `path`.
+///
+/// # Safety
+/// `path` is one the CPU can run; `dst` points at `rows` rows of `ld` floats with `cols`
+/// writable columns each; `a` holds `rows · k` floats and `b` `k` rows of 32 f16 values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f16(
+    path: F16Path,
+    rows: usize,
+    a: &[f32],
+    b: &[u16],
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    cols: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! dispatch {
+            ($f:ident, $a:expr, $($r:literal)*) => {
+                match rows {
+                    $($r => unsafe { $f::<$r>($a, b, k, dst, ld, cols) },)*
+                    _ => unreachable!("tiles have 1 to MR rows"),
+                }
+            };
+        }
+        match path {
+            F16Path::Avx512 => return dispatch!(micro_f16_avx512, a, 1 2 3 4 5 6 7 8),
+            F16Path::Avx2 => {
+                // Four 8-lane registers a row: two rows at a time fit the 16 registers.
+                let mut r0 = 0;
+                while r0 < rows {
+                    let r = 2.min(rows - r0);
+                    let a = &a[r0 * k..(r0 + r) * k];
+                    // SAFETY: rows r0.. of this tile (caller's contract).
+                    let dst = unsafe { dst.add(r0 * ld) };
+                    match r {
+                        1 => unsafe { micro_f16_avx2::<1>(a, b, k, dst, ld, cols) },
+                        _ => unsafe { micro_f16_avx2::<2>(a, b, k, dst, ld, cols) },
+                    }
+                    r0 += r;
+                }
+                return;
+            }
+            F16Path::Portable => {}
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { micro_f16_portable(rows, a, b, k, dst, ld, cols) }
+}
+
+/// The portable f16 micro-kernel: each product exact in f32, added in `k` order, as the
+/// vector paths' FMAs add it.
+unsafe fn micro_f16_portable(
+    rows: usize,
+    a: &[f32],
+    b: &[u16],
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    cols: usize,
+) {
+    let mut bf = [0f32; NR];
+    let mut acc = [[0f32; NR]; MR];
+    for kk in 0..k {
+        for (d, &s) in bf.iter_mut().zip(&b[kk * NR..(kk + 1) * NR]) {
+            *d = f16_to_f32(s);
+        }
+        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+            let x = a[r * k + kk];
+            for (c, &y) in acc.iter_mut().zip(&bf) {
+                *c += x * y;
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        // SAFETY: row r of the tile has `cols` writable floats at dst + r·ld.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * ld), cols) };
+        row.copy_from_slice(&acc[..cols]);
+    }
+}
+
+/// The AVX-512 f16 micro-kernel: `R` rows, two 16-column registers, over all of `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn micro_f16_avx512<const R: usize>(
+    a: &[f32],
+    b: &[u16],
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc0 = [_mm512_setzero_ps(); R];
+    let mut acc1 = [_mm512_setzero_ps(); R];
+    let bp = b.as_ptr();
+    let ap = a.as_ptr();
+    for kk in 0..k {
+        // SAFETY: b holds k rows of 32 f16 values and a holds R · k floats (caller's contract).
+        let (b0, b1) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(bp.add(kk * NR) as *const _)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(bp.add(kk * NR + 16) as *const _)),
+            )
+        };
+        for r in 0..R {
+            let x = _mm512_set1_ps(unsafe { *ap.add(r * k + kk) });
+            acc0[r] = _mm512_fmadd_ps(x, b0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(x, b1, acc1[r]);
+        }
+    }
+    let (m0, m1) = masks(cols);
+    for r in 0..R {
+        // SAFETY: row r of the tile has `cols` writable floats at dst + r·ld; masked lanes
+        // are not touched.
+        unsafe {
+            let row = dst.add(r * ld);
+            _mm512_mask_storeu_ps(row, m0, acc0[r]);
+            _mm512_mask_storeu_ps(row.add(16), m1, acc1[r]);
+        }
+    }
+}
+
+/// The AVX2 f16 micro-kernel: `R` rows (1 or 2), four 8-column registers, over all of `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_f16_avx2<const R: usize>(
+    a: &[f32],
+    b: &[u16],
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let bp = b.as_ptr();
+    let ap = a.as_ptr();
+    for kk in 0..k {
+        let mut bv = [_mm256_setzero_ps(); 4];
+        for (q, v) in bv.iter_mut().enumerate() {
+            // SAFETY: b holds k rows of 32 f16 values (caller's contract).
+            *v = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bp.add(kk * NR + 8 * q) as *const _) });
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_ps(unsafe { *ap.add(r * k + kk) });
+            for (c, &y) in acc.iter_mut().zip(&bv) {
+                *c = _mm256_fmadd_ps(x, y, *c);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let mut row = [0f32; NR];
+        for (q, v) in acc.iter().enumerate() {
+            // SAFETY: 8 floats into a 32-float array.
+            unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(8 * q), *v) };
+        }
+        // SAFETY: row r of the tile has `cols` writable floats at dst + r·ld.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * ld), cols) };
+        out.copy_from_slice(&row[..cols]);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::buffer::bf16_to_f32;
 
-    /// The exact product of the bf16-rounded operands, in f64.
-    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
-        let r = |x: f32| f64::from(bf16_to_f32(f32_to_bf16(x)));
+    /// `x` rounded as `half` rounds it.
+    fn rounded(half: Half, x: f32) -> f64 {
+        f64::from(match half {
+            Half::Bf16 => bf16_to_f32(f32_to_bf16(x)),
+            Half::F16 => f16_to_f32(f32_to_f16(x)),
+        })
+    }
+
+    /// The exact product of the rounded operands, in f64.
+    fn reference(half: Half, a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k).map(|kk| r(a[i * k + kk]) * r(b[kk * n + j])).sum();
+                c[i * n + j] = (0..k)
+                    .map(|kk| rounded(half, a[i * k + kk]) * rounded(half, b[kk * n + j]))
+                    .sum();
             }
         }
         c
@@ -472,64 +836,106 @@ pub(crate) mod tests {
         BufferView { dtype, shape, data }
     }
 
-    /// Pack `b` and multiply through the ops' buffer interface, in all four orientations.
-    fn check(m: usize, k: usize, n: usize, seed: u64) {
+    /// The f16 paths this CPU can run, best first.
+    pub(crate) fn f16_paths() -> Vec<F16Path> {
+        let mut paths = vec![F16Path::for_level(Level::detect())];
+        if paths[0] == F16Path::Avx512 && f16c() {
+            paths.push(F16Path::Avx2);
+        }
+        if paths[paths.len() - 1] != F16Path::Portable {
+            paths.push(F16Path::Portable);
+        }
+        paths
+    }
+
+    /// `a · b` through the ops' buffer interface: `b` packed, then multiplied.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        half: Half,
+        path: F16Path,
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+        (m, k, n): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let (ashape, bshape) = (
+            if a_t { [k, m] } else { [m, k] },
+            if b_t { [n, k] } else { [k, n] },
+        );
+        let (ab, bb) = (bytes(a), bytes(b));
+        let len = packed_len(half, k, n);
+        let mut packed = vec![0u8; 2 * len];
+        let pshape = [len];
+        pack(
+            half,
+            &[view(&bb, &bshape, DType::F32)],
+            &[if b_t { 1.0 } else { 0.0 }],
+            &mut [BufferMut {
+                dtype: half.dtype(),
+                shape: &pshape,
+                data: &mut packed,
+            }],
+        )
+        .unwrap();
+        let mut c = vec![0u8; 4 * m * n];
+        let cshape = [m, n];
+        gemm(
+            half,
+            path,
+            &[
+                view(&ab, &ashape, DType::F32),
+                view(&packed, &pshape, half.dtype()),
+            ],
+            &[if a_t { 1.0 } else { 0.0 }, n as f64],
+            &mut [BufferMut {
+                dtype: DType::F32,
+                shape: &cshape,
+                data: &mut c,
+            }],
+        )
+        .unwrap();
+        c.chunks_exact(4)
+            .map(|x| f32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
+            .collect()
+    }
+
+    /// Every orientation of `[m, k] · [k, n]` against the exact product of the rounded
+    /// operands; returns the products (the last orientation's) for comparing paths.
+    fn check(half: Half, path: F16Path, m: usize, k: usize, n: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let want = reference(&a, &b, m, k, n);
+        let want = reference(half, &a, &b, m, k, n);
+        let mut last = Vec::new();
         for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
-            let (ad, ashape) = if a_t {
-                (transpose(&a, m, k), [k, m])
-            } else {
-                (a.clone(), [m, k])
-            };
-            let (bd, bshape) = if b_t {
-                (transpose(&b, k, n), [n, k])
-            } else {
-                (b.clone(), [k, n])
-            };
-            let (ab, bb) = (bytes(&ad), bytes(&bd));
-            let len = packed_len(k, n);
-            let mut packed = vec![0u8; 2 * len];
-            let pshape = [len];
-            pack(
-                &[view(&bb, &bshape, DType::F32)],
-                &[if b_t { 1.0 } else { 0.0 }],
-                &mut [BufferMut {
-                    dtype: DType::BF16,
-                    shape: &pshape,
-                    data: &mut packed,
-                }],
-            )
-            .unwrap();
-            let mut c = vec![0u8; 4 * m * n];
-            let cshape = [m, n];
-            gemm(
-                &[
-                    view(&ab, &ashape, DType::F32),
-                    view(&packed, &pshape, DType::BF16),
-                ],
-                &[if a_t { 1.0 } else { 0.0 }, n as f64],
-                &mut [BufferMut {
-                    dtype: DType::F32,
-                    shape: &cshape,
-                    data: &mut c,
-                }],
-            )
-            .unwrap();
-            for (idx, (got, want)) in c.chunks_exact(4).zip(&want).enumerate() {
-                let got = f64::from(f32::from_ne_bytes([got[0], got[1], got[2], got[3]]));
-                // Exact bf16 products summed in f32: the error is that of an f32 sum of k terms.
+            let ad = if a_t { transpose(&a, m, k) } else { a.clone() };
+            let bd = if b_t { transpose(&b, k, n) } else { b.clone() };
+            let got = product(half, path, &ad, a_t, &bd, b_t, (m, k, n));
+            for (idx, (&got, want)) in got.iter().zip(&want).enumerate() {
+                // Exact products summed in f32: the error is that of an f32 sum of k terms.
                 let tol = 1e-5 * (k as f64).max(1.0) * 4.0 + 1e-6;
                 assert!(
-                    (got - want).abs() <= tol,
-                    "m={m} k={k} n={n} a_t={a_t} b_t={b_t} at {idx}: {got} vs {want}"
+                    (f64::from(got) - want).abs() <= tol,
+                    "{half:?} {path:?} m={m} k={k} n={n} a_t={a_t} b_t={b_t} at {idx}: {got} vs {want}"
                 );
             }
+            last = got;
         }
+        last
     }
+
+    const ODD_SHAPES: [(usize, usize, usize); 8] = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (8, 2, 32),
+        (9, 33, 31),
+        (17, 64, 65),
+        (70, 129, 100),
+        (130, 7, 97),
+        (5, 0, 3),
+    ];
 
     #[test]
     fn bf16_products_match_the_rounded_reference_on_odd_shapes() {
@@ -537,54 +943,48 @@ pub(crate) mod tests {
             eprintln!("this CPU has no AVX512-BF16: the bf16 path is not offered, nothing to run");
             return;
         }
-        for (i, &(m, k, n)) in [
-            (1, 1, 1),
-            (3, 5, 7),
-            (8, 2, 32),
-            (9, 33, 31),
-            (17, 64, 65),
-            (70, 129, 100),
-            (130, 7, 97),
-            (5, 0, 3),
-        ]
-        .iter()
-        .enumerate()
-        {
-            check(m, k, n, i as u64);
+        for (i, &(m, k, n)) in ODD_SHAPES.iter().enumerate() {
+            check(Half::Bf16, F16Path::Portable, m, k, n, i as u64);
         }
     }
 
     #[test]
-    fn bf16_products_stay_within_bf16_tolerance_of_f32() {
-        if !supported() {
-            return;
+    fn f16_products_match_the_rounded_reference_on_every_path_alike() {
+        let paths = f16_paths();
+        eprintln!(
+            "f16 paths on this CPU: {}",
+            paths
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert_eq!(paths.last(), Some(&F16Path::Portable));
+        for (i, &(m, k, n)) in ODD_SHAPES.iter().enumerate() {
+            let results: Vec<Vec<f32>> = paths
+                .iter()
+                .map(|&p| check(Half::F16, p, m, k, n, 100 + i as u64))
+                .collect();
+            // Exact products added in the same order: the paths agree bit for bit.
+            for (p, r) in paths.iter().zip(&results) {
+                let same = r
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{p:?} differs from {:?} for {m}x{k}x{n}", paths[0]);
+            }
         }
+    }
+
+    /// Relative error of products with both operands rounded, against the f32 operands'
+    /// exact product: two roundings to `bits` significant bits.
+    fn within_tolerance_of_f32(half: Half, path: F16Path, bits: i32) {
         use rand::{Rng, SeedableRng};
         let (m, k, n) = (37, 300, 45);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let pa = pack_a(&a, m, k, false);
-        let mut pb = vec![0u16; packed_len(k, n)];
-        let bb = bytes(&b);
-        let bshape = [k, n];
-        let pshape = [pb.len()];
-        let mut pbytes = vec![0u8; 2 * pb.len()];
-        pack(
-            &[view(&bb, &bshape, DType::F32)],
-            &[0.0],
-            &mut [BufferMut {
-                dtype: DType::BF16,
-                shape: &pshape,
-                data: &mut pbytes,
-            }],
-        )
-        .unwrap();
-        for (d, s) in pb.iter_mut().zip(pbytes.chunks_exact(2)) {
-            *d = u16::from_ne_bytes([s[0], s[1]]);
-        }
-        let mut c = vec![0.0f32; m * n];
-        run(&pa, &pb, &mut c, m, n, k.div_ceil(2));
+        let c = product(half, path, &a, false, &b, false, (m, k, n));
         for i in 0..m {
             for j in 0..n {
                 let exact: f64 = (0..k)
@@ -593,38 +993,96 @@ pub(crate) mod tests {
                 let scale: f64 = (0..k)
                     .map(|kk| f64::from(a[i * k + kk] * b[kk * n + j]).abs())
                     .sum();
-                // Two roundings to 8 significant bits: relative 2⁻⁸ of the absolute sum.
-                assert!((f64::from(c[i * n + j]) - exact).abs() <= scale / 128.0);
+                let tol = scale * 2f64.powi(1 - bits);
+                assert!(
+                    (f64::from(c[i * n + j]) - exact).abs() <= tol,
+                    "{half:?} at ({i}, {j})"
+                );
             }
         }
     }
 
     #[test]
+    fn half_products_stay_within_their_tolerance_of_f32() {
+        if supported() {
+            within_tolerance_of_f32(Half::Bf16, F16Path::Portable, 8);
+        }
+        for path in f16_paths() {
+            within_tolerance_of_f32(Half::F16, path, 11);
+        }
+    }
+
+    #[test]
+    fn f16_rounds_to_nearest_even_and_overflows_to_infinity() {
+        // 2049 lies halfway between 2048 and 2050: even wins. 65504 is the largest finite f16;
+        // 65520 rounds up past it.
+        assert_eq!(f16_to_f32(f32_to_f16(2049.0)), 2048.0);
+        assert_eq!(f16_to_f32(f32_to_f16(2051.0)), 2052.0);
+        assert_eq!(f16_to_f32(f32_to_f16(65504.0)), 65504.0);
+        assert_eq!(f16_to_f32(f32_to_f16(65520.0)), f32::INFINITY);
+        assert_eq!(f16_to_f32(f32_to_f16(-1e6)), f32::NEG_INFINITY);
+        assert!(f16_to_f32(f32_to_f16(f32::NAN)).is_nan());
+        // In a product: an operand beyond f16's range makes its row infinite (or NaN where an
+        // infinity meets a zero), on every path.
+        for path in f16_paths() {
+            let a = [1.0e5, 1.0, 0.5, 0.25];
+            let b = [1.0, 2.0, 3.0, 4.0];
+            let c = product(Half::F16, path, &a, false, &b, false, (2, 2, 2));
+            assert_eq!(&c[..2], &[f32::INFINITY, f32::INFINITY], "{path:?}");
+            assert_eq!(&c[2..], &[1.25, 2.0], "{path:?}");
+        }
+    }
+
+    #[test]
     fn bad_calls_are_refused() {
-        let b = bytes(&[1.0; 6]);
-        let mut packed = vec![0u8; 2 * 10];
-        let err = pack(
-            &[view(&b, &[2, 3], DType::F32)],
-            &[0.0],
+        for half in [Half::Bf16, Half::F16] {
+            let b = bytes(&[1.0; 6]);
+            let mut packed = vec![0u8; 2 * 10];
+            let err = pack(
+                half,
+                &[view(&b, &[2, 3], DType::F32)],
+                &[0.0],
+                &mut [BufferMut {
+                    dtype: half.dtype(),
+                    shape: &[10],
+                    data: &mut packed,
+                }],
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("packed"), "{err}");
+            let len = packed_len(half, 2, 3);
+            let mut packed = vec![0u8; 2 * len];
+            let err = pack(
+                half,
+                &[view(&b, &[2, 3], DType::F32)],
+                &[0.5],
+                &mut [BufferMut {
+                    dtype: half.dtype(),
+                    shape: &[len],
+                    data: &mut packed,
+                }],
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("transposed"), "{err}");
+        }
+        // A buffer packed in one format is refused by the other's product.
+        let len = packed_len(Half::Bf16, 2, 3);
+        let (a, packed, mut c) = (bytes(&[1.0; 4]), vec![0u8; 2 * len], vec![0u8; 4 * 6]);
+        let err = gemm(
+            Half::F16,
+            F16Path::Portable,
+            &[
+                view(&a, &[2, 2], DType::F32),
+                view(&packed, &[len], DType::BF16),
+            ],
+            &[0.0, 3.0],
             &mut [BufferMut {
-                dtype: DType::BF16,
-                shape: &[10],
-                data: &mut packed,
+                dtype: DType::F32,
+                shape: &[2, 3],
+                data: &mut c,
             }],
         )
         .unwrap_err();
-        assert!(err.to_string().contains("packed"), "{err}");
-        let mut packed = vec![0u8; 2 * packed_len(2, 3)];
-        let err = pack(
-            &[view(&b, &[2, 3], DType::F32)],
-            &[0.5],
-            &mut [BufferMut {
-                dtype: DType::BF16,
-                shape: &[packed_len(2, 3)],
-                data: &mut packed,
-            }],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("transposed"), "{err}");
+        assert!(err.to_string().contains("f16"), "{err}");
     }
 }

@@ -39,6 +39,8 @@
 //! | `adamw.step` | grad: float | lr, beta1, beta2, eps, weight_decay, step | param, m, v: f32 like grad, updated in place |
 //! | `bf16_gemm.pack` | b: f32 `[k, n]` (`[n, k]` if transposed) | transposed (0 or 1) | packed: bf16 `[ceil(n/32)·32 · ceil(k/2)·2]` |
 //! | `bf16_gemm` | a: f32 `[m, k]` (`[k, m]` if a_transposed); packed: bf16 from `bf16_gemm.pack` | a_transposed (0 or 1), n | c: f32 `[m, n]` |
+//! | `f16_gemm.pack` | b: f32 `[k, n]` (`[n, k]` if transposed) | transposed (0 or 1) | packed: f16 `[ceil(n/32)·32 · k]` |
+//! | `f16_gemm` | a: f32 `[m, k]` (`[k, m]` if a_transposed); packed: f16 from `f16_gemm.pack` | a_transposed (0 or 1), n | c: f32 `[m, n]` |
 //!
 //! Semantics:
 //! - `causal_attention`: `out_i = Σ_{j≤s−t+i} softmax_j(scale·q_i·k_j) v_j`, the mask aligned
@@ -71,6 +73,10 @@
 //!   its values do not change (the layout is documented in `gemm.rs`). Offered only where
 //!   the CPU has AVX512-BF16 and `simd` is `"auto"`: elsewhere the op list leaves both out
 //!   and the host multiplies in f32.
+//! - `f16_gemm`: the same with both operands rounded to IEEE half (nearest even; beyond
+//!   ±65504 they become ±inf, which a loss scaler detects). Offered on every CPU: the AVX-512
+//!   and AVX2 (F16C) paths widen the packed values with `vcvtph2ps`, the portable one in
+//!   scalar code, and all three give the same bits (each product is exact in f32).
 //!
 //! Reductions across rows (`dw`, `db`, `sum_rows`, the loss sums) are bit-identical for any
 //! thread count. Results depend on the instruction set chosen (FMA changes rounding); set
@@ -129,6 +135,9 @@ pub const OPS: &[&str] = &[
 
 /// The bf16 matrix-product ops, offered only where the CPU can run them.
 pub const BF16_OPS: &[&str] = &["bf16_gemm.pack", "bf16_gemm"];
+
+/// The f16 matrix-product ops, offered on every CPU (see [`CpuKernel::f16_path`]).
+pub const F16_OPS: &[&str] = &["f16_gemm.pack", "f16_gemm"];
 
 /// What every op needs besides its buffers.
 pub(crate) struct Ctx {
@@ -224,10 +233,17 @@ impl CpuKernel {
         self.ctx.level.isa() != simd::Isa::Portable && gemm::supported()
     }
 
+    /// How the f16 products run: `"avx512"` (`vcvtph2ps` on 16 lanes), `"avx2+f16c"` (on 8)
+    /// or `"portable"` (scalar conversion), from the CPU and `simd`. The three give the same
+    /// results.
+    pub fn f16_path(&self) -> &'static str {
+        gemm::F16Path::for_level(self.ctx.level).name()
+    }
+
     /// The ops this kernel offers on this CPU.
     pub fn ops(&self) -> Vec<&'static str> {
         let extra = if self.bf16() { BF16_OPS } else { &[] };
-        OPS.iter().chain(extra).copied().collect()
+        OPS.iter().chain(extra).chain(F16_OPS).copied().collect()
     }
 
     fn dispatch(
@@ -258,8 +274,16 @@ impl CpuKernel {
             "cross_entropy.bwd" => cross_entropy::bwd(ctx, ins, attrs, outs),
             "sum_rows" => reduce::sum_rows(ctx, ins, attrs, outs),
             "adamw.step" => adamw::step(ctx, ins, attrs, outs),
-            "bf16_gemm.pack" if self.bf16() => gemm::pack(ins, attrs, outs),
-            "bf16_gemm" if self.bf16() => gemm::gemm(ins, attrs, outs),
+            "bf16_gemm.pack" if self.bf16() => gemm::pack(gemm::Half::Bf16, ins, attrs, outs),
+            "bf16_gemm" if self.bf16() => {
+                let path = gemm::F16Path::Portable;
+                gemm::gemm(gemm::Half::Bf16, path, ins, attrs, outs)
+            }
+            "f16_gemm.pack" => gemm::pack(gemm::Half::F16, ins, attrs, outs),
+            "f16_gemm" => {
+                let path = gemm::F16Path::for_level(ctx.level);
+                gemm::gemm(gemm::Half::F16, path, ins, attrs, outs)
+            }
             _ => Err(KernelError::UnknownOp {
                 op: op.to_string(),
                 known: self.ops().join(", "),
@@ -272,7 +296,7 @@ impl Describe for CpuKernel {
     const NAME: &'static str = "cpu";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
-        "fused multi-threaded CPU ops: attention, softmax, norms, GELU, cross-entropy, AdamW, bf16 matmul";
+        "fused multi-threaded CPU ops: attention, softmax, norms, GELU, cross-entropy, AdamW, bf16 and f16 matmul";
 }
 
 impl Kernel for CpuKernel {

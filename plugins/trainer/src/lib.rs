@@ -12,6 +12,17 @@
 //! 4. learning rate from the schedule (a pure function of the step), optimizer step, zero
 //!    every gradient.
 //!
+//! With dynamic loss scaling (the session asks for it when the matrix products are in f16),
+//! as PyTorch's `GradScaler` under Hugging Face's Trainer: the loss is multiplied by the scale
+//! before backward and the gradients divided by it before the norm; a step whose gradient is
+//! not finite zeroes the gradients instead of stepping the optimizer, backs the scale off and
+//! says so in the log. The step still counts (the data is consumed, and `max_steps` counts
+//! it, as the Trainer's `global_step` does), but the schedule and the optimizer's own step
+//! count do not advance: the learning rate of a step is that of the optimizer steps applied
+//! so far plus one, as the Trainer steps its scheduler only after an applied step. Every
+//! `log_every` steps it records `loss_scale` (the scale after the step) and `skipped_steps`
+//! (so far). The scaler's state is part of the checkpoint.
+//!
 //! Evaluation, checkpointing and metric records follow the cadences of the `train`
 //! settings. Every `log_every` steps the loop records, under split `train`: `loss`, the
 //! token-weighted mean loss over the steps since the last record (as Hugging Face's Trainer
@@ -24,13 +35,14 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod scaler;
 mod schedule;
 mod seed;
 mod state;
 
 use std::time::Instant;
 
-use codex_plugin_api::trainer::{Session, TrainOutcome, Trainer};
+use codex_plugin_api::trainer::{LossScaling, Session, TrainOutcome, Trainer};
 use codex_plugin_api::{
     bail, Batch, DType, Describe, Error, ForwardCtx, OptimStep, Result, Tensor, TrainSettings,
 };
@@ -100,6 +112,8 @@ struct Loop<'s, 'a, 'b> {
     settings: TrainSettings,
     params: Vec<Param>,
     state: TrainerState,
+    /// Dynamic loss scaling, when the session asks for it.
+    scaling: Option<LossScaling>,
     last_checkpoint: Option<u64>,
     /// Tokens and seconds of training since the last `tokens_per_s` record.
     log_tokens: u64,
@@ -133,7 +147,7 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
         if !params.iter().any(|p| p.trainable) {
             bail!("the model has no trainable parameter; unfreeze some before training");
         }
-        let (state, last_checkpoint) = match session.resume_state() {
+        let (mut state, last_checkpoint) = match session.resume_state() {
             Some(text) => {
                 let s = TrainerState::from_json(&text)?;
                 let step = s.step;
@@ -141,11 +155,26 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
             }
             None => (TrainerState::default(), None),
         };
+        let scaling = session.loss_scaling();
+        if let Some(scaling) = &scaling {
+            let ok = scaling.init_scale.is_finite()
+                && scaling.init_scale > 0.0
+                && scaling.growth_factor > 1.0
+                && scaling.backoff_factor > 0.0
+                && scaling.backoff_factor < 1.0
+                && scaling.growth_interval > 0;
+            if !ok {
+                bail!("the session's loss scaling is not one a scaler can run: {scaling:?}");
+            }
+            // A checkpoint keeps the scale it reached; a new run starts from the initial one.
+            state.loss_scale.get_or_insert(scaling.init_scale);
+        }
         Ok(Loop {
             session,
             settings,
             params,
             state,
+            scaling,
             last_checkpoint,
             log_tokens: 0,
             log_seconds: 0.0,
@@ -209,6 +238,9 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
             return Ok(());
         }
         let scale = 1.0 / n as f64;
+        // The loss scale multiplies the loss before backward (1 without loss scaling).
+        let loss_scale = self.state.loss_scale.filter(|_| self.scaling.is_some());
+        let backward_scale = scale * loss_scale.unwrap_or(1.0);
         let mut nll: Option<Tensor> = None;
         let mut counted: Option<Tensor> = None;
         for (micro, batch) in batches.iter().enumerate() {
@@ -220,7 +252,7 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
                 let ce = self.cross_entropy(batch, ctx)?;
                 (ce.loss_sum, ce.tokens)
             };
-            loss_sum.affine(scale, 0.0)?.backward()?;
+            loss_sum.affine(backward_scale, 0.0)?.backward()?;
             let detached = loss_sum.detach()?;
             nll = Some(match nll {
                 None => detached,
@@ -251,7 +283,47 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
                 }
             }
         }
+        if let Some(loss_scale) = loss_scale {
+            // Unscaled before anything reads them, as `GradScaler.unscale_` does.
+            let inv = 1.0 / loss_scale;
+            for (_, g) in grads.iter_mut() {
+                *g = g.affine(inv, 0.0)?;
+            }
+        }
         let grad_norm = self.global_norm(&grads)?;
+        // Steps whose optimizer update was skipped for a non-finite gradient, before this one.
+        let skipped_before = self.state.skipped_steps;
+        let applied = step - skipped_before;
+        if let (Some(scaling), Some(loss_scale)) = (self.scaling, loss_scale) {
+            if !loss.is_finite() {
+                // The forward pass overflowed: the loss scale only acts on backward, so
+                // backing it off cannot help.
+                bail!(
+                    "step {step}: the loss is {loss}; training diverged (the loss is computed before any loss scaling): resume from a checkpoint with a lower learning rate for the steps to come (codex-ml resume RUN_DIR --retune --set optimizer.lr=LOWER), and --skip-batches N to step over the data that set it off"
+                );
+            }
+            let finite = grad_norm.is_finite();
+            let (next, tracker) =
+                scaler::update(&scaling, loss_scale, self.state.growth_tracker, finite);
+            self.state.loss_scale = Some(next);
+            self.state.growth_tracker = tracker;
+            if !finite {
+                drop(grads);
+                self.zero_grads()?;
+                self.state.skipped_steps += 1;
+                self.session.warn(&format!(
+                    "step {step}: a gradient is not finite at loss scale {loss_scale}; the optimizer step is skipped and the scale backs off to {next} (steps skipped so far: {})",
+                    self.state.skipped_steps
+                ));
+                let lr = learning_rate(
+                    &self.settings.schedule,
+                    self.settings.lr,
+                    self.settings.total_steps,
+                    applied,
+                );
+                return self.finish_step(started, step, n, nll, loss, lr, grad_norm);
+            }
+        }
         if !grad_norm.is_finite() {
             bail!(
                 "step {step}: the gradient norm is {grad_norm} (loss {loss}); training diverged: resume from a checkpoint with a lower learning rate for the steps to come (codex-ml resume RUN_DIR --retune --set optimizer.lr=LOWER), and --skip-batches N to step over the data that set it off"
@@ -269,7 +341,7 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
             &self.settings.schedule,
             self.settings.lr,
             self.settings.total_steps,
-            step,
+            applied,
         );
         {
             let update: Vec<(usize, &Tensor, &Tensor)> = grads
@@ -277,11 +349,25 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
                 .map(|(i, g)| (self.params[*i].index, &self.params[*i].tensor, g))
                 .collect();
             self.session
-                .optimizer_step(&update, OptimStep { lr, step })?;
+                .optimizer_step(&update, OptimStep { lr, step: applied })?;
         }
         drop(grads);
         self.zero_grads()?;
+        self.finish_step(started, step, n, nll, loss, lr, grad_norm)
+    }
 
+    /// The bookkeeping of step `step`, applied or skipped: counters, progress and records.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        started: Instant,
+        step: u64,
+        n: u64,
+        nll: f64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+    ) -> Result<()> {
         self.state.step = step;
         self.state.tokens_seen += n;
         self.state.window_nll += nll;
@@ -301,6 +387,15 @@ impl<'s, 'a, 'b> Loop<'s, 'a, 'b> {
                 .record(step, "train", "tokens_per_s", tokens_per_s);
             self.session
                 .record(step, "train", "tokens_seen", self.state.tokens_seen as f64);
+            if let Some(scale) = self.state.loss_scale.filter(|_| self.scaling.is_some()) {
+                self.session.record(step, "train", "loss_scale", scale);
+                self.session.record(
+                    step,
+                    "train",
+                    "skipped_steps",
+                    self.state.skipped_steps as f64,
+                );
+            }
             self.log_tokens = 0;
             self.log_seconds = 0.0;
             self.state.window_nll = 0.0;

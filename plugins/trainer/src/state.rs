@@ -31,6 +31,19 @@ pub(crate) struct TrainerState {
     pub(crate) window_nll: f64,
     #[serde(default)]
     pub(crate) window_tokens: u64,
+    /// The loss scaler's state, with dynamic loss scaling (f16): the scale the next step
+    /// multiplies the loss by, finite steps since the scale last changed, and the steps
+    /// skipped so far for a gradient that was not finite. Absent without loss scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) loss_scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) growth_tracker: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) skipped_steps: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl Default for TrainerState {
@@ -43,6 +56,9 @@ impl Default for TrainerState {
             last_eval_step: None,
             window_nll: 0.0,
             window_tokens: 0,
+            loss_scale: None,
+            growth_tracker: 0,
+            skipped_steps: 0,
         }
     }
 }
@@ -90,6 +106,11 @@ mod tests {
             ..TrainerState::default()
         };
         s.observe_val_loss(200, 2.5);
+        let back = TrainerState::from_json(&s.to_json().map_err(|e| e.to_string()).unwrap());
+        assert_eq!(back.map_err(|e| e.to_string()), Ok(s.clone()));
+        s.loss_scale = Some(32768.0);
+        s.growth_tracker = 17;
+        s.skipped_steps = 3;
         let back = TrainerState::from_json(&s.to_json().map_err(|e| e.to_string()).unwrap());
         assert_eq!(back.map_err(|e| e.to_string()), Ok(s));
     }

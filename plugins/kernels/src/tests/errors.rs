@@ -335,7 +335,7 @@ fn every_listed_op_is_dispatched() {
     let k = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
     let ops = Kernel::ops(&k);
     let bf16 = if k.bf16() { crate::BF16_OPS.len() } else { 0 };
-    assert_eq!(ops.len(), crate::OPS.len() + bf16);
+    assert_eq!(ops.len(), crate::OPS.len() + bf16 + crate::F16_OPS.len());
     for op in ops {
         // No buffers: every implemented op refuses with a count error, not "unknown op".
         match k.call(&op, &[], &[], &mut []) {
@@ -361,6 +361,37 @@ fn bf16_products_are_offered_only_where_they_run() {
     let auto = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
     let has = is_x86_feature_detected_bf16();
     assert_eq!(auto.bf16(), has);
+}
+
+#[test]
+fn f16_products_are_offered_everywhere_on_the_path_simd_allows() {
+    let portable = CpuKernel::new(r#"{"simd": "portable"}"#).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(portable.f16_path(), "portable");
+    let auto = CpuKernel::new("").unwrap_or_else(|e| panic!("{e}"));
+    for k in [&portable, &auto] {
+        for op in crate::F16_OPS {
+            assert!(Kernel::ops(k).iter().any(|o| o == op), "{op} not offered");
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let want = if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            "avx512"
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            "avx2+f16c"
+        } else {
+            "portable"
+        };
+        assert_eq!(auto.f16_path(), want);
+    }
 }
 
 fn is_x86_feature_detected_bf16() -> bool {
