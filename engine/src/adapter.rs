@@ -290,7 +290,7 @@ impl candle_core::CustomOp2 for DroppedProduct {
         let n = al.dims()[0];
         // `A` is `[r, in]`; the product reads it as `Aᵀ` through a transposed layout.
         let at = al.transpose(0, 1)?;
-        Ok((ds.matmul(as_, (1, m, n, k), &layout, &at)?, (m, n).into()))
+        Ok((ds.matmul(as_, (1, m, n, k), layout, &at)?, (m, n).into()))
     }
 
     fn bwd(
