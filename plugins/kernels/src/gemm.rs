@@ -217,13 +217,16 @@ pub(crate) fn pack(
     if len == 0 {
         return Ok(());
     }
+    let simd = bf16x16::available();
     let fill = |p: usize, dst: &mut [u16]| {
         let j0 = p * NR;
         // Rows of the panel's full groups; a last partial group takes the general path below.
         let full = k / g;
         if j0 + NR <= n {
             // A full panel: straight-line loops over contiguous memory.
-            if transposed {
+            if half == Half::Bf16 && simd {
+                bf16_panel(simd, &b.data, (k, n), transposed, j0, dst);
+            } else if transposed {
                 // Column j of the panel is row j0 + j of the stored [n, k].
                 for j in 0..NR {
                     let row = &b.data[(j0 + j) * k..(j0 + j) * k + g * full];
@@ -278,6 +281,37 @@ pub(crate) fn pack(
         }
     }
     Ok(())
+}
+
+/// The full pairs of rows of a full bf16 panel (columns `j0..j0 + NR`) of `b: [k, n]`
+/// (stored as `[n, k]` when `transposed`), a vector at a time.
+fn bf16_panel(
+    simd: bool,
+    b: &[f32],
+    (k, n): (usize, usize),
+    transposed: bool,
+    j0: usize,
+    dst: &mut [u16],
+) {
+    let pairs = k / 2;
+    if transposed {
+        // Column j of the panel is stored row j0 + j: its pairs are consecutive values, so the
+        // row rounds in order and each pair (one u32) goes to its group's slot for column j.
+        let mut row = vec![0u16; 2 * pairs];
+        for j in 0..NR {
+            let src = &b[(j0 + j) * k..(j0 + j) * k + 2 * pairs];
+            bf16x16::convert(simd, src, &mut row);
+            for (q, pair) in row.chunks_exact(2).enumerate() {
+                dst[q * 2 * NR + 2 * j..q * 2 * NR + 2 * j + 2].copy_from_slice(pair);
+            }
+        }
+    } else {
+        for (q, d) in dst.chunks_exact_mut(2 * NR).take(pairs).enumerate() {
+            let lo = &b[2 * q * n + j0..2 * q * n + j0 + NR];
+            let hi = &b[(2 * q + 1) * n + j0..(2 * q + 1) * n + j0 + NR];
+            bf16x16::interleave(simd, lo, Some(hi), d);
+        }
+    }
 }
 
 /// The output buffer of `pack` as bytes, after checking dtype and length.
@@ -383,46 +417,177 @@ pub(crate) fn gemm(
 }
 
 /// `a` as rows of bf16 pairs: row `i` is `kp` u32 words, word `p` holding `a[i][2p]` in its
-/// low half and `a[i][2p + 1]` in its high half (zero past `k`).
+/// low half and `a[i][2p + 1]` in its high half (zero past `k`). In memory, a row is the row's
+/// bf16 values in order (x86-64 is little-endian, the only target with the bf16 products).
 fn pack_a_bf16(a: &[f32], m: usize, k: usize, transposed: bool) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m * kp];
     if kp == 0 {
         return out;
     }
+    let simd = bf16x16::available();
     if !transposed {
         out.par_chunks_mut(kp)
-            .zip(a.par_chunks(k.max(1)))
+            .zip(a.par_chunks(k))
             .for_each(|(dst, row)| {
-                let (pairs, rest) = row.split_at(k - k % 2);
-                for (d, p) in dst.iter_mut().zip(pairs.chunks_exact(2)) {
-                    *d = u32::from(f32_to_bf16(p[0])) | (u32::from(f32_to_bf16(p[1])) << 16);
-                }
-                if let Some(&x) = rest.first() {
-                    dst[kp - 1] = u32::from(f32_to_bf16(x));
-                }
+                let dst: &mut [u16] = bytemuck::cast_slice_mut(dst);
+                bf16x16::convert(simd, row, &mut dst[..k]);
             });
     } else {
-        // a is stored as [k, m]: a[i][kk] = stored[kk·m + i]. Rows of the result in blocks,
-        // reading stored rows in order.
+        // a is stored as [k, m]: a[i][kk] = stored[kk·m + i], so pair p of rows i.. is stored
+        // rows 2p and 2p + 1 side by side. A transpose in tiles of BLOCK rows × PAIRS pairs:
+        // each tile's pairs are rounded into `tile` (in cache) reading stored rows in order,
+        // then written out a row at a time as PAIRS consecutive words.
         const BLOCK: usize = 64;
+        const PAIRS: usize = 16;
         out.par_chunks_mut(BLOCK * kp)
             .enumerate()
             .for_each(|(blk, dst)| {
                 let i0 = blk * BLOCK;
                 let rows = dst.len() / kp;
-                for p in 0..kp {
-                    let lo = &a[2 * p * m..2 * p * m + m];
-                    let hi = (2 * p + 1 < k).then(|| &a[(2 * p + 1) * m..(2 * p + 2) * m]);
-                    for r in 0..rows {
-                        let i = i0 + r;
-                        let h = hi.map_or(0, |h| u32::from(f32_to_bf16(h[i])));
-                        dst[r * kp + p] = u32::from(f32_to_bf16(lo[i])) | (h << 16);
+                let mut tile = [[0u32; BLOCK]; PAIRS];
+                for p0 in (0..kp).step_by(PAIRS) {
+                    let pairs = PAIRS.min(kp - p0);
+                    for (dp, words) in tile.iter_mut().enumerate().take(pairs) {
+                        let p = p0 + dp;
+                        let lo = &a[2 * p * m + i0..2 * p * m + i0 + rows];
+                        let hi = (2 * p + 1 < k)
+                            .then(|| &a[(2 * p + 1) * m + i0..(2 * p + 1) * m + i0 + rows]);
+                        bf16x16::interleave(
+                            simd,
+                            lo,
+                            hi,
+                            bytemuck::cast_slice_mut(&mut words[..rows]),
+                        );
+                    }
+                    for (r, row) in dst.chunks_exact_mut(kp).enumerate() {
+                        for (d, words) in row[p0..p0 + pairs].iter_mut().zip(&tile) {
+                            *d = words[r];
+                        }
                     }
                 }
             });
     }
     out
+}
+
+/// Rounding f32 to bf16 a vector at a time: sixteen lanes of AVX-512F integer arithmetic that
+/// round exactly as [`f32_to_bf16`] does (to nearest even, NaN kept quiet, subnormals kept),
+/// so packing gives the same bits with or without it. Used where the bf16 products run, which
+/// implies AVX-512F; the scalar loops remain for other CPUs and as the reference in tests.
+mod bf16x16 {
+    use crate::buffer::f32_to_bf16;
+
+    /// Whether the vector loops can run on this CPU.
+    pub(super) fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `dst[i] = bf16(src[i])` for every `i < src.len()`; `simd` from [`available`].
+    pub(super) fn convert(simd: bool, src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len(), "convert: one output per input");
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` comes from `available()`: the CPU has AVX-512F.
+            done = unsafe { x86::convert(src, dst) };
+        }
+        let _ = simd;
+        for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+            *d = f32_to_bf16(x);
+        }
+    }
+
+    /// `dst[2j] = bf16(lo[j])` and `dst[2j + 1] = bf16(hi[j])` (0 without `hi`): two rows'
+    /// values side by side, the pair layout of `vdpbf16ps`.
+    pub(super) fn interleave(simd: bool, lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
+        assert!(
+            dst.len() == 2 * lo.len() && hi.is_none_or(|h| h.len() == lo.len()),
+            "interleave: two outputs per input pair"
+        );
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` comes from `available()`: the CPU has AVX-512F.
+            done = unsafe { x86::interleave(lo, hi, dst) };
+        }
+        let _ = simd;
+        for j in done..lo.len() {
+            dst[2 * j] = f32_to_bf16(lo[j]);
+            dst[2 * j + 1] = hi.map_or(0, |h| f32_to_bf16(h[j]));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// Sixteen f32 values (as bits) rounded to bf16, each in the low half of its lane with
+        /// the high half zero: `(b + 0x7fff + lsb) >> 16`, and a NaN's top half with the quiet
+        /// bit set.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn round(b: __m512i) -> __m512i {
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+            let f = _mm512_castsi512_ps(b);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+            _mm512_mask_blend_epi32(nan, rounded, quiet)
+        }
+
+        /// [`super::convert`] on whole vectors; returns how many values it wrote.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `dst` is at least as long as `src`.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn convert(src: &[f32], dst: &mut [u16]) -> usize {
+            let whole = src.len() / 16 * 16;
+            let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+            for i in (0..whole).step_by(16) {
+                // SAFETY: values i..i + 16 exist in both (the loop's bound, the contract).
+                unsafe {
+                    let b = _mm512_loadu_si512(s.add(i) as *const _);
+                    let h = _mm512_cvtepi32_epi16(round(b));
+                    _mm256_storeu_si256(d.add(i) as *mut _, h);
+                }
+            }
+            whole
+        }
+
+        /// [`super::interleave`] on whole vectors; returns how many pairs it wrote.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `dst` holds two values per value of `lo`, and `hi` (if any)
+        /// is as long as `lo`.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn interleave(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) -> usize {
+            let whole = lo.len() / 16 * 16;
+            let d = dst.as_mut_ptr();
+            for j in (0..whole).step_by(16) {
+                // SAFETY: values j..j + 16 of lo and hi, and 2j..2j + 32 of dst, exist.
+                unsafe {
+                    let l = round(_mm512_loadu_si512(lo.as_ptr().add(j) as *const _));
+                    let h = match hi {
+                        Some(hi) => _mm512_slli_epi32::<16>(round(_mm512_loadu_si512(
+                            hi.as_ptr().add(j) as *const _,
+                        ))),
+                        None => _mm512_setzero_si512(),
+                    };
+                    _mm512_storeu_si512(d.add(2 * j) as *mut _, _mm512_or_si512(l, h));
+                }
+            }
+            whole
+        }
+    }
 }
 
 /// `a` rounded to f16 and widened back, row-major `[m, k]`: the micro-kernels broadcast
@@ -936,6 +1101,74 @@ pub(crate) mod tests {
         (130, 7, 97),
         (5, 0, 3),
     ];
+
+    /// Values where rounding to bf16 is delicate: ties both ways, the largest values that
+    /// round up to infinity, subnormals, signed zeros, infinities, NaNs with payloads.
+    fn awkward_values(len: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let special = [
+            0x3f80_8000u32, // 1 + half an ulp of bf16: a tie, rounds to even (down)
+            0x3f81_8000,    // a tie that rounds up
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff, // f32::MAX: rounds to +inf
+            0xff7f_8000,
+            0x007f_ffff, // the largest subnormal: rounds up to the smallest normal bf16
+            0x0000_0001,
+            0x8000_8000,
+            0x0000_0000,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001, // a signalling NaN: comes out quiet
+            0xffbf_ffff,
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len)
+            .map(|i| match rng.random_range(0..3) {
+                0 => f32::from_bits(special[i % special.len()]),
+                1 => f32::from_bits(rng.random()),
+                _ => rng.random_range(-4.0..4.0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vector_rounding_to_bf16_gives_the_scalar_bits() {
+        if !bf16x16::available() {
+            eprintln!("this CPU has no AVX-512F: only the scalar rounding runs");
+            return;
+        }
+        for len in [0, 1, 15, 16, 17, 31, 32, 33, 100, 1000] {
+            let x = awkward_values(len, len as u64);
+            let y = awkward_values(len, 1000 + len as u64);
+            let (mut scalar, mut vector) = (vec![0u16; len], vec![0u16; len]);
+            bf16x16::convert(false, &x, &mut scalar);
+            bf16x16::convert(true, &x, &mut vector);
+            assert_eq!(scalar, vector, "convert, {len} values");
+            assert_eq!(
+                scalar,
+                x.iter().map(|&v| f32_to_bf16(v)).collect::<Vec<_>>(),
+                "convert is f32_to_bf16"
+            );
+            for hi in [None, Some(y.as_slice())] {
+                let (mut scalar, mut vector) = (vec![7u16; 2 * len], vec![9u16; 2 * len]);
+                bf16x16::interleave(false, &x, hi, &mut scalar);
+                bf16x16::interleave(true, &x, hi, &mut vector);
+                assert_eq!(
+                    scalar,
+                    vector,
+                    "interleave, {len} pairs, hi {}",
+                    hi.is_some()
+                );
+                for j in 0..len {
+                    assert_eq!(scalar[2 * j], f32_to_bf16(x[j]));
+                    assert_eq!(scalar[2 * j + 1], hi.map_or(0, |h| f32_to_bf16(h[j])));
+                }
+            }
+        }
+    }
 
     #[test]
     fn bf16_products_match_the_rounded_reference_on_odd_shapes() {
