@@ -20,7 +20,7 @@ use codex_plugin_api::optimizer::ParamGrad;
 use codex_plugin_api::tensor::AdamWHyper;
 use codex_plugin_api::{ComponentKind, DType, Factory, GeluForm, Init, ParamRole, Tensor};
 
-use crate::model::{batch, build_gpt2, builtin, TRAIN};
+use crate::model::{batch, build_gpt2, build_model, builtin, TRAIN};
 
 pub(crate) fn cpu_kernel() -> KernelBox {
     let Factory::Kernel(factory) = builtin("cpu", ComponentKind::Kernel).factory else {
@@ -730,6 +730,65 @@ fn gpt2_losses(kernel: bool) -> Vec<f64> {
         built.store.zero_grads();
     }
     losses
+}
+
+/// Every parameter's gradient after two backward passes (accumulated in its slot) of the
+/// built-in model `name`, with the kernel or without.
+fn model_grads(name: &str, params: &str, kernel: bool) -> Vec<(String, Vec<f32>)> {
+    let _scope = engine::scoped_kernel(&Device::Cpu, kernel.then(cpu_kernel)).expect("scope");
+    let vocab = 29;
+    let built = build_model(name, params, vocab, 9).expect("model builds");
+    for (b, t) in [(2, 7), (3, 5)] {
+        built
+            .loss(&batch(b, t, vocab as u32), TRAIN)
+            .backward()
+            .expect("backward");
+    }
+    built
+        .params()
+        .iter()
+        .map(|info| {
+            let g = Tensor::retain(info.id)
+                .grad()
+                .expect("grad")
+                .unwrap_or_else(|| panic!("{name}: {} has no gradient", info.name));
+            (info.name.clone(), g.to_vec_f32().expect("read back"))
+        })
+        .collect()
+}
+
+/// With the kernel, fused products send their weights' gradients to the slots themselves:
+/// whole weights, GPT-2's q/k/v slices of `c_attn`, `[out, in]` weights used transposed, a tied
+/// embedding that is also the LM head. Each slot must hold what candle's own backward gives,
+/// over two accumulated backward passes.
+#[test]
+fn fused_products_give_every_weight_the_gradient_of_the_composed_path() {
+    let models = [
+        (
+            "gpt2",
+            r#"{"n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 12,
+                "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0}"#,
+        ),
+        (
+            "llama",
+            r#"{"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "max_position_embeddings": 12}"#,
+        ),
+        (
+            "llama",
+            r#"{"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 12, "tie_word_embeddings": false}"#,
+        ),
+    ];
+    for (name, params) in models {
+        let fused = model_grads(name, params, true);
+        let plain = model_grads(name, params, false);
+        assert_eq!(fused.len(), plain.len());
+        for ((param, a), (_, b)) in fused.iter().zip(&plain) {
+            assert_close(&format!("{name}: gradient of {param}"), a, b, 1e-4);
+        }
+    }
 }
 
 #[test]

@@ -81,10 +81,20 @@ impl Built {
 
 /// Build a `gpt2` through its registered factory on a fresh CPU store.
 pub(crate) fn build_gpt2(params: &str, vocab_size: usize, seed: u64) -> Result<Built, String> {
+    build_model("gpt2", params, vocab_size, seed)
+}
+
+/// The built-in model `name` with `params`, its parameters in a fresh store.
+pub(crate) fn build_model(
+    name: &str,
+    params: &str,
+    vocab_size: usize,
+    seed: u64,
+) -> Result<Built, String> {
     codex_engine::install();
-    let Factory::Model(factory) = builtin("gpt2", codex_plugin_api::ComponentKind::Model).factory
+    let Factory::Model(factory) = builtin(name, codex_plugin_api::ComponentKind::Model).factory
     else {
-        panic!("gpt2 is registered with a factory of another kind");
+        panic!("{name} is registered with a factory of another kind");
     };
     let mut store = ParamStore::new(Device::Cpu, seed);
     let env = ModelEnv {

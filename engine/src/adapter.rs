@@ -108,12 +108,34 @@ fn probing() -> bool {
     PROBE.with(|p| p.borrow().is_some())
 }
 
+/// Whether views of `leaf` are followed: a 2-D parameter that has an adapter, is being
+/// probed, or is trainable (its gradient then goes to its slot directly from a fused product,
+/// `autograd::Direct`).
 fn tracked(leaf: &Leaf) -> bool {
-    leaf.is_param() && leaf.var.rank() == 2 && (leaf.lora().is_some() || probing())
+    leaf.is_param()
+        && leaf.var.rank() == 2
+        && (leaf.lora().is_some() || probing() || leaf.trainable())
+}
+
+impl View {
+    /// The declared weight.
+    pub(crate) fn leaf(&self) -> &Arc<Leaf> {
+        &self.leaf
+    }
+
+    /// The slice of the weight, `(dim, start, len)`, if the view is one.
+    pub(crate) fn slice(&self) -> Option<(usize, usize, usize)> {
+        self.narrow
+    }
+
+    /// Whether the view is the (sliced) weight's transpose.
+    pub(crate) fn transposed(&self) -> bool {
+        self.transposed
+    }
 }
 
 /// The view of a weight that `entry` is, if it is one being followed.
-fn view_of(entry: &Entry) -> Option<View> {
+pub(crate) fn view_of(entry: &Entry) -> Option<View> {
     match entry {
         Entry::Leaf(leaf) if tracked(leaf) => Some(View {
             leaf: leaf.clone(),
@@ -161,11 +183,16 @@ pub(crate) fn narrow(x: TensorId, dim: usize, start: usize, len: usize) -> Resul
 }
 
 /// Op-table `matmul` whose right operand is a followed weight: recorded while probing, and
-/// with the adapter's term added when the weight has one. `None` for any other product.
+/// with the adapter's term added when the weight has one. `None` for any other product (and
+/// for a weight followed only for its gradient).
 pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<Option<TensorId>> {
     let Some(view) = view_of(&handles::entry(b)?) else {
         return Ok(None);
     };
+    if view.leaf.lora().is_none() && !probing() {
+        // Followed only for its gradient: the product is `fusion`'s.
+        return Ok(None);
+    }
     let in_out = !view.transposed;
     PROBE.with(|p| {
         if let Some(uses) = p.borrow_mut().as_mut() {

@@ -10,7 +10,9 @@
 //! [`adamw_update`] runs the active kernel's fused step directly on their storage, or else the
 //! primitive composition followed by three assignments.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -43,7 +45,15 @@ fn backward_into_slots(loss: &Tensor) -> Result<()> {
             loss.dims()
         )));
     }
-    let grads = loss.backward()?;
+    DIRECT.with(|d| d.borrow_mut().clear());
+    let grads = loss.backward();
+    let direct = DIRECT.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    let grads = grads?;
+    for (leaf, g) in Direct::gather(direct)? {
+        if leaf.trainable() {
+            leaf.accumulate_grad(&g)?;
+        }
+    }
     for id in grads.get_ids() {
         let Some(leaf) = handles::param_by_tensor(*id) else {
             continue;
@@ -56,6 +66,114 @@ fn backward_into_slots(loss: &Tensor) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A gradient sent for a weight: of the whole weight, or of the slice `(dim, start, len)`.
+type Part = (Option<(usize, usize, usize)>, Tensor);
+
+thread_local! {
+    /// Weight gradients fused products sent during the backward pass running on this thread.
+    static DIRECT: RefCell<Vec<(Direct, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where a fused product (`dispatch`, `mixed`) sends its weight's gradient itself, rather than
+/// through candle: a trainable weight, or a slice `(dim, start, len)` of one (GPT-2's
+/// `c_attn` splits into q, k and v by slicing the weight).
+///
+/// Through candle, each such gradient costs a zero-filled tensor of the weight's size and an
+/// add into it, and a slice's is first padded back to the whole weight with zeros. Sent here,
+/// it waits until candle's backward returns; then the slices of one weight are joined (one
+/// `cat` when they tile it, as q, k and v do) and the weight's slot gains the sum once. The
+/// product takes the weight detached, so candle gives it nothing of its own; a product only
+/// sends where its input is part of the graph, so that candle does call its backward.
+#[derive(Clone)]
+pub(crate) struct Direct {
+    leaf: Arc<Leaf>,
+    slice: Option<(usize, usize, usize)>,
+}
+
+impl Direct {
+    pub(crate) fn new(leaf: Arc<Leaf>, slice: Option<(usize, usize, usize)>) -> Direct {
+        Direct { leaf, slice }
+    }
+
+    /// Called from a product's backward with the gradient of the weight (or of its slice).
+    pub(crate) fn send(&self, g: Tensor) {
+        DIRECT.with(|d| d.borrow_mut().push((self.clone(), g)));
+    }
+
+    /// The gradients sent, summed per weight, in the order the weights first sent.
+    fn gather(sent: Vec<(Direct, Tensor)>) -> Result<Vec<(Arc<Leaf>, Tensor)>> {
+        let mut by_leaf: Vec<(Arc<Leaf>, Vec<Part>)> = Vec::new();
+        for (d, g) in sent {
+            match by_leaf.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &d.leaf)) {
+                Some((_, parts)) => parts.push((d.slice, g)),
+                None => by_leaf.push((d.leaf, vec![(d.slice, g)])),
+            }
+        }
+        by_leaf
+            .into_iter()
+            .map(|(leaf, parts)| {
+                let g = Self::join(leaf.var.dims(), parts)?;
+                Ok((leaf, g))
+            })
+            .collect()
+    }
+
+    /// One gradient of a weight of shape `dims` from the parts sent for it.
+    fn join(dims: &[usize], parts: Vec<Part>) -> Result<Tensor> {
+        let mut whole: Option<Tensor> = None;
+        let mut add = |g: Tensor| -> Result<()> {
+            whole = Some(match whole.take() {
+                Some(w) => w.add(&g)?,
+                None => g,
+            });
+            Ok(())
+        };
+        let mut slices: Vec<((usize, usize, usize), Tensor)> = Vec::new();
+        for (slice, g) in parts {
+            match slice {
+                None => add(g)?,
+                Some(s) => slices.push((s, g)),
+            }
+        }
+        slices.sort_by_key(|((dim, start, _), _)| (*dim, *start));
+        let tiles = slices.first().is_some_and(|((dim, _, _), _)| {
+            let mut next = 0;
+            for ((d, start, len), _) in &slices {
+                if d != dim || *start != next {
+                    return false;
+                }
+                next += len;
+            }
+            next == dims[*dim]
+        });
+        if tiles {
+            let dim = slices[0].0 .0;
+            let gs: Vec<Tensor> = slices.into_iter().map(|(_, g)| g).collect();
+            add(Tensor::cat(&gs, dim)?)?;
+        } else {
+            for ((dim, start, len), g) in slices {
+                // Padded with zeros to the whole weight, as candle's own `narrow` backward does.
+                let mut pieces = Vec::with_capacity(3);
+                let pad = |n: usize| -> Result<Tensor> {
+                    let mut shape = dims.to_vec();
+                    shape[dim] = n;
+                    Ok(Tensor::zeros(shape, g.dtype(), g.device())?)
+                };
+                if start > 0 {
+                    pieces.push(pad(start)?);
+                }
+                let after = dims[dim] - start - len;
+                pieces.push(g.contiguous()?);
+                if after > 0 {
+                    pieces.push(pad(after)?);
+                }
+                add(Tensor::cat(&pieces, dim)?)?;
+            }
+        }
+        whole.ok_or_else(|| TensorError::Invalid("a weight's gradient was sent empty".into()))
+    }
 }
 
 fn param(id: TensorId) -> Result<std::sync::Arc<Leaf>> {

@@ -35,6 +35,7 @@ use codex_plugin_api::{DeviceKind, GeluForm};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::autograd::Direct;
 use super::mixed::{self, Precision};
 use super::packed::Packing;
 use super::profile::{self, Kind};
@@ -747,6 +748,10 @@ struct LinearCrossEntropy {
     logits: Tensor,
     /// The kernel the product ran in half precision with, if it did.
     half: Option<Arc<ActiveKernel>>,
+    /// Whether the weight operand is `w` for logits `x · wᵀ`.
+    transposed: bool,
+    /// Where the weight's gradient goes, if the op sends it itself.
+    direct: Option<Direct>,
 }
 
 impl CustomOp3 for LinearCrossEntropy {
@@ -779,34 +784,94 @@ impl CustomOp3 for LinearCrossEntropy {
         dloss: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dl = self.ce.dlogits(&self.logits, targets, dloss)?;
-        let (dx, dw) = matmul_grads(self.half.as_deref(), x, w, &dl)?;
+        let (dx, dw) = matmul_grads(
+            self.half.as_deref(),
+            x,
+            w,
+            self.transposed,
+            self.direct.as_ref(),
+            &dl,
+        )?;
         Ok((dx, dw, None))
     }
 }
 
-/// The gradients of `x · w` for the output gradient `dy`, each only for an operand that takes
-/// part in the graph (a frozen weight gets none); in half precision with `half` (the kernel
-/// the forward product ran in half precision with).
+/// The gradients of `x · w` (with `transposed`, of `x · wᵀ`, `w`'s gradient in `w`'s own
+/// layout) for the output gradient `dy`, each only for an operand that takes part in the
+/// graph (a frozen weight gets none); in half precision with `half` (the kernel the forward
+/// product ran in half precision with).
+///
+/// With `direct`, `w` came in detached and its gradient goes to its slot ([`Direct`]); the
+/// result then has none for it.
 fn matmul_grads(
     half: Option<&ActiveKernel>,
     x: &Tensor,
     w: &Tensor,
+    transposed: bool,
+    direct: Option<&Direct>,
     dy: &Tensor,
 ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    if let Some(k) = half {
-        return mixed::matmul_grads(k, x, w, dy);
+    let want_dw = direct.is_some() || w.track_op();
+    let (dx, dw) = match half {
+        Some(k) => mixed::matmul_grads(k, x, w, transposed, want_dw, dy)?,
+        None => {
+            let w_ = w.detach();
+            let dx = if !x.track_op() {
+                None
+            } else if transposed {
+                Some(dy.matmul(&w_)?)
+            } else {
+                Some(dy.matmul(&w_.t()?)?)
+            };
+            let dw = if !want_dw {
+                None
+            } else if transposed {
+                Some(dy.t()?.matmul(&x.detach())?)
+            } else {
+                Some(x.detach().t()?.matmul(dy)?)
+            };
+            (dx, dw)
+        }
+    };
+    Ok(match (direct, dw) {
+        (Some(d), Some(dw)) => {
+            d.send(dw);
+            (dx, None)
+        }
+        (_, dw) => (dx, dw),
+    })
+}
+
+/// The operands of a 2-D product `x · w` that a later op fuses with: `w_of` is the 2-D tensor
+/// `w` is the transpose of, if it is one (a weight stored `[out, in]`, a tied embedding as the
+/// LM head). The fused op then takes `w_of` as its operand and gives it its gradient in its
+/// own layout: through the transpose, candle would zero-fill a gradient of `w_of`'s size and
+/// add the transposed one into it element by element.
+///
+/// `direct` is where `w`'s gradient goes when `w` is (a view of) a trainable weight: the fused
+/// op then takes its operand detached and sends the gradient itself ([`Direct`]).
+#[derive(Clone)]
+pub(crate) struct Product {
+    pub(crate) x: Tensor,
+    pub(crate) w: Tensor,
+    pub(crate) w_of: Option<Tensor>,
+    pub(crate) direct: Option<Direct>,
+}
+
+impl Product {
+    /// The fused op's weight operand and whether it is the product's transpose.
+    fn operand(&self) -> (Tensor, bool) {
+        let (w, transposed) = match &self.w_of {
+            Some(w) => (w, true),
+            None => (&self.w, false),
+        };
+        let w = if self.direct.is_some() {
+            w.detach()
+        } else {
+            w.clone()
+        };
+        (w, transposed)
     }
-    let dx = if x.track_op() {
-        Some(dy.matmul(&w.detach().t()?)?)
-    } else {
-        None
-    };
-    let dw = if w.track_op() {
-        Some(x.detach().t()?.matmul(dy)?)
-    } else {
-        None
-    };
-    Ok((dx, dw))
 }
 
 /// Cross-entropy through the kernel: `(loss_sum, tokens, correct)`, f32 scalars. Shapes and
@@ -818,7 +883,7 @@ pub(crate) fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: u32,
-    product: Option<(&Tensor, &Tensor)>,
+    product: Option<&Product>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let Some(k) = kernel_for(logits, "cross_entropy.fwd") else {
         return Ok(None);
@@ -834,13 +899,16 @@ pub(crate) fn cross_entropy(
     };
     let targets = targets.contiguous()?;
     let loss = match product {
-        Some((x, w)) if logits.is_contiguous() => {
+        Some(p) if logits.is_contiguous() => {
+            let (w, transposed) = p.operand();
             let op = LinearCrossEntropy {
                 ce,
                 logits: logits.detach(),
-                half: mixed::kernel_for(x, w),
+                half: mixed::kernel_for(&p.x, &p.w),
+                transposed,
+                direct: p.direct.clone(),
             };
-            x.apply_op3(w, &targets, op)?
+            p.x.apply_op3(&w, &targets, op)?
         }
         _ => logits.contiguous()?.apply_op2(&targets, ce)?,
     };
@@ -1175,10 +1243,16 @@ impl CustomOp2 for BiasAdd {
 /// [`LinearCrossEntropy`]: the matmul output `a` never gets a gradient of its own.
 struct LinearBias {
     k: Arc<ActiveKernel>,
-    /// `x · w` as the matmul computed it, detached and contiguous.
-    a: Tensor,
+    /// `x · w` as the matmul computed it, detached and contiguous; taken by the forward pass.
+    /// The op lives in candle's graph until backward, which does not need it: kept, it would
+    /// hold every linear layer's product alive through the step.
+    a: Mutex<Option<Tensor>>,
     /// The kernel the product ran in half precision with, if it did.
     half: Option<Arc<ActiveKernel>>,
+    /// Whether the weight operand is `w` for `x · wᵀ`.
+    transposed: bool,
+    /// Where the weight's gradient goes, if the op sends it itself.
+    direct: Option<Direct>,
 }
 
 impl CustomOp3 for LinearBias {
@@ -1195,7 +1269,10 @@ impl CustomOp3 for LinearBias {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (guard, al) = self.a.storage_and_layout();
+        let Some(a) = self.a.lock().unwrap_or_else(PoisonError::into_inner).take() else {
+            candle_core::bail!("linear_bias: the product was already added to");
+        };
+        let (guard, al) = a.storage_and_layout();
         let Storage::Cpu(as_) = &*guard else {
             candle_core::bail!("bias_add: a cpu kernel needs tensors on the cpu");
         };
@@ -1218,19 +1295,21 @@ impl CustomOp3 for LinearBias {
         } else {
             None
         };
-        let (dx, dw) = matmul_grads(self.half.as_deref(), x, w, dy)?;
+        let (dx, dw) = matmul_grads(
+            self.half.as_deref(),
+            x,
+            w,
+            self.transposed,
+            self.direct.as_ref(),
+            dy,
+        )?;
         Ok((dx, dw, db))
     }
 }
 
-/// `a + b` where `a = x · w` (2-D) and `b` is a bias over `a`'s columns, through
+/// `a + b` where `a = x · w` (2-D, the product `p`) and `b` is a bias over `a`'s columns, through
 /// [`LinearBias`]; `None` where [`bias_add`] or plain ops must take it.
-pub(crate) fn linear_bias(
-    x: &Tensor,
-    w: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-) -> Result<Option<Tensor>> {
+pub(crate) fn linear_bias(p: &Product, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if a.rank() != 2 || b.dims() != [a.dims()[1]] || a.dtype() != b.dtype() {
         return Ok(None);
     }
@@ -1240,12 +1319,15 @@ pub(crate) fn linear_bias(
     let Some(k) = kernel_for(a, "sum_rows") else {
         return Ok(None);
     };
+    let (w, transposed) = p.operand();
     let op = LinearBias {
         k,
-        a: a.detach(),
-        half: mixed::kernel_for(x, w),
+        a: Mutex::new(Some(a.detach())),
+        half: mixed::kernel_for(&p.x, &p.w),
+        transposed,
+        direct: p.direct.clone(),
     };
-    Ok(Some(x.apply_op3(w, &b.contiguous()?, op)?))
+    Ok(Some(p.x.apply_op3(&w, &b.contiguous()?, op)?))
 }
 
 /// `a + b` through [`BiasAdd`] when one operand's shape is a proper suffix of the other's

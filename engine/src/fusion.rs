@@ -24,12 +24,13 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use codex_plugin_api::TensorId;
 
+use super::autograd::Direct;
 use super::{adapter, dispatch, handles, mixed, ops, packed, Result};
 
 /// How a tensor behind a handle was made, for fusions with later ops.
 pub(crate) enum Origin {
-    /// `a · b`, both 2-D.
-    Matmul { a: Tensor, b: Tensor },
+    /// `a · b`, both 2-D; `b_of` is the 2-D tensor `b` is the transpose of, if it is one.
+    Matmul(dispatch::Product),
     /// A reshape of `src`, whose own origin follows.
     Reshape {
         src: Tensor,
@@ -53,24 +54,53 @@ pub(crate) fn matmul(a: TensorId, b: TensorId) -> Result<TensorId> {
         return Ok(y);
     }
     let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
+    let entry_b = handles::entry(b)?;
+    let origin_b = entry_b.origin();
+    // A trainable weight (or a slice of one) gets its gradient from the fused product that
+    // takes it, sent to its slot (`autograd::Direct`), when the product is part of the graph.
+    let view = adapter::view_of(&entry_b).filter(|v| v.leaf().trainable());
+    let direct = view
+        .as_ref()
+        .filter(|_| ta.track_op())
+        .map(|v| Direct::new(v.leaf().clone(), v.slice()));
+    // `b` as the transpose of a 2-D tensor (a weight stored `[out, in]`, a tied embedding as
+    // the LM head), which the product's gradient then goes to in its own layout.
+    let b_of = match (&view, origin_b.as_deref()) {
+        (Some(v), _) if v.transposed() && direct.is_some() => Some(tb.t()?),
+        (
+            _,
+            Some(Origin::Transpose {
+                src, dims: (0, 1), ..
+            }),
+        ) if src.rank() == 2 && src.is_contiguous() && tb.rank() == 2 => Some(src.clone()),
+        _ => None,
+    };
     let y = match mixed::kernel_for(&ta, &tb) {
         Some(k) => {
-            let var = if tb.is_variable() {
-                Some((tb.clone(), false))
-            } else {
-                match handles::entry(b)?.origin().as_deref() {
+            // The packed copy is kept for a whole weight (or its transpose).
+            let key = match &view {
+                Some(v) if v.slice().is_none() => Some((v.leaf().var.as_tensor(), v.transposed())),
+                _ if tb.is_variable() => Some((&tb, false)),
+                _ => match origin_b.as_deref() {
                     Some(Origin::Transpose {
                         src, dims: (0, 1), ..
-                    }) if src.is_variable() && src.rank() == 2 => Some((src.clone(), true)),
+                    }) if src.is_variable() && src.rank() == 2 => Some((src, true)),
                     _ => None,
-                }
+                },
             };
-            mixed::matmul(k, &ta, &tb, var.as_ref().map(|(v, t)| (v, *t)))?
+            mixed::matmul(k, &ta, &tb, key, b_of.as_ref(), direct.clone())?
         }
         None => ops::matmul(&ta, &tb)?,
     };
-    let origin = (ta.rank() == 2 && tb.rank() == 2 && dispatch::kernel_active(y.device()))
-        .then(|| Arc::new(Origin::Matmul { a: ta, b: tb }));
+    let origin =
+        (ta.rank() == 2 && tb.rank() == 2 && dispatch::kernel_active(y.device())).then(|| {
+            Arc::new(Origin::Matmul(dispatch::Product {
+                x: ta,
+                w: tb,
+                w_of: b_of,
+                direct,
+            }))
+        });
     Ok(handles::insert_derived(y, origin))
 }
 
@@ -94,9 +124,9 @@ pub(crate) fn reshape(x: TensorId, shape: &[usize]) -> Result<TensorId> {
 }
 
 /// The operands of the 2-D matmul that made `id`, if it was one.
-pub(crate) fn product(id: TensorId) -> Result<Option<(Tensor, Tensor)>> {
+pub(crate) fn product(id: TensorId) -> Result<Option<dispatch::Product>> {
     Ok(match handles::entry(id)?.origin().as_deref() {
-        Some(Origin::Matmul { a, b }) => Some((a.clone(), b.clone())),
+        Some(Origin::Matmul(p)) => Some(p.clone()),
         _ => None,
     })
 }
@@ -105,8 +135,8 @@ pub(crate) fn product(id: TensorId) -> Result<Option<(Tensor, Tensor)>> {
 pub(crate) fn add(a: TensorId, b: TensorId) -> Result<TensorId> {
     let (ta, tb) = (handles::tensor(a)?, handles::tensor(b)?);
     for (m, bias, mid) in [(&ta, &tb, a), (&tb, &ta, b)] {
-        if let Some((x, w)) = product(mid)? {
-            if let Some(y) = dispatch::linear_bias(&x, &w, m, bias)? {
+        if let Some(p) = product(mid)? {
+            if let Some(y) = dispatch::linear_bias(&p, m, bias)? {
                 return Ok(handles::insert(y));
             }
         }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 
+use super::autograd::Direct;
 use super::dispatch::{self, ActiveKernel, Out};
 
 type CResult<T> = candle_core::Result<T>;
@@ -176,25 +177,35 @@ fn gemm(k: &ActiveKernel, a: &Tensor, packed: &Tensor, n: usize) -> CResult<Tens
 }
 
 /// The gradients of `x · w` for the output gradient `dy`, both products in the kernel's half
-/// precision, each only
-/// for an operand that takes part in the graph (a frozen weight gets none).
+/// precision: `x`'s where it takes part in the graph, `w`'s with `want_dw`. With `transposed`, the product was `x · wᵀ` and `w`'s gradient comes in `w`'s own
+/// layout, `dyᵀ · x`.
 pub(crate) fn matmul_grads(
     k: &ActiveKernel,
     x: &Tensor,
     w: &Tensor,
+    transposed: bool,
+    want_dw: bool,
     dy: &Tensor,
 ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let (want_dx, want_dw) = (x.track_op(), w.track_op());
+    let want_dx = x.track_op();
     let (w, x, dy) = (w.detach(), x.detach(), dy.contiguous()?);
     let dx = if want_dx {
-        Some(gemm(k, &dy, &pack(k, &w.t()?)?, x.dim(1)?)?)
+        // dy · wᵀ, or dy · w for a product by wᵀ.
+        let (rhs, n) = if transposed {
+            (w.clone(), w.dim(1)?)
+        } else {
+            (w.t()?, w.dim(0)?)
+        };
+        Some(gemm(k, &dy, &pack(k, &rhs)?, n)?)
     } else {
         None
     };
-    let dw = if want_dw {
-        Some(gemm(k, &x.t()?, &pack(k, &dy)?, dy.dim(1)?)?)
-    } else {
+    let dw = if !want_dw {
         None
+    } else if transposed {
+        Some(gemm(k, &dy.t()?, &pack(k, &x)?, x.dim(1)?)?)
+    } else {
+        Some(gemm(k, &x.t()?, &pack(k, &dy)?, dy.dim(1)?)?)
     };
     Ok((dx, dw))
 }
@@ -215,13 +226,17 @@ pub(crate) fn kernel_for(a: &Tensor, b: &Tensor) -> Option<Arc<ActiveKernel>> {
 }
 
 /// `a · b` in half precision with f32 accumulation, with its own backward in half precision.
-/// `key` names the
-/// variable `b` is (`false`) or is the transpose of (`true`), whose packed copy is kept.
+/// `key` names the variable `b` is (`false`) or is the transpose of (`true`), whose packed
+/// copy is kept. `b_of` is the 2-D tensor `b` is the transpose of, if it is one: the node then
+/// takes it as its operand, so that its gradient comes in its own layout rather than through
+/// a transpose.
 pub(crate) fn matmul(
     k: Arc<ActiveKernel>,
     a: &Tensor,
     b: &Tensor,
     key: Option<(&Tensor, bool)>,
+    b_of: Option<&Tensor>,
+    direct: Option<Direct>,
 ) -> CResult<Tensor> {
     let n = b.dim(1)?;
     let packed = pack_cached(&k, b, key)?;
@@ -230,7 +245,25 @@ pub(crate) fn matmul(
     } else {
         a.contiguous()?
     };
-    a.apply_op2(b, HalfMatmul { k, packed, n })
+    let (rhs, transposed) = match b_of {
+        Some(w) => (w, true),
+        None => (b, false),
+    };
+    let rhs = if direct.is_some() {
+        rhs.detach()
+    } else {
+        rhs.clone()
+    };
+    a.apply_op2(
+        &rhs,
+        HalfMatmul {
+            k,
+            packed,
+            n,
+            transposed,
+            direct,
+        },
+    )
 }
 
 /// A product computed in half precision, as a node of candle's graph, with both gradients
@@ -240,6 +273,11 @@ struct HalfMatmul {
     /// The right operand, packed.
     packed: Tensor,
     n: usize,
+    /// Whether the node's right operand is `w` for a product by `wᵀ`.
+    transposed: bool,
+    /// Where the weight's gradient goes, if the node sends it itself (the right operand is
+    /// then detached).
+    direct: Option<Direct>,
 }
 
 impl CustomOp2 for HalfMatmul {
@@ -280,7 +318,15 @@ impl CustomOp2 for HalfMatmul {
         _y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        matmul_grads(&self.k, a, b, dy)
+        let want_db = self.direct.is_some() || b.track_op();
+        let (da, db) = matmul_grads(&self.k, a, b, self.transposed, want_db, dy)?;
+        Ok(match (&self.direct, db) {
+            (Some(d), Some(db)) => {
+                d.send(db);
+                (da, None)
+            }
+            (_, db) => (da, db),
+        })
     }
 }
 

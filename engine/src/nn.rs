@@ -292,7 +292,7 @@ pub(crate) fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: u32,
-    product: Option<(&Tensor, &Tensor)>,
+    product: Option<&dispatch::Product>,
 ) -> Result<CrossEntropyOut> {
     let (n, vocab) = logits.dims2().map_err(|_| {
         invalid(format!(

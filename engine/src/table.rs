@@ -301,8 +301,7 @@ extern "C" fn cross_entropy(
 ) -> R<CrossEntropyIds> {
     guarded("cross_entropy", || {
         let product = fusion::product(logits)?;
-        let product = product.as_ref().map(|(x, w)| (x, w));
-        let out = nn::cross_entropy(&t(logits)?, &t(targets)?, ignore_index, product)?;
+        let out = nn::cross_entropy(&t(logits)?, &t(targets)?, ignore_index, product.as_ref())?;
         Ok(CrossEntropyIds {
             loss_sum: handles::insert(out.loss_sum),
             tokens: handles::insert(out.tokens),
