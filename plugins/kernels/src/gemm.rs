@@ -635,6 +635,13 @@ unsafe impl Sync for CPtr {}
 /// `i..i + rows` (at most [`MR`]) of panel `p` (`cols` columns) into `dst`, the tile's first
 /// element of `c` (row stride `n`).
 ///
+/// A task is a block of [`MC`] rows against a group of panels, and each thread takes a run of
+/// consecutive tasks. They run along the rows of `c` (a block of `a` meets every panel before
+/// the next), or down its columns (a group of panels meets every block of `a`) when `b` is the
+/// larger operand: an LM head's `b` is far larger than its `a`, and read along the rows it
+/// would come from memory once per block of 64 rows. Every tile is computed alike in either
+/// order.
+///
 /// # Safety
 /// `tile` writes only its own tile, through `dst`.
 unsafe fn tiles(
@@ -646,13 +653,20 @@ unsafe fn tiles(
     let panels = n.div_ceil(NR);
     let row_blocks = m.div_ceil(MC);
     let panel_groups = panels.div_ceil(PANELS_PER_TASK);
+    // The larger operand is read once, the smaller (more likely to stay in cache) again for
+    // each block of the other. Both have `k` rows of pairs: `b` is the larger when n > m.
+    let down_columns = n > m;
     let cp = CPtr(c.as_mut_ptr());
     let tile = &tile;
     (0..row_blocks * panel_groups)
         .into_par_iter()
         .for_each(move |task| {
             let cp = cp;
-            let (rb, pg) = (task / panel_groups, task % panel_groups);
+            let (rb, pg) = if down_columns {
+                (task % row_blocks, task / row_blocks)
+            } else {
+                (task / panel_groups, task % panel_groups)
+            };
             let rows = rb * MC..(rb * MC + MC).min(m);
             let panel_range =
                 pg * PANELS_PER_TASK..(pg * PANELS_PER_TASK + PANELS_PER_TASK).min(panels);
@@ -1091,7 +1105,9 @@ pub(crate) mod tests {
         last
     }
 
-    const ODD_SHAPES: [(usize, usize, usize); 8] = [
+    /// Odd sizes, partial tiles and panels; the last but one has several row blocks and
+    /// panel groups with `n > m`, which the tasks cover down the columns.
+    const ODD_SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
         (3, 5, 7),
         (8, 2, 32),
@@ -1099,6 +1115,7 @@ pub(crate) mod tests {
         (17, 64, 65),
         (70, 129, 100),
         (130, 7, 97),
+        (70, 9, 300),
         (5, 0, 3),
     ];
 
