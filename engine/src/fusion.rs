@@ -15,9 +15,12 @@
 //!   `[b, t, h, d]` and a transpose becomes one custom op over the projections, so the reshape
 //!   and transpose nodes of q, k and v get no gradients either.
 //!
-//! The fused ops' backward computes `x`'s and `w`'s gradients directly (`dispatch`). The
-//! matmul output keeps its own graph node, so another consumer of it still back-propagates
-//! through candle's matmul: the gradients add up the same either way.
+//! The fused ops' backward computes `x`'s and `w`'s gradients directly (`dispatch`). Where
+//! `w` is the transpose of a 2-D tensor, the op takes that tensor and gives it its gradient in
+//! its own layout; where `w` is a trainable weight or a view of one (followed by `adapter`),
+//! the op takes it detached and sends its gradient to the weight's slot (`autograd::Direct`).
+//! The matmul output keeps its own graph node, so another consumer of it still
+//! back-propagates through candle's matmul: the gradients add up the same either way.
 
 use std::sync::Arc;
 
@@ -29,7 +32,7 @@ use super::{adapter, dispatch, handles, mixed, ops, packed, Result};
 
 /// How a tensor behind a handle was made, for fusions with later ops.
 pub(crate) enum Origin {
-    /// `a · b`, both 2-D; `b_of` is the 2-D tensor `b` is the transpose of, if it is one.
+    /// `a · b`, both 2-D, with what a fused consumer needs to know of `b`.
     Matmul(dispatch::Product),
     /// A reshape of `src`, whose own origin follows.
     Reshape {
